@@ -1,0 +1,139 @@
+//! Command-line syntax: one clap struct per subcommand; the `///` comments are the help.
+//!
+//! Parsing only: values are merged with the environment and the config file in
+//! [`crate::config`], and each subcommand's work is in [`crate::commands`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// S3-backed CI cache: download, upload, list and invalidate cached build artifacts.
+#[derive(Debug, Parser)]
+#[command(name = "cacher", version = crate::version::VERSION_LINE, disable_version_flag = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command accepts; each overrides its `CACHER_*` variable and the config file.
+#[derive(Debug, Clone, Default, Args)]
+pub struct GlobalArgs {
+    /// Config file to use [env: CACHER_CONFIG] [default: ~/.config/cacher/config.toml]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<String>,
+    /// S3 endpoint URL, or file:///dir for a local store [env: CACHER_ENDPOINT]
+    #[arg(long, global = true, value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// S3 signing region [env: CACHER_REGION] [default: garage]
+    #[arg(long, global = true)]
+    pub region: Option<String>,
+    /// Bucket name [env: CACHER_BUCKET]
+    #[arg(long, global = true)]
+    pub bucket: Option<String>,
+    /// Prefix joined in front of every key [env: CACHER_PREFIX]
+    #[arg(long, global = true)]
+    pub prefix: Option<String>,
+    /// Append -<os>-<arch> to every key [env: CACHER_ARCH_SUFFIX]
+    #[arg(long, global = true)]
+    pub arch_suffix: bool,
+    /// File holding the S3 access key id [env: CACHER_KEY_FILE]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub key_file: Option<String>,
+    /// File holding the S3 secret key [env: CACHER_SECRET_FILE]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub secret_file: Option<String>,
+    /// Concurrent transfers [env: CACHER_JOBS] [default: 8]
+    #[arg(long, short = 'j', global = true)]
+    pub jobs: Option<usize>,
+    /// Print errors only (no summary lines)
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// Log every storage request to stderr
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print version, git commit and target
+    Version,
+    /// Write ~/.config/cacher/config.toml from the global flags, then run the smoke test
+    Init,
+    /// Show where each setting comes from and run the smoke test
+    Doctor,
+    /// Restore a cached file; on a miss fetch it from --url and seed the cache
+    Download(DownloadArgs),
+    /// Store a file under a key (skipped when the key exists, unless --force)
+    Upload(UploadArgs),
+    /// Exit 0 when the key is cached, 1 when it is not
+    Exists(KeyArg),
+    /// List cached keys, `aws s3 ls` style
+    List(ListArgs),
+    /// Invalidate a cached key
+    Delete(KeyArg),
+    /// Print a cache key built from a template and file hashes
+    Key(KeyTemplateArgs),
+}
+
+/// A single key.
+#[derive(Debug, Args)]
+pub struct KeyArg {
+    /// Cache key, relative to the configured prefix
+    pub key: String,
+}
+
+/// Arguments of `download`.
+#[derive(Debug, Args)]
+pub struct DownloadArgs {
+    /// Cache key, relative to the configured prefix
+    pub key: String,
+    /// Where to write the file
+    pub dest: PathBuf,
+    /// On a miss, fetch from this URL and upload it to the key
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Expected sha256 (hex) of the content; a mismatch fails and nothing is written
+    #[arg(long, value_name = "HEX")]
+    pub sha256: Option<String>,
+}
+
+/// Arguments of `upload`.
+#[derive(Debug, Args)]
+pub struct UploadArgs {
+    /// Cache key, relative to the configured prefix
+    pub key: String,
+    /// File to upload
+    pub path: PathBuf,
+    /// Overwrite the key when it exists
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Arguments of `list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only keys starting with this prefix
+    pub prefix: Option<String>,
+    /// List every key below the prefix instead of one level
+    #[arg(long, short)]
+    pub recursive: bool,
+    /// Ignore the configured prefix and list from the bucket root
+    #[arg(long)]
+    pub root: bool,
+}
+
+/// Arguments of `key`.
+#[derive(Debug, Args)]
+pub struct KeyTemplateArgs {
+    /// Key template; {hash} is replaced by the digest of --hash-from
+    pub template: String,
+    /// File or directory whose content goes into the digest (repeatable)
+    #[arg(long, value_name = "PATH")]
+    pub hash_from: Vec<PathBuf>,
+    /// Number of hex characters of the digest to keep (1 to 64)
+    #[arg(long, default_value_t = 16)]
+    pub hash_length: usize,
+}

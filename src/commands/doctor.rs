@@ -1,0 +1,95 @@
+//! `cacher doctor`: where each setting comes from, credential diagnostics that never
+//! show the secret, and the smoke test (bucket reachable, 1-byte canary round trip).
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+
+use super::Outcome;
+use crate::config::{Config, Secret};
+use crate::key::join_prefix;
+use crate::store::{Body, PutOptions, Store};
+
+pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
+    print_settings(config);
+    smoke_test(config).await?;
+    println!("ok: the cache is usable");
+    Ok(Outcome::Success)
+}
+
+fn print_settings(config: &Config) {
+    let file_note = if config.file_read { "" } else { " (not found)" };
+    println!("config file:   {}{file_note}", config.path.display());
+    let rows: [(&str, String, &crate::config::Source); 8] = [
+        ("endpoint", config.endpoint.value.clone(), &config.endpoint.source),
+        ("region", config.region.value.clone(), &config.region.source),
+        ("bucket", config.bucket.value.clone(), &config.bucket.source),
+        ("prefix", config.prefix.value.clone(), &config.prefix.source),
+        ("arch_suffix", config.arch_suffix.value.to_string(), &config.arch_suffix.source),
+        ("key_file", show_path(&config.key_file.value), &config.key_file.source),
+        ("secret_file", show_path(&config.secret_file.value), &config.secret_file.source),
+        ("jobs", config.jobs.value.to_string(), &config.jobs.source),
+    ];
+    for (name, value, source) in rows {
+        println!("{:<14} {value:<40} ({source})", format!("{name}:"));
+    }
+    if config.is_file_store() {
+        println!("credentials:   not needed for a file:// store");
+        return;
+    }
+    match config.credentials() {
+        Ok(creds) => {
+            describe_credential("key id", &creds.key_id, &creds.key_id_source);
+            describe_credential("secret", &creds.secret, &creds.secret_source);
+        }
+        Err(e) => println!("credentials:   MISSING: {e:#}"),
+    }
+}
+
+fn show_path(p: &Option<std::path::PathBuf>) -> String {
+    p.as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+fn describe_credential(what: &str, value: &Secret, source: &str) {
+    let v = value.expose();
+    println!(
+        "{:<14} {} chars from {source}",
+        format!("{what}:"),
+        v.chars().count()
+    );
+    if v.trim() != v {
+        crate::ui::warn(format!(
+            "the {what} has leading or trailing whitespace; S3 will reject it"
+        ));
+    }
+}
+
+/// Bucket reachable, then a 1-byte canary written, read back and deleted.
+pub async fn smoke_test(config: &Config) -> anyhow::Result<()> {
+    let store = crate::store::open(config).await?;
+    store
+        .check_bucket()
+        .await
+        .with_context(|| format!("{} is not reachable", store.describe()))?;
+    println!("bucket:        reachable ({})", store.describe());
+    canary(store.as_ref(), &config.prefix.value).await?;
+    println!("canary:        1-byte write, read back and delete succeeded");
+    Ok(())
+}
+
+async fn canary(store: &dyn Store, prefix: &str) -> anyhow::Result<()> {
+    let key = join_prefix(prefix, &format!(".cacher-canary-{:016x}", fastrand::u64(..)));
+    let byte = Bytes::from_static(b"c");
+    store
+        .put(&key, Body::Bytes(byte.clone()), &PutOptions::default())
+        .await
+        .context("canary write failed")?;
+    let read = store.get_range(&key, 0..1, None).await;
+    let deleted = store.delete(&key).await;
+    if read.context("canary read failed")? != byte {
+        bail!("canary read returned different bytes than were written");
+    }
+    deleted.context("canary delete failed")?;
+    Ok(())
+}

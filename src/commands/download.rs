@@ -1,0 +1,72 @@
+//! `cacher download KEY DEST [--url URL] [--sha256 HEX]`: restore a cached file, or on a
+//! miss fetch it from the URL, verify it, write it and seed the cache.
+
+use anyhow::bail;
+
+use super::Outcome;
+use crate::cli::DownloadArgs;
+use crate::config::Config;
+use crate::key::full_key;
+use crate::transfer::{IntegrityError, Transfer, persist};
+use crate::ui;
+
+pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome> {
+    let key = full_key(config, &args.key)?;
+    let expected = args.sha256.as_deref().map(parse_sha256).transpose()?;
+    let transfer = Transfer::new(crate::store::open(config).await?, config);
+
+    if let Some(info) = transfer.store().head(&key).await? {
+        match transfer
+            .download_file(&info, &args.dest, expected.as_deref())
+            .await
+        {
+            Ok(_) => return Ok(Outcome::Success),
+            // A cached object that no longer matches the pinned hash is stale: refetch.
+            Err(e)
+                if args.url.is_some()
+                    && matches!(
+                        e.downcast_ref::<IntegrityError>(),
+                        Some(IntegrityError::NotExpected { .. })
+                    ) =>
+            {
+                ui::warn(format!("{e:#}; fetching from --url instead"));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let Some(url) = &args.url else {
+        ui::status(format!("{key} is not cached and no --url was given"));
+        return Ok(Outcome::DownloadMiss);
+    };
+    let fetched = crate::http::fetch(url, &args.dest).await?;
+    if let Some(expected) = &expected
+        && *expected != fetched.sha256
+    {
+        bail!(
+            "sha256 mismatch for {url}: expected {expected}, got {}; nothing written or uploaded",
+            fetched.sha256
+        );
+    }
+    // Seeding the cache is a bonus: the file the job needs is already here.
+    if let Err(e) = transfer
+        .upload_file(&key, fetched.file.path(), Some(fetched.sha256.clone()))
+        .await
+    {
+        ui::warn(format!("could not seed the cache: {e:#}"));
+    }
+    persist(fetched.file, &args.dest)?;
+    ui::status(format!(
+        "wrote {} ({} bytes, sha256 {})",
+        args.dest.display(),
+        fetched.size,
+        fetched.sha256
+    ));
+    Ok(Outcome::Success)
+}
+
+fn parse_sha256(hex: &str) -> anyhow::Result<String> {
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("--sha256 must be 64 hex characters, got {:?}", hex);
+    }
+    Ok(hex.to_ascii_lowercase())
+}

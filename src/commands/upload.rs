@@ -1,0 +1,28 @@
+//! `cacher upload KEY PATH [--force]`: store a file byte-for-byte under a key.
+
+use anyhow::bail;
+
+use super::Outcome;
+use crate::cli::UploadArgs;
+use crate::config::Config;
+use crate::key::full_key;
+use crate::transfer::Transfer;
+use crate::ui;
+
+pub async fn run(config: &Config, args: &UploadArgs) -> anyhow::Result<Outcome> {
+    let key = full_key(config, &args.key)?;
+    match std::fs::metadata(&args.path) {
+        Ok(meta) if meta.is_file() => {}
+        Ok(_) => bail!("{} is not a regular file", args.path.display()),
+        Err(e) => bail!("cannot read {}: {e}", args.path.display()),
+    }
+    let store = crate::store::open(config).await?;
+    if !args.force && store.head(&key).await?.is_some() {
+        ui::status(format!("{key} already cached; skipped (use --force to overwrite)"));
+        return Ok(Outcome::Success);
+    }
+    Transfer::new(store, config)
+        .upload_file(&key, &args.path, None)
+        .await?;
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,80 @@
+//! Fetching `download --url` sources: a streamed GET into a temp file, hashed on the way.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tempfile::NamedTempFile;
+
+use crate::ui::Progress;
+
+/// A fetched URL: the temp file holding it and its sha256.
+pub struct Fetched {
+    /// The content, in a temp file beside the destination.
+    pub file: NamedTempFile,
+    /// Lowercase hex sha256 of the content.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// GETs `url` into a temp file beside `dest`. Fails on any non-2xx status or a body
+/// shorter than its Content-Length.
+pub async fn fetch(url: &str, dest: &Path) -> anyhow::Result<Fetched> {
+    let client = reqwest::Client::builder()
+        .user_agent(concat!("cacher/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(std::time::Duration::from_secs(15))
+        .build()
+        .context("cannot set up the HTTP client")?;
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("GET {url}: {}", without_url(&e)))?;
+    let status = resp.status();
+    if !status.is_success() {
+        bail!("GET {url}: HTTP {status}");
+    }
+    let expected_len = resp.content_length();
+    let mut tmp = crate::transfer::temp_beside(dest)?;
+    let progress = Progress::new(format!("fetching {url}"), expected_len.unwrap_or(0));
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| anyhow::anyhow!("GET {url}: {}", without_url(&e)))?;
+        hasher.update(&chunk);
+        tmp.write_all(&chunk)
+            .with_context(|| format!("cannot write beside {}", dest.display()))?;
+        size += chunk.len() as u64;
+        progress.add(chunk.len() as u64);
+    }
+    if let Some(len) = expected_len
+        && len != size
+    {
+        bail!("GET {url}: the body ended after {size} of {len} bytes");
+    }
+    tmp.flush()?;
+    progress.finish("fetched", url, "");
+    Ok(Fetched {
+        file: tmp,
+        sha256: hex::encode(hasher.finalize()),
+        size,
+    })
+}
+
+/// reqwest's errors repeat the URL, which the caller already names.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut msg = e.to_string();
+    if let Some(url) = e.url() {
+        msg = msg.replace(&format!(" ({url})"), "");
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
+}

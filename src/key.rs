@@ -1,0 +1,273 @@
+//! Cache keys: templates, content digests, the arch suffix and the prefix join.
+//!
+//! The digest promise is byte-compatible with coreutils: one regular file hashes to
+//! `sha256sum FILE | head -c N`; anything else hashes to the sha256 of the lines
+//! `sha256sum` prints for the expanded file list (see docs/keys.md).
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+/// Longest digest: a full sha256 in hex.
+pub const MAX_HASH_LENGTH: usize = 64;
+/// Longest full key S3 accepts.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// `-<os>-<arch>` in Go's spelling, for the platform this binary was built for.
+pub fn arch_suffix() -> String {
+    format!("-{}", crate::version::go_platform())
+}
+
+/// Builds a key from a template: `{hash}` becomes the digest of `hash_from`; without
+/// `{hash}`, `-<digest>` goes before the first `.` of the last segment. The arch suffix,
+/// when asked for, goes at the same place after the digest.
+pub fn render_template(
+    template: &str,
+    hash_from: &[PathBuf],
+    hash_length: usize,
+    arch: bool,
+) -> anyhow::Result<String> {
+    if !(1..=MAX_HASH_LENGTH).contains(&hash_length) {
+        bail!("--hash-length must be between 1 and {MAX_HASH_LENGTH}, got {hash_length}");
+    }
+    let has_placeholder = template.contains("{hash}");
+    let mut key = if hash_from.is_empty() {
+        if has_placeholder {
+            bail!("template `{template}` uses {{hash}} but no --hash-from was given");
+        }
+        template.to_string()
+    } else {
+        let digest = digest_paths(hash_from)?;
+        let digest = &digest[..hash_length];
+        if has_placeholder {
+            template.replace("{hash}", digest)
+        } else {
+            insert_before_extension(template, &format!("-{digest}"))
+        }
+    };
+    if arch {
+        key = with_arch_suffix(&key);
+    }
+    validate_key(&key)?;
+    Ok(key)
+}
+
+/// Adds the arch suffix unless the key already carries it, so applying it twice is
+/// the same as once.
+pub fn with_arch_suffix(key: &str) -> String {
+    let suffix = arch_suffix();
+    let (dir, name) = split_last_segment(key);
+    let stem = name.split_once('.').map_or(name, |(stem, _)| stem);
+    if stem.ends_with(&suffix) {
+        key.to_string()
+    } else {
+        format!("{dir}{}", insert_before_extension(name, &suffix))
+    }
+}
+
+/// Inserts `insert` before the first `.` of the last path segment (or at its end).
+fn insert_before_extension(key: &str, insert: &str) -> String {
+    let (dir, name) = split_last_segment(key);
+    match name.find('.') {
+        Some(dot) => format!("{dir}{}{insert}{}", &name[..dot], &name[dot..]),
+        None => format!("{dir}{name}{insert}"),
+    }
+}
+
+fn split_last_segment(key: &str) -> (&str, &str) {
+    match key.rfind('/') {
+        Some(i) => key.split_at(i + 1),
+        None => ("", key),
+    }
+}
+
+/// Rejects keys S3 or a `file://` store cannot hold safely.
+pub fn validate_key(key: &str) -> anyhow::Result<()> {
+    if key.is_empty() {
+        bail!("the key is empty");
+    }
+    if key.starts_with('/') {
+        bail!("key `{key}` is absolute: keys are relative to the configured prefix");
+    }
+    if key.split('/').any(|seg| seg == ".." || seg == ".") {
+        bail!("key `{key}` contains a `.` or `..` segment");
+    }
+    if key.split('/').any(str::is_empty) {
+        bail!("key `{key}` contains an empty segment (`//` or a trailing `/`)");
+    }
+    if key.chars().any(char::is_control) {
+        bail!("key {key:?} contains control characters");
+    }
+    if key.len() > MAX_KEY_BYTES {
+        bail!(
+            "key is {} bytes long; S3 allows at most {MAX_KEY_BYTES}",
+            key.len()
+        );
+    }
+    Ok(())
+}
+
+/// The full key in the bucket for a key the user typed: validated, with the configured
+/// arch suffix (idempotently) and the prefix.
+pub fn full_key(config: &crate::config::Config, key: &str) -> anyhow::Result<String> {
+    validate_key(key)?;
+    let key = if config.arch_suffix.value {
+        with_arch_suffix(key)
+    } else {
+        key.to_string()
+    };
+    let full = join_prefix(&config.prefix.value, &key);
+    if full.len() > MAX_KEY_BYTES {
+        bail!("key `{full}` is longer than {MAX_KEY_BYTES} bytes with the prefix");
+    }
+    Ok(full)
+}
+
+/// Joins the configured prefix and a key with exactly one `/`.
+pub fn join_prefix(prefix: &str, key: &str) -> String {
+    let prefix = prefix.trim_matches('/');
+    let key = key.trim_start_matches('/');
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}/{key}")
+    }
+}
+
+/// Lowercase hex sha256 digest of the given paths (see the module doc for the rule).
+pub fn digest_paths(paths: &[PathBuf]) -> anyhow::Result<String> {
+    if let [single] = paths {
+        let meta = std::fs::metadata(single)
+            .with_context(|| format!("--hash-from {}", single.display()))?;
+        if meta.is_file() {
+            return hash_file(single);
+        }
+    }
+    let files = expand_paths(paths)?;
+    let digests: Vec<String> = files
+        .par_iter()
+        .map(|f| hash_file(f))
+        .collect::<anyhow::Result<_>>()?;
+    let mut listing = Sha256::new();
+    for (file, digest) in files.iter().zip(&digests) {
+        listing.update(sha256sum_line(digest, file.as_os_str().as_bytes()));
+    }
+    Ok(hex::encode(listing.finalize()))
+}
+
+/// Expands each argument in order: files stay, directories become their regular files
+/// (symlinks not followed, as `find -type f`) in byte order of the full path.
+fn expand_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for path in paths {
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("--hash-from {}", path.display()))?;
+        if !meta.is_dir() {
+            out.push(path.clone());
+            continue;
+        }
+        let mut files = Vec::new();
+        for entry in walkdir::WalkDir::new(path) {
+            let entry = entry.with_context(|| format!("--hash-from {}", path.display()))?;
+            if entry.file_type().is_file() {
+                files.push(entry.into_path());
+            }
+        }
+        files.sort_by(|a, b| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()));
+        out.extend(files);
+    }
+    Ok(out)
+}
+
+/// One line of `sha256sum` output, with its escaping of `\`, newline and CR in names.
+fn sha256sum_line(digest: &str, name: &[u8]) -> Vec<u8> {
+    let needs_escape = name.iter().any(|b| matches!(b, b'\\' | b'\n' | b'\r'));
+    let mut line = Vec::with_capacity(digest.len() + name.len() + 4);
+    if needs_escape {
+        line.push(b'\\');
+    }
+    line.extend_from_slice(digest.as_bytes());
+    line.extend_from_slice(b"  ");
+    for &b in name {
+        match (needs_escape, b) {
+            (true, b'\\') => line.extend_from_slice(b"\\\\"),
+            (true, b'\n') => line.extend_from_slice(b"\\n"),
+            (true, b'\r') => line.extend_from_slice(b"\\r"),
+            _ => line.push(b),
+        }
+    }
+    line.push(b'\n');
+    line
+}
+
+/// Lowercase hex sha256 of one file's content, streamed.
+pub fn hash_file(path: &Path) -> anyhow::Result<String> {
+    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_goes_before_the_first_dot_of_the_last_segment() {
+        assert_eq!(
+            insert_before_extension("img/build.tar.zst", "-abcd"),
+            "img/build-abcd.tar.zst"
+        );
+        assert_eq!(insert_before_extension("bin/cacher", "-x"), "bin/cacher-x");
+        assert_eq!(
+            insert_before_extension("a.b/c.d.e", "-x"),
+            "a.b/c-x.d.e",
+            "dots in directories do not count"
+        );
+    }
+
+    #[test]
+    fn arch_suffix_is_idempotent() {
+        let once = with_arch_suffix("bin/cacher.tar.gz");
+        assert_eq!(once, format!("bin/cacher{}.tar.gz", arch_suffix()));
+        assert_eq!(with_arch_suffix(&once), once);
+    }
+
+    #[test]
+    fn prefix_join_uses_exactly_one_slash() {
+        assert_eq!(join_prefix("proj", "k"), "proj/k");
+        assert_eq!(join_prefix("proj/", "/k"), "proj/k");
+        assert_eq!(join_prefix("/proj/", "a/b"), "proj/a/b");
+        assert_eq!(join_prefix("", "k"), "k");
+    }
+
+    #[test]
+    fn bad_keys_are_rejected() {
+        for key in ["", "/abs", "a/../b", "a//b", "a/", "./a", "a\nb"] {
+            assert!(validate_key(key).is_err(), "{key:?} should be rejected");
+        }
+        assert!(validate_key(&"k".repeat(1025)).is_err());
+        assert!(validate_key("go-mod/abc.tar.zst").is_ok());
+    }
+
+    #[test]
+    fn sha256sum_escapes_backslash_and_newline() {
+        let line = sha256sum_line("ab", b"a\\b\nc");
+        assert_eq!(line, b"\\ab  a\\\\b\\nc\n");
+        assert_eq!(sha256sum_line("ab", b"plain name"), b"ab  plain name\n");
+    }
+}

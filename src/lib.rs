@@ -1,0 +1,16 @@
+//! cacher: an S3-backed cache for CI jobs.
+//!
+//! Layers, from the bottom: [`store`] moves bytes under full keys (S3 or a local
+//! directory), [`transfer`] moves whole files with retries and integrity checks,
+//! [`key`] and [`config`] turn what the user typed into full keys and settings, and
+//! [`commands`] glue them together, one module per subcommand.
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod http;
+pub mod key;
+pub mod store;
+pub mod transfer;
+pub mod ui;
+pub mod version;

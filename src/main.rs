@@ -1,0 +1,103 @@
+//! The `cacher` binary: parse the command line, run it, map the result to an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cacher::cli::Cli;
+use cacher::commands::{self, Outcome};
+use cacher::ui;
+
+/// Exit codes, in one place.
+#[derive(Debug, Clone, Copy)]
+enum Exit {
+    /// Done, or the key exists.
+    Success = 0,
+    /// The key is not cached.
+    Miss = 1,
+    /// Operational error or bad input.
+    Error = 2,
+    /// `download` missed and had no `--url`.
+    DownloadMiss = 3,
+    /// Stopped by Ctrl-C / SIGINT.
+    Interrupted = 130,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(Exit::Error as u8);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    ui::init(if cli.global.quiet {
+        ui::Level::Quiet
+    } else if cli.global.verbose {
+        ui::Level::Verbose
+    } else {
+        ui::Level::Normal
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cacher: cannot start the async runtime: {e}");
+            return ExitCode::from(Exit::Error as u8);
+        }
+    };
+    let exit = runtime.block_on(async {
+        // Dropping the command's future on Ctrl-C runs its destructors, which remove
+        // temp files and leave destinations as they were.
+        tokio::select! {
+            result = commands::run(cli) => exit_for(result),
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("cacher: interrupted");
+                Exit::Interrupted
+            }
+        }
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    ExitCode::from(exit as u8)
+}
+
+fn exit_for(result: anyhow::Result<Outcome>) -> Exit {
+    match result {
+        Ok(Outcome::Success) => Exit::Success,
+        Ok(Outcome::Miss) => Exit::Miss,
+        Ok(Outcome::DownloadMiss) => Exit::DownloadMiss,
+        Err(e) if is_broken_pipe(&e) => Exit::Success,
+        Err(e) => {
+            eprintln!("cacher: {}", one_line(&e));
+            Exit::Error
+        }
+    }
+}
+
+/// The error and its causes on one line, without repeating a cause its parent quotes.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

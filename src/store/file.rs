@@ -1,0 +1,330 @@
+//! The local-directory backend (`endpoint = "file:///dir"`).
+//!
+//! The directory plays the bucket: the object `a/b` is the file `DIR/a/b`. Writes go
+//! to a temp file under `DIR/.cacher-tmp/` and are renamed into place, so readers
+//! see the old or the new object, never a partial one, as on S3. Runners sharing a
+//! disk can share a cache this way; tests of logic that needs no S3 run against it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{
+    Body, CompletedPart, Listing, MultipartId, ObjectInfo, PutOptions, Store, StoreError,
+    StoreResult,
+};
+use crate::ui;
+
+/// Directory (below the root) holding writes in progress; never listed.
+const TMP_DIR: &str = ".cacher-tmp";
+
+/// A bucket stored as a local directory.
+pub struct FileStore {
+    root: PathBuf,
+}
+
+impl FileStore {
+    /// Opens (creating if needed) the store rooted at `dir`.
+    pub fn open(dir: &str) -> anyhow::Result<FileStore> {
+        let root = crate::config::expand_tilde(dir);
+        if !root.is_absolute() {
+            anyhow::bail!("file:// endpoint needs an absolute path, got `{dir}`");
+        }
+        Ok(FileStore { root })
+    }
+
+    fn object_path(&self, key: &str) -> StoreResult<PathBuf> {
+        if key.is_empty()
+            || key.starts_with('/')
+            || key
+                .split('/')
+                .any(|seg| seg.is_empty() || seg == "." || seg == ".." || seg == TMP_DIR)
+        {
+            return Err(StoreError::Permanent(format!(
+                "key `{key}` cannot be stored in a file:// store"
+            )));
+        }
+        Ok(self.root.join(key))
+    }
+
+    fn tmp_path(&self, name: &str) -> PathBuf {
+        self.root.join(TMP_DIR).join(name)
+    }
+
+    fn new_tmp_file(&self) -> StoreResult<(PathBuf, File)> {
+        let dir = self.root.join(TMP_DIR);
+        fs::create_dir_all(&dir).map_err(|e| io_error("create", &dir, e))?;
+        let path = dir.join(format!("{:016x}", fastrand::u64(..)));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| io_error("create", &path, e))?;
+        Ok((path, file))
+    }
+
+    fn publish(&self, tmp: &Path, key: &str) -> StoreResult<()> {
+        let dest = self.object_path(key)?;
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(|e| io_error("create", parent, e))?;
+        }
+        fs::rename(tmp, &dest).map_err(|e| {
+            let _ = fs::remove_file(tmp);
+            io_error("rename into", &dest, e)
+        })
+    }
+}
+
+fn io_error(what: &str, path: &Path, e: io::Error) -> StoreError {
+    StoreError::Permanent(format!("cannot {what} {}: {e}", path.display()))
+}
+
+fn info(key: &str, meta: &fs::Metadata) -> ObjectInfo {
+    ObjectInfo {
+        key: key.to_string(),
+        size: meta.len(),
+        modified: meta.modified().ok(),
+        etag: Some(format!(
+            "{:x}-{:x}-{:x}",
+            meta.ino(),
+            meta.len(),
+            meta.mtime_nsec() as u64 ^ (meta.mtime() as u64).rotate_left(32)
+        )),
+        sha256: None,
+    }
+}
+
+/// Copies `body` into `file` at `at`.
+fn write_body(file: &File, at: u64, body: &Body) -> StoreResult<()> {
+    match body {
+        Body::Bytes(b) => file
+            .write_all_at(b, at)
+            .map_err(|e| StoreError::Permanent(format!("write: {e}"))),
+        Body::FileSlice { path, offset, len } => {
+            let src = File::open(path).map_err(|e| io_error("open", path, e))?;
+            let mut buf = vec![0u8; 1024 * 1024];
+            let mut done = 0u64;
+            while done < *len {
+                let want = buf.len().min((*len - done) as usize);
+                let n = src
+                    .read_at(&mut buf[..want], offset + done)
+                    .map_err(|e| io_error("read", path, e))?;
+                if n == 0 {
+                    return Err(StoreError::Permanent(format!(
+                        "{} is shorter than expected",
+                        path.display()
+                    )));
+                }
+                file.write_all_at(&buf[..n], at + done)
+                    .map_err(|e| StoreError::Permanent(format!("write: {e}")))?;
+                done += n as u64;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> StoreResult<T> + Send + 'static,
+) -> StoreResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Permanent(format!("worker failed: {e}")))?
+}
+
+#[async_trait]
+impl Store for FileStore {
+    fn describe(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    async fn check_bucket(&self) -> StoreResult<()> {
+        let root = self.root.clone();
+        blocking(move || fs::create_dir_all(&root).map_err(|e| io_error("create", &root, e))).await
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectInfo>> {
+        let path = self.object_path(key)?;
+        let key = key.to_string();
+        blocking(move || match fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => Ok(Some(info(&key, &meta))),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error("stat", &path, e)),
+        })
+        .await
+    }
+
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+    ) -> StoreResult<Bytes> {
+        let path = self.object_path(key)?;
+        let key = key.to_string();
+        let etag = etag.map(str::to_string);
+        blocking(move || {
+            let mut file = File::open(&path).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => StoreError::NotFound(key.clone()),
+                _ => io_error("open", &path, e),
+            })?;
+            let meta = file.metadata().map_err(|e| io_error("stat", &path, e))?;
+            if etag.is_some() && info(&key, &meta).etag != etag {
+                return Err(StoreError::Changed(key));
+            }
+            let len = (range.end - range.start) as usize;
+            let mut buf = vec![0u8; len];
+            std::io::Seek::seek(&mut file, io::SeekFrom::Start(range.start))
+                .map_err(|e| io_error("seek", &path, e))?;
+            file.read_exact(&mut buf)
+                .map_err(|e| io_error("read", &path, e))?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    async fn put(&self, key: &str, body: Body, _opts: &PutOptions) -> StoreResult<()> {
+        ui::verbose(format!("PUT {key} ({} bytes)", body.len()));
+        let (tmp, file) = self.new_tmp_file()?;
+        let written = blocking(move || {
+            write_body(&file, 0, &body)?;
+            file.sync_all()
+                .map_err(|e| StoreError::Permanent(format!("sync: {e}")))
+        })
+        .await;
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.publish(&tmp, key)
+    }
+
+    async fn multipart_start(
+        &self,
+        key: &str,
+        size: u64,
+        _opts: &PutOptions,
+    ) -> StoreResult<MultipartId> {
+        self.object_path(key)?;
+        let (tmp, file) = self.new_tmp_file()?;
+        file.set_len(size).map_err(|e| io_error("size", &tmp, e))?;
+        let upload_id = tmp
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(MultipartId {
+            key: key.to_string(),
+            upload_id,
+        })
+    }
+
+    async fn multipart_part(
+        &self,
+        upload: &MultipartId,
+        number: i32,
+        offset: u64,
+        body: Body,
+        crc32: Option<u32>,
+    ) -> StoreResult<CompletedPart> {
+        let tmp = self.tmp_path(&upload.upload_id);
+        blocking(move || {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&tmp)
+                .map_err(|e| io_error("open", &tmp, e))?;
+            write_body(&file, offset, &body)
+        })
+        .await?;
+        Ok(CompletedPart {
+            number,
+            tag: format!("{offset}"),
+            crc32,
+        })
+    }
+
+    async fn multipart_complete(
+        &self,
+        upload: &MultipartId,
+        _parts: Vec<CompletedPart>,
+    ) -> StoreResult<()> {
+        let tmp = self.tmp_path(&upload.upload_id);
+        let synced = tmp.clone();
+        blocking(move || {
+            File::open(&synced)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io_error("sync", &synced, e))
+        })
+        .await?;
+        self.publish(&tmp, &upload.key)
+    }
+
+    async fn multipart_abort(&self, upload: &MultipartId) -> StoreResult<()> {
+        let tmp = self.tmp_path(&upload.upload_id);
+        match fs::remove_file(&tmp) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error("remove", &tmp, e)),
+        }
+    }
+
+    async fn list(&self, prefix: &str, delimiter: Option<char>) -> StoreResult<Listing> {
+        let root = self.root.clone();
+        let prefix = prefix.to_string();
+        blocking(move || {
+            let mut listing = Listing::default();
+            if !root.exists() {
+                return Ok(listing);
+            }
+            let walker = walkdir::WalkDir::new(&root)
+                .min_depth(1)
+                .into_iter()
+                .filter_entry(|e| e.depth() != 1 || e.file_name() != TMP_DIR);
+            for entry in walker {
+                let entry = entry.map_err(|e| StoreError::Permanent(format!("list: {e}")))?;
+                if !entry.file_type().is_file() {
+                    continue;
+                }
+                let rel = entry.path().strip_prefix(&root).unwrap_or(entry.path());
+                let Some(key) = rel.to_str().map(str::to_string) else {
+                    continue;
+                };
+                let Some(rest) = key.strip_prefix(prefix.as_str()) else {
+                    continue;
+                };
+                if let Some(d) = delimiter
+                    && let Some(i) = rest.find(d)
+                {
+                    listing
+                        .prefixes
+                        .push(format!("{prefix}{}", &rest[..=i]));
+                    continue;
+                }
+                let meta = entry
+                    .metadata()
+                    .map_err(|e| StoreError::Permanent(format!("list: {e}")))?;
+                listing.objects.push(info(&key, &meta));
+            }
+            listing.prefixes.sort();
+            listing.prefixes.dedup();
+            listing.objects.sort_by(|a, b| a.key.cmp(&b.key));
+            Ok(listing)
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        ui::verbose(format!("DELETE {key}"));
+        let path = self.object_path(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error("remove", &path, e)),
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Object storage behind one narrow async trait.
+//!
+//! A [`Store`] only moves bytes under full keys (the configured prefix is already
+//! joined): hashing, compression, retries of whole transfers and temp-file handling
+//! live one layer up in [`crate::transfer`]. Two backends implement it: S3 (Garage,
+//! MinIO, AWS) in [`s3`] and a local directory (`file://`) in [`file`].
+
+pub mod file;
+pub mod s3;
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::config::Config;
+
+/// Metadata key (without the `x-amz-meta-` prefix) holding the sha256 of a plain object.
+pub const META_SHA256: &str = "cacher-sha256";
+
+/// What a HEAD or a listing says about one object.
+#[derive(Debug, Clone)]
+pub struct ObjectInfo {
+    /// Full key in the bucket.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification time, when the backend reports one.
+    pub modified: Option<SystemTime>,
+    /// Opaque version tag; ranged reads pinned to it fail if the object changes.
+    pub etag: Option<String>,
+    /// Lowercase hex sha256 of the content, when the writer recorded it.
+    pub sha256: Option<String>,
+}
+
+/// One page-independent listing result: objects, and common prefixes when delimited.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Common prefixes (each ends with the delimiter), sorted.
+    pub prefixes: Vec<String>,
+    /// Objects directly matched, sorted by key.
+    pub objects: Vec<ObjectInfo>,
+}
+
+/// The bytes of one write: in memory, or a slice of a file that can be re-read on retry.
+#[derive(Debug, Clone)]
+pub enum Body {
+    /// Bytes already in memory.
+    Bytes(Bytes),
+    /// `len` bytes of the file at `path`, starting at `offset`.
+    FileSlice {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl Body {
+    /// Number of bytes this body holds.
+    pub fn len(&self) -> u64 {
+        match self {
+            Body::Bytes(b) => b.len() as u64,
+            Body::FileSlice { len, .. } => *len,
+        }
+    }
+}
+
+/// What the writer knows about a body, checked by the server or recorded with it.
+#[derive(Debug, Clone, Default)]
+pub struct PutOptions {
+    /// CRC32 of the body: the server rejects the write if the bytes it got differ.
+    pub crc32: Option<u32>,
+    /// sha256 of the whole object, stored as metadata for later verification.
+    pub sha256: Option<String>,
+}
+
+/// A multipart upload in progress.
+#[derive(Debug, Clone)]
+pub struct MultipartId {
+    /// Full key being written.
+    pub key: String,
+    /// Backend-specific upload handle.
+    pub upload_id: String,
+}
+
+/// One finished part, as needed to complete the upload.
+#[derive(Debug, Clone)]
+pub struct CompletedPart {
+    /// 1-based part number.
+    pub number: i32,
+    /// Backend-specific tag of the part (the ETag on S3).
+    pub tag: String,
+    /// CRC32 sent with the part, repeated at completion as S3 requires.
+    pub crc32: Option<u32>,
+}
+
+/// Errors of the storage layer, each marked as worth retrying or not.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The key does not exist.
+    #[error("no object at `{0}`")]
+    NotFound(String),
+    /// The bucket does not exist.
+    #[error("bucket `{0}` does not exist: check `bucket` in the config or create it")]
+    NoSuchBucket(String),
+    /// The server refused the credentials or the permission.
+    #[error("access denied by the server ({0}): check the key id, the secret and the bucket permissions")]
+    AccessDenied(String),
+    /// The object changed while it was being read in ranges.
+    #[error("`{0}` changed while it was being downloaded")]
+    Changed(String),
+    /// A fault that may pass: network, timeouts, 5xx, throttling.
+    #[error("{0}")]
+    Temporary(String),
+    /// Anything else: bad request, local I/O errors, unexpected replies.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl StoreError {
+    /// Whether retrying the same request may succeed.
+    pub fn is_temporary(&self) -> bool {
+        matches!(self, StoreError::Temporary(_))
+    }
+}
+
+/// Result type of the storage layer.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The storage operations cacher needs; every key is a full key in the bucket.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// A short description for messages, e.g. `s3://bucket (http://127.0.0.1:3900)`.
+    fn describe(&self) -> String;
+
+    /// Checks that the bucket exists and the credentials may read it.
+    async fn check_bucket(&self) -> StoreResult<()>;
+
+    /// Metadata of one object, `None` when it does not exist.
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectInfo>>;
+
+    /// Bytes `range` of `key`; with `etag`, fails with [`StoreError::Changed`] if the
+    /// object is no longer that version.
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+    ) -> StoreResult<Bytes>;
+
+    /// Writes a whole object in one request; readers see the old or the new object only.
+    async fn put(&self, key: &str, body: Body, opts: &PutOptions) -> StoreResult<()>;
+
+    /// Starts a multipart write of `key` of `size` bytes in total.
+    async fn multipart_start(
+        &self,
+        key: &str,
+        size: u64,
+        opts: &PutOptions,
+    ) -> StoreResult<MultipartId>;
+
+    /// Writes part `number` (1-based), which covers bytes from `offset` of the object.
+    async fn multipart_part(
+        &self,
+        upload: &MultipartId,
+        number: i32,
+        offset: u64,
+        body: Body,
+        crc32: Option<u32>,
+    ) -> StoreResult<CompletedPart>;
+
+    /// Publishes the object from its parts (sorted by number).
+    async fn multipart_complete(
+        &self,
+        upload: &MultipartId,
+        parts: Vec<CompletedPart>,
+    ) -> StoreResult<()>;
+
+    /// Drops an unfinished multipart write and what it stored.
+    async fn multipart_abort(&self, upload: &MultipartId) -> StoreResult<()>;
+
+    /// Objects under `prefix`; with `delimiter`, deeper keys fold into common prefixes.
+    /// Follows pagination to the end.
+    async fn list(&self, prefix: &str, delimiter: Option<char>) -> StoreResult<Listing>;
+
+    /// Deletes one object; deleting a missing key succeeds.
+    async fn delete(&self, key: &str) -> StoreResult<()>;
+}
+
+/// Opens the store the configuration points at.
+pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    match config.endpoint.value.strip_prefix("file://") {
+        Some(dir) => Ok(Arc::new(file::FileStore::open(dir)?)),
+        None => Ok(Arc::new(s3::S3Store::new(config)?)),
+    }
+}

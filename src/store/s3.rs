@@ -1,0 +1,430 @@
+//! The S3 backend (Garage, MinIO, AWS) on aws-sdk-s3.
+//!
+//! Client settings follow what Garage needs and AWS accepts: path-style addressing,
+//! a signing region that matches the server's, and checksums only when required
+//! (Garage rejects the SDK's trailing checksums), with a precomputed CRC32 header
+//! instead so the server still verifies every body.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    StalledStreamProtectionConfig,
+};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload};
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use aws_smithy_types::byte_stream::Length;
+use base64::Engine;
+use bytes::Bytes;
+
+use super::{
+    Body, CompletedPart, Listing, META_SHA256, MultipartId, ObjectInfo, PutOptions, Store,
+    StoreError, StoreResult,
+};
+use crate::config::Config;
+use crate::ui;
+
+/// A bucket on an S3-compatible server.
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    endpoint: String,
+}
+
+impl S3Store {
+    /// Builds a client from the configuration; fails when credentials or bucket are missing.
+    pub fn new(config: &Config) -> anyhow::Result<S3Store> {
+        let endpoint = config.endpoint.value.clone();
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            anyhow::bail!(
+                "endpoint `{endpoint}` must start with http://, https:// or file://"
+            );
+        }
+        if config.bucket.value.is_empty() {
+            anyhow::bail!("no bucket configured: pass --bucket, set CACHER_BUCKET or run `cacher init`");
+        }
+        let creds = config.credentials()?;
+        let credentials = aws_sdk_s3::config::Credentials::new(
+            creds.key_id.expose(),
+            creds.secret.expose(),
+            None,
+            None,
+            "cacher",
+        );
+        let http_client = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+            .build_https();
+        let sdk_config = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .http_client(http_client)
+            .credentials_provider(credentials)
+            .region(Region::new(config.region.value.clone()))
+            .endpoint_url(&endpoint)
+            .force_path_style(true)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(5)
+                    .with_initial_backoff(Duration::from_millis(200)),
+            )
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .read_timeout(Duration::from_secs(60))
+                    .build(),
+            )
+            .stalled_stream_protection(
+                StalledStreamProtectionConfig::enabled()
+                    .grace_period(Duration::from_secs(20))
+                    .build(),
+            )
+            .build();
+        Ok(S3Store {
+            client: Client::from_conf(sdk_config),
+            bucket: config.bucket.value.clone(),
+            endpoint,
+        })
+    }
+}
+
+/// Maps an SDK error to a [`StoreError`], deciding what is worth retrying.
+fn classify<E>(op: &str, key: &str, bucket: &str, err: SdkError<E>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    let code = err.code().unwrap_or("").to_string();
+    let detail = || format!("{op} {key}: {}", DisplayErrorContext(&err));
+    match &err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            return StoreError::Temporary(detail());
+        }
+        SdkError::ServiceError(_) => {}
+        _ => return StoreError::Permanent(detail()),
+    }
+    match (status, code.as_str()) {
+        (_, "NoSuchBucket") => StoreError::NoSuchBucket(bucket.to_string()),
+        (Some(404), _) | (_, "NoSuchKey") => StoreError::NotFound(key.to_string()),
+        (Some(412), _) | (_, "PreconditionFailed") => StoreError::Changed(key.to_string()),
+        (_, "AuthorizationHeaderMalformed") => StoreError::Permanent(format!(
+            "{op} {key}: the server rejected the signing region ({}): set `region` to the server's region",
+            err.message().unwrap_or("AuthorizationHeaderMalformed")
+        )),
+        (Some(401 | 403), _)
+        | (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch") => {
+            let why = if code.is_empty() {
+                format!("HTTP {}", status.unwrap_or(403))
+            } else {
+                code.clone()
+            };
+            StoreError::AccessDenied(format!("{op} {key}: {why}"))
+        }
+        (Some(s), _) if s >= 500 || s == 429 => StoreError::Temporary(detail()),
+        (_, "SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable") => {
+            StoreError::Temporary(detail())
+        }
+        _ => StoreError::Permanent(detail()),
+    }
+}
+
+fn crc32_header(crc: u32) -> String {
+    base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())
+}
+
+async fn byte_stream(body: Body) -> StoreResult<ByteStream> {
+    match body {
+        Body::Bytes(b) => Ok(ByteStream::from(b)),
+        Body::FileSlice { path, offset, len } => ByteStream::read_from()
+            .path(&path)
+            .offset(offset)
+            .length(Length::Exact(len))
+            .build()
+            .await
+            .map_err(|e| StoreError::Permanent(format!("cannot read {}: {e}", path.display()))),
+    }
+}
+
+fn to_system_time(t: &aws_sdk_s3::primitives::DateTime) -> Option<std::time::SystemTime> {
+    std::time::SystemTime::try_from(*t).ok()
+}
+
+#[async_trait]
+impl Store for S3Store {
+    fn describe(&self) -> String {
+        format!("s3://{} ({})", self.bucket, self.endpoint)
+    }
+
+    async fn check_bucket(&self) -> StoreResult<()> {
+        ui::verbose(format!("HEAD bucket {}", self.bucket));
+        let head = self.client.head_bucket().bucket(&self.bucket).send().await;
+        match head.map_err(|e| classify("HEAD bucket", "", &self.bucket, e)) {
+            Ok(_) => Ok(()),
+            Err(StoreError::NotFound(_)) => Err(StoreError::NoSuchBucket(self.bucket.clone())),
+            // Some servers and policies refuse HEAD on the bucket but allow listing.
+            Err(StoreError::AccessDenied(_)) => {
+                ui::verbose(format!("LIST {} max-keys=1", self.bucket));
+                self.client
+                    .list_objects_v2()
+                    .bucket(&self.bucket)
+                    .max_keys(1)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| classify("LIST", "", &self.bucket, e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<Option<ObjectInfo>> {
+        ui::verbose(format!("HEAD {key}"));
+        let out = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await;
+        match out.map_err(|e| classify("HEAD", key, &self.bucket, e)) {
+            Ok(out) => Ok(Some(ObjectInfo {
+                key: key.to_string(),
+                size: out.content_length().unwrap_or(0).max(0) as u64,
+                modified: out.last_modified().and_then(to_system_time),
+                etag: out.e_tag().map(str::to_string),
+                sha256: out
+                    .metadata()
+                    .and_then(|m| m.get(META_SHA256))
+                    .map(|s| s.to_ascii_lowercase()),
+            })),
+            Err(StoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        etag: Option<&str>,
+    ) -> StoreResult<Bytes> {
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        ui::verbose(format!("GET {key} bytes={}-{}", range.start, range.end - 1));
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range(format!("bytes={}-{}", range.start, range.end - 1))
+            .set_if_match(etag.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| classify("GET", key, &self.bucket, e))?;
+        let data = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::Temporary(format!("GET {key}: body: {e}")))?
+            .into_bytes();
+        let want = range.end - range.start;
+        if data.len() as u64 != want {
+            return Err(StoreError::Temporary(format!(
+                "GET {key}: got {} bytes of the {want} asked for",
+                data.len()
+            )));
+        }
+        Ok(data)
+    }
+
+    async fn put(&self, key: &str, body: Body, opts: &PutOptions) -> StoreResult<()> {
+        ui::verbose(format!("PUT {key} ({} bytes)", body.len()));
+        let len = body.len();
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_length(len as i64)
+            .body(byte_stream(body).await?)
+            .set_checksum_crc32(opts.crc32.map(crc32_header));
+        if let Some(sha) = &opts.sha256 {
+            req = req.metadata(META_SHA256, sha);
+        }
+        req.send()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify("PUT", key, &self.bucket, e))
+    }
+
+    async fn multipart_start(
+        &self,
+        key: &str,
+        size: u64,
+        opts: &PutOptions,
+    ) -> StoreResult<MultipartId> {
+        ui::verbose(format!("CREATE MULTIPART {key} ({size} bytes)"));
+        let mut req = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32);
+        if let Some(sha) = &opts.sha256 {
+            req = req.metadata(META_SHA256, sha);
+        }
+        let out = req
+            .send()
+            .await
+            .map_err(|e| classify("CREATE MULTIPART", key, &self.bucket, e))?;
+        let upload_id = out.upload_id().ok_or_else(|| {
+            StoreError::Permanent(format!("CREATE MULTIPART {key}: no upload id in the reply"))
+        })?;
+        Ok(MultipartId {
+            key: key.to_string(),
+            upload_id: upload_id.to_string(),
+        })
+    }
+
+    async fn multipart_part(
+        &self,
+        upload: &MultipartId,
+        number: i32,
+        _offset: u64,
+        body: Body,
+        crc32: Option<u32>,
+    ) -> StoreResult<CompletedPart> {
+        ui::verbose(format!(
+            "PUT PART {} #{number} ({} bytes)",
+            upload.key,
+            body.len()
+        ));
+        let len = body.len();
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(&upload.key)
+            .upload_id(&upload.upload_id)
+            .part_number(number)
+            .content_length(len as i64)
+            .set_checksum_crc32(crc32.map(crc32_header))
+            .body(byte_stream(body).await?)
+            .send()
+            .await
+            .map_err(|e| classify("PUT PART", &upload.key, &self.bucket, e))?;
+        Ok(CompletedPart {
+            number,
+            tag: out.e_tag().unwrap_or_default().to_string(),
+            crc32,
+        })
+    }
+
+    async fn multipart_complete(
+        &self,
+        upload: &MultipartId,
+        parts: Vec<CompletedPart>,
+    ) -> StoreResult<()> {
+        ui::verbose(format!(
+            "COMPLETE MULTIPART {} ({} parts)",
+            upload.key,
+            parts.len()
+        ));
+        let parts = parts
+            .into_iter()
+            .map(|p| {
+                aws_sdk_s3::types::CompletedPart::builder()
+                    .part_number(p.number)
+                    .e_tag(p.tag)
+                    .set_checksum_crc32(p.crc32.map(crc32_header))
+                    .build()
+            })
+            .collect();
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&upload.key)
+            .upload_id(&upload.upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify("COMPLETE MULTIPART", &upload.key, &self.bucket, e))
+    }
+
+    async fn multipart_abort(&self, upload: &MultipartId) -> StoreResult<()> {
+        ui::verbose(format!("ABORT MULTIPART {}", upload.key));
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&upload.key)
+            .upload_id(&upload.upload_id)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify("ABORT MULTIPART", &upload.key, &self.bucket, e))
+    }
+
+    async fn list(&self, prefix: &str, delimiter: Option<char>) -> StoreResult<Listing> {
+        let mut listing = Listing::default();
+        let mut token: Option<String> = None;
+        loop {
+            ui::verbose(format!("LIST {prefix}"));
+            let out = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_delimiter(delimiter.map(String::from))
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| classify("LIST", prefix, &self.bucket, e))?;
+            listing.prefixes.extend(
+                out.common_prefixes()
+                    .iter()
+                    .filter_map(|p| p.prefix().map(str::to_string)),
+            );
+            listing
+                .objects
+                .extend(out.contents().iter().filter_map(|o| {
+                    Some(ObjectInfo {
+                        key: o.key()?.to_string(),
+                        size: o.size().unwrap_or(0).max(0) as u64,
+                        modified: o.last_modified().and_then(to_system_time),
+                        etag: o.e_tag().map(str::to_string),
+                        sha256: None,
+                    })
+                }));
+            match out.next_continuation_token() {
+                Some(next) if out.is_truncated() == Some(true) => token = Some(next.to_string()),
+                _ => break,
+            }
+        }
+        Ok(listing)
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        ui::verbose(format!("DELETE {key}"));
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify("DELETE", key, &self.bucket, e))
+    }
+}
