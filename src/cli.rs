@@ -116,6 +116,7 @@ pub struct UploadArgs {
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// Only keys starting with this prefix
+    #[arg(id = "list_prefix", value_name = "PREFIX")]
     pub prefix: Option<String>,
     /// List every key below the prefix instead of one level
     #[arg(long, short)]

@@ -154,7 +154,8 @@ impl Config {
                 (ConfigFile::default(), false)
             }
             Err(e) => {
-                return Err(e).with_context(|| format!("cannot read config file {}", path.display()));
+                return Err(e)
+                    .with_context(|| format!("cannot read config file {}", path.display()));
             }
         };
 
@@ -164,9 +165,12 @@ impl Config {
             file.endpoint.clone(),
             default_endpoint,
         );
-        let region = pick(args.region.clone(), "CACHER_REGION", file.region.clone(), || {
-            DEFAULT_REGION.to_string()
-        });
+        let region = pick(
+            args.region.clone(),
+            "CACHER_REGION",
+            file.region.clone(),
+            || DEFAULT_REGION.to_string(),
+        );
         let bucket = pick(
             args.bucket.clone(),
             "CACHER_BUCKET",
@@ -209,13 +213,9 @@ impl Config {
             parse_u64,
             || DEFAULT_MULTIPART_THRESHOLD,
         )?;
-        let part_size = pick_parsed(
-            None,
-            "CACHER_PART_SIZE",
-            file.part_size,
-            parse_u64,
-            || DEFAULT_PART_SIZE,
-        )?;
+        let part_size = pick_parsed(None, "CACHER_PART_SIZE", file.part_size, parse_u64, || {
+            DEFAULT_PART_SIZE
+        })?;
         if !(5 * 1024 * 1024..=5 * 1024 * 1024 * 1024).contains(&part_size.value) {
             bail!(
                 "part_size {} is outside S3's limits (5 MiB to 5 GiB)",
@@ -292,14 +292,28 @@ impl Config {
 pub fn parse_config_file(path: &Path, text: &str) -> anyhow::Result<ConfigFile> {
     toml::from_str(text).map_err(|e| {
         let msg = e.message().to_string();
-        let line = e
-            .span()
-            .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+        // For unknown fields toml's span covers the whole table; find the key instead.
+        let line = unknown_field_line(&msg, text).or_else(|| {
+            e.span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
+        });
         match line {
             Some(line) => anyhow::anyhow!("config file {} line {line}: {msg}", path.display()),
             None => anyhow::anyhow!("config file {}: {msg}", path.display()),
         }
     })
+}
+
+/// The 1-based line defining the field an "unknown field `x`" message names.
+fn unknown_field_line(msg: &str, text: &str) -> Option<usize> {
+    let field = msg.strip_prefix("unknown field `")?.split('`').next()?;
+    text.lines()
+        .position(|line| {
+            line.trim_start()
+                .strip_prefix(field)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
 }
 
 /// `~/.config/cacher/config.toml`, the same path on every OS.

@@ -36,14 +36,18 @@ const ATTEMPTS: u32 = 3;
 #[derive(Debug, thiserror::Error)]
 pub enum IntegrityError {
     /// The content does not match the sha256 recorded when it was uploaded.
-    #[error("{key} is corrupt: stored with sha256 {recorded}, but its content hashes to {actual}; destination left untouched")]
+    #[error(
+        "{key} is corrupt: stored with sha256 {recorded}, but its content hashes to {actual}; destination left untouched"
+    )]
     Corrupt {
         key: String,
         recorded: String,
         actual: String,
     },
     /// The content does not match the sha256 the user pinned.
-    #[error("sha256 mismatch for {key}: expected {expected}, got {actual}; destination left untouched")]
+    #[error(
+        "sha256 mismatch for {key}: expected {expected}, got {actual}; destination left untouched"
+    )]
     NotExpected {
         key: String,
         expected: String,
@@ -115,8 +119,8 @@ impl Transfer {
         path: &Path,
         sha256: Option<String>,
     ) -> anyhow::Result<Report> {
-        let before = std::fs::metadata(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let before =
+            std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
         if !before.is_file() {
             bail!("{} is not a regular file", path.display());
         }
@@ -127,8 +131,7 @@ impl Transfer {
         let (file_sha, crcs) = {
             let path = path.to_path_buf();
             let want_sha = sha256.is_none();
-            tokio::task::spawn_blocking(move || checksum_file(&path, span, want_sha))
-                .await??
+            tokio::task::spawn_blocking(move || checksum_file(&path, span, want_sha)).await??
         };
         let sha256 = sha256.or(file_sha).unwrap_or_default();
         let opts = PutOptions {
@@ -203,8 +206,13 @@ impl Transfer {
                     };
                     let part = self
                         .retry("PUT PART", || {
-                            self.store
-                                .multipart_part(upload, number, offset, body.clone(), Some(crc))
+                            self.store.multipart_part(
+                                upload,
+                                number,
+                                offset,
+                                body.clone(),
+                                Some(crc),
+                            )
                         })
                         .await?;
                     progress.add(len);
@@ -226,7 +234,9 @@ impl Transfer {
         };
         if let Err(e) = result {
             if let Err(abort) = self.store.multipart_abort(&upload).await {
-                ui::warn(format!("could not abort the multipart upload of {key}: {abort}"));
+                ui::warn(format!(
+                    "could not abort the multipart upload of {key}: {abort}"
+                ));
             }
             return Err(e).with_context(|| format!("upload of {} to {key} failed", path.display()));
         }
@@ -326,7 +336,11 @@ fn retry_note(retries: u64) -> String {
 }
 
 /// Reads `path` once, returning its sha256 (when asked) and the CRC32 of each `span`.
-fn checksum_file(path: &Path, span: u64, want_sha: bool) -> anyhow::Result<(Option<String>, Vec<u32>)> {
+fn checksum_file(
+    path: &Path,
+    span: u64,
+    want_sha: bool,
+) -> anyhow::Result<(Option<String>, Vec<u32>)> {
     let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut sha = want_sha.then(Sha256::new);
     let mut crcs = Vec::new();

@@ -20,13 +20,29 @@ fn print_settings(config: &Config) {
     let file_note = if config.file_read { "" } else { " (not found)" };
     println!("config file:   {}{file_note}", config.path.display());
     let rows: [(&str, String, &crate::config::Source); 8] = [
-        ("endpoint", config.endpoint.value.clone(), &config.endpoint.source),
+        (
+            "endpoint",
+            config.endpoint.value.clone(),
+            &config.endpoint.source,
+        ),
         ("region", config.region.value.clone(), &config.region.source),
         ("bucket", config.bucket.value.clone(), &config.bucket.source),
         ("prefix", config.prefix.value.clone(), &config.prefix.source),
-        ("arch_suffix", config.arch_suffix.value.to_string(), &config.arch_suffix.source),
-        ("key_file", show_path(&config.key_file.value), &config.key_file.source),
-        ("secret_file", show_path(&config.secret_file.value), &config.secret_file.source),
+        (
+            "arch_suffix",
+            config.arch_suffix.value.to_string(),
+            &config.arch_suffix.source,
+        ),
+        (
+            "key_file",
+            show_path(&config.key_file.value),
+            &config.key_file.source,
+        ),
+        (
+            "secret_file",
+            show_path(&config.secret_file.value),
+            &config.secret_file.source,
+        ),
         ("jobs", config.jobs.value.to_string(), &config.jobs.source),
     ];
     for (name, value, source) in rows {
@@ -79,7 +95,10 @@ pub async fn smoke_test(config: &Config) -> anyhow::Result<()> {
 }
 
 async fn canary(store: &dyn Store, prefix: &str) -> anyhow::Result<()> {
-    let key = join_prefix(prefix, &format!(".cacher-canary-{:016x}", fastrand::u64(..)));
+    let key = join_prefix(
+        prefix,
+        &format!(".cacher-canary-{:016x}", fastrand::u64(..)),
+    );
     let byte = Bytes::from_static(b"c");
     store
         .put(&key, Body::Bytes(byte.clone()), &PutOptions::default())

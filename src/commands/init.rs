@@ -26,8 +26,7 @@ fn write_config(config: &Config) -> anyhow::Result<()> {
     let text = toml::to_string(&config.to_file()).context("cannot encode the config")?;
     let path = &config.path;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let tmp = path.with_extension("toml.tmp");
     let mut file = std::fs::OpenOptions::new()

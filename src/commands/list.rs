@@ -28,7 +28,11 @@ pub async fn run(config: &Config, args: &ListArgs) -> anyhow::Result<Outcome> {
 
     // Names are shown relative to the last `/` of the listed prefix, as `aws s3 ls` does.
     let level = &full[..full.rfind('/').map_or(0, |i| i + 1)];
-    let shown_from = if args.recursive { base.len() } else { level.len() };
+    let shown_from = if args.recursive {
+        base.len()
+    } else {
+        level.len()
+    };
     let mut out = std::io::stdout().lock();
     for prefix in &listing.prefixes {
         writeln!(out, "{:>30} {}", "PRE", &prefix[shown_from..])?;

@@ -18,7 +18,9 @@ pub async fn run(config: &Config, args: &UploadArgs) -> anyhow::Result<Outcome> 
     }
     let store = crate::store::open(config).await?;
     if !args.force && store.head(&key).await?.is_some() {
-        ui::status(format!("{key} already cached; skipped (use --force to overwrite)"));
+        ui::status(format!(
+            "{key} already cached; skipped (use --force to overwrite)"
+        ));
         return Ok(Outcome::Success);
     }
     Transfer::new(store, config)

@@ -300,9 +300,7 @@ impl Store for FileStore {
                 if let Some(d) = delimiter
                     && let Some(i) = rest.find(d)
                 {
-                    listing
-                        .prefixes
-                        .push(format!("{prefix}{}", &rest[..=i]));
+                    listing.prefixes.push(format!("{prefix}{}", &rest[..=i]));
                     continue;
                 }
                 let meta = entry

@@ -66,6 +66,11 @@ impl Body {
             Body::FileSlice { len, .. } => *len,
         }
     }
+
+    /// Whether the body holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// What the writer knows about a body, checked by the server or recorded with it.
@@ -107,7 +112,9 @@ pub enum StoreError {
     #[error("bucket `{0}` does not exist: check `bucket` in the config or create it")]
     NoSuchBucket(String),
     /// The server refused the credentials or the permission.
-    #[error("access denied by the server ({0}): check the key id, the secret and the bucket permissions")]
+    #[error(
+        "access denied by the server ({0}): check the key id, the secret and the bucket permissions"
+    )]
     AccessDenied(String),
     /// The object changed while it was being read in ranges.
     #[error("`{0}` changed while it was being downloaded")]

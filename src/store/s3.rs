@@ -36,6 +36,8 @@ pub struct S3Store {
     client: Client,
     bucket: String,
     endpoint: String,
+    /// Set once the bucket is known to exist (see [`S3Store::head`]).
+    bucket_seen: tokio::sync::OnceCell<()>,
 }
 
 impl S3Store {
@@ -43,12 +45,12 @@ impl S3Store {
     pub fn new(config: &Config) -> anyhow::Result<S3Store> {
         let endpoint = config.endpoint.value.clone();
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-            anyhow::bail!(
-                "endpoint `{endpoint}` must start with http://, https:// or file://"
-            );
+            anyhow::bail!("endpoint `{endpoint}` must start with http://, https:// or file://");
         }
         if config.bucket.value.is_empty() {
-            anyhow::bail!("no bucket configured: pass --bucket, set CACHER_BUCKET or run `cacher init`");
+            anyhow::bail!(
+                "no bucket configured: pass --bucket, set CACHER_BUCKET or run `cacher init`"
+            );
         }
         let creds = config.credentials()?;
         let credentials = aws_sdk_s3::config::Credentials::new(
@@ -91,6 +93,7 @@ impl S3Store {
             client: Client::from_conf(sdk_config),
             bucket: config.bucket.value.clone(),
             endpoint,
+            bucket_seen: tokio::sync::OnceCell::new(),
         })
     }
 }
@@ -204,7 +207,14 @@ impl Store for S3Store {
                     .and_then(|m| m.get(META_SHA256))
                     .map(|s| s.to_ascii_lowercase()),
             })),
-            Err(StoreError::NotFound(_)) => Ok(None),
+            Err(StoreError::NotFound(_)) => {
+                // HEAD replies have no body, so a missing bucket is a bare 404 too: a
+                // miss must not hide it (exit 1 would read as "not cached").
+                self.bucket_seen
+                    .get_or_try_init(|| self.check_bucket())
+                    .await?;
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }

@@ -1,0 +1,218 @@
+//! Configuration: precedence flag > env > file > default, `init`, `doctor`, credentials.
+
+use std::os::unix::fs::PermissionsExt;
+
+use crate::util::{TestEnv, garage};
+
+/// Writes the credential files and returns an env with no credentials in variables.
+fn env_with_credential_files(name: &str) -> (TestEnv, String, String) {
+    let mut env = TestEnv::s3(name);
+    env.unset("CACHER_S3_KEY_ID");
+    env.unset("CACHER_S3_SECRET");
+    let g = garage();
+    let key = env.write("creds/key-id", format!("{}\n", g.key_id));
+    let secret = env.write("creds/secret", format!("{}\n", g.secret));
+    (env, key.display().to_string(), secret.display().to_string())
+}
+
+#[test]
+fn init_writes_a_0600_config_then_every_command_uses_it() {
+    let (mut env, key, secret) = env_with_credential_files("init");
+    let g = garage();
+    let prefix = env.prefix.clone();
+    for var in [
+        "CACHER_ENDPOINT",
+        "CACHER_REGION",
+        "CACHER_BUCKET",
+        "CACHER_PREFIX",
+    ] {
+        env.unset(var);
+    }
+    let run = env.run([
+        "init",
+        "--endpoint",
+        &g.endpoint,
+        "--region",
+        &g.region,
+        "--bucket",
+        &g.bucket,
+        "--prefix",
+        &prefix,
+        "--key-file",
+        &key,
+        "--secret-file",
+        &secret,
+    ]);
+    run.ok();
+    let config = env.home().join(".config/cacher/config.toml");
+    let mode = std::fs::metadata(&config).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains(&format!("prefix = \"{prefix}\"")), "{text}");
+    assert!(
+        !text.contains(&g.secret),
+        "the config names the secret file, not the secret"
+    );
+
+    let f = env.write("f", "data");
+    env.run(["upload", "k", f.to_str().unwrap()]).ok();
+    env.run(["exists", "k"]).ok();
+    let run = env.run(["list", "--root", &format!("{prefix}/")]);
+    assert!(run.ok().stdout.contains(" k\n"), "{}", run.stdout);
+}
+
+#[test]
+fn init_with_a_wrong_secret_writes_the_config_and_exits_2() {
+    let (mut env, key, _) = env_with_credential_files("initbad");
+    let bad = env.write(
+        "creds/bad",
+        "0000000000000000000000000000000000000000000000000000000000000000\n",
+    );
+    env.set("CACHER_SECRET_FILE", bad.to_str().unwrap());
+    let run = env.run(["init", "--key-file", &key]);
+    run.code(2);
+    assert!(run.stderr.contains("smoke test failed"), "{}", run.stderr);
+    assert!(env.home().join(".config/cacher/config.toml").exists());
+}
+
+#[test]
+fn doctor_reports_sources_and_lengths_never_the_secret() {
+    let (mut env, key, secret) = env_with_credential_files("doctor");
+    env.set("CACHER_KEY_FILE", &key);
+    let config = env.write(
+        "conf.toml",
+        format!("secret_file = \"{secret}\"\njobs = 3\n"),
+    );
+    env.set("CACHER_CONFIG", config.to_str().unwrap());
+    let run = env.run(["doctor", "--region", "garage"]);
+    run.ok();
+    let out = &run.stdout;
+    let g = garage();
+    assert!(
+        out.contains("(flag)") && out.contains("env CACHER_ENDPOINT"),
+        "{out}"
+    );
+    assert!(
+        out.contains("(env CACHER_KEY_FILE)") && out.contains("(config file)"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("{} chars", g.secret.len())), "{out}");
+    assert!(out.contains("canary"), "{out}");
+    assert!(!run.all_output().contains(&g.secret));
+}
+
+#[test]
+fn doctor_warns_about_whitespace_in_credentials() {
+    let mut env = TestEnv::s3("ws");
+    let g = garage();
+    env.set("CACHER_S3_SECRET", &format!(" {}", g.secret));
+    let run = env.run(["doctor"]);
+    run.code(2);
+    assert!(run.stderr.contains("whitespace"), "{}", run.stderr);
+    assert!(!run.all_output().contains(&g.secret));
+}
+
+#[test]
+fn flag_beats_env_beats_file_beats_default() {
+    let mut env = TestEnv::s3("prec");
+    let base = env.prefix.clone();
+    let config = env.write("c.toml", format!("prefix = \"{base}/file\"\n"));
+    env.set("CACHER_CONFIG", config.to_str().unwrap());
+    let f = env.write("f", "x");
+    let f = f.to_str().unwrap();
+
+    env.unset("CACHER_PREFIX");
+    env.run(["upload", "from-file", f]).ok();
+    env.set("CACHER_PREFIX", &format!("{base}/env"));
+    env.run(["upload", "from-env", f]).ok();
+    env.run([
+        "upload",
+        "from-flag",
+        f,
+        "--prefix",
+        &format!("{base}/flag"),
+    ])
+    .ok();
+
+    let run = env.run(["list", "--root", "--recursive", &format!("{base}/")]);
+    let keys: Vec<&str> = run
+        .ok()
+        .stdout
+        .lines()
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            format!("{base}/env/from-env"),
+            format!("{base}/file/from-file"),
+            format!("{base}/flag/from-flag")
+        ]
+    );
+    // Default: no config file, no env: the embedded file:// store, not S3.
+    let bare = TestEnv::bare();
+    let run = bare.run(["doctor"]);
+    assert!(run.ok().stdout.contains("file://"), "{}", run.stdout);
+}
+
+#[test]
+fn credential_env_vars_beat_files() {
+    let (mut env, key, _) = env_with_credential_files("credprec");
+    let bad = env.write("creds/bad", "not-the-secret\n");
+    env.set("CACHER_KEY_FILE", &key);
+    env.set("CACHER_SECRET_FILE", bad.to_str().unwrap());
+    env.run(["exists", "k"]).code(2);
+    env.set("CACHER_S3_SECRET", &garage().secret);
+    env.run(["exists", "k"]).code(1);
+}
+
+#[test]
+fn config_with_unknown_field_or_wrong_type_exits_2_naming_it() {
+    let mut env = TestEnv::bare();
+    let config = env.write("c.toml", "bucket = \"b\"\nbukcet = \"typo\"\n");
+    env.set("CACHER_CONFIG", config.to_str().unwrap());
+    let run = env.run(["exists", "k"]);
+    run.code(2);
+    assert!(
+        run.stderr.contains("bukcet") && run.stderr.contains("line 2"),
+        "{}",
+        run.stderr
+    );
+    std::fs::write(&config, "jobs = \"many\"\n").unwrap();
+    let run = env.run(["exists", "k"]);
+    run.code(2);
+    assert!(run.stderr.contains("line 1"), "{}", run.stderr);
+}
+
+#[test]
+fn arch_suffix_in_config_applies_to_data_commands_idempotently() {
+    let mut env = TestEnv::s3("arch");
+    env.set("CACHER_ARCH_SUFFIX", "true");
+    let f = env.write("f", "x");
+    env.run(["upload", "bin/tool", f.to_str().unwrap()]).ok();
+    let printed = env.run(["key", "bin/tool"]);
+    let printed = printed.ok().stdout.trim().to_string();
+    env.run(["exists", &printed]).ok();
+    env.run(["exists", "bin/tool"]).ok();
+    let run = env.run(["list", "bin/"]);
+    assert_eq!(run.ok().stdout.lines().count(), 1, "{}", run.stdout);
+    assert!(
+        run.stdout.trim_end().ends_with(&printed["bin/".len()..]),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn version_names_version_commit_and_platform() {
+    let run = TestEnv::bare().run(["version"]);
+    let out = run.ok().stdout.trim().to_string();
+    assert!(
+        out.starts_with(&format!("cacher {} (", env!("CARGO_PKG_VERSION"))),
+        "{out}"
+    );
+    assert!(
+        out.ends_with("linux-amd64") || out.ends_with("linux-arm64"),
+        "{out}"
+    );
+}

@@ -1,0 +1,144 @@
+//! `cacher key`: digests byte-compatible with coreutils, templates, the arch suffix.
+
+use crate::util::{TestEnv, sh};
+
+fn platform() -> String {
+    let os = std::env::consts::OS;
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        a => a,
+    };
+    format!("{os}-{arch}")
+}
+
+#[test]
+fn single_file_digest_equals_sha256sum_head_c_16() {
+    let env = TestEnv::bare();
+    env.write("go.sum", "golang.org/x/sys v0.1.0 h1:abc\n");
+    let expected = sh("sha256sum go.sum | head -c 16", env.dir.path());
+    let run = env.run(["key", "gomod/{hash}.tar.zst", "--hash-from", "go.sum"]);
+    run.ok();
+    assert_eq!(run.stdout, format!("gomod/{expected}.tar.zst\n"));
+}
+
+#[test]
+fn hash_length_truncates_the_full_hex_digest() {
+    let env = TestEnv::bare();
+    env.write("f", "x");
+    let full = sh("sha256sum f | cut -d' ' -f1", env.dir.path());
+    let run = env.run(["key", "{hash}", "--hash-from", "f", "--hash-length", "64"]);
+    assert_eq!(run.ok().stdout.trim(), full.trim());
+    let run = env.run(["key", "{hash}", "--hash-from", "f", "--hash-length", "7"]);
+    assert_eq!(run.ok().stdout.trim(), &full[..7]);
+    for bad in ["0", "65"] {
+        let run = env.run(["key", "{hash}", "--hash-from", "f", "--hash-length", bad]);
+        run.code(2);
+        assert!(run.stderr.contains("--hash-length"), "{}", run.stderr);
+    }
+}
+
+#[test]
+fn directories_and_several_paths_match_the_shell_recipe() {
+    let env = TestEnv::bare();
+    env.write("tree/b.txt", "b");
+    env.write("tree/a dir/with space.txt", "spaces");
+    env.write("tree/a.txt", "a");
+    env.write("tree/a/nested", "nested");
+    env.write("tree/Z", "upper");
+    env.write("lock", "lockfile");
+    std::os::unix::fs::symlink("b.txt", env.path("tree/link")).unwrap();
+
+    let recipe = "find tree -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | head -c 16";
+    let expected = sh(recipe, env.dir.path());
+    let run = env.run(["key", "k/{hash}", "--hash-from", "tree"]);
+    assert_eq!(run.ok().stdout.trim(), format!("k/{expected}"));
+
+    let recipe = "{ sha256sum lock; find tree -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum; } | sha256sum | head -c 16";
+    let expected = sh(recipe, env.dir.path());
+    let run = env.run([
+        "key",
+        "k/{hash}",
+        "--hash-from",
+        "lock",
+        "--hash-from",
+        "tree",
+    ]);
+    assert_eq!(run.ok().stdout.trim(), format!("k/{expected}"));
+}
+
+#[test]
+fn names_sha256sum_escapes_are_hashed_the_same_way() {
+    let env = TestEnv::bare();
+    env.write("t/back\\slash", "1");
+    env.write("t/new\nline", "2");
+    let expected = sh(
+        "find t -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | head -c 16",
+        env.dir.path(),
+    );
+    let run = env.run(["key", "{hash}", "--hash-from", "t"]);
+    assert_eq!(run.ok().stdout.trim(), expected);
+}
+
+#[test]
+fn digest_without_placeholder_goes_before_the_first_dot() {
+    let env = TestEnv::bare();
+    env.write("Dockerfile", "FROM scratch\n");
+    let digest = sh("sha256sum Dockerfile | head -c 16", env.dir.path());
+    let run = env.run(["key", "img/build.tar.zst", "--hash-from", "Dockerfile"]);
+    assert_eq!(
+        run.ok().stdout.trim(),
+        format!("img/build-{digest}.tar.zst")
+    );
+    let run = env.run(["key", "img/build", "--hash-from", "Dockerfile"]);
+    assert_eq!(run.ok().stdout.trim(), format!("img/build-{digest}"));
+}
+
+#[test]
+fn arch_suffix_goes_after_the_digest_and_applies_once() {
+    let env = TestEnv::bare();
+    let p = platform();
+    let run = env.run(["key", "bin/cacher", "--arch-suffix"]);
+    assert_eq!(run.ok().stdout.trim(), format!("bin/cacher-{p}"));
+
+    env.write("Dockerfile", "FROM scratch\n");
+    let digest = sh("sha256sum Dockerfile | head -c 16", env.dir.path());
+    let run = env.run([
+        "key",
+        "img/b.tar.zst",
+        "--hash-from",
+        "Dockerfile",
+        "--arch-suffix",
+    ]);
+    assert_eq!(
+        run.ok().stdout.trim(),
+        format!("img/b-{digest}-{p}.tar.zst")
+    );
+
+    let mut env = env;
+    env.set("CACHER_ARCH_SUFFIX", "true");
+    let run = env.run(["key", "bin/cacher"]);
+    assert_eq!(
+        run.ok().stdout.trim(),
+        format!("bin/cacher-{p}"),
+        "from the env var"
+    );
+}
+
+#[test]
+fn bad_templates_and_paths_exit_2_with_one_line() {
+    let env = TestEnv::bare();
+    let run = env.run(["key", "img/{hash}.tar"]);
+    run.code(2);
+    assert!(run.stderr.contains("{hash}"), "{}", run.stderr);
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+
+    let run = env.run(["key", "k/{hash}", "--hash-from", "missing-file"]);
+    run.code(2);
+    assert!(run.stderr.contains("missing-file"), "{}", run.stderr);
+
+    for bad in ["/abs", "a/../b", "a//b", ""] {
+        let run = env.run(["key", bad]);
+        run.code(2);
+    }
+}

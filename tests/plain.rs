@@ -1,0 +1,424 @@
+//! Plain-file commands against a real Garage node: download, upload, exists, list,
+//! delete, multipart, `--url` seeding and the failure exit codes.
+
+use std::sync::Arc;
+
+use cacher::store::Store;
+
+use crate::util::http::{HttpServer, Reply};
+use crate::util::{TestEnv, garage, random_bytes, read, unique};
+
+/// A store client straight on the test bucket, to check what is really there.
+fn bucket() -> Arc<dyn Store> {
+    let g = garage();
+    let env = TestEnv::bare();
+    let key_file = env.write("key", &g.key_id);
+    let secret_file = env.write("secret", &g.secret);
+    let args = cacher::cli::GlobalArgs {
+        config: Some(env.path("none.toml").display().to_string()),
+        endpoint: Some(g.endpoint.clone()),
+        region: Some(g.region.clone()),
+        bucket: Some(g.bucket.clone()),
+        key_file: Some(key_file.display().to_string()),
+        secret_file: Some(secret_file.display().to_string()),
+        ..Default::default()
+    };
+    std::fs::write(env.path("none.toml"), "").unwrap();
+    let config = cacher::config::Config::resolve(&args).expect("config");
+    Arc::new(cacher::store::s3::S3Store::new(&config).expect("store"))
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
+}
+
+/// The bytes stored under a full key, read without cacher's download path.
+fn stored(full_key: &str) -> Option<Vec<u8>> {
+    let store = bucket();
+    rt().block_on(async {
+        let info = store.head(full_key).await.expect("head")?;
+        Some(
+            store
+                .get_range(full_key, 0..info.size, None)
+                .await
+                .expect("get")
+                .to_vec(),
+        )
+    })
+}
+
+#[test]
+fn upload_exists_download_round_trip_is_byte_exact() {
+    let env = TestEnv::s3("roundtrip");
+    let data = random_bytes(3 * 1024 * 1024 + 17, 1);
+    let src = env.write("artifact.bin", &data);
+
+    env.run(["exists", "art/a.bin"]).code(1);
+    let up = env.run(["upload", "art/a.bin", src.to_str().unwrap()]);
+    up.ok();
+    assert!(up.stderr.contains("uploaded"), "{}", up.stderr);
+    env.run(["exists", "art/a.bin"]).code(0);
+    assert_eq!(
+        stored(&format!("{}/art/a.bin", env.prefix)).as_deref(),
+        Some(&data[..]),
+        "stored byte-for-byte under prefix/key"
+    );
+
+    let dest = env.path("out/restored.bin");
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    env.run(["download", "art/a.bin", dest.to_str().unwrap()])
+        .ok();
+    assert_eq!(read(&dest), data);
+    let leftovers: Vec<_> = std::fs::read_dir(dest.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 1, "no temp files left: {leftovers:?}");
+}
+
+#[test]
+fn upload_skips_an_existing_key_unless_forced() {
+    let env = TestEnv::s3("skip");
+    let first = env.write("v1", "version one");
+    let second = env.write("v2", "version two");
+    env.run(["upload", "k", first.to_str().unwrap()]).ok();
+    let run = env.run(["upload", "k", second.to_str().unwrap()]);
+    run.ok();
+    assert!(run.stderr.contains("skipped"), "{}", run.stderr);
+    let key = format!("{}/k", env.prefix);
+    assert_eq!(stored(&key).unwrap(), b"version one");
+    env.run(["upload", "k", second.to_str().unwrap(), "--force"])
+        .ok();
+    assert_eq!(stored(&key).unwrap(), b"version two");
+}
+
+#[test]
+fn multipart_round_trip_of_200_mib_is_byte_exact() {
+    let env = TestEnv::s3("multipart");
+    let data = random_bytes(200 * 1024 * 1024 + 123, 2);
+    let src = env.write("big.bin", &data);
+    env.run(["upload", "big.bin", src.to_str().unwrap()]).ok();
+    let info = rt()
+        .block_on(bucket().head(&format!("{}/big.bin", env.prefix)))
+        .unwrap()
+        .expect("object exists");
+    assert_eq!(info.size, data.len() as u64);
+    assert!(
+        info.etag.as_deref().unwrap_or("").contains('-'),
+        "a multipart ETag has a part count: {:?}",
+        info.etag
+    );
+    let dest = env.path("big.out");
+    env.run(["download", "big.bin", dest.to_str().unwrap()])
+        .ok();
+    assert!(read(&dest) == data, "downloaded bytes differ");
+}
+
+#[test]
+fn download_miss_without_url_exits_3_and_writes_nothing() {
+    let env = TestEnv::s3("miss");
+    let dest = env.path("never");
+    env.run(["download", "nothing/here", dest.to_str().unwrap()])
+        .code(3);
+    assert!(!dest.exists());
+}
+
+#[test]
+fn download_url_on_miss_writes_dest_and_seeds_the_cache() {
+    let env = TestEnv::s3("url");
+    let body = random_bytes(1024 * 1024 + 5, 3);
+    let server = HttpServer::start(vec![("/go.tar.gz", Reply::Body(body.clone()))]);
+    let url = server.url("/go.tar.gz");
+    let digest = hex_sha256(&body);
+
+    let dest = env.path("go.tar.gz");
+    let args = [
+        "download",
+        "golang/go.tar.gz",
+        dest.to_str().unwrap(),
+        "--url",
+        &url,
+        "--sha256",
+        &digest,
+    ];
+    env.run(args).ok();
+    assert_eq!(read(&dest), body);
+    assert_eq!(server.hits("/go.tar.gz"), 1);
+    assert_eq!(
+        stored(&format!("{}/golang/go.tar.gz", env.prefix)).unwrap(),
+        body,
+        "the miss seeded the cache"
+    );
+
+    std::fs::remove_file(&dest).unwrap();
+    env.run(args).ok();
+    assert_eq!(read(&dest), body);
+    assert_eq!(
+        server.hits("/go.tar.gz"),
+        1,
+        "the second run hit the cache, not the URL"
+    );
+}
+
+#[test]
+fn sha256_mismatch_exits_2_uploads_nothing_and_keeps_dest() {
+    let env = TestEnv::s3("mismatch");
+    let server = HttpServer::start(vec![("/f", Reply::Body(b"tampered".to_vec()))]);
+    let wrong = "0".repeat(64);
+    let dest = env.path("dest");
+    let run = env.run([
+        "download",
+        "k",
+        dest.to_str().unwrap(),
+        "--url",
+        &server.url("/f"),
+        "--sha256",
+        &wrong,
+    ]);
+    run.code(2);
+    assert!(run.stderr.contains("sha256 mismatch"), "{}", run.stderr);
+    assert!(!dest.exists(), "DEST not created");
+    env.run(["exists", "k"]).code(1);
+
+    std::fs::write(&dest, "previous content").unwrap();
+    env.run([
+        "download",
+        "k",
+        dest.to_str().unwrap(),
+        "--url",
+        &server.url("/f"),
+        "--sha256",
+        &wrong,
+    ])
+    .code(2);
+    assert_eq!(read(&dest), b"previous content", "DEST left as it was");
+    let names: Vec<_> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.to_string_lossy().starts_with(".cacher-")),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn a_cached_object_that_fails_the_pinned_sha256_is_not_restored() {
+    let env = TestEnv::s3("stale");
+    let src = env.write("old", "old release");
+    env.run(["upload", "tool.tgz", src.to_str().unwrap()]).ok();
+    let dest = env.path("tool.tgz");
+    let run = env.run([
+        "download",
+        "tool.tgz",
+        dest.to_str().unwrap(),
+        "--sha256",
+        &hex_sha256(b"new release"),
+    ]);
+    run.code(2);
+    assert!(!dest.exists());
+
+    // With --url the stale entry is replaced by the verified download.
+    let server = HttpServer::start(vec![("/t", Reply::Body(b"new release".to_vec()))]);
+    env.run([
+        "download",
+        "tool.tgz",
+        dest.to_str().unwrap(),
+        "--sha256",
+        &hex_sha256(b"new release"),
+        "--url",
+        &server.url("/t"),
+    ])
+    .ok();
+    assert_eq!(read(&dest), b"new release");
+    assert_eq!(
+        stored(&format!("{}/tool.tgz", env.prefix)).unwrap(),
+        b"new release"
+    );
+}
+
+#[test]
+fn url_failures_exit_2_without_dest_or_upload() {
+    let env = TestEnv::s3("urlfail");
+    let server = HttpServer::start(vec![
+        ("/500", Reply::Status(500)),
+        (
+            "/short",
+            Reply::Truncated {
+                body: vec![7u8; 1000],
+                len: 5000,
+            },
+        ),
+    ]);
+    for path in ["/500", "/short", "/404"] {
+        let dest = env.path("d");
+        let run = env.run([
+            "download",
+            "k",
+            dest.to_str().unwrap(),
+            "--url",
+            &server.url(path),
+        ]);
+        run.code(2);
+        assert!(!dest.exists(), "{path}: no DEST");
+        env.run(["exists", "k"]).code(1);
+    }
+}
+
+#[test]
+fn list_is_delimited_recursive_and_root_relative() {
+    let env = TestEnv::s3("list");
+    let f = env.write("f", "12345");
+    for key in ["a/one", "a/two", "a/deep/three", "top"] {
+        env.run(["upload", key, f.to_str().unwrap()]).ok();
+    }
+    let run = env.run(["list"]);
+    let lines: Vec<&str> = run.ok().stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0], format!("{:>30} a/", "PRE"));
+    assert!(lines[1].ends_with("          5 top"), "{}", lines[1]);
+    assert!(lines[1].chars().nth(4) == Some('-') && lines[1].chars().nth(13) == Some(':'));
+
+    let run = env.run(["list", "a/"]);
+    let names: Vec<&str> = run
+        .ok()
+        .stdout
+        .lines()
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect();
+    assert_eq!(names, ["deep/", "one", "two"]);
+
+    let run = env.run(["list", "--recursive"]);
+    let names: Vec<&str> = run
+        .ok()
+        .stdout
+        .lines()
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect();
+    assert_eq!(names, ["a/deep/three", "a/one", "a/two", "top"]);
+
+    let run = env.run(["list", "--root", &format!("{}/a/d", env.prefix)]);
+    assert_eq!(run.ok().stdout.trim_end(), format!("{:>30} deep/", "PRE"));
+}
+
+#[test]
+fn list_paginates_through_10000_keys() {
+    let env = TestEnv::s3("many");
+    let store = bucket();
+    let prefix = env.prefix.clone();
+    rt().block_on(async {
+        use futures::StreamExt;
+        futures::stream::iter(0..10_000)
+            .map(|i| {
+                let store = store.clone();
+                let key = format!("{prefix}/k/{i:05}");
+                async move {
+                    store
+                        .put(
+                            &key,
+                            cacher::store::Body::Bytes(bytes::Bytes::from_static(b"x")),
+                            &Default::default(),
+                        )
+                        .await
+                        .expect("put")
+                }
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<_>>()
+            .await;
+    });
+    let run = env.run(["list", "k/"]);
+    let lines: Vec<&str> = run.ok().stdout.lines().collect();
+    assert_eq!(lines.len(), 10_000);
+    assert!(lines[9_999].ends_with(" 09999"), "{}", lines[9_999]);
+    let run = env.run(["list", "--recursive"]);
+    assert_eq!(run.ok().stdout.lines().count(), 10_000);
+}
+
+#[test]
+fn delete_invalidates_and_reports_a_missing_key() {
+    let env = TestEnv::s3("delete");
+    let f = env.write("f", "x");
+    env.run(["upload", "gone", f.to_str().unwrap()]).ok();
+    env.run(["delete", "gone"]).ok();
+    env.run(["exists", "gone"]).code(1);
+    assert!(stored(&format!("{}/gone", env.prefix)).is_none());
+    let run = env.run(["delete", "gone"]);
+    run.code(1);
+    assert!(run.stderr.contains("not cached"), "{}", run.stderr);
+}
+
+#[test]
+fn missing_credentials_exit_2_naming_what_to_set() {
+    let mut env = TestEnv::s3("nocreds");
+    env.unset("CACHER_S3_KEY_ID");
+    env.unset("CACHER_S3_SECRET");
+    let run = env.run(["exists", "k"]);
+    run.code(2);
+    assert!(run.stderr.contains("CACHER_S3_KEY_ID"), "{}", run.stderr);
+}
+
+#[test]
+fn wrong_secret_exits_2_never_1_and_never_prints_the_secret() {
+    let mut env = TestEnv::s3("badsecret");
+    let wrong = "f".repeat(64);
+    env.set("CACHER_S3_SECRET", &wrong);
+    let f = env.write("f", "x");
+    for args in [
+        vec!["exists", "k", "-v"],
+        vec!["upload", "k", f.to_str().unwrap(), "-v"],
+        vec!["download", "k", "out", "-v"],
+        vec!["list", "-v"],
+        vec!["delete", "k", "-v"],
+        vec!["doctor", "-v"],
+    ] {
+        let run = env.run(&args);
+        run.code(2);
+        let all = run.all_output();
+        assert!(!all.contains(&wrong), "{args:?} leaked the secret: {all}");
+        assert!(
+            !all.contains(&garage().secret),
+            "{args:?} leaked the real secret"
+        );
+        assert!(
+            all.to_lowercase().contains("access denied") || all.contains("403"),
+            "{args:?}: {all}"
+        );
+    }
+}
+
+#[test]
+fn unreachable_endpoint_exits_2() {
+    let mut env = TestEnv::s3("unreachable");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    env.set("CACHER_ENDPOINT", &format!("http://127.0.0.1:{port}"));
+    let started = std::time::Instant::now();
+    let run = env.run(["exists", "k"]);
+    run.code(2);
+    assert!(run.stderr.starts_with("cacher: "), "{}", run.stderr);
+    assert!(started.elapsed().as_secs() < 60);
+}
+
+#[test]
+fn missing_bucket_exits_2_naming_the_bucket() {
+    let mut env = TestEnv::s3("nobucket");
+    let name = unique("no-such-bucket");
+    env.set("CACHER_BUCKET", &name);
+    let run = env.run(["exists", "k"]);
+    run.code(2);
+    assert!(run.stderr.contains(&name), "{}", run.stderr);
+    let run = env.run(["doctor"]);
+    run.code(2);
+    assert!(run.stderr.contains(&name), "{}", run.stderr);
+}
+
+pub fn hex_sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the built `cacher` binary against a real Garage node, a real HTTP
+//! server and coreutils. One binary, one module per topic (ripgrep's layout).
+
+mod util;
+
+mod config;
+mod file_store;
+mod keys;
+mod plain;
