@@ -20,7 +20,7 @@ pub const DEFAULT_JOBS: usize = 8;
 /// Default size above which plain files go up in multipart and down in ranges.
 pub const DEFAULT_MULTIPART_THRESHOLD: u64 = 64 * 1024 * 1024;
 /// Default multipart part size (and ranged-GET size).
-pub const DEFAULT_PART_SIZE: u64 = 16 * 1024 * 1024;
+pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
 
 /// Where a setting's value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]

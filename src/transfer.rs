@@ -6,7 +6,7 @@
 //! size and sha256, and only then rename the temp file over the destination.
 
 use std::fs::File;
-use std::io::Read;
+use std::ops::Range;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -55,6 +55,40 @@ pub enum IntegrityError {
     },
 }
 
+/// When to try a request again: temporary faults only, with growing pauses.
+#[derive(Debug, Default)]
+struct Backoff {
+    attempts: u32,
+}
+
+impl Backoff {
+    /// The pause before the next attempt, or `None` when `err` is final.
+    fn next_delay(&mut self, err: &StoreError) -> Option<Duration> {
+        self.attempts += 1;
+        (err.is_temporary() && self.attempts < ATTEMPTS)
+            .then(|| Duration::from_millis(500 << self.attempts))
+    }
+}
+
+/// Range buffers handed back after use, so a download touches fresh memory only for
+/// the first `jobs` ranges.
+#[derive(Default)]
+struct BufferPool(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl BufferPool {
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(buf);
+    }
+}
+
 /// Concurrent whole-object transfers against one store.
 pub struct Transfer {
     store: Arc<dyn Store>,
@@ -71,8 +105,8 @@ pub struct Report {
     pub bytes: u64,
     /// Requests retried after a temporary fault.
     pub retries: u64,
-    /// sha256 of the content, hex.
-    pub sha256: String,
+    /// sha256 of the content, hex, when it was computed.
+    pub sha256: Option<String>,
 }
 
 impl Transfer {
@@ -98,67 +132,91 @@ impl Transfer {
         F: FnMut() -> Fut,
         Fut: Future<Output = StoreResult<T>>,
     {
-        let mut attempt = 1;
+        let mut backoff = Backoff::default();
         loop {
             match op().await {
-                Err(e) if e.is_temporary() && attempt < ATTEMPTS => {
-                    self.retries.fetch_add(1, Ordering::Relaxed);
-                    ui::verbose(format!("retrying {what} after: {e}"));
-                    tokio::time::sleep(Duration::from_millis(500 * 2u64.pow(attempt))).await;
-                    attempt += 1;
-                }
-                other => return other,
+                Err(e) => self.pause_or_fail(what, e, &mut backoff).await?,
+                ok => return ok,
             }
         }
     }
 
-    /// Uploads the file at `path` to `key`. `sha256` skips hashing when already known.
+    /// Sleeps before the next attempt when `err` is worth retrying, else returns it.
+    async fn pause_or_fail(
+        &self,
+        what: &str,
+        err: StoreError,
+        backoff: &mut Backoff,
+    ) -> StoreResult<()> {
+        let Some(delay) = backoff.next_delay(&err) else {
+            return Err(err);
+        };
+        self.retries.fetch_add(1, Ordering::Relaxed);
+        ui::verbose(format!("retrying {what} in {delay:?} after: {err}"));
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+
+    /// Reads `range` into `buf`, retrying temporary faults.
+    async fn read_range(
+        &self,
+        info: &ObjectInfo,
+        range: Range<u64>,
+        buf: &mut Vec<u8>,
+    ) -> StoreResult<()> {
+        let mut backoff = Backoff::default();
+        loop {
+            let read = self
+                .store
+                .read_range(&info.key, range.clone(), info.etag.as_deref(), buf)
+                .await;
+            match read {
+                Err(e) => self.pause_or_fail("GET", e, &mut backoff).await?,
+                ok => return ok,
+            }
+        }
+    }
+
+    /// Uploads the file at `path` to `key`. Every body carries a CRC32 the server
+    /// checks; the sha256 is recorded with the object when the caller knows it or the
+    /// file is small enough to go up in one request (hashing is then nearly free).
     pub async fn upload_file(
         &self,
         key: &str,
         path: &Path,
         sha256: Option<String>,
     ) -> anyhow::Result<Report> {
-        let before =
+        let meta =
             std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-        if !before.is_file() {
+        if !meta.is_file() {
             bail!("{} is not a regular file", path.display());
         }
-        let size = before.len();
-        let part_size = self.part_size_for(size);
-        let multipart = size > self.multipart_threshold;
-        let span = if multipart { part_size } else { size.max(1) };
-        let (file_sha, crcs) = {
-            let path = path.to_path_buf();
-            let want_sha = sha256.is_none();
-            tokio::task::spawn_blocking(move || checksum_file(&path, span, want_sha)).await??
-        };
-        let sha256 = sha256.or(file_sha).unwrap_or_default();
-        let opts = PutOptions {
-            crc32: None,
-            sha256: Some(sha256.clone()),
-        };
+        let size = meta.len();
         let progress = Progress::new(format!("uploading {key}"), size);
         let retries_before = self.retries.load(Ordering::Relaxed);
 
-        if multipart {
-            self.upload_multipart(key, path, size, part_size, &crcs, &opts, &progress)
-                .await?;
-        } else {
-            let body = Body::FileSlice {
-                path: path.to_path_buf(),
-                offset: 0,
-                len: size,
-            };
+        let sha256 = if size > self.multipart_threshold {
             let opts = PutOptions {
-                crc32: crcs.first().copied(),
-                ..opts
+                crc32: None,
+                sha256: sha256.clone(),
             };
-            self.retry("PUT", || self.store.put(key, body.clone(), &opts))
+            self.upload_multipart(key, path, size, &opts, &progress)
+                .await?;
+            sha256
+        } else {
+            let slice = FileSlice::new(path, 0, size);
+            let want_sha = sha256.is_none();
+            let (crc32, file_sha) = slice.clone().checksums(want_sha).await?;
+            let opts = PutOptions {
+                crc32: Some(crc32),
+                sha256: sha256.or(file_sha),
+            };
+            self.retry("PUT", || self.store.put(key, slice.body(), &opts))
                 .await
                 .with_context(|| format!("upload of {} to {key} failed", path.display()))?;
             progress.add(size);
-        }
+            opts.sha256
+        };
         let retries = self.retries.load(Ordering::Relaxed) - retries_before;
         progress.finish("uploaded", key, &retry_note(retries));
         Ok(Report {
@@ -173,14 +231,11 @@ impl Transfer {
         self.part_size.max(size.div_ceil(MAX_PARTS))
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn upload_multipart(
         &self,
         key: &str,
         path: &Path,
         size: u64,
-        part_size: u64,
-        crcs: &[u32],
         opts: &PutOptions,
         progress: &Progress,
     ) -> anyhow::Result<()> {
@@ -190,32 +245,40 @@ impl Transfer {
             })
             .await
             .with_context(|| format!("cannot start the upload of {key}"))?;
+        let part_size = self.part_size_for(size);
         let parts = (0..size.div_ceil(part_size)).map(|i| {
             let offset = i * part_size;
-            let len = part_size.min(size - offset);
-            (i as i32 + 1, offset, len, crcs[i as usize])
+            (
+                i as i32 + 1,
+                FileSlice::new(path, offset, part_size.min(size - offset)),
+            )
         });
+        // Parts go up from memory: one big read per part costs far less than the SDK
+        // streaming the file in small reads through tokio's blocking pool.
+        let pool = BufferPool::default();
         let sent = futures::stream::iter(parts)
-            .map(|(number, offset, len, crc)| {
-                let upload = &upload;
+            .map(|(number, slice)| {
+                let (upload, pool) = (&upload, &pool);
                 async move {
-                    let body = Body::FileSlice {
-                        path: path.to_path_buf(),
-                        offset,
-                        len,
-                    };
+                    let (data, crc32) = slice
+                        .read(pool.take())
+                        .await
+                        .map_err(|e| StoreError::Permanent(format!("{e:#}")))?;
                     let part = self
                         .retry("PUT PART", || {
                             self.store.multipart_part(
                                 upload,
                                 number,
-                                offset,
-                                body.clone(),
-                                Some(crc),
+                                slice.offset,
+                                Body::Bytes(data.clone()),
+                                Some(crc32),
                             )
                         })
                         .await?;
-                    progress.add(len);
+                    progress.add(slice.len);
+                    if let Ok(buf) = data.try_into_mut() {
+                        pool.give(buf.into());
+                    }
                     Ok::<_, StoreError>(part)
                 }
             })
@@ -264,55 +327,56 @@ impl Transfer {
             let start = i * RANGE_SIZE;
             start..(start + RANGE_SIZE).min(info.size)
         });
+        let pool = BufferPool::default();
         let mut fetched = futures::stream::iter(ranges)
-            .map(|range| async move {
-                let data = self
-                    .retry("GET", || {
-                        self.store
-                            .get_range(key, range.clone(), info.etag.as_deref())
-                    })
-                    .await?;
-                Ok::<(u64, Bytes), StoreError>((range.start, data))
+            .map(|range| {
+                let mut buf = pool.take();
+                async move {
+                    self.read_range(info, range.clone(), &mut buf).await?;
+                    Ok::<_, StoreError>((range.start, buf))
+                }
             })
             .buffered(self.jobs);
         // In-order results let one pass write and hash without re-reading the file.
-        let mut hasher = Sha256::new();
+        let mut hasher = (info.sha256.is_some() || expect_sha256.is_some()).then(Sha256::new);
         while let Some(next) = fetched.next().await {
-            let (offset, data) = next.map_err(|e| match e {
+            let (offset, buf) = next.map_err(|e| match e {
                 StoreError::Changed(_) => anyhow::anyhow!(
                     "{key} was replaced while it was being downloaded; run the command again"
                 ),
                 e => anyhow::Error::new(e).context(format!("download of {key} failed")),
             })?;
-            let len = data.len() as u64;
             let file = file.clone();
-            hasher = tokio::task::spawn_blocking(move || {
-                file.write_all_at(&data, offset)?;
-                hasher.update(&data);
-                Ok::<_, std::io::Error>(hasher)
+            let (buf, hashed) = tokio::task::spawn_blocking(move || {
+                let written = file.write_all_at(&buf, offset);
+                if let Some(h) = hasher.as_mut() {
+                    h.update(&buf);
+                }
+                (buf, written.map(|()| hasher))
             })
-            .await?
-            .with_context(|| format!("cannot write beside {}", dest.display()))?;
-            progress.add(len);
+            .await?;
+            hasher = hashed.with_context(|| format!("cannot write beside {}", dest.display()))?;
+            progress.add(buf.len() as u64);
+            pool.give(buf);
         }
-        let sha256 = hex::encode(hasher.finalize());
-        if let Some(recorded) = &info.sha256
-            && !recorded.eq_ignore_ascii_case(&sha256)
+        let sha256 = hasher.map(|h| hex::encode(h.finalize()));
+        if let (Some(recorded), Some(sha256)) = (&info.sha256, &sha256)
+            && !recorded.eq_ignore_ascii_case(sha256)
         {
             return Err(IntegrityError::Corrupt {
                 key: key.to_string(),
                 recorded: recorded.clone(),
-                actual: sha256,
+                actual: sha256.clone(),
             }
             .into());
         }
-        if let Some(expected) = expect_sha256
-            && !expected.eq_ignore_ascii_case(&sha256)
+        if let (Some(expected), Some(sha256)) = (expect_sha256, &sha256)
+            && !expected.eq_ignore_ascii_case(sha256)
         {
             return Err(IntegrityError::NotExpected {
                 key: key.to_string(),
                 expected: expected.to_string(),
-                actual: sha256,
+                actual: sha256.clone(),
             }
             .into());
         }
@@ -335,40 +399,76 @@ fn retry_note(retries: u64) -> String {
     }
 }
 
-/// Reads `path` once, returning its sha256 (when asked) and the CRC32 of each `span`.
-fn checksum_file(
-    path: &Path,
-    span: u64,
-    want_sha: bool,
-) -> anyhow::Result<(Option<String>, Vec<u32>)> {
-    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut sha = want_sha.then(Sha256::new);
-    let mut crcs = Vec::new();
-    let mut crc = crc32fast::Hasher::new();
-    let mut in_span = 0u64;
-    let mut buf = vec![0u8; 1024 * 1024];
-    loop {
-        let want = buf.len().min((span - in_span) as usize);
-        let n = file
-            .read(&mut buf[..want])
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        if let Some(sha) = sha.as_mut() {
-            sha.update(&buf[..n]);
-        }
-        crc.update(&buf[..n]);
-        in_span += n as u64;
-        if in_span == span {
-            crcs.push(std::mem::take(&mut crc).finalize());
-            in_span = 0;
+/// A byte range of a local file: the unit of upload bodies.
+#[derive(Debug, Clone)]
+struct FileSlice {
+    path: PathBuf,
+    offset: u64,
+    len: u64,
+}
+
+impl FileSlice {
+    fn new(path: &Path, offset: u64, len: u64) -> FileSlice {
+        FileSlice {
+            path: path.to_path_buf(),
+            offset,
+            len,
         }
     }
-    if in_span > 0 || crcs.is_empty() {
-        crcs.push(crc.finalize());
+
+    /// A request body that re-reads the slice on every attempt.
+    fn body(&self) -> Body {
+        Body::FileSlice {
+            path: self.path.clone(),
+            offset: self.offset,
+            len: self.len,
+        }
     }
-    Ok((sha.map(|s| hex::encode(s.finalize())), crcs))
+
+    /// The slice's bytes, read into `buf` in one call, and their CRC32.
+    async fn read(&self, mut buf: Vec<u8>) -> anyhow::Result<(Bytes, u32)> {
+        let slice = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let FileSlice { path, offset, len } = slice;
+            let file =
+                File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            buf.clear();
+            buf.resize(len as usize, 0);
+            file.read_exact_at(&mut buf, offset)
+                .with_context(|| format!("cannot read {} (did it shrink?)", path.display()))?;
+            let crc32 = crc32fast::hash(&buf);
+            Ok((Bytes::from(buf), crc32))
+        })
+        .await?
+    }
+
+    /// CRC32 of the slice and, when asked, its sha256, in one read on a blocking thread.
+    async fn checksums(self, want_sha: bool) -> anyhow::Result<(u32, Option<String>)> {
+        tokio::task::spawn_blocking(move || {
+            let file = File::open(&self.path)
+                .with_context(|| format!("cannot open {}", self.path.display()))?;
+            let mut sha = want_sha.then(Sha256::new);
+            let mut crc = crc32fast::Hasher::new();
+            let mut buf = vec![0u8; 1024 * 1024];
+            let mut done = 0u64;
+            while done < self.len {
+                let want = buf.len().min((self.len - done) as usize);
+                let n = file
+                    .read_at(&mut buf[..want], self.offset + done)
+                    .with_context(|| format!("cannot read {}", self.path.display()))?;
+                if n == 0 {
+                    bail!("{} shrank while it was being uploaded", self.path.display());
+                }
+                crc.update(&buf[..n]);
+                if let Some(sha) = sha.as_mut() {
+                    sha.update(&buf[..n]);
+                }
+                done += n as u64;
+            }
+            Ok((crc.finalize(), sha.map(|s| hex::encode(s.finalize()))))
+        })
+        .await?
+    }
 }
 
 /// A temp file in the destination's directory, removed unless persisted.

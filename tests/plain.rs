@@ -39,7 +39,7 @@ fn stored(full_key: &str) -> Option<Vec<u8>> {
         let info = store.head(full_key).await.expect("head")?;
         Some(
             store
-                .get_range(full_key, 0..info.size, None)
+                .get_range(full_key, 0..info.size)
                 .await
                 .expect("get")
                 .to_vec(),

@@ -104,7 +104,7 @@ async fn canary(store: &dyn Store, prefix: &str) -> anyhow::Result<()> {
         .put(&key, Body::Bytes(byte.clone()), &PutOptions::default())
         .await
         .context("canary write failed")?;
-    let read = store.get_range(&key, 0..1, None).await;
+    let read = store.get_range(&key, 0..1).await;
     let deleted = store.delete(&key).await;
     if read.context("canary read failed")? != byte {
         bail!("canary read returned different bytes than were written");

@@ -6,13 +6,12 @@
 //! disk can share a cache this way; tests of logic that needs no S3 run against it.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 
 use super::{
     Body, CompletedPart, Listing, MultipartId, ObjectInfo, PutOptions, Store, StoreError,
@@ -99,6 +98,28 @@ fn info(key: &str, meta: &fs::Metadata) -> ObjectInfo {
     }
 }
 
+/// Reads `range` of the object file into `buf`, checking the version tag first.
+fn read_file_range(
+    path: &Path,
+    key: &str,
+    range: Range<u64>,
+    etag: Option<&str>,
+    buf: &mut Vec<u8>,
+) -> StoreResult<()> {
+    let file = File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => StoreError::NotFound(key.to_string()),
+        _ => io_error("open", path, e),
+    })?;
+    let meta = file.metadata().map_err(|e| io_error("stat", path, e))?;
+    if etag.is_some() && info(key, &meta).etag.as_deref() != etag {
+        return Err(StoreError::Changed(key.to_string()));
+    }
+    buf.clear();
+    buf.resize((range.end - range.start) as usize, 0);
+    file.read_exact_at(buf, range.start)
+        .map_err(|e| io_error("read", path, e))
+}
+
 /// Copies `body` into `file` at `at`.
 fn write_body(file: &File, at: u64, body: &Body) -> StoreResult<()> {
     match body {
@@ -160,33 +181,25 @@ impl Store for FileStore {
         .await
     }
 
-    async fn get_range(
+    async fn read_range(
         &self,
         key: &str,
         range: Range<u64>,
         etag: Option<&str>,
-    ) -> StoreResult<Bytes> {
+        buf: &mut Vec<u8>,
+    ) -> StoreResult<()> {
         let path = self.object_path(key)?;
         let key = key.to_string();
         let etag = etag.map(str::to_string);
-        blocking(move || {
-            let mut file = File::open(&path).map_err(|e| match e.kind() {
-                io::ErrorKind::NotFound => StoreError::NotFound(key.clone()),
-                _ => io_error("open", &path, e),
-            })?;
-            let meta = file.metadata().map_err(|e| io_error("stat", &path, e))?;
-            if etag.is_some() && info(&key, &meta).etag != etag {
-                return Err(StoreError::Changed(key));
-            }
-            let len = (range.end - range.start) as usize;
-            let mut buf = vec![0u8; len];
-            std::io::Seek::seek(&mut file, io::SeekFrom::Start(range.start))
-                .map_err(|e| io_error("seek", &path, e))?;
-            file.read_exact(&mut buf)
-                .map_err(|e| io_error("read", &path, e))?;
-            Ok(Bytes::from(buf))
+        let mut owned = std::mem::take(buf);
+        let (owned, result) = tokio::task::spawn_blocking(move || {
+            let result = read_file_range(&path, &key, range, etag.as_deref(), &mut owned);
+            (owned, result)
         })
         .await
+        .map_err(|e| StoreError::Permanent(format!("worker failed: {e}")))?;
+        *buf = owned;
+        result
     }
 
     async fn put(&self, key: &str, body: Body, _opts: &PutOptions) -> StoreResult<()> {

@@ -149,14 +149,23 @@ pub trait Store: Send + Sync {
     /// Metadata of one object, `None` when it does not exist.
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectInfo>>;
 
-    /// Bytes `range` of `key`; with `etag`, fails with [`StoreError::Changed`] if the
-    /// object is no longer that version.
-    async fn get_range(
+    /// Replaces the contents of `buf` with bytes `range` of `key` (the caller reuses
+    /// buffers so big reads do not fault in fresh memory each time). With `etag`, fails
+    /// with [`StoreError::Changed`] if the object is no longer that version.
+    async fn read_range(
         &self,
         key: &str,
         range: Range<u64>,
         etag: Option<&str>,
-    ) -> StoreResult<Bytes>;
+        buf: &mut Vec<u8>,
+    ) -> StoreResult<()>;
+
+    /// Bytes `range` of `key` in a new buffer.
+    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        let mut buf = Vec::new();
+        self.read_range(key, range, None, &mut buf).await?;
+        Ok(Bytes::from(buf))
+    }
 
     /// Writes a whole object in one request; readers see the old or the new object only.
     async fn put(&self, key: &str, body: Body, opts: &PutOptions) -> StoreResult<()>;

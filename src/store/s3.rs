@@ -22,7 +22,6 @@ use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload};
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use aws_smithy_types::byte_stream::Length;
 use base64::Engine;
-use bytes::Bytes;
 
 use super::{
     Body, CompletedPart, Listing, META_SHA256, MultipartId, ObjectInfo, PutOptions, Store,
@@ -219,17 +218,19 @@ impl Store for S3Store {
         }
     }
 
-    async fn get_range(
+    async fn read_range(
         &self,
         key: &str,
         range: Range<u64>,
         etag: Option<&str>,
-    ) -> StoreResult<Bytes> {
+        buf: &mut Vec<u8>,
+    ) -> StoreResult<()> {
+        buf.clear();
         if range.is_empty() {
-            return Ok(Bytes::new());
+            return Ok(());
         }
         ui::verbose(format!("GET {key} bytes={}-{}", range.start, range.end - 1));
-        let out = self
+        let mut out = self
             .client
             .get_object()
             .bucket(&self.bucket)
@@ -239,20 +240,23 @@ impl Store for S3Store {
             .send()
             .await
             .map_err(|e| classify("GET", key, &self.bucket, e))?;
-        let data = out
+        let want = range.end - range.start;
+        buf.reserve(want as usize);
+        while let Some(chunk) = out
             .body
-            .collect()
+            .try_next()
             .await
             .map_err(|e| StoreError::Temporary(format!("GET {key}: body: {e}")))?
-            .into_bytes();
-        let want = range.end - range.start;
-        if data.len() as u64 != want {
+        {
+            buf.extend_from_slice(&chunk);
+        }
+        if buf.len() as u64 != want {
             return Err(StoreError::Temporary(format!(
                 "GET {key}: got {} bytes of the {want} asked for",
-                data.len()
+                buf.len()
             )));
         }
-        Ok(data)
+        Ok(())
     }
 
     async fn put(&self, key: &str, body: Body, opts: &PutOptions) -> StoreResult<()> {
@@ -269,7 +273,11 @@ impl Store for S3Store {
         if let Some(sha) = &opts.sha256 {
             req = req.metadata(META_SHA256, sha);
         }
-        req.send()
+        // The CRC32 header (signed) protects the body; signing the payload as well would
+        // hash every byte twice more, here and on the server.
+        req.customize()
+            .disable_payload_signing()
+            .send()
             .await
             .map(|_| ())
             .map_err(|e| classify("PUT", key, &self.bucket, e))
@@ -328,6 +336,8 @@ impl Store for S3Store {
             .content_length(len as i64)
             .set_checksum_crc32(crc32.map(crc32_header))
             .body(byte_stream(body).await?)
+            .customize()
+            .disable_payload_signing()
             .send()
             .await
             .map_err(|e| classify("PUT PART", &upload.key, &self.bucket, e))?;
