@@ -22,6 +22,8 @@ struct Measure {
     max_rss_mib: f64,
 }
 
+// The child is reaped by wait4, which std's wait() cannot replace: it gives the rusage.
+#[allow(clippy::zombie_processes)]
 fn measure(cmd: &mut Command) -> Measure {
     let started = Instant::now();
     let child = cmd.spawn().expect("spawn");
