@@ -76,6 +76,44 @@ pub enum Command {
     Delete(KeyArg),
     /// Print a cache key built from a template and file hashes
     Key(KeyTemplateArgs),
+    /// Cache directory trees as deduplicated chunks
+    #[command(subcommand)]
+    Dir(DirCommand),
+}
+
+/// `cacher dir ...`
+#[derive(Debug, Subcommand)]
+pub enum DirCommand {
+    /// Store a directory tree; only chunks the bucket lacks are sent
+    Upload(DirUploadArgs),
+    /// Restore a directory tree (exit 1 when the key and every fallback miss)
+    Download(DirDownloadArgs),
+    /// Exit 0 when the key is cached, 1 when it is not
+    Exists(KeyArg),
+}
+
+/// Arguments of `dir upload`.
+#[derive(Debug, Args)]
+pub struct DirUploadArgs {
+    /// Cache key, relative to the configured prefix
+    pub key: String,
+    /// Directory to store
+    pub dir: PathBuf,
+    /// Overwrite the key when it exists (only new chunks are sent)
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Arguments of `dir download`.
+#[derive(Debug, Args)]
+pub struct DirDownloadArgs {
+    /// Cache key, relative to the configured prefix
+    pub key: String,
+    /// Directory to restore into (created, or merged into when it exists)
+    pub dir: PathBuf,
+    /// On a miss, restore the newest entry under this key prefix (repeatable, tried in order)
+    #[arg(long, value_name = "PREFIX")]
+    pub fallback: Vec<String>,
 }
 
 /// A single key.

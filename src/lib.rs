@@ -5,6 +5,8 @@
 //! [`key`] and [`config`] turn what the user typed into full keys and settings, and
 //! [`commands`] glue them together, one module per subcommand.
 
+pub mod archive;
+pub mod chunk;
 pub mod cli;
 pub mod commands;
 pub mod config;

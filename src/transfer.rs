@@ -73,10 +73,11 @@ impl Backoff {
 /// Range buffers handed back after use, so a download touches fresh memory only for
 /// the first `jobs` ranges.
 #[derive(Default)]
-struct BufferPool(std::sync::Mutex<Vec<Vec<u8>>>);
+pub struct BufferPool(std::sync::Mutex<Vec<Vec<u8>>>);
 
 impl BufferPool {
-    fn take(&self) -> Vec<u8> {
+    /// A buffer from the pool, or a new empty one.
+    pub fn take(&self) -> Vec<u8> {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -84,7 +85,8 @@ impl BufferPool {
             .unwrap_or_default()
     }
 
-    fn give(&self, buf: Vec<u8>) {
+    /// Returns a buffer for reuse.
+    pub fn give(&self, buf: Vec<u8>) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).push(buf);
     }
 }
@@ -157,24 +159,46 @@ impl Transfer {
         Ok(())
     }
 
-    /// Reads `range` into `buf`, retrying temporary faults.
-    async fn read_range(
+    /// Concurrent requests per transfer.
+    pub fn jobs(&self) -> usize {
+        self.jobs
+    }
+
+    /// Retries done so far by this engine.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    /// Reads `range` of `key` into `buf`, retrying temporary faults; with `etag`, the
+    /// object must still be that version.
+    pub async fn read_range(
         &self,
-        info: &ObjectInfo,
+        key: &str,
+        etag: Option<&str>,
         range: Range<u64>,
         buf: &mut Vec<u8>,
     ) -> StoreResult<()> {
         let mut backoff = Backoff::default();
         loop {
-            let read = self
-                .store
-                .read_range(&info.key, range.clone(), info.etag.as_deref(), buf)
-                .await;
+            let read = self.store.read_range(key, range.clone(), etag, buf).await;
             match read {
                 Err(e) => self.pause_or_fail("GET", e, &mut backoff).await?,
                 ok => return ok,
             }
         }
+    }
+
+    /// Writes `data` to `key` in one request with a CRC32 the server checks, retrying
+    /// temporary faults.
+    pub async fn put_bytes(&self, key: &str, data: Bytes) -> StoreResult<()> {
+        let opts = PutOptions {
+            crc32: Some(crc32fast::hash(&data)),
+            sha256: None,
+        };
+        self.retry("PUT", || {
+            self.store.put(key, Body::Bytes(data.clone()), &opts)
+        })
+        .await
     }
 
     /// Uploads the file at `path` to `key`. Every body carries a CRC32 the server
@@ -332,7 +356,8 @@ impl Transfer {
             .map(|range| {
                 let mut buf = pool.take();
                 async move {
-                    self.read_range(info, range.clone(), &mut buf).await?;
+                    self.read_range(key, info.etag.as_deref(), range.clone(), &mut buf)
+                        .await?;
                     Ok::<_, StoreError>((range.start, buf))
                 }
             })
@@ -391,7 +416,73 @@ impl Transfer {
     }
 }
 
-fn retry_note(retries: u64) -> String {
+/// A plain object read front to back by blocking code (a tar or zstd decoder), while
+/// ranges are fetched `jobs` at a time ahead of it.
+pub struct ObjectReader {
+    rx: tokio::sync::mpsc::Receiver<StoreResult<Vec<u8>>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl Transfer {
+    /// Streams the object `info` through an [`ObjectReader`]; memory stays at about
+    /// `2 x jobs` ranges. Read it from a blocking thread only.
+    pub fn stream_object(self: &Arc<Self>, info: ObjectInfo) -> ObjectReader {
+        let (tx, rx) = tokio::sync::mpsc::channel(self.jobs);
+        let transfer = self.clone();
+        tokio::spawn(async move {
+            let ranges = (0..info.size.div_ceil(RANGE_SIZE)).map(|i| {
+                let start = i * RANGE_SIZE;
+                start..(start + RANGE_SIZE).min(info.size)
+            });
+            let mut fetched = futures::stream::iter(ranges)
+                .map(|range| {
+                    let (transfer, info) = (&transfer, &info);
+                    async move {
+                        let mut buf = Vec::new();
+                        transfer
+                            .read_range(&info.key, info.etag.as_deref(), range, &mut buf)
+                            .await
+                            .map(|()| buf)
+                    }
+                })
+                .buffered(transfer.jobs);
+            while let Some(next) = fetched.next().await {
+                let failed = next.is_err();
+                if tx.send(next).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        ObjectReader {
+            rx,
+            current: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl std::io::Read for ObjectReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.current.len() {
+            match self.rx.blocking_recv() {
+                None => return Ok(0),
+                Some(Ok(next)) => {
+                    self.current = next;
+                    self.pos = 0;
+                }
+                Some(Err(e)) => return Err(std::io::Error::other(e)),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// `", N retries"` for summary lines, empty when there were none.
+pub fn retry_note(retries: u64) -> String {
     match retries {
         0 => String::new(),
         1 => ", 1 retry".to_string(),

@@ -2,6 +2,7 @@
 //! like the README's description of the command.
 
 mod delete;
+mod dir;
 mod doctor;
 mod download;
 mod exists;
@@ -41,5 +42,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::List(args) => list::run(&config, args).await,
         Command::Delete(args) => delete::run(&config, &args.key).await,
         Command::Key(args) => key::run(&config, args),
+        Command::Dir(cmd) => dir::run(&config, cmd).await,
     }
 }

@@ -1,0 +1,314 @@
+//! Directory trees ⇄ (entries, content stream).
+//!
+//! Upload side: [`scan`] walks a tree in a fixed order and records each node's metadata;
+//! [`ContentReader`] concatenates the regular files' bytes into one stream, so metadata
+//! changes (an `npm ci` that rewrote every mtime) leave the chunks untouched.
+//! Download side: [`Restorer`] rebuilds the tree in a temp dir beside the destination,
+//! takes content at any stream offset in any order, and moves the tree into place only
+//! when everything arrived.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+
+use crate::chunk::format::{Entry, EntryKind};
+use crate::ui;
+
+/// A scanned tree: its entries (parents first) and its regular files in stream order.
+pub struct Tree {
+    /// Every directory, file and symlink below the root.
+    pub entries: Vec<Entry>,
+    /// The regular files, in the order their bytes appear in the content stream.
+    pub files: Vec<ScannedFile>,
+}
+
+/// A regular file as seen by the scan.
+#[derive(Debug, Clone)]
+pub struct ScannedFile {
+    /// Absolute or root-joined path to read.
+    pub path: PathBuf,
+    /// Size at scan time; exactly this many bytes go into the stream.
+    pub size: u64,
+    /// Modification time at scan time, to detect a file changing while it is read.
+    pub mtime: (i64, i64),
+}
+
+impl Tree {
+    /// Total bytes of the content stream.
+    pub fn stream_len(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// Walks `root` depth-first in byte order of names. Fifos, sockets and device nodes are
+/// skipped with a warning; symlinks are recorded, never followed.
+pub fn scan(root: &Path) -> anyhow::Result<Tree> {
+    let meta = fs::metadata(root).with_context(|| format!("cannot read {}", root.display()))?;
+    if !meta.is_dir() {
+        bail!("{} is not a directory", root.display());
+    }
+    let mut tree = Tree {
+        entries: Vec::new(),
+        files: Vec::new(),
+    };
+    let walker = walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .follow_links(false)
+        .sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()));
+    for item in walker {
+        let item = item.with_context(|| format!("cannot walk {}", root.display()))?;
+        let rel = item
+            .path()
+            .strip_prefix(root)
+            .expect("walkdir yields paths under the root");
+        let meta = item
+            .metadata()
+            .with_context(|| format!("cannot stat {}", item.path().display()))?;
+        let file_type = item.file_type();
+        let kind = if file_type.is_dir() {
+            EntryKind::Dir
+        } else if file_type.is_file() {
+            tree.files.push(ScannedFile {
+                path: item.path().to_path_buf(),
+                size: meta.len(),
+                mtime: (meta.mtime(), meta.mtime_nsec()),
+            });
+            EntryKind::File { size: meta.len() }
+        } else if file_type.is_symlink() {
+            let target = fs::read_link(item.path())
+                .with_context(|| format!("cannot read link {}", item.path().display()))?;
+            EntryKind::Symlink {
+                target: target.as_os_str().as_bytes().to_vec(),
+            }
+        } else {
+            ui::warn(format!(
+                "skipping {}: not a file, directory or symlink",
+                item.path().display()
+            ));
+            continue;
+        };
+        tree.entries.push(Entry {
+            path: rel.as_os_str().as_bytes().to_vec(),
+            kind,
+            mode: meta.mode() & 0o7777,
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec() as u32,
+        });
+    }
+    Ok(tree)
+}
+
+/// The content stream: every scanned file's bytes, back to back. Fails if a file is
+/// shorter or longer than scanned, or was modified while being read, so an upload
+/// never records a tree that did not exist.
+pub struct ContentReader {
+    files: std::vec::IntoIter<ScannedFile>,
+    current: Option<(File, ScannedFile, u64)>,
+}
+
+impl ContentReader {
+    /// A reader over `files` in order.
+    pub fn new(files: Vec<ScannedFile>) -> ContentReader {
+        ContentReader {
+            files: files.into_iter(),
+            current: None,
+        }
+    }
+
+    fn changed(path: &Path, how: &str) -> io::Error {
+        io::Error::other(format!(
+            "{} {how} while it was being read; not uploading a tree that never existed",
+            path.display()
+        ))
+    }
+}
+
+impl Read for ContentReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.current.is_none() {
+                let Some(next) = self.files.next() else {
+                    return Ok(0);
+                };
+                let file = File::open(&next.path).map_err(|e| {
+                    io::Error::new(e.kind(), format!("{}: {e}", next.path.display()))
+                })?;
+                self.current = Some((file, next, 0));
+            }
+            let (file, scanned, done) = self.current.as_mut().expect("set above");
+            let left = scanned.size - *done;
+            if left == 0 {
+                let mut probe = [0u8; 1];
+                if file.read(&mut probe)? != 0 {
+                    return Err(Self::changed(&scanned.path, "grew"));
+                }
+                let meta = file.metadata()?;
+                if (meta.mtime(), meta.mtime_nsec()) != scanned.mtime {
+                    return Err(Self::changed(&scanned.path, "was modified"));
+                }
+                self.current = None;
+                continue;
+            }
+            let want = buf.len().min(left as usize);
+            let n = file.read(&mut buf[..want])?;
+            if n == 0 {
+                return Err(Self::changed(&scanned.path, "shrank"));
+            }
+            *done += n as u64;
+            return Ok(n);
+        }
+    }
+}
+
+/// A regular file being restored: where its bytes sit in the stream.
+struct RestoredFile {
+    stream_start: u64,
+    size: u64,
+    path: PathBuf,
+}
+
+/// Rebuilds a tree in a temp dir beside its destination.
+pub struct Restorer {
+    temp: tempfile::TempDir,
+    dest: PathBuf,
+    entries: Vec<Entry>,
+    files: Vec<RestoredFile>,
+}
+
+impl Restorer {
+    /// Creates the temp dir beside `dest` and every directory, empty file and symlink of
+    /// `entries` in it. Entry paths must have been validated (see `Manifest::decode`).
+    pub fn create(dest: &Path, entries: Vec<Entry>) -> anyhow::Result<Restorer> {
+        let parent = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        fs::create_dir_all(&parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+        let temp = tempfile::Builder::new()
+            .prefix(".cacher-restore-")
+            .tempdir_in(&parent)
+            .with_context(|| format!("cannot create a temp dir in {}", parent.display()))?;
+        let mut files = Vec::new();
+        let mut stream_start = 0;
+        for e in &entries {
+            let path = temp
+                .path()
+                .join(Path::new(std::ffi::OsStr::from_bytes(&e.path)));
+            match &e.kind {
+                EntryKind::Dir => fs::create_dir(&path),
+                EntryKind::File { size } => {
+                    files.push(RestoredFile {
+                        stream_start,
+                        size: *size,
+                        path: path.clone(),
+                    });
+                    stream_start += size;
+                    File::create(&path).and_then(|f| f.set_len(*size))
+                }
+                EntryKind::Symlink { target } => {
+                    std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &path)
+                }
+            }
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        }
+        Ok(Restorer {
+            temp,
+            dest: dest.to_path_buf(),
+            entries,
+            files,
+        })
+    }
+
+    /// Writes `data`, which starts at `offset` of the content stream, into the files it
+    /// covers. Safe to call from several threads for different ranges.
+    pub fn write(&self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
+        let end = offset + data.len() as u64;
+        // First file whose bytes end after `offset` (empty files are skipped).
+        let mut i = self
+            .files
+            .partition_point(|f| f.stream_start + f.size <= offset);
+        while i < self.files.len() && self.files[i].stream_start < end {
+            let f = &self.files[i];
+            let from = offset.max(f.stream_start);
+            let to = end.min(f.stream_start + f.size);
+            if to > from {
+                let slice = &data[(from - offset) as usize..(to - offset) as usize];
+                OpenOptions::new()
+                    .write(true)
+                    .open(&f.path)
+                    .and_then(|file| file.write_all_at(slice, from - f.stream_start))
+                    .with_context(|| format!("cannot write {}", f.path.display()))?;
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+
+    /// Applies modes and mtimes (directories last, deepest first, so writing children
+    /// does not disturb them), then moves the tree to its destination: renamed when the
+    /// destination is missing or an empty directory, else merged into it entry by entry
+    /// (restored entries replace same-named ones; others are kept).
+    pub fn finish(self) -> anyhow::Result<()> {
+        let root = self.temp.path();
+        for e in self.entries.iter().rev() {
+            let path = root.join(std::ffi::OsStr::from_bytes(&e.path));
+            let mtime = filetime::FileTime::from_unix_time(e.mtime, e.mtime_nsec);
+            if !matches!(e.kind, EntryKind::Symlink { .. }) {
+                fs::set_permissions(&path, fs::Permissions::from_mode(e.mode))
+                    .with_context(|| format!("cannot chmod {}", path.display()))?;
+            }
+            filetime::set_symlink_file_times(&path, mtime, mtime)
+                .with_context(|| format!("cannot set the mtime of {}", path.display()))?;
+        }
+        move_into_place(root, &self.dest)?;
+        Ok(())
+    }
+
+    /// Where the tree is being built (for extracting legacy archives into it).
+    pub fn temp_root(&self) -> &Path {
+        self.temp.path()
+    }
+}
+
+/// Moves the finished tree at `from` to `dest` (see [`Restorer::finish`]).
+pub fn move_into_place(from: &Path, dest: &Path) -> anyhow::Result<()> {
+    let dest_is_empty_dir = fs::read_dir(dest)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(false);
+    if dest_is_empty_dir {
+        fs::remove_dir(dest).with_context(|| format!("cannot replace {}", dest.display()))?;
+    }
+    match fs::symlink_metadata(dest) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::rename(from, dest)
+                .with_context(|| format!("cannot move the restored tree to {}", dest.display()))?;
+            // The temp dir was created 0700; the tree's root gets ordinary permissions.
+            fs::set_permissions(dest, fs::Permissions::from_mode(0o755)).ok();
+            Ok(())
+        }
+        Ok(meta) if meta.is_dir() => {
+            for item in fs::read_dir(from)? {
+                let item = item?;
+                let target = dest.join(item.file_name());
+                if let Ok(old) = fs::symlink_metadata(&target) {
+                    if old.is_dir() {
+                        fs::remove_dir_all(&target)
+                    } else {
+                        fs::remove_file(&target)
+                    }
+                    .with_context(|| format!("cannot replace {}", target.display()))?;
+                }
+                fs::rename(item.path(), &target)
+                    .with_context(|| format!("cannot move into {}", target.display()))?;
+            }
+            Ok(())
+        }
+        Ok(_) => bail!("{} exists and is not a directory", dest.display()),
+        Err(e) => Err(e).with_context(|| format!("cannot stat {}", dest.display())),
+    }
+}

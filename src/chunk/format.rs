@@ -1,0 +1,580 @@
+//! The persisted types of the chunk store and their binary encoding: chunk tables
+//! (index segments) and manifests. Decoding is defensive: every count and size is
+//! checked against the bytes actually present and against fixed limits, so a corrupt
+//! or hostile object yields an error, never a panic or a huge allocation.
+
+use std::collections::HashSet;
+use std::io::Read;
+
+use super::{CHUNK_MAX, Id};
+
+/// First bytes of a manifest object.
+pub const MANIFEST_MAGIC: &[u8; 8] = b"CACHERMF";
+/// First bytes of an index segment object.
+pub const INDEX_MAGIC: &[u8; 8] = b"CACHERIX";
+/// Format version written and understood.
+pub const VERSION: u16 = 1;
+/// Bytes before the compressed body: magic, version, kind, reserved, body length.
+pub const HEADER_LEN: usize = 8 + 2 + 1 + 1 + 8;
+/// Largest decompressed body accepted (a 100k-file tree needs about 10 MiB).
+pub const MAX_BODY: u64 = 256 * 1024 * 1024;
+/// Longest path or symlink target accepted, in bytes.
+pub const MAX_PATH: usize = 4096;
+/// Largest compressed chunk accepted: zstd never expands a chunk by more than this.
+pub const MAX_CHUNK_STORED: u32 = CHUNK_MAX + CHUNK_MAX / 128 + 1024;
+
+/// What a manifest describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManifestKind {
+    /// A directory tree (`cacher dir`).
+    Dir = 1,
+    /// A `docker save` archive (`cacher docker`).
+    Docker = 2,
+}
+
+/// Where one chunk lives: its pack, byte range there, and its uncompressed length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRef {
+    /// blake3 of the uncompressed bytes.
+    pub id: Id,
+    /// Index into [`ChunkTable::packs`].
+    pub pack: u32,
+    /// Offset of the compressed chunk in the pack.
+    pub offset: u32,
+    /// Compressed length.
+    pub stored_len: u32,
+    /// Uncompressed length.
+    pub len: u32,
+}
+
+/// Packs and the chunks located in them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChunkTable {
+    /// Pack ids (blake3 of each pack's bytes, also its object name).
+    pub packs: Vec<Id>,
+    /// Chunk locations; in a manifest, in content-stream order (repeats allowed).
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// One node of a directory tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Path relative to the tree root, `/`-separated, raw bytes (names need not be UTF-8).
+    pub path: Vec<u8>,
+    /// What it is.
+    pub kind: EntryKind,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Nanoseconds part of the modification time.
+    pub mtime_nsec: u32,
+}
+
+/// The kinds of tree node cacher restores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A directory.
+    Dir,
+    /// A regular file whose `size` bytes come next in the content stream.
+    File { size: u64 },
+    /// A symbolic link.
+    Symlink { target: Vec<u8> },
+}
+
+/// A cache entry: what to rebuild and where its content stream's chunks are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// Tree or docker archive.
+    pub kind: ManifestKind,
+    /// Creation time, seconds since the epoch.
+    pub created: u64,
+    /// Free text recorded by the writer (the image reference for docker entries).
+    pub label: String,
+    /// Total length of the content stream.
+    pub stream_len: u64,
+    /// Chunks of the content stream, in order.
+    pub table: ChunkTable,
+    /// Tree nodes, parents before children; empty for docker entries.
+    pub entries: Vec<Entry>,
+}
+
+/// A malformed object, named so the user knows which one.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} is not a valid cacher object: {why}")]
+pub struct FormatError {
+    what: String,
+    why: String,
+}
+
+fn bad(what: &str, why: impl Into<String>) -> FormatError {
+    FormatError {
+        what: what.to_string(),
+        why: why.into(),
+    }
+}
+
+impl Manifest {
+    /// Encodes the manifest: header, then a zstd-compressed body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        put_u64(&mut body, self.created);
+        put_bytes(&mut body, self.label.as_bytes());
+        put_u64(&mut body, self.stream_len);
+        encode_table(&mut body, &self.table);
+        put_u32(&mut body, self.entries.len() as u32);
+        for e in &self.entries {
+            let (tag, size, target): (u8, u64, &[u8]) = match &e.kind {
+                EntryKind::Dir => (1, 0, &[]),
+                EntryKind::File { size } => (2, *size, &[]),
+                EntryKind::Symlink { target } => (3, 0, target),
+            };
+            body.push(tag);
+            put_bytes(&mut body, &e.path);
+            put_u32(&mut body, e.mode);
+            put_u64(&mut body, e.mtime as u64);
+            put_u32(&mut body, e.mtime_nsec);
+            put_u64(&mut body, size);
+            put_bytes(&mut body, target);
+        }
+        wrap(MANIFEST_MAGIC, self.kind as u8, &body)
+    }
+
+    /// Decodes and validates a manifest; `what` names it in errors.
+    pub fn decode(what: &str, data: &[u8]) -> Result<Manifest, FormatError> {
+        let (kind, body) = unwrap(what, MANIFEST_MAGIC, data)?;
+        let kind = match kind {
+            1 => ManifestKind::Dir,
+            2 => ManifestKind::Docker,
+            k => return Err(bad(what, format!("unknown manifest kind {k}"))),
+        };
+        let mut r = Reader::new(what, &body);
+        let created = r.u64()?;
+        let label = String::from_utf8(r.bytes(MAX_PATH)?.to_vec())
+            .map_err(|_| bad(what, "label is not UTF-8"))?;
+        let stream_len = r.u64()?;
+        let table = decode_table(&mut r)?;
+        let count = r.count(1 + 4 + 4 + 8 + 4 + 8 + 4)?;
+        let mut entries = Vec::with_capacity(count);
+        for _ in 0..count {
+            let tag = r.u8()?;
+            let path = r.bytes(MAX_PATH)?.to_vec();
+            let mode = r.u32()?;
+            let mtime = r.u64()? as i64;
+            let mtime_nsec = r.u32()?;
+            let size = r.u64()?;
+            let target = r.bytes(MAX_PATH)?.to_vec();
+            let kind = match tag {
+                1 => EntryKind::Dir,
+                2 => EntryKind::File { size },
+                3 => EntryKind::Symlink { target },
+                t => return Err(bad(what, format!("unknown entry kind {t}"))),
+            };
+            entries.push(Entry {
+                path,
+                kind,
+                mode,
+                mtime,
+                mtime_nsec,
+            });
+        }
+        r.finish()?;
+        let manifest = Manifest {
+            kind,
+            created,
+            label,
+            stream_len,
+            table,
+            entries,
+        };
+        manifest.validate(what)?;
+        Ok(manifest)
+    }
+
+    /// Checks that sizes add up and that no path could write outside the tree.
+    fn validate(&self, what: &str) -> Result<(), FormatError> {
+        let chunk_total = self
+            .table
+            .chunks
+            .iter()
+            .try_fold(0u64, |acc, c| acc.checked_add(u64::from(c.len)))
+            .ok_or_else(|| bad(what, "chunk lengths overflow"))?;
+        if chunk_total != self.stream_len {
+            return Err(bad(
+                what,
+                format!(
+                    "chunks hold {chunk_total} bytes but the stream is {} bytes",
+                    self.stream_len
+                ),
+            ));
+        }
+        if self.kind == ManifestKind::Docker {
+            return Ok(());
+        }
+        let file_total = self
+            .entries
+            .iter()
+            .try_fold(0u64, |acc, e| match e.kind {
+                EntryKind::File { size } => acc.checked_add(size),
+                _ => Some(acc),
+            })
+            .ok_or_else(|| bad(what, "file sizes overflow"))?;
+        if file_total != self.stream_len {
+            return Err(bad(
+                what,
+                format!(
+                    "files hold {file_total} bytes but the stream is {} bytes",
+                    self.stream_len
+                ),
+            ));
+        }
+        let mut seen: HashSet<&[u8]> = HashSet::new();
+        let mut dirs: HashSet<&[u8]> = HashSet::new();
+        for e in &self.entries {
+            check_relative_path(what, &e.path)?;
+            if !seen.insert(&e.path) {
+                return Err(bad(what, format!("duplicate path {}", show(&e.path))));
+            }
+            // Every ancestor must be a directory listed earlier: a symlink or file in
+            // the middle of a path would redirect later writes.
+            if let Some(parent) = parent_of(&e.path)
+                && !dirs.contains(parent)
+            {
+                return Err(bad(
+                    what,
+                    format!("{} comes before its parent directory", show(&e.path)),
+                ));
+            }
+            if e.kind == EntryKind::Dir {
+                dirs.insert(&e.path);
+            }
+            if let EntryKind::Symlink { target } = &e.kind
+                && (target.is_empty() || target.contains(&0))
+            {
+                return Err(bad(
+                    what,
+                    format!("bad symlink target for {}", show(&e.path)),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ChunkTable {
+    /// Encodes the table as an index segment object.
+    pub fn encode_index(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        encode_table(&mut body, self);
+        wrap(INDEX_MAGIC, 0, &body)
+    }
+
+    /// Decodes an index segment object.
+    pub fn decode_index(what: &str, data: &[u8]) -> Result<ChunkTable, FormatError> {
+        let (_, body) = unwrap(what, INDEX_MAGIC, data)?;
+        let mut r = Reader::new(what, &body);
+        let table = decode_table(&mut r)?;
+        r.finish()?;
+        Ok(table)
+    }
+}
+
+/// Whether `data` starts like a manifest (as opposed to a plain file or a tar.zst).
+pub fn is_manifest(data: &[u8]) -> bool {
+    data.starts_with(MANIFEST_MAGIC)
+}
+
+/// Renders raw path bytes for messages.
+pub fn show(path: &[u8]) -> String {
+    format!("`{}`", String::from_utf8_lossy(path))
+}
+
+fn parent_of(path: &[u8]) -> Option<&[u8]> {
+    path.iter().rposition(|&b| b == b'/').map(|i| &path[..i])
+}
+
+fn check_relative_path(what: &str, path: &[u8]) -> Result<(), FormatError> {
+    let ok = !path.is_empty()
+        && !path.contains(&0)
+        && path
+            .split(|&b| b == b'/')
+            .all(|seg| !seg.is_empty() && seg != b"." && seg != b"..");
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(what, format!("unsafe path {}", show(path))))
+    }
+}
+
+fn encode_table(out: &mut Vec<u8>, table: &ChunkTable) {
+    put_u32(out, table.packs.len() as u32);
+    for p in &table.packs {
+        out.extend_from_slice(&p.0);
+    }
+    put_u32(out, table.chunks.len() as u32);
+    for c in &table.chunks {
+        out.extend_from_slice(&c.id.0);
+        put_u32(out, c.pack);
+        put_u32(out, c.offset);
+        put_u32(out, c.stored_len);
+        put_u32(out, c.len);
+    }
+}
+
+fn decode_table(r: &mut Reader<'_>) -> Result<ChunkTable, FormatError> {
+    let n = r.count(32)?;
+    let mut packs = Vec::with_capacity(n);
+    for _ in 0..n {
+        packs.push(r.id()?);
+    }
+    let n = r.count(32 + 16)?;
+    let mut chunks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let c = ChunkRef {
+            id: r.id()?,
+            pack: r.u32()?,
+            offset: r.u32()?,
+            stored_len: r.u32()?,
+            len: r.u32()?,
+        };
+        if c.pack as usize >= packs.len() {
+            return Err(bad(
+                r.what,
+                format!("chunk refers to pack {} of {}", c.pack, packs.len()),
+            ));
+        }
+        if c.len == 0 || c.len > CHUNK_MAX || c.stored_len == 0 || c.stored_len > MAX_CHUNK_STORED {
+            return Err(bad(
+                r.what,
+                format!("chunk of {} bytes stored in {}", c.len, c.stored_len),
+            ));
+        }
+        chunks.push(c);
+    }
+    Ok(ChunkTable { packs, chunks })
+}
+
+fn wrap(magic: &[u8; 8], kind: u8, body: &[u8]) -> Vec<u8> {
+    let compressed = zstd::bulk::compress(body, 3).expect("zstd compression of a buffer");
+    let mut out = Vec::with_capacity(HEADER_LEN + compressed.len());
+    out.extend_from_slice(magic);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.push(kind);
+    out.push(0);
+    put_u64(&mut out, body.len() as u64);
+    out.extend_from_slice(&compressed);
+    out
+}
+
+fn unwrap(what: &str, magic: &[u8; 8], data: &[u8]) -> Result<(u8, Vec<u8>), FormatError> {
+    if data.len() < HEADER_LEN || &data[..8] != magic {
+        return Err(bad(what, "wrong magic bytes"));
+    }
+    let version = u16::from_le_bytes([data[8], data[9]]);
+    if version != VERSION {
+        return Err(bad(
+            what,
+            format!("format version {version}; this cacher reads version {VERSION}"),
+        ));
+    }
+    let kind = data[10];
+    let body_len = u64::from_le_bytes(data[12..20].try_into().expect("8 bytes"));
+    if body_len > MAX_BODY {
+        return Err(bad(what, format!("declares a {body_len}-byte body")));
+    }
+    // Grow with the data actually decompressed, never with the declared length.
+    let mut body = Vec::new();
+    zstd::stream::read::Decoder::new(&data[HEADER_LEN..])
+        .and_then(|d| d.take(body_len + 1).read_to_end(&mut body))
+        .map_err(|e| bad(what, format!("body does not decompress: {e}")))?;
+    if body.len() as u64 != body_len {
+        return Err(bad(
+            what,
+            format!("body is {} bytes, header says {body_len}", body.len()),
+        ));
+    }
+    Ok((kind, body))
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_u32(out, b.len() as u32);
+    out.extend_from_slice(b);
+}
+
+/// Bounds-checked reading of a decoded body.
+struct Reader<'a> {
+    what: &'a str,
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(what: &'a str, data: &'a [u8]) -> Reader<'a> {
+        Reader { what, data, pos: 0 }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
+        if self.data.len() - self.pos < n {
+            return Err(bad(self.what, "truncated"));
+        }
+        let out = &self.data[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, FormatError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, FormatError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    fn u64(&mut self) -> Result<u64, FormatError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    fn id(&mut self) -> Result<Id, FormatError> {
+        Ok(Id(self.take(32)?.try_into().expect("32 bytes")))
+    }
+
+    fn bytes(&mut self, max: usize) -> Result<&'a [u8], FormatError> {
+        let n = self.u32()? as usize;
+        if n > max {
+            return Err(bad(self.what, format!("a {n}-byte field (limit {max})")));
+        }
+        self.take(n)
+    }
+
+    /// A record count, refused when the remaining bytes cannot hold that many records.
+    fn count(&mut self, min_record: usize) -> Result<usize, FormatError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min_record) > self.data.len() - self.pos {
+            return Err(bad(
+                self.what,
+                format!("claims {n} records in too few bytes"),
+            ));
+        }
+        Ok(n)
+    }
+
+    fn finish(&self) -> Result<(), FormatError> {
+        if self.pos == self.data.len() {
+            Ok(())
+        } else {
+            Err(bad(self.what, "trailing bytes"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        let id = Id::of(b"hello");
+        Manifest {
+            kind: ManifestKind::Dir,
+            created: 1,
+            label: String::new(),
+            stream_len: 5,
+            table: ChunkTable {
+                packs: vec![Id::of(b"pack")],
+                chunks: vec![ChunkRef {
+                    id,
+                    pack: 0,
+                    offset: 0,
+                    stored_len: 14,
+                    len: 5,
+                }],
+            },
+            entries: vec![
+                Entry {
+                    path: b"d".to_vec(),
+                    kind: EntryKind::Dir,
+                    mode: 0o755,
+                    mtime: 10,
+                    mtime_nsec: 5,
+                },
+                Entry {
+                    path: b"d/f".to_vec(),
+                    kind: EntryKind::File { size: 5 },
+                    mode: 0o644,
+                    mtime: 11,
+                    mtime_nsec: 0,
+                },
+                Entry {
+                    path: b"l".to_vec(),
+                    kind: EntryKind::Symlink {
+                        target: b"d/f".to_vec(),
+                    },
+                    mode: 0o777,
+                    mtime: 12,
+                    mtime_nsec: 0,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn manifest_round_trips() {
+        let m = sample();
+        assert_eq!(Manifest::decode("m", &m.encode()).unwrap(), m);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        let bytes = sample().encode();
+        for len in 0..bytes.len() {
+            assert!(Manifest::decode("m", &bytes[..len]).is_err(), "len {len}");
+        }
+    }
+
+    #[test]
+    fn traversal_and_symlink_redirects_are_rejected() {
+        for path in [&b"../x"[..], b"/abs", b"a/../../x", b"", b"a//b"] {
+            let mut m = sample();
+            m.entries[1].path = path.to_vec();
+            assert!(Manifest::decode("m", &m.encode()).is_err(), "{path:?}");
+        }
+        let mut m = sample();
+        m.entries[1].path = b"l/f".to_vec();
+        m.entries.swap(1, 2);
+        let err = Manifest::decode("m", &m.encode()).unwrap_err().to_string();
+        assert!(err.contains("parent"), "{err}");
+    }
+
+    #[test]
+    fn sizes_that_do_not_add_up_are_rejected() {
+        let mut m = sample();
+        m.entries[1].kind = EntryKind::File { size: 6 };
+        assert!(Manifest::decode("m", &m.encode()).is_err());
+        let mut m = sample();
+        m.table.chunks[0].pack = 7;
+        assert!(Manifest::decode("m", &m.encode()).is_err());
+    }
+
+    #[test]
+    fn absurd_counts_do_not_allocate() {
+        let mut body = Vec::new();
+        put_u64(&mut body, 0);
+        put_bytes(&mut body, b"");
+        put_u64(&mut body, 0);
+        put_u32(&mut body, u32::MAX);
+        let data = wrap(MANIFEST_MAGIC, 1, &body);
+        let err = Manifest::decode("m", &data).unwrap_err().to_string();
+        assert!(err.contains("records"), "{err}");
+    }
+}

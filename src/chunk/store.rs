@@ -1,0 +1,598 @@
+//! Writing and reading chunked entries through the shared transfer layer.
+//!
+//! Upload: a content stream is cut by FastCDC, chunks are hashed and the new ones
+//! compressed on all cores (rayon), packed into ~8 MiB pack objects and sent `jobs` at a
+//! time; then an index segment naming the new chunks, then the manifest, last, so a
+//! manifest is never visible before its chunks. Download: chunks are fetched as merged
+//! byte ranges of packs, concurrently, and each is checked against its blake3 id.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use rayon::prelude::*;
+
+use super::format::{ChunkRef, ChunkTable, Manifest};
+use super::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Id, PACK_TARGET, ZSTD_LEVEL};
+use crate::key::join_prefix;
+use crate::store::{ObjectInfo, StoreError};
+use crate::transfer::{BufferPool, Transfer, retry_note};
+use crate::ui;
+
+/// Largest manifest object read whole.
+const MAX_MANIFEST_OBJECT: u64 = 256 * 1024 * 1024;
+/// Chunks closer than this in a pack are fetched in one ranged GET.
+const MERGE_GAP: u64 = 256 * 1024;
+/// Largest merged ranged GET.
+const MAX_RANGE: u64 = 8 * 1024 * 1024;
+/// Raw bytes cut before a batch is hashed and compressed in parallel.
+const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// First bytes of a zstd frame: a legacy `tar.zst` entry.
+pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// Where a chunk already stored can be found.
+#[derive(Debug, Clone, Copy)]
+pub struct Location {
+    pub pack: Id,
+    pub offset: u32,
+    pub stored_len: u32,
+    pub len: u32,
+}
+
+/// Chunks known to be in the bucket, from index segments whose packs still exist.
+#[derive(Debug, Default)]
+pub struct Known {
+    chunks: HashMap<Id, Location>,
+}
+
+impl Known {
+    /// Number of chunks known.
+    pub fn len(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Whether no chunk is known.
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+}
+
+/// What an object under a key turned out to be.
+pub enum Stored {
+    /// A chunked entry.
+    Manifest(Box<Manifest>),
+    /// A plain `tar.zst` written by the shell loop or an older tool.
+    Legacy(ObjectInfo),
+}
+
+/// Figures of one chunked upload or download, for the stats line.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    /// Chunks in the content stream.
+    pub chunks: u64,
+    /// Chunks that had to be sent (upload) or were fetched (download).
+    pub chunks_new: u64,
+    /// Bytes in the content stream.
+    pub stream_bytes: u64,
+    /// Uncompressed bytes of the chunks sent.
+    pub new_bytes: u64,
+    /// Bytes that crossed the network (packs, index segment, manifest).
+    pub wire_bytes: u64,
+    /// Pack objects written or read.
+    pub packs: u64,
+    /// Requests retried.
+    pub retries: u64,
+}
+
+/// A pack ready to go up.
+struct SealedPack {
+    id: Id,
+    data: Bytes,
+}
+
+/// What the chunker thread produced.
+struct Chunked {
+    order: Vec<Id>,
+    locations: HashMap<Id, Location>,
+    new_chunks: Vec<(Id, Location)>,
+    stats: Stats,
+}
+
+/// The chunked entries under one prefix.
+pub struct ChunkStore {
+    transfer: Arc<Transfer>,
+    prefix: String,
+}
+
+impl ChunkStore {
+    /// The chunk store under the configured `prefix`.
+    pub fn new(transfer: Arc<Transfer>, prefix: &str) -> ChunkStore {
+        ChunkStore {
+            transfer,
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// The shared transfer engine.
+    pub fn transfer(&self) -> &Arc<Transfer> {
+        &self.transfer
+    }
+
+    fn packs_prefix(&self) -> String {
+        join_prefix(&self.prefix, ".cacher/packs/")
+    }
+
+    fn pack_key(&self, id: &Id) -> String {
+        format!("{}{}", self.packs_prefix(), id.to_hex())
+    }
+
+    fn index_prefix(&self) -> String {
+        join_prefix(&self.prefix, ".cacher/index/")
+    }
+
+    /// Loads the chunks the bucket already holds: every index segment, keeping only
+    /// entries whose pack is listed as present now (an index may outlive a pack).
+    pub async fn load_known(&self) -> anyhow::Result<Known> {
+        let store = self.transfer.store();
+        let packs_prefix = self.packs_prefix();
+        let present: HashSet<String> = store
+            .list(&packs_prefix, None)
+            .await
+            .context("cannot list packs")?
+            .objects
+            .into_iter()
+            .map(|o| o.key[packs_prefix.len()..].to_string())
+            .collect();
+        if present.is_empty() {
+            return Ok(Known::default());
+        }
+        let segments = store
+            .list(&self.index_prefix(), None)
+            .await
+            .context("cannot list index segments")?
+            .objects;
+        let tables: Vec<ChunkTable> = futures::stream::iter(segments)
+            .map(|seg| async move {
+                let data = store.get_range(&seg.key, 0..seg.size).await?;
+                ChunkTable::decode_index(&seg.key, &data)
+                    .map_err(|e| StoreError::Permanent(e.to_string()))
+            })
+            .buffer_unordered(self.transfer.jobs())
+            .try_collect()
+            .await
+            .context("cannot read the chunk index")?;
+        let mut known = Known::default();
+        for table in tables {
+            for c in &table.chunks {
+                let pack = table.packs[c.pack as usize];
+                if present.contains(&pack.to_hex()) {
+                    known.chunks.insert(c.id, location(pack, c));
+                }
+            }
+        }
+        Ok(known)
+    }
+
+    /// Chunks `content`, sends the chunks the bucket lacks, then writes an index
+    /// segment and finally `manifest` (its table filled in) under `key`.
+    pub async fn upload<R>(
+        &self,
+        content: R,
+        known: Known,
+        mut manifest: Manifest,
+        key: &str,
+    ) -> anyhow::Result<Stats>
+    where
+        R: Read + Send + 'static,
+    {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<SealedPack>(2);
+        let chunker = tokio::task::spawn_blocking(move || chunk_stream(content, &known, &tx));
+        let sent = futures::stream::poll_fn(|cx| rx.poll_recv(cx))
+            .map(|pack| async move {
+                let len = pack.data.len() as u64;
+                self.transfer
+                    .put_bytes(&self.pack_key(&pack.id), pack.data)
+                    .await
+                    .with_context(|| format!("cannot upload pack {}", pack.id))?;
+                Ok::<u64, anyhow::Error>(len)
+            })
+            .buffer_unordered(self.transfer.jobs())
+            .try_fold(0u64, |acc, n| async move { Ok(acc + n) });
+        let (chunked, sent) = tokio::join!(chunker, sent);
+        // A failed upload closes the channel, which makes the chunker fail too: report
+        // the upload's error, the root cause.
+        let sent = sent?;
+        let chunked = chunked.context("the chunker stopped")??;
+        let mut stats = chunked.stats;
+        stats.wire_bytes = sent;
+
+        if !chunked.new_chunks.is_empty() {
+            let segment = table_of(chunked.new_chunks.iter().map(|(id, loc)| (*id, *loc)));
+            let data = Bytes::from(segment.encode_index());
+            stats.wire_bytes += data.len() as u64;
+            let seg_key = format!("{}{}", self.index_prefix(), Id::of(&data).to_hex());
+            self.transfer
+                .put_bytes(&seg_key, data)
+                .await
+                .context("cannot write the index segment")?;
+        }
+
+        manifest.table = table_of(chunked.order.iter().map(|id| (*id, chunked.locations[id])));
+        let data = Bytes::from(manifest.encode());
+        stats.wire_bytes += data.len() as u64;
+        self.transfer
+            .put_bytes(key, data)
+            .await
+            .with_context(|| format!("cannot write the manifest {key}"))?;
+        Ok(stats)
+    }
+
+    /// What is stored under `key`: `None` when nothing is.
+    pub async fn fetch(&self, key: &str) -> anyhow::Result<Option<Stored>> {
+        let store = self.transfer.store();
+        let Some(info) = store.head(key).await? else {
+            return Ok(None);
+        };
+        let head = store.get_range(key, 0..info.size.min(8)).await?;
+        if head.starts_with(&ZSTD_MAGIC) {
+            return Ok(Some(Stored::Legacy(info)));
+        }
+        if !super::format::is_manifest(&head) {
+            bail!(
+                "{key} is not a cacher directory or image entry (a plain file? use `cacher download`)"
+            );
+        }
+        if info.size > MAX_MANIFEST_OBJECT {
+            bail!(
+                "{key} is a {}-byte manifest, larger than any cacher writes",
+                info.size
+            );
+        }
+        let mut data = Vec::new();
+        self.transfer
+            .read_range(key, info.etag.as_deref(), 0..info.size, &mut data)
+            .await?;
+        let manifest = Manifest::decode(key, &data)?;
+        Ok(Some(Stored::Manifest(Box::new(manifest))))
+    }
+
+    /// Fetches every chunk of `table`, verifies it, and hands its bytes to `sink` at each
+    /// stream offset where it occurs. Ranges arrive in any order.
+    pub async fn restore<F>(&self, table: &ChunkTable, sink: F) -> anyhow::Result<Stats>
+    where
+        F: Fn(u64, &[u8]) -> anyhow::Result<()> + Send + Sync + 'static,
+    {
+        let sink = Arc::new(sink);
+        let ranges = plan_ranges(table);
+        let mut stats = Stats {
+            chunks: table.chunks.len() as u64,
+            packs: table.packs.len() as u64,
+            ..Stats::default()
+        };
+        let pool = BufferPool::default();
+        let retries_before = self.transfer.retries();
+        let results: Vec<(u64, u64, u64)> = futures::stream::iter(ranges)
+            .map(|range| {
+                let (pool, sink) = (&pool, sink.clone());
+                let pack_key = self.pack_key(&range.pack);
+                async move {
+                    let mut buf = pool.take();
+                    self.transfer
+                        .read_range(&pack_key, None, range.start..range.end, &mut buf)
+                        .await
+                        .map_err(|e| match e {
+                            StoreError::NotFound(_) => anyhow::anyhow!(
+                                "pack {} is missing from the bucket; the entry cannot be restored",
+                                range.pack
+                            ),
+                            e => anyhow::Error::new(e),
+                        })?;
+                    let (buf, done) = tokio::task::spawn_blocking(move || {
+                        let done = unpack_range(&range, &buf, sink.as_ref());
+                        (buf, done)
+                    })
+                    .await?;
+                    let wire = buf.len() as u64;
+                    pool.give(buf);
+                    let (chunks, bytes) = done?;
+                    Ok::<_, anyhow::Error>((chunks, bytes, wire))
+                }
+            })
+            .buffer_unordered(self.transfer.jobs())
+            .try_collect()
+            .await?;
+        for (chunks, bytes, wire) in results {
+            stats.chunks_new += chunks;
+            stats.new_bytes += bytes;
+            stats.wire_bytes += wire;
+        }
+        stats.retries = self.transfer.retries() - retries_before;
+        Ok(stats)
+    }
+}
+
+fn location(pack: Id, c: &ChunkRef) -> Location {
+    Location {
+        pack,
+        offset: c.offset,
+        stored_len: c.stored_len,
+        len: c.len,
+    }
+}
+
+/// Builds a table, numbering packs in order of first use.
+fn table_of(chunks: impl Iterator<Item = (Id, Location)>) -> ChunkTable {
+    let mut table = ChunkTable::default();
+    let mut pack_index: HashMap<Id, u32> = HashMap::new();
+    for (id, loc) in chunks {
+        let pack = *pack_index.entry(loc.pack).or_insert_with(|| {
+            table.packs.push(loc.pack);
+            (table.packs.len() - 1) as u32
+        });
+        table.chunks.push(ChunkRef {
+            id,
+            pack,
+            offset: loc.offset,
+            stored_len: loc.stored_len,
+            len: loc.len,
+        });
+    }
+    table
+}
+
+/// Runs on a blocking thread: cuts, hashes, compresses and packs the stream.
+fn chunk_stream<R: Read>(
+    content: R,
+    known: &Known,
+    packs: &tokio::sync::mpsc::Sender<SealedPack>,
+) -> anyhow::Result<Chunked> {
+    let mut out = Chunked {
+        order: Vec::new(),
+        locations: HashMap::new(),
+        new_chunks: Vec::new(),
+        stats: Stats::default(),
+    };
+    let mut pack = Vec::with_capacity(PACK_TARGET + CHUNK_MAX as usize);
+    let mut open: Vec<(Id, u32, u32, u32)> = Vec::new();
+    let seal = |pack: &mut Vec<u8>, open: &mut Vec<(Id, u32, u32, u32)>, out: &mut Chunked| {
+        if pack.is_empty() {
+            return Ok(());
+        }
+        let data = Bytes::from(std::mem::replace(
+            pack,
+            Vec::with_capacity(PACK_TARGET + CHUNK_MAX as usize),
+        ));
+        let id = Id::of(&data);
+        for (chunk, offset, stored_len, len) in open.drain(..) {
+            let loc = Location {
+                pack: id,
+                offset,
+                stored_len,
+                len,
+            };
+            out.locations.insert(chunk, loc);
+            out.new_chunks.push((chunk, loc));
+        }
+        out.stats.packs += 1;
+        packs
+            .blocking_send(SealedPack { id, data })
+            .map_err(|_| anyhow::anyhow!("pack upload stopped"))
+    };
+
+    let cutter = fastcdc::v2020::StreamCDC::new(
+        content,
+        CHUNK_MIN as usize,
+        CHUNK_AVG as usize,
+        CHUNK_MAX as usize,
+    );
+    let mut batch: Vec<Vec<u8>> = Vec::new();
+    let mut batch_bytes = 0;
+    let mut pending = cutter.peekable();
+    loop {
+        let next = pending.next();
+        let end = next.is_none();
+        if let Some(chunk) = next {
+            let chunk = chunk.map_err(|e| match e {
+                fastcdc::v2020::Error::IoError(io) => anyhow::Error::new(io),
+                other => anyhow::anyhow!("chunking failed: {other:?}"),
+            })?;
+            batch_bytes += chunk.data.len();
+            batch.push(chunk.data);
+        }
+        if !(end || batch_bytes >= BATCH_BYTES) {
+            continue;
+        }
+        // Hash everything and compress what the bucket lacks, on all cores.
+        let processed: Vec<(Id, u32, Option<Vec<u8>>)> = batch
+            .par_iter()
+            .map(|data| {
+                let id = Id::of(data);
+                let compressed = (!known.chunks.contains_key(&id))
+                    .then(|| zstd::bulk::compress(data, ZSTD_LEVEL))
+                    .transpose()?;
+                Ok((id, data.len() as u32, compressed))
+            })
+            .collect::<std::io::Result<_>>()
+            .context("zstd compression failed")?;
+        batch.clear();
+        batch_bytes = 0;
+        for (id, len, compressed) in processed {
+            out.order.push(id);
+            out.stats.chunks += 1;
+            out.stats.stream_bytes += u64::from(len);
+            if out.locations.contains_key(&id) || open.iter().any(|o| o.0 == id) {
+                continue;
+            }
+            if let Some(loc) = known.chunks.get(&id) {
+                out.locations.insert(id, *loc);
+                continue;
+            }
+            let compressed = compressed.expect("compressed when not known");
+            open.push((id, pack.len() as u32, compressed.len() as u32, len));
+            pack.extend_from_slice(&compressed);
+            out.stats.chunks_new += 1;
+            out.stats.new_bytes += u64::from(len);
+            if pack.len() >= PACK_TARGET {
+                seal(&mut pack, &mut open, &mut out)?;
+            }
+        }
+        if end {
+            break;
+        }
+    }
+    seal(&mut pack, &mut open, &mut out)?;
+    Ok(out)
+}
+
+/// One ranged GET of a pack and the chunks it holds.
+struct FetchRange {
+    pack: Id,
+    start: u64,
+    end: u64,
+    /// Each chunk in the range, with every stream offset it fills.
+    chunks: Vec<(ChunkRef, Vec<u64>)>,
+}
+
+/// Groups the table's distinct chunks by pack and merges neighbours into ranges.
+fn plan_ranges(table: &ChunkTable) -> Vec<FetchRange> {
+    let mut uses: HashMap<Id, (ChunkRef, Vec<u64>)> = HashMap::new();
+    let mut offset = 0u64;
+    for c in &table.chunks {
+        uses.entry(c.id)
+            .or_insert_with(|| (*c, Vec::new()))
+            .1
+            .push(offset);
+        offset += u64::from(c.len);
+    }
+    let mut by_pack: BTreeMap<u32, Vec<(ChunkRef, Vec<u64>)>> = BTreeMap::new();
+    for (_, (c, offsets)) in uses {
+        by_pack.entry(c.pack).or_default().push((c, offsets));
+    }
+    let mut ranges = Vec::new();
+    for (pack, mut chunks) in by_pack {
+        chunks.sort_by_key(|(c, _)| c.offset);
+        let pack = table.packs[pack as usize];
+        for (c, offsets) in chunks {
+            let (start, end) = (
+                u64::from(c.offset),
+                u64::from(c.offset) + u64::from(c.stored_len),
+            );
+            match ranges.last_mut() {
+                Some(r @ FetchRange { .. })
+                    if r.pack == pack
+                        && start >= r.end
+                        && start - r.end <= MERGE_GAP
+                        && end - r.start <= MAX_RANGE =>
+                {
+                    r.end = end;
+                    r.chunks.push((c, offsets));
+                }
+                _ => ranges.push(FetchRange {
+                    pack,
+                    start,
+                    end,
+                    chunks: vec![(c, offsets)],
+                }),
+            }
+        }
+    }
+    ranges
+}
+
+/// Decompresses and verifies each chunk of a fetched range and passes it to `sink`.
+/// Returns the chunk count and their uncompressed bytes.
+fn unpack_range<F>(range: &FetchRange, buf: &[u8], sink: &F) -> anyhow::Result<(u64, u64)>
+where
+    F: Fn(u64, &[u8]) -> anyhow::Result<()>,
+{
+    let mut bytes = 0;
+    for (c, offsets) in &range.chunks {
+        let from = (u64::from(c.offset) - range.start) as usize;
+        let stored = buf
+            .get(from..from + c.stored_len as usize)
+            .ok_or_else(|| anyhow::anyhow!("pack {} is shorter than its index says", range.pack))?;
+        let corrupt = || {
+            anyhow::anyhow!(
+                "chunk {} in pack {} is corrupt; nothing was restored",
+                c.id,
+                range.pack
+            )
+        };
+        // The capacity bounds the output: a chunk cannot inflate past its declared size.
+        let data = zstd::bulk::decompress(stored, c.len as usize).map_err(|_| corrupt())?;
+        if data.len() != c.len as usize || Id::of(&data) != c.id {
+            return Err(corrupt());
+        }
+        for &offset in offsets {
+            sink(offset, &data)?;
+        }
+        bytes += u64::from(c.len);
+    }
+    Ok((range.chunks.len() as u64, bytes))
+}
+
+/// The stats line of an upload: files, bytes, chunks total / new / reused, bytes sent,
+/// dedup %, time, rate.
+pub fn upload_stats_line(
+    key: &str,
+    files: Option<usize>,
+    stats: &Stats,
+    elapsed: Duration,
+) -> String {
+    let dedup = if stats.stream_bytes == 0 {
+        100.0
+    } else {
+        100.0 * stats.stream_bytes.saturating_sub(stats.new_bytes) as f64
+            / stats.stream_bytes as f64
+    };
+    format!(
+        "uploaded {key}: {}{}, chunks {} total / {} new / {} reused, sent {}, dedup {dedup:.1}%, {:.2}s, {}{}",
+        files_note(files),
+        ui::human_bytes(stats.stream_bytes),
+        stats.chunks,
+        stats.chunks_new,
+        stats.chunks - stats.chunks_new,
+        ui::human_bytes(stats.wire_bytes),
+        elapsed.as_secs_f64(),
+        ui::human_rate(stats.stream_bytes, elapsed),
+        retry_note(stats.retries),
+    )
+}
+
+/// The stats line of a download: files, bytes, chunks and packs fetched, bytes
+/// received, time, rate.
+pub fn download_stats_line(
+    key: &str,
+    files: Option<usize>,
+    stats: &Stats,
+    elapsed: Duration,
+) -> String {
+    format!(
+        "restored {key}: {}{}, chunks {} total / {} distinct from {} packs, received {}, {:.2}s, {}{}",
+        files_note(files),
+        ui::human_bytes(stats.stream_bytes),
+        stats.chunks,
+        stats.chunks_new,
+        stats.packs,
+        ui::human_bytes(stats.wire_bytes),
+        elapsed.as_secs_f64(),
+        ui::human_rate(stats.stream_bytes, elapsed),
+        retry_note(stats.retries),
+    )
+}
+
+fn files_note(files: Option<usize>) -> String {
+    files.map(|n| format!("{n} files, ")).unwrap_or_default()
+}
+
+/// Seconds since the epoch, for manifests.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,182 @@
+//! `cacher dir upload|download|exists`: directory trees on the chunk store.
+//!
+//! `download` prints the key it restored on stdout (the requested key, or the fallback
+//! entry it chose), so a script can tell an exact hit from a fallback hit.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+
+use super::Outcome;
+use crate::archive::{self, ContentReader, Restorer};
+use crate::chunk::format::{Manifest, ManifestKind};
+use crate::chunk::store::{ChunkStore, Stored, download_stats_line, now_secs, upload_stats_line};
+use crate::cli::{DirCommand, DirDownloadArgs, DirUploadArgs};
+use crate::config::Config;
+use crate::key::{full_key, join_prefix};
+use crate::transfer::Transfer;
+use crate::ui;
+
+pub async fn run(config: &Config, cmd: &DirCommand) -> anyhow::Result<Outcome> {
+    match cmd {
+        DirCommand::Upload(args) => upload(config, args).await,
+        DirCommand::Download(args) => download(config, args).await,
+        DirCommand::Exists(args) => super::exists::run(config, &args.key).await,
+    }
+}
+
+async fn chunk_store(config: &Config) -> anyhow::Result<ChunkStore> {
+    let transfer = Arc::new(Transfer::new(crate::store::open(config).await?, config));
+    Ok(ChunkStore::new(transfer, &config.prefix.value))
+}
+
+async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome> {
+    let key = full_key(config, &args.key)?;
+    let chunks = chunk_store(config).await?;
+    if !args.force && chunks.transfer().store().head(&key).await?.is_some() {
+        ui::status(format!(
+            "{key} already cached; skipped (use --force to overwrite)"
+        ));
+        return Ok(Outcome::Success);
+    }
+    let started = Instant::now();
+    let dir = args.dir.clone();
+    let tree = tokio::task::spawn_blocking(move || archive::scan(&dir)).await??;
+    let files = tree.files.len();
+    let known = chunks.load_known().await?;
+    let manifest = Manifest {
+        kind: ManifestKind::Dir,
+        created: now_secs(),
+        label: String::new(),
+        stream_len: tree.stream_len(),
+        table: Default::default(),
+        entries: tree.entries,
+    };
+    let stats = chunks
+        .upload(ContentReader::new(tree.files), known, manifest, &key)
+        .await
+        .with_context(|| format!("upload of {} to {key} failed", args.dir.display()))?;
+    ui::status(upload_stats_line(
+        &key,
+        Some(files),
+        &stats,
+        started.elapsed(),
+    ));
+    Ok(Outcome::Success)
+}
+
+async fn download(config: &Config, args: &DirDownloadArgs) -> anyhow::Result<Outcome> {
+    let key = full_key(config, &args.key)?;
+    let chunks = chunk_store(config).await?;
+    let started = Instant::now();
+    let (restored_key, stored) = match chunks.fetch(&key).await? {
+        Some(stored) => (key, stored),
+        None => match find_fallback(config, &chunks, &args.fallback).await? {
+            Some(found) => found,
+            None => {
+                ui::status(format!("{key} is not cached"));
+                return Ok(Outcome::Miss);
+            }
+        },
+    };
+    match stored {
+        Stored::Manifest(manifest) => {
+            if manifest.kind != ManifestKind::Dir {
+                bail!("{restored_key} holds a docker image, not a directory tree");
+            }
+            restore_manifest(&chunks, &restored_key, *manifest, &args.dir, started).await?;
+        }
+        Stored::Legacy(info) => {
+            let transfer = chunks.transfer().clone();
+            let dir = args.dir.clone();
+            let reader = transfer.stream_object(info);
+            tokio::task::spawn_blocking(move || extract_legacy(reader, &dir))
+                .await?
+                .with_context(|| format!("cannot extract the tar.zst under {restored_key}"))?;
+            ui::status(format!(
+                "restored {restored_key} (legacy tar.zst) in {:.2}s",
+                started.elapsed().as_secs_f64()
+            ));
+        }
+    }
+    let prefix_len = match config.prefix.value.as_str() {
+        "" => 0,
+        p => p.len() + 1,
+    };
+    println!("{}", &restored_key[prefix_len..]);
+    Ok(Outcome::Success)
+}
+
+async fn restore_manifest(
+    chunks: &ChunkStore,
+    key: &str,
+    manifest: Manifest,
+    dir: &Path,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let files = manifest
+        .entries
+        .iter()
+        .filter(|e| matches!(e.kind, crate::chunk::format::EntryKind::File { .. }))
+        .count();
+    let (dest, entries) = (dir.to_path_buf(), manifest.entries);
+    let restorer =
+        Arc::new(tokio::task::spawn_blocking(move || Restorer::create(&dest, entries)).await??);
+    let sink = restorer.clone();
+    let mut stats = chunks
+        .restore(&manifest.table, move |offset, data| {
+            sink.write(offset, data)
+        })
+        .await
+        .with_context(|| format!("cannot restore {key}; {} left untouched", dir.display()))?;
+    stats.stream_bytes = manifest.stream_len;
+    let restorer = Arc::into_inner(restorer).expect("the restore holds no other reference");
+    tokio::task::spawn_blocking(move || restorer.finish()).await??;
+    ui::status(download_stats_line(
+        key,
+        Some(files),
+        &stats,
+        started.elapsed(),
+    ));
+    Ok(())
+}
+
+/// The newest entry under the first fallback prefix that has one.
+async fn find_fallback(
+    config: &Config,
+    chunks: &ChunkStore,
+    prefixes: &[String],
+) -> anyhow::Result<Option<(String, Stored)>> {
+    let store = chunks.transfer().store();
+    let internal = join_prefix(&config.prefix.value, ".cacher/");
+    for prefix in prefixes {
+        let full = join_prefix(&config.prefix.value, prefix);
+        let mut candidates = store.list(&full, None).await?.objects;
+        candidates.retain(|o| !o.key.starts_with(&internal));
+        candidates.sort_by(|a, b| b.modified.cmp(&a.modified));
+        for candidate in candidates {
+            match chunks.fetch(&candidate.key).await {
+                Ok(Some(stored)) => {
+                    ui::status(format!("fallback: restoring {}", candidate.key));
+                    return Ok(Some((candidate.key, stored)));
+                }
+                Ok(None) => {}
+                Err(e) => ui::warn(format!("skipping fallback {}: {e:#}", candidate.key)),
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Unpacks a `tar.zst` stream into a temp dir beside `dir`, then moves it into place.
+fn extract_legacy(reader: impl std::io::Read, dir: &Path) -> anyhow::Result<()> {
+    let restorer = Restorer::create(dir, Vec::new())?;
+    let mut archive = tar::Archive::new(zstd::stream::read::Decoder::new(reader)?);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_mtime(true);
+    archive.set_overwrite(true);
+    archive.unpack(restorer.temp_root())?;
+    restorer.finish()
+}
