@@ -1,51 +1,8 @@
 //! Plain-file commands against a real Garage node: download, upload, exists, list,
 //! delete, multipart, `--url` seeding and the failure exit codes.
 
-use std::sync::Arc;
-
-use cacher::store::Store;
-
 use crate::util::http::{HttpServer, Reply};
-use crate::util::{TestEnv, garage, random_bytes, read, unique};
-
-/// A store client straight on the test bucket, to check what is really there.
-fn bucket() -> Arc<dyn Store> {
-    let g = garage();
-    let env = TestEnv::bare();
-    let key_file = env.write("key", &g.key_id);
-    let secret_file = env.write("secret", &g.secret);
-    let args = cacher::cli::GlobalArgs {
-        config: Some(env.path("none.toml").display().to_string()),
-        endpoint: Some(g.endpoint.clone()),
-        region: Some(g.region.clone()),
-        bucket: Some(g.bucket.clone()),
-        key_file: Some(key_file.display().to_string()),
-        secret_file: Some(secret_file.display().to_string()),
-        ..Default::default()
-    };
-    std::fs::write(env.path("none.toml"), "").unwrap();
-    let config = cacher::config::Config::resolve(&args).expect("config");
-    Arc::new(cacher::store::s3::S3Store::new(&config).expect("store"))
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Runtime::new().unwrap()
-}
-
-/// The bytes stored under a full key, read without cacher's download path.
-fn stored(full_key: &str) -> Option<Vec<u8>> {
-    let store = bucket();
-    rt().block_on(async {
-        let info = store.head(full_key).await.expect("head")?;
-        Some(
-            store
-                .get_range(full_key, 0..info.size)
-                .await
-                .expect("get")
-                .to_vec(),
-        )
-    })
-}
+use crate::util::{TestEnv, bucket, garage, random_bytes, read, rt, stored, unique};
 
 #[test]
 fn upload_exists_download_round_trip_is_byte_exact() {

@@ -4,6 +4,7 @@
 mod util;
 
 mod config;
+mod dir;
 mod file_store;
 mod keys;
 mod plain;

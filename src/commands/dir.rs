@@ -155,7 +155,7 @@ async fn find_fallback(
         let full = join_prefix(&config.prefix.value, prefix);
         let mut candidates = store.list(&full, None).await?.objects;
         candidates.retain(|o| !o.key.starts_with(&internal));
-        candidates.sort_by(|a, b| b.modified.cmp(&a.modified));
+        candidates.sort_by_key(|o| std::cmp::Reverse(o.modified));
         for candidate in candidates {
             match chunks.fetch(&candidate.key).await {
                 Ok(Some(stored)) => {

@@ -7,6 +7,9 @@ pub mod http;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
+
+use cacher::store::Store;
 
 pub use garage::garage;
 
@@ -185,4 +188,43 @@ pub fn sh(script: &str, cwd: &Path) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A store client straight on the test bucket, to check what is really there.
+pub fn bucket() -> Arc<dyn Store> {
+    let g = garage();
+    let env = TestEnv::bare();
+    let key_file = env.write("key", &g.key_id);
+    let secret_file = env.write("secret", &g.secret);
+    let args = cacher::cli::GlobalArgs {
+        config: Some(env.path("none.toml").display().to_string()),
+        endpoint: Some(g.endpoint.clone()),
+        region: Some(g.region.clone()),
+        bucket: Some(g.bucket.clone()),
+        key_file: Some(key_file.display().to_string()),
+        secret_file: Some(secret_file.display().to_string()),
+        ..Default::default()
+    };
+    std::fs::write(env.path("none.toml"), "").unwrap();
+    let config = cacher::config::Config::resolve(&args).expect("config");
+    Arc::new(cacher::store::s3::S3Store::new(&config).expect("store"))
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
+}
+
+/// The bytes stored under a full key, read without cacher's download path.
+pub fn stored(full_key: &str) -> Option<Vec<u8>> {
+    let store = bucket();
+    rt().block_on(async {
+        let info = store.head(full_key).await.expect("head")?;
+        Some(
+            store
+                .get_range(full_key, 0..info.size)
+                .await
+                .expect("get")
+                .to_vec(),
+        )
+    })
 }
