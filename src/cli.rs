@@ -4,6 +4,7 @@
 //! [`crate::config`], and each subcommand's work is in [`crate::commands`].
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -79,6 +80,52 @@ pub enum Command {
     /// Cache directory trees as deduplicated chunks
     #[command(subcommand)]
     Dir(DirCommand),
+    /// Delete packs no entry references and older than the grace period
+    Gc(GcArgs),
+    /// Delete cache entries (plain files and manifests) older than a given age
+    Prune(PruneArgs),
+}
+
+/// Arguments of `gc`.
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Keep unreferenced packs younger than this (e.g. 24h, 30m, 7d, 0s)
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// Report what would be deleted without deleting
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Arguments of `prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Delete entries last written more than this long ago (e.g. 7d, 12h)
+    #[arg(long, value_parser = parse_duration)]
+    pub older_than: Duration,
+    /// Only entries under this key prefix
+    #[arg(id = "prune_prefix", value_name = "PREFIX")]
+    pub prefix: Option<String>,
+    /// Report what would be deleted without deleting
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Parses `90s`, `30m`, `24h`, `7d` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 30m, 24h or 7d"))?;
+    let secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(secs)))
 }
 
 /// `cacher dir ...`

@@ -6,5 +6,6 @@ mod util;
 mod config;
 mod dir;
 mod file_store;
+mod gc;
 mod keys;
 mod plain;

@@ -3,6 +3,7 @@
 //! manifest written last under the user's key. docs/format.md describes the bytes.
 
 pub mod format;
+pub mod gc;
 pub mod store;
 
 use std::fmt;
@@ -27,6 +28,13 @@ impl Id {
     /// Hashes `data`.
     pub fn of(data: &[u8]) -> Id {
         Id(*blake3::hash(data).as_bytes())
+    }
+
+    /// Parses 64 hex characters (an object name).
+    pub fn from_hex(s: &str) -> Option<Id> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(Id(out))
     }
 
     /// Lowercase hex, as used in object names.

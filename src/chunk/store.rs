@@ -31,6 +31,9 @@ const MERGE_GAP: u64 = 256 * 1024;
 const MAX_RANGE: u64 = 8 * 1024 * 1024;
 /// Raw bytes cut before a batch is hashed and compressed in parallel.
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Reused packs older than this are refreshed by an upload; gc's grace period must be
+/// longer than this plus the longest upload.
+pub const REFRESH_AGE: Duration = Duration::from_secs(3600);
 /// First bytes of a zstd frame: a legacy `tar.zst` entry.
 pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
@@ -47,6 +50,8 @@ pub struct Location {
 #[derive(Debug, Default)]
 pub struct Known {
     chunks: HashMap<Id, Location>,
+    /// Last-modified time of every pack listed, to know which need a refresh.
+    pack_times: HashMap<Id, SystemTime>,
 }
 
 impl Known {
@@ -67,6 +72,8 @@ pub enum Stored {
     Manifest(Box<Manifest>),
     /// A plain `tar.zst` written by the shell loop or an older tool.
     Legacy(ObjectInfo),
+    /// Anything else: a plain cached file.
+    Plain(ObjectInfo),
 }
 
 /// Figures of one chunked upload or download, for the stats line.
@@ -117,20 +124,33 @@ impl ChunkStore {
         }
     }
 
+    /// The configured prefix this store lives under.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Key prefix of everything cacher keeps for itself (packs, index).
+    pub fn internal_prefix(&self) -> String {
+        join_prefix(&self.prefix, ".cacher/")
+    }
+
     /// The shared transfer engine.
     pub fn transfer(&self) -> &Arc<Transfer> {
         &self.transfer
     }
 
-    fn packs_prefix(&self) -> String {
+    /// Key prefix of pack objects.
+    pub fn packs_prefix(&self) -> String {
         join_prefix(&self.prefix, ".cacher/packs/")
     }
 
-    fn pack_key(&self, id: &Id) -> String {
+    /// Key of a pack object.
+    pub fn pack_key(&self, id: &Id) -> String {
         format!("{}{}", self.packs_prefix(), id.to_hex())
     }
 
-    fn index_prefix(&self) -> String {
+    /// Key prefix of index segments.
+    pub fn index_prefix(&self) -> String {
         join_prefix(&self.prefix, ".cacher/index/")
     }
 
@@ -139,16 +159,21 @@ impl ChunkStore {
     pub async fn load_known(&self) -> anyhow::Result<Known> {
         let store = self.transfer.store();
         let packs_prefix = self.packs_prefix();
-        let present: HashSet<String> = store
+        let mut known = Known::default();
+        for pack in store
             .list(&packs_prefix, None)
             .await
             .context("cannot list packs")?
             .objects
-            .into_iter()
-            .map(|o| o.key[packs_prefix.len()..].to_string())
-            .collect();
-        if present.is_empty() {
-            return Ok(Known::default());
+        {
+            if let Some(id) = Id::from_hex(&pack.key[packs_prefix.len()..]) {
+                known
+                    .pack_times
+                    .insert(id, pack.modified.unwrap_or(SystemTime::UNIX_EPOCH));
+            }
+        }
+        if known.pack_times.is_empty() {
+            return Ok(known);
         }
         let segments = store
             .list(&self.index_prefix(), None)
@@ -165,11 +190,10 @@ impl ChunkStore {
             .try_collect()
             .await
             .context("cannot read the chunk index")?;
-        let mut known = Known::default();
         for table in tables {
             for c in &table.chunks {
                 let pack = table.packs[c.pack as usize];
-                if present.contains(&pack.to_hex()) {
+                if known.pack_times.contains_key(&pack) {
                     known.chunks.insert(c.id, location(pack, c));
                 }
             }
@@ -190,7 +214,11 @@ impl ChunkStore {
         R: Read + Send + 'static,
     {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<SealedPack>(2);
-        let chunker = tokio::task::spawn_blocking(move || chunk_stream(content, &known, &tx));
+        let known = Arc::new(known);
+        let chunker = {
+            let known = known.clone();
+            tokio::task::spawn_blocking(move || chunk_stream(content, &known, &tx))
+        };
         let sent = futures::stream::poll_fn(|cx| rx.poll_recv(cx))
             .map(|pack| async move {
                 let len = pack.data.len() as u64;
@@ -206,8 +234,8 @@ impl ChunkStore {
         // A failed upload closes the channel, which makes the chunker fail too: report
         // the upload's error, the root cause.
         let sent = sent?;
-        let chunked = chunked.context("the chunker stopped")??;
-        let mut stats = chunked.stats;
+        let mut chunked = chunked.context("the chunker stopped")??;
+        let mut stats = std::mem::take(&mut chunked.stats);
         stats.wire_bytes = sent;
 
         if !chunked.new_chunks.is_empty() {
@@ -221,6 +249,8 @@ impl ChunkStore {
                 .context("cannot write the index segment")?;
         }
 
+        self.refresh_reused_packs(&known, &chunked.locations)
+            .await?;
         manifest.table = table_of(chunked.order.iter().map(|id| (*id, chunked.locations[id])));
         let data = Bytes::from(manifest.encode());
         stats.wire_bytes += data.len() as u64;
@@ -229,6 +259,41 @@ impl ChunkStore {
             .await
             .with_context(|| format!("cannot write the manifest {key}"))?;
         Ok(stats)
+    }
+
+    /// Gives reused packs older than [`REFRESH_AGE`] a new modification time, so a gc
+    /// running now cannot take them for old garbage before our manifest lands (see
+    /// docs/format.md, "Garbage collection"). A pack that vanished fails the upload.
+    async fn refresh_reused_packs(
+        &self,
+        known: &Known,
+        locations: &HashMap<Id, Location>,
+    ) -> anyhow::Result<()> {
+        let now = SystemTime::now();
+        let reused: HashSet<Id> = locations.values().map(|l| l.pack).collect();
+        let stale = reused.into_iter().filter(|p| {
+            known
+                .pack_times
+                .get(p)
+                .is_some_and(|t| now.duration_since(*t).unwrap_or_default() > REFRESH_AGE)
+        });
+        futures::stream::iter(stale)
+            .map(|pack| async move {
+                self.transfer
+                    .store()
+                    .touch(&self.pack_key(&pack))
+                    .await
+                    .map_err(|e| match e {
+                        StoreError::NotFound(_) => anyhow::anyhow!(
+                            "pack {pack} disappeared during the upload (a concurrent gc?); nothing was published, run the upload again"
+                        ),
+                        e => anyhow::Error::new(e).context(format!("cannot refresh pack {pack}")),
+                    })
+            })
+            .buffer_unordered(self.transfer.jobs())
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
     }
 
     /// What is stored under `key`: `None` when nothing is.
@@ -242,9 +307,7 @@ impl ChunkStore {
             return Ok(Some(Stored::Legacy(info)));
         }
         if !super::format::is_manifest(&head) {
-            bail!(
-                "{key} is not a cacher directory or image entry (a plain file? use `cacher download`)"
-            );
+            return Ok(Some(Stored::Plain(info)));
         }
         if info.size > MAX_MANIFEST_OBJECT {
             bail!(

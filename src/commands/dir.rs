@@ -27,7 +27,8 @@ pub async fn run(config: &Config, cmd: &DirCommand) -> anyhow::Result<Outcome> {
     }
 }
 
-async fn chunk_store(config: &Config) -> anyhow::Result<ChunkStore> {
+/// The chunk store under the configured prefix.
+pub(super) async fn chunk_store(config: &Config) -> anyhow::Result<ChunkStore> {
     let transfer = Arc::new(Transfer::new(crate::store::open(config).await?, config));
     Ok(ChunkStore::new(transfer, &config.prefix.value))
 }
@@ -87,6 +88,9 @@ async fn download(config: &Config, args: &DirDownloadArgs) -> anyhow::Result<Out
                 bail!("{restored_key} holds a docker image, not a directory tree");
             }
             restore_manifest(&chunks, &restored_key, *manifest, &args.dir, started).await?;
+        }
+        Stored::Plain(_) => {
+            bail!("{restored_key} is a plain file, not a directory entry (use `cacher download`)")
         }
         Stored::Legacy(info) => {
             let transfer = chunks.transfer().clone();
@@ -158,6 +162,7 @@ async fn find_fallback(
         candidates.sort_by_key(|o| std::cmp::Reverse(o.modified));
         for candidate in candidates {
             match chunks.fetch(&candidate.key).await {
+                Ok(Some(Stored::Plain(_))) => {}
                 Ok(Some(stored)) => {
                     ui::status(format!("fallback: restoring {}", candidate.key));
                     return Ok(Some((candidate.key, stored)));

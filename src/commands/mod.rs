@@ -6,6 +6,7 @@ mod dir;
 mod doctor;
 mod download;
 mod exists;
+mod gc;
 mod init;
 mod key;
 mod list;
@@ -43,5 +44,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Delete(args) => delete::run(&config, &args.key).await,
         Command::Key(args) => key::run(&config, args),
         Command::Dir(cmd) => dir::run(&config, cmd).await,
+        Command::Gc(args) => gc::run_gc(&config, args).await,
+        Command::Prune(args) => gc::run_prune(&config, args).await,
     }
 }

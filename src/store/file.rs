@@ -329,6 +329,18 @@ impl Store for FileStore {
         .await
     }
 
+    async fn touch(&self, key: &str) -> StoreResult<()> {
+        let path = self.object_path(key)?;
+        let key = key.to_string();
+        blocking(move || {
+            filetime::set_file_mtime(&path, filetime::FileTime::now()).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => StoreError::NotFound(key),
+                _ => io_error("touch", &path, e),
+            })
+        })
+        .await
+    }
+
     async fn delete(&self, key: &str) -> StoreResult<()> {
         ui::verbose(format!("DELETE {key}"));
         let path = self.object_path(key)?;

@@ -202,6 +202,10 @@ pub trait Store: Send + Sync {
     /// Follows pagination to the end.
     async fn list(&self, prefix: &str, delimiter: Option<char>) -> StoreResult<Listing>;
 
+    /// Sets the object's modification time to now without changing its bytes (a
+    /// server-side copy onto itself on S3); fails with `NotFound` if it is gone.
+    async fn touch(&self, key: &str) -> StoreResult<()>;
+
     /// Deletes one object; deleting a missing key succeeds.
     async fn delete(&self, key: &str) -> StoreResult<()>;
 }

@@ -137,6 +137,20 @@ where
     }
 }
 
+/// `x-amz-copy-source` wants the key URL-encoded; `/` stays as the separator.
+fn urlencode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
 fn crc32_header(crc: u32) -> String {
     base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())
 }
@@ -434,6 +448,25 @@ impl Store for S3Store {
             }
         }
         Ok(listing)
+    }
+
+    async fn touch(&self, key: &str) -> StoreResult<()> {
+        ui::verbose(format!("COPY {key} onto itself"));
+        self.client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .copy_source(format!("{}/{}", self.bucket, urlencode_key(key)))
+            .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| match classify("COPY", key, &self.bucket, e) {
+                StoreError::Permanent(msg) if msg.contains("NoSuchKey") => {
+                    StoreError::NotFound(key.to_string())
+                }
+                other => other,
+            })
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
