@@ -5,53 +5,14 @@
 //! Prints each tool's median time and peak RSS, and the speed-up ratios. Files and
 //! Garage data live on /dev/shm when it exists, so the disk does not dominate.
 
-#[path = "../tests/util/garage.rs"]
-mod garage;
+mod common;
 
-use std::path::{Path, PathBuf};
+use common::{garage, measure, median};
+use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
 
 const SIZE: usize = 1024 * 1024 * 1024;
 const ROUNDS: usize = 3;
-
-/// Wall time and peak resident memory of one child process.
-#[derive(Clone, Copy)]
-struct Measure {
-    secs: f64,
-    max_rss_mib: f64,
-}
-
-// The child is reaped by wait4, which std's wait() cannot replace: it gives the rusage.
-#[allow(clippy::zombie_processes)]
-fn measure(cmd: &mut Command) -> Measure {
-    let started = Instant::now();
-    let child = cmd.spawn().expect("spawn");
-    let mut status = 0;
-    // SAFETY: a zeroed rusage is a valid value for wait4 to fill in.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child, with valid pointers to locals.
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    let secs = started.elapsed().as_secs_f64();
-    assert!(pid > 0, "wait4 failed");
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{cmd:?} failed with status {status}"
-    );
-    Measure {
-        secs,
-        max_rss_mib: usage.ru_maxrss as f64 / 1024.0,
-    }
-}
-
-fn median(mut v: Vec<Measure>) -> Measure {
-    v.sort_by(|a, b| a.secs.total_cmp(&b.secs));
-    let mid = v[v.len() / 2];
-    Measure {
-        secs: mid.secs,
-        max_rss_mib: v.iter().map(|m| m.max_rss_mib).fold(0.0, f64::max),
-    }
-}
 
 fn same_file(a: &Path, b: &Path) -> bool {
     Command::new("cmp")
@@ -80,55 +41,26 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let scratch = if Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
-    // SAFETY: single-threaded here; Garage's data dir follows TMPDIR.
-    unsafe { std::env::set_var("TMPDIR", &scratch) };
-    let g = garage::garage();
+    let scratch = common::scratch();
+    let g = garage();
     let dir = tempfile::tempdir_in(&scratch).expect("scratch dir");
     let src = dir.path().join("src.bin");
     write_source(&src);
 
-    let aws_config = dir.path().join("aws.conf");
-    std::fs::write(
-        &aws_config,
-        "[default]\nrequest_checksum_calculation = when_required\n\
-         response_checksum_validation = when_required\ns3 =\n    addressing_style = path\n",
-    )
-    .expect("aws config");
     let aws = |args: &[&str]| {
         let mut c = Command::new("aws");
         c.args(["--endpoint-url", &g.endpoint])
             .args(args)
-            .env("AWS_ACCESS_KEY_ID", &g.key_id)
-            .env("AWS_SECRET_ACCESS_KEY", &g.secret)
-            .env("AWS_DEFAULT_REGION", &g.region)
-            .env("AWS_CONFIG_FILE", &aws_config)
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
             .stdout(std::process::Stdio::null());
+        common::aws_env(&mut c, g, dir.path());
         c
     };
     let cacher = |args: &[&str]| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_cacher"));
-        c.args(args)
-            .arg("-q")
-            .env_clear()
-            .env("HOME", dir.path())
-            .env("CACHER_ENDPOINT", &g.endpoint)
-            .env("CACHER_BUCKET", &g.bucket)
-            .env("CACHER_REGION", &g.region)
-            .env("CACHER_S3_KEY_ID", &g.key_id)
-            .env("CACHER_S3_SECRET", &g.secret);
+        let mut c = common::cacher(g, dir.path(), args);
+        c.arg("-q");
         c
     };
-    let aws_version = Command::new("aws")
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|_| "aws not found".into());
+    let aws_version = common::aws_version();
 
     let src_s = src.to_str().unwrap();
     let out = dir.path().join("out.bin");

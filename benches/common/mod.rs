@@ -1,0 +1,110 @@
+//! Shared by the benchmarks: the Garage harness, timing with peak RSS, and the two
+//! command lines compared (cacher and the aws CLI) pointed at the same node.
+
+#![allow(dead_code)]
+
+#[path = "../../tests/util/garage.rs"]
+pub mod garage_node;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+pub use garage_node::{Garage, garage};
+
+/// Wall time and peak resident memory of one child process.
+#[derive(Clone, Copy)]
+pub struct Measure {
+    pub secs: f64,
+    pub max_rss_mib: f64,
+}
+
+// The child is reaped by wait4, which std's wait() cannot replace: it gives the rusage.
+#[allow(clippy::zombie_processes)]
+pub fn measure(cmd: &mut Command) -> Measure {
+    let started = Instant::now();
+    let child = cmd.spawn().expect("spawn");
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid value for wait4 to fill in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, with valid pointers to locals.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    let secs = started.elapsed().as_secs_f64();
+    assert!(pid > 0, "wait4 failed");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{cmd:?} failed with status {status}"
+    );
+    Measure {
+        secs,
+        max_rss_mib: usage.ru_maxrss as f64 / 1024.0,
+    }
+}
+
+pub fn median(mut v: Vec<Measure>) -> Measure {
+    v.sort_by(|a, b| a.secs.total_cmp(&b.secs));
+    let mid = v[v.len() / 2];
+    Measure {
+        secs: mid.secs,
+        max_rss_mib: v.iter().map(|m| m.max_rss_mib).fold(0.0, f64::max),
+    }
+}
+
+
+/// Where benchmark files and Garage's data live: /dev/shm when present, so the disk
+/// does not dominate. Sets TMPDIR so the Garage harness follows; call before `garage()`.
+pub fn scratch() -> PathBuf {
+    let scratch = if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    // SAFETY: called at start-up, before any other thread reads the environment.
+    unsafe { std::env::set_var("TMPDIR", &scratch) };
+    scratch
+}
+
+/// Environment for the aws CLI against `g`, with the settings Garage needs.
+pub fn aws_env(cmd: &mut Command, g: &Garage, config_dir: &Path) {
+    let config = config_dir.join("aws.conf");
+    std::fs::write(
+        &config,
+        "[default]\nrequest_checksum_calculation = when_required\n\
+         response_checksum_validation = when_required\ns3 =\n    addressing_style = path\n",
+    )
+    .expect("aws config");
+    cmd.env("AWS_ACCESS_KEY_ID", &g.key_id)
+        .env("AWS_SECRET_ACCESS_KEY", &g.secret)
+        .env("AWS_DEFAULT_REGION", &g.region)
+        .env("AWS_CONFIG_FILE", config)
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+}
+
+/// `cacher ARGS -q` against `g`, with a clean environment.
+pub fn cacher(g: &Garage, home: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cacher"));
+    c.args(args)
+        .env_clear()
+        .env("HOME", home)
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CACHER_ENDPOINT", &g.endpoint)
+        .env("CACHER_BUCKET", &g.bucket)
+        .env("CACHER_REGION", &g.region)
+        .env("CACHER_S3_KEY_ID", &g.key_id)
+        .env("CACHER_S3_SECRET", &g.secret);
+    c
+}
+
+/// The aws CLI's version line.
+pub fn aws_version() -> String {
+    Command::new("aws")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "aws not found".into())
+}
+
+/// Seconds since `t`.
+pub fn since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}

@@ -1,0 +1,241 @@
+//! Directory benchmark: a real cargo registry tree, then the same after a dependency
+//! bump, through `cacher dir` and through `tar | zstd -T0 -3 | aws s3 cp -` (and restic
+//! when installed), against the same Garage node, in one run.
+//!
+//! Run with `cargo bench --bench dir_transfer` (needs garage, aws, zstd, tar on PATH and
+//! crates.io for `cargo fetch`). The trees are built once under
+//! /dev/shm/cacher-bench-trees: a CARGO_HOME after `cargo fetch` of a project using
+//! common crates, with every crate unpacked as a build would; the bumped one adds a few
+//! dependencies to the same lockfile.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{Garage, garage, measure};
+
+const BASE_DEPS: &str = r#"
+tokio = { version = "1", features = ["full"] }
+serde = { version = "1", features = ["derive"] }
+serde_json = "1"
+clap = { version = "4", features = ["derive"] }
+reqwest = { version = "0.12", default-features = false, features = ["rustls-tls"] }
+regex = "1"
+rayon = "1"
+anyhow = "1"
+thiserror = "2"
+tracing = "0.1"
+tracing-subscriber = "0.3"
+chrono = "0.4"
+syn = { version = "2", features = ["full"] }
+aws-sdk-s3 = { version = "1", default-features = false }
+axum = "0.8"
+tonic = "0.12"
+prost = "0.13"
+image = "0.25"
+diesel = { version = "2", features = ["postgres", "sqlite"] }
+actix-web = "4"
+"#;
+/// A lockfile bump of one crate, as a dependency bot would make.
+const ONE_CRATE: (&str, &str) = ("serde_json", "1.0.120");
+/// A larger change: three new direct dependencies and what they pull in.
+const NEW_DEPS: &str = r#"
+indicatif = "0.18"
+clap_complete = "4"
+toml = "0.8"
+"#;
+
+fn sh(script: &str) {
+    let status = Command::new("bash")
+        .args(["-c", script])
+        .status()
+        .expect("bash");
+    assert!(status.success(), "failed: {script}");
+}
+
+/// Builds the registry trees once: A, B (A with one crate bumped), C (B plus new
+/// dependencies). Returns their paths.
+fn trees(scratch: &Path) -> [String; 3] {
+    let base = scratch.join("cacher-bench-trees");
+    if !base.join("ready-v2").exists() {
+        let base = base.display();
+        let (krate, old) = ONE_CRATE;
+        let unpack = "for c in \"$H\"/registry/cache/*/*.crate; do \
+             d=$(dirname \"$c\" | sed 's#/cache/#/src/#'); n=$(basename \"$c\" .crate); \
+             [ -d \"$d/$n\" ] || { mkdir -p \"$d\"; tar -xzf \"$c\" -C \"$d\"; }; done";
+        sh(&format!(
+            "set -e; rm -rf {base}; mkdir -p {base}/proj/src; cd {base}/proj; \
+             echo 'fn main() {{}}' > src/main.rs; \
+             printf '[package]\\nname = \"p\"\\nversion = \"0.1.0\"\\nedition = \"2021\"\\n[dependencies]\\n%s' '{BASE_DEPS}' > Cargo.toml; \
+             export CARGO_HOME={base}/a; cargo generate-lockfile -q; \
+             cargo update -q -p {krate} --precise {old}; cargo fetch -q; H={base}/a; {unpack}; \
+             cp -a {base}/a {base}/b; export CARGO_HOME={base}/b; \
+             cargo update -q -p {krate}; cargo fetch -q; H={base}/b; {unpack}; \
+             cp -a {base}/b {base}/c; export CARGO_HOME={base}/c; \
+             printf '%s' '{NEW_DEPS}' >> Cargo.toml; cargo fetch -q; H={base}/c; {unpack}; \
+             touch {base}/ready-v2"
+        ));
+    }
+    ["a", "b", "c"].map(|t| base.join(t).join("registry").display().to_string())
+}
+
+fn du(path: &str) -> u64 {
+    let out = Command::new("du").args(["-sb", path]).output().expect("du");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sum of object sizes under `prefix` (recursive `cacher list --root`).
+fn stored_bytes(g: &Garage, home: &Path, prefix: &str) -> u64 {
+    let out = common::cacher(g, home, &["list", "--root", "--recursive", prefix])
+        .output()
+        .expect("list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Runs cacher and returns (measure, stderr's stats line).
+fn cacher_run(g: &Garage, home: &Path, args: &[&str]) -> (common::Measure, String) {
+    let log = home.join("cacher.log");
+    let mut cmd = common::cacher(g, home, args);
+    cmd.stderr(std::fs::File::create(&log).expect("log"))
+        .stdout(std::process::Stdio::null());
+    let m = measure(&mut cmd);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    (m, text.lines().last().unwrap_or("").to_string())
+}
+
+fn bash_aws(g: &Garage, dir: &Path, script: &str) -> common::Measure {
+    let mut cmd = Command::new("bash");
+    cmd.args(["-c", &format!("set -eo pipefail; {script}")]);
+    common::aws_env(&mut cmd, g, dir);
+    measure(&mut cmd)
+}
+
+fn restic_available() -> bool {
+    Command::new("restic").arg("version").output().is_ok()
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let scratch = common::scratch();
+    let [tree_a, tree_b, tree_c] = trees(&scratch);
+    let g = garage();
+    let work = tempfile::tempdir_in(&scratch).expect("work dir");
+    let home = work.path();
+    let e = &g.endpoint;
+    let bucket = &g.bucket;
+    let out = home.join("out");
+    let out_s = out.display().to_string();
+    let reset_out = || {
+        let _ = std::fs::remove_dir_all(&out);
+    };
+
+    let (size_a, size_b, size_c) = (du(&tree_a), du(&tree_b), du(&tree_c));
+    println!(
+        "trees: A {} MiB; B = A with {} bumped ({:+} bytes); C = B plus new dependencies ({:+} bytes)",
+        size_a >> 20,
+        ONE_CRATE.0,
+        size_b as i64 - size_a as i64,
+        size_c as i64 - size_b as i64
+    );
+    println!("baseline: tar | zstd -T0 -3 | {}", common::aws_version());
+
+    let base_up = |name: &str, tree: &str| {
+        bash_aws(g, home, &format!(
+            "tar -C {tree} -cf - . | zstd -q -T0 -3 | aws --endpoint-url {e} s3 cp - s3://{bucket}/base/{name}.tar.zst"))
+    };
+    // Cold upload of A, then the bumps B and C, each after the one before.
+    let base_up_a = base_up("a", &tree_a);
+    let (cacher_up_a, line_a) = cacher_run(g, home, &["dir", "upload", "bench/a", &tree_a]);
+    let base_up_b = base_up("b", &tree_b);
+    let (cacher_up_b, line_b) = cacher_run(g, home, &["dir", "upload", "bench/b", &tree_b]);
+    let base_up_c = base_up("c", &tree_c);
+    let (cacher_up_c, line_c) = cacher_run(g, home, &["dir", "upload", "bench/c", &tree_c]);
+    reset_out();
+    std::fs::create_dir_all(&out).unwrap();
+    let base_down = bash_aws(g, home, &format!(
+        "aws --endpoint-url {e} s3 cp s3://{bucket}/base/b.tar.zst - | zstd -q -d | tar -C {out_s} -xf -"));
+    reset_out();
+    let (cacher_down, line_down) = cacher_run(g, home, &["dir", "download", "bench/b", &out_s]);
+    let same = Command::new("diff").args(["-r", "-q", &tree_b, &out_s]).status().expect("diff").success();
+    assert!(same, "restored tree differs from B");
+    reset_out();
+
+    let base_bytes = |n: &str| stored_bytes(g, home, &format!("base/{n}.tar.zst"));
+    let (base_a, base_b, base_c) = (base_bytes("a"), base_bytes("b"), base_bytes("c"));
+    let cacher_bytes = stored_bytes(g, home, ".cacher/") + stored_bytes(g, home, "bench/");
+    let sent = |line: &str| {
+        line.split("sent ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .unwrap_or("?")
+            .to_string()
+    };
+    let mib = |b: u64| b as f64 / 1048576.0;
+
+    println!("cacher upload A: {line_a}");
+    println!("cacher upload B: {line_b}");
+    println!("cacher upload C: {line_c}");
+    println!("cacher restore B: {line_down}");
+    println!();
+    println!("{:<28} {:>13} {:>12} {:>8}", "", "tar+zstd+aws", "cacher", "ratio");
+    let row = |name: &str, base: f64, ours: f64| {
+        println!("{name:<28} {base:>12.2}s {ours:>11.2}s {:>8.3}", ours / base);
+    };
+    row("cold upload A", base_up_a.secs, cacher_up_a.secs);
+    row("upload B (one-crate bump)", base_up_b.secs, cacher_up_b.secs);
+    println!("{:<28} {:>10.2}MiB {:>12}", "  bytes sent for B", mib(base_b), sent(&line_b));
+    row("upload C (new deps)", base_up_c.secs, cacher_up_c.secs);
+    println!("{:<28} {:>10.2}MiB {:>12}", "  bytes sent for C", mib(base_c), sent(&line_c));
+    row("restore B", base_down.secs, cacher_down.secs);
+    println!(
+        "{:<28} {:>10.2}MiB {:>9.2}MiB {:>8.3}",
+        "bytes stored A+B+C",
+        mib(base_a + base_b + base_c),
+        mib(cacher_bytes),
+        cacher_bytes as f64 / (base_a + base_b + base_c) as f64
+    );
+    println!("{:<28} {:>10.2}MiB  (tar.zst of A alone)", "", mib(base_a));
+    println!(
+        "peak RSS MiB: cacher up A {:.0}, up B {:.0}, up C {:.0}, restore {:.0}; baseline pipeline up {:.0}, restore {:.0}",
+        cacher_up_a.max_rss_mib, cacher_up_b.max_rss_mib, cacher_up_c.max_rss_mib, cacher_down.max_rss_mib,
+        base_up_a.max_rss_mib, base_down.max_rss_mib
+    );
+
+    if restic_available() {
+        let repo = format!("s3:{e}/{bucket}/restic");
+        let restic = |args: &str| {
+            let mut cmd = Command::new("bash");
+            cmd.args(["-c", &format!("set -e; restic -q -r {repo} -o s3.region={} {args}", g.region)])
+                .env("RESTIC_PASSWORD", "bench")
+                .env("AWS_ACCESS_KEY_ID", &g.key_id)
+                .env("AWS_SECRET_ACCESS_KEY", &g.secret)
+                .env("AWS_DEFAULT_REGION", &g.region);
+            cmd
+        };
+        let ok = restic("init").status().map(|s| s.success()).unwrap_or(false);
+        if ok {
+            let up_a = measure(&mut restic(&format!("backup {tree_a}")));
+            let up_b = measure(&mut restic(&format!("backup {tree_b}")));
+            let down = measure(&mut restic(&format!("restore latest --target {out_s}")));
+            println!(
+                "restic (dedup anchor): cold upload A {:.2}s, upload B {:.2}s, restore B {:.2}s, stored {:.1} MiB",
+                up_a.secs, up_b.secs, down.secs,
+                mib(stored_bytes(g, home, "restic/"))
+            );
+        } else {
+            println!("restic: could not init a repository on Garage; skipped");
+        }
+    } else {
+        println!("restic: not installed; skipped");
+    }
+}
