@@ -408,7 +408,7 @@ fn table_of(chunks: impl Iterator<Item = (Id, Location)>) -> ChunkTable {
 }
 
 /// Runs on a blocking thread: cuts, hashes, compresses and packs the stream.
-fn chunk_stream<R: Read>(
+fn chunk_stream<R: Read + Send + 'static>(
     content: R,
     known: &Known,
     packs: &tokio::sync::mpsc::Sender<SealedPack>,
@@ -446,29 +446,11 @@ fn chunk_stream<R: Read>(
             .map_err(|_| anyhow::anyhow!("pack upload stopped"))
     };
 
-    let cutter = fastcdc::v2020::StreamCDC::new(
-        content,
-        CHUNK_MIN as usize,
-        CHUNK_AVG as usize,
-        CHUNK_MAX as usize,
-    );
-    let mut batch: Vec<Vec<u8>> = Vec::new();
-    let mut batch_bytes = 0;
-    let mut pending = cutter.peekable();
-    loop {
-        let next = pending.next();
-        let end = next.is_none();
-        if let Some(chunk) = next {
-            let chunk = chunk.map_err(|e| match e {
-                fastcdc::v2020::Error::IoError(io) => anyhow::Error::new(io),
-                other => anyhow::anyhow!("chunking failed: {other:?}"),
-            })?;
-            batch_bytes += chunk.data.len();
-            batch.push(chunk.data);
-        }
-        if !(end || batch_bytes >= BATCH_BYTES) {
-            continue;
-        }
+    // Cutting is sequential; run it on its own thread so hashing and compression of
+    // one batch overlap with cutting the next.
+    let batches = cut_in_batches(content);
+    for batch in batches {
+        let batch = batch?;
         // Hash everything and compress what the bucket lacks, on all cores.
         let processed: Vec<(Id, u32, Option<Vec<u8>>)> = batch
             .par_iter()
@@ -481,8 +463,6 @@ fn chunk_stream<R: Read>(
             })
             .collect::<std::io::Result<_>>()
             .context("zstd compression failed")?;
-        batch.clear();
-        batch_bytes = 0;
         for (id, len, compressed) in processed {
             out.order.push(id);
             out.stats.chunks += 1;
@@ -503,12 +483,52 @@ fn chunk_stream<R: Read>(
                 seal(&mut pack, &mut open, &mut out)?;
             }
         }
-        if end {
-            break;
-        }
     }
     seal(&mut pack, &mut open, &mut out)?;
     Ok(out)
+}
+
+/// Cuts `content` with FastCDC on a thread of its own, yielding batches of about
+/// [`BATCH_BYTES`]; at most two batches wait, which bounds memory.
+fn cut_in_batches<R: Read + Send + 'static>(
+    content: R,
+) -> impl Iterator<Item = anyhow::Result<Vec<Vec<u8>>>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(2);
+    std::thread::spawn(move || {
+        let cutter = fastcdc::v2020::StreamCDC::new(
+            content,
+            CHUNK_MIN as usize,
+            CHUNK_AVG as usize,
+            CHUNK_MAX as usize,
+        );
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        for chunk in cutter {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(fastcdc::v2020::Error::IoError(io)) => {
+                    let _ = tx.send(Err(anyhow::Error::new(io)));
+                    return;
+                }
+                Err(other) => {
+                    let _ = tx.send(Err(anyhow::anyhow!("chunking failed: {other:?}")));
+                    return;
+                }
+            };
+            batch_bytes += chunk.data.len();
+            batch.push(chunk.data);
+            if batch_bytes >= BATCH_BYTES {
+                batch_bytes = 0;
+                if tx.send(Ok(std::mem::take(&mut batch))).is_err() {
+                    return;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let _ = tx.send(Ok(batch));
+        }
+    });
+    rx.into_iter()
 }
 
 /// One ranged GET of a pack and the chunks it holds.
