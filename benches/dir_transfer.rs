@@ -150,8 +150,13 @@ fn main() {
     println!("baseline: tar | zstd -T0 -3 | {}", common::aws_version());
 
     let base_up = |name: &str, tree: &str| {
-        bash_aws(g, home, &format!(
-            "tar -C {tree} -cf - . | zstd -q -T0 -3 | aws --endpoint-url {e} s3 cp - s3://{bucket}/base/{name}.tar.zst"))
+        bash_aws(
+            g,
+            home,
+            &format!(
+                "tar -C {tree} -cf - . | zstd -q -T0 -3 | aws --endpoint-url {e} s3 cp - s3://{bucket}/base/{name}.tar.zst"
+            ),
+        )
     };
     // Cold upload of A, then the bumps B and C, each after the one before.
     let base_up_a = base_up("a", &tree_a);
@@ -162,11 +167,20 @@ fn main() {
     let (cacher_up_c, line_c) = cacher_run(g, home, &["dir", "upload", "bench/c", &tree_c]);
     reset_out();
     std::fs::create_dir_all(&out).unwrap();
-    let base_down = bash_aws(g, home, &format!(
-        "aws --endpoint-url {e} s3 cp s3://{bucket}/base/b.tar.zst - | zstd -q -d | tar -C {out_s} -xf -"));
+    let base_down = bash_aws(
+        g,
+        home,
+        &format!(
+            "aws --endpoint-url {e} s3 cp s3://{bucket}/base/b.tar.zst - | zstd -q -d | tar -C {out_s} -xf -"
+        ),
+    );
     reset_out();
     let (cacher_down, line_down) = cacher_run(g, home, &["dir", "download", "bench/b", &out_s]);
-    let same = Command::new("diff").args(["-r", "-q", &tree_b, &out_s]).status().expect("diff").success();
+    let same = Command::new("diff")
+        .args(["-r", "-q", &tree_b, &out_s])
+        .status()
+        .expect("diff")
+        .success();
     assert!(same, "restored tree differs from B");
     reset_out();
 
@@ -187,15 +201,35 @@ fn main() {
     println!("cacher upload C: {line_c}");
     println!("cacher restore B: {line_down}");
     println!();
-    println!("{:<28} {:>13} {:>12} {:>8}", "", "tar+zstd+aws", "cacher", "ratio");
+    println!(
+        "{:<28} {:>13} {:>12} {:>8}",
+        "", "tar+zstd+aws", "cacher", "ratio"
+    );
     let row = |name: &str, base: f64, ours: f64| {
-        println!("{name:<28} {base:>12.2}s {ours:>11.2}s {:>8.3}", ours / base);
+        println!(
+            "{name:<28} {base:>12.2}s {ours:>11.2}s {:>8.3}",
+            ours / base
+        );
     };
     row("cold upload A", base_up_a.secs, cacher_up_a.secs);
-    row("upload B (one-crate bump)", base_up_b.secs, cacher_up_b.secs);
-    println!("{:<28} {:>10.2}MiB {:>12}", "  bytes sent for B", mib(base_b), sent(&line_b));
+    row(
+        "upload B (one-crate bump)",
+        base_up_b.secs,
+        cacher_up_b.secs,
+    );
+    println!(
+        "{:<28} {:>10.2}MiB {:>12}",
+        "  bytes sent for B",
+        mib(base_b),
+        sent(&line_b)
+    );
     row("upload C (new deps)", base_up_c.secs, cacher_up_c.secs);
-    println!("{:<28} {:>10.2}MiB {:>12}", "  bytes sent for C", mib(base_c), sent(&line_c));
+    println!(
+        "{:<28} {:>10.2}MiB {:>12}",
+        "  bytes sent for C",
+        mib(base_c),
+        sent(&line_c)
+    );
     row("restore B", base_down.secs, cacher_down.secs);
     println!(
         "{:<28} {:>10.2}MiB {:>9.2}MiB {:>8.3}",
@@ -207,29 +241,44 @@ fn main() {
     println!("{:<28} {:>10.2}MiB  (tar.zst of A alone)", "", mib(base_a));
     println!(
         "peak RSS MiB: cacher up A {:.0}, up B {:.0}, up C {:.0}, restore {:.0}; baseline pipeline up {:.0}, restore {:.0}",
-        cacher_up_a.max_rss_mib, cacher_up_b.max_rss_mib, cacher_up_c.max_rss_mib, cacher_down.max_rss_mib,
-        base_up_a.max_rss_mib, base_down.max_rss_mib
+        cacher_up_a.max_rss_mib,
+        cacher_up_b.max_rss_mib,
+        cacher_up_c.max_rss_mib,
+        cacher_down.max_rss_mib,
+        base_up_a.max_rss_mib,
+        base_down.max_rss_mib
     );
 
     if restic_available() {
         let repo = format!("s3:{e}/{bucket}/restic");
         let restic = |args: &str| {
             let mut cmd = Command::new("bash");
-            cmd.args(["-c", &format!("set -e; restic -q -r {repo} -o s3.region={} {args}", g.region)])
-                .env("RESTIC_PASSWORD", "bench")
-                .env("AWS_ACCESS_KEY_ID", &g.key_id)
-                .env("AWS_SECRET_ACCESS_KEY", &g.secret)
-                .env("AWS_DEFAULT_REGION", &g.region);
+            cmd.args([
+                "-c",
+                &format!(
+                    "set -e; restic -q -r {repo} -o s3.region={} {args}",
+                    g.region
+                ),
+            ])
+            .env("RESTIC_PASSWORD", "bench")
+            .env("AWS_ACCESS_KEY_ID", &g.key_id)
+            .env("AWS_SECRET_ACCESS_KEY", &g.secret)
+            .env("AWS_DEFAULT_REGION", &g.region);
             cmd
         };
-        let ok = restic("init").status().map(|s| s.success()).unwrap_or(false);
+        let ok = restic("init")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         if ok {
             let up_a = measure(&mut restic(&format!("backup {tree_a}")));
             let up_b = measure(&mut restic(&format!("backup {tree_b}")));
             let down = measure(&mut restic(&format!("restore latest --target {out_s}")));
             println!(
                 "restic (dedup anchor): cold upload A {:.2}s, upload B {:.2}s, restore B {:.2}s, stored {:.1} MiB",
-                up_a.secs, up_b.secs, down.secs,
+                up_a.secs,
+                up_b.secs,
+                down.secs,
                 mib(stored_bytes(g, home, "restic/"))
             );
         } else {

@@ -50,7 +50,6 @@ pub fn median(mut v: Vec<Measure>) -> Measure {
     }
 }
 
-
 /// Where benchmark files and Garage's data live: /dev/shm when present, so the disk
 /// does not dominate. Sets TMPDIR so the Garage harness follows; call before `garage()`.
 pub fn scratch() -> PathBuf {

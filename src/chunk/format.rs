@@ -115,27 +115,52 @@ fn bad(what: &str, why: impl Into<String>) -> FormatError {
 }
 
 impl Manifest {
-    /// Encodes the manifest: header, then a zstd-compressed body.
+    /// Encodes the manifest: header, then a zstd-compressed body. Entries are stored
+    /// column by column, paths as (shared prefix, suffix) with the previous one, so
+    /// zstd finds the repetition (a 22k-file cargo registry takes about 10 bytes a file).
     pub fn encode(&self) -> Vec<u8> {
         let mut body = Vec::new();
         put_u64(&mut body, self.created);
         put_bytes(&mut body, self.label.as_bytes());
         put_u64(&mut body, self.stream_len);
         encode_table(&mut body, &self.table);
-        put_u32(&mut body, self.entries.len() as u32);
+        put_varint(&mut body, self.entries.len() as u64);
         for e in &self.entries {
-            let (tag, size, target): (u8, u64, &[u8]) = match &e.kind {
-                EntryKind::Dir => (1, 0, &[]),
-                EntryKind::File { size } => (2, *size, &[]),
-                EntryKind::Symlink { target } => (3, 0, target),
-            };
-            body.push(tag);
-            put_bytes(&mut body, &e.path);
-            put_u32(&mut body, e.mode);
-            put_u64(&mut body, e.mtime as u64);
-            put_u32(&mut body, e.mtime_nsec);
-            put_u64(&mut body, size);
-            put_bytes(&mut body, target);
+            body.push(match e.kind {
+                EntryKind::Dir => 1,
+                EntryKind::File { .. } => 2,
+                EntryKind::Symlink { .. } => 3,
+            });
+        }
+        let mut previous: &[u8] = &[];
+        for e in &self.entries {
+            let shared = previous
+                .iter()
+                .zip(&e.path)
+                .take_while(|(a, b)| a == b)
+                .count();
+            put_varint(&mut body, shared as u64);
+            put_varint(&mut body, (e.path.len() - shared) as u64);
+            body.extend_from_slice(&e.path[shared..]);
+            previous = &e.path;
+        }
+        for e in &self.entries {
+            put_varint(&mut body, u64::from(e.mode));
+        }
+        let mut last_mtime = 0i64;
+        for e in &self.entries {
+            put_varint(&mut body, zigzag(e.mtime.wrapping_sub(last_mtime)));
+            last_mtime = e.mtime;
+        }
+        for e in &self.entries {
+            put_varint(&mut body, u64::from(e.mtime_nsec));
+        }
+        for e in &self.entries {
+            match &e.kind {
+                EntryKind::File { size } => put_varint(&mut body, *size),
+                EntryKind::Symlink { target } => put_bytes(&mut body, target),
+                EntryKind::Dir => {}
+            }
         }
         wrap(MANIFEST_MAGIC, self.kind as u8, &body)
     }
@@ -154,28 +179,55 @@ impl Manifest {
             .map_err(|_| bad(what, "label is not UTF-8"))?;
         let stream_len = r.u64()?;
         let table = decode_table(&mut r)?;
-        let count = r.count(1 + 4 + 4 + 8 + 4 + 8 + 4)?;
-        let mut entries = Vec::with_capacity(count);
+        // Each entry takes at least 5 bytes: kind, two path varints, mode, mtime, nsec.
+        let count = r.varint_count(5)?;
+        let kinds = r.take(count)?;
+        let mut paths: Vec<Vec<u8>> = Vec::with_capacity(count);
+        for i in 0..count {
+            let shared = r.varint()? as usize;
+            let suffix_len = r.varint()? as usize;
+            let previous = if i == 0 { &[][..] } else { &paths[i - 1][..] };
+            if shared > previous.len() || shared + suffix_len > MAX_PATH {
+                return Err(bad(what, "path prefix out of range"));
+            }
+            let mut path = previous[..shared].to_vec();
+            path.extend_from_slice(r.take(suffix_len)?);
+            paths.push(path);
+        }
+        let mut modes = Vec::with_capacity(count);
         for _ in 0..count {
-            let tag = r.u8()?;
-            let path = r.bytes(MAX_PATH)?.to_vec();
-            let mode = r.u32()?;
-            let mtime = r.u64()? as i64;
-            let mtime_nsec = r.u32()?;
-            let size = r.u64()?;
-            let target = r.bytes(MAX_PATH)?.to_vec();
-            let kind = match tag {
+            modes.push(u32::try_from(r.varint()?).map_err(|_| bad(what, "mode out of range"))?);
+        }
+        let mut mtimes = Vec::with_capacity(count);
+        let mut last_mtime = 0i64;
+        for _ in 0..count {
+            last_mtime = last_mtime.wrapping_add(unzigzag(r.varint()?));
+            mtimes.push(last_mtime);
+        }
+        let mut nsecs = Vec::with_capacity(count);
+        for _ in 0..count {
+            let nsec = r.varint()?;
+            if nsec >= 1_000_000_000 {
+                return Err(bad(what, "mtime nanoseconds out of range"));
+            }
+            nsecs.push(nsec as u32);
+        }
+        let mut entries = Vec::with_capacity(count);
+        for (i, path) in paths.into_iter().enumerate() {
+            let kind = match kinds[i] {
                 1 => EntryKind::Dir,
-                2 => EntryKind::File { size },
-                3 => EntryKind::Symlink { target },
+                2 => EntryKind::File { size: r.varint()? },
+                3 => EntryKind::Symlink {
+                    target: r.bytes(MAX_PATH)?.to_vec(),
+                },
                 t => return Err(bad(what, format!("unknown entry kind {t}"))),
             };
             entries.push(Entry {
                 path,
                 kind,
-                mode,
-                mtime,
-                mtime_nsec,
+                mode: modes[i],
+                mtime: mtimes[i],
+                mtime_nsec: nsecs[i],
             });
         }
         r.finish()?;
@@ -306,36 +358,59 @@ fn check_relative_path(what: &str, path: &[u8]) -> Result<(), FormatError> {
     }
 }
 
+/// Packs, then chunks column by column: ids, pack indexes, offsets, stored lengths,
+/// lengths (small integers as varints, which zstd then squeezes further).
 fn encode_table(out: &mut Vec<u8>, table: &ChunkTable) {
-    put_u32(out, table.packs.len() as u32);
+    put_varint(out, table.packs.len() as u64);
     for p in &table.packs {
         out.extend_from_slice(&p.0);
     }
-    put_u32(out, table.chunks.len() as u32);
+    put_varint(out, table.chunks.len() as u64);
     for c in &table.chunks {
         out.extend_from_slice(&c.id.0);
-        put_u32(out, c.pack);
-        put_u32(out, c.offset);
-        put_u32(out, c.stored_len);
-        put_u32(out, c.len);
+    }
+    for c in &table.chunks {
+        put_varint(out, u64::from(c.pack));
+    }
+    for c in &table.chunks {
+        put_varint(out, u64::from(c.offset));
+    }
+    for c in &table.chunks {
+        put_varint(out, u64::from(c.stored_len));
+    }
+    for c in &table.chunks {
+        put_varint(out, u64::from(c.len));
     }
 }
 
 fn decode_table(r: &mut Reader<'_>) -> Result<ChunkTable, FormatError> {
-    let n = r.count(32)?;
+    let n = r.varint_count(32)?;
     let mut packs = Vec::with_capacity(n);
     for _ in 0..n {
         packs.push(r.id()?);
     }
-    let n = r.count(32 + 16)?;
-    let mut chunks = Vec::with_capacity(n);
+    let n = r.varint_count(32 + 4)?;
+    let mut ids = Vec::with_capacity(n);
     for _ in 0..n {
+        ids.push(r.id()?);
+    }
+    let mut columns = [const { Vec::new() }; 4];
+    for column in columns.iter_mut() {
+        column.reserve(n);
+        for _ in 0..n {
+            let v =
+                u32::try_from(r.varint()?).map_err(|_| bad(r.what, "chunk field out of range"))?;
+            column.push(v);
+        }
+    }
+    let mut chunks = Vec::with_capacity(n);
+    for (i, id) in ids.into_iter().enumerate() {
         let c = ChunkRef {
-            id: r.id()?,
-            pack: r.u32()?,
-            offset: r.u32()?,
-            stored_len: r.u32()?,
-            len: r.u32()?,
+            id,
+            pack: columns[0][i],
+            offset: columns[1][i],
+            stored_len: columns[2][i],
+            len: columns[3][i],
         };
         if c.pack as usize >= packs.len() {
             return Err(bad(
@@ -396,17 +471,30 @@ fn unwrap(what: &str, magic: &[u8; 8], data: &[u8]) -> Result<(u8, Vec<u8>), For
     Ok((kind, body))
 }
 
-fn put_u32(out: &mut Vec<u8>, v: u32) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
-
 fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    put_u32(out, b.len() as u32);
+    put_varint(out, b.len() as u64);
     out.extend_from_slice(b);
+}
+
+/// LEB128: 7 bits a byte, low bits first.
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
 /// Bounds-checked reading of a decoded body.
@@ -434,12 +522,6 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
 
-    fn u32(&mut self) -> Result<u32, FormatError> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-
     fn u64(&mut self) -> Result<u64, FormatError> {
         Ok(u64::from_le_bytes(
             self.take(8)?.try_into().expect("8 bytes"),
@@ -450,8 +532,20 @@ impl<'a> Reader<'a> {
         Ok(Id(self.take(32)?.try_into().expect("32 bytes")))
     }
 
+    fn varint(&mut self) -> Result<u64, FormatError> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.u8()?;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(bad(self.what, "varint longer than 10 bytes"))
+    }
+
     fn bytes(&mut self, max: usize) -> Result<&'a [u8], FormatError> {
-        let n = self.u32()? as usize;
+        let n = self.varint()? as usize;
         if n > max {
             return Err(bad(self.what, format!("a {n}-byte field (limit {max})")));
         }
@@ -459,8 +553,8 @@ impl<'a> Reader<'a> {
     }
 
     /// A record count, refused when the remaining bytes cannot hold that many records.
-    fn count(&mut self, min_record: usize) -> Result<usize, FormatError> {
-        let n = self.u32()? as usize;
+    fn varint_count(&mut self, min_record: usize) -> Result<usize, FormatError> {
+        let n = usize::try_from(self.varint()?).unwrap_or(usize::MAX);
         if n.saturating_mul(min_record) > self.data.len() - self.pos {
             return Err(bad(
                 self.what,
@@ -535,6 +629,18 @@ mod tests {
     }
 
     #[test]
+    fn varints_and_zigzag_round_trip() {
+        for v in [0u64, 1, 127, 128, 300, u64::from(u32::MAX), u64::MAX] {
+            let mut out = Vec::new();
+            put_varint(&mut out, v);
+            assert_eq!(Reader::new("v", &out).varint().unwrap(), v);
+        }
+        for v in [0i64, 1, -1, i64::MAX, i64::MIN, -1_700_000_000] {
+            assert_eq!(unzigzag(zigzag(v)), v);
+        }
+    }
+
+    #[test]
     fn every_truncation_is_an_error_not_a_panic() {
         let bytes = sample().encode();
         for len in 0..bytes.len() {
@@ -572,7 +678,7 @@ mod tests {
         put_u64(&mut body, 0);
         put_bytes(&mut body, b"");
         put_u64(&mut body, 0);
-        put_u32(&mut body, u32::MAX);
+        put_varint(&mut body, u64::from(u32::MAX));
         let data = wrap(MANIFEST_MAGIC, 1, &body);
         let err = Manifest::decode("m", &data).unwrap_err().to_string();
         assert!(err.contains("records"), "{err}");
