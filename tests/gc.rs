@@ -125,3 +125,25 @@ fn an_upload_reusing_old_packs_refreshes_them_so_gc_keeps_them() {
     env.run(["gc", "--grace", "0s"]).ok();
     assert_eq!(pack_count(&env), 0);
 }
+
+#[test]
+fn gc_compacts_the_index_and_dedup_still_works() {
+    let env = TestEnv::s3("gccompact");
+    for (i, seed) in [(1, 11), (2, 12), (3, 13)] {
+        let t = tree(&env, &format!("t{i}"), seed);
+        env.run(["dir", "upload", &format!("k{i}"), &t]).ok();
+    }
+    let segments = || {
+        env.run(["list", "--recursive", ".cacher/index/"])
+            .ok()
+            .stdout
+            .lines()
+            .count()
+    };
+    assert_eq!(segments(), 3, "one segment per upload that sent chunks");
+    env.run(["gc"]).ok();
+    assert_eq!(segments(), 1, "compacted into one");
+    let t1 = env.path("t1").display().to_string();
+    let run = env.run(["dir", "upload", "again", &t1]);
+    assert!(run.ok().stderr.contains(" 0 new"), "{}", run.stderr);
+}

@@ -6,15 +6,14 @@
 //! only if no manifest references it and a HEAD right before the delete still shows it
 //! older than the grace period. gc deletes nothing when any manifest fails to decode.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 use futures::{StreamExt, TryStreamExt};
 
 use super::Id;
-use super::format::ChunkTable;
-use super::store::{ChunkStore, REFRESH_AGE, Stored};
+use super::store::{ChunkStore, Location, REFRESH_AGE, Stored, location, table_of};
 use crate::key::join_prefix;
 use crate::store::ObjectInfo;
 use crate::ui;
@@ -34,7 +33,7 @@ pub struct GcReport {
     pub deleted: usize,
     /// Bytes those packs held.
     pub deleted_bytes: u64,
-    /// Index segments deleted because all their packs are gone.
+    /// Index segments replaced by one compacted segment.
     pub segments_deleted: usize,
 }
 
@@ -155,31 +154,43 @@ pub async fn collect(
             .into_iter()
             .map(|o| o.key)
             .collect();
-        report.segments_deleted = drop_dead_segments(chunks, &left).await?;
+        report.segments_deleted = compact_segments(chunks, &left).await?;
     }
     Ok(report)
 }
 
-/// Deletes index segments none of whose packs remain in `left` (full pack keys).
-async fn drop_dead_segments(chunks: &ChunkStore, left: &HashSet<String>) -> anyhow::Result<usize> {
-    let store = chunks.transfer().store();
-    let segments = store.list(&chunks.index_prefix(), None).await?.objects;
-    let mut deleted = 0;
-    for seg in segments {
-        let data = store.get_range(&seg.key, 0..seg.size).await?;
-        let table = match ChunkTable::decode_index(&seg.key, &data) {
-            Ok(t) => t,
-            Err(e) => {
-                ui::warn(format!("keeping unreadable index segment: {e}"));
-                continue;
+/// Rewrites the index as one segment holding the chunks of packs still in `left` (full
+/// pack keys), then deletes the segments it replaced. A segment written meanwhile by an
+/// upload is not among those read, so it stays. Returns how many were deleted.
+async fn compact_segments(chunks: &ChunkStore, left: &HashSet<String>) -> anyhow::Result<usize> {
+    let segments = chunks.read_segments().await?;
+    let mut live: HashMap<Id, Location> = HashMap::new();
+    let mut dead_entries = false;
+    for (_, table) in &segments {
+        for c in &table.chunks {
+            let pack = table.packs[c.pack as usize];
+            if left.contains(&chunks.pack_key(&pack)) {
+                live.insert(c.id, location(pack, c));
+            } else {
+                dead_entries = true;
             }
-        };
-        if table
-            .packs
-            .iter()
-            .all(|p| !left.contains(&chunks.pack_key(p)))
-        {
-            store.delete(&seg.key).await?;
+        }
+    }
+    if segments.len() <= 1 && !dead_entries {
+        return Ok(0);
+    }
+    let mut live: Vec<(Id, Location)> = live.into_iter().collect();
+    live.sort_by_key(|(_, loc)| (loc.pack, loc.offset));
+    let written = match live.is_empty() {
+        true => None,
+        false => Some(chunks.write_segment(&table_of(live.into_iter())).await?.0),
+    };
+    let store = chunks.transfer().store();
+    let mut deleted = 0;
+    for (key, _) in &segments {
+        // Same content, same name: the compacted segment may equal an old one.
+        if Some(key) != written.as_ref() {
+            store.delete(key).await?;
             deleted += 1;
         }
     }

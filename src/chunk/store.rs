@@ -175,22 +175,8 @@ impl ChunkStore {
         if known.pack_times.is_empty() {
             return Ok(known);
         }
-        let segments = store
-            .list(&self.index_prefix(), None)
-            .await
-            .context("cannot list index segments")?
-            .objects;
-        let tables: Vec<ChunkTable> = futures::stream::iter(segments)
-            .map(|seg| async move {
-                let data = store.get_range(&seg.key, 0..seg.size).await?;
-                ChunkTable::decode_index(&seg.key, &data)
-                    .map_err(|e| StoreError::Permanent(e.to_string()))
-            })
-            .buffer_unordered(self.transfer.jobs())
-            .try_collect()
-            .await
-            .context("cannot read the chunk index")?;
-        for table in tables {
+        let tables = self.read_segments().await?;
+        for (_, table) in tables {
             for c in &table.chunks {
                 let pack = table.packs[c.pack as usize];
                 if known.pack_times.contains_key(&pack) {
@@ -240,13 +226,7 @@ impl ChunkStore {
 
         if !chunked.new_chunks.is_empty() {
             let segment = table_of(chunked.new_chunks.iter().map(|(id, loc)| (*id, *loc)));
-            let data = Bytes::from(segment.encode_index());
-            stats.wire_bytes += data.len() as u64;
-            let seg_key = format!("{}{}", self.index_prefix(), Id::of(&data).to_hex());
-            self.transfer
-                .put_bytes(&seg_key, data)
-                .await
-                .context("cannot write the index segment")?;
+            stats.wire_bytes += self.write_segment(&segment).await?.1;
         }
 
         self.refresh_reused_packs(&known, &chunked.locations)
@@ -259,6 +239,49 @@ impl ChunkStore {
             .await
             .with_context(|| format!("cannot write the manifest {key}"))?;
         Ok(stats)
+    }
+
+    /// Every index segment with its key. Segments are a cache of what the bucket holds:
+    /// one deleted meanwhile (gc compacts them) or unreadable is skipped.
+    pub async fn read_segments(&self) -> anyhow::Result<Vec<(String, ChunkTable)>> {
+        let store = self.transfer.store();
+        let segments = store
+            .list(&self.index_prefix(), None)
+            .await
+            .context("cannot list index segments")?
+            .objects;
+        let tables: Vec<Option<(String, ChunkTable)>> = futures::stream::iter(segments)
+            .map(|seg| async move {
+                let data = match store.get_range(&seg.key, 0..seg.size).await {
+                    Ok(data) => data,
+                    Err(StoreError::NotFound(_)) => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                match ChunkTable::decode_index(&seg.key, &data) {
+                    Ok(table) => Ok(Some((seg.key, table))),
+                    Err(e) => {
+                        ui::warn(format!("ignoring index segment: {e}"));
+                        Ok(None)
+                    }
+                }
+            })
+            .buffer_unordered(self.transfer.jobs())
+            .try_collect()
+            .await
+            .context("cannot read the chunk index")?;
+        Ok(tables.into_iter().flatten().collect())
+    }
+
+    /// Writes `table` as a new index segment; returns its key and size.
+    pub async fn write_segment(&self, table: &ChunkTable) -> anyhow::Result<(String, u64)> {
+        let data = Bytes::from(table.encode_index());
+        let len = data.len() as u64;
+        let key = format!("{}{}", self.index_prefix(), Id::of(&data).to_hex());
+        self.transfer
+            .put_bytes(&key, data)
+            .await
+            .context("cannot write an index segment")?;
+        Ok((key, len))
     }
 
     /// Gives reused packs older than [`REFRESH_AGE`] a new modification time, so a gc
@@ -378,7 +401,8 @@ impl ChunkStore {
     }
 }
 
-fn location(pack: Id, c: &ChunkRef) -> Location {
+/// The location of chunk `c` stored in `pack`.
+pub fn location(pack: Id, c: &ChunkRef) -> Location {
     Location {
         pack,
         offset: c.offset,
@@ -388,7 +412,7 @@ fn location(pack: Id, c: &ChunkRef) -> Location {
 }
 
 /// Builds a table, numbering packs in order of first use.
-fn table_of(chunks: impl Iterator<Item = (Id, Location)>) -> ChunkTable {
+pub fn table_of(chunks: impl Iterator<Item = (Id, Location)>) -> ChunkTable {
     let mut table = ChunkTable::default();
     let mut pack_index: HashMap<Id, u32> = HashMap::new();
     for (id, loc) in chunks {

@@ -16,7 +16,7 @@ pub async fn run_gc(config: &Config, args: &GcArgs) -> anyhow::Result<Outcome> {
         "deleted"
     };
     ui::status(format!(
-        "gc: {} manifests reference {} of {} packs; {verb} {} unreferenced packs ({}), kept {} younger than the grace period; {} index segments removed",
+        "gc: {} manifests reference {} of {} packs; {verb} {} unreferenced packs ({}), kept {} younger than the grace period; {} index segments compacted",
         report.manifests,
         report.referenced,
         report.packs,
