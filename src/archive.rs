@@ -37,13 +37,6 @@ pub struct ScannedFile {
     pub mtime: (i64, i64),
 }
 
-impl Tree {
-    /// Total bytes of the content stream.
-    pub fn stream_len(&self) -> u64 {
-        self.files.iter().map(|f| f.size).sum()
-    }
-}
-
 /// Walks `root` depth-first in byte order of names. Fifos, sockets and device nodes are
 /// skipped with a warning; symlinks are recorded, never followed.
 pub fn scan(root: &Path) -> anyhow::Result<Tree> {

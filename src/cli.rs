@@ -45,6 +45,9 @@ pub struct GlobalArgs {
     /// File holding the S3 secret key [env: CACHER_SECRET_FILE]
     #[arg(long, global = true, value_name = "PATH")]
     pub secret_file: Option<String>,
+    /// docker CLI to run [env: CACHER_DOCKER_BIN] [default: docker]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub docker_bin: Option<String>,
     /// Concurrent transfers [env: CACHER_JOBS] [default: 8]
     #[arg(long, short = 'j', global = true)]
     pub jobs: Option<usize>,
@@ -80,10 +83,48 @@ pub enum Command {
     /// Cache directory trees as deduplicated chunks
     #[command(subcommand)]
     Dir(DirCommand),
+    /// Cache docker images as deduplicated chunks
+    #[command(subcommand)]
+    Docker(DockerCommand),
     /// Delete packs no entry references and older than the grace period
     Gc(GcArgs),
     /// Delete cache entries (plain files and manifests) older than a given age
     Prune(PruneArgs),
+}
+
+/// `cacher docker ...`
+#[derive(Debug, Subcommand)]
+pub enum DockerCommand {
+    /// Store an image (`docker save`, streamed); only chunks the bucket lacks are sent
+    Upload(DockerUploadArgs),
+    /// Load a cached image into docker and tag it; with --pull, pull and seed on a miss
+    Download(DockerDownloadArgs),
+    /// Exit 0 when the key is cached, 1 when it is not
+    Exists(KeyArg),
+}
+
+/// Arguments of `docker upload`.
+#[derive(Debug, Args)]
+pub struct DockerUploadArgs {
+    /// Cache key, relative to the configured prefix
+    pub key: String,
+    /// Local image reference, e.g. myimage:latest
+    pub image: String,
+    /// Overwrite the key when it exists (only new chunks are sent)
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Arguments of `docker download`.
+#[derive(Debug, Args)]
+pub struct DockerDownloadArgs {
+    /// Cache key, relative to the configured prefix
+    pub key: String,
+    /// Image reference to have locally afterwards, e.g. postgres:16
+    pub image: String,
+    /// On a miss, `docker pull IMAGE` and seed the cache with it
+    #[arg(long)]
+    pub pull: bool,
 }
 
 /// Arguments of `gc`.

@@ -74,6 +74,8 @@ pub struct ConfigFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker_bin: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub jobs: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub multipart_threshold: Option<u64>,
@@ -102,6 +104,8 @@ pub struct Config {
     pub key_file: Setting<Option<PathBuf>>,
     /// File holding the secret key.
     pub secret_file: Setting<Option<PathBuf>>,
+    /// The docker CLI to run.
+    pub docker_bin: Setting<String>,
     /// Concurrent transfers.
     pub jobs: Setting<usize>,
     /// Plain files above this size use multipart upload and ranged download.
@@ -203,6 +207,12 @@ impl Config {
             file.secret_file.clone().map(Some),
             || None,
         );
+        let docker_bin = pick(
+            args.docker_bin.clone(),
+            "CACHER_DOCKER_BIN",
+            file.docker_bin.clone(),
+            || "docker".to_string(),
+        );
         let jobs = pick_parsed(args.jobs, "CACHER_JOBS", file.jobs, parse_jobs, || {
             DEFAULT_JOBS
         })?;
@@ -240,6 +250,7 @@ impl Config {
             arch_suffix,
             key_file: to_path(key_file),
             secret_file: to_path(secret_file),
+            docker_bin,
             jobs,
             multipart_threshold,
             part_size,
@@ -262,6 +273,8 @@ impl Config {
             arch_suffix: Some(self.arch_suffix.value),
             key_file: path_str(&self.key_file.value),
             secret_file: path_str(&self.secret_file.value),
+            docker_bin: (self.docker_bin.source != Source::Default)
+                .then(|| self.docker_bin.value.clone()),
             jobs: (self.jobs.source != Source::Default).then_some(self.jobs.value),
             multipart_threshold: (self.multipart_threshold.source != Source::Default)
                 .then_some(self.multipart_threshold.value),

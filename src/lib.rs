@@ -10,6 +10,7 @@ pub mod chunk;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod docker;
 pub mod http;
 pub mod key;
 pub mod store;

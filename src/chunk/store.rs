@@ -188,7 +188,8 @@ impl ChunkStore {
     }
 
     /// Chunks `content`, sends the chunks the bucket lacks, then writes an index
-    /// segment and finally `manifest` (its table filled in) under `key`.
+    /// segment and finally `manifest` (its table and stream length filled in) under
+    /// `key`.
     pub async fn upload<R>(
         &self,
         content: R,
@@ -231,6 +232,7 @@ impl ChunkStore {
 
         self.refresh_reused_packs(&known, &chunked.locations)
             .await?;
+        manifest.stream_len = stats.stream_bytes;
         manifest.table = table_of(chunked.order.iter().map(|id| (*id, chunked.locations[id])));
         let data = Bytes::from(manifest.encode());
         stats.wire_bytes += data.len() as u64;
@@ -370,15 +372,10 @@ impl ChunkStore {
                     self.transfer
                         .read_range(&pack_key, None, range.start..range.end, &mut buf)
                         .await
-                        .map_err(|e| match e {
-                            StoreError::NotFound(_) => anyhow::anyhow!(
-                                "pack {} is missing from the bucket; the entry cannot be restored",
-                                range.pack
-                            ),
-                            e => anyhow::Error::new(e),
-                        })?;
+                        .map_err(|e| missing_pack(e, &range.pack))?;
                     let (buf, done) = tokio::task::spawn_blocking(move || {
-                        let done = unpack_range(&range, &buf, sink.as_ref());
+                        let done =
+                            unpack_range(&range, &buf, &mut |offset, data| sink(offset, data));
                         (buf, done)
                     })
                     .await?;
@@ -398,6 +395,70 @@ impl ChunkStore {
         }
         stats.retries = self.transfer.retries() - retries_before;
         Ok(stats)
+    }
+
+    /// Fetches the chunks of `table` in stream order, verifies each, and writes the
+    /// stream to `out` on a blocking thread, `jobs` ranges fetched ahead of the writer.
+    pub async fn restore_in_order<W>(
+        &self,
+        table: &ChunkTable,
+        out: W,
+    ) -> anyhow::Result<(W, Stats)>
+    where
+        W: std::io::Write + Send + 'static,
+    {
+        let mut stats = Stats {
+            chunks: table.chunks.len() as u64,
+            packs: table.packs.len() as u64,
+            ..Stats::default()
+        };
+        let retries_before = self.transfer.retries();
+        let mut fetched = futures::stream::iter(plan_runs(table))
+            .map(|run| {
+                let pack_key = self.pack_key(&run.pack);
+                async move {
+                    let mut buf = Vec::new();
+                    self.transfer
+                        .read_range(&pack_key, None, run.start..run.end, &mut buf)
+                        .await
+                        .map_err(|e| missing_pack(e, &run.pack))?;
+                    Ok::<_, anyhow::Error>((run, buf))
+                }
+            })
+            .buffered(self.transfer.jobs());
+        let mut out = out;
+        while let Some(next) = fetched.next().await {
+            let (run, buf) = next?;
+            let (writer, done) = tokio::task::spawn_blocking(move || {
+                let mut writer = out;
+                let done = unpack_range(&run, &buf, &mut |_, data| {
+                    writer.write_all(data).context("cannot pass the stream on")
+                });
+                (
+                    writer,
+                    done.map(|(chunks, bytes)| (chunks, bytes, buf.len() as u64)),
+                )
+            })
+            .await?;
+            out = writer;
+            let (chunks, bytes, wire) = done?;
+            stats.chunks_new += chunks;
+            stats.new_bytes += bytes;
+            stats.wire_bytes += wire;
+        }
+        stats.stream_bytes = stats.new_bytes;
+        stats.retries = self.transfer.retries() - retries_before;
+        Ok((out, stats))
+    }
+}
+
+/// Names the pack when a read failed because it is gone.
+fn missing_pack(e: StoreError, pack: &Id) -> anyhow::Error {
+    match e {
+        StoreError::NotFound(_) => {
+            anyhow::anyhow!("pack {pack} is missing from the bucket; the entry cannot be restored")
+        }
+        e => anyhow::Error::new(e),
     }
 }
 
@@ -555,6 +616,35 @@ fn cut_in_batches<R: Read + Send + 'static>(
     rx.into_iter()
 }
 
+/// Runs of consecutive stream chunks stored back to back in one pack, in stream order:
+/// what a sequential consumer (`docker load`) needs. Uploads store new chunks in stream
+/// order, so runs are long except where old chunks are reused.
+fn plan_runs(table: &ChunkTable) -> Vec<FetchRange> {
+    let mut runs: Vec<FetchRange> = Vec::new();
+    let mut offset = 0u64;
+    for c in &table.chunks {
+        let pack = table.packs[c.pack as usize];
+        let (start, end) = (
+            u64::from(c.offset),
+            u64::from(c.offset) + u64::from(c.stored_len),
+        );
+        match runs.last_mut() {
+            Some(r) if r.pack == pack && r.end == start && end - r.start <= MAX_RANGE => {
+                r.end = end;
+                r.chunks.push((*c, vec![offset]));
+            }
+            _ => runs.push(FetchRange {
+                pack,
+                start,
+                end,
+                chunks: vec![(*c, vec![offset])],
+            }),
+        }
+        offset += u64::from(c.len);
+    }
+    runs
+}
+
 /// One ranged GET of a pack and the chunks it holds.
 struct FetchRange {
     pack: Id,
@@ -612,10 +702,11 @@ fn plan_ranges(table: &ChunkTable) -> Vec<FetchRange> {
 
 /// Decompresses and verifies each chunk of a fetched range and passes it to `sink`.
 /// Returns the chunk count and their uncompressed bytes.
-fn unpack_range<F>(range: &FetchRange, buf: &[u8], sink: &F) -> anyhow::Result<(u64, u64)>
-where
-    F: Fn(u64, &[u8]) -> anyhow::Result<()>,
-{
+fn unpack_range(
+    range: &FetchRange,
+    buf: &[u8],
+    sink: &mut dyn FnMut(u64, &[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<(u64, u64)> {
     let mut bytes = 0;
     for (c, offsets) in &range.chunks {
         let from = (u64::from(c.offset) - range.start) as usize;

@@ -51,7 +51,7 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         kind: ManifestKind::Dir,
         created: now_secs(),
         label: String::new(),
-        stream_len: tree.stream_len(),
+        stream_len: 0,
         table: Default::default(),
         entries: tree.entries,
     };

@@ -3,6 +3,7 @@
 
 mod delete;
 mod dir;
+mod docker;
 mod doctor;
 mod download;
 mod exists;
@@ -44,6 +45,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Delete(args) => delete::run(&config, &args.key).await,
         Command::Key(args) => key::run(&config, args),
         Command::Dir(cmd) => dir::run(&config, cmd).await,
+        Command::Docker(cmd) => docker::run(&config, cmd).await,
         Command::Gc(args) => gc::run_gc(&config, args).await,
         Command::Prune(args) => gc::run_prune(&config, args).await,
     }

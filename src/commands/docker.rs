@@ -1,0 +1,173 @@
+//! `cacher docker upload|download|exists`: docker images on the chunk store.
+//!
+//! `docker save` streams straight into the chunker (no temp file, no zstd binary); a
+//! restore streams the reassembled archive straight into `docker load`.
+
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+
+use super::Outcome;
+use crate::chunk::format::{Manifest, ManifestKind};
+use crate::chunk::store::{ChunkStore, Stored, download_stats_line, now_secs, upload_stats_line};
+use crate::cli::{DockerCommand, DockerDownloadArgs, DockerUploadArgs};
+use crate::config::Config;
+use crate::docker::{Docker, LoadStream};
+use crate::key::full_key;
+use crate::store::ObjectInfo;
+use crate::ui;
+
+pub async fn run(config: &Config, cmd: &DockerCommand) -> anyhow::Result<Outcome> {
+    match cmd {
+        DockerCommand::Upload(args) => upload(config, args).await,
+        DockerCommand::Download(args) => download(config, args).await,
+        DockerCommand::Exists(args) => super::exists::run(config, &args.key).await,
+    }
+}
+
+/// Runs a blocking docker call off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+async fn upload(config: &Config, args: &DockerUploadArgs) -> anyhow::Result<Outcome> {
+    let key = full_key(config, &args.key)?;
+    let chunks = super::dir::chunk_store(config).await?;
+    if !args.force && chunks.transfer().store().head(&key).await?.is_some() {
+        ui::status(format!(
+            "{key} already cached; skipped (use --force to overwrite)"
+        ));
+        return Ok(Outcome::Success);
+    }
+    let docker = Docker::new(&config.docker_bin.value);
+    seed(&chunks, &docker, &key, &args.image).await?;
+    Ok(Outcome::Success)
+}
+
+/// Streams `docker save IMAGE` into the chunk store under `key`.
+async fn seed(chunks: &ChunkStore, docker: &Docker, key: &str, image: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let (d, img) = (docker.clone(), image.to_string());
+    blocking(move || Ok(d.image_id(&img)?))
+        .await
+        .with_context(|| format!("cannot find the image {image}"))?;
+    let (d, img) = (docker.clone(), image.to_string());
+    let save = blocking(move || Ok(d.save(&img)?)).await?;
+    let manifest = Manifest {
+        kind: ManifestKind::Docker,
+        created: now_secs(),
+        label: image.to_string(),
+        stream_len: 0,
+        table: Default::default(),
+        entries: Vec::new(),
+    };
+    let known = chunks.load_known().await?;
+    let stats = chunks
+        .upload(save, known, manifest, key)
+        .await
+        .with_context(|| format!("upload of image {image} to {key} failed"))?;
+    ui::status(upload_stats_line(key, None, &stats, started.elapsed()));
+    Ok(())
+}
+
+async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<Outcome> {
+    let key = full_key(config, &args.key)?;
+    let chunks = super::dir::chunk_store(config).await?;
+    let docker = Docker::new(&config.docker_bin.value);
+    let started = Instant::now();
+    let stored = match chunks.fetch(&key).await? {
+        Some(stored) => stored,
+        None if args.pull => {
+            let (d, img) = (docker.clone(), args.image.clone());
+            blocking(move || Ok(d.pull(&img)?)).await.with_context(|| {
+                format!("{key} is not cached and the pull of {} failed", args.image)
+            })?;
+            ui::status(format!("{key} was not cached; pulled {}", args.image));
+            // The image is here, which is what the job needs; seeding is a bonus.
+            if let Err(e) = seed(&chunks, &docker, &key, &args.image).await {
+                ui::warn(format!("could not seed the cache: {e:#}"));
+            }
+            return Ok(Outcome::Success);
+        }
+        None => {
+            ui::status(format!("{key} is not cached"));
+            return Ok(Outcome::Miss);
+        }
+    };
+    let load = {
+        let d = docker.clone();
+        blocking(move || Ok(d.load()?)).await?
+    };
+    let (load, line) = match stored {
+        Stored::Manifest(manifest) if manifest.kind == ManifestKind::Docker => {
+            match chunks.restore_in_order(&manifest.table, load).await {
+                Ok((load, stats)) => (
+                    load,
+                    download_stats_line(&key, None, &stats, started.elapsed()),
+                ),
+                // The dropped `docker load` was killed before the archive's end.
+                Err(e) => {
+                    return Err(e.context(format!("cannot restore {key}; nothing was loaded")));
+                }
+            }
+        }
+        Stored::Manifest(_) => bail!("{key} holds a directory tree, not a docker image"),
+        Stored::Legacy(info) => (
+            feed_object(&chunks, info, load, true).await?,
+            format!("restored {key} (legacy tar.zst)"),
+        ),
+        Stored::Plain(info) => (
+            feed_object(&chunks, info, load, false).await?,
+            format!("restored {key} (plain docker archive)"),
+        ),
+    };
+    let loaded = blocking(move || Ok(load.finish()?))
+        .await
+        .with_context(|| format!("docker load of {key} failed"))?;
+    ensure_tagged(&docker, &loaded, &args.image).await?;
+    ui::status(format!("{line}; loaded as {}", args.image));
+    Ok(Outcome::Success)
+}
+
+/// Streams a plain object (a `docker save` archive, zstd-compressed when `zstd`) into
+/// `docker load`.
+async fn feed_object(
+    chunks: &ChunkStore,
+    info: ObjectInfo,
+    mut load: LoadStream,
+    zstd: bool,
+) -> anyhow::Result<LoadStream> {
+    let reader = chunks.transfer().stream_object(info);
+    let (load, copied) = tokio::task::spawn_blocking(move || {
+        let copied = if zstd {
+            zstd::stream::read::Decoder::new(reader)
+                .and_then(|mut d| std::io::copy(&mut d, &mut load))
+        } else {
+            let mut reader = reader;
+            std::io::copy(&mut reader, &mut load)
+        };
+        (load, copied)
+    })
+    .await?;
+    // On failure, dropping `load` kills docker before the archive's end: nothing loads.
+    copied.context("cannot stream the archive into docker load")?;
+    Ok(load)
+}
+
+/// Makes sure `image` names the loaded image, tagging it when the archive carried
+/// another name (or none).
+async fn ensure_tagged(docker: &Docker, loaded: &[String], image: &str) -> anyhow::Result<()> {
+    let (d, img) = (docker.clone(), image.to_string());
+    if blocking(move || Ok(d.image_id(&img)?)).await.is_ok() {
+        return Ok(());
+    }
+    let Some(source) = loaded.first().cloned() else {
+        bail!("docker load reported no image, so {image} cannot be tagged");
+    };
+    let (d, img) = (docker.clone(), image.to_string());
+    blocking(move || Ok(d.tag(&source, &img)?))
+        .await
+        .with_context(|| format!("cannot tag the loaded image as {image}"))
+}

@@ -1,0 +1,247 @@
+//! The docker CLI as a child process: `save` as a readable stream, `load` fed from a
+//! stream, `pull`, `tag` and `image inspect`. stderr is captured so failures carry
+//! docker's own words. Works with any CLI that speaks these subcommands (podman too).
+
+use std::io::{self, Read, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::thread::JoinHandle;
+
+/// Errors from running docker.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    /// The CLI could not be started.
+    #[error("cannot run `{bin}`: {source}; install docker or set --docker-bin / CACHER_DOCKER_BIN")]
+    Missing { bin: String, source: io::Error },
+    /// The CLI ran and failed.
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+/// A docker CLI.
+#[derive(Debug, Clone)]
+pub struct Docker {
+    bin: String,
+}
+
+/// Collects a child's stderr on a thread so the pipe never fills up.
+fn capture(stderr: std::process::ChildStderr) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = io::BufReader::new(stderr).read_to_string(&mut text);
+        text
+    })
+}
+
+fn one_line(text: &str) -> String {
+    let text = text.trim();
+    if text.is_empty() {
+        "no error output".to_string()
+    } else {
+        text.lines().collect::<Vec<_>>().join(" / ")
+    }
+}
+
+impl Docker {
+    /// The CLI named `bin` (found on PATH when not a path).
+    pub fn new(bin: &str) -> Docker {
+        Docker {
+            bin: bin.to_string(),
+        }
+    }
+
+    fn spawn(&self, args: &[&str], stdin: Stdio, stdout: Stdio) -> Result<Child, DockerError> {
+        Command::new(&self.bin)
+            .args(args)
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| DockerError::Missing {
+                bin: self.bin.clone(),
+                source,
+            })
+    }
+
+    fn failed(&self, args: &[&str], status: std::process::ExitStatus, stderr: &str) -> DockerError {
+        DockerError::Failed {
+            command: format!("{} {}", self.bin, args.join(" ")),
+            status: status.to_string(),
+            stderr: one_line(stderr),
+        }
+    }
+
+    /// Runs a short command and returns its stdout.
+    pub fn run(&self, args: &[&str]) -> Result<String, DockerError> {
+        let child = self.spawn(args, Stdio::null(), Stdio::piped())?;
+        let out = child
+            .wait_with_output()
+            .map_err(|source| DockerError::Missing {
+                bin: self.bin.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(self.failed(args, out.status, &String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The image's id (`sha256:…`); fails when the image is unknown or the daemon down.
+    pub fn image_id(&self, image: &str) -> Result<String, DockerError> {
+        Ok(self
+            .run(&["image", "inspect", "--format", "{{.Id}}", image])?
+            .trim()
+            .to_string())
+    }
+
+    /// `docker pull IMAGE`.
+    pub fn pull(&self, image: &str) -> Result<(), DockerError> {
+        self.run(&["pull", "--quiet", image]).map(|_| ())
+    }
+
+    /// `docker tag SOURCE TARGET`.
+    pub fn tag(&self, source: &str, target: &str) -> Result<(), DockerError> {
+        self.run(&["tag", source, target]).map(|_| ())
+    }
+
+    /// `docker save IMAGE` as a stream; reading it to the end fails if docker failed.
+    pub fn save(&self, image: &str) -> Result<SaveStream, DockerError> {
+        let args = ["save", image];
+        let mut child = self.spawn(&args, Stdio::null(), Stdio::piped())?;
+        let stderr = capture(child.stderr.take().expect("stderr is piped"));
+        let stdout = child.stdout.take().expect("stdout is piped");
+        Ok(SaveStream {
+            docker: self.clone(),
+            image: image.to_string(),
+            child,
+            stdout,
+            stderr: Some(stderr),
+        })
+    }
+
+    /// `docker load`, fed through the returned writer; call [`LoadStream::finish`].
+    pub fn load(&self) -> Result<LoadStream, DockerError> {
+        let mut child = self.spawn(&["load"], Stdio::piped(), Stdio::piped())?;
+        let stderr = capture(child.stderr.take().expect("stderr is piped"));
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stdout = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = io::BufReader::new(stdout).read_to_string(&mut text);
+            text
+        });
+        let stdin = child.stdin.take().expect("stdin is piped");
+        Ok(LoadStream {
+            docker: self.clone(),
+            child,
+            stdin: Some(stdin),
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+        })
+    }
+}
+
+/// The archive `docker save` writes.
+pub struct SaveStream {
+    docker: Docker,
+    image: String,
+    child: Child,
+    stdout: ChildStdout,
+    stderr: Option<JoinHandle<String>>,
+}
+
+impl Read for SaveStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.stdout.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            // End of the archive: only a successful exit makes it complete.
+            let status = self.child.wait()?;
+            let stderr = self
+                .stderr
+                .take()
+                .map(|h| h.join().unwrap_or_default())
+                .unwrap_or_default();
+            if !status.success() {
+                let args = ["save", self.image.as_str()];
+                return Err(io::Error::other(self.docker.failed(&args, status, &stderr)));
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for SaveStream {
+    fn drop(&mut self) {
+        // Abandoned mid-stream (an upload failed): do not leave docker running.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A running `docker load`.
+pub struct LoadStream {
+    docker: Docker,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Option<JoinHandle<String>>,
+    stderr: Option<JoinHandle<String>>,
+}
+
+impl Write for LoadStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stdin
+            .as_mut()
+            .ok_or_else(|| io::Error::other("docker load input already closed"))?
+            .write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.stdin.as_mut() {
+            Some(s) => s.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl LoadStream {
+    /// Closes the input and waits; returns the references docker reports it loaded
+    /// (`Loaded image: REF` or `Loaded image ID: sha256:…`).
+    pub fn finish(mut self) -> Result<Vec<String>, DockerError> {
+        drop(self.stdin.take());
+        let status = self.child.wait().map_err(|source| DockerError::Missing {
+            bin: self.docker.bin.clone(),
+            source,
+        })?;
+        let joined = |h: Option<JoinHandle<String>>| {
+            h.map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+        };
+        let stdout = joined(self.stdout.take());
+        let stderr = joined(self.stderr.take());
+        if !status.success() {
+            return Err(self.docker.failed(&["load"], status, &stderr));
+        }
+        Ok(stdout
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("Loaded image: ")
+                    .or_else(|| l.strip_prefix("Loaded image ID: "))
+            })
+            .map(|s| s.trim().to_string())
+            .collect())
+    }
+}
+
+impl Drop for LoadStream {
+    /// A load dropped before [`LoadStream::finish`] had bad or partial input: kill
+    /// docker before the archive's end, so it imports nothing.
+    fn drop(&mut self) {
+        if self.stdin.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
