@@ -1,14 +1,52 @@
 #!/usr/bin/env bash
-# The project's test command: installs Garage when it is missing, then runs the whole
-# suite. The test harness (tests/util/garage.rs) starts its own single-node Garage on
-# loopback with random ports and a temp dir, and the node dies with the test process.
+# The project's test command. Installs what the tests need when it is missing (Garage;
+# Debian's docker.io and docker-registry when running as root), starts dockerd and a
+# registry on 127.0.0.1:5000 when they are not running, runs the whole suite, and
+# stops what it started. The test harness (tests/util/garage.rs) starts its own
+# single-node Garage on loopback with random ports and a temp dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
+started=()
+cleanup() {
+  for pid in "${started[@]}"; do kill "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
 
 if ! command -v garage >/dev/null 2>&1; then
   echo "scripts/test.sh: garage not found; building it (about 9 minutes)" >&2
   cargo install garage --locked --version 2.5.0
+fi
+
+if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker-registry >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-registry >/dev/null
+  else
+    echo "scripts/test.sh: dockerd or docker-registry missing and cannot install them; docker tests will say SKIPPED" >&2
+  fi
+fi
+
+if command -v dockerd >/dev/null 2>&1 && ! docker info >/dev/null 2>&1; then
+  dockerd >/tmp/cacher-test-dockerd.log 2>&1 &
+  started+=($!)
+  for _ in $(seq 1 120); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+fi
+
+if command -v docker-registry >/dev/null 2>&1 \
+  && ! curl -sf http://127.0.0.1:5000/v2/ >/dev/null 2>&1; then
+  registry_dir=$(mktemp -d)
+  cat >"$registry_dir/config.yml" <<YAML
+version: 0.1
+storage:
+  filesystem:
+    rootdirectory: $registry_dir/data
+http:
+  addr: 127.0.0.1:5000
+YAML
+  docker-registry serve "$registry_dir/config.yml" >"$registry_dir/log" 2>&1 &
+  started+=($!)
+  for _ in $(seq 1 40); do curl -sf http://127.0.0.1:5000/v2/ >/dev/null 2>&1 && break; sleep 0.25; done
 fi
 
 cargo test "$@"

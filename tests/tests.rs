@@ -5,6 +5,7 @@ mod util;
 
 mod config;
 mod dir;
+mod docker;
 mod file_store;
 mod gc;
 mod keys;
