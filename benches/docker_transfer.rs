@@ -1,0 +1,218 @@
+//! Docker benchmark: an image of a few hundred MB and a rebuild whose last layer
+//! changed, through `cacher docker` and through `docker save | zstd -T0 -3 | aws s3 cp -`
+//! (and the inverse into `docker load`), against the same Garage node, in one run.
+//!
+//! Run with `cargo bench --bench docker_transfer` with a docker daemon running and
+//! garage, aws, zstd on PATH. The first layer is the cargo registry tree that
+//! `dir_transfer` builds under /dev/shm/cacher-bench-trees (run that bench first), the
+//! last a few MB of fresh random bytes. `BENCH_BIG_IMAGE=1` adds a 2 GB image to check
+//! that cacher's peak RSS stays bounded.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{Garage, garage, measure};
+
+fn docker(args: &[&str]) {
+    let status = Command::new("docker")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("docker");
+    assert!(status.success(), "docker {args:?} failed");
+}
+
+/// Builds `tag` from a context holding the tree `base_tree` (one layer) and `app.bin`
+/// of `app_mib` random MiB (the last layer).
+fn build(ctx: &Path, tag: &str, base_tree: Option<&str>, app_mib: usize, seed: u64) {
+    let _ = std::fs::remove_dir_all(ctx);
+    std::fs::create_dir_all(ctx).unwrap();
+    let mut dockerfile = String::from("FROM scratch\n");
+    if let Some(tree) = base_tree {
+        let status = Command::new("cp")
+            .args(["-a", tree, ctx.join("tree").to_str().unwrap()])
+            .status()
+            .expect("cp");
+        assert!(status.success());
+        dockerfile.push_str("COPY tree /tree\n");
+    }
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut app = vec![0u8; app_mib << 20];
+    rng.fill(&mut app);
+    std::fs::write(ctx.join("app.bin"), app).unwrap();
+    dockerfile.push_str("COPY app.bin /app.bin\n");
+    std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
+    let status = Command::new("docker")
+        .args(["build", "-q", "-t", tag, ctx.to_str().unwrap()])
+        .env("DOCKER_BUILDKIT", "0")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("docker build");
+    assert!(status.success(), "build {tag}");
+}
+
+fn stored_bytes(g: &Garage, home: &Path, prefix: &str) -> u64 {
+    let out = common::cacher(g, home, &["list", "--root", "--recursive", prefix])
+        .output()
+        .expect("list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .sum()
+}
+
+fn cacher_run(g: &Garage, home: &Path, args: &[&str]) -> (common::Measure, String) {
+    let log = home.join("cacher.log");
+    let mut cmd = common::cacher(g, home, args);
+    cmd.stderr(std::fs::File::create(&log).expect("log"))
+        .stdout(std::process::Stdio::null());
+    let m = measure(&mut cmd);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    (m, text.lines().last().unwrap_or("").to_string())
+}
+
+fn bash_aws(g: &Garage, dir: &Path, script: &str) -> common::Measure {
+    let mut cmd = Command::new("bash");
+    cmd.args(["-c", &format!("set -eo pipefail; {script}")])
+        .stdout(std::process::Stdio::null());
+    common::aws_env(&mut cmd, g, dir);
+    measure(&mut cmd)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let scratch = common::scratch();
+    let tree = scratch.join("cacher-bench-trees/a/registry");
+    assert!(
+        tree.is_dir(),
+        "run `cargo bench --bench dir_transfer` first to build {}",
+        tree.display()
+    );
+    let g = garage();
+    let work = tempfile::tempdir_in(&scratch).expect("work dir");
+    let home = work.path();
+    let (e, bucket) = (&g.endpoint, &g.bucket);
+    let ctx = home.join("ctx");
+
+    build(
+        &ctx,
+        "cacher-bench/app:v1",
+        Some(tree.to_str().unwrap()),
+        8,
+        1,
+    );
+    build(
+        &ctx,
+        "cacher-bench/app:v2",
+        Some(tree.to_str().unwrap()),
+        8,
+        2,
+    );
+    let _ = std::fs::remove_dir_all(&ctx);
+    println!(
+        "image: one layer of a 401 MiB cargo registry tree, one of 8 MiB random bytes; v2 changes the last layer"
+    );
+    println!(
+        "baseline: docker save | zstd -T0 -3 | {}",
+        common::aws_version()
+    );
+
+    let base_up = |tag: &str, name: &str| {
+        bash_aws(
+            g,
+            home,
+            &format!(
+                "docker save {tag} | zstd -q -T0 -3 | aws --endpoint-url {e} s3 cp - s3://{bucket}/base/{name}.tar.zst"
+            ),
+        )
+    };
+    let base_up_1 = base_up("cacher-bench/app:v1", "v1");
+    let (cacher_up_1, line_1) = cacher_run(
+        g,
+        home,
+        &["docker", "upload", "bench/v1", "cacher-bench/app:v1"],
+    );
+    let base_up_2 = base_up("cacher-bench/app:v2", "v2");
+    let (cacher_up_2, line_2) = cacher_run(
+        g,
+        home,
+        &["docker", "upload", "bench/v2", "cacher-bench/app:v2"],
+    );
+
+    docker(&["rmi", "cacher-bench/app:v2"]);
+    let base_down = bash_aws(
+        g,
+        home,
+        &format!(
+            "aws --endpoint-url {e} s3 cp s3://{bucket}/base/v2.tar.zst - | zstd -q -d | docker load"
+        ),
+    );
+    docker(&["rmi", "cacher-bench/app:v2"]);
+    let (cacher_down, line_down) = cacher_run(
+        g,
+        home,
+        &["docker", "download", "bench/v2", "cacher-bench/app:v2"],
+    );
+
+    let base_v2 = stored_bytes(g, home, "base/v2.tar.zst");
+    let sent = |line: &str| {
+        line.split("sent ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .unwrap_or("?")
+            .to_string()
+    };
+    println!("cacher upload v1: {line_1}");
+    println!("cacher upload v2: {line_2}");
+    println!("cacher restore v2: {line_down}");
+    println!();
+    println!(
+        "{:<26} {:>14} {:>12} {:>8}",
+        "", "save+zstd+aws", "cacher", "ratio"
+    );
+    let row = |name: &str, base: f64, ours: f64| {
+        println!(
+            "{name:<26} {base:>13.2}s {ours:>11.2}s {:>8.3}",
+            ours / base
+        );
+    };
+    row("upload v1 (cold)", base_up_1.secs, cacher_up_1.secs);
+    row("upload v2 (last layer)", base_up_2.secs, cacher_up_2.secs);
+    println!(
+        "{:<26} {:>11.2}MiB {:>12}",
+        "  bytes sent for v2",
+        base_v2 as f64 / 1048576.0,
+        sent(&line_2)
+    );
+    row("restore v2 (into load)", base_down.secs, cacher_down.secs);
+    println!(
+        "peak RSS MiB: cacher up {:.0} / {:.0}, restore {:.0}",
+        cacher_up_1.max_rss_mib, cacher_up_2.max_rss_mib, cacher_down.max_rss_mib
+    );
+    docker(&["rmi", "cacher-bench/app:v1", "cacher-bench/app:v2"]);
+
+    if std::env::var("BENCH_BIG_IMAGE").is_ok() {
+        build(&ctx, "cacher-bench/big:v1", None, 2048, 3);
+        let _ = std::fs::remove_dir_all(&ctx);
+        let (up, _) = cacher_run(
+            g,
+            home,
+            &["docker", "upload", "bench/big", "cacher-bench/big:v1"],
+        );
+        docker(&["rmi", "cacher-bench/big:v1"]);
+        let (down, _) = cacher_run(
+            g,
+            home,
+            &["docker", "download", "bench/big", "cacher-bench/big:v1"],
+        );
+        println!(
+            "2 GiB image: cacher upload {:.2}s peak RSS {:.0} MiB; restore {:.2}s peak RSS {:.0} MiB",
+            up.secs, up.max_rss_mib, down.secs, down.max_rss_mib
+        );
+        docker(&["rmi", "cacher-bench/big:v1"]);
+    }
+}
