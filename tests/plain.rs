@@ -379,3 +379,49 @@ pub fn hex_sha256(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
 }
+
+#[test]
+fn ctrl_c_exits_130_and_leaves_no_partial_file() {
+    let env = TestEnv::s3("sigint");
+    let server = HttpServer::start(vec![(
+        "/slow",
+        Reply::Slow {
+            body: vec![1u8; 64 * 1024],
+            pause_ms: 20,
+        },
+    )]);
+    let dest = env.path("dest.bin");
+    let child = env
+        .cmd([
+            "download",
+            "k",
+            dest.to_str().unwrap(),
+            "--url",
+            &server.url("/slow"),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dest.exists(), "DEST not created");
+    let names: Vec<_> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.to_string_lossy().starts_with(".cacher-")),
+        "{names:?}"
+    );
+    env.run(["exists", "k"]).code(1);
+}

@@ -14,6 +14,8 @@ pub enum Reply {
     Status(u16),
     /// Announces `len` bytes but sends only `body`, then closes.
     Truncated { body: Vec<u8>, len: usize },
+    /// 200 with this body, sent 1 KiB at a time with a pause between pieces.
+    Slow { body: Vec<u8>, pause_ms: u64 },
 }
 
 /// The server; it stops when the test process ends.
@@ -55,6 +57,20 @@ impl HttpServer {
                 }
                 *counter.lock().unwrap().entry(path.clone()).or_insert(0) += 1;
                 let (status, body, len) = match routes.get(&path) {
+                    Some(Reply::Slow { body, pause_ms }) => {
+                        let head = format!(
+                            "HTTP/1.1 200 X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = stream.write_all(head.as_bytes());
+                        for piece in body.chunks(1024) {
+                            if stream.write_all(piece).is_err() {
+                                break;
+                            }
+                            std::thread::sleep(std::time::Duration::from_millis(*pause_ms));
+                        }
+                        continue;
+                    }
                     Some(Reply::Body(b)) => (200, b.clone(), b.len()),
                     Some(Reply::Status(s)) => (*s, b"nope".to_vec(), 4),
                     Some(Reply::Truncated { body, len }) => (200, body.clone(), *len),
