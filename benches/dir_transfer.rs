@@ -13,7 +13,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Garage, garage, measure};
+use common::{bash_aws, cacher_run, garage, measure, stored_bytes};
 
 const BASE_DEPS: &str = r#"
 tokio = { version = "1", features = ["full"] }
@@ -87,35 +87,6 @@ fn du(path: &str) -> u64 {
         .next()
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
-}
-
-/// Sum of object sizes under `prefix` (recursive `cacher list --root`).
-fn stored_bytes(g: &Garage, home: &Path, prefix: &str) -> u64 {
-    let out = common::cacher(g, home, &["list", "--root", "--recursive", prefix])
-        .output()
-        .expect("list");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok())
-        .sum()
-}
-
-/// Runs cacher and returns (measure, stderr's stats line).
-fn cacher_run(g: &Garage, home: &Path, args: &[&str]) -> (common::Measure, String) {
-    let log = home.join("cacher.log");
-    let mut cmd = common::cacher(g, home, args);
-    cmd.stderr(std::fs::File::create(&log).expect("log"))
-        .stdout(std::process::Stdio::null());
-    let m = measure(&mut cmd);
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    (m, text.lines().last().unwrap_or("").to_string())
-}
-
-fn bash_aws(g: &Garage, dir: &Path, script: &str) -> common::Measure {
-    let mut cmd = Command::new("bash");
-    cmd.args(["-c", &format!("set -eo pipefail; {script}")]);
-    common::aws_env(&mut cmd, g, dir);
-    measure(&mut cmd)
 }
 
 fn restic_available() -> bool {

@@ -13,7 +13,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Garage, garage, measure};
+use common::{Garage, bash_aws, cacher_run, garage, stored_bytes};
 
 /// Size of the last layer, the one a rebuild changes: incompressible bytes, as a
 /// compiled application roughly is.
@@ -60,34 +60,6 @@ fn build(ctx: &Path, tag: &str, base_tree: Option<&str>, app_mib: usize, seed: u
         .status()
         .expect("docker build");
     assert!(status.success(), "build {tag}");
-}
-
-fn stored_bytes(g: &Garage, home: &Path, prefix: &str) -> u64 {
-    let out = common::cacher(g, home, &["list", "--root", "--recursive", prefix])
-        .output()
-        .expect("list");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok())
-        .sum()
-}
-
-fn cacher_run(g: &Garage, home: &Path, args: &[&str]) -> (common::Measure, String) {
-    let log = home.join("cacher.log");
-    let mut cmd = common::cacher(g, home, args);
-    cmd.stderr(std::fs::File::create(&log).expect("log"))
-        .stdout(std::process::Stdio::null());
-    let m = measure(&mut cmd);
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    (m, text.lines().last().unwrap_or("").to_string())
-}
-
-fn bash_aws(g: &Garage, dir: &Path, script: &str) -> common::Measure {
-    let mut cmd = Command::new("bash");
-    cmd.args(["-c", &format!("set -eo pipefail; {script}")])
-        .stdout(std::process::Stdio::null());
-    common::aws_env(&mut cmd, g, dir);
-    measure(&mut cmd)
 }
 
 fn main() {

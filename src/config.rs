@@ -365,69 +365,36 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-fn pick<T>(
-    flag: Option<T>,
-    var: &'static str,
-    file: Option<T>,
-    default: impl FnOnce() -> T,
-) -> Setting<T>
-where
-    T: From<String>,
-{
-    if let Some(value) = flag {
-        return Setting {
-            value,
-            source: Source::Flag,
-        };
-    }
-    if let Some(value) = env(var) {
-        return Setting {
-            value: T::from(value),
-            source: Source::Env(var),
-        };
-    }
-    match file {
-        Some(value) => Setting {
-            value,
-            source: Source::File,
-        },
-        None => Setting {
-            value: default(),
-            source: Source::Default,
-        },
-    }
-}
-
+/// The first of flag, environment variable and file value that is set, else the
+/// default; an environment value goes through `parse`.
 fn pick_parsed<T>(
     flag: Option<T>,
     var: &'static str,
     file: Option<T>,
-    parse: fn(&str) -> Result<T, String>,
+    parse: impl FnOnce(&str) -> Result<T, String>,
     default: impl FnOnce() -> T,
 ) -> anyhow::Result<Setting<T>> {
-    if let Some(value) = flag {
-        return Ok(Setting {
-            value,
-            source: Source::Flag,
-        });
-    }
-    if let Some(raw) = env(var) {
-        let value = parse(&raw).map_err(|e| anyhow::anyhow!("{var}={raw:?}: {e}"))?;
-        return Ok(Setting {
-            value,
-            source: Source::Env(var),
-        });
-    }
-    Ok(match file {
-        Some(value) => Setting {
-            value,
-            source: Source::File,
-        },
-        None => Setting {
-            value: default(),
-            source: Source::Default,
-        },
-    })
+    let (value, source) = match (flag, env(var), file) {
+        (Some(v), _, _) => (v, Source::Flag),
+        (None, Some(raw), _) => (
+            parse(&raw).map_err(|e| anyhow::anyhow!("{var}={raw:?}: {e}"))?,
+            Source::Env(var),
+        ),
+        (None, None, Some(v)) => (v, Source::File),
+        (None, None, None) => (default(), Source::Default),
+    };
+    Ok(Setting { value, source })
+}
+
+/// [`pick_parsed`] for values taken from the environment as they are.
+fn pick<T: From<String>>(
+    flag: Option<T>,
+    var: &'static str,
+    file: Option<T>,
+    default: impl FnOnce() -> T,
+) -> Setting<T> {
+    let verbatim = |raw: &str| Ok(T::from(raw.to_string()));
+    pick_parsed(flag, var, file, verbatim, default).expect("taking a string as it is cannot fail")
 }
 
 fn parse_bool(s: &str) -> Result<bool, String> {

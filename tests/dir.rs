@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use cacher::chunk::Id;
 use cacher::chunk::format::{ChunkTable, Entry, EntryKind, Manifest, ManifestKind};
 
-use crate::util::{TestEnv, bucket, random_bytes, rt, sh, stored};
+use crate::util::{TestEnv, bucket, random_bytes, rt, sh, stored, temp_leftovers, upload_stats};
 
 /// Everything a user would compare between two trees.
 fn snapshot(root: &Path) -> Vec<(String, String)> {
@@ -80,38 +80,6 @@ fn make_tree(env: &TestEnv, name: &str, seed: u64) -> PathBuf {
     root
 }
 
-/// `chunks T total / N new / R reused, sent X` from an upload's stats line.
-fn upload_stats(stderr: &str) -> (u64, u64, String) {
-    let line = stderr
-        .lines()
-        .find(|l| l.contains("chunks") && l.contains("uploaded"))
-        .unwrap_or_else(|| panic!("no stats line in {stderr}"));
-    let nums: Vec<u64> = line
-        .split("chunks ")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .filter_map(|w| w.parse().ok())
-        .take(2)
-        .collect();
-    let sent = line
-        .split("sent ")
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .next()
-        .unwrap();
-    (nums[0], nums[1], sent.to_string())
-}
-
-fn leftovers(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".cacher-"))
-        .collect()
-}
-
 #[test]
 fn round_trip_restores_content_modes_mtimes_symlinks_and_empty_dirs() {
     let env = TestEnv::s3("dirtrip");
@@ -126,7 +94,7 @@ fn round_trip_restores_content_modes_mtimes_symlinks_and_empty_dirs() {
     let run = env.run(["dir", "download", "gomod/a", out.to_str().unwrap()]);
     assert_eq!(run.ok().stdout.trim(), "gomod/a");
     assert_eq!(snapshot(&out), snapshot(&src));
-    assert!(leftovers(&env.path("restore")).is_empty());
+    assert!(temp_leftovers(&env.path("restore")).is_empty());
     // The manifest sits under the key; the chunks in packs beside it.
     let manifest = stored(&format!("{}/gomod/a", env.prefix)).unwrap();
     assert!(manifest.starts_with(b"CACHERMF"));
@@ -240,7 +208,10 @@ fn corrupted_or_missing_pack_fails_with_2_and_leaves_dir_untouched() {
     run.code(2);
     assert!(run.stderr.contains("corrupt"), "{}", run.stderr);
     assert_eq!(snapshot(&out), before, "DIR untouched");
-    assert!(leftovers(env.dir.path()).is_empty(), "no temp dir left");
+    assert!(
+        temp_leftovers(env.dir.path()).is_empty(),
+        "no temp dir left"
+    );
 
     let store = bucket();
     rt().block_on(store.delete(&packs[0])).unwrap();

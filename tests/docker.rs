@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use crate::util::{TestEnv, random_bytes, unique};
+use crate::util::{TestEnv, random_bytes, unique, upload_stats};
 
 const REGISTRY: &str = "127.0.0.1:5000";
 
@@ -83,28 +83,6 @@ fn rmi(tag: &str) {
     let _ = docker(&["rmi", "-f", tag]);
 }
 
-/// `N new` and the sent bytes of an upload's stats line.
-fn new_chunks_and_sent(stderr: &str) -> (u64, String) {
-    let line = stderr
-        .lines()
-        .find(|l| l.contains("uploaded"))
-        .expect("stats line");
-    let new = line
-        .split(" new")
-        .next()
-        .and_then(|s| s.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .expect("new count");
-    let sent = line
-        .split("sent ")
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .next()
-        .unwrap();
-    (new, sent.to_string())
-}
-
 #[test]
 fn image_round_trip_keeps_id_and_files() {
     if !daemon_ready("image_round_trip_keeps_id_and_files") {
@@ -172,9 +150,9 @@ fn an_image_sharing_a_big_layer_sends_only_the_new_layer() {
     );
 
     let first = env.run(["docker", "upload", "base", &base]);
-    let (new_base, _) = new_chunks_and_sent(&first.ok().stderr);
+    let (_, new_base, _) = upload_stats(&first.ok().stderr);
     let second = env.run(["docker", "upload", "next", &next]);
-    let (new_next, sent) = new_chunks_and_sent(&second.ok().stderr);
+    let (_, new_next, sent) = upload_stats(&second.ok().stderr);
     assert!(new_base > 100, "{}", first.stderr);
     assert!(
         new_next < 20,

@@ -2,7 +2,9 @@
 //! delete, multipart, `--url` seeding and the failure exit codes.
 
 use crate::util::http::{HttpServer, Reply};
-use crate::util::{TestEnv, bucket, garage, random_bytes, read, rt, stored, unique};
+use crate::util::{
+    TestEnv, bucket, garage, random_bytes, read, rt, stored, temp_leftovers, unique,
+};
 
 #[test]
 fn upload_exists_download_round_trip_is_byte_exact() {
@@ -149,16 +151,7 @@ fn sha256_mismatch_exits_2_uploads_nothing_and_keeps_dest() {
     ])
     .code(2);
     assert_eq!(read(&dest), b"previous content", "DEST left as it was");
-    let names: Vec<_> = std::fs::read_dir(env.dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(
-        !names
-            .iter()
-            .any(|n| n.to_string_lossy().starts_with(".cacher-")),
-        "{names:?}"
-    );
+    assert_eq!(temp_leftovers(env.dir.path()), Vec::<String>::new());
 }
 
 #[test]
@@ -413,15 +406,6 @@ fn ctrl_c_exits_130_and_leaves_no_partial_file() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!dest.exists(), "DEST not created");
-    let names: Vec<_> = std::fs::read_dir(env.dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(
-        !names
-            .iter()
-            .any(|n| n.to_string_lossy().starts_with(".cacher-")),
-        "{names:?}"
-    );
+    assert_eq!(temp_leftovers(env.dir.path()), Vec::<String>::new());
     env.run(["exists", "k"]).code(1);
 }

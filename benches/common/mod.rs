@@ -107,3 +107,35 @@ pub fn aws_version() -> String {
 pub fn since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64()
 }
+
+/// Sum of object sizes under `prefix` (recursive `cacher list --root`).
+pub fn stored_bytes(g: &Garage, home: &Path, prefix: &str) -> u64 {
+    let out = cacher(g, home, &["list", "--root", "--recursive", prefix])
+        .output()
+        .expect("list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Runs cacher; returns the measure and the last line it printed on stderr (the
+/// stats line).
+pub fn cacher_run(g: &Garage, home: &Path, args: &[&str]) -> (Measure, String) {
+    let log = home.join("cacher.log");
+    let mut cmd = cacher(g, home, args);
+    cmd.stderr(std::fs::File::create(&log).expect("log"))
+        .stdout(std::process::Stdio::null());
+    let m = measure(&mut cmd);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    (m, text.lines().last().unwrap_or("").to_string())
+}
+
+/// Measures a bash pipeline (the baseline) with the aws CLI set up for `g`.
+pub fn bash_aws(g: &Garage, dir: &Path, script: &str) -> Measure {
+    let mut cmd = Command::new("bash");
+    cmd.args(["-c", &format!("set -eo pipefail; {script}")])
+        .stdout(std::process::Stdio::null());
+    aws_env(&mut cmd, g, dir);
+    measure(&mut cmd)
+}

@@ -228,3 +228,37 @@ pub fn stored(full_key: &str) -> Option<Vec<u8>> {
         )
     })
 }
+
+/// `(total, new, sent)` from the stats line of a chunked upload
+/// (`chunks T total / N new / R reused, sent X, ...`).
+pub fn upload_stats(stderr: &str) -> (u64, u64, String) {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("chunks") && l.contains("uploaded"))
+        .unwrap_or_else(|| panic!("no stats line in {stderr}"));
+    let nums: Vec<u64> = line
+        .split("chunks ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .filter_map(|w| w.parse().ok())
+        .take(2)
+        .collect();
+    let sent = line
+        .split("sent ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap();
+    (nums[0], nums[1], sent.to_string())
+}
+
+/// Names of cacher's temp files or dirs (`.cacher-*`) left in `dir`.
+pub fn temp_leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".cacher-"))
+        .collect()
+}
