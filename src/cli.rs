@@ -51,6 +51,9 @@ pub struct GlobalArgs {
     /// Concurrent transfers [env: CACHER_JOBS] [default: 8]
     #[arg(long, short = 'j', global = true)]
     pub jobs: Option<usize>,
+    /// Seconds without progress before a request is retried or fails [env: CACHER_TIMEOUT] [default: 60]
+    #[arg(long, global = true, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
     /// Print errors only (no summary lines)
     #[arg(long, short, global = true)]
     pub quiet: bool,

@@ -19,6 +19,8 @@ pub const DEFAULT_REGION: &str = "garage";
 pub const DEFAULT_JOBS: usize = 8;
 /// Default size above which plain files go up in multipart and down in ranges.
 pub const DEFAULT_MULTIPART_THRESHOLD: u64 = 64 * 1024 * 1024;
+/// Default seconds without progress before a request is abandoned.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
 /// Default multipart part size (and ranged-GET size).
 pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
 
@@ -78,6 +80,8 @@ pub struct ConfigFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jobs: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub multipart_threshold: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub part_size: Option<u64>,
@@ -108,6 +112,8 @@ pub struct Config {
     pub docker_bin: Setting<String>,
     /// Concurrent transfers.
     pub jobs: Setting<usize>,
+    /// Seconds without progress before a request is abandoned (and retried).
+    pub timeout: Setting<u64>,
     /// Plain files above this size use multipart upload and ranged download.
     pub multipart_threshold: Setting<u64>,
     /// Multipart part size and ranged-GET size.
@@ -216,6 +222,16 @@ impl Config {
         let jobs = pick_parsed(args.jobs, "CACHER_JOBS", file.jobs, parse_jobs, || {
             DEFAULT_JOBS
         })?;
+        let timeout = pick_parsed(
+            args.timeout,
+            "CACHER_TIMEOUT",
+            file.timeout,
+            parse_u64,
+            || DEFAULT_TIMEOUT_SECS,
+        )?;
+        if timeout.value == 0 {
+            bail!("timeout must be at least 1 second");
+        }
         let multipart_threshold = pick_parsed(
             None,
             "CACHER_MULTIPART_THRESHOLD",
@@ -252,6 +268,7 @@ impl Config {
             secret_file: to_path(secret_file),
             docker_bin,
             jobs,
+            timeout,
             multipart_threshold,
             part_size,
         })
@@ -276,6 +293,7 @@ impl Config {
             docker_bin: (self.docker_bin.source != Source::Default)
                 .then(|| self.docker_bin.value.clone()),
             jobs: (self.jobs.source != Source::Default).then_some(self.jobs.value),
+            timeout: (self.timeout.source != Source::Default).then_some(self.timeout.value),
             multipart_threshold: (self.multipart_threshold.source != Source::Default)
                 .then_some(self.multipart_threshold.value),
             part_size: (self.part_size.source != Source::Default).then_some(self.part_size.value),

@@ -105,7 +105,7 @@ pub struct Transfer {
 pub struct Report {
     /// Bytes moved.
     pub bytes: u64,
-    /// Requests retried after a temporary fault.
+    /// Requests retried after a temporary fault, in the whole command so far.
     pub retries: u64,
     /// sha256 of the content, hex, when it was computed.
     pub sha256: Option<String>,
@@ -164,9 +164,10 @@ impl Transfer {
         self.jobs
     }
 
-    /// Retries done so far by this engine.
+    /// Retries done so far in this process, this engine's and the store's own: the
+    /// summary of a command reports all of them.
     pub fn retries(&self) -> u64 {
-        self.retries.load(Ordering::Relaxed)
+        self.retries.load(Ordering::Relaxed) + self.store.retries()
     }
 
     /// Reads `range` of `key` into `buf`, retrying temporary faults; with `etag`, the
@@ -217,7 +218,6 @@ impl Transfer {
         }
         let size = meta.len();
         let progress = Progress::new(format!("uploading {key}"), size);
-        let retries_before = self.retries.load(Ordering::Relaxed);
 
         let sha256 = if size > self.multipart_threshold {
             let opts = PutOptions {
@@ -241,7 +241,7 @@ impl Transfer {
             progress.add(size);
             opts.sha256
         };
-        let retries = self.retries.load(Ordering::Relaxed) - retries_before;
+        let retries = self.retries();
         progress.finish("uploaded", key, &retry_note(retries));
         Ok(Report {
             bytes: size,
@@ -345,7 +345,6 @@ impl Transfer {
         file.set_len(info.size)
             .with_context(|| format!("cannot size the temp file for {}", dest.display()))?;
         let progress = Progress::new(format!("downloading {key}"), info.size);
-        let retries_before = self.retries.load(Ordering::Relaxed);
 
         let ranges = (0..info.size.div_ceil(RANGE_SIZE)).map(|i| {
             let start = i * RANGE_SIZE;
@@ -406,7 +405,7 @@ impl Transfer {
             .into());
         }
         persist(tmp, dest)?;
-        let retries = self.retries.load(Ordering::Relaxed) - retries_before;
+        let retries = self.retries();
         progress.finish("downloaded", key, &retry_note(retries));
         Ok(Report {
             bytes: info.size,

@@ -6,6 +6,7 @@ mod util;
 mod config;
 mod dir;
 mod docker;
+mod faults;
 mod file_store;
 mod gc;
 mod keys;

@@ -91,7 +91,7 @@ pub struct Stats {
     pub wire_bytes: u64,
     /// Pack objects written or read.
     pub packs: u64,
-    /// Requests retried.
+    /// Requests retried in the whole command so far.
     pub retries: u64,
 }
 
@@ -240,6 +240,7 @@ impl ChunkStore {
             .put_bytes(key, data)
             .await
             .with_context(|| format!("cannot write the manifest {key}"))?;
+        stats.retries = self.transfer.retries();
         Ok(stats)
     }
 
@@ -362,7 +363,6 @@ impl ChunkStore {
             ..Stats::default()
         };
         let pool = BufferPool::default();
-        let retries_before = self.transfer.retries();
         let results: Vec<(u64, u64, u64)> = futures::stream::iter(ranges)
             .map(|range| {
                 let (pool, sink) = (&pool, sink.clone());
@@ -393,7 +393,7 @@ impl ChunkStore {
             stats.new_bytes += bytes;
             stats.wire_bytes += wire;
         }
-        stats.retries = self.transfer.retries() - retries_before;
+        stats.retries = self.transfer.retries();
         Ok(stats)
     }
 
@@ -412,7 +412,6 @@ impl ChunkStore {
             packs: table.packs.len() as u64,
             ..Stats::default()
         };
-        let retries_before = self.transfer.retries();
         let mut fetched = futures::stream::iter(plan_runs(table))
             .map(|run| {
                 let pack_key = self.pack_key(&run.pack);
@@ -447,7 +446,7 @@ impl ChunkStore {
             stats.wire_bytes += wire;
         }
         stats.stream_bytes = stats.new_bytes;
-        stats.retries = self.transfer.retries() - retries_before;
+        stats.retries = self.transfer.retries();
         Ok((out, stats))
     }
 }

@@ -143,6 +143,11 @@ pub trait Store: Send + Sync {
     /// A short description for messages, e.g. `s3://bucket (http://127.0.0.1:3900)`.
     fn describe(&self) -> String;
 
+    /// Requests the backend retried on its own so far (network faults, 5xx).
+    fn retries(&self) -> u64 {
+        0
+    }
+
     /// Checks that the bucket exists and the credentials may read it.
     async fn check_bucket(&self) -> StoreResult<()>;
 

@@ -6,6 +6,8 @@
 //! instead so the server still verifies every body.
 
 use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,10 +18,14 @@ use aws_sdk_s3::config::{
     BehaviorVersion, Region, RequestChecksumCalculation, ResponseChecksumValidation,
     StalledStreamProtectionConfig,
 };
+use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload};
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
+use aws_smithy_runtime_api::client::retries::RequestAttempts;
 use aws_smithy_types::byte_stream::Length;
 use base64::Engine;
 
@@ -30,9 +36,36 @@ use super::{
 use crate::config::Config;
 use crate::ui;
 
+/// Counts the SDK's own retries (attempts after the first), for summary lines.
+#[derive(Debug, Default)]
+struct RetryCounter(Arc<AtomicU64>);
+
+impl Intercept for RetryCounter {
+    fn name(&self) -> &'static str {
+        "cacher-retry-counter"
+    }
+
+    fn read_before_attempt(
+        &self,
+        _context: &BeforeTransmitInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        if cfg
+            .load::<RequestAttempts>()
+            .is_some_and(|a| a.attempts() > 1)
+        {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            ui::verbose("retrying a request after a temporary fault");
+        }
+        Ok(())
+    }
+}
+
 /// A bucket on an S3-compatible server.
 pub struct S3Store {
     client: Client,
+    retries: Arc<AtomicU64>,
     bucket: String,
     endpoint: String,
     /// Set once the bucket is known to exist (see [`S3Store::head`]).
@@ -59,6 +92,8 @@ impl S3Store {
             None,
             "cacher",
         );
+        let retries = Arc::new(AtomicU64::new(0));
+        let timeout = Duration::from_secs(config.timeout.value);
         let http_client = aws_smithy_http_client::Builder::new()
             .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
             .build_https();
@@ -73,23 +108,25 @@ impl S3Store {
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .retry_config(
                 RetryConfig::standard()
-                    .with_max_attempts(5)
+                    .with_max_attempts(4)
                     .with_initial_backoff(Duration::from_millis(200)),
             )
             .timeout_config(
                 TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(5))
-                    .read_timeout(Duration::from_secs(60))
+                    .connect_timeout(Duration::from_secs(5).min(timeout))
+                    .read_timeout(timeout)
                     .build(),
             )
             .stalled_stream_protection(
                 StalledStreamProtectionConfig::enabled()
-                    .grace_period(Duration::from_secs(20))
+                    .grace_period(timeout)
                     .build(),
             )
+            .interceptor(RetryCounter(retries.clone()))
             .build();
         Ok(S3Store {
             client: Client::from_conf(sdk_config),
+            retries,
             bucket: config.bucket.value.clone(),
             endpoint,
             bucket_seen: tokio::sync::OnceCell::new(),
@@ -176,6 +213,10 @@ fn to_system_time(t: &aws_sdk_s3::primitives::DateTime) -> Option<std::time::Sys
 impl Store for S3Store {
     fn describe(&self) -> String {
         format!("s3://{} ({})", self.bucket, self.endpoint)
+    }
+
+    fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
     }
 
     async fn check_bucket(&self) -> StoreResult<()> {

@@ -4,6 +4,7 @@
 
 pub mod garage;
 pub mod http;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
