@@ -305,3 +305,49 @@ pub fn move_into_place(from: &Path, dest: &Path) -> anyhow::Result<()> {
         Err(e) => Err(e).with_context(|| format!("cannot stat {}", dest.display())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(files: Vec<ScannedFile>) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        ContentReader::new(files).read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn a_file_changed_after_the_scan_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a"), "first").unwrap();
+        fs::write(dir.path().join("b"), "second").unwrap();
+        let tree = scan(dir.path()).unwrap();
+        assert_eq!(read_all(tree.files.clone()).unwrap(), b"firstsecond");
+
+        fs::write(dir.path().join("b"), "second and more").unwrap();
+        let err = read_all(tree.files.clone()).unwrap_err().to_string();
+        assert!(err.contains("grew"), "{err}");
+
+        fs::write(dir.path().join("b"), "sec").unwrap();
+        let err = read_all(tree.files.clone()).unwrap_err().to_string();
+        assert!(err.contains("shrank"), "{err}");
+
+        // Same size, new content: caught by the modification time.
+        fs::write(dir.path().join("a"), "FIRST").unwrap();
+        let old = filetime::FileTime::from_unix_time(1_000_000_000, 0);
+        filetime::set_file_mtime(dir.path().join("a"), old).unwrap();
+        let err = read_all(tree.files).unwrap_err().to_string();
+        assert!(err.contains("modified"), "{err}");
+    }
+
+    #[test]
+    fn scan_orders_by_name_bytes_and_lists_parents_first() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("b/c")).unwrap();
+        fs::write(dir.path().join("b/c/f"), "x").unwrap();
+        fs::write(dir.path().join("a.txt"), "y").unwrap();
+        let tree = scan(dir.path()).unwrap();
+        let paths: Vec<_> = tree.entries.iter().map(|e| e.path.clone()).collect();
+        assert_eq!(paths, [&b"a.txt"[..], b"b", b"b/c", b"b/c/f"]);
+    }
+}

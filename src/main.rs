@@ -27,7 +27,17 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
-            let _ = e.print();
+            // One line, like every other error; `--help` has the details.
+            let text = e.render().to_string();
+            let summary: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+                .collect();
+            eprintln!(
+                "cacher: {} (see --help)",
+                summary.join(" ").trim_start_matches("error: ")
+            );
             return ExitCode::from(Exit::Error as u8);
         }
         Err(e) => {
