@@ -194,7 +194,7 @@ impl Transfer {
     pub async fn put_bytes(&self, key: &str, data: Bytes) -> StoreResult<()> {
         let opts = PutOptions {
             crc32: Some(crc32fast::hash(&data)),
-            sha256: None,
+            ..PutOptions::default()
         };
         self.retry("PUT", || {
             self.store.put(key, Body::Bytes(data.clone()), &opts)
@@ -205,12 +205,14 @@ impl Transfer {
     /// Uploads the file at `path` to `key`. Every body carries a CRC32 the server
     /// checks; the sha256 is recorded with the object when the caller knows it or the
     /// file is small enough to go up in one request (hashing is then nearly free).
+    /// With `if_absent`, returns `None` when another writer created the key first.
     pub async fn upload_file(
         &self,
         key: &str,
         path: &Path,
         sha256: Option<String>,
-    ) -> anyhow::Result<Report> {
+        if_absent: bool,
+    ) -> anyhow::Result<Option<Report>> {
         let meta =
             std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
         if !meta.is_file() {
@@ -219,14 +221,15 @@ impl Transfer {
         let size = meta.len();
         let progress = Progress::new(format!("uploading {key}"), size);
 
-        let sha256 = if size > self.multipart_threshold {
+        let written = if size > self.multipart_threshold {
             let opts = PutOptions {
                 crc32: None,
                 sha256: sha256.clone(),
+                if_absent,
             };
             self.upload_multipart(key, path, size, &opts, &progress)
-                .await?;
-            sha256
+                .await
+                .map(|()| sha256)
         } else {
             let slice = FileSlice::new(path, 0, size);
             let want_sha = sha256.is_none();
@@ -234,20 +237,29 @@ impl Transfer {
             let opts = PutOptions {
                 crc32: Some(crc32),
                 sha256: sha256.or(file_sha),
+                if_absent,
             };
             self.retry("PUT", || self.store.put(key, slice.body(), &opts))
                 .await
-                .with_context(|| format!("upload of {} to {key} failed", path.display()))?;
-            progress.add(size);
-            opts.sha256
+                .map(|()| opts.sha256.clone())
+                .with_context(|| format!("upload of {} to {key} failed", path.display()))
         };
+        let sha256 = match written {
+            Err(e) if matches!(e.downcast_ref::<StoreError>(), Some(StoreError::Exists(_))) => {
+                return Ok(None);
+            }
+            other => other?,
+        };
+        if size <= self.multipart_threshold {
+            progress.add(size);
+        }
         let retries = self.retries();
         progress.finish("uploaded", key, &retry_note(retries));
-        Ok(Report {
+        Ok(Some(Report {
             bytes: size,
             retries,
             sha256,
-        })
+        }))
     }
 
     /// Part size for `size` bytes: the configured one, grown to stay within 10,000 parts.
@@ -319,8 +331,15 @@ impl Transfer {
             }
             Err(e) => Err(e),
         };
+        // An upload that vanished was cancelled by the server because another writer
+        // completed the same key first (Garage does this): the key holds their object.
+        let result = result.map_err(|e| match e {
+            StoreError::NotFound(_) => StoreError::Exists(key.to_string()),
+            e => e,
+        });
         if let Err(e) = result {
-            if let Err(abort) = self.store.multipart_abort(&upload).await {
+            let abort = self.store.multipart_abort(&upload).await;
+            if let (Err(abort), false) = (abort, matches!(e, StoreError::Exists(_))) {
                 ui::warn(format!(
                     "could not abort the multipart upload of {key}: {abort}"
                 ));

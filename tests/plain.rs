@@ -409,3 +409,36 @@ fn ctrl_c_exits_130_and_leaves_no_partial_file() {
     assert_eq!(temp_leftovers(env.dir.path()), Vec::<String>::new());
     env.run(["exists", "k"]).code(1);
 }
+
+#[test]
+fn racing_uploads_without_force_leave_one_complete_object() {
+    for mut env in [TestEnv::s3("race"), TestEnv::file_store()] {
+        env.set("CACHER_MULTIPART_THRESHOLD", "8388608");
+        let contents: Vec<Vec<u8>> = (0..6)
+            .map(|i| random_bytes(9 * 1024 * 1024, 50 + i))
+            .collect();
+        let children: Vec<_> = contents
+            .iter()
+            .enumerate()
+            .map(|(i, data)| {
+                let path = env.write(&format!("src{i}"), data);
+                env.cmd(["upload", "raced", path.to_str().unwrap()])
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let dest = env.path("dest");
+        env.run(["download", "raced", dest.to_str().unwrap()]).ok();
+        let got = read(&dest);
+        assert!(contents.contains(&got), "one writer's complete content");
+    }
+}

@@ -49,7 +49,12 @@ pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome
     }
     // Seeding the cache is a bonus: the file the job needs is already here.
     if let Err(e) = transfer
-        .upload_file(&key, fetched.file.path(), Some(fetched.sha256.clone()))
+        .upload_file(
+            &key,
+            fetched.file.path(),
+            Some(fetched.sha256.clone()),
+            false,
+        )
         .await
     {
         ui::warn(format!("could not seed the cache: {e:#}"));

@@ -23,8 +23,14 @@ pub async fn run(config: &Config, args: &UploadArgs) -> anyhow::Result<Outcome> 
         ));
         return Ok(Outcome::Success);
     }
-    Transfer::new(store, config)
-        .upload_file(&key, &args.path, None)
+    // Racing writers never corrupt a key: without --force the first to finish keeps it
+    // where the server honours If-None-Match (elsewhere the last complete write wins);
+    // a multipart upload the server cancelled because another finished is skipped too.
+    let written = Transfer::new(store, config)
+        .upload_file(&key, &args.path, None, !args.force)
         .await?;
+    if written.is_none() {
+        ui::status(format!("{key} was written by a concurrent upload; skipped"));
+    }
     Ok(Outcome::Success)
 }

@@ -67,15 +67,27 @@ impl FileStore {
         Ok((path, file))
     }
 
-    fn publish(&self, tmp: &Path, key: &str) -> StoreResult<()> {
+    /// Moves a finished temp file to `key`; with `if_absent`, a hard link makes the
+    /// creation atomic and fails when the key exists.
+    fn publish(&self, tmp: &Path, key: &str, if_absent: bool) -> StoreResult<()> {
         let dest = self.object_path(key)?;
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).map_err(|e| io_error("create", parent, e))?;
         }
-        fs::rename(tmp, &dest).map_err(|e| {
+        let result = if if_absent {
+            let linked = fs::hard_link(tmp, &dest);
             let _ = fs::remove_file(tmp);
-            io_error("rename into", &dest, e)
-        })
+            linked.map_err(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => StoreError::Exists(key.to_string()),
+                _ => io_error("link into", &dest, e),
+            })
+        } else {
+            fs::rename(tmp, &dest).map_err(|e| io_error("rename into", &dest, e))
+        };
+        if result.is_err() {
+            let _ = fs::remove_file(tmp);
+        }
+        result
     }
 }
 
@@ -202,7 +214,7 @@ impl Store for FileStore {
         result
     }
 
-    async fn put(&self, key: &str, body: Body, _opts: &PutOptions) -> StoreResult<()> {
+    async fn put(&self, key: &str, body: Body, opts: &PutOptions) -> StoreResult<()> {
         ui::verbose(format!("PUT {key} ({} bytes)", body.len()));
         let (tmp, file) = self.new_tmp_file()?;
         let written = blocking(move || {
@@ -215,14 +227,14 @@ impl Store for FileStore {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        self.publish(&tmp, key)
+        self.publish(&tmp, key, opts.if_absent)
     }
 
     async fn multipart_start(
         &self,
         key: &str,
         size: u64,
-        _opts: &PutOptions,
+        opts: &PutOptions,
     ) -> StoreResult<MultipartId> {
         self.object_path(key)?;
         let (tmp, file) = self.new_tmp_file()?;
@@ -234,6 +246,7 @@ impl Store for FileStore {
         Ok(MultipartId {
             key: key.to_string(),
             upload_id,
+            if_absent: opts.if_absent,
         })
     }
 
@@ -274,7 +287,7 @@ impl Store for FileStore {
                 .map_err(|e| io_error("sync", &synced, e))
         })
         .await?;
-        self.publish(&tmp, &upload.key)
+        self.publish(&tmp, &upload.key, upload.if_absent)
     }
 
     async fn multipart_abort(&self, upload: &MultipartId) -> StoreResult<()> {

@@ -80,6 +80,10 @@ pub struct PutOptions {
     pub crc32: Option<u32>,
     /// sha256 of the whole object, stored as metadata for later verification.
     pub sha256: Option<String>,
+    /// Write only if no object exists yet (`If-None-Match: *`); fails with
+    /// [`StoreError::Exists`] otherwise. Servers that ignore the header (Garage 2.5)
+    /// overwrite instead, which is still atomic.
+    pub if_absent: bool,
 }
 
 /// A multipart upload in progress.
@@ -89,6 +93,8 @@ pub struct MultipartId {
     pub key: String,
     /// Backend-specific upload handle.
     pub upload_id: String,
+    /// Complete only if no object exists yet (see [`PutOptions::if_absent`]).
+    pub if_absent: bool,
 }
 
 /// One finished part, as needed to complete the upload.
@@ -116,6 +122,9 @@ pub enum StoreError {
         "access denied by the server ({0}): check the key id, the secret and the bucket permissions"
     )]
     AccessDenied(String),
+    /// A conditional write found an object already there.
+    #[error("`{0}` was written by someone else meanwhile")]
+    Exists(String),
     /// The object changed while it was being read in ranges.
     #[error("`{0}` changed while it was being downloaded")]
     Changed(String),

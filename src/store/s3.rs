@@ -174,6 +174,14 @@ where
     }
 }
 
+/// On a write, a failed precondition is an `If-None-Match: *` that found an object.
+fn precondition_means_exists(e: StoreError) -> StoreError {
+    match e {
+        StoreError::Changed(key) => StoreError::Exists(key),
+        other => other,
+    }
+}
+
 /// `x-amz-copy-source` wants the key URL-encoded; `/` stays as the separator.
 fn urlencode_key(key: &str) -> String {
     let mut out = String::with_capacity(key.len());
@@ -330,12 +338,13 @@ impl Store for S3Store {
         }
         // The CRC32 header (signed) protects the body; signing the payload as well would
         // hash every byte twice more, here and on the server.
-        req.customize()
+        req.set_if_none_match(opts.if_absent.then(|| "*".to_string()))
+            .customize()
             .disable_payload_signing()
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| classify("PUT", key, &self.bucket, e))
+            .map_err(|e| precondition_means_exists(classify("PUT", key, &self.bucket, e)))
     }
 
     async fn multipart_start(
@@ -364,6 +373,7 @@ impl Store for S3Store {
         Ok(MultipartId {
             key: key.to_string(),
             upload_id: upload_id.to_string(),
+            if_absent: opts.if_absent,
         })
     }
 
@@ -428,6 +438,7 @@ impl Store for S3Store {
             .bucket(&self.bucket)
             .key(&upload.key)
             .upload_id(&upload.upload_id)
+            .set_if_none_match(upload.if_absent.then(|| "*".to_string()))
             .multipart_upload(
                 CompletedMultipartUpload::builder()
                     .set_parts(Some(parts))
@@ -436,7 +447,14 @@ impl Store for S3Store {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| classify("COMPLETE MULTIPART", &upload.key, &self.bucket, e))
+            .map_err(|e| {
+                precondition_means_exists(classify(
+                    "COMPLETE MULTIPART",
+                    &upload.key,
+                    &self.bucket,
+                    e,
+                ))
+            })
     }
 
     async fn multipart_abort(&self, upload: &MultipartId) -> StoreResult<()> {
