@@ -6,6 +6,7 @@
 //! environment themselves.
 
 use std::fmt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -447,6 +448,16 @@ fn read_credential(
     };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the S3 {what} file {}", path.display()))?;
+    if var == "CACHER_S3_SECRET"
+        && let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        crate::ui::warn(format!(
+            "the secret file {} can be read by other users (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        ));
+    }
     let value = text
         .strip_suffix("\r\n")
         .or_else(|| text.strip_suffix('\n'))

@@ -216,3 +216,57 @@ fn version_names_version_commit_and_platform() {
         "{out}"
     );
 }
+
+#[test]
+fn no_command_prints_the_secret_even_verbose() {
+    let (mut env, key, secret) = env_with_credential_files("secrets");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    env.set("CACHER_KEY_FILE", &key);
+    env.set("CACHER_SECRET_FILE", &secret);
+    let g = garage();
+    let f = env.write("f", "data");
+    let f = f.to_str().unwrap();
+    let tree = env.path("tree");
+    env.write("tree/a", "a");
+    let tree = tree.to_str().unwrap();
+    let dest = env.path("dest");
+    let out = env.path("out");
+    let runs = [
+        vec!["doctor", "-v"],
+        vec!["upload", "k", f, "-v"],
+        vec!["exists", "k", "-v"],
+        vec!["download", "k", dest.to_str().unwrap(), "-v"],
+        vec!["list", "-v", "--recursive"],
+        vec!["dir", "upload", "d", tree, "-v"],
+        vec!["dir", "download", "d", out.to_str().unwrap(), "-v"],
+        vec!["delete", "k", "-v"],
+        vec!["prune", "--older-than", "1h", "-v"],
+        vec!["gc", "-v"],
+        vec!["key", "x/{hash}", "--hash-from", f, "-v"],
+    ];
+    for args in runs {
+        let run = env.run(&args);
+        run.ok();
+        assert!(
+            !run.all_output().contains(&g.secret),
+            "{args:?} printed the secret"
+        );
+    }
+    // The same secret from the environment, with a wrong key id: errors stay clean.
+    env.set("CACHER_S3_SECRET", &g.secret);
+    env.set("CACHER_S3_KEY_ID", "GK000000000000000000000000");
+    let run = env.run(["upload", "k2", f, "-v"]);
+    run.code(2);
+    assert!(!run.all_output().contains(&g.secret));
+}
+
+#[test]
+fn a_world_readable_secret_file_gets_a_warning() {
+    let (mut env, key, secret) = env_with_credential_files("secretmode");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    env.set("CACHER_KEY_FILE", &key);
+    env.set("CACHER_SECRET_FILE", &secret);
+    let run = env.run(["exists", "k"]);
+    run.code(1);
+    assert!(run.stderr.contains("chmod 600"), "{}", run.stderr);
+}

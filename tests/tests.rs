@@ -5,6 +5,7 @@ mod util;
 
 mod bad_input;
 mod config;
+mod crash;
 mod dir;
 mod docker;
 mod faults;
