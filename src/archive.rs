@@ -351,3 +351,121 @@ mod tests {
         assert_eq!(paths, [&b"a.txt"[..], b"b", b"b/c", b"b/c/f"]);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::symlink;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Node {
+        File(Vec<u8>, u32),
+        Dir(u32),
+        Link(String),
+    }
+
+    /// Random trees: up to 30 paths of 1-3 segments from a small alphabet (so names
+    /// collide and nest), with contents, modes and link targets.
+    fn tree() -> impl Strategy<Value = BTreeMap<String, Node>> {
+        let segment = "[ab.é -]{1,3}";
+        let path = proptest::collection::vec(segment, 1..4).prop_map(|s| s.join("/"));
+        let node = prop_oneof![
+            (
+                proptest::collection::vec(any::<u8>(), 0..3000),
+                prop_oneof![Just(0o644u32), Just(0o755), Just(0o600)]
+            )
+                .prop_map(|(data, mode)| Node::File(data, mode)),
+            prop_oneof![Just(0o755u32), Just(0o700)].prop_map(Node::Dir),
+            "[a-z./]{1,10}".prop_map(Node::Link),
+        ];
+        proptest::collection::btree_map(path, node, 0..30)
+    }
+
+    /// Creates the nodes, skipping any that would go through a symlink or a file.
+    fn build(root: &Path, nodes: &BTreeMap<String, Node>) {
+        for (path, node) in nodes {
+            let full = root.join(path);
+            let through_non_dir = Path::new(path)
+                .ancestors()
+                .skip(1)
+                .any(|a| fs::symlink_metadata(root.join(a)).is_ok_and(|m| !m.is_dir()));
+            let parent = full.parent().unwrap();
+            let dotted = path.split('/').any(|s| s == "." || s == "..");
+            if dotted
+                || through_non_dir
+                || fs::create_dir_all(parent).is_err()
+                || fs::symlink_metadata(&full).is_ok()
+            {
+                continue;
+            }
+            match node {
+                Node::File(data, mode) => {
+                    fs::write(&full, data).unwrap();
+                    fs::set_permissions(&full, fs::Permissions::from_mode(*mode)).unwrap();
+                }
+                Node::Dir(mode) => {
+                    fs::create_dir(&full).unwrap();
+                    fs::set_permissions(&full, fs::Permissions::from_mode(*mode)).unwrap();
+                }
+                Node::Link(target) => symlink(target, &full).unwrap(),
+            }
+        }
+    }
+
+    fn snapshot(root: &Path) -> Vec<(PathBuf, String)> {
+        let mut out = Vec::new();
+        for e in walkdir::WalkDir::new(root).min_depth(1).sort_by_file_name() {
+            let e = e.unwrap();
+            let meta = fs::symlink_metadata(e.path()).unwrap();
+            let what = if meta.file_type().is_symlink() {
+                format!("link {:?}", fs::read_link(e.path()).unwrap())
+            } else if meta.is_dir() {
+                format!(
+                    "dir {:o} {}.{}",
+                    meta.mode() & 0o7777,
+                    meta.mtime(),
+                    meta.mtime_nsec()
+                )
+            } else {
+                format!(
+                    "file {:o} {}.{} {:?}",
+                    meta.mode() & 0o7777,
+                    meta.mtime(),
+                    meta.mtime_nsec(),
+                    fs::read(e.path()).unwrap()
+                )
+            };
+            out.push((e.path().strip_prefix(root).unwrap().to_path_buf(), what));
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn scan_stream_and_restore_round_trip(nodes in tree(), cut in 1usize..5000) {
+            let work = tempfile::tempdir().unwrap();
+            let src = work.path().join("src");
+            fs::create_dir(&src).unwrap();
+            build(&src, &nodes);
+
+            let tree = scan(&src).unwrap();
+            let mut stream = Vec::new();
+            ContentReader::new(tree.files).read_to_end(&mut stream).unwrap();
+            let out = work.path().join("out");
+            let restorer = Restorer::create(&out, tree.entries).unwrap();
+            // Content arrives in pieces of arbitrary size, last piece first.
+            let pieces: Vec<(usize, &[u8])> = stream.chunks(cut).enumerate().map(|(i, p)| (i * cut, p)).collect();
+            for (offset, piece) in pieces.into_iter().rev() {
+                restorer.write(offset as u64, piece).unwrap();
+            }
+            restorer.finish().unwrap();
+            prop_assert_eq!(snapshot(&out), snapshot(&src));
+        }
+    }
+}

@@ -271,3 +271,35 @@ mod tests {
         assert_eq!(sha256sum_line("ab", b"plain name"), b"ab  plain name\n");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn arch_suffix_applies_once(dir in "([a-z0-9._-]{1,8}/){0,3}", name in "[a-z0-9-]{1,12}(\\.[a-z0-9]{1,4}){0,2}") {
+            let key = format!("{dir}{name}");
+            let once = with_arch_suffix(&key);
+            prop_assert_eq!(with_arch_suffix(&once), once.clone());
+            prop_assert!(once.starts_with(&dir));
+            prop_assert_eq!(once.len(), key.len() + arch_suffix().len());
+        }
+
+        #[test]
+        fn the_digest_lands_before_the_first_dot_of_the_name(dir in "([a-z.]{1,8}/){0,3}", stem in "[a-z-]{1,12}", ext in "(\\.[a-z0-9]{1,4}){0,2}") {
+            let key = insert_before_extension(&format!("{dir}{stem}{ext}"), "-X");
+            prop_assert_eq!(key, format!("{dir}{stem}-X{ext}"));
+        }
+
+        #[test]
+        fn joined_keys_have_no_double_or_leading_slash(prefix in "/?[a-z]{0,6}(/[a-z]{1,6}){0,2}/?", key in "[a-z]{1,6}(/[a-z]{1,6}){0,2}") {
+            let full = join_prefix(&prefix, &key);
+            prop_assert!(!full.contains("//"));
+            prop_assert!(!full.starts_with('/'));
+            prop_assert!(full.ends_with(&key));
+        }
+    }
+}

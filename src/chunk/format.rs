@@ -684,3 +684,114 @@ mod tests {
         assert!(err.contains("records"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn entry_kind() -> impl Strategy<Value = EntryKind> {
+        prop_oneof![
+            Just(EntryKind::Dir),
+            (0u64..1 << 20).prop_map(|size| EntryKind::File { size }),
+            proptest::collection::vec(1u8..=255, 1..64)
+                .prop_map(|target| EntryKind::Symlink { target }),
+        ]
+    }
+
+    /// Valid manifests: unique flat names (so every parent exists), sizes summing to a
+    /// stream covered by the chunks.
+    fn manifest() -> impl Strategy<Value = Manifest> {
+        let names = proptest::collection::btree_set("[a-zA-Z0-9._-]{1,20}", 0..40);
+        (
+            names,
+            proptest::collection::vec(
+                (
+                    entry_kind(),
+                    any::<u32>(),
+                    any::<i64>(),
+                    0u32..1_000_000_000,
+                ),
+                40,
+            ),
+        )
+            .prop_filter("no . or .. names", |(names, _)| {
+                names.iter().all(|n| n != "." && n != "..")
+            })
+            .prop_map(|(names, attrs)| {
+                let entries: Vec<Entry> = names
+                    .into_iter()
+                    .zip(attrs)
+                    .map(|(name, (kind, mode, mtime, nsec))| Entry {
+                        path: name.into_bytes(),
+                        kind,
+                        mode: mode & 0o7777,
+                        mtime,
+                        mtime_nsec: nsec,
+                    })
+                    .collect();
+                let total: u64 = entries
+                    .iter()
+                    .map(|e| match e.kind {
+                        EntryKind::File { size } => size,
+                        _ => 0,
+                    })
+                    .sum();
+                let mut chunks = Vec::new();
+                let mut left = total;
+                let mut i = 0u32;
+                while left > 0 {
+                    let len = left.min(u64::from(CHUNK_MAX)) as u32;
+                    chunks.push(ChunkRef {
+                        id: Id::of(&i.to_le_bytes()),
+                        pack: i % 3,
+                        offset: i * 7,
+                        stored_len: len.min(MAX_CHUNK_STORED),
+                        len,
+                    });
+                    left -= u64::from(len);
+                    i += 1;
+                }
+                Manifest {
+                    kind: ManifestKind::Dir,
+                    created: 7,
+                    label: "label".into(),
+                    stream_len: total,
+                    table: ChunkTable {
+                        packs: vec![Id::of(b"a"), Id::of(b"b"), Id::of(b"c")],
+                        chunks,
+                    },
+                    entries,
+                }
+            })
+            .prop_filter("chunks cover the stream", |m| {
+                m.table.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() == m.stream_len
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn manifests_round_trip(m in manifest()) {
+            prop_assert_eq!(Manifest::decode("m", &m.encode()).unwrap(), m);
+        }
+
+        #[test]
+        fn random_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let data = wrap(MANIFEST_MAGIC, 1, &body);
+            let _ = Manifest::decode("m", &data);
+            let data = wrap(INDEX_MAGIC, 0, &body);
+            let _ = ChunkTable::decode_index("i", &data);
+        }
+
+        #[test]
+        fn flipped_bytes_never_panic(m in manifest(), at in any::<usize>(), bit in 0u8..8) {
+            let mut data = m.encode();
+            let i = at % data.len();
+            data[i] ^= 1 << bit;
+            let _ = Manifest::decode("m", &data);
+        }
+    }
+}
