@@ -13,3 +13,4 @@ mod file_store;
 mod gc;
 mod keys;
 mod plain;
+mod soak;
