@@ -383,12 +383,8 @@ impl Transfer {
         // In-order results let one pass write and hash without re-reading the file.
         let mut hasher = (info.sha256.is_some() || expect_sha256.is_some()).then(Sha256::new);
         while let Some(next) = fetched.next().await {
-            let (offset, buf) = next.map_err(|e| match e {
-                StoreError::Changed(_) => anyhow::anyhow!(
-                    "{key} was replaced while it was being downloaded; run the command again"
-                ),
-                e => anyhow::Error::new(e).context(format!("download of {key} failed")),
-            })?;
+            let (offset, buf) = next
+                .map_err(|e| anyhow::Error::new(e).context(format!("download of {key} failed")))?;
             let file = file.clone();
             let (buf, hashed) = tokio::task::spawn_blocking(move || {
                 let written = file.write_all_at(&buf, offset);

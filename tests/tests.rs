@@ -4,6 +4,7 @@
 mod util;
 
 mod bad_input;
+mod concurrency;
 mod config;
 mod crash;
 mod dir;

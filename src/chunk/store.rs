@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use super::format::{ChunkRef, ChunkTable, Manifest};
 use super::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Id, PACK_TARGET, ZSTD_LEVEL};
 use crate::key::join_prefix;
-use crate::store::{ObjectInfo, StoreError};
+use crate::store::{ObjectInfo, StoreError, is_changed};
 use crate::transfer::{BufferPool, Transfer, retry_note};
 use crate::ui;
 
@@ -323,12 +323,26 @@ impl ChunkStore {
     }
 
     /// What is stored under `key`: `None` when nothing is.
+    /// An entry overwritten while it is read is read again, a few times.
     pub async fn fetch(&self, key: &str) -> anyhow::Result<Option<Stored>> {
+        let mut attempts = 0;
+        loop {
+            match self.fetch_once(key).await {
+                Err(e) if is_changed(&e) && attempts < 3 => attempts += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn fetch_once(&self, key: &str) -> anyhow::Result<Option<Stored>> {
         let store = self.transfer.store();
         let Some(info) = store.head(key).await? else {
             return Ok(None);
         };
-        let head = store.get_range(key, 0..info.size.min(8)).await?;
+        let mut head = Vec::new();
+        self.transfer
+            .read_range(key, info.etag.as_deref(), 0..info.size.min(8), &mut head)
+            .await?;
         if head.starts_with(&ZSTD_MAGIC) {
             return Ok(Some(Stored::Legacy(info)));
         }

@@ -7,6 +7,7 @@ use super::Outcome;
 use crate::cli::DownloadArgs;
 use crate::config::Config;
 use crate::key::full_key;
+use crate::store::is_changed;
 use crate::transfer::{IntegrityError, Transfer, persist};
 use crate::ui;
 
@@ -15,12 +16,18 @@ pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome
     let expected = args.sha256.as_deref().map(parse_sha256).transpose()?;
     let transfer = Transfer::new(crate::store::open(config).await?, config);
 
-    if let Some(info) = transfer.store().head(&key).await? {
+    let mut attempts = 0;
+    while let Some(info) = transfer.store().head(&key).await? {
         match transfer
             .download_file(&info, &args.dest, expected.as_deref())
             .await
         {
             Ok(_) => return Ok(Outcome::Success),
+            // Overwritten by another job while we read it: take the new version.
+            Err(e) if is_changed(&e) && attempts < 3 => {
+                attempts += 1;
+                continue;
+            }
             // A cached object that no longer matches the pinned hash is stale: refetch.
             Err(e)
                 if args.url.is_some()
@@ -30,6 +37,7 @@ pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome
                     ) =>
             {
                 ui::warn(format!("{e:#}; fetching from --url instead"));
+                break;
             }
             Err(e) => return Err(e),
         }

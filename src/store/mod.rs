@@ -143,6 +143,12 @@ impl StoreError {
     }
 }
 
+/// Whether `e` says an object was replaced while it was being read (worth reading the
+/// new version).
+pub fn is_changed(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref::<StoreError>(), Some(StoreError::Changed(_)))
+}
+
 /// Result type of the storage layer.
 pub type StoreResult<T> = Result<T, StoreError>;
 
