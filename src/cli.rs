@@ -86,6 +86,13 @@ pub enum Command {
     /// Cache directory trees as deduplicated chunks
     #[command(subcommand)]
     Dir(DirCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions {
+        /// The shell to complete for
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout
+    Man,
     /// Cache docker images as deduplicated chunks
     #[command(subcommand)]
     Docker(DockerCommand),

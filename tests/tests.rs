@@ -14,4 +14,5 @@ mod file_store;
 mod gc;
 mod keys;
 mod plain;
+mod shipping;
 mod soak;

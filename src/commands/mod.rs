@@ -29,13 +29,32 @@ pub enum Outcome {
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
-    if let Command::Version = cli.command {
-        println!("{}", crate::version::version_line());
-        return Ok(Outcome::Success);
+    // Commands that need no configuration.
+    match &cli.command {
+        Command::Version => {
+            println!("{}", crate::version::version_line());
+            return Ok(Outcome::Success);
+        }
+        Command::Completions { shell } => {
+            // Rendered to memory first: clap_complete panics on a closed stdout.
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut command, "cacher", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)?;
+            return Ok(Outcome::Success);
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+            return Ok(Outcome::Success);
+        }
+        _ => {}
     }
     let config = Config::resolve(&cli.global)?;
     match &cli.command {
-        Command::Version => unreachable!("handled above"),
+        Command::Version | Command::Completions { .. } | Command::Man => {
+            unreachable!("handled above")
+        }
         Command::Init => init::run(&config).await,
         Command::Doctor => doctor::run(&config).await,
         Command::Download(args) => download::run(&config, args).await,
