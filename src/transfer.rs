@@ -2,8 +2,10 @@
 //! concurrent downloads with bounded memory, retries, integrity checks and temp files.
 //!
 //! Uploads checksum every body (CRC32, verified by the server) and record the sha256 of
-//! the whole file as metadata; downloads pin every range to one object version, verify
-//! size and sha256, and only then rename the temp file over the destination.
+//! the whole file as metadata where it costs no extra pass; downloads pin every range to
+//! one object version, verify size and any recorded or pinned sha256, and only then
+//! rename the temp file over the destination. The chunk store sends its packs and
+//! reads its ranges through the same engine.
 
 use std::fs::File;
 use std::ops::Range;
