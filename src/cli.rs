@@ -54,6 +54,9 @@ pub struct GlobalArgs {
     /// Seconds without progress before a request is retried or fails [env: CACHER_TIMEOUT] [default: 60]
     #[arg(long, global = true, value_name = "SECONDS")]
     pub timeout: Option<u64>,
+    /// Print results as JSON, one object per line on stdout (see docs/json.md)
+    #[arg(long, global = true)]
+    pub json: bool,
     /// Print errors only (no summary lines)
     #[arg(long, short, global = true)]
     pub quiet: bool,

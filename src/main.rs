@@ -45,13 +45,14 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    ui::init(if cli.global.quiet {
+    let level = if cli.global.quiet {
         ui::Level::Quiet
     } else if cli.global.verbose {
         ui::Level::Verbose
     } else {
         ui::Level::Normal
-    });
+    };
+    ui::init(level, cli.global.json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

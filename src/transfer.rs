@@ -102,11 +102,13 @@ pub struct Transfer {
     retries: AtomicU64,
 }
 
-/// What one transfer did, for the summary line.
-#[derive(Debug, Clone)]
+/// What one transfer did, for the summary line and `--json`.
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
     /// Bytes moved.
     pub bytes: u64,
+    /// Wall time of the transfer.
+    pub seconds: f64,
     /// Requests retried after a temporary fault, in the whole command so far.
     pub retries: u64,
     /// sha256 of the content, hex, when it was computed.
@@ -259,6 +261,7 @@ impl Transfer {
         progress.finish("uploaded", key, &retry_note(retries));
         Ok(Some(Report {
             bytes: size,
+            seconds: progress.elapsed().as_secs_f64(),
             retries,
             sha256,
         }))
@@ -426,6 +429,7 @@ impl Transfer {
         progress.finish("downloaded", key, &retry_note(retries));
         Ok(Report {
             bytes: info.size,
+            seconds: progress.elapsed().as_secs_f64(),
             retries,
             sha256,
         })

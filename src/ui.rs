@@ -20,10 +20,22 @@ pub enum Level {
 }
 
 static LEVEL: OnceLock<Level> = OnceLock::new();
+static JSON: OnceLock<bool> = OnceLock::new();
 
-/// Sets the level; later calls are ignored.
-pub fn init(level: Level) {
+/// Sets the level, and whether results go to stdout as JSON; later calls are ignored.
+pub fn init(level: Level, json: bool) {
     let _ = LEVEL.set(level);
+    let _ = JSON.set(json);
+}
+
+/// Whether `--json` asked for machine-readable results on stdout.
+pub fn json_enabled() -> bool {
+    *JSON.get().unwrap_or(&false)
+}
+
+/// Prints one result as a line of JSON on stdout (`--json`); see docs/json.md.
+pub fn json(value: serde_json::Value) {
+    println!("{value}");
 }
 
 fn level() -> Level {

@@ -76,8 +76,8 @@ pub enum Stored {
     Plain(ObjectInfo),
 }
 
-/// Figures of one chunked upload or download, for the stats line.
-#[derive(Debug, Default, Clone)]
+/// Figures of one chunked upload or download, for the stats line and `--json`.
+#[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Stats {
     /// Chunks in the content stream.
     pub chunks: u64,

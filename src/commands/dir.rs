@@ -65,7 +65,23 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         &stats,
         started.elapsed(),
     ));
+    report("dir upload", &key, "uploaded", None, Some(&stats));
     Ok(Outcome::Success)
+}
+
+/// The `--json` record of a chunked transfer (docs/json.md).
+pub(super) fn report(
+    command: &str,
+    key: &str,
+    result: &str,
+    restored: Option<&str>,
+    stats: Option<&crate::chunk::store::Stats>,
+) {
+    if ui::json_enabled() {
+        ui::json(serde_json::json!({
+            "command": command, "key": key, "result": result, "restored": restored, "stats": stats,
+        }));
+    }
 }
 
 async fn download(config: &Config, args: &DirDownloadArgs) -> anyhow::Result<Outcome> {
@@ -73,21 +89,35 @@ async fn download(config: &Config, args: &DirDownloadArgs) -> anyhow::Result<Out
     let chunks = chunk_store(config).await?;
     let started = Instant::now();
     let (restored_key, stored) = match chunks.fetch(&key).await? {
-        Some(stored) => (key, stored),
+        Some(stored) => (key.clone(), stored),
         None => match find_fallback(config, &chunks, &args.fallback).await? {
             Some(found) => found,
             None => {
                 ui::status(format!("{key} is not cached"));
+                report("dir download", &key, "miss", None, None);
                 return Ok(Outcome::Miss);
             }
         },
+    };
+    let result = if restored_key == key {
+        "hit"
+    } else {
+        "fallback"
     };
     match stored {
         Stored::Manifest(manifest) => {
             if manifest.kind != ManifestKind::Dir {
                 bail!("{restored_key} holds a docker image, not a directory tree");
             }
-            restore_manifest(&chunks, &restored_key, *manifest, &args.dir, started).await?;
+            let stats =
+                restore_manifest(&chunks, &restored_key, *manifest, &args.dir, started).await?;
+            report(
+                "dir download",
+                &key,
+                result,
+                Some(&restored_key),
+                Some(&stats),
+            );
         }
         Stored::Plain(_) => {
             bail!("{restored_key} is a plain file, not a directory entry (use `cacher download`)")
@@ -103,13 +133,16 @@ async fn download(config: &Config, args: &DirDownloadArgs) -> anyhow::Result<Out
                 "restored {restored_key} (legacy tar.zst) in {:.2}s",
                 started.elapsed().as_secs_f64()
             ));
+            report("dir download", &key, result, Some(&restored_key), None);
         }
     }
-    let prefix_len = match config.prefix.value.as_str() {
-        "" => 0,
-        p => p.len() + 1,
-    };
-    println!("{}", &restored_key[prefix_len..]);
+    if !ui::json_enabled() {
+        let prefix_len = match config.prefix.value.as_str() {
+            "" => 0,
+            p => p.len() + 1,
+        };
+        println!("{}", &restored_key[prefix_len..]);
+    }
     Ok(Outcome::Success)
 }
 
@@ -119,7 +152,7 @@ async fn restore_manifest(
     manifest: Manifest,
     dir: &Path,
     started: Instant,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<crate::chunk::store::Stats> {
     let files = manifest
         .entries
         .iter()
@@ -144,7 +177,7 @@ async fn restore_manifest(
         &stats,
         started.elapsed(),
     ));
-    Ok(())
+    Ok(stats)
 }
 
 /// The newest entry under the first fallback prefix that has one.

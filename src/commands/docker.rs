@@ -8,8 +8,11 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 
 use super::Outcome;
+use super::dir::report;
 use crate::chunk::format::{Manifest, ManifestKind};
-use crate::chunk::store::{ChunkStore, Stored, download_stats_line, now_secs, upload_stats_line};
+use crate::chunk::store::{
+    ChunkStore, Stats, Stored, download_stats_line, now_secs, upload_stats_line,
+};
 use crate::cli::{DockerCommand, DockerDownloadArgs, DockerUploadArgs};
 use crate::config::Config;
 use crate::docker::{Docker, LoadStream};
@@ -47,7 +50,12 @@ async fn upload(config: &Config, args: &DockerUploadArgs) -> anyhow::Result<Outc
 }
 
 /// Streams `docker save IMAGE` into the chunk store under `key`.
-async fn seed(chunks: &ChunkStore, docker: &Docker, key: &str, image: &str) -> anyhow::Result<()> {
+async fn seed(
+    chunks: &ChunkStore,
+    docker: &Docker,
+    key: &str,
+    image: &str,
+) -> anyhow::Result<Stats> {
     let started = Instant::now();
     let (d, img) = (docker.clone(), image.to_string());
     blocking(move || Ok(d.image_id(&img)?))
@@ -69,7 +77,7 @@ async fn seed(chunks: &ChunkStore, docker: &Docker, key: &str, image: &str) -> a
         .await
         .with_context(|| format!("upload of image {image} to {key} failed"))?;
     ui::status(upload_stats_line(key, None, &stats, started.elapsed()));
-    Ok(())
+    Ok(stats)
 }
 
 async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<Outcome> {
@@ -86,13 +94,22 @@ async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<
             })?;
             ui::status(format!("{key} was not cached; pulled {}", args.image));
             // The image is here, which is what the job needs; seeding is a bonus.
-            if let Err(e) = seed(&chunks, &docker, &key, &args.image).await {
+            let seeded = seed(&chunks, &docker, &key, &args.image).await;
+            if let Err(e) = &seeded {
                 ui::warn(format!("could not seed the cache: {e:#}"));
             }
+            report(
+                "docker download",
+                &key,
+                "pulled",
+                None,
+                seeded.ok().as_ref(),
+            );
             return Ok(Outcome::Success);
         }
         None => {
             ui::status(format!("{key} is not cached"));
+            report("docker download", &key, "miss", None, None);
             return Ok(Outcome::Miss);
         }
     };
@@ -100,13 +117,15 @@ async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<
         let d = docker.clone();
         blocking(move || Ok(d.load()?)).await?
     };
+    let mut restored = None;
     let (load, line) = match stored {
         Stored::Manifest(manifest) if manifest.kind == ManifestKind::Docker => {
             match chunks.restore_in_order(&manifest.table, load).await {
-                Ok((load, stats)) => (
-                    load,
-                    download_stats_line(&key, None, &stats, started.elapsed()),
-                ),
+                Ok((load, stats)) => {
+                    let line = download_stats_line(&key, None, &stats, started.elapsed());
+                    restored = Some(stats);
+                    (load, line)
+                }
                 // The dropped `docker load` was killed before the archive's end.
                 Err(e) => {
                     return Err(e.context(format!("cannot restore {key}; nothing was loaded")));
@@ -128,6 +147,13 @@ async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<
         .with_context(|| format!("docker load of {key} failed"))?;
     ensure_tagged(&docker, &loaded, &args.image).await?;
     ui::status(format!("{line}; loaded as {}", args.image));
+    report(
+        "docker download",
+        &key,
+        "hit",
+        Some(&args.image),
+        restored.as_ref(),
+    );
     Ok(Outcome::Success)
 }
 

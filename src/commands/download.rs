@@ -22,7 +22,10 @@ pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome
             .download_file(&info, &args.dest, expected.as_deref())
             .await
         {
-            Ok(_) => return Ok(Outcome::Success),
+            Ok(done) => {
+                report(&key, "hit", Some(&done));
+                return Ok(Outcome::Success);
+            }
             // Overwritten by another job while we read it: take the new version.
             Err(e) if is_changed(&e) && attempts < 3 => {
                 attempts += 1;
@@ -44,6 +47,7 @@ pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome
     }
     let Some(url) = &args.url else {
         ui::status(format!("{key} is not cached and no --url was given"));
+        report(&key, "miss", None);
         return Ok(Outcome::DownloadMiss);
     };
     let fetched = crate::http::fetch(url, &args.dest).await?;
@@ -56,6 +60,7 @@ pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome
         );
     }
     // Seeding the cache is a bonus: the file the job needs is already here.
+    let mut seeded = false;
     if let Err(e) = transfer
         .upload_file(
             &key,
@@ -66,6 +71,8 @@ pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome
         .await
     {
         ui::warn(format!("could not seed the cache: {e:#}"));
+    } else {
+        seeded = true;
     }
     persist(fetched.file, &args.dest)?;
     ui::status(format!(
@@ -74,7 +81,21 @@ pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome
         fetched.size,
         fetched.sha256
     ));
+    if ui::json_enabled() {
+        ui::json(serde_json::json!({
+            "command": "download", "key": key, "result": "fetched", "url": url,
+            "bytes": fetched.size, "sha256": fetched.sha256, "seeded": seeded,
+        }));
+    }
     Ok(Outcome::Success)
+}
+
+fn report(key: &str, result: &str, transfer: Option<&crate::transfer::Report>) {
+    if ui::json_enabled() {
+        ui::json(
+            serde_json::json!({ "command": "download", "key": key, "result": result, "transfer": transfer }),
+        );
+    }
 }
 
 fn parse_sha256(hex: &str) -> anyhow::Result<String> {

@@ -11,6 +11,10 @@ pub fn run(config: &Config, args: &KeyTemplateArgs) -> anyhow::Result<Outcome> {
         args.hash_length,
         config.arch_suffix.value,
     )?;
-    println!("{key}");
+    if crate::ui::json_enabled() {
+        crate::ui::json(serde_json::json!({ "command": "key", "key": key }));
+    } else {
+        println!("{key}");
+    }
     Ok(Outcome::Success)
 }

@@ -8,11 +8,15 @@ use std::io::Write;
 use std::time::SystemTime;
 
 use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
+
+use serde_json::json;
 
 use super::Outcome;
 use crate::cli::ListArgs;
 use crate::config::Config;
+use crate::ui;
 
 pub async fn run(config: &Config, args: &ListArgs) -> anyhow::Result<Outcome> {
     let base = if args.root || config.prefix.value.is_empty() {
@@ -35,16 +39,29 @@ pub async fn run(config: &Config, args: &ListArgs) -> anyhow::Result<Outcome> {
     };
     let mut out = std::io::stdout().lock();
     for prefix in &listing.prefixes {
-        writeln!(out, "{:>30} {}", "PRE", &prefix[shown_from..])?;
+        if ui::json_enabled() {
+            writeln!(
+                out,
+                "{}",
+                json!({ "prefix": prefix, "name": &prefix[shown_from..] })
+            )?;
+        } else {
+            writeln!(out, "{:>30} {}", "PRE", &prefix[shown_from..])?;
+        }
     }
     for object in &listing.objects {
-        writeln!(
-            out,
-            "{} {:>10} {}",
-            format_time(object.modified),
-            object.size,
-            &object.key[shown_from..]
-        )?;
+        let name = &object.key[shown_from..];
+        if ui::json_enabled() {
+            let modified = object
+                .modified
+                .map(OffsetDateTime::from)
+                .and_then(|t| t.format(&Rfc3339).ok());
+            let record = json!({ "key": object.key, "name": name, "size": object.size, "modified": modified });
+            writeln!(out, "{record}")?;
+        } else {
+            let modified = format_time(object.modified);
+            writeln!(out, "{modified} {:>10} {name}", object.size)?;
+        }
     }
     Ok(Outcome::Success)
 }

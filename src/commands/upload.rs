@@ -32,5 +32,19 @@ pub async fn run(config: &Config, args: &UploadArgs) -> anyhow::Result<Outcome> 
     if written.is_none() {
         ui::status(format!("{key} was written by a concurrent upload; skipped"));
     }
+    let result = if written.is_some() {
+        "uploaded"
+    } else {
+        "skipped"
+    };
+    report(&key, result, written.as_ref());
     Ok(Outcome::Success)
+}
+
+fn report(key: &str, result: &str, transfer: Option<&crate::transfer::Report>) {
+    if ui::json_enabled() {
+        ui::json(
+            serde_json::json!({ "command": "upload", "key": key, "result": result, "transfer": transfer }),
+        );
+    }
 }
