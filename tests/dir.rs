@@ -409,23 +409,16 @@ fn concurrent_uploads_of_one_key_never_corrupt_it() {
     let env = TestEnv::s3("dirrace");
     let a = make_tree(&env, "a", 8);
     let b = make_tree(&env, "b", 9);
-    let children: Vec<_> = [&a, &b, &a, &b]
+    let uploads: Vec<Vec<String>> = [&a, &b, &a, &b]
         .iter()
         .map(|tree| {
-            env.cmd(["dir", "upload", "shared", tree.to_str().unwrap(), "--force"])
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
+            let tree = tree.display().to_string();
+            ["dir", "upload", "shared", &tree, "--force"]
+                .map(String::from)
+                .to_vec()
         })
         .collect();
-    for child in children {
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    env.run_all_at_once(&uploads);
     let out = env.path("out");
     env.run(["dir", "download", "shared", out.to_str().unwrap()])
         .ok();

@@ -417,25 +417,15 @@ fn racing_uploads_without_force_leave_one_complete_object() {
         let contents: Vec<Vec<u8>> = (0..6)
             .map(|i| random_bytes(9 * 1024 * 1024, 50 + i))
             .collect();
-        let children: Vec<_> = contents
+        let uploads: Vec<Vec<String>> = contents
             .iter()
             .enumerate()
             .map(|(i, data)| {
-                let path = env.write(&format!("src{i}"), data);
-                env.cmd(["upload", "raced", path.to_str().unwrap()])
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
-                    .unwrap()
+                let path = env.write(&format!("src{i}"), data).display().to_string();
+                ["upload", "raced", &path].map(String::from).to_vec()
             })
             .collect();
-        for child in children {
-            let out = child.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        env.run_all_at_once(&uploads);
         let dest = env.path("dest");
         env.run(["download", "raced", dest.to_str().unwrap()]).ok();
         let got = read(&dest);

@@ -153,6 +153,27 @@ impl TestEnv {
         cmd
     }
 
+    /// Starts every command at once and waits for all; panics unless all succeed.
+    pub fn run_all_at_once(&self, commands: &[Vec<String>]) {
+        let children: Vec<_> = commands
+            .iter()
+            .map(|args| {
+                self.cmd(args)
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("spawn cacher")
+            })
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().expect("wait for cacher");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     /// Runs `cacher` with these arguments.
     pub fn run<I, S>(&self, args: I) -> Run
     where
