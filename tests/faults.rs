@@ -117,3 +117,25 @@ fn a_hanging_server_fails_in_bounded_time_and_touches_nothing() {
     let direct = env.run(["dir", "exists", "d", "--endpoint", &garage().endpoint]);
     direct.code(1);
 }
+
+#[test]
+fn a_slow_trickle_is_not_a_stall() {
+    let (mut env, proxy) = through_proxy("faulttrickle");
+    let data = random_bytes(2 * 1024 * 1024, 33);
+    let src = env.write("src.bin", &data);
+    env.run([
+        "upload",
+        "slow",
+        src.to_str().unwrap(),
+        "--endpoint",
+        &garage().endpoint,
+    ])
+    .ok();
+    // 4 KiB every 5 ms (~800 KiB/s) on every connection the download opens: slower
+    // than the 1 s timeout would allow for a whole range, but never idle that long.
+    env.set("CACHER_TIMEOUT", "1");
+    proxy.plan(&[Fault::Trickle(5); 8]);
+    let dest = env.path("dest.bin");
+    env.run(["download", "slow", dest.to_str().unwrap()]).ok();
+    assert!(read(&dest) == data);
+}

@@ -2,7 +2,7 @@
 //!
 //! Each new connection takes the next planned fault (then plain forwarding once the
 //! plan is used up): cut the connection after N bytes of response, answer 503 SlowDown
-//! without asking Garage, or accept and never answer. The SDK pools connections, so a
+//! without asking Garage, trickle the response slowly, or accept and never answer. The SDK pools connections, so a
 //! fault hits whichever request opens the next connection.
 
 use std::collections::VecDeque;
@@ -20,6 +20,8 @@ pub enum Fault {
     SlowDown,
     /// Accept and never answer.
     Stall,
+    /// Forward the response in 4 KiB pieces with this many milliseconds between them.
+    Trickle(u64),
 }
 
 /// The running proxy; it lives until the test process ends.
@@ -107,9 +109,10 @@ fn serve(mut client: TcpStream, upstream: &str, fault: Option<Fault>) {
             let Ok(server) = TcpStream::connect(upstream) else {
                 return;
             };
-            let limit = match cut {
-                Some(Fault::CutAfter(n)) => n,
-                _ => usize::MAX,
+            let (limit, piece, pause) = match cut {
+                Some(Fault::CutAfter(n)) => (n, 65536, 0),
+                Some(Fault::Trickle(ms)) => (usize::MAX, 4096, ms),
+                _ => (usize::MAX, 65536, 0),
             };
             let (mut c_read, mut s_write) =
                 (client.try_clone().unwrap(), server.try_clone().unwrap());
@@ -121,7 +124,7 @@ fn serve(mut client: TcpStream, upstream: &str, fault: Option<Fault>) {
             let mut buf = [0u8; 65536];
             let mut sent = 0usize;
             loop {
-                let n = match s_read.read(&mut buf) {
+                let n = match s_read.read(&mut buf[..piece]) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n.min(limit - sent),
                 };
@@ -131,6 +134,9 @@ fn serve(mut client: TcpStream, upstream: &str, fault: Option<Fault>) {
                 sent += n;
                 if sent >= limit {
                     break;
+                }
+                if pause > 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(pause));
                 }
             }
             let _ = c_write.shutdown(Shutdown::Both);
