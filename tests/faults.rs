@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::util::garage::Node;
 use crate::util::proxy::{Fault, Proxy};
 use crate::util::{TestEnv, garage, random_bytes, read, stored, temp_leftovers};
 
@@ -138,4 +139,74 @@ fn a_slow_trickle_is_not_a_stall() {
     let dest = env.path("dest.bin");
     env.run(["download", "slow", dest.to_str().unwrap()]).ok();
     assert!(read(&dest) == data);
+}
+
+/// An env on a Garage node of its own, which the test can kill and restart.
+fn on_own_node(name: &str) -> (TestEnv, Node) {
+    let node = Node::start(name);
+    let mut env = TestEnv::s3(name);
+    let g = &node.garage;
+    env.set("CACHER_ENDPOINT", &g.endpoint);
+    env.set("CACHER_BUCKET", &g.bucket);
+    env.set("CACHER_S3_KEY_ID", &g.key_id);
+    env.set("CACHER_S3_SECRET", &g.secret);
+    (env, node)
+}
+
+#[test]
+fn garage_restarted_during_dir_upload_and_download() {
+    let (env, node) = on_own_node("restart");
+    for i in 0..6 {
+        env.write(&format!("tree/f{i}"), random_bytes(6 * 1024 * 1024, 80 + i));
+    }
+    let tree = env.path("tree");
+    let check = |out: &std::path::Path| {
+        (0..6).all(|i| read(out.join(format!("f{i}"))) == random_bytes(6 * 1024 * 1024, 80 + i))
+    };
+    let mut outcomes = Vec::new();
+    for (round, pause_ms) in [100u64, 300, 600].into_iter().enumerate() {
+        let key = format!("t{round}");
+        let upload = env
+            .cmd(["dir", "upload", &key, tree.to_str().unwrap()])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(pause_ms));
+        node.kill();
+        std::thread::sleep(Duration::from_millis(500));
+        node.restart();
+        let up = upload.wait_with_output().unwrap();
+        let code = up.status.code().unwrap();
+        assert!(
+            code == 0 || code == 2,
+            "{}",
+            String::from_utf8_lossy(&up.stderr)
+        );
+        let exists = env.run(["dir", "exists", &key]).code;
+        if code == 2 {
+            assert_eq!(exists, 1, "a failed upload published nothing");
+            env.run(["dir", "upload", &key, tree.to_str().unwrap()])
+                .ok();
+        }
+
+        let out = env.path(&format!("out{round}"));
+        let download = env
+            .cmd(["dir", "download", &key, out.to_str().unwrap()])
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(pause_ms / 4));
+        node.kill();
+        std::thread::sleep(Duration::from_millis(500));
+        node.restart();
+        let down = download.wait_with_output().unwrap();
+        match down.status.code().unwrap() {
+            0 => assert!(check(&out), "a restore that succeeds is complete"),
+            2 => assert!(!out.exists(), "a failed restore leaves nothing"),
+            other => panic!("exit {other}: {}", String::from_utf8_lossy(&down.stderr)),
+        }
+        outcomes.push((code, down.status.code().unwrap()));
+    }
+    eprintln!("upload/download exit codes across restarts: {outcomes:?}");
 }
