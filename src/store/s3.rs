@@ -134,6 +134,9 @@ impl S3Store {
     }
 }
 
+/// Longest error text kept from the SDK.
+const MAX_ERROR_LEN: usize = 600;
+
 /// Maps an SDK error to a [`StoreError`], deciding what is worth retrying.
 fn classify<E>(op: &str, key: &str, bucket: &str, err: SdkError<E>) -> StoreError
 where
@@ -141,7 +144,19 @@ where
 {
     let status = err.raw_response().map(|r| r.status().as_u16());
     let code = err.code().unwrap_or("").to_string();
-    let detail = || format!("{op} {key}: {}", DisplayErrorContext(&err));
+    // The SDK's context can quote a whole response body: keep the line readable.
+    let detail = || {
+        let mut text = format!("{op} {key}: {}", DisplayErrorContext(&err));
+        if text.len() > MAX_ERROR_LEN {
+            let cut = (0..=MAX_ERROR_LEN)
+                .rev()
+                .find(|i| text.is_char_boundary(*i))
+                .unwrap_or(0);
+            text.truncate(cut);
+            text.push_str(" […]");
+        }
+        text
+    };
     match &err {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             return StoreError::Temporary(detail());
