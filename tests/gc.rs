@@ -147,3 +147,45 @@ fn gc_compacts_the_index_and_dedup_still_works() {
     let run = env.run(["dir", "upload", "again", &t1]);
     assert!(run.ok().stderr.contains(" 0 new"), "{}", run.stderr);
 }
+
+#[test]
+fn gc_aborts_unfinished_uploads_older_than_the_grace() {
+    let env = TestEnv::s3("gcstale");
+    let store = bucket();
+    let key = format!("{}/killed-upload", env.prefix);
+    let upload = rt()
+        .block_on(store.multipart_start(&key, 6 << 20, &Default::default()))
+        .unwrap();
+    let run = env.run(["gc"]);
+    assert!(
+        run.ok().stderr.contains("0 unfinished uploads aborted"),
+        "{}",
+        run.stderr
+    );
+    let run = env.run(["gc", "--grace", "0s"]);
+    assert!(
+        run.ok().stderr.contains("1 unfinished uploads aborted"),
+        "{}",
+        run.stderr
+    );
+    let part = rt().block_on(store.multipart_part(
+        &upload,
+        1,
+        0,
+        cacher::store::Body::Bytes(bytes::Bytes::from(vec![0u8; 6 << 20])),
+        None,
+    ));
+    assert!(part.is_err(), "the upload was aborted");
+
+    // file:// stores: temp files of writes that died.
+    let env = TestEnv::file_store();
+    env.write("store/.cacher-tmp/0123456789abcdef", "half a write");
+    sh(
+        "touch -d '2 days ago' store/.cacher-tmp/0123456789abcdef",
+        env.dir.path(),
+    );
+    env.write("store/.cacher-tmp/fedcba9876543210", "a write in progress");
+    env.run(["gc"]).ok();
+    assert!(!env.path("store/.cacher-tmp/0123456789abcdef").exists());
+    assert!(env.path("store/.cacher-tmp/fedcba9876543210").exists());
+}

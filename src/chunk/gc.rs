@@ -35,6 +35,8 @@ pub struct GcReport {
     pub deleted_bytes: u64,
     /// Index segments replaced by one compacted segment.
     pub segments_deleted: usize,
+    /// Unfinished writes (multipart uploads, temp files) older than the grace, aborted.
+    pub stale_writes: usize,
 }
 
 fn older_than(info: &ObjectInfo, age: Duration, now: SystemTime) -> bool {
@@ -155,6 +157,10 @@ pub async fn collect(
             .map(|o| o.key)
             .collect();
         report.segments_deleted = compact_segments(chunks, &left).await?;
+        report.stale_writes = store
+            .abort_stale_writes(&join_prefix(chunks.prefix(), ""), grace)
+            .await
+            .context("cannot abort unfinished uploads")?;
     }
     Ok(report)
 }

@@ -16,7 +16,7 @@ pub async fn run_gc(config: &Config, args: &GcArgs) -> anyhow::Result<Outcome> {
         "deleted"
     };
     ui::status(format!(
-        "gc: {} manifests reference {} of {} packs; {verb} {} unreferenced packs ({}), kept {} younger than the grace period; {} index segments compacted",
+        "gc: {} manifests reference {} of {} packs; {verb} {} unreferenced packs ({}), kept {} younger than the grace period; {} index segments compacted; {} unfinished uploads aborted",
         report.manifests,
         report.referenced,
         report.packs,
@@ -24,6 +24,7 @@ pub async fn run_gc(config: &Config, args: &GcArgs) -> anyhow::Result<Outcome> {
         ui::human_bytes(report.deleted_bytes),
         report.young,
         report.segments_deleted,
+        report.stale_writes,
     ));
     Ok(Outcome::Success)
 }

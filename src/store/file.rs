@@ -299,6 +299,33 @@ impl Store for FileStore {
         }
     }
 
+    async fn abort_stale_writes(
+        &self,
+        _prefix: &str,
+        age: std::time::Duration,
+    ) -> StoreResult<usize> {
+        // Temp files are not named by key: any old one belongs to a write that died.
+        let dir = self.root.join(TMP_DIR);
+        blocking(move || {
+            let cutoff = std::time::SystemTime::now() - age;
+            let Ok(entries) = fs::read_dir(&dir) else {
+                return Ok(0);
+            };
+            let mut removed = 0;
+            for entry in entries.flatten() {
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t < cutoff);
+                if old && fs::remove_file(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
     async fn list(&self, prefix: &str, delimiter: Option<char>) -> StoreResult<Listing> {
         let root = self.root.clone();
         let prefix = prefix.to_string();

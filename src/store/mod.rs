@@ -218,6 +218,14 @@ pub trait Store: Send + Sync {
     /// Drops an unfinished multipart write and what it stored.
     async fn multipart_abort(&self, upload: &MultipartId) -> StoreResult<()>;
 
+    /// Aborts unfinished writes (multipart uploads, temp files) under `prefix` started
+    /// more than `age` ago, such as those of a killed upload; returns how many.
+    async fn abort_stale_writes(
+        &self,
+        prefix: &str,
+        age: std::time::Duration,
+    ) -> StoreResult<usize>;
+
     /// Objects under `prefix`; with `delimiter`, deeper keys fold into common prefixes.
     /// Follows pagination to the end.
     async fn list(&self, prefix: &str, delimiter: Option<char>) -> StoreResult<Listing>;

@@ -485,6 +485,53 @@ impl Store for S3Store {
             .map_err(|e| classify("ABORT MULTIPART", &upload.key, &self.bucket, e))
     }
 
+    async fn abort_stale_writes(&self, prefix: &str, age: Duration) -> StoreResult<usize> {
+        let cutoff = std::time::SystemTime::now() - age;
+        let mut stale = Vec::new();
+        let (mut key_marker, mut id_marker): (Option<String>, Option<String>) = (None, None);
+        loop {
+            ui::verbose(format!("LIST MULTIPART {prefix}"));
+            let out = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(id_marker.take())
+                .send()
+                .await
+                .map_err(|e| classify("LIST MULTIPART", prefix, &self.bucket, e))?;
+            for upload in out.uploads() {
+                let started = upload.initiated().and_then(to_system_time);
+                if let (Some(key), Some(id), Some(started)) =
+                    (upload.key(), upload.upload_id(), started)
+                    && started < cutoff
+                {
+                    stale.push(MultipartId {
+                        key: key.to_string(),
+                        upload_id: id.to_string(),
+                        if_absent: false,
+                    });
+                }
+            }
+            if out.is_truncated() != Some(true) {
+                break;
+            }
+            key_marker = out.next_key_marker().map(str::to_string);
+            id_marker = out.next_upload_id_marker().map(str::to_string);
+            if key_marker.is_none() {
+                break;
+            }
+        }
+        for upload in &stale {
+            match self.multipart_abort(upload).await {
+                Ok(()) | Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(stale.len())
+    }
+
     async fn list(&self, prefix: &str, delimiter: Option<char>) -> StoreResult<Listing> {
         let mut listing = Listing::default();
         let mut token: Option<String> = None;
