@@ -1,6 +1,6 @@
 //! The docker CLI as a child process: `save` as a readable stream, `load` fed from a
 //! stream, `pull`, `tag` and `image inspect`. stderr is captured so failures carry
-//! docker's own words. Works with any CLI that speaks these subcommands (podman too).
+//! docker's own words. Any CLI that speaks these subcommands should do (podman is not tested here).
 
 use std::io::{self, Read, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
