@@ -543,7 +543,8 @@ impl FileSlice {
             let FileSlice { path, offset, len } = slice;
             let file =
                 File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-            buf.clear();
+            // A pooled buffer already has the part's length: resizing it is then free,
+            // where clearing first would zero every byte again.
             buf.resize(len as usize, 0);
             file.read_exact_at(&mut buf, offset)
                 .with_context(|| format!("cannot read {} (did it shrink?)", path.display()))?;
