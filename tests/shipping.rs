@@ -106,3 +106,17 @@ fn json_lets_scripts_tell_hit_fallback_and_miss() {
         "{names:?}"
     );
 }
+
+#[test]
+fn json_reports_skipped_uploads() {
+    let env = TestEnv::file_store();
+    let f = env.write("f", "x");
+    env.write("tree/a", "a");
+    let tree = env.path("tree");
+    env.run(["upload", "k", f.to_str().unwrap()]).ok();
+    env.run(["dir", "upload", "d", tree.to_str().unwrap()]).ok();
+    let run = env.run(["upload", "k", f.to_str().unwrap(), "--json"]);
+    assert_eq!(json_lines(&run.ok().stdout)[0]["result"], "skipped");
+    let run = env.run(["dir", "upload", "d", tree.to_str().unwrap(), "--json"]);
+    assert_eq!(json_lines(&run.ok().stdout)[0]["result"], "skipped");
+}

@@ -36,10 +36,14 @@ pub(super) async fn chunk_store(config: &Config) -> anyhow::Result<ChunkStore> {
 async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
     let chunks = chunk_store(config).await?;
-    if !args.force && chunks.transfer().store().head(&key).await?.is_some() {
-        ui::status(format!(
-            "{key} already cached; skipped (use --force to overwrite)"
-        ));
+    if super::skip_existing(
+        chunks.transfer().store().as_ref(),
+        &key,
+        args.force,
+        "dir upload",
+    )
+    .await?
+    {
         return Ok(Outcome::Success);
     }
     let started = Instant::now();

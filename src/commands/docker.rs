@@ -38,14 +38,19 @@ async fn blocking<T: Send + 'static>(
 async fn upload(config: &Config, args: &DockerUploadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
     let chunks = super::dir::chunk_store(config).await?;
-    if !args.force && chunks.transfer().store().head(&key).await?.is_some() {
-        ui::status(format!(
-            "{key} already cached; skipped (use --force to overwrite)"
-        ));
+    if super::skip_existing(
+        chunks.transfer().store().as_ref(),
+        &key,
+        args.force,
+        "docker upload",
+    )
+    .await?
+    {
         return Ok(Outcome::Success);
     }
     let docker = Docker::new(&config.docker_bin.value);
-    seed(&chunks, &docker, &key, &args.image).await?;
+    let stats = seed(&chunks, &docker, &key, &args.image).await?;
+    report("docker upload", &key, "uploaded", None, Some(&stats));
     Ok(Outcome::Success)
 }
 

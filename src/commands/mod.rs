@@ -69,3 +69,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Prune(args) => gc::run_prune(&config, args).await,
     }
 }
+
+/// Whether an upload to `key` should be skipped because the key exists and `force` is
+/// off; says so on stderr (and on stdout with `--json`).
+async fn skip_existing(
+    store: &dyn crate::store::Store,
+    key: &str,
+    force: bool,
+    command: &str,
+) -> anyhow::Result<bool> {
+    if force || store.head(key).await?.is_none() {
+        return Ok(false);
+    }
+    crate::ui::status(format!(
+        "{key} already cached; skipped (use --force to overwrite)"
+    ));
+    if crate::ui::json_enabled() {
+        crate::ui::json(serde_json::json!({ "command": command, "key": key, "result": "skipped" }));
+    }
+    Ok(true)
+}

@@ -17,10 +17,7 @@ pub async fn run(config: &Config, args: &UploadArgs) -> anyhow::Result<Outcome> 
         Err(e) => bail!("cannot read {}: {e}", args.path.display()),
     }
     let store = crate::store::open(config).await?;
-    if !args.force && store.head(&key).await?.is_some() {
-        ui::status(format!(
-            "{key} already cached; skipped (use --force to overwrite)"
-        ));
+    if super::skip_existing(store.as_ref(), &key, args.force, "upload").await? {
         return Ok(Outcome::Success);
     }
     // Racing writers never corrupt a key: without --force the first to finish keeps it
