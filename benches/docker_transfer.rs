@@ -13,7 +13,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Garage, bash_aws, cacher_run, garage, stored_bytes};
+use common::{Server, bash_aws, cacher_run, garage, stored_bytes};
 
 /// Size of the last layer, the one a rebuild changes: incompressible bytes, as a
 /// compiled application roughly is.
@@ -88,7 +88,7 @@ fn main() {
 }
 
 /// cacher against the baseline on the two versions of the app image.
-fn compare(g: &Garage, home: &Path, ctx: &Path, tree: &Path) {
+fn compare(g: &Server, home: &Path, ctx: &Path, tree: &Path) {
     let (e, bucket) = (&g.endpoint, &g.bucket);
     build(
         ctx,
@@ -189,7 +189,7 @@ fn compare(g: &Garage, home: &Path, ctx: &Path, tree: &Path) {
 }
 
 /// Peak RSS of cacher on a 2 GiB image, which must stay bounded.
-fn big_image(g: &Garage, home: &Path, ctx: &Path) {
+fn big_image(g: &Server, home: &Path, ctx: &Path) {
     {
         build(ctx, "cacher-bench/big:v1", None, 2048, 3);
         let _ = std::fs::remove_dir_all(ctx);

@@ -45,6 +45,9 @@ pub struct GlobalArgs {
     /// File holding the S3 secret key [env: CACHER_SECRET_FILE]
     #[arg(long, global = true, value_name = "PATH")]
     pub secret_file: Option<String>,
+    /// PEM file of extra CA certificates to trust for https [env: CACHER_CA_BUNDLE]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub ca_bundle: Option<String>,
     /// docker CLI to run [env: CACHER_DOCKER_BIN] [default: docker]
     #[arg(long, global = true, value_name = "PATH")]
     pub docker_bin: Option<String>,

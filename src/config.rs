@@ -77,6 +77,8 @@ pub struct ConfigFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub docker_bin: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jobs: Option<usize>,
@@ -109,6 +111,9 @@ pub struct Config {
     pub key_file: Setting<Option<PathBuf>>,
     /// File holding the secret key.
     pub secret_file: Setting<Option<PathBuf>>,
+    /// PEM file of extra CA certificates trusted for https endpoints and `--url`, on top
+    /// of the system's roots (for a server with a private CA).
+    pub ca_bundle: Setting<Option<PathBuf>>,
     /// The docker CLI to run.
     pub docker_bin: Setting<String>,
     /// Concurrent transfers.
@@ -214,6 +219,12 @@ impl Config {
             file.secret_file.clone().map(Some),
             || None,
         );
+        let ca_bundle = pick(
+            args.ca_bundle.clone().map(Some),
+            "CACHER_CA_BUNDLE",
+            file.ca_bundle.clone().map(Some),
+            || None,
+        );
         let docker_bin = pick(
             args.docker_bin.clone(),
             "CACHER_DOCKER_BIN",
@@ -267,6 +278,7 @@ impl Config {
             arch_suffix,
             key_file: to_path(key_file),
             secret_file: to_path(secret_file),
+            ca_bundle: to_path(ca_bundle),
             docker_bin,
             jobs,
             timeout,
@@ -291,6 +303,7 @@ impl Config {
             arch_suffix: Some(self.arch_suffix.value),
             key_file: path_str(&self.key_file.value),
             secret_file: path_str(&self.secret_file.value),
+            ca_bundle: path_str(&self.ca_bundle.value),
             docker_bin: (self.docker_bin.source != Source::Default)
                 .then(|| self.docker_bin.value.clone()),
             jobs: (self.jobs.source != Source::Default).then_some(self.jobs.value),
@@ -299,6 +312,20 @@ impl Config {
                 .then_some(self.multipart_threshold.value),
             part_size: (self.part_size.source != Source::Default).then_some(self.part_size.value),
         }
+    }
+
+    /// The PEM certificates of `ca_bundle`, if one is set; an unreadable file or one
+    /// without a certificate is an error naming it.
+    pub fn ca_certificates(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        let Some(path) = &self.ca_bundle.value else {
+            return Ok(None);
+        };
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read ca_bundle {}", path.display()))?;
+        if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+            bail!("ca_bundle {} holds no PEM certificate", path.display());
+        }
+        Ok(Some(pem))
     }
 
     /// Resolves the S3 credentials: env vars first, then the key and secret files.

@@ -20,14 +20,19 @@ pub struct Fetched {
     pub size: u64,
 }
 
-/// GETs `url` into a temp file beside `dest`. Fails on any non-2xx status or a body
-/// shorter than its Content-Length.
-pub async fn fetch(url: &str, dest: &Path) -> anyhow::Result<Fetched> {
-    let client = reqwest::Client::builder()
+/// GETs `url` into a temp file beside `dest`, trusting the PEM certificates `ca` on top
+/// of the built-in roots. Fails on any non-2xx status or a body shorter than its
+/// Content-Length.
+pub async fn fetch(url: &str, dest: &Path, ca: Option<&[u8]>) -> anyhow::Result<Fetched> {
+    let mut client = reqwest::Client::builder()
         .user_agent(concat!("cacher/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(std::time::Duration::from_secs(15))
-        .build()
-        .context("cannot set up the HTTP client")?;
+        .connect_timeout(std::time::Duration::from_secs(15));
+    if let Some(pem) = ca {
+        for cert in reqwest::Certificate::from_pem_bundle(pem).context("bad ca_bundle")? {
+            client = client.add_root_certificate(cert);
+        }
+    }
+    let client = client.build().context("cannot set up the HTTP client")?;
     let resp = client
         .get(url)
         .send()

@@ -6,7 +6,7 @@ use crate::util::{TestEnv, garage};
 
 /// Writes the credential files and returns an env with no credentials in variables.
 fn env_with_credential_files(name: &str) -> (TestEnv, String, String) {
-    let mut env = TestEnv::s3(name);
+    let mut env = TestEnv::on(garage(), name);
     env.unset("CACHER_S3_KEY_ID");
     env.unset("CACHER_S3_SECRET");
     let g = garage();
@@ -103,7 +103,7 @@ fn doctor_reports_sources_and_lengths_never_the_secret() {
 
 #[test]
 fn doctor_warns_about_whitespace_in_credentials() {
-    let mut env = TestEnv::s3("ws");
+    let mut env = TestEnv::on(garage(), "ws");
     let g = garage();
     env.set("CACHER_S3_SECRET", &format!(" {}", g.secret));
     let run = env.run(["doctor"]);
@@ -114,7 +114,7 @@ fn doctor_warns_about_whitespace_in_credentials() {
 
 #[test]
 fn flag_beats_env_beats_file_beats_default() {
-    let mut env = TestEnv::s3("prec");
+    let mut env = TestEnv::on(garage(), "prec");
     let base = env.prefix.clone();
     let config = env.write("c.toml", format!("prefix = \"{base}/file\"\n"));
     env.set("CACHER_CONFIG", config.to_str().unwrap());
@@ -186,7 +186,7 @@ fn config_with_unknown_field_or_wrong_type_exits_2_naming_it() {
 
 #[test]
 fn arch_suffix_in_config_applies_to_data_commands_idempotently() {
-    let mut env = TestEnv::s3("arch");
+    let mut env = TestEnv::on(garage(), "arch");
     env.set("CACHER_ARCH_SUFFIX", "true");
     let f = env.write("f", "x");
     env.run(["upload", "bin/tool", f.to_str().unwrap()]).ok();

@@ -4,14 +4,14 @@
 
 use std::time::{Duration, Instant};
 
-use crate::util::garage::Node;
 use crate::util::proxy::{Fault, Proxy};
-use crate::util::{TestEnv, garage, random_bytes, read, stored, temp_leftovers};
+use crate::util::server::{Kind, Node};
+use crate::util::{TestEnv, random_bytes, read, server, stored, temp_leftovers};
 
 /// An env whose endpoint is a fresh proxy in front of Garage.
 fn through_proxy(name: &str) -> (TestEnv, Proxy) {
     let mut env = TestEnv::s3(name);
-    let proxy = Proxy::start(&garage().endpoint);
+    let proxy = Proxy::start(&server().endpoint);
     env.set("CACHER_ENDPOINT", &proxy.endpoint);
     // Small parts, so a 24 MiB file goes up in several.
     env.set("CACHER_MULTIPART_THRESHOLD", "8388608");
@@ -88,7 +88,7 @@ fn a_hanging_server_fails_in_bounded_time_and_touches_nothing() {
         "k",
         src.to_str().unwrap(),
         "--endpoint",
-        &garage().endpoint,
+        &server().endpoint,
     ])
     .ok();
     proxy.stall_everything();
@@ -115,7 +115,7 @@ fn a_hanging_server_fails_in_bounded_time_and_touches_nothing() {
     env.write("tree/a", "a");
     env.run(["dir", "upload", "d", tree.to_str().unwrap()])
         .code(2);
-    let direct = env.run(["dir", "exists", "d", "--endpoint", &garage().endpoint]);
+    let direct = env.run(["dir", "exists", "d", "--endpoint", &server().endpoint]);
     direct.code(1);
 }
 
@@ -129,7 +129,7 @@ fn a_slow_trickle_is_not_a_stall() {
         "slow",
         src.to_str().unwrap(),
         "--endpoint",
-        &garage().endpoint,
+        &server().endpoint,
     ])
     .ok();
     // 4 KiB every 5 ms (~800 KiB/s) on every connection the download opens: slower
@@ -143,13 +143,8 @@ fn a_slow_trickle_is_not_a_stall() {
 
 /// An env on a Garage node of its own, which the test can kill and restart.
 fn on_own_node(name: &str) -> (TestEnv, Node) {
-    let node = Node::start(name);
-    let mut env = TestEnv::s3(name);
-    let g = &node.garage;
-    env.set("CACHER_ENDPOINT", &g.endpoint);
-    env.set("CACHER_BUCKET", &g.bucket);
-    env.set("CACHER_S3_KEY_ID", &g.key_id);
-    env.set("CACHER_S3_SECRET", &g.secret);
+    let node = Node::start(Kind::Garage, name);
+    let env = TestEnv::on(&node.server, name);
     (env, node)
 }
 

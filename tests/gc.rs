@@ -1,6 +1,6 @@
 //! `cacher gc` and `cacher prune`: space is reclaimed, referenced chunks never are.
 
-use crate::util::{TestEnv, bucket, random_bytes, rt, sh};
+use crate::util::{TestEnv, bucket, random_bytes, rt, server, sh};
 
 fn tree(env: &TestEnv, name: &str, seed: u64) -> String {
     env.write(
@@ -156,6 +156,18 @@ fn gc_aborts_unfinished_uploads_older_than_the_grace() {
     let upload = rt()
         .block_on(store.multipart_start(&key, 6 << 20, &Default::default()))
         .unwrap();
+    let part = |n| {
+        let data = vec![0u8; 6 << 20];
+        let crc = crc32fast::hash(&data);
+        rt().block_on(store.multipart_part(
+            &upload,
+            n,
+            0,
+            cacher::store::Body::Bytes(bytes::Bytes::from(data)),
+            Some(crc),
+        ))
+    };
+    part(1).expect("the first part of the killed upload");
     let run = env.run(["gc"]);
     assert!(
         run.ok().stderr.contains("0 unfinished uploads aborted"),
@@ -163,19 +175,23 @@ fn gc_aborts_unfinished_uploads_older_than_the_grace() {
         run.stderr
     );
     let run = env.run(["gc", "--grace", "0s"]);
-    assert!(
-        run.ok().stderr.contains("1 unfinished uploads aborted"),
-        "{}",
-        run.stderr
-    );
-    let part = rt().block_on(store.multipart_part(
-        &upload,
-        1,
-        0,
-        cacher::store::Body::Bytes(bytes::Bytes::from(vec![0u8; 6 << 20])),
-        None,
-    ));
-    assert!(part.is_err(), "the upload was aborted");
+    if server().lists_parts() {
+        assert!(
+            run.ok().stderr.contains("1 unfinished uploads aborted"),
+            "{}",
+            run.stderr
+        );
+        assert!(part(2).is_err(), "the upload was aborted");
+    } else {
+        // moto: its start times are fixed in 2010 and its ListParts reply unreadable,
+        // so gc cannot tell a live upload from a dead one and keeps it.
+        assert!(
+            run.ok().stderr.contains("kept unfinished upload"),
+            "{}",
+            run.stderr
+        );
+        part(2).expect("the kept upload still takes parts");
+    }
 
     // file:// stores: temp files of writes that died.
     let env = TestEnv::file_store();

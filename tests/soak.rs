@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use crate::util::proxy::{Fault, Proxy};
-use crate::util::{TestEnv, garage, random_bytes, read};
+use crate::util::{TestEnv, random_bytes, read, server};
 
 #[derive(Default)]
 struct Tally {
@@ -35,7 +35,7 @@ fn soak_mixed_operations_with_random_faults() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(150);
     let mut env = TestEnv::s3("soak");
-    let proxy = Proxy::start(&garage().endpoint);
+    let proxy = Proxy::start(&server().endpoint);
     env.set("CACHER_ENDPOINT", &proxy.endpoint);
     env.set("CACHER_MULTIPART_THRESHOLD", "8388608");
     env.set("CACHER_TIMEOUT", "5");

@@ -16,3 +16,4 @@ mod keys;
 mod plain;
 mod shipping;
 mod soak;
+mod tls;

@@ -3,14 +3,14 @@
 
 #![allow(dead_code)]
 
-#[path = "../../tests/util/garage.rs"]
-pub mod garage_node;
+#[path = "../../tests/util/server.rs"]
+pub mod server;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-pub use garage_node::{Garage, garage};
+pub use server::{Server, garage};
 
 /// Wall time and peak resident memory of one child process.
 #[derive(Clone, Copy)]
@@ -64,7 +64,7 @@ pub fn scratch() -> PathBuf {
 }
 
 /// Environment for the aws CLI against `g`, with the settings Garage needs.
-pub fn aws_env(cmd: &mut Command, g: &Garage, config_dir: &Path) {
+pub fn aws_env(cmd: &mut Command, g: &Server, config_dir: &Path) {
     let config = config_dir.join("aws.conf");
     std::fs::write(
         &config,
@@ -80,7 +80,7 @@ pub fn aws_env(cmd: &mut Command, g: &Garage, config_dir: &Path) {
 }
 
 /// `cacher ARGS -q` against `g`, with a clean environment.
-pub fn cacher(g: &Garage, home: &Path, args: &[&str]) -> Command {
+pub fn cacher(g: &Server, home: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_cacher"));
     c.args(args)
         .env_clear()
@@ -109,7 +109,7 @@ pub fn since(t: Instant) -> f64 {
 }
 
 /// Sum of object sizes under `prefix` (recursive `cacher list --root`).
-pub fn stored_bytes(g: &Garage, home: &Path, prefix: &str) -> u64 {
+pub fn stored_bytes(g: &Server, home: &Path, prefix: &str) -> u64 {
     let out = cacher(g, home, &["list", "--root", "--recursive", prefix])
         .output()
         .expect("list");
@@ -121,7 +121,7 @@ pub fn stored_bytes(g: &Garage, home: &Path, prefix: &str) -> u64 {
 
 /// Runs cacher; returns the measure and the last line it printed on stderr (the
 /// stats line).
-pub fn cacher_run(g: &Garage, home: &Path, args: &[&str]) -> (Measure, String) {
+pub fn cacher_run(g: &Server, home: &Path, args: &[&str]) -> (Measure, String) {
     let log = home.join("cacher.log");
     let mut cmd = cacher(g, home, args);
     cmd.stderr(std::fs::File::create(&log).expect("log"))
@@ -132,7 +132,7 @@ pub fn cacher_run(g: &Garage, home: &Path, args: &[&str]) -> (Measure, String) {
 }
 
 /// Measures a bash pipeline (the baseline) with the aws CLI set up for `g`.
-pub fn bash_aws(g: &Garage, dir: &Path, script: &str) -> Measure {
+pub fn bash_aws(g: &Server, dir: &Path, script: &str) -> Measure {
     let mut cmd = Command::new("bash");
     cmd.args(["-c", &format!("set -eo pipefail; {script}")])
         .stdout(std::process::Stdio::null());

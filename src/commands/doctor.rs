@@ -19,7 +19,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
 fn print_settings(config: &Config) {
     let file_note = if config.file_read { "" } else { " (not found)" };
     println!("config file:   {}{file_note}", config.path.display());
-    let rows: [(&str, String, &crate::config::Source); 9] = [
+    let rows: [(&str, String, &crate::config::Source); 10] = [
         (
             "endpoint",
             config.endpoint.value.clone(),
@@ -42,6 +42,11 @@ fn print_settings(config: &Config) {
             "secret_file",
             show_path(&config.secret_file.value),
             &config.secret_file.source,
+        ),
+        (
+            "ca_bundle",
+            show_path(&config.ca_bundle.value),
+            &config.ca_bundle.source,
         ),
         (
             "docker_bin",

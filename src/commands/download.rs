@@ -50,7 +50,7 @@ pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome
         report(&key, "miss", None);
         return Ok(Outcome::DownloadMiss);
     };
-    let fetched = crate::http::fetch(url, &args.dest).await?;
+    let fetched = crate::http::fetch(url, &args.dest, config.ca_certificates()?.as_deref()).await?;
     if let Some(expected) = &expected
         && *expected != fetched.sha256
     {

@@ -94,8 +94,17 @@ impl S3Store {
         );
         let retries = Arc::new(AtomicU64::new(0));
         let timeout = Duration::from_secs(config.timeout.value);
+        let mut trust = tls::TrustStore::default();
+        if let Some(pem) = config.ca_certificates()? {
+            trust = trust.with_pem_certificate(pem);
+        }
+        let tls_context = tls::TlsContext::builder()
+            .with_trust_store(trust)
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot set up TLS: {e}"))?;
         let http_client = aws_smithy_http_client::Builder::new()
             .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+            .tls_context(tls_context)
             .build_https();
         let sdk_config = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
@@ -230,6 +239,45 @@ async fn byte_stream(body: Body) -> StoreResult<ByteStream> {
 
 fn to_system_time(t: &aws_sdk_s3::primitives::DateTime) -> Option<std::time::SystemTime> {
     std::time::SystemTime::try_from(*t).ok()
+}
+
+impl S3Store {
+    /// When the newest part of an unfinished upload was written (`None`: no part yet, or
+    /// the upload is gone).
+    async fn last_part_written(
+        &self,
+        upload: &MultipartId,
+    ) -> StoreResult<Option<std::time::SystemTime>> {
+        let mut newest = None;
+        let mut marker: Option<String> = None;
+        loop {
+            ui::verbose(format!("LIST PARTS {}", upload.key));
+            let out = match self
+                .client
+                .list_parts()
+                .bucket(&self.bucket)
+                .key(&upload.key)
+                .upload_id(&upload.upload_id)
+                .set_part_number_marker(marker.take())
+                .send()
+                .await
+                .map_err(|e| classify("LIST PARTS", &upload.key, &self.bucket, e))
+            {
+                Ok(out) => out,
+                Err(StoreError::NotFound(_)) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let written = out
+                .parts()
+                .iter()
+                .filter_map(|p| p.last_modified().and_then(to_system_time));
+            newest = newest.into_iter().chain(written).max();
+            match out.next_part_number_marker() {
+                Some(next) if out.is_truncated() == Some(true) => marker = Some(next.to_string()),
+                _ => return Ok(newest),
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -523,13 +571,26 @@ impl Store for S3Store {
                 break;
             }
         }
+        // A slow upload started long ago may still be sending parts, and some servers
+        // (moto) report a fixed, ancient start time: the newest part decides too.
+        let mut aborted = 0;
         for upload in &stale {
+            match self.last_part_written(upload).await {
+                Ok(written) if written > Some(cutoff) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    // Aborting a live upload fails a CI job; a leftover costs storage.
+                    ui::warn(format!("kept unfinished upload {}: {e}", upload.key));
+                    continue;
+                }
+            }
+            aborted += 1;
             match self.multipart_abort(upload).await {
                 Ok(()) | Err(StoreError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(stale.len())
+        Ok(aborted)
     }
 
     async fn list(&self, prefix: &str, delimiter: Option<char>) -> StoreResult<Listing> {

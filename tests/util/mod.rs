@@ -1,10 +1,12 @@
 //! Test harness: a temp home per test, the built `cacher` run with a clean environment
-//! against the shared Garage node (each test under its own prefix) or a `file://` store,
-//! and a real HTTP server for `download --url`.
+//! against the shared S3 server (Garage, or moto with `CACHER_TEST_SERVER=moto`; each
+//! test under its own prefix) or a `file://` store, and a real HTTP server for
+//! `download --url`.
 
-pub mod garage;
 pub mod http;
 pub mod proxy;
+pub mod server;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -12,7 +14,7 @@ use std::sync::Arc;
 
 use cacher::store::Store;
 
-pub use garage::garage;
+pub use server::{garage, server};
 
 /// One test's world: its own HOME, its own prefix, and how to reach the store.
 pub struct TestEnv {
@@ -70,9 +72,13 @@ pub fn unique(name: &str) -> String {
 }
 
 impl TestEnv {
-    /// A test against the shared Garage node, under a fresh prefix.
+    /// A test against the shared S3 server the suite runs on, under a fresh prefix.
     pub fn s3(name: &str) -> TestEnv {
-        let g = garage();
+        TestEnv::on(server(), name)
+    }
+
+    /// A test against `server`, under a fresh prefix.
+    pub fn on(g: &server::Server, name: &str) -> TestEnv {
         let prefix = unique(name);
         let mut env = TestEnv::bare();
         env.prefix = prefix.clone();
@@ -153,25 +159,27 @@ impl TestEnv {
         cmd
     }
 
-    /// Starts every command at once and waits for all; panics unless all succeed.
-    pub fn run_all_at_once(&self, commands: &[Vec<String>]) {
+    /// Starts every command at once, waits for all and returns what each did; panics
+    /// unless all succeed.
+    pub fn run_all_at_once(&self, commands: &[Vec<String>]) -> Vec<Run> {
         let children: Vec<_> = commands
             .iter()
             .map(|args| {
                 self.cmd(args)
+                    .stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::piped())
                     .spawn()
                     .expect("spawn cacher")
             })
             .collect();
-        for child in children {
-            let out = child.wait_with_output().expect("wait for cacher");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        children
+            .into_iter()
+            .map(|child| {
+                let run = Run::from(child.wait_with_output().expect("wait for cacher"));
+                run.ok();
+                run
+            })
+            .collect()
     }
 
     /// Runs `cacher` with these arguments.
@@ -214,7 +222,7 @@ pub fn sh(script: &str, cwd: &Path) -> String {
 
 /// A store client straight on the test bucket, to check what is really there.
 pub fn bucket() -> Arc<dyn Store> {
-    let g = garage();
+    let g = server();
     let env = TestEnv::bare();
     let key_file = env.write("key", &g.key_id);
     let secret_file = env.write("secret", &g.secret);
