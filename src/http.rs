@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
@@ -24,15 +25,9 @@ pub struct Fetched {
 /// of the built-in roots. Fails on any non-2xx status or a body shorter than its
 /// Content-Length.
 pub async fn fetch(url: &str, dest: &Path, ca: Option<&[u8]>) -> anyhow::Result<Fetched> {
-    let mut client = reqwest::Client::builder()
-        .user_agent(concat!("cacher/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(std::time::Duration::from_secs(15));
-    if let Some(pem) = ca {
-        for cert in reqwest::Certificate::from_pem_bundle(pem).context("bad ca_bundle")? {
-            client = client.add_root_certificate(cert);
-        }
-    }
-    let client = client.build().context("cannot set up the HTTP client")?;
+    let client = crate::store::connector::reqwest_client(ca, Duration::from_secs(15), None)?
+        .build()
+        .context("cannot set up the HTTP client")?;
     let resp = client
         .get(url)
         .send()

@@ -3,9 +3,8 @@
 //! Results go to stdout from the commands; everything here goes to stderr so scripts
 //! can capture stdout cleanly. The level is set once at start-up from `-q`/`-v`.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// How much to say on stderr.
@@ -88,60 +87,47 @@ pub fn human_rate(bytes: u64, elapsed: Duration) -> String {
     format!("{}/s", human_bytes((bytes as f64 / secs) as u64))
 }
 
-/// Byte counter of one transfer; redraws a progress line when stderr is a terminal.
+/// Byte counter of one transfer, drawn as a progress bar (bytes, rate, ETA) when stderr
+/// is a terminal and nothing at all otherwise, so CI logs get only the summary line.
 pub struct Progress {
-    label: String,
-    total: u64,
-    done: AtomicU64,
+    bar: indicatif::ProgressBar,
     started: Instant,
-    last_draw: std::sync::Mutex<Instant>,
-    draw: bool,
 }
 
 impl Progress {
     /// Starts counting a transfer of `total` bytes (0 when unknown).
     pub fn new(label: impl Into<String>, total: u64) -> Progress {
-        let now = Instant::now();
+        let draw = level() >= Level::Normal && std::io::stderr().is_terminal();
+        let target = if draw {
+            indicatif::ProgressDrawTarget::stderr_with_hz(5)
+        } else {
+            indicatif::ProgressDrawTarget::hidden()
+        };
+        let template = if total > 0 {
+            "cacher: {msg} [{bar:30}] {bytes} / {total_bytes} {bytes_per_sec} eta {eta}"
+        } else {
+            "cacher: {msg} {spinner} {bytes} {bytes_per_sec}"
+        };
+        let style = indicatif::ProgressStyle::with_template(template)
+            .expect("valid progress template")
+            .progress_chars("=> ");
+        let bar = indicatif::ProgressBar::with_draw_target((total > 0).then_some(total), target)
+            .with_style(style)
+            .with_message(label.into());
         Progress {
-            label: label.into(),
-            total,
-            done: AtomicU64::new(0),
-            started: now,
-            last_draw: std::sync::Mutex::new(now),
-            draw: level() >= Level::Normal && std::io::stderr().is_terminal(),
+            bar,
+            started: Instant::now(),
         }
     }
 
     /// Records `n` more bytes done.
     pub fn add(&self, n: u64) {
-        let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
-        if !self.draw {
-            return;
-        }
-        let mut last = self.last_draw.lock().unwrap_or_else(|e| e.into_inner());
-        if last.elapsed() < Duration::from_millis(200) {
-            return;
-        }
-        *last = Instant::now();
-        let total = if self.total > 0 {
-            format!(" / {}", human_bytes(self.total))
-        } else {
-            String::new()
-        };
-        let mut err = std::io::stderr().lock();
-        let _ = write!(
-            err,
-            "\r\x1b[Kcacher: {} {}{total} {}",
-            self.label,
-            human_bytes(done),
-            human_rate(done, self.started.elapsed())
-        );
-        let _ = err.flush();
+        self.bar.inc(n);
     }
 
     /// Bytes counted so far.
     pub fn done(&self) -> u64 {
-        self.done.load(Ordering::Relaxed)
+        self.bar.position()
     }
 
     /// Time since the transfer started.
@@ -149,11 +135,22 @@ impl Progress {
         self.started.elapsed()
     }
 
+    /// Removes the bar, for a caller that prints its own summary.
+    pub fn clear(&self) {
+        self.bar.finish_and_clear();
+    }
+
+    /// Wraps a reader or writer so every byte through it counts.
+    pub fn counted<T>(self: &std::sync::Arc<Self>, inner: T) -> Counted<T> {
+        Counted {
+            inner,
+            progress: self.clone(),
+        }
+    }
+
     /// Clears the progress line and prints the summary: `<verb> <key>: size in time (rate)`.
     pub fn finish(&self, verb: &str, key: &str, extra: &str) {
-        if self.draw {
-            eprint!("\r\x1b[K");
-        }
+        self.clear();
         let bytes = self.done();
         let elapsed = self.elapsed();
         status(format!(
@@ -162,5 +159,38 @@ impl Progress {
             elapsed.as_secs_f64(),
             human_rate(bytes, elapsed)
         ));
+    }
+}
+
+/// A reader or writer whose bytes count towards a [`Progress`].
+pub struct Counted<T> {
+    inner: T,
+    progress: std::sync::Arc<Progress>,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress.add(n as u64);
+        Ok(n)
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.progress.add(n as u64);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<T> Counted<T> {
+    /// The wrapped reader or writer.
+    pub fn into_inner(self) -> T {
+        self.inner
     }
 }

@@ -1,5 +1,6 @@
 //! What ships beside the binary: shell completions and the man page.
 
+use crate::util::http::{HttpServer, Reply};
 use crate::util::{TestEnv, sh};
 
 #[test]
@@ -119,4 +120,62 @@ fn json_reports_skipped_uploads() {
     assert_eq!(json_lines(&run.ok().stdout)[0]["result"], "skipped");
     let run = env.run(["dir", "upload", "d", tree.to_str().unwrap(), "--json"]);
     assert_eq!(json_lines(&run.ok().stdout)[0]["result"], "skipped");
+}
+
+/// Runs `cacher ARGS` on a pseudo-terminal (util-linux `script`) and returns what the
+/// terminal showed.
+fn on_a_terminal(env: &TestEnv, args: &[&str]) -> String {
+    let quoted: Vec<String> = std::iter::once(env!("CARGO_BIN_EXE_cacher"))
+        .chain(args.iter().copied())
+        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+        .collect();
+    let mut cmd = std::process::Command::new("script");
+    cmd.args(["-qefc", &quoted.join(" "), "/dev/null"])
+        .env_clear()
+        .env("TERM", "xterm")
+        .current_dir(env.dir.path());
+    for (n, v) in &env.vars {
+        cmd.env(n, v);
+    }
+    let out = cmd.output().expect("run script(1)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn progress_bars_on_a_terminal_and_only_summaries_in_logs() {
+    let env = TestEnv::s3("progress");
+    for i in 0..4 {
+        env.write(&format!("tree/f{i}"), crate::util::random_bytes(300_000, i));
+    }
+    let body = crate::util::random_bytes(200 * 1024, 9);
+    let http = HttpServer::start(vec![(
+        "/slow",
+        Reply::Slow {
+            body: body.clone(),
+            pause_ms: 5,
+        },
+    )]);
+    let url = http.url("/slow");
+    let tree = env.path("tree").display().to_string();
+    let restored = env.path("restored").display().to_string();
+
+    let shown = [
+        on_a_terminal(&env, &["download", "f", "f.bin", "--url", &url]),
+        on_a_terminal(&env, &["dir", "upload", "d", &tree]),
+        on_a_terminal(&env, &["dir", "download", "d", &restored]),
+    ];
+    for screen in &shown {
+        assert!(
+            screen.contains("] ") && screen.contains(" eta "),
+            "a bar with bytes, rate and ETA: {screen:?}"
+        );
+        assert!(screen.contains("cacher: "), "and the summary line: {screen:?}");
+    }
+    assert_eq!(crate::util::read(env.path("f.bin")), body);
+
+    // Not a terminal (a CI log): one summary line per transfer, no escape codes.
+    let run = env.run(["dir", "download", "d", env.path("again").to_str().unwrap()]);
+    assert_eq!(run.ok().stderr.lines().count(), 1, "{}", run.stderr);
+    assert!(!run.stderr.contains('\x1b') && !run.stderr.contains(" eta "));
 }

@@ -59,10 +59,13 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         table: Default::default(),
         entries: tree.entries,
     };
-    let stats = chunks
-        .upload(ContentReader::new(tree.files), known, manifest, &key)
-        .await
-        .with_context(|| format!("upload of {} to {key} failed", args.dir.display()))?;
+    let total = tree.files.iter().map(|f| f.size).sum();
+    let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), total));
+    let content = progress.counted(ContentReader::new(tree.files));
+    let stats = chunks.upload(content, known, manifest, &key).await;
+    progress.clear();
+    let stats =
+        stats.with_context(|| format!("upload of {} to {key} failed", args.dir.display()))?;
     ui::status(upload_stats_line(
         &key,
         Some(files),
@@ -166,12 +169,20 @@ async fn restore_manifest(
     let restorer =
         Arc::new(tokio::task::spawn_blocking(move || Restorer::create(&dest, entries)).await??);
     let sink = restorer.clone();
-    let mut stats = chunks
+    let progress = Arc::new(ui::Progress::new(
+        format!("restoring {key}"),
+        manifest.stream_len,
+    ));
+    let counter = progress.clone();
+    let stats = chunks
         .restore(&manifest.table, move |offset, data| {
+            counter.add(data.len() as u64);
             sink.write(offset, data)
         })
-        .await
-        .with_context(|| format!("cannot restore {key}; {} left untouched", dir.display()))?;
+        .await;
+    progress.clear();
+    let mut stats =
+        stats.with_context(|| format!("cannot restore {key}; {} left untouched", dir.display()))?;
     stats.stream_bytes = manifest.stream_len;
     let restorer = Arc::into_inner(restorer).expect("the restore holds no other reference");
     tokio::task::spawn_blocking(move || restorer.finish()).await??;

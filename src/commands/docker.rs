@@ -3,6 +3,7 @@
 //! `docker save` streams straight into the chunker (no temp file, no zstd binary); a
 //! restore streams the reassembled archive straight into `docker load`.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -77,10 +78,12 @@ async fn seed(
         entries: Vec::new(),
     };
     let known = chunks.load_known().await?;
+    let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), 0));
     let stats = chunks
-        .upload(save, known, manifest, key)
-        .await
-        .with_context(|| format!("upload of image {image} to {key} failed"))?;
+        .upload(progress.counted(save), known, manifest, key)
+        .await;
+    progress.clear();
+    let stats = stats.with_context(|| format!("upload of image {image} to {key} failed"))?;
     ui::status(upload_stats_line(key, None, &stats, started.elapsed()));
     Ok(stats)
 }
@@ -125,8 +128,17 @@ async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<
     let mut restored = None;
     let (load, line) = match stored {
         Stored::Manifest(manifest) if manifest.kind == ManifestKind::Docker => {
-            match chunks.restore_in_order(&manifest.table, load).await {
+            let progress = Arc::new(ui::Progress::new(
+                format!("restoring {key}"),
+                manifest.stream_len,
+            ));
+            let restored_stream = chunks
+                .restore_in_order(&manifest.table, progress.counted(load))
+                .await;
+            progress.clear();
+            match restored_stream {
                 Ok((load, stats)) => {
+                    let load = load.into_inner();
                     let line = download_stats_line(&key, None, &stats, started.elapsed());
                     restored = Some(stats);
                     (load, line)

@@ -5,6 +5,7 @@
 //! live one layer up in [`crate::transfer`]. Two backends implement it: S3 (Garage,
 //! MinIO, AWS) in [`s3`] and a local directory (`file://`) in [`file`].
 
+pub mod connector;
 pub mod file;
 pub mod s3;
 

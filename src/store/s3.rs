@@ -22,7 +22,7 @@ use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload};
-use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use super::connector::{ReqwestConnector, reqwest_client};
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
 use aws_smithy_runtime_api::client::retries::RequestAttempts;
@@ -94,18 +94,12 @@ impl S3Store {
         );
         let retries = Arc::new(AtomicU64::new(0));
         let timeout = Duration::from_secs(config.timeout.value);
-        let mut trust = tls::TrustStore::default();
-        if let Some(pem) = config.ca_certificates()? {
-            trust = trust.with_pem_certificate(pem);
-        }
-        let tls_context = tls::TlsContext::builder()
-            .with_trust_store(trust)
-            .build()
-            .map_err(|e| anyhow::anyhow!("cannot set up TLS: {e}"))?;
-        let http_client = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
-            .tls_context(tls_context)
-            .build_https();
+        let connect_timeout = Duration::from_secs(5).min(timeout);
+        let http_client = ReqwestConnector::new(reqwest_client(
+            config.ca_certificates()?.as_deref(),
+            connect_timeout,
+            Some(timeout),
+        )?)?;
         let sdk_config = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .http_client(http_client)
@@ -122,7 +116,7 @@ impl S3Store {
             )
             .timeout_config(
                 TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(5).min(timeout))
+                    .connect_timeout(connect_timeout)
                     .read_timeout(timeout)
                     .build(),
             )
