@@ -7,9 +7,9 @@ use std::process::Command;
 
 use crate::util::{TestEnv, random_bytes, unique, upload_stats};
 
-const REGISTRY: &str = "127.0.0.1:5000";
+pub const REGISTRY: &str = "127.0.0.1:5000";
 
-fn docker(args: &[&str]) -> std::process::Output {
+pub fn docker(args: &[&str]) -> std::process::Output {
     Command::new("docker")
         .args(args)
         .output()
@@ -27,7 +27,7 @@ fn docker_ok(args: &[&str]) -> String {
 }
 
 /// Whether a daemon answers; prints the reason when not.
-fn daemon_ready(test: &str) -> bool {
+pub fn daemon_ready(test: &str) -> bool {
     let ok = Command::new("docker")
         .args(["info", "--format", "{{.ServerVersion}}"])
         .output()
@@ -40,7 +40,7 @@ fn daemon_ready(test: &str) -> bool {
 }
 
 /// Builds `tag` from scratch (or from `base`) with the given files, each its own layer.
-fn build(env: &TestEnv, tag: &str, base: Option<&str>, files: &[(&str, Vec<u8>)]) -> String {
+pub fn build(env: &TestEnv, tag: &str, base: Option<&str>, files: &[(&str, Vec<u8>)]) -> String {
     let ctx = env.path(&unique("ctx"));
     std::fs::create_dir_all(&ctx).unwrap();
     let mut dockerfile = format!("FROM {}\n", base.unwrap_or("scratch"));
@@ -63,7 +63,7 @@ fn build(env: &TestEnv, tag: &str, base: Option<&str>, files: &[(&str, Vec<u8>)]
     image_id(tag).expect("built image exists")
 }
 
-fn image_id(tag: &str) -> Option<String> {
+pub fn image_id(tag: &str) -> Option<String> {
     let out = docker(&["image", "inspect", "--format", "{{.Id}}", tag]);
     out.status
         .success()
@@ -79,7 +79,7 @@ fn file_in_image(tag: &str, path: &str, env: &TestEnv) -> Vec<u8> {
     std::fs::read(dest).unwrap()
 }
 
-fn rmi(tag: &str) {
+pub fn rmi(tag: &str) {
     let _ = docker(&["rmi", "-f", tag]);
 }
 

@@ -138,7 +138,11 @@ fn on_a_terminal(env: &TestEnv, args: &[&str]) -> String {
         cmd.env(n, v);
     }
     let out = cmd.output().expect("run script(1)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -170,7 +174,10 @@ fn progress_bars_on_a_terminal_and_only_summaries_in_logs() {
             screen.contains("] ") && screen.contains(" eta "),
             "a bar with bytes, rate and ETA: {screen:?}"
         );
-        assert!(screen.contains("cacher: "), "and the summary line: {screen:?}");
+        assert!(
+            screen.contains("cacher: "),
+            "and the summary line: {screen:?}"
+        );
     }
     assert_eq!(crate::util::read(env.path("f.bin")), body);
 

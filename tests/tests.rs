@@ -14,6 +14,8 @@ mod file_store;
 mod gc;
 mod keys;
 mod plain;
+mod recipes;
+mod release;
 mod shipping;
 mod soak;
 mod tls;

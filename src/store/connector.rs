@@ -64,8 +64,8 @@ impl HttpConnector for ReqwestConnector {
                 .try_into_http1x()
                 .map_err(|e| ConnectorError::user(e.into()))?
                 .map(reqwest::Body::wrap);
-            let request = reqwest::Request::try_from(request)
-                .map_err(|e| ConnectorError::user(e.into()))?;
+            let request =
+                reqwest::Request::try_from(request).map_err(|e| ConnectorError::user(e.into()))?;
             let response = client.execute(request).await.map_err(connector_error)?;
             let response = http::Response::from(response).map(SdkBody::from_body_1_x);
             HttpResponse::try_from(response).map_err(|e| ConnectorError::other(e.into(), None))
