@@ -186,3 +186,78 @@ fn progress_bars_on_a_terminal_and_only_summaries_in_logs() {
     assert_eq!(run.ok().stderr.lines().count(), 1, "{}", run.stderr);
     assert!(!run.stderr.contains('\x1b') && !run.stderr.contains(" eta "));
 }
+
+fn doc(name: &str) -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(name))
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn the_references_cover_every_command_flag_and_setting() {
+    use clap::CommandFactory;
+    let commands = doc("docs/commands.md");
+    let config = doc("docs/config.md");
+    let cli = cacher::cli::Cli::command();
+
+    let mut todo: Vec<(String, &clap::Command)> = cli
+        .get_subcommands()
+        .map(|c| (c.get_name().to_string(), c))
+        .collect();
+    while let Some((path, command)) = todo.pop() {
+        if command.get_name() == "help" {
+            continue;
+        }
+        let subcommands: Vec<_> = command.get_subcommands().collect();
+        if subcommands.is_empty() {
+            assert!(
+                commands.contains(&format!("## cacher {path}\n")),
+                "docs/commands.md has no section for `cacher {path}`"
+            );
+        }
+        for sub in subcommands {
+            todo.push((format!("{path} {}", sub.get_name()), sub));
+        }
+        for arg in command.get_arguments().filter(|a| !a.is_global_set()) {
+            if let Some(long) = arg.get_long().filter(|l| *l != "help") {
+                assert!(
+                    commands.contains(&format!("--{long}")),
+                    "docs/commands.md does not mention `cacher {path} --{long}`"
+                );
+            }
+        }
+    }
+
+    // Listing every field: a new one fails to compile here until it is documented.
+    let every_field = cacher::config::ConfigFile {
+        endpoint: Some(String::new()),
+        region: Some(String::new()),
+        bucket: Some(String::new()),
+        prefix: Some(String::new()),
+        arch_suffix: Some(false),
+        key_file: Some(String::new()),
+        secret_file: Some(String::new()),
+        ca_bundle: Some(String::new()),
+        docker_bin: Some(String::new()),
+        jobs: Some(1),
+        timeout: Some(1),
+        multipart_threshold: Some(1),
+        part_size: Some(1),
+    };
+    let fields = serde_json::to_value(every_field).unwrap();
+    for field in fields.as_object().unwrap().keys() {
+        let env = format!("CACHER_{}", field.to_uppercase());
+        assert!(
+            config.contains(&format!("| `{field}` |")) && config.contains(&env),
+            "docs/config.md lacks the field {field} or {env}"
+        );
+    }
+    for arg in cli.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        let documented = if ["json", "quiet", "verbose", "help"].contains(&long) {
+            &commands
+        } else {
+            &config
+        };
+        assert!(documented.contains(&format!("--{long}")), "--{long} is not documented");
+    }
+}
