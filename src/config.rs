@@ -475,9 +475,12 @@ fn read_credential(
     };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the S3 {what} file {}", path.display()))?;
+    // doctor and the store both read the credentials: warn once.
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if var == "CACHER_S3_SECRET"
         && let Ok(meta) = std::fs::metadata(path)
         && meta.permissions().mode() & 0o077 != 0
+        && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
     {
         crate::ui::warn(format!(
             "the secret file {} can be read by other users (mode {:o}); chmod 600 it",
