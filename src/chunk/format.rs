@@ -331,6 +331,15 @@ impl ChunkTable {
     }
 }
 
+/// Decodes one stored chunk: zstd-decompresses `stored` into at most `len` bytes and
+/// checks the result is exactly `len` bytes with blake3 id `id`. `None` means corrupt;
+/// memory stays bounded by `len` (at most [`CHUNK_MAX`] in a decoded table) whatever
+/// `stored` claims.
+pub fn decode_chunk(stored: &[u8], len: u32, id: &Id) -> Option<Vec<u8>> {
+    let data = zstd::bulk::decompress(stored, len as usize).ok()?;
+    (data.len() == len as usize && Id::of(&data) == *id).then_some(data)
+}
+
 /// Whether `data` starts like a manifest (as opposed to a plain file or a tar.zst).
 pub fn is_manifest(data: &[u8]) -> bool {
     data.starts_with(MANIFEST_MAGIC)

@@ -733,11 +733,7 @@ fn unpack_range(
                 range.pack
             )
         };
-        // The capacity bounds the output: a chunk cannot inflate past its declared size.
-        let data = zstd::bulk::decompress(stored, c.len as usize).map_err(|_| corrupt())?;
-        if data.len() != c.len as usize || Id::of(&data) != c.id {
-            return Err(corrupt());
-        }
+        let data = super::format::decode_chunk(stored, c.len, &c.id).ok_or_else(corrupt)?;
         for &offset in offsets {
             sink(offset, &data)?;
         }
