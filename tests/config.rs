@@ -270,5 +270,10 @@ fn a_world_readable_secret_file_gets_a_warning() {
     run.code(1);
     assert!(run.stderr.contains("chmod 600"), "{}", run.stderr);
     let run = env.run(["doctor"]);
-    assert_eq!(run.ok().stderr.matches("chmod 600").count(), 1, "once: {}", run.stderr);
+    assert_eq!(
+        run.ok().stderr.matches("chmod 600").count(),
+        1,
+        "once: {}",
+        run.stderr
+    );
 }

@@ -258,6 +258,9 @@ fn the_references_cover_every_command_flag_and_setting() {
         } else {
             &config
         };
-        assert!(documented.contains(&format!("--{long}")), "--{long} is not documented");
+        assert!(
+            documented.contains(&format!("--{long}")),
+            "--{long} is not documented"
+        );
     }
 }
