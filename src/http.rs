@@ -1,4 +1,5 @@
-//! Fetching `download --url` sources: a streamed GET into a temp file, hashed on the way.
+//! HTTP: the client settings shared by the S3 connector and `download --url`, and the
+//! `--url` fetch itself (a streamed GET into a temp file, hashed on the way).
 
 use std::io::Write;
 use std::path::Path;
@@ -10,6 +11,29 @@ use sha2::{Digest, Sha256};
 use tempfile::NamedTempFile;
 
 use crate::ui::Progress;
+
+/// A reqwest client trusting the bundled webpki roots and the PEM certificates `ca`.
+pub fn client_builder(
+    ca: Option<&[u8]>,
+    connect_timeout: Duration,
+    read_timeout: Option<Duration>,
+) -> anyhow::Result<reqwest::ClientBuilder> {
+    let mut builder = reqwest::Client::builder()
+        .user_agent(concat!("cacher/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true);
+    if let Some(timeout) = read_timeout {
+        builder = builder.read_timeout(timeout);
+    }
+    if let Some(pem) = ca {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| anyhow::anyhow!("bad ca_bundle: {e}"))?;
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    Ok(builder)
+}
 
 /// A fetched URL: the temp file holding it and its sha256.
 pub struct Fetched {
@@ -25,7 +49,7 @@ pub struct Fetched {
 /// of the built-in roots. Fails on any non-2xx status or a body shorter than its
 /// Content-Length.
 pub async fn fetch(url: &str, dest: &Path, ca: Option<&[u8]>) -> anyhow::Result<Fetched> {
-    let client = crate::store::connector::reqwest_client(ca, Duration::from_secs(15), None)?
+    let client = client_builder(ca, Duration::from_secs(15), None)?
         .build()
         .context("cannot set up the HTTP client")?;
     let resp = client

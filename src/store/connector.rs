@@ -6,8 +6,6 @@
 //! it. reqwest with bundled roots needs no system library anywhere, and the `--url`
 //! fetch already uses it, so one HTTP stack serves both.
 
-use std::time::Duration;
-
 use aws_smithy_runtime_api::client::http::{
     HttpClient, HttpConnector, HttpConnectorFuture, HttpConnectorSettings, SharedHttpConnector,
 };
@@ -15,29 +13,6 @@ use aws_smithy_runtime_api::client::orchestrator::{HttpRequest, HttpResponse};
 use aws_smithy_runtime_api::client::result::ConnectorError;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::body::SdkBody;
-
-/// A reqwest client trusting the bundled webpki roots and the PEM certificates `ca`.
-pub fn reqwest_client(
-    ca: Option<&[u8]>,
-    connect_timeout: Duration,
-    read_timeout: Option<Duration>,
-) -> anyhow::Result<reqwest::ClientBuilder> {
-    let mut builder = reqwest::Client::builder()
-        .user_agent(concat!("cacher/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true);
-    if let Some(timeout) = read_timeout {
-        builder = builder.read_timeout(timeout);
-    }
-    if let Some(pem) = ca {
-        let certs = reqwest::Certificate::from_pem_bundle(pem)
-            .map_err(|e| anyhow::anyhow!("bad ca_bundle: {e}"))?;
-        for cert in certs {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    Ok(builder)
-}
 
 /// The SDK's view of one reqwest client (which pools its connections).
 #[derive(Debug, Clone)]

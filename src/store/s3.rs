@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::connector::{ReqwestConnector, reqwest_client};
+use super::connector::ReqwestConnector;
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::retry::RetryConfig;
@@ -95,7 +95,7 @@ impl S3Store {
         let retries = Arc::new(AtomicU64::new(0));
         let timeout = Duration::from_secs(config.timeout.value);
         let connect_timeout = Duration::from_secs(5).min(timeout);
-        let http_client = ReqwestConnector::new(reqwest_client(
+        let http_client = ReqwestConnector::new(crate::http::client_builder(
             config.ca_certificates()?.as_deref(),
             connect_timeout,
             Some(timeout),
