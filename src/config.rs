@@ -112,7 +112,7 @@ pub struct Config {
     /// File holding the secret key.
     pub secret_file: Setting<Option<PathBuf>>,
     /// PEM file of extra CA certificates trusted for https endpoints and `--url`, on top
-    /// of the system's roots (for a server with a private CA).
+    /// of the bundled webpki roots (for a server with a private CA).
     pub ca_bundle: Setting<Option<PathBuf>>,
     /// The docker CLI to run.
     pub docker_bin: Setting<String>,

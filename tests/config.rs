@@ -277,3 +277,21 @@ fn a_world_readable_secret_file_gets_a_warning() {
         run.stderr
     );
 }
+
+#[test]
+fn requests_go_through_the_proxy_named_in_the_environment() {
+    // The endpoint's host does not resolve; only the proxy (a TCP relay to Garage that
+    // takes the absolute-form requests an HTTP proxy gets) can reach it.
+    let proxy = crate::util::proxy::Proxy::start(&garage().endpoint);
+    let mut env = TestEnv::on(garage(), "proxy");
+    env.set("CACHER_ENDPOINT", "http://cacher-s3.invalid:3900");
+    env.set("CACHER_TIMEOUT", "5");
+    let src = env.write("src", "through the proxy");
+    env.run(["exists", "k"]).code(2);
+
+    env.set("HTTP_PROXY", &proxy.endpoint);
+    env.run(["upload", "k", src.to_str().unwrap()]).ok();
+    env.run(["exists", "k"]).ok();
+    env.set("NO_PROXY", "cacher-s3.invalid");
+    env.run(["exists", "k"]).code(2);
+}
