@@ -182,6 +182,7 @@ impl Restorer {
         };
         fs::create_dir_all(&parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
+        crate::transfer::remove_stale_leftovers(&parent);
         let temp = tempfile::Builder::new()
             .prefix(".cacher-restore-")
             .tempdir_in(&parent)

@@ -592,11 +592,53 @@ pub fn temp_beside(dest: &Path) -> anyhow::Result<NamedTempFile> {
     if dest.is_dir() {
         bail!("{} is a directory; give a file path", dest.display());
     }
+    remove_stale_leftovers(&dir);
     tempfile::Builder::new()
         .prefix(".cacher-")
         .suffix(".part")
         .tempfile_in(&dir)
         .with_context(|| format!("cannot create a temp file in {}", dir.display()))
+}
+
+/// Removes what killed runs left in `dir`: `.cacher-*.part` files untouched for an hour
+/// (a live download writes its file continuously; one stalled longer has failed) and
+/// `.cacher-restore-*` directories a day old (a live restore creates its entries at the
+/// start, so its directory's age says nothing until then). Best effort: errors are
+/// ignored, as another run may remove the same leftover.
+pub fn remove_stale_leftovers(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let now = std::time::SystemTime::now();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let Ok(meta) = entry.metadata() else { continue };
+        let age = meta
+            .modified()
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .unwrap_or_default();
+        if name.starts_with(".cacher-") && name.ends_with(".part") && meta.is_file() {
+            if age > Duration::from_secs(3600) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        } else if name.starts_with(".cacher-restore-")
+            && meta.is_dir()
+            && age > Duration::from_secs(24 * 3600)
+        {
+            // Restored trees may hold read-only directories (a Go module cache does).
+            for dir in walkdir::WalkDir::new(entry.path()).into_iter().flatten() {
+                if dir.file_type().is_dir() {
+                    let _ = std::fs::set_permissions(
+                        dir.path(),
+                        std::fs::Permissions::from_mode(0o700),
+                    );
+                }
+            }
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Moves a finished temp file over `dest` with ordinary file permissions.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::util::{TestEnv, random_bytes, read};
+use crate::util::{TestEnv, random_bytes, read, temp_leftovers};
 
 /// Starts `cacher ARGS`, kills it with SIGKILL after `after`, reaps it. Returns whether
 /// it had already finished successfully.
@@ -101,4 +101,34 @@ fn killed_downloads_leave_dest_untouched_and_the_next_one_works() {
     }
     env.run(["download", "big", dest.to_str().unwrap()]).ok();
     assert!(read(&dest) == data);
+
+    // Leftovers of the killed runs above (and more made here), once old, are removed by
+    // the next download or restore beside them; fresh ones (a run in progress) stay.
+    let out = dest.parent().unwrap();
+    std::fs::write(out.join(".cacher-killed.part"), "half").unwrap();
+    std::fs::create_dir_all(out.join(".cacher-restore-killed/ro")).unwrap();
+    crate::util::sh(
+        "chmod 555 .cacher-restore-killed/ro; \
+         touch -d '2 days ago' .cacher-*.part .cacher-restore-killed; \
+         echo live > .cacher-live.part",
+        out,
+    );
+    env.run(["download", "big", dest.to_str().unwrap()]).ok();
+    assert_eq!(temp_leftovers(out), vec![".cacher-live.part".to_string()]);
+    std::fs::remove_file(out.join(".cacher-live.part")).unwrap();
+    crate::util::sh(
+        "mkdir -p .cacher-restore-old && touch -d '2 days ago' .cacher-restore-old",
+        out,
+    );
+    let tree = env.write("small/f", "a small tree");
+    let tree = tree.parent().unwrap().to_str().unwrap();
+    env.run(["dir", "upload", "tree", tree]).ok();
+    env.run([
+        "dir",
+        "download",
+        "tree",
+        out.join("restored").to_str().unwrap(),
+    ])
+    .ok();
+    assert_eq!(temp_leftovers(out), Vec::<String>::new());
 }

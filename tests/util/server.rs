@@ -82,11 +82,17 @@ fn shared(cell: &'static OnceLock<Server>, kind: Kind) -> &'static Server {
     })
 }
 
+/// A loopback port free now, for a server to bind a moment later. Drawn below Linux's
+/// ephemeral range (32768 and up): a port the kernel hands out itself could meanwhile
+/// become the source port of some outgoing connection, and the server would then fail
+/// to bind it (seen: Garage's RPC port, with tests connecting in parallel).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free loopback port")
+    loop {
+        let port = fastrand::u16(20_000..32_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn random_hex(bytes: usize) -> String {
