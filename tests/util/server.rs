@@ -2,8 +2,8 @@
 //! dir, started once per process and killed when the process exits: a single-node Garage
 //! (the default) or moto's S3 server, which behaves like AWS where Garage is looser
 //! (`If-None-Match`, the 5 MiB part minimum). `CACHER_TEST_SERVER=moto` runs the suite
-//! against moto; tests of what only Garage offers (credential checks, kill and restart)
-//! ask [`garage`] for a node of their own kind.
+//! against moto; tests of what only Garage offers (credential checks) use [`garage`],
+//! and those that kill and restart a server start a [`Node`] of their own.
 
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
