@@ -100,6 +100,8 @@ fn world(name: &str, with_docker: bool) -> World {
     } else {
         std::fs::read(env!("CARGO_BIN_EXE_cacher")).unwrap()
     };
+    // Like the real checksums.txt, it lists binaries the job does not download: the
+    // recipes must check only their own line.
     let checksums = format!(
         "{}  cacher-linux-amd64\n{}  cacher-darwin-arm64\n",
         crate::plain::hex_sha256(&binary),
