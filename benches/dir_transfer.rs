@@ -13,7 +13,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{bash_aws, cacher_run, garage, measure, stored_bytes};
+use common::{
+    bash_aws, cacher_run, garage, measure, mib, sent_row, stored_bytes, table_header, time_row,
+};
 
 const BASE_DEPS: &str = r#"
 tokio = { version = "1", features = ["full"] }
@@ -158,50 +160,22 @@ fn main() {
     let base_bytes = |n: &str| stored_bytes(g, home, &format!("base/{n}.tar.zst"));
     let (base_a, base_b, base_c) = (base_bytes("a"), base_bytes("b"), base_bytes("c"));
     let cacher_bytes = stored_bytes(g, home, ".cacher/") + stored_bytes(g, home, "bench/");
-    let sent = |line: &str| {
-        line.split("sent ")
-            .nth(1)
-            .and_then(|s| s.split(',').next())
-            .unwrap_or("?")
-            .to_string()
-    };
-    let mib = |b: u64| b as f64 / 1048576.0;
-
     println!("cacher upload A: {line_a}");
     println!("cacher upload B: {line_b}");
     println!("cacher upload C: {line_c}");
     println!("cacher restore B: {line_down}");
     println!();
-    println!(
-        "{:<28} {:>13} {:>12} {:>8}",
-        "", "tar+zstd+aws", "cacher", "ratio"
-    );
-    let row = |name: &str, base: f64, ours: f64| {
-        println!(
-            "{name:<28} {base:>12.2}s {ours:>11.2}s {:>8.3}",
-            ours / base
-        );
-    };
-    row("cold upload A", base_up_a.secs, cacher_up_a.secs);
-    row(
+    table_header("tar+zstd+aws");
+    time_row("cold upload A", base_up_a.secs, cacher_up_a.secs);
+    time_row(
         "upload B (one-crate bump)",
         base_up_b.secs,
         cacher_up_b.secs,
     );
-    println!(
-        "{:<28} {:>10.2}MiB {:>12}",
-        "  bytes sent for B",
-        mib(base_b),
-        sent(&line_b)
-    );
-    row("upload C (new deps)", base_up_c.secs, cacher_up_c.secs);
-    println!(
-        "{:<28} {:>10.2}MiB {:>12}",
-        "  bytes sent for C",
-        mib(base_c),
-        sent(&line_c)
-    );
-    row("restore B", base_down.secs, cacher_down.secs);
+    sent_row("  bytes sent for B", base_b, &line_b);
+    time_row("upload C (new deps)", base_up_c.secs, cacher_up_c.secs);
+    sent_row("  bytes sent for C", base_c, &line_c);
+    time_row("restore B", base_down.secs, cacher_down.secs);
     println!(
         "{:<28} {:>10.2}MiB {:>9.2}MiB {:>8.3}",
         "bytes stored A+B+C",

@@ -13,7 +13,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{Server, bash_aws, cacher_run, garage, stored_bytes};
+use common::{
+    Server, bash_aws, cacher_run, garage, sent_row, stored_bytes, table_header, time_row,
+};
 
 /// Size of the last layer, the one a rebuild changes: incompressible bytes, as a
 /// compiled application roughly is.
@@ -151,36 +153,15 @@ fn compare(g: &Server, home: &Path, ctx: &Path, tree: &Path) {
     );
 
     let base_v2 = stored_bytes(g, home, "base/v2.tar.zst");
-    let sent = |line: &str| {
-        line.split("sent ")
-            .nth(1)
-            .and_then(|s| s.split(',').next())
-            .unwrap_or("?")
-            .to_string()
-    };
     println!("cacher upload v1: {line_1}");
     println!("cacher upload v2: {line_2}");
     println!("cacher restore v2: {line_down}");
     println!();
-    println!(
-        "{:<26} {:>14} {:>12} {:>8}",
-        "", "save+zstd+aws", "cacher", "ratio"
-    );
-    let row = |name: &str, base: f64, ours: f64| {
-        println!(
-            "{name:<26} {base:>13.2}s {ours:>11.2}s {:>8.3}",
-            ours / base
-        );
-    };
-    row("upload v1 (cold)", base_up_1.secs, cacher_up_1.secs);
-    row("upload v2 (last layer)", base_up_2.secs, cacher_up_2.secs);
-    println!(
-        "{:<26} {:>11.2}MiB {:>12}",
-        "  bytes sent for v2",
-        base_v2 as f64 / 1048576.0,
-        sent(&line_2)
-    );
-    row("restore v2 (into load)", base_down.secs, cacher_down.secs);
+    table_header("save+zstd+aws");
+    time_row("upload v1 (cold)", base_up_1.secs, cacher_up_1.secs);
+    time_row("upload v2 (last layer)", base_up_2.secs, cacher_up_2.secs);
+    sent_row("  bytes sent for v2", base_v2, &line_2);
+    time_row("restore v2 (into load)", base_down.secs, cacher_down.secs);
     println!(
         "peak RSS MiB: cacher up {:.0} / {:.0}, restore {:.0}",
         cacher_up_1.max_rss_mib, cacher_up_2.max_rss_mib, cacher_down.max_rss_mib

@@ -139,3 +139,37 @@ pub fn bash_aws(g: &Server, dir: &Path, script: &str) -> Measure {
     aws_env(&mut cmd, g, dir);
     measure(&mut cmd)
 }
+
+/// Width of the label column of the comparison tables.
+const LABEL: usize = 28;
+
+/// Prints the header of a comparison table: labels, then `baseline`, cacher and ratio.
+pub fn table_header(baseline: &str) {
+    println!(
+        "{:<LABEL$} {baseline:>13} {:>12} {:>8}",
+        "", "cacher", "ratio"
+    );
+}
+
+/// A row of two times and their ratio (cacher / baseline).
+pub fn time_row(name: &str, base_secs: f64, cacher_secs: f64) {
+    println!(
+        "{name:<LABEL$} {base_secs:>12.2}s {cacher_secs:>11.2}s {:>8.3}",
+        cacher_secs / base_secs
+    );
+}
+
+/// A row of bytes sent: the baseline's count and what cacher's stats line says it sent.
+pub fn sent_row(name: &str, base_bytes: u64, cacher_stats_line: &str) {
+    let sent = cacher_stats_line
+        .split("sent ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or("?");
+    println!("{name:<LABEL$} {:>10.2}MiB {sent:>12}", mib(base_bytes));
+}
+
+/// Bytes as MiB.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1048576.0
+}
