@@ -1,18 +1,19 @@
 //! Plain-file benchmark: a 1 GiB file uploaded and downloaded through `cacher` and
 //! through `aws s3 cp`, against the same Garage node, alternating in one run.
 //!
-//! Run with `cargo bench --bench plain_transfer` (needs `garage` and `aws` on PATH).
-//! Prints each tool's median time and peak RSS, and the speed-up ratios. Files and
+//! Run with `cargo bench --bench plain_transfer` (needs `garage`, and Debian's awscli
+//! or another `aws` on PATH; with both, both are measured). Prints each tool's median
+//! time and peak RSS, the speed-up ratios and their range over the rounds. Files and
 //! Garage data live on /dev/shm when it exists, so the disk does not dominate.
 
 mod common;
 
-use common::{garage, measure, median};
+use common::{Measure, garage, measure_against, median};
 use std::path::Path;
 use std::process::Command;
 
 const SIZE: usize = 1024 * 1024 * 1024;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 fn same_file(a: &Path, b: &Path) -> bool {
     Command::new("cmp")
@@ -37,6 +38,13 @@ fn write_source(path: &Path) {
     file.flush().expect("flush");
 }
 
+/// Times of one tool over the rounds.
+#[derive(Default)]
+struct Runs {
+    up: Vec<Measure>,
+    down: Vec<Measure>,
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -47,8 +55,9 @@ fn main() {
     let src = dir.path().join("src.bin");
     write_source(&src);
 
-    let aws = |args: &[&str]| {
-        let mut c = Command::new("aws");
+    let clis = common::aws_clis();
+    let aws = |cli: &Path, args: &[&str]| {
+        let mut c = Command::new(cli);
         c.args(["--endpoint-url", &g.endpoint])
             .args(args)
             .stdout(std::process::Stdio::null());
@@ -60,62 +69,95 @@ fn main() {
         c.arg("-q");
         c
     };
-    let aws_version = common::aws_version();
 
     let src_s = src.to_str().unwrap();
     let out = dir.path().join("out.bin");
     let out_s = out.to_str().unwrap();
-    let s3_url = format!("s3://{}/bench/aws.bin", g.bucket);
-    let (mut aws_up, mut aws_down, mut cacher_up, mut cacher_down) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let download_and_check = |cmd: &mut Command, who: &str| {
+        let m = measure_against(cmd, g);
+        assert!(same_file(&src, &out), "{who} download differs");
+        std::fs::remove_file(&out).unwrap();
+        m
+    };
+    let mut baselines: Vec<Runs> = clis.iter().map(|_| Runs::default()).collect();
+    let mut ours = Runs::default();
     for round in 0..ROUNDS {
-        aws_up.push(measure(&mut aws(&["s3", "cp", src_s, &s3_url])));
-        cacher_up.push(measure(&mut cacher(&[
-            "upload",
-            "bench/cacher.bin",
-            src_s,
-            "--force",
-        ])));
-        aws_down.push(measure(&mut aws(&["s3", "cp", &s3_url, out_s])));
-        assert!(same_file(&src, &out), "aws download differs");
-        std::fs::remove_file(&out).unwrap();
-        cacher_down.push(measure(&mut cacher(&[
-            "download",
-            "bench/cacher.bin",
-            out_s,
-        ])));
-        assert!(same_file(&src, &out), "cacher download differs");
-        std::fs::remove_file(&out).unwrap();
+        for (i, (cli, runs)) in clis.iter().zip(&mut baselines).enumerate() {
+            let url = format!("s3://{}/bench/aws{i}.bin", g.bucket);
+            runs.up.push(measure_against(
+                &mut aws(cli, &["s3", "cp", src_s, &url]),
+                g,
+            ));
+            runs.down.push(download_and_check(
+                &mut aws(cli, &["s3", "cp", &url, out_s]),
+                "aws",
+            ));
+        }
+        ours.up.push(measure_against(
+            &mut cacher(&["upload", "bench/cacher.bin", src_s, "--force"]),
+            g,
+        ));
+        ours.down.push(download_and_check(
+            &mut cacher(&["download", "bench/cacher.bin", out_s]),
+            "cacher",
+        ));
         eprintln!("round {} of {ROUNDS} done", round + 1);
     }
-    let (au, ad, cu, cd) = (
-        median(aws_up),
-        median(aws_down),
-        median(cacher_up),
-        median(cacher_down),
-    );
+
     println!("1 GiB plain file, Garage on loopback, median of {ROUNDS} alternating rounds");
-    println!("baseline: {aws_version}");
+    for (i, cli) in clis.iter().enumerate() {
+        println!(
+            "baseline {}: {} ({})",
+            i + 1,
+            common::aws_version_of(cli),
+            cli.display()
+        );
+    }
+    let ours_up = median(ours.up.clone());
+    let ours_down = median(ours.down.clone());
     println!(
-        "{:<10} {:>12} {:>12} {:>14}",
-        "", "aws s3 cp", "cacher", "speed-up"
+        "{:<22} {:>7} {:>7} {:>8} {:>13} {:>11} {:>11} {:>12}",
+        "", "aws", "cacher", "speed-up", "rounds' range", "client CPU", "server CPU", "peak RSS"
     );
+    for (i, runs) in baselines.iter().enumerate() {
+        for (what, base, mine, mine_median) in [
+            ("upload", &runs.up, &ours.up, ours_up),
+            ("download", &runs.down, &ours.down, ours_down),
+        ] {
+            let base_median = median(base.clone());
+            // Each round's own ratio shows how much of the median is noise.
+            let ratios: Vec<f64> = base
+                .iter()
+                .zip(mine)
+                .map(|(b, m)| b.secs / m.secs)
+                .collect();
+            let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = ratios.iter().copied().fold(0.0, f64::max);
+            println!(
+                "{:<22} {:>6.2}s {:>6.2}s {:>7.2}x {:>6.2}x-{:.2}x {:>5.1}/{:.1}s {:>5.1}/{:.1}s {:>4.0}/{:.0} MiB",
+                format!("{what} vs baseline {}", i + 1),
+                base_median.secs,
+                mine_median.secs,
+                base_median.secs / mine_median.secs,
+                lo,
+                hi,
+                base_median.cpu_secs,
+                mine_median.cpu_secs,
+                base_median.server_cpu_secs,
+                mine_median.server_cpu_secs,
+                base_median.max_rss_mib,
+                mine_median.max_rss_mib,
+            );
+        }
+    }
+    // Client and server share the machine's cores, so their CPU seconds over the core
+    // count bound how fast a transfer can be here, whatever the client does.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     println!(
-        "{:<10} {:>11.2}s {:>11.2}s {:>13.2}x",
-        "upload",
-        au.secs,
-        cu.secs,
-        au.secs / cu.secs
-    );
-    println!(
-        "{:<10} {:>11.2}s {:>11.2}s {:>13.2}x",
-        "download",
-        ad.secs,
-        cd.secs,
-        ad.secs / cd.secs
-    );
-    println!(
-        "peak RSS   up {:.0} MiB / {:.0} MiB, down {:.0} MiB / {:.0} MiB (aws / cacher)",
-        au.max_rss_mib, cu.max_rss_mib, ad.max_rss_mib, cd.max_rss_mib
+        "CPU columns: aws / cacher (median run); server = Garage during the run. \
+         With {cores} cores shared, cacher's runs could take no less than \
+         {:.2}s up and {:.2}s down (all CPU / cores).",
+        (ours_up.cpu_secs + ours_up.server_cpu_secs) / cores,
+        (ours_down.cpu_secs + ours_down.server_cpu_secs) / cores,
     );
 }

@@ -12,11 +12,14 @@ use std::time::Instant;
 
 pub use server::{Server, garage};
 
-/// Wall time and peak resident memory of one child process.
+/// Wall time, CPU time (user + system) and peak resident memory of one child process,
+/// and the CPU time the server spent meanwhile when measured with `measure_against`.
 #[derive(Clone, Copy)]
 pub struct Measure {
     pub secs: f64,
+    pub cpu_secs: f64,
     pub max_rss_mib: f64,
+    pub server_cpu_secs: f64,
 }
 
 // The child is reaped by wait4, which std's wait() cannot replace: it gives the rusage.
@@ -35,18 +38,43 @@ pub fn measure(cmd: &mut Command) -> Measure {
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "{cmd:?} failed with status {status}"
     );
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     Measure {
         secs,
+        cpu_secs: seconds(usage.ru_utime) + seconds(usage.ru_stime),
         max_rss_mib: usage.ru_maxrss as f64 / 1024.0,
+        server_cpu_secs: 0.0,
     }
 }
 
+/// `measure`, plus the CPU time the server of `g` spent during the run. Waits first
+/// until the server is idle: after an upload Garage keeps working for seconds (block
+/// references, metadata), and that work must not be billed to the next run.
+pub fn measure_against(cmd: &mut Command, g: &Server) -> Measure {
+    let mut before = server_cpu_secs(g);
+    for _ in 0..60 {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let now = server_cpu_secs(g);
+        let busy = now - before;
+        before = now;
+        if busy < 0.05 {
+            break;
+        }
+    }
+    let m = measure(cmd);
+    Measure {
+        server_cpu_secs: server_cpu_secs(g) - before,
+        ..m
+    }
+}
+
+/// The run with the median wall time (its CPU time too), with the highest peak RSS of all.
 pub fn median(mut v: Vec<Measure>) -> Measure {
     v.sort_by(|a, b| a.secs.total_cmp(&b.secs));
     let mid = v[v.len() / 2];
     Measure {
-        secs: mid.secs,
         max_rss_mib: v.iter().map(|m| m.max_rss_mib).fold(0.0, f64::max),
+        ..mid
     }
 }
 
@@ -94,13 +122,66 @@ pub fn cacher(g: &Server, home: &Path, args: &[&str]) -> Command {
     c
 }
 
-/// The aws CLI's version line.
-pub fn aws_version() -> String {
-    Command::new("aws")
+/// The version line of the aws CLI at `program` (a path, or a name looked up on PATH).
+pub fn aws_version_of(program: &Path) -> String {
+    Command::new(program)
         .arg("--version")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|_| "aws not found".into())
+}
+
+/// The version line of the aws CLI on PATH.
+pub fn aws_version() -> String {
+    aws_version_of(Path::new("aws"))
+}
+
+/// The aws CLIs to compare against: Debian's awscli package (`/usr/bin/aws`, the
+/// baseline the targets are set against) first, then the `aws` on PATH when it is a
+/// different install (often a newer pip one). Panics when there is none.
+pub fn aws_clis() -> Vec<PathBuf> {
+    let debian = Path::new("/usr/bin/aws");
+    let mut clis: Vec<PathBuf> = Vec::new();
+    if debian.is_file() {
+        clis.push(debian.to_path_buf());
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("aws"))
+        .find(|p| p.is_file());
+    if let Some(found) = on_path {
+        let same = |a: &Path, b: &Path| a.canonicalize().ok() == b.canonicalize().ok();
+        if !clis.iter().any(|c| same(c, &found)) {
+            clis.push(found);
+        }
+    }
+    assert!(!clis.is_empty(), "no aws CLI: apt-get install awscli");
+    clis
+}
+
+/// CPU seconds (user + system) the server process of `g` has used so far, read from
+/// /proc: the difference around a run is the server's share of that run's work.
+pub fn server_cpu_secs(g: &Server) -> f64 {
+    let config = g.dir.join("garage.toml");
+    let config = config.to_string_lossy();
+    let pid = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            std::fs::read(p.join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&*config))
+                .unwrap_or(false)
+        })
+        .expect("the server's process");
+    let stat = std::fs::read_to_string(pid.join("stat")).expect("server stat");
+    // Fields after the command name, which may hold spaces: utime and stime are the
+    // 14th and 15th of the line.
+    let fields: Vec<&str> = stat.rsplit_once(") ").expect("stat").1.split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf only reads a system constant.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 /// Seconds since `t`.
