@@ -160,7 +160,7 @@ pub fn aws_clis() -> Vec<PathBuf> {
     clis
 }
 
-/// CPU seconds (user + system) the server process of `g` has used so far, read from
+/// CPU seconds (user + system) the Garage process of `g` has used so far, read from
 /// /proc: the difference around a run is the server's share of that run's work.
 pub fn server_cpu_secs(g: &Server) -> f64 {
     let config = g.dir.join("garage.toml");
