@@ -33,19 +33,27 @@ pub(super) async fn chunk_store(config: &Config) -> anyhow::Result<ChunkStore> {
     Ok(ChunkStore::new(transfer, &config.prefix.value))
 }
 
+/// The chunk store to upload `key` into, or `None` when `key` is already cached and
+/// `force` is off (said as `command` would say it).
+pub(super) async fn chunk_store_for_upload(
+    config: &Config,
+    key: &str,
+    force: bool,
+    command: &str,
+) -> anyhow::Result<Option<ChunkStore>> {
+    let chunks = chunk_store(config).await?;
+    let store = chunks.transfer().store().as_ref();
+    if super::skip_existing(store, key, force, command).await? {
+        return Ok(None);
+    }
+    Ok(Some(chunks))
+}
+
 async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
-    let chunks = chunk_store(config).await?;
-    if super::skip_existing(
-        chunks.transfer().store().as_ref(),
-        &key,
-        args.force,
-        "dir upload",
-    )
-    .await?
-    {
+    let Some(chunks) = chunk_store_for_upload(config, &key, args.force, "dir upload").await? else {
         return Ok(Outcome::Success);
-    }
+    };
     let started = Instant::now();
     let dir = args.dir.clone();
     let tree = tokio::task::spawn_blocking(move || archive::scan(&dir)).await??;

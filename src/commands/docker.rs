@@ -38,17 +38,11 @@ async fn blocking<T: Send + 'static>(
 
 async fn upload(config: &Config, args: &DockerUploadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
-    let chunks = super::dir::chunk_store(config).await?;
-    if super::skip_existing(
-        chunks.transfer().store().as_ref(),
-        &key,
-        args.force,
-        "docker upload",
-    )
-    .await?
-    {
+    let Some(chunks) =
+        super::dir::chunk_store_for_upload(config, &key, args.force, "docker upload").await?
+    else {
         return Ok(Outcome::Success);
-    }
+    };
     let docker = Docker::new(&config.docker_bin.value);
     let stats = seed(&chunks, &docker, &key, &args.image).await?;
     report("docker upload", &key, "uploaded", None, Some(&stats));
