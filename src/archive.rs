@@ -3,19 +3,17 @@
 //! Upload side: [`scan`] walks a tree in a fixed order and records each node's metadata;
 //! [`ContentReader`] concatenates the regular files' bytes into one stream, so metadata
 //! changes (an `npm ci` that rewrote every mtime) leave the chunks untouched.
-//! Download side: [`Restorer`] rebuilds the tree in a temp dir beside the destination,
-//! takes content at any stream offset in any order, and moves the tree into place only
-//! when everything arrived.
+//! The download side is [`crate::restore`].
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-use crate::chunk::format::{Entry, EntryKind};
+use crate::chunk::format::{Entry, EntryKind, MAX_PATH, show};
 use crate::ui;
 
 /// A scanned tree: its entries (parents first) and its regular files in stream order.
@@ -38,7 +36,8 @@ pub struct ScannedFile {
 }
 
 /// Walks `root` depth-first in byte order of names. Fifos, sockets and device nodes are
-/// skipped with a warning; symlinks are recorded, never followed.
+/// skipped with a warning; symlinks are recorded, never followed; cacher's own temp
+/// entries at the top (a restore running into the same directory) are left out.
 pub fn scan(root: &Path) -> anyhow::Result<Tree> {
     let meta = fs::metadata(root).with_context(|| format!("cannot read {}", root.display()))?;
     if !meta.is_dir() {
@@ -51,13 +50,22 @@ pub fn scan(root: &Path) -> anyhow::Result<Tree> {
     let walker = walkdir::WalkDir::new(root)
         .min_depth(1)
         .follow_links(false)
-        .sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()));
+        .sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()))
+        .into_iter()
+        .filter_entry(|e| !(e.depth() == 1 && crate::temp::is_temp_name(e.file_name().as_bytes())));
     for item in walker {
         let item = item.with_context(|| format!("cannot walk {}", root.display()))?;
         let rel = item
             .path()
             .strip_prefix(root)
             .expect("walkdir yields paths under the root");
+        if rel.as_os_str().len() > MAX_PATH {
+            bail!(
+                "{} is a {}-byte path; cacher stores paths of at most {MAX_PATH} bytes",
+                show(rel.as_os_str().as_bytes()),
+                rel.as_os_str().len()
+            );
+        }
         let meta = item
             .metadata()
             .with_context(|| format!("cannot stat {}", item.path().display()))?;
@@ -74,6 +82,12 @@ pub fn scan(root: &Path) -> anyhow::Result<Tree> {
         } else if file_type.is_symlink() {
             let target = fs::read_link(item.path())
                 .with_context(|| format!("cannot read link {}", item.path().display()))?;
+            if target.as_os_str().len() > MAX_PATH {
+                bail!(
+                    "the link {} points to a path longer than {MAX_PATH} bytes",
+                    show(rel.as_os_str().as_bytes())
+                );
+            }
             EntryKind::Symlink {
                 target: target.as_os_str().as_bytes().to_vec(),
             }
@@ -93,6 +107,45 @@ pub fn scan(root: &Path) -> anyhow::Result<Tree> {
         });
     }
     Ok(tree)
+}
+
+/// What a tree was made from, as `--fallback` compares it: DIR as given, lexically
+/// normalized (no `.` segments, no trailing or doubled `/`), with the home directory
+/// written `~` so runners with different home paths agree. Relative paths stay
+/// relative: CI jobs run in checkouts whose absolute paths differ.
+pub fn source_label(dir: &Path) -> String {
+    use std::path::Component;
+    let mut parts: Vec<String> = Vec::new();
+    let mut absolute = false;
+    for c in dir.components() {
+        match c {
+            Component::RootDir => absolute = true,
+            Component::CurDir => {}
+            Component::ParentDir => parts.push("..".into()),
+            Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
+            Component::Prefix(p) => parts.push(p.as_os_str().to_string_lossy().into_owned()),
+        }
+    }
+    let joined = parts.join("/");
+    if !absolute {
+        return if joined.is_empty() {
+            ".".into()
+        } else {
+            joined
+        };
+    }
+    let path = format!("/{joined}");
+    let home = std::env::var("HOME").unwrap_or_default();
+    let home = home.trim_end_matches('/');
+    if home.starts_with('/') && home.len() > 1 {
+        if path == home {
+            return "~".into();
+        }
+        if let Some(rest) = path.strip_prefix(&format!("{home}/")) {
+            return format!("~/{rest}");
+        }
+    }
+    path
 }
 
 /// The content stream: every scanned file's bytes, back to back. Fails if a file is
@@ -157,156 +210,6 @@ impl Read for ContentReader {
     }
 }
 
-/// A regular file being restored: where its bytes sit in the stream.
-struct RestoredFile {
-    stream_start: u64,
-    size: u64,
-    path: PathBuf,
-}
-
-/// Rebuilds a tree in a temp dir beside its destination.
-pub struct Restorer {
-    temp: tempfile::TempDir,
-    dest: PathBuf,
-    entries: Vec<Entry>,
-    files: Vec<RestoredFile>,
-}
-
-impl Restorer {
-    /// Creates the temp dir beside `dest` and every directory, empty file and symlink of
-    /// `entries` in it. Entry paths must have been validated (see `Manifest::decode`).
-    pub fn create(dest: &Path, entries: Vec<Entry>) -> anyhow::Result<Restorer> {
-        let parent = match dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        fs::create_dir_all(&parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-        crate::transfer::remove_stale_leftovers(&parent);
-        let temp = tempfile::Builder::new()
-            .prefix(".cacher-restore-")
-            .tempdir_in(&parent)
-            .with_context(|| format!("cannot create a temp dir in {}", parent.display()))?;
-        let mut files = Vec::new();
-        let mut stream_start = 0;
-        for e in &entries {
-            let path = temp
-                .path()
-                .join(Path::new(std::ffi::OsStr::from_bytes(&e.path)));
-            match &e.kind {
-                EntryKind::Dir => fs::create_dir(&path),
-                EntryKind::File { size } => {
-                    files.push(RestoredFile {
-                        stream_start,
-                        size: *size,
-                        path: path.clone(),
-                    });
-                    stream_start += size;
-                    File::create(&path).and_then(|f| f.set_len(*size))
-                }
-                EntryKind::Symlink { target } => {
-                    std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &path)
-                }
-            }
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        }
-        Ok(Restorer {
-            temp,
-            dest: dest.to_path_buf(),
-            entries,
-            files,
-        })
-    }
-
-    /// Writes `data`, which starts at `offset` of the content stream, into the files it
-    /// covers. Safe to call from several threads for different ranges.
-    pub fn write(&self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
-        let end = offset + data.len() as u64;
-        // First file whose bytes end after `offset` (empty files are skipped).
-        let mut i = self
-            .files
-            .partition_point(|f| f.stream_start + f.size <= offset);
-        while i < self.files.len() && self.files[i].stream_start < end {
-            let f = &self.files[i];
-            let from = offset.max(f.stream_start);
-            let to = end.min(f.stream_start + f.size);
-            if to > from {
-                let slice = &data[(from - offset) as usize..(to - offset) as usize];
-                OpenOptions::new()
-                    .write(true)
-                    .open(&f.path)
-                    .and_then(|file| file.write_all_at(slice, from - f.stream_start))
-                    .with_context(|| format!("cannot write {}", f.path.display()))?;
-            }
-            i += 1;
-        }
-        Ok(())
-    }
-
-    /// Applies modes and mtimes (directories last, deepest first, so writing children
-    /// does not disturb them), then moves the tree to its destination: renamed when the
-    /// destination is missing or an empty directory, else merged into it entry by entry
-    /// (restored entries replace same-named ones; others are kept).
-    pub fn finish(self) -> anyhow::Result<()> {
-        let root = self.temp.path();
-        for e in self.entries.iter().rev() {
-            let path = root.join(std::ffi::OsStr::from_bytes(&e.path));
-            let mtime = filetime::FileTime::from_unix_time(e.mtime, e.mtime_nsec);
-            if !matches!(e.kind, EntryKind::Symlink { .. }) {
-                fs::set_permissions(&path, fs::Permissions::from_mode(e.mode))
-                    .with_context(|| format!("cannot chmod {}", path.display()))?;
-            }
-            filetime::set_symlink_file_times(&path, mtime, mtime)
-                .with_context(|| format!("cannot set the mtime of {}", path.display()))?;
-        }
-        move_into_place(root, &self.dest)?;
-        Ok(())
-    }
-
-    /// Where the tree is being built (for extracting legacy archives into it).
-    pub fn temp_root(&self) -> &Path {
-        self.temp.path()
-    }
-}
-
-/// Moves the finished tree at `from` to `dest` (see [`Restorer::finish`]).
-pub fn move_into_place(from: &Path, dest: &Path) -> anyhow::Result<()> {
-    let dest_is_empty_dir = fs::read_dir(dest)
-        .map(|mut d| d.next().is_none())
-        .unwrap_or(false);
-    if dest_is_empty_dir {
-        fs::remove_dir(dest).with_context(|| format!("cannot replace {}", dest.display()))?;
-    }
-    match fs::symlink_metadata(dest) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            fs::rename(from, dest)
-                .with_context(|| format!("cannot move the restored tree to {}", dest.display()))?;
-            // The temp dir was created 0700; the tree's root gets ordinary permissions.
-            fs::set_permissions(dest, fs::Permissions::from_mode(0o755)).ok();
-            Ok(())
-        }
-        Ok(meta) if meta.is_dir() => {
-            for item in fs::read_dir(from)? {
-                let item = item?;
-                let target = dest.join(item.file_name());
-                if let Ok(old) = fs::symlink_metadata(&target) {
-                    if old.is_dir() {
-                        fs::remove_dir_all(&target)
-                    } else {
-                        fs::remove_file(&target)
-                    }
-                    .with_context(|| format!("cannot replace {}", target.display()))?;
-                }
-                fs::rename(item.path(), &target)
-                    .with_context(|| format!("cannot move into {}", target.display()))?;
-            }
-            Ok(())
-        }
-        Ok(_) => bail!("{} exists and is not a directory", dest.display()),
-        Err(e) => Err(e).with_context(|| format!("cannot stat {}", dest.display())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,6 +245,22 @@ mod tests {
     }
 
     #[test]
+    fn source_labels_abstract_the_home_directory_and_normalize() {
+        let home = std::env::var("HOME").unwrap();
+        let at_home = |rest: &str| PathBuf::from(format!("{home}/{rest}"));
+        assert_eq!(
+            source_label(&at_home(".cargo/registry/")),
+            "~/.cargo/registry"
+        );
+        assert_eq!(source_label(&at_home("./go//pkg/mod")), "~/go/pkg/mod");
+        assert_eq!(source_label(Path::new("./target/")), "target");
+        assert_eq!(source_label(Path::new("target")), "target");
+        assert_eq!(source_label(Path::new(".")), ".");
+        assert_eq!(source_label(Path::new("/opt/cache")), "/opt/cache");
+        assert_ne!(source_label(&at_home("a")), source_label(&at_home("b")));
+    }
+
+    #[test]
     fn scan_orders_by_name_bytes_and_lists_parents_first() {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("b/c")).unwrap();
@@ -358,9 +277,13 @@ mod properties {
     use std::collections::BTreeMap;
     use std::os::unix::fs::symlink;
 
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+
     use proptest::prelude::*;
 
     use super::*;
+    use crate::restore::Restorer;
 
     #[derive(Debug, Clone)]
     enum Node {
@@ -459,11 +382,10 @@ mod properties {
             let mut stream = Vec::new();
             ContentReader::new(tree.files).read_to_end(&mut stream).unwrap();
             let out = work.path().join("out");
-            let restorer = Restorer::create(&out, tree.entries).unwrap();
-            // Content arrives in pieces of arbitrary size, last piece first.
-            let pieces: Vec<(usize, &[u8])> = stream.chunks(cut).enumerate().map(|(i, p)| (i * cut, p)).collect();
-            for (offset, piece) in pieces.into_iter().rev() {
-                restorer.write(offset as u64, piece).unwrap();
+            let mut restorer = Restorer::create(&out, tree.entries, 0).unwrap();
+            // Content arrives in pieces of arbitrary size.
+            for piece in stream.chunks(cut) {
+                restorer.write_all(piece).unwrap();
             }
             restorer.finish().unwrap();
             prop_assert_eq!(snapshot(&out), snapshot(&src));

@@ -215,9 +215,13 @@ pub struct DirDownloadArgs {
     pub key: String,
     /// Directory to restore into (created, or merged into when it exists)
     pub dir: PathBuf,
-    /// On a miss, restore the newest entry under this key prefix (repeatable, tried in order)
+    /// On a miss, restore the newest entry under this key prefix made from the same
+    /// directory (repeatable, tried in order)
     #[arg(long, value_name = "PREFIX")]
     pub fallback: Vec<String>,
+    /// Let --fallback restore entries made from another directory, or that do not say
+    #[arg(long)]
+    pub fallback_any_path: bool,
 }
 
 /// A single key.

@@ -46,10 +46,15 @@ pub struct Fetched {
 }
 
 /// GETs `url` into a temp file beside `dest`, trusting the PEM certificates `ca` on top
-/// of the built-in roots. Fails on any non-2xx status or a body shorter than its
-/// Content-Length.
-pub async fn fetch(url: &str, dest: &Path, ca: Option<&[u8]>) -> anyhow::Result<Fetched> {
-    let client = client_builder(ca, Duration::from_secs(15), None)?
+/// of the built-in roots. Fails on any non-2xx status, a body shorter than its
+/// Content-Length, or a connection that makes no progress for `timeout`.
+pub async fn fetch(
+    url: &str,
+    dest: &Path,
+    ca: Option<&[u8]>,
+    timeout: Duration,
+) -> anyhow::Result<Fetched> {
+    let client = client_builder(ca, Duration::from_secs(15), Some(timeout))?
         .build()
         .context("cannot set up the HTTP client")?;
     let resp = client
@@ -62,7 +67,7 @@ pub async fn fetch(url: &str, dest: &Path, ca: Option<&[u8]>) -> anyhow::Result<
         bail!("GET {url}: HTTP {status}");
     }
     let expected_len = resp.content_length();
-    let mut tmp = crate::transfer::temp_beside(dest)?;
+    let mut tmp = crate::temp::temp_beside(dest)?;
     let progress = Progress::new(format!("fetching {url}"), expected_len.unwrap_or(0));
     let mut hasher = Sha256::new();
     let mut size = 0u64;

@@ -70,6 +70,20 @@ pub fn with_arch_suffix(key: &str) -> String {
     }
 }
 
+/// Whether `key` already carries this platform's arch suffix (so fallback candidates
+/// of other platforms can be told apart).
+pub fn has_arch_suffix(key: &str) -> bool {
+    with_arch_suffix(key) == key
+}
+
+/// Whether `key` (relative to the configured prefix) names one of cacher's own objects
+/// rather than an entry: any segment is `.cacher` or starts with `.cacher-`, which also
+/// covers the internal objects of a store nested under this one.
+pub fn is_internal(key: &str) -> bool {
+    key.split('/')
+        .any(|seg| seg == ".cacher" || seg.starts_with(".cacher-"))
+}
+
 /// Inserts `insert` before the first `.` of the last path segment (or at its end).
 fn insert_before_extension(key: &str, insert: &str) -> String {
     let (dir, name) = split_last_segment(key);

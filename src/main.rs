@@ -21,6 +21,8 @@ enum Exit {
     DownloadMiss = 3,
     /// Stopped by Ctrl-C / SIGINT.
     Interrupted = 130,
+    /// Stopped by SIGTERM (how CI cancels a job).
+    Terminated = 143,
 }
 
 fn main() -> ExitCode {
@@ -64,17 +66,35 @@ fn main() -> ExitCode {
         }
     };
     let exit = runtime.block_on(async {
-        // Dropping the command's future on Ctrl-C runs its destructors, which remove
+        // Dropping the command's future on a signal runs its destructors, which remove
         // temp files and leave destinations as they were.
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let terminated = async {
+            match term.as_mut() {
+                Some(term) => term.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             result = commands::run(cli) => exit_for(result),
             _ = tokio::signal::ctrl_c() => {
                 eprintln!("cacher: interrupted");
                 Exit::Interrupted
             }
+            _ = terminated => {
+                eprintln!("cacher: terminated");
+                Exit::Terminated
+            }
         }
     });
-    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    // Blocking threads that held a restore in progress remove its temp tree once the
+    // command is gone: give them time to finish after a signal.
+    let grace = match exit {
+        Exit::Interrupted | Exit::Terminated => 10_000,
+        _ => 100,
+    };
+    runtime.shutdown_timeout(std::time::Duration::from_millis(grace));
     ExitCode::from(exit as u8)
 }
 

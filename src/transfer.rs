@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::ops::Range;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,10 +19,10 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
-use tempfile::NamedTempFile;
 
 use crate::config::Config;
 use crate::store::{Body, ObjectInfo, PutOptions, Store, StoreError, StoreResult};
+use crate::temp::{persist, temp_beside};
 use crate::ui::{self, Progress};
 
 /// Size of one ranged GET: large enough for throughput, small enough that `jobs` of
@@ -581,72 +581,4 @@ impl FileSlice {
         })
         .await?
     }
-}
-
-/// A temp file in the destination's directory, removed unless persisted.
-pub fn temp_beside(dest: &Path) -> anyhow::Result<NamedTempFile> {
-    let dir = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if dest.is_dir() {
-        bail!("{} is a directory; give a file path", dest.display());
-    }
-    remove_stale_leftovers(&dir);
-    tempfile::Builder::new()
-        .prefix(".cacher-")
-        .suffix(".part")
-        .tempfile_in(&dir)
-        .with_context(|| format!("cannot create a temp file in {}", dir.display()))
-}
-
-/// Removes what killed runs left in `dir`: `.cacher-*.part` files untouched for an hour
-/// (a live download writes its file continuously; one stalled longer has failed) and
-/// `.cacher-restore-*` directories a day old (a live restore creates its entries at the
-/// start, so its directory's age says nothing until then). Best effort: errors are
-/// ignored, as another run may remove the same leftover.
-pub fn remove_stale_leftovers(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let now = std::time::SystemTime::now();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        let Ok(meta) = entry.metadata() else { continue };
-        let age = meta
-            .modified()
-            .ok()
-            .and_then(|m| now.duration_since(m).ok())
-            .unwrap_or_default();
-        if name.starts_with(".cacher-") && name.ends_with(".part") && meta.is_file() {
-            if age > Duration::from_secs(3600) {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        } else if name.starts_with(".cacher-restore-")
-            && meta.is_dir()
-            && age > Duration::from_secs(24 * 3600)
-        {
-            // Restored trees may hold read-only directories (a Go module cache does).
-            for dir in walkdir::WalkDir::new(entry.path()).into_iter().flatten() {
-                if dir.file_type().is_dir() {
-                    let _ = std::fs::set_permissions(
-                        dir.path(),
-                        std::fs::Permissions::from_mode(0o700),
-                    );
-                }
-            }
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
-/// Moves a finished temp file over `dest` with ordinary file permissions.
-pub fn persist(tmp: NamedTempFile, dest: &Path) -> anyhow::Result<()> {
-    tmp.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(0o644))
-        .ok();
-    tmp.persist(dest)
-        .map(|_| ())
-        .with_context(|| format!("cannot move the download into {}", dest.display()))
 }

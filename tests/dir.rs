@@ -190,8 +190,8 @@ fn put(key: &str, data: Vec<u8>) {
 }
 
 #[test]
-fn corrupted_or_missing_pack_fails_with_2_and_leaves_dir_untouched() {
-    let env = TestEnv::s3("dircorrupt");
+fn broken_entries_are_a_miss_and_the_next_upload_replaces_them() {
+    let env = TestEnv::s3("dirbroken");
     let src = make_tree(&env, "src", 4);
     env.run(["dir", "upload", "k", src.to_str().unwrap()]).ok();
     let packs = packs_of(&env, "k");
@@ -201,28 +201,44 @@ fn corrupted_or_missing_pack_fails_with_2_and_leaves_dir_untouched() {
     }
     put(&packs[0], data);
 
+    // A chunk that fails verification: one warning naming the key, then a miss.
     let out = env.path("out");
     env.write("out/precious.txt", "keep me");
     let before = snapshot(&out);
     let run = env.run(["dir", "download", "k", out.to_str().unwrap()]);
-    run.code(2);
-    assert!(run.stderr.contains("corrupt"), "{}", run.stderr);
+    run.code(1);
+    let warning: Vec<_> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("warning"))
+        .collect();
+    assert_eq!(warning.len(), 1, "{}", run.stderr);
+    assert!(
+        warning[0].contains("/k") && warning[0].contains("corrupt"),
+        "{}",
+        run.stderr
+    );
     assert_eq!(snapshot(&out), before, "DIR untouched");
     assert!(
         temp_leftovers(env.dir.path()).is_empty(),
         "no temp dir left"
     );
+    assert!(temp_leftovers(&out).is_empty(), "no temp dir left");
 
+    // A missing pack: the same, and the next candidate is tried.
     let store = bucket();
     rt().block_on(store.delete(&packs[0])).unwrap();
     let run = env.run(["dir", "download", "k", out.to_str().unwrap()]);
-    run.code(2);
+    run.code(1);
     assert!(run.stderr.contains("missing"), "{}", run.stderr);
     assert_eq!(snapshot(&out), before);
 
-    // The next upload does not trust the index for the deleted pack: it sends it again.
-    let run = env.run(["dir", "upload", "k", src.to_str().unwrap(), "--force"]);
-    let (_, new, _) = upload_stats(&run.ok().stderr);
+    // The next upload without --force replaces the entry instead of skipping it, and
+    // sends the deleted pack's chunks again.
+    let run = env.run(["dir", "upload", "k", src.to_str().unwrap()]);
+    run.ok();
+    assert!(run.stderr.contains("replacing it"), "{}", run.stderr);
+    let (_, new, _) = upload_stats(&run.stderr);
     assert!(new > 0, "{}", run.stderr);
     env.run(["dir", "download", "k", out.to_str().unwrap()])
         .ok();
@@ -237,6 +253,57 @@ fn corrupted_or_missing_pack_fails_with_2_and_leaves_dir_untouched() {
     assert!(
         out.join("precious.txt").exists(),
         "merge keeps unrelated files"
+    );
+    // A healthy entry is still skipped.
+    let run = env.run(["dir", "upload", "k", src.to_str().unwrap()]);
+    assert!(run.ok().stderr.contains("skipped"), "{}", run.stderr);
+
+    // A manifest that does not decode is replaced too.
+    put(
+        &format!("{}/k", env.prefix),
+        b"CACHERMF\x01\x00garbage".to_vec(),
+    );
+    let run = env.run(["dir", "download", "k", out.to_str().unwrap()]);
+    run.code(1);
+    let run = env.run(["dir", "upload", "k", src.to_str().unwrap()]);
+    assert!(run.ok().stderr.contains("replacing it"), "{}", run.stderr);
+    env.run(["dir", "download", "k", out.to_str().unwrap()])
+        .ok();
+}
+
+#[test]
+fn a_stale_index_location_is_not_reused() {
+    let env = TestEnv::s3("dirstale");
+    let src = make_tree(&env, "src", 14);
+    env.run(["dir", "upload", "k1", src.to_str().unwrap()]).ok();
+    // Rewrite every index segment so its locations point at the wrong offsets.
+    let store = bucket();
+    let listed = rt()
+        .block_on(store.list(&format!("{}/.cacher/index/", env.prefix), None))
+        .unwrap();
+    for seg in listed.objects {
+        let data = stored(&seg.key).unwrap();
+        let mut table = ChunkTable::decode_index("i", &data).unwrap();
+        for c in &mut table.chunks {
+            c.offset += 7;
+            c.len = c.len.saturating_sub(1).max(1);
+        }
+        rt().block_on(store.delete(&seg.key)).unwrap();
+        let encoded = table.encode_index();
+        put(
+            &format!("{}/.cacher/index/{}", env.prefix, Id::of(&encoded).to_hex()),
+            encoded,
+        );
+    }
+    let run = env.run(["dir", "upload", "k2", src.to_str().unwrap()]);
+    run.ok();
+    let out = env.path("out");
+    env.run(["dir", "download", "k2", out.to_str().unwrap()])
+        .ok();
+    assert_eq!(
+        snapshot(&out),
+        snapshot(&src),
+        "restorable despite the bad index"
     );
 }
 
@@ -263,7 +330,7 @@ fn entry(path: &[u8], kind: EntryKind) -> Entry {
 }
 
 #[test]
-fn hostile_manifests_fail_with_2_and_write_nothing_outside() {
+fn hostile_manifests_are_a_miss_and_write_nothing_outside() {
     let env = TestEnv::s3("dirhostile");
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
@@ -306,8 +373,15 @@ fn hostile_manifests_fail_with_2_and_write_nothing_outside() {
         put(&format!("{}/{name}", env.prefix), data);
         let out = env.path(&format!("work/{name}/out"));
         let run = env.run(["dir", "download", name, out.to_str().unwrap()]);
-        run.code(2);
-        assert_eq!(run.stderr.lines().count(), 1, "{name}: {}", run.stderr);
+        // The entry cannot be restored: one warning naming it, then a miss.
+        run.code(1);
+        let warnings: Vec<_> = run
+            .stderr
+            .lines()
+            .filter(|l| l.contains("warning"))
+            .collect();
+        assert_eq!(warnings.len(), 1, "{name}: {}", run.stderr);
+        assert!(warnings[0].contains(name), "{name}: {}", run.stderr);
         assert!(!out.exists(), "{name}: nothing restored");
         assert!(!env.path(&format!("work/{name}/escaped")).exists());
         assert!(!env.path("work/escaped").exists());
@@ -372,25 +446,58 @@ fn legacy_tar_zst_entries_are_extracted() {
     assert!(!env.path("out2").exists());
 }
 
+/// Replaces the tree at `path` with a fresh one made from `seed`.
+fn remake_tree(env: &TestEnv, path: &str, seed: u64) -> PathBuf {
+    let _ = std::fs::remove_dir_all(env.path(path));
+    make_tree(env, path, seed)
+}
+
 #[test]
-fn fallback_restores_the_newest_entry_under_a_prefix() {
+fn fallback_restores_the_newest_entry_made_from_the_same_directory() {
     let env = TestEnv::s3("dirfallback");
-    let old = make_tree(&env, "old", 6);
-    let newer = make_tree(&env, "newer", 7);
-    env.run(["dir", "upload", "gomod/aaa", old.to_str().unwrap()])
+    let work = remake_tree(&env, "work", 6);
+    env.run(["dir", "upload", "gomod/aaa", work.to_str().unwrap()])
         .ok();
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    env.run(["dir", "upload", "gomod/bbb", newer.to_str().unwrap()])
+    let work = remake_tree(&env, "work", 7);
+    let newer = snapshot(&work);
+    env.run(["dir", "upload", "gomod/bbb", work.to_str().unwrap()])
         .ok();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    // Newest of all, but made from another directory, then things that are no tree.
+    let other = make_tree(&env, "other", 8);
+    env.run(["dir", "upload", "gomod/ccc", other.to_str().unwrap()])
+        .ok();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    env.run([
+        "upload",
+        "gomod/plain",
+        env.write("p", "plain").to_str().unwrap(),
+    ])
+    .ok();
+    sh(
+        "head -c 5000 /dev/urandom | zstd -q > notar.zst",
+        env.dir.path(),
+    );
+    env.run([
+        "upload",
+        "gomod/notar.zst",
+        env.path("notar.zst").to_str().unwrap(),
+    ])
+    .ok();
+    put(
+        &format!("{}/gomod/broken", env.prefix),
+        b"CACHERMF\x01\x00garbage".to_vec(),
+    );
 
-    let out = env.path("out");
-    env.run(["dir", "download", "gomod/ccc", out.to_str().unwrap()])
+    std::fs::remove_dir_all(&work).unwrap();
+    env.run(["dir", "download", "gomod/zzz", work.to_str().unwrap()])
         .code(1);
     let run = env.run([
         "dir",
         "download",
-        "gomod/ccc",
-        out.to_str().unwrap(),
+        "gomod/zzz",
+        work.to_str().unwrap(),
         "--fallback",
         "nothing/",
         "--fallback",
@@ -399,9 +506,76 @@ fn fallback_restores_the_newest_entry_under_a_prefix() {
     assert_eq!(
         run.ok().stdout.trim(),
         "gomod/bbb",
-        "stdout names the key restored"
+        "stdout names the key restored: {}",
+        run.stderr
     );
-    assert_eq!(snapshot(&out), snapshot(&newer));
+    assert!(
+        run.stderr.contains("gomod/broken"),
+        "the broken one is named: {}",
+        run.stderr
+    );
+    assert_eq!(snapshot(&work), newer);
+
+    // Into another directory, nothing fits unless asked for on purpose.
+    let elsewhere = env.path("elsewhere");
+    env.run([
+        "dir",
+        "download",
+        "gomod/zzz",
+        elsewhere.to_str().unwrap(),
+        "--fallback",
+        "gomod/",
+    ])
+    .code(1);
+    assert!(!elsewhere.exists());
+    let run = env.run([
+        "dir",
+        "download",
+        "gomod/zzz",
+        elsewhere.to_str().unwrap(),
+        "--fallback",
+        "gomod/",
+        "--fallback-any-path",
+    ]);
+    assert_eq!(run.ok().stdout.trim(), "gomod/ccc");
+    assert_eq!(snapshot(&elsewhere), snapshot(&other));
+}
+
+#[test]
+fn fallback_with_an_arch_suffix_only_takes_this_platforms_entries() {
+    let mut env = TestEnv::s3("dirarch");
+    let work = remake_tree(&env, "work", 16);
+    let ours = snapshot(&work);
+    env.set("CACHER_ARCH_SUFFIX", "true");
+    env.run(["dir", "upload", "rust/a", work.to_str().unwrap()])
+        .ok();
+    env.unset("CACHER_ARCH_SUFFIX");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    // Another platform's newer entry from the same directory.
+    remake_tree(&env, "work", 17);
+    env.run([
+        "dir",
+        "upload",
+        "rust/b-linux-s390x",
+        work.to_str().unwrap(),
+    ])
+    .ok();
+    std::fs::remove_dir_all(&work).unwrap();
+    env.set("CACHER_ARCH_SUFFIX", "true");
+    let run = env.run([
+        "dir",
+        "download",
+        "rust/c",
+        work.to_str().unwrap(),
+        "--fallback",
+        "rust/",
+    ]);
+    assert!(
+        run.ok().stdout.trim().starts_with("rust/a-"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(snapshot(&work), ours);
 }
 
 #[test]

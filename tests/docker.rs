@@ -290,7 +290,8 @@ fn failures_exit_2_and_publish_nothing() {
     env.run(["docker", "exists", "down"]).code(1);
     env.unset("DOCKER_HOST");
 
-    // A corrupted chunk: exit 2, and the image is not loaded.
+    // A corrupted chunk: the entry is broken, so a miss (exit 1) with one warning, and
+    // the image is not loaded.
     env.run(["docker", "upload", "good", &tag]).ok();
     let packs = env.run(["list", "--recursive", ".cacher/packs/"]);
     let pack = packs
@@ -317,7 +318,52 @@ fn failures_exit_2_and_publish_nothing() {
         .unwrap();
     rmi(&tag);
     let run = env.run(["docker", "download", "good", &tag]);
-    run.code(2);
+    run.code(1);
     assert!(run.stderr.contains("corrupt"), "{}", run.stderr);
     assert!(image_id(&tag).is_none(), "nothing loaded");
+}
+
+#[test]
+fn the_image_name_always_ends_up_on_the_loaded_image_and_broken_entries_pull() {
+    if !daemon_ready("the_image_name_always_ends_up_on_the_loaded_image_and_broken_entries_pull") {
+        return;
+    }
+    let env = TestEnv::s3("dockername");
+    let cached = format!("cacher-test/{}:v1", unique("cached"));
+    let id = build(&env, &cached, None, &[("a.txt", b"cached\n".to_vec())]);
+    env.run(["docker", "upload", "img", &cached]).ok();
+
+    // IMAGE already names another image: after the restore it names the loaded one.
+    let name = format!("cacher-test/{}:latest", unique("name"));
+    let other_id = build(&env, &name, None, &[("b.txt", b"other\n".to_vec())]);
+    assert_ne!(other_id, id);
+    env.run(["docker", "download", "img", &name]).ok();
+    assert_eq!(image_id(&name).as_deref(), Some(id.as_str()));
+
+    // A broken entry with --pull: pulled from the registry and the entry replaced.
+    let remote = format!("127.0.0.1:5000/{}:v1", unique("pullheal"));
+    docker_ok(&["tag", &cached, &remote]);
+    docker_ok(&["push", &remote]);
+    rmi(&remote);
+    let store = crate::util::bucket();
+    crate::util::rt()
+        .block_on(store.put(
+            &format!("{}/img", env.prefix),
+            cacher::store::Body::Bytes(bytes::Bytes::from_static(b"CACHERMF\x01\x00garbage")),
+            &Default::default(),
+        ))
+        .unwrap();
+    let run = env.run(["docker", "download", "img", &remote]);
+    run.code(1);
+    assert!(run.stderr.contains("warning"), "{}", run.stderr);
+    let run = env.run(["docker", "download", "img", &remote, "--pull"]);
+    run.ok();
+    assert!(run.stderr.contains("pulled"), "{}", run.stderr);
+    assert_eq!(image_id(&remote).as_deref(), Some(id.as_str()));
+    rmi(&remote);
+    env.run(["docker", "download", "img", &remote]).ok();
+    assert_eq!(image_id(&remote).as_deref(), Some(id.as_str()));
+    for tag in [&cached, &name, &remote] {
+        rmi(tag);
+    }
 }

@@ -453,3 +453,71 @@ fn racing_uploads_without_force_leave_one_complete_object() {
         }
     }
 }
+
+#[test]
+fn a_stalled_url_download_is_abandoned_after_the_timeout() {
+    let mut env = TestEnv::s3("urlstall");
+    env.set("CACHER_TIMEOUT", "2");
+    let server = HttpServer::start(vec![(
+        "/stall",
+        Reply::Stall {
+            body: vec![7u8; 10_000],
+            len: 1_000_000,
+        },
+    )]);
+    let dest = env.path("dest.bin");
+    let started = std::time::Instant::now();
+    let run = env.run([
+        "download",
+        "k",
+        dest.to_str().unwrap(),
+        "--url",
+        &server.url("/stall"),
+    ]);
+    run.code(2);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "gave up in bounded time: {:?}",
+        started.elapsed()
+    );
+    assert!(!dest.exists(), "DEST not created");
+    assert_eq!(temp_leftovers(env.dir.path()), Vec::<String>::new());
+    env.run(["exists", "k"]).code(1);
+}
+
+#[test]
+fn sigterm_exits_143_and_leaves_no_partial_file() {
+    let env = TestEnv::s3("sigterm-plain");
+    let server = HttpServer::start(vec![(
+        "/slow",
+        Reply::Slow {
+            body: vec![1u8; 64 * 1024],
+            pause_ms: 20,
+        },
+    )]);
+    let dest = env.path("dest.bin");
+    let child = env
+        .cmd([
+            "download",
+            "k",
+            dest.to_str().unwrap(),
+            "--url",
+            &server.url("/slow"),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dest.exists(), "DEST not created");
+    assert_eq!(temp_leftovers(env.dir.path()), Vec::<String>::new());
+    env.run(["exists", "k"]).code(1);
+}

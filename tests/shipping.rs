@@ -76,11 +76,12 @@ fn json_lets_scripts_tell_hit_fallback_and_miss() {
     let exact = &json_lines(&exact.ok().stdout)[0];
     assert_eq!(exact["result"], "hit");
     assert_eq!(exact["stats"]["chunks"], 1);
+    // A fallback restores only entries made from the same directory.
     let fallback = env.run([
         "dir",
         "download",
         "deps/v2",
-        out.to_str().unwrap(),
+        tree.to_str().unwrap(),
         "--fallback",
         "deps/",
         "--json",

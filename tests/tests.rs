@@ -16,6 +16,7 @@ mod keys;
 mod plain;
 mod recipes;
 mod release;
+mod restore;
 mod shipping;
 mod soak;
 mod tls;

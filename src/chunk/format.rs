@@ -3,7 +3,6 @@
 //! checked against the bytes actually present and against fixed limits, so a corrupt
 //! or hostile object yields an error, never a panic or a huge allocation.
 
-use std::collections::HashSet;
 use std::io::Read;
 
 use super::{CHUNK_MAX, Id};
@@ -20,6 +19,15 @@ pub const HEADER_LEN: usize = 8 + 2 + 1 + 1 + 8;
 pub const MAX_BODY: u64 = 256 * 1024 * 1024;
 /// Longest path or symlink target accepted, in bytes.
 pub const MAX_PATH: usize = 4096;
+/// Paths share prefixes with the previous one, so a few body bytes can stand for a
+/// long path: the paths of a manifest may add up to at most this many bytes per body
+/// byte (plus [`PATH_BYTES_FLOOR`]), which bounds the memory a decode takes by a small
+/// multiple of the body. Real trees use 2 to 6.
+pub const PATH_BYTES_PER_BODY_BYTE: usize = 32;
+/// Path bytes always allowed, whatever the body size.
+pub const PATH_BYTES_FLOOR: usize = 1024 * 1024;
+/// Longest path shown in a message; hostile input can be much longer.
+const SHOWN_PATH: usize = 160;
 /// Largest compressed chunk accepted: zstd never expands a chunk by more than this.
 pub const MAX_CHUNK_STORED: u32 = CHUNK_MAX + CHUNK_MAX / 128 + 1024;
 
@@ -182,16 +190,28 @@ impl Manifest {
         // Each entry takes at least 5 bytes: kind, two path varints, mode, mtime, nsec.
         let count = r.varint_count(5)?;
         let kinds = r.take(count)?;
+        let path_budget = path_budget(body.len());
+        let mut path_bytes = 0usize;
+        let mut order = TreeOrder::default();
         let mut paths: Vec<Vec<u8>> = Vec::with_capacity(count);
         for i in 0..count {
-            let shared = r.varint()? as usize;
-            let suffix_len = r.varint()? as usize;
+            let shared = usize::try_from(r.varint()?).unwrap_or(usize::MAX);
+            let suffix_len = usize::try_from(r.varint()?).unwrap_or(usize::MAX);
             let previous = if i == 0 { &[][..] } else { &paths[i - 1][..] };
-            if shared > previous.len() || shared + suffix_len > MAX_PATH {
+            let len = shared.saturating_add(suffix_len);
+            if shared > previous.len() || len > MAX_PATH {
                 return Err(bad(what, "path prefix out of range"));
+            }
+            path_bytes += len;
+            if path_bytes > path_budget {
+                return Err(bad(
+                    what,
+                    format!("its paths add up to more than {path_budget} bytes"),
+                ));
             }
             let mut path = previous[..shared].to_vec();
             path.extend_from_slice(r.take(suffix_len)?);
+            order.check(what, &path, kinds[i] == 1)?;
             paths.push(path);
         }
         let mut modes = Vec::with_capacity(count);
@@ -280,26 +300,7 @@ impl Manifest {
                 ),
             ));
         }
-        let mut seen: HashSet<&[u8]> = HashSet::new();
-        let mut dirs: HashSet<&[u8]> = HashSet::new();
         for e in &self.entries {
-            check_relative_path(what, &e.path)?;
-            if !seen.insert(&e.path) {
-                return Err(bad(what, format!("duplicate path {}", show(&e.path))));
-            }
-            // Every ancestor must be a directory listed earlier: a symlink or file in
-            // the middle of a path would redirect later writes.
-            if let Some(parent) = parent_of(&e.path)
-                && !dirs.contains(parent)
-            {
-                return Err(bad(
-                    what,
-                    format!("{} comes before its parent directory", show(&e.path)),
-                ));
-            }
-            if e.kind == EntryKind::Dir {
-                dirs.insert(&e.path);
-            }
             if let EntryKind::Symlink { target } = &e.kind
                 && (target.is_empty() || target.contains(&0))
             {
@@ -308,6 +309,80 @@ impl Manifest {
                     format!("bad symlink target for {}", show(&e.path)),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses a manifest that a reader would reject for its size, before it is
+    /// published: `encoded` is what [`Manifest::encode`] returned.
+    pub fn check_readable(&self, what: &str, encoded: &[u8]) -> Result<(), FormatError> {
+        let body_len = u64::from_le_bytes(encoded[12..20].try_into().expect("8 bytes"));
+        if body_len > MAX_BODY {
+            return Err(bad(
+                what,
+                format!("its body would be {body_len} bytes; readers accept at most {MAX_BODY}"),
+            ));
+        }
+        let path_bytes: usize = self.entries.iter().map(|e| e.path.len()).sum();
+        if path_bytes > path_budget(body_len as usize) {
+            return Err(bad(
+                what,
+                format!(
+                    "its paths add up to {path_bytes} bytes, more than readers accept for this tree"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The path bytes a manifest body of `body_len` bytes may hold.
+fn path_budget(body_len: usize) -> usize {
+    body_len
+        .saturating_mul(PATH_BYTES_PER_BODY_BYTE)
+        .saturating_add(PATH_BYTES_FLOOR)
+}
+
+/// Checks, entry by entry, that paths come in the order a depth-first walk with
+/// names in byte order gives: each entry's parent is a directory on the current path,
+/// and names increase within a directory. That rules out duplicates and any path
+/// through a file or a symlink, with memory bounded by the tree's depth.
+#[derive(Default)]
+struct TreeOrder {
+    /// The directories on the current path, each with the last name seen in it; the
+    /// first level is the root.
+    open: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TreeOrder {
+    fn check(&mut self, what: &str, path: &[u8], is_dir: bool) -> Result<(), FormatError> {
+        check_relative_path(what, path)?;
+        if self.open.is_empty() {
+            self.open.push((Vec::new(), Vec::new()));
+        }
+        let (parent, name) = match path.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&path[..i], &path[i + 1..]),
+            None => (&[][..], path),
+        };
+        while self.open.len() > 1 && self.open.last().expect("not empty").0 != parent {
+            self.open.pop();
+        }
+        let (dir, last) = self.open.last_mut().expect("the root stays");
+        if dir.as_slice() != parent {
+            return Err(bad(
+                what,
+                format!("{} comes before its parent directory", show(path)),
+            ));
+        }
+        if !last.is_empty() && name <= last.as_slice() {
+            return Err(bad(
+                what,
+                format!("{} is a duplicate or out of order", show(path)),
+            ));
+        }
+        *last = name.to_vec();
+        if is_dir {
+            self.open.push((path.to_vec(), Vec::new()));
         }
         Ok(())
     }
@@ -345,13 +420,14 @@ pub fn is_manifest(data: &[u8]) -> bool {
     data.starts_with(MANIFEST_MAGIC)
 }
 
-/// Renders raw path bytes for messages.
+/// Renders raw path bytes for messages, cut to a readable length.
 pub fn show(path: &[u8]) -> String {
-    format!("`{}`", String::from_utf8_lossy(path))
-}
-
-fn parent_of(path: &[u8]) -> Option<&[u8]> {
-    path.iter().rposition(|&b| b == b'/').map(|i| &path[..i])
+    let text = String::from_utf8_lossy(path);
+    if text.chars().count() <= SHOWN_PATH {
+        return format!("`{text}`");
+    }
+    let head: String = text.chars().take(SHOWN_PATH).collect();
+    format!("`{head}…` ({} bytes)", path.len())
 }
 
 fn check_relative_path(what: &str, path: &[u8]) -> Result<(), FormatError> {
@@ -679,6 +755,76 @@ mod tests {
         let mut m = sample();
         m.table.chunks[0].pack = 7;
         assert!(Manifest::decode("m", &m.encode()).is_err());
+    }
+
+    /// A manifest body of `count` entries whose paths are given as (shared, suffix
+    /// length, suffix) triples, every entry a directory.
+    fn raw_paths(paths: &[(u64, u64, &[u8])]) -> Vec<u8> {
+        let mut body = Vec::new();
+        put_u64(&mut body, 0);
+        put_bytes(&mut body, b"");
+        put_u64(&mut body, 0);
+        encode_table(&mut body, &ChunkTable::default());
+        put_varint(&mut body, paths.len() as u64);
+        body.extend(std::iter::repeat_n(1u8, paths.len()));
+        for (shared, len, suffix) in paths {
+            put_varint(&mut body, *shared);
+            put_varint(&mut body, *len);
+            body.extend_from_slice(suffix);
+        }
+        for _ in 0..3 * paths.len() {
+            put_varint(&mut body, 0);
+        }
+        wrap(MANIFEST_MAGIC, 1, &body)
+    }
+
+    #[test]
+    fn overflowing_path_lengths_are_errors_not_panics() {
+        let data = raw_paths(&[(0, 1, b"a"), (1, u64::MAX, b"")]);
+        let err = Manifest::decode("m", &data).unwrap_err().to_string();
+        assert!(err.contains("out of range"), "{err}");
+        let data = raw_paths(&[(u64::MAX, 1, b"a")]);
+        assert!(Manifest::decode("m", &data).is_err());
+    }
+
+    #[test]
+    fn long_shared_prefixes_cannot_blow_up_memory() {
+        // Each entry repeats a 4,000-byte prefix for about 12 body bytes: 300k entries
+        // would expand a 4 MB body into 1.2 GB of paths. The budget stops it early.
+        let long = vec![b'x'; 3999];
+        let mut paths: Vec<(u64, u64, &[u8])> = vec![(0, 3999, &long)];
+        let letter = |i: u32, place: u32| b'a' + (i / 26u32.pow(place) % 26) as u8;
+        let names: Vec<[u8; 5]> = (0..300_000u32)
+            .map(|i| [b'/', letter(i, 3), letter(i, 2), letter(i, 1), letter(i, 0)])
+            .collect();
+        for name in &names {
+            paths.push((3999, 5, name));
+        }
+        let data = raw_paths(&paths);
+        let err = Manifest::decode("m", &data).unwrap_err().to_string();
+        assert!(err.contains("paths add up"), "{err}");
+    }
+
+    #[test]
+    fn duplicates_and_out_of_order_entries_are_rejected() {
+        let mut m = sample();
+        m.entries.swap(0, 2);
+        let err = Manifest::decode("m", &m.encode()).unwrap_err().to_string();
+        assert!(
+            err.contains("out of order") || err.contains("parent"),
+            "{err}"
+        );
+        let mut m = sample();
+        m.entries[2].path = b"d".to_vec();
+        let err = Manifest::decode("m", &m.encode()).unwrap_err().to_string();
+        assert!(err.contains("duplicate"), "{err}");
+    }
+
+    #[test]
+    fn messages_cut_long_paths() {
+        let shown = show(&[b'a'; 4000]);
+        assert!(shown.len() < 200, "{shown}");
+        assert!(shown.contains("4000 bytes"), "{shown}");
     }
 
     #[test]

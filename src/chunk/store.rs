@@ -6,29 +6,28 @@
 //! manifest is never visible before its chunks. Download: chunks are fetched as merged
 //! byte ranges of packs, concurrently, and each is checked against its blake3 id.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Read;
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use rayon::prelude::*;
 
-use super::format::{ChunkRef, ChunkTable, Manifest};
+use super::format::{ChunkRef, ChunkTable, MAX_CHUNK_STORED, Manifest};
 use super::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Id, PACK_TARGET, ZSTD_LEVEL};
 use crate::key::join_prefix;
 use crate::store::{ObjectInfo, StoreError, is_changed};
-use crate::transfer::{BufferPool, Transfer, retry_note};
+use crate::transfer::{Transfer, retry_note};
 use crate::ui;
 
 /// Largest manifest object read whole.
 const MAX_MANIFEST_OBJECT: u64 = 256 * 1024 * 1024;
-/// Chunks closer than this in a pack are fetched in one ranged GET.
-const MERGE_GAP: u64 = 256 * 1024;
-/// Largest merged ranged GET.
-const MAX_RANGE: u64 = 8 * 1024 * 1024;
+/// Largest ranged GET of a restore, in stored bytes and in the bytes it decodes to
+/// (`jobs` of them are decoded ahead of the writer, which bounds memory).
+const MAX_RANGE: u64 = 4 * 1024 * 1024;
 /// Raw bytes cut before a batch is hashed and compressed in parallel.
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Reused packs older than this are refreshed by an upload; gc's grace period must be
@@ -46,15 +45,38 @@ pub struct Location {
     pub len: u32,
 }
 
+/// A pack object as listed.
+#[derive(Debug, Clone, Copy)]
+pub struct PackInfo {
+    /// Last-modified time, to know which packs an upload must refresh.
+    pub modified: SystemTime,
+    /// Size in bytes, to check index locations against.
+    pub size: u64,
+}
+
+/// The packs present in the bucket, by id.
+pub type Packs = HashMap<Id, PackInfo>;
+
 /// Chunks known to be in the bucket, from index segments whose packs still exist.
 #[derive(Debug, Default)]
 pub struct Known {
     chunks: HashMap<Id, Location>,
-    /// Last-modified time of every pack listed, to know which need a refresh.
-    pack_times: HashMap<Id, SystemTime>,
+    packs: Packs,
 }
 
 impl Known {
+    /// Where the chunk `id` of `len` bytes can be reused from, if the index knows it
+    /// and its location is plausible: same length as the chunk just cut, inside a pack
+    /// that is listed now. A stale or corrupt index entry is then simply not reused
+    /// (the chunk is sent again), so it can never make an entry unrestorable.
+    pub fn reusable(&self, id: &Id, len: usize) -> Option<Location> {
+        let loc = self.chunks.get(id)?;
+        let pack = self.packs.get(&loc.pack)?;
+        let end = u64::from(loc.offset) + u64::from(loc.stored_len);
+        (loc.len as usize == len && loc.stored_len <= MAX_CHUNK_STORED && end <= pack.size)
+            .then_some(*loc)
+    }
+
     /// Number of chunks known.
     pub fn len(&self) -> usize {
         self.chunks.len()
@@ -154,32 +176,47 @@ impl ChunkStore {
         join_prefix(&self.prefix, ".cacher/index/")
     }
 
-    /// Loads the chunks the bucket already holds: every index segment, keeping only
-    /// entries whose pack is listed as present now (an index may outlive a pack).
-    pub async fn load_known(&self) -> anyhow::Result<Known> {
-        let store = self.transfer.store();
+    /// The packs present in the bucket now.
+    pub async fn list_packs(&self) -> anyhow::Result<Packs> {
         let packs_prefix = self.packs_prefix();
-        let mut known = Known::default();
-        for pack in store
+        let listed = self
+            .transfer
+            .store()
             .list(&packs_prefix, None)
             .await
             .context("cannot list packs")?
-            .objects
-        {
-            if let Some(id) = Id::from_hex(&pack.key[packs_prefix.len()..]) {
-                known
-                    .pack_times
-                    .insert(id, pack.modified.unwrap_or(SystemTime::UNIX_EPOCH));
-            }
-        }
-        if known.pack_times.is_empty() {
+            .objects;
+        Ok(listed
+            .into_iter()
+            .filter_map(|pack| {
+                let id = Id::from_hex(&pack.key[packs_prefix.len()..])?;
+                let modified = pack.modified.unwrap_or(SystemTime::UNIX_EPOCH);
+                Some((
+                    id,
+                    PackInfo {
+                        modified,
+                        size: pack.size,
+                    },
+                ))
+            })
+            .collect())
+    }
+
+    /// Loads the chunks the bucket already holds: every index segment, keeping only
+    /// entries whose pack is in `packs` (an index may outlive a pack).
+    pub async fn load_known(&self, packs: Packs) -> anyhow::Result<Known> {
+        let mut known = Known {
+            chunks: HashMap::new(),
+            packs,
+        };
+        if known.packs.is_empty() {
             return Ok(known);
         }
         let tables = self.read_segments().await?;
         for (_, table) in tables {
             for c in &table.chunks {
                 let pack = table.packs[c.pack as usize];
-                if known.pack_times.contains_key(&pack) {
+                if known.packs.contains_key(&pack) {
                     known.chunks.insert(c.id, location(pack, c));
                 }
             }
@@ -234,7 +271,11 @@ impl ChunkStore {
             .await?;
         manifest.stream_len = stats.stream_bytes;
         manifest.table = table_of(chunked.order.iter().map(|id| (*id, chunked.locations[id])));
-        let data = Bytes::from(manifest.encode());
+        let data = manifest.encode();
+        manifest
+            .check_readable(key, &data)
+            .context("refusing to publish an entry no reader would accept")?;
+        let data = Bytes::from(data);
         stats.wire_bytes += data.len() as u64;
         self.transfer
             .put_bytes(key, data)
@@ -298,10 +339,9 @@ impl ChunkStore {
         let now = SystemTime::now();
         let reused: HashSet<Id> = locations.values().map(|l| l.pack).collect();
         let stale = reused.into_iter().filter(|p| {
-            known
-                .pack_times
-                .get(p)
-                .is_some_and(|t| now.duration_since(*t).unwrap_or_default() > REFRESH_AGE)
+            known.packs.get(p).is_some_and(|info| {
+                now.duration_since(info.modified).unwrap_or_default() > REFRESH_AGE
+            })
         });
         futures::stream::iter(stale)
             .map(|pack| async move {
@@ -350,127 +390,115 @@ impl ChunkStore {
             return Ok(Some(Stored::Plain(info)));
         }
         if info.size > MAX_MANIFEST_OBJECT {
-            bail!(
+            return Err(broken(format!(
                 "{key} is a {}-byte manifest, larger than any cacher writes",
                 info.size
-            );
+            )));
         }
         let mut data = Vec::new();
         self.transfer
             .read_range(key, info.etag.as_deref(), 0..info.size, &mut data)
             .await?;
-        let manifest = Manifest::decode(key, &data)?;
+        let manifest = Manifest::decode(key, &data).map_err(|e| broken(e.to_string()))?;
         Ok(Some(Stored::Manifest(Box::new(manifest))))
     }
 
-    /// Fetches every chunk of `table`, verifies it, and hands its bytes to `sink` at each
-    /// stream offset where it occurs. Ranges arrive in any order.
-    pub async fn restore<F>(&self, table: &ChunkTable, sink: F) -> anyhow::Result<Stats>
-    where
-        F: Fn(u64, &[u8]) -> anyhow::Result<()> + Send + Sync + 'static,
-    {
-        let sink = Arc::new(sink);
-        let ranges = plan_ranges(table);
-        let mut stats = Stats {
-            chunks: table.chunks.len() as u64,
-            packs: table.packs.len() as u64,
-            ..Stats::default()
-        };
-        let pool = BufferPool::default();
-        let results: Vec<(u64, u64, u64)> = futures::stream::iter(ranges)
-            .map(|range| {
-                let (pool, sink) = (&pool, sink.clone());
-                let pack_key = self.pack_key(&range.pack);
-                async move {
-                    let mut buf = pool.take();
-                    self.transfer
-                        .read_range(&pack_key, None, range.start..range.end, &mut buf)
-                        .await
-                        .map_err(|e| missing_pack(e, &range.pack))?;
-                    let (buf, done) = tokio::task::spawn_blocking(move || {
-                        let done =
-                            unpack_range(&range, &buf, &mut |offset, data| sink(offset, data));
-                        (buf, done)
-                    })
-                    .await?;
-                    let wire = buf.len() as u64;
-                    pool.give(buf);
-                    let (chunks, bytes) = done?;
-                    Ok::<_, anyhow::Error>((chunks, bytes, wire))
-                }
-            })
-            .buffer_unordered(self.transfer.jobs())
-            .try_collect()
-            .await?;
-        for (chunks, bytes, wire) in results {
-            stats.chunks_new += chunks;
-            stats.new_bytes += bytes;
-            stats.wire_bytes += wire;
-        }
-        stats.retries = self.transfer.retries();
-        Ok(stats)
-    }
-
     /// Fetches the chunks of `table` in stream order, verifies each, and writes the
-    /// stream to `out` on a blocking thread, `jobs` ranges fetched ahead of the writer.
+    /// stream to `out` on a blocking thread; `jobs` ranges are fetched and decoded (on
+    /// all cores) ahead of the writer. On failure `out` is dropped off the async
+    /// threads, which is how a restorer removes its temp tree and `docker load` is
+    /// killed before the archive's end.
     pub async fn restore_in_order<W>(
         &self,
         table: &ChunkTable,
         out: W,
     ) -> anyhow::Result<(W, Stats)>
     where
-        W: std::io::Write + Send + 'static,
+        W: Write + Send + 'static,
     {
         let mut stats = Stats {
             chunks: table.chunks.len() as u64,
             packs: table.packs.len() as u64,
             ..Stats::default()
         };
-        let mut fetched = futures::stream::iter(plan_runs(table))
-            .map(|run| {
-                let pack_key = self.pack_key(&run.pack);
-                async move {
-                    let mut buf = Vec::new();
-                    self.transfer
-                        .read_range(&pack_key, None, run.start..run.end, &mut buf)
-                        .await
-                        .map_err(|e| missing_pack(e, &run.pack))?;
-                    Ok::<_, anyhow::Error>((run, buf))
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Vec<u8>>>(2);
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut out = out;
+            while let Some(chunks) = rx.blocking_recv() {
+                for data in &chunks {
+                    if let Err(e) = out.write_all(data) {
+                        drop(out);
+                        return Err(e);
+                    }
                 }
-            })
-            .buffered(self.transfer.jobs());
-        let mut out = out;
-        while let Some(next) = fetched.next().await {
-            let (run, buf) = next?;
-            let (writer, done) = tokio::task::spawn_blocking(move || {
-                let mut writer = out;
-                let done = unpack_range(&run, &buf, &mut |_, data| {
-                    writer.write_all(data).context("cannot pass the stream on")
-                });
-                (
-                    writer,
-                    done.map(|(chunks, bytes)| (chunks, bytes, buf.len() as u64)),
-                )
-            })
-            .await?;
-            out = writer;
-            let (chunks, bytes, wire) = done?;
-            stats.chunks_new += chunks;
-            stats.new_bytes += bytes;
-            stats.wire_bytes += wire;
+            }
+            Ok(out)
+        });
+        let fetched = async {
+            let mut runs = futures::stream::iter(plan_runs(table))
+                .map(|run| {
+                    let pack_key = self.pack_key(&run.pack);
+                    async move {
+                        let mut buf = Vec::new();
+                        self.transfer
+                            .read_range(&pack_key, None, run.start..run.end, &mut buf)
+                            .await
+                            .map_err(|e| missing_pack(e, &run.pack))?;
+                        let wire = buf.len() as u64;
+                        let chunks =
+                            tokio::task::spawn_blocking(move || decode_run(&run, &buf)).await??;
+                        Ok::<_, anyhow::Error>((chunks, wire))
+                    }
+                })
+                .buffered(self.transfer.jobs());
+            while let Some(next) = runs.next().await {
+                let (chunks, wire) = next?;
+                stats.chunks_new += chunks.len() as u64;
+                stats.new_bytes += chunks.iter().map(|c| c.len() as u64).sum::<u64>();
+                stats.wire_bytes += wire;
+                if tx.send(chunks).await.is_err() {
+                    break; // the writer failed: its error is the one to report
+                }
+            }
+            Ok::<_, anyhow::Error>(())
         }
+        .await;
+        drop(tx);
+        let written = writer.await?;
+        if let Err(e) = fetched {
+            if let Ok(out) = written {
+                tokio::task::spawn_blocking(move || drop(out)).await?;
+            }
+            return Err(e);
+        }
+        let out = written.map_err(anyhow::Error::new)?;
         stats.stream_bytes = stats.new_bytes;
         stats.retries = self.transfer.retries();
         Ok((out, stats))
     }
 }
 
+/// An entry that is in the bucket but cannot be restored: its manifest does not
+/// decode, a pack it references is missing, or a chunk fails verification. It says
+/// nothing about the network or the local disk: a restore takes it for a miss, and an
+/// upload without `--force` replaces it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BrokenEntry(String);
+
+fn broken(why: String) -> anyhow::Error {
+    BrokenEntry(why).into()
+}
+
+/// Whether `e` says the entry itself is broken (see [`BrokenEntry`]).
+pub fn is_broken(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<BrokenEntry>())
+}
+
 /// Names the pack when a read failed because it is gone.
 fn missing_pack(e: StoreError, pack: &Id) -> anyhow::Error {
     match e {
-        StoreError::NotFound(_) => {
-            anyhow::anyhow!("pack {pack} is missing from the bucket; the entry cannot be restored")
-        }
+        StoreError::NotFound(_) => broken(format!("pack {pack} is missing from the bucket")),
         e => anyhow::Error::new(e),
     }
 }
@@ -550,29 +578,32 @@ fn chunk_stream<R: Read + Send + 'static>(
     for batch in batches {
         let batch = batch?;
         // Hash everything and compress what the bucket lacks, on all cores.
-        let processed: Vec<(Id, u32, Option<Vec<u8>>)> = batch
+        let processed: Vec<(Id, u32, Result<Location, Vec<u8>>)> = batch
             .par_iter()
             .map(|data| {
                 let id = Id::of(data);
-                let compressed = (!known.chunks.contains_key(&id))
-                    .then(|| zstd::bulk::compress(data, ZSTD_LEVEL))
-                    .transpose()?;
-                Ok((id, data.len() as u32, compressed))
+                let stored = match known.reusable(&id, data.len()) {
+                    Some(loc) => Ok(loc),
+                    None => Err(zstd::bulk::compress(data, ZSTD_LEVEL)?),
+                };
+                Ok((id, data.len() as u32, stored))
             })
             .collect::<std::io::Result<_>>()
             .context("zstd compression failed")?;
-        for (id, len, compressed) in processed {
+        for (id, len, stored) in processed {
             out.order.push(id);
             out.stats.chunks += 1;
             out.stats.stream_bytes += u64::from(len);
             if out.locations.contains_key(&id) || open.iter().any(|o| o.0 == id) {
                 continue;
             }
-            if let Some(loc) = known.chunks.get(&id) {
-                out.locations.insert(id, *loc);
-                continue;
-            }
-            let compressed = compressed.expect("compressed when not known");
+            let compressed = match stored {
+                Ok(loc) => {
+                    out.locations.insert(id, loc);
+                    continue;
+                }
+                Err(compressed) => compressed,
+            };
             open.push((id, pack.len() as u32, compressed.len() as u32, len));
             pack.extend_from_slice(&compressed);
             out.stats.chunks_new += 1;
@@ -630,11 +661,10 @@ fn cut_in_batches<R: Read + Send + 'static>(
 }
 
 /// Runs of consecutive stream chunks stored back to back in one pack, in stream order:
-/// what a sequential consumer (`docker load`) needs. Uploads store new chunks in stream
-/// order, so runs are long except where old chunks are reused.
+/// what a sequential consumer needs. Uploads store new chunks in stream order, so runs
+/// are long except where old chunks are reused.
 fn plan_runs(table: &ChunkTable) -> Vec<FetchRange> {
     let mut runs: Vec<FetchRange> = Vec::new();
-    let mut offset = 0u64;
     for c in &table.chunks {
         let pack = table.packs[c.pack as usize];
         let (start, end) = (
@@ -642,104 +672,55 @@ fn plan_runs(table: &ChunkTable) -> Vec<FetchRange> {
             u64::from(c.offset) + u64::from(c.stored_len),
         );
         match runs.last_mut() {
-            Some(r) if r.pack == pack && r.end == start && end - r.start <= MAX_RANGE => {
+            Some(r)
+                if r.pack == pack
+                    && r.end == start
+                    && end - r.start <= MAX_RANGE
+                    && r.decoded + u64::from(c.len) <= MAX_RANGE =>
+            {
                 r.end = end;
-                r.chunks.push((*c, vec![offset]));
+                r.decoded += u64::from(c.len);
+                r.chunks.push(*c);
             }
             _ => runs.push(FetchRange {
                 pack,
                 start,
                 end,
-                chunks: vec![(*c, vec![offset])],
+                decoded: u64::from(c.len),
+                chunks: vec![*c],
             }),
         }
-        offset += u64::from(c.len);
     }
     runs
 }
 
-/// One ranged GET of a pack and the chunks it holds.
+/// One ranged GET of a pack and the chunks it holds, in stream order.
 struct FetchRange {
     pack: Id,
     start: u64,
     end: u64,
-    /// Each chunk in the range, with every stream offset it fills.
-    chunks: Vec<(ChunkRef, Vec<u64>)>,
+    /// Bytes the chunks decode to.
+    decoded: u64,
+    chunks: Vec<ChunkRef>,
 }
 
-/// Groups the table's distinct chunks by pack and merges neighbours into ranges.
-fn plan_ranges(table: &ChunkTable) -> Vec<FetchRange> {
-    let mut uses: HashMap<Id, (ChunkRef, Vec<u64>)> = HashMap::new();
-    let mut offset = 0u64;
-    for c in &table.chunks {
-        uses.entry(c.id)
-            .or_insert_with(|| (*c, Vec::new()))
-            .1
-            .push(offset);
-        offset += u64::from(c.len);
-    }
-    let mut by_pack: BTreeMap<u32, Vec<(ChunkRef, Vec<u64>)>> = BTreeMap::new();
-    for (_, (c, offsets)) in uses {
-        by_pack.entry(c.pack).or_default().push((c, offsets));
-    }
-    let mut ranges = Vec::new();
-    for (pack, mut chunks) in by_pack {
-        chunks.sort_by_key(|(c, _)| c.offset);
-        let pack = table.packs[pack as usize];
-        for (c, offsets) in chunks {
-            let (start, end) = (
-                u64::from(c.offset),
-                u64::from(c.offset) + u64::from(c.stored_len),
-            );
-            match ranges.last_mut() {
-                Some(r @ FetchRange { .. })
-                    if r.pack == pack
-                        && start >= r.end
-                        && start - r.end <= MERGE_GAP
-                        && end - r.start <= MAX_RANGE =>
-                {
-                    r.end = end;
-                    r.chunks.push((c, offsets));
-                }
-                _ => ranges.push(FetchRange {
-                    pack,
-                    start,
-                    end,
-                    chunks: vec![(c, offsets)],
-                }),
-            }
-        }
-    }
-    ranges
-}
-
-/// Decompresses and verifies each chunk of a fetched range and passes it to `sink`.
-/// Returns the chunk count and their uncompressed bytes.
-fn unpack_range(
-    range: &FetchRange,
-    buf: &[u8],
-    sink: &mut dyn FnMut(u64, &[u8]) -> anyhow::Result<()>,
-) -> anyhow::Result<(u64, u64)> {
-    let mut bytes = 0;
-    for (c, offsets) in &range.chunks {
-        let from = (u64::from(c.offset) - range.start) as usize;
-        let stored = buf
-            .get(from..from + c.stored_len as usize)
-            .ok_or_else(|| anyhow::anyhow!("pack {} is shorter than its index says", range.pack))?;
-        let corrupt = || {
-            anyhow::anyhow!(
-                "chunk {} in pack {} is corrupt; nothing was restored",
-                c.id,
-                range.pack
-            )
-        };
-        let data = super::format::decode_chunk(stored, c.len, &c.id).ok_or_else(corrupt)?;
-        for &offset in offsets {
-            sink(offset, &data)?;
-        }
-        bytes += u64::from(c.len);
-    }
-    Ok((range.chunks.len() as u64, bytes))
+/// Decompresses and verifies each chunk of a fetched range.
+fn decode_run(range: &FetchRange, buf: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+    range
+        .chunks
+        .iter()
+        .map(|c| {
+            let from = (u64::from(c.offset) - range.start) as usize;
+            let stored = buf.get(from..from + c.stored_len as usize).ok_or_else(|| {
+                broken(format!(
+                    "pack {} is shorter than its index says",
+                    range.pack
+                ))
+            })?;
+            super::format::decode_chunk(stored, c.len, &c.id)
+                .ok_or_else(|| broken(format!("chunk {} in pack {} is corrupt", c.id, range.pack)))
+        })
+        .collect()
 }
 
 /// The stats line of an upload: files, bytes, chunks total / new / reused, bytes sent,

@@ -9,13 +9,16 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 
-use super::Outcome;
-use crate::archive::{self, ContentReader, Restorer};
-use crate::chunk::format::{Manifest, ManifestKind};
-use crate::chunk::store::{ChunkStore, Stored, download_stats_line, now_secs, upload_stats_line};
+use super::{Outcome, heal};
+use crate::archive::{self, ContentReader};
+use crate::chunk::format::{EntryKind, Manifest, ManifestKind};
+use crate::chunk::store::{
+    ChunkStore, Packs, Stats, Stored, download_stats_line, is_broken, now_secs, upload_stats_line,
+};
 use crate::cli::{DirCommand, DirDownloadArgs, DirUploadArgs};
 use crate::config::Config;
-use crate::key::{full_key, join_prefix};
+use crate::key::{full_key, has_arch_suffix, is_internal, join_prefix};
+use crate::restore::Restorer;
 use crate::transfer::Transfer;
 use crate::ui;
 
@@ -33,36 +36,56 @@ pub(super) async fn chunk_store(config: &Config) -> anyhow::Result<ChunkStore> {
     Ok(ChunkStore::new(transfer, &config.prefix.value))
 }
 
-/// The chunk store to upload `key` into, or `None` when `key` is already cached and
-/// `force` is off (said as `command` would say it).
+/// The chunk store to upload `key` into and the packs it holds, or `None` when `key`
+/// is already cached and `force` is off (said as `command` would say it). An entry
+/// that cannot be restored (its manifest does not decode, or a pack it references is
+/// gone) does not count as cached: it is replaced, and the user is told.
 pub(super) async fn chunk_store_for_upload(
     config: &Config,
     key: &str,
     force: bool,
     command: &str,
-) -> anyhow::Result<Option<ChunkStore>> {
+) -> anyhow::Result<Option<(ChunkStore, Packs)>> {
     let chunks = chunk_store(config).await?;
-    let store = chunks.transfer().store().as_ref();
-    if super::skip_existing(store, key, force, command).await? {
-        return Ok(None);
+    let packs = chunks.list_packs().await?;
+    if force || chunks.transfer().store().head(key).await?.is_none() {
+        return Ok(Some((chunks, packs)));
     }
-    Ok(Some(chunks))
+    let unrestorable = match chunks.fetch(key).await {
+        Ok(Some(Stored::Manifest(m))) => m
+            .table
+            .packs
+            .iter()
+            .find(|p| !packs.contains_key(p))
+            .map(|p| format!("pack {p} is missing from the bucket")),
+        Ok(_) => None,
+        Err(e) if is_broken(&e) => Some(format!("{e:#}")),
+        Err(e) => return Err(e),
+    };
+    if let Some(why) = unrestorable {
+        ui::status(format!("{key} cannot be restored ({why}); replacing it"));
+        return Ok(Some((chunks, packs)));
+    }
+    super::say_skipped(key, command);
+    Ok(None)
 }
 
 async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
-    let Some(chunks) = chunk_store_for_upload(config, &key, args.force, "dir upload").await? else {
+    let Some((chunks, packs)) =
+        chunk_store_for_upload(config, &key, args.force, "dir upload").await?
+    else {
         return Ok(Outcome::Success);
     };
     let started = Instant::now();
     let dir = args.dir.clone();
     let tree = tokio::task::spawn_blocking(move || archive::scan(&dir)).await??;
     let files = tree.files.len();
-    let known = chunks.load_known().await?;
+    let known = chunks.load_known(packs).await?;
     let manifest = Manifest {
         kind: ManifestKind::Dir,
         created: now_secs(),
-        label: String::new(),
+        label: archive::source_label(&args.dir),
         stream_len: 0,
         table: Default::default(),
         entries: tree.entries,
@@ -103,54 +126,44 @@ async fn download(config: &Config, args: &DirDownloadArgs) -> anyhow::Result<Out
     let key = full_key(config, &args.key)?;
     let chunks = chunk_store(config).await?;
     let started = Instant::now();
-    let (restored_key, stored) = match chunks.fetch(&key).await? {
-        Some(stored) => (key.clone(), stored),
-        None => match find_fallback(config, &chunks, &args.fallback).await? {
-            Some(found) => found,
-            None => {
-                ui::status(format!("{key} is not cached"));
-                report("dir download", &key, "miss", None, None);
-                return Ok(Outcome::Miss);
+    let mut restored = None;
+    if let Some(stored) = heal(&key, chunks.fetch(&key).await)?.flatten() {
+        match &stored {
+            Stored::Plain(_) => {
+                bail!("{key} is a plain file, not a directory entry (use `cacher download`)")
             }
-        },
+            Stored::Manifest(m) if m.kind != ManifestKind::Dir => {
+                bail!("{key} holds a docker image, not a directory tree")
+            }
+            _ => {}
+        }
+        if let Some(stats) = heal(
+            &key,
+            restore(&chunks, &key, stored, &args.dir, started).await,
+        )? {
+            restored = Some((key.clone(), stats));
+        }
+    }
+    if restored.is_none() {
+        restored = restore_fallback(config, &chunks, args, started).await?;
+    }
+    let Some((restored_key, stats)) = restored else {
+        ui::status(format!("{key} is not cached"));
+        report("dir download", &key, "miss", None, None);
+        return Ok(Outcome::Miss);
     };
     let result = if restored_key == key {
         "hit"
     } else {
         "fallback"
     };
-    match stored {
-        Stored::Manifest(manifest) => {
-            if manifest.kind != ManifestKind::Dir {
-                bail!("{restored_key} holds a docker image, not a directory tree");
-            }
-            let stats =
-                restore_manifest(&chunks, &restored_key, *manifest, &args.dir, started).await?;
-            report(
-                "dir download",
-                &key,
-                result,
-                Some(&restored_key),
-                Some(&stats),
-            );
-        }
-        Stored::Plain(_) => {
-            bail!("{restored_key} is a plain file, not a directory entry (use `cacher download`)")
-        }
-        Stored::Legacy(info) => {
-            let transfer = chunks.transfer().clone();
-            let dir = args.dir.clone();
-            let reader = transfer.stream_object(info);
-            tokio::task::spawn_blocking(move || extract_legacy(reader, &dir))
-                .await?
-                .with_context(|| format!("cannot extract the tar.zst under {restored_key}"))?;
-            ui::status(format!(
-                "restored {restored_key} (legacy tar.zst) in {:.2}s",
-                started.elapsed().as_secs_f64()
-            ));
-            report("dir download", &key, result, Some(&restored_key), None);
-        }
-    }
+    report(
+        "dir download",
+        &key,
+        result,
+        Some(&restored_key),
+        stats.as_ref(),
+    );
     if !ui::json_enabled() {
         let prefix_len = match config.prefix.value.as_str() {
             "" => 0,
@@ -161,39 +174,64 @@ async fn download(config: &Config, args: &DirDownloadArgs) -> anyhow::Result<Out
     Ok(Outcome::Success)
 }
 
+/// Restores the entry `stored` (read from `key`) into `dir`; the stats of a chunked one.
+async fn restore(
+    chunks: &ChunkStore,
+    key: &str,
+    stored: Stored,
+    dir: &Path,
+    started: Instant,
+) -> anyhow::Result<Option<Stats>> {
+    match stored {
+        Stored::Manifest(manifest) => restore_manifest(chunks, key, *manifest, dir, started)
+            .await
+            .map(Some),
+        Stored::Legacy(info) => {
+            let transfer = chunks.transfer().clone();
+            let dir = dir.to_path_buf();
+            let reader = transfer.stream_object(info);
+            tokio::task::spawn_blocking(move || extract_legacy(reader, &dir))
+                .await?
+                .with_context(|| format!("cannot extract the tar.zst under {key}"))?;
+            ui::status(format!(
+                "restored {key} (legacy tar.zst) in {:.2}s",
+                started.elapsed().as_secs_f64()
+            ));
+            Ok(None)
+        }
+        Stored::Plain(_) => bail!("{key} is a plain file, not a directory entry"),
+    }
+}
+
 async fn restore_manifest(
     chunks: &ChunkStore,
     key: &str,
     manifest: Manifest,
     dir: &Path,
     started: Instant,
-) -> anyhow::Result<crate::chunk::store::Stats> {
+) -> anyhow::Result<Stats> {
     let files = manifest
         .entries
         .iter()
-        .filter(|e| matches!(e.kind, crate::chunk::format::EntryKind::File { .. }))
+        .filter(|e| matches!(e.kind, EntryKind::File { .. }))
         .count();
-    let (dest, entries) = (dir.to_path_buf(), manifest.entries);
+    let (dest, entries, needed) = (dir.to_path_buf(), manifest.entries, manifest.stream_len);
     let restorer =
-        Arc::new(tokio::task::spawn_blocking(move || Restorer::create(&dest, entries)).await??);
-    let sink = restorer.clone();
+        tokio::task::spawn_blocking(move || Restorer::create(&dest, entries, needed)).await??;
     let progress = Arc::new(ui::Progress::new(
         format!("restoring {key}"),
         manifest.stream_len,
     ));
-    let counter = progress.clone();
-    let stats = chunks
-        .restore(&manifest.table, move |offset, data| {
-            counter.add(data.len() as u64);
-            sink.write(offset, data)
-        })
+    let restored = chunks
+        .restore_in_order(&manifest.table, progress.counted(restorer))
         .await;
     progress.clear();
-    let mut stats =
-        stats.with_context(|| format!("cannot restore {key}; {} left untouched", dir.display()))?;
-    stats.stream_bytes = manifest.stream_len;
-    let restorer = Arc::into_inner(restorer).expect("the restore holds no other reference");
-    tokio::task::spawn_blocking(move || restorer.finish()).await??;
+    let (restorer, stats) = restored
+        .with_context(|| format!("cannot restore {key}; {} left untouched", dir.display()))?;
+    let restorer = restorer.into_inner();
+    tokio::task::spawn_blocking(move || restorer.finish())
+        .await?
+        .with_context(|| format!("cannot restore {key}"))?;
     ui::status(download_stats_line(
         key,
         Some(files),
@@ -203,41 +241,104 @@ async fn restore_manifest(
     Ok(stats)
 }
 
-/// The newest entry under the first fallback prefix that has one.
-async fn find_fallback(
+/// Restores the newest usable entry under the first fallback prefix that has one.
+/// Usable: a directory entry made from the same directory as DIR (unless
+/// `--fallback-any-path`), carrying this platform's suffix when keys get one; a
+/// broken candidate is skipped with a warning.
+async fn restore_fallback(
     config: &Config,
     chunks: &ChunkStore,
-    prefixes: &[String],
-) -> anyhow::Result<Option<(String, Stored)>> {
+    args: &DirDownloadArgs,
+    started: Instant,
+) -> anyhow::Result<Option<(String, Option<Stats>)>> {
     let store = chunks.transfer().store();
-    let internal = join_prefix(&config.prefix.value, ".cacher/");
-    for prefix in prefixes {
+    let source = archive::source_label(&args.dir);
+    let base = join_prefix(&config.prefix.value, "");
+    for prefix in &args.fallback {
         let full = join_prefix(&config.prefix.value, prefix);
         let mut candidates = store.list(&full, None).await?.objects;
-        candidates.retain(|o| !o.key.starts_with(&internal));
+        candidates.retain(|o| !is_internal(&o.key[base.len()..]));
         candidates.sort_by_key(|o| std::cmp::Reverse(o.modified));
         for candidate in candidates {
-            match chunks.fetch(&candidate.key).await {
-                Ok(Some(Stored::Plain(_))) => {}
-                Ok(Some(stored)) => {
-                    ui::status(format!("fallback: restoring {}", candidate.key));
-                    return Ok(Some((candidate.key, stored)));
-                }
-                Ok(None) => {}
-                Err(e) => ui::warn(format!("skipping fallback {}: {e:#}", candidate.key)),
+            let key = candidate.key;
+            if config.arch_suffix.value && !has_arch_suffix(&key[base.len()..]) {
+                continue;
+            }
+            let Some(stored) = heal(&key, chunks.fetch(&key).await)?.flatten() else {
+                continue;
+            };
+            if let Err(why) = fallback_fits(chunks, &stored, &source, args.fallback_any_path).await
+            {
+                ui::verbose(format!("fallback: skipping {key}: {why}"));
+                continue;
+            }
+            ui::status(format!("fallback: restoring {key}"));
+            if let Some(stats) = heal(
+                &key,
+                restore(chunks, &key, stored, &args.dir, started).await,
+            )? {
+                return Ok(Some((key, stats)));
             }
         }
     }
     Ok(None)
 }
 
-/// Unpacks a `tar.zst` stream into a temp dir beside `dir`, then moves it into place.
+/// Whether a fallback candidate may be restored into a directory whose source label is
+/// `source`; the reason when not.
+async fn fallback_fits(
+    chunks: &ChunkStore,
+    stored: &Stored,
+    source: &str,
+    any_path: bool,
+) -> Result<(), String> {
+    match stored {
+        Stored::Manifest(m) if m.kind != ManifestKind::Dir => Err("a docker image".into()),
+        Stored::Manifest(m) if any_path || m.label == source => Ok(()),
+        Stored::Manifest(m) if m.label.is_empty() => {
+            Err("made by an older cacher that did not record its directory".into())
+        }
+        Stored::Manifest(m) => Err(format!("made from {}, not {source}", m.label)),
+        Stored::Plain(_) => Err("a plain file".into()),
+        Stored::Legacy(_) if !any_path => {
+            Err("a tar.zst that does not record its directory".into())
+        }
+        Stored::Legacy(info) => match looks_like_tar(chunks, info).await {
+            true => Ok(()),
+            false => Err("a zstd object that is not a tar archive".into()),
+        },
+    }
+}
+
+/// Whether the zstd object `info` decompresses to something starting like a tar.
+async fn looks_like_tar(chunks: &ChunkStore, info: &crate::store::ObjectInfo) -> bool {
+    let mut head = Vec::new();
+    let read = chunks
+        .transfer()
+        .read_range(
+            &info.key,
+            info.etag.as_deref(),
+            0..info.size.min(64 * 1024),
+            &mut head,
+        )
+        .await;
+    if read.is_err() {
+        return false;
+    }
+    let mut block = [0u8; 512];
+    let decoded = zstd::stream::read::Decoder::new(&head[..])
+        .and_then(|mut d| std::io::Read::read_exact(&mut d, &mut block));
+    decoded.is_ok() && &block[257..262] == b"ustar"
+}
+
+/// Unpacks a `tar.zst` stream into a temp dir inside `dir`, then swaps it into place.
+/// Permissions keep no setuid, setgid or sticky bit, as for chunked entries.
 fn extract_legacy(reader: impl std::io::Read, dir: &Path) -> anyhow::Result<()> {
-    let restorer = Restorer::create(dir, Vec::new())?;
+    let restorer = Restorer::create(dir, Vec::new(), 0)?;
     let mut archive = tar::Archive::new(zstd::stream::read::Decoder::new(reader)?);
-    archive.set_preserve_permissions(true);
+    archive.set_preserve_permissions(false);
     archive.set_preserve_mtime(true);
     archive.set_overwrite(true);
-    archive.unpack(restorer.temp_root())?;
+    archive.unpack(restorer.temp_path())?;
     restorer.finish()
 }

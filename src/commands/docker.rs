@@ -8,11 +8,11 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 
-use super::Outcome;
 use super::dir::report;
+use super::{Outcome, heal};
 use crate::chunk::format::{Manifest, ManifestKind};
 use crate::chunk::store::{
-    ChunkStore, Stats, Stored, download_stats_line, now_secs, upload_stats_line,
+    ChunkStore, Packs, Stats, Stored, download_stats_line, now_secs, upload_stats_line,
 };
 use crate::cli::{DockerCommand, DockerDownloadArgs, DockerUploadArgs};
 use crate::config::Config;
@@ -38,20 +38,21 @@ async fn blocking<T: Send + 'static>(
 
 async fn upload(config: &Config, args: &DockerUploadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
-    let Some(chunks) =
+    let Some((chunks, packs)) =
         super::dir::chunk_store_for_upload(config, &key, args.force, "docker upload").await?
     else {
         return Ok(Outcome::Success);
     };
     let docker = Docker::new(&config.docker_bin.value);
-    let stats = seed(&chunks, &docker, &key, &args.image).await?;
+    let stats = seed(&chunks, packs, &docker, &key, &args.image).await?;
     report("docker upload", &key, "uploaded", None, Some(&stats));
     Ok(Outcome::Success)
 }
 
-/// Streams `docker save IMAGE` into the chunk store under `key`.
+/// Streams `docker save IMAGE` into the chunk store (holding `packs`) under `key`.
 async fn seed(
     chunks: &ChunkStore,
+    packs: Packs,
     docker: &Docker,
     key: &str,
     image: &str,
@@ -71,7 +72,7 @@ async fn seed(
         table: Default::default(),
         entries: Vec::new(),
     };
-    let known = chunks.load_known().await?;
+    let known = chunks.load_known(packs).await?;
     let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), 0));
     let stats = chunks
         .upload(progress.counted(save), known, manifest, key)
@@ -87,34 +88,52 @@ async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<
     let chunks = super::dir::chunk_store(config).await?;
     let docker = Docker::new(&config.docker_bin.value);
     let started = Instant::now();
-    let stored = match chunks.fetch(&key).await? {
-        Some(stored) => stored,
-        None if args.pull => {
-            let (d, img) = (docker.clone(), args.image.clone());
-            blocking(move || Ok(d.pull(&img)?)).await.with_context(|| {
-                format!("{key} is not cached and the pull of {} failed", args.image)
-            })?;
-            ui::status(format!("{key} was not cached; pulled {}", args.image));
-            // The image is here, which is what the job needs; seeding is a bonus.
-            let seeded = seed(&chunks, &docker, &key, &args.image).await;
-            if let Err(e) = &seeded {
-                ui::warn(format!("could not seed the cache: {e:#}"));
-            }
-            report(
-                "docker download",
-                &key,
-                "pulled",
-                None,
-                seeded.ok().as_ref(),
-            );
-            return Ok(Outcome::Success);
-        }
-        None => {
-            ui::status(format!("{key} is not cached"));
-            report("docker download", &key, "miss", None, None);
-            return Ok(Outcome::Miss);
-        }
+    // A broken entry is a miss: nothing was loaded, and `--pull` replaces it.
+    if let Some(stored) = heal(&key, chunks.fetch(&key).await)?.flatten()
+        && let Some(outcome) = heal(
+            &key,
+            load(&chunks, &docker, &key, stored, args, started).await,
+        )?
+    {
+        return Ok(outcome);
+    }
+    if !args.pull {
+        ui::status(format!("{key} is not cached"));
+        report("docker download", &key, "miss", None, None);
+        return Ok(Outcome::Miss);
+    }
+    let (d, img) = (docker.clone(), args.image.clone());
+    blocking(move || Ok(d.pull(&img)?))
+        .await
+        .with_context(|| format!("{key} is not cached and the pull of {} failed", args.image))?;
+    ui::status(format!("{key} was not cached; pulled {}", args.image));
+    // The image is here, which is what the job needs; seeding is a bonus.
+    let seeded = match chunks.list_packs().await {
+        Ok(packs) => seed(&chunks, packs, &docker, &key, &args.image).await,
+        Err(e) => Err(e),
     };
+    if let Err(e) = &seeded {
+        ui::warn(format!("could not seed the cache: {e:#}"));
+    }
+    report(
+        "docker download",
+        &key,
+        "pulled",
+        None,
+        seeded.ok().as_ref(),
+    );
+    Ok(Outcome::Success)
+}
+
+/// Streams the entry `stored` into `docker load` and names the image `args.image`.
+async fn load(
+    chunks: &ChunkStore,
+    docker: &Docker,
+    key: &str,
+    stored: Stored,
+    args: &DockerDownloadArgs,
+    started: Instant,
+) -> anyhow::Result<Outcome> {
     let load = {
         let d = docker.clone();
         blocking(move || Ok(d.load()?)).await?
@@ -130,37 +149,31 @@ async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<
                 .restore_in_order(&manifest.table, progress.counted(load))
                 .await;
             progress.clear();
-            match restored_stream {
-                Ok((load, stats)) => {
-                    let load = load.into_inner();
-                    let line = download_stats_line(&key, None, &stats, started.elapsed());
-                    restored = Some(stats);
-                    (load, line)
-                }
-                // The dropped `docker load` was killed before the archive's end.
-                Err(e) => {
-                    return Err(e.context(format!("cannot restore {key}; nothing was loaded")));
-                }
-            }
+            // On failure the dropped `docker load` was killed before the archive's end.
+            let (load, stats) = restored_stream
+                .with_context(|| format!("cannot restore {key}; nothing was loaded"))?;
+            let line = download_stats_line(key, None, &stats, started.elapsed());
+            restored = Some(stats);
+            (load.into_inner(), line)
         }
         Stored::Manifest(_) => bail!("{key} holds a directory tree, not a docker image"),
         Stored::Legacy(info) => (
-            feed_object(&chunks, info, load, true).await?,
+            feed_object(chunks, info, load, true).await?,
             format!("restored {key} (legacy tar.zst)"),
         ),
         Stored::Plain(info) => (
-            feed_object(&chunks, info, load, false).await?,
+            feed_object(chunks, info, load, false).await?,
             format!("restored {key} (plain docker archive)"),
         ),
     };
     let loaded = blocking(move || Ok(load.finish()?))
         .await
         .with_context(|| format!("docker load of {key} failed"))?;
-    ensure_tagged(&docker, &loaded, &args.image).await?;
+    ensure_tagged(docker, &loaded, &args.image).await?;
     ui::status(format!("{line}; loaded as {}", args.image));
     report(
         "docker download",
-        &key,
+        key,
         "hit",
         Some(&args.image),
         restored.as_ref(),
@@ -193,16 +206,20 @@ async fn feed_object(
     Ok(load)
 }
 
-/// Makes sure `image` names the loaded image, tagging it when the archive carried
-/// another name (or none).
+/// Makes sure `image` names the image just loaded, tagging it when the archive carried
+/// another name (or none) and when `image` named another image before.
 async fn ensure_tagged(docker: &Docker, loaded: &[String], image: &str) -> anyhow::Result<()> {
-    let (d, img) = (docker.clone(), image.to_string());
-    if blocking(move || Ok(d.image_id(&img)?)).await.is_ok() {
-        return Ok(());
-    }
     let Some(source) = loaded.first().cloned() else {
         bail!("docker load reported no image, so {image} cannot be tagged");
     };
+    let (d, src) = (docker.clone(), source.clone());
+    let loaded_id = blocking(move || Ok(d.image_id(&src)?))
+        .await
+        .with_context(|| format!("cannot inspect the loaded image {source}"))?;
+    let (d, img) = (docker.clone(), image.to_string());
+    if blocking(move || Ok(d.image_id(&img)?)).await.ok() == Some(loaded_id) {
+        return Ok(());
+    }
     let (d, img) = (docker.clone(), image.to_string());
     blocking(move || Ok(d.tag(&source, &img)?))
         .await

@@ -8,7 +8,8 @@ use crate::cli::DownloadArgs;
 use crate::config::Config;
 use crate::key::full_key;
 use crate::store::is_changed;
-use crate::transfer::{IntegrityError, Transfer, persist};
+use crate::temp::persist;
+use crate::transfer::{IntegrityError, Transfer};
 use crate::ui;
 
 pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome> {
@@ -50,7 +51,13 @@ pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome
         report(&key, "miss", None);
         return Ok(Outcome::DownloadMiss);
     };
-    let fetched = crate::http::fetch(url, &args.dest, config.ca_certificates()?.as_deref()).await?;
+    let fetched = crate::http::fetch(
+        url,
+        &args.dest,
+        config.ca_certificates()?.as_deref(),
+        std::time::Duration::from_secs(config.timeout.value),
+    )
+    .await?;
     if let Some(expected) = &expected
         && *expected != fetched.sha256
     {

@@ -81,11 +81,31 @@ async fn skip_existing(
     if force || store.head(key).await?.is_none() {
         return Ok(false);
     }
+    say_skipped(key, command);
+    Ok(true)
+}
+
+/// Says that an upload to `key` was skipped because the key is cached.
+fn say_skipped(key: &str, command: &str) {
     crate::ui::status(format!(
         "{key} already cached; skipped (use --force to overwrite)"
     ));
     if crate::ui::json_enabled() {
         crate::ui::json(serde_json::json!({ "command": command, "key": key, "result": "skipped" }));
     }
-    Ok(true)
+}
+
+/// Turns an error saying the entry itself is broken into a miss, with one warning:
+/// the job goes on without the cache, and the next upload replaces the entry.
+pub(crate) fn heal<T>(key: &str, result: anyhow::Result<T>) -> anyhow::Result<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(e) if crate::chunk::store::is_broken(&e) => {
+            crate::ui::warn(format!(
+                "{key} cannot be restored ({e:#}); treating it as a miss"
+            ));
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }

@@ -16,6 +16,8 @@ pub enum Reply {
     Truncated { body: Vec<u8>, len: usize },
     /// 200 with this body, sent 1 KiB at a time with a pause between pieces.
     Slow { body: Vec<u8>, pause_ms: u64 },
+    /// Announces `len` bytes, sends `body`, then holds the connection open silently.
+    Stall { body: Vec<u8>, len: usize },
 }
 
 /// The server; it stops when the test process ends.
@@ -69,6 +71,17 @@ impl HttpServer {
                             }
                             std::thread::sleep(std::time::Duration::from_millis(*pause_ms));
                         }
+                        continue;
+                    }
+                    Some(Reply::Stall { body, len }) => {
+                        let head = format!("HTTP/1.1 200 X\r\nContent-Length: {len}\r\n\r\n");
+                        let _ = stream.write_all(head.as_bytes());
+                        let _ = stream.write_all(body);
+                        // Held open on a thread of its own, so later requests are served.
+                        std::thread::spawn(move || {
+                            std::thread::sleep(std::time::Duration::from_secs(300));
+                            drop(stream);
+                        });
                         continue;
                     }
                     Some(Reply::Body(b)) => (200, b.clone(), b.len()),

@@ -192,6 +192,68 @@ impl TestEnv {
     }
 }
 
+/// The user unprivileged runs switch to (nobody on Debian).
+pub const NOBODY: u32 = 65534;
+
+/// Whether this process can run commands as another user (it is root), so tests of
+/// what an unprivileged CI user sees can run; says SKIPPED when not.
+pub fn can_switch_users(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("SKIPPED {test}: needs root to run cacher as an unprivileged user");
+    }
+    root
+}
+
+impl TestEnv {
+    /// Runs `cacher` as user and group [`NOBODY`], with no supplementary groups, from a
+    /// copy of the binary nobody can execute. The test's temp dir is opened for
+    /// traversal (0755), and HOME handed to nobody.
+    pub fn run_unprivileged<I, S>(&self, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = self.path("cacher-bin");
+        if !bin.exists() {
+            std::fs::copy(env!("CARGO_BIN_EXE_cacher"), &bin).expect("copy cacher");
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755))
+                .unwrap();
+            self.give_to_nobody(&self.home());
+        }
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
+        ])
+        .arg(&bin)
+        .args(args)
+        .env_clear()
+        .current_dir(self.dir.path());
+        for (n, v) in &self.vars {
+            cmd.env(n, v);
+        }
+        Run::from(cmd.output().expect("run setpriv"))
+    }
+
+    /// Makes `path` (and everything below it) owned by [`NOBODY`].
+    pub fn give_to_nobody(&self, path: &Path) {
+        let status = Command::new("chown")
+            .args(["-R", "-h", &format!("{NOBODY}:{NOBODY}")])
+            .arg(path)
+            .status()
+            .expect("chown");
+        assert!(status.success(), "chown {}", path.display());
+    }
+}
+
 /// Reads a whole file.
 pub fn read(path: impl AsRef<Path>) -> Vec<u8> {
     std::fs::read(path.as_ref()).unwrap_or_else(|e| panic!("read {}: {e}", path.as_ref().display()))

@@ -1,0 +1,451 @@
+//! Rebuilding a tree inside its destination directory DIR, safely.
+//!
+//! - The new tree is built in a hidden temp dir inside DIR (`.cacher-restore-*`), so a
+//!   restore works when DIR is a mount point, a symlink to a directory (it lands in the
+//!   target), or has a parent the user cannot write.
+//! - Every node is created exclusively (`O_EXCL`, `O_NOFOLLOW`) relative to its parent's
+//!   open handle; a file's content, mode and times go through the handle that created
+//!   it. No step resolves a restored path through a symlink, and two entries that a
+//!   case-insensitive filesystem takes for one name fail instead of aliasing.
+//! - Only then are the new top-level entries swapped in: same-named old entries are
+//!   moved aside first and deleted once the whole new tree is in place; a failure part
+//!   way moves everything back. Any failure before that removes the temp dir and leaves
+//!   DIR as it was.
+//! - setuid, setgid and sticky bits are never restored.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
+use rustix::io::Errno;
+
+use crate::chunk::format::{Entry, EntryKind, show};
+use crate::temp::{self, ASIDE_PREFIX, RESTORE_PREFIX};
+use crate::ui;
+
+/// Permission bits a restore applies: never setuid, setgid or sticky.
+pub const MODE_MASK: u32 = 0o777;
+
+/// A directory of the new tree still open, so its children are created through it and
+/// its mode and times are set when they are done.
+struct OpenDir {
+    entry: usize,
+    fd: OwnedFd,
+}
+
+/// The regular file currently receiving content.
+struct OpenFile {
+    entry: usize,
+    file: File,
+    left: u64,
+}
+
+/// Rebuilds a tree in a temp dir inside its destination from entries (parents first,
+/// as a manifest lists them) and the content stream, which arrives in order through
+/// [`Write`]; [`Restorer::finish`] swaps it into place. Dropped before that, it removes
+/// what it built.
+pub struct Restorer {
+    dest: PathBuf,
+    root: OwnedFd,
+    created_dest: bool,
+    temp_name: Option<OsString>,
+    temp: OwnedFd,
+    entries: Vec<Entry>,
+    next: usize,
+    open_dirs: Vec<OpenDir>,
+    file: Option<OpenFile>,
+}
+
+impl Restorer {
+    /// Opens (or creates) `dest`, refuses a tree of `needed` bytes that its filesystem
+    /// has no room for, creates the temp dir inside it, and every entry up to the first
+    /// non-empty file. Entries must have been validated (see `Manifest::decode`).
+    pub fn create(dest: &Path, entries: Vec<Entry>, needed: u64) -> anyhow::Result<Restorer> {
+        let created_dest = match std::fs::symlink_metadata(dest) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dest)
+                    .with_context(|| format!("cannot create {}", dest.display()))?;
+                true
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", dest.display())),
+            Ok(_) => false,
+        };
+        let root = match rustix::fs::open(
+            dest,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOTDIR) => bail!("{} exists and is not a directory", dest.display()),
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", dest.display())),
+        };
+        let mut restorer = Restorer {
+            dest: dest.to_path_buf(),
+            temp: root.try_clone()?,
+            root,
+            created_dest,
+            temp_name: None,
+            entries,
+            next: 0,
+            open_dirs: Vec::new(),
+            file: None,
+        };
+        restorer.check_space(needed)?;
+        temp::remove_stale_leftovers(dest);
+        temp::remove_stale_leftovers(&temp::parent_of(dest));
+        let name = OsString::from(format!("{RESTORE_PREFIX}{:016x}", fastrand::u64(..)));
+        rustix::fs::mkdirat(&restorer.root, &name, Mode::from_raw_mode(0o700))
+            .with_context(|| format!("cannot create a temp dir in {}", dest.display()))?;
+        restorer.temp_name = Some(name.clone());
+        restorer.temp = open_dir(restorer.root.as_fd(), &name)
+            .with_context(|| format!("cannot open the temp dir in {}", dest.display()))?;
+        restorer.advance()?;
+        Ok(restorer)
+    }
+
+    /// Where a legacy archive may be unpacked by path (it is then swapped in as usual).
+    pub fn temp_path(&self) -> PathBuf {
+        self.dest
+            .join(self.temp_name.as_deref().unwrap_or_default())
+    }
+
+    fn check_space(&self, needed: u64) -> anyhow::Result<()> {
+        let Ok(fs) = rustix::fs::fstatvfs(&self.root) else {
+            return Ok(());
+        };
+        let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+        if needed > free {
+            bail!(
+                "the entry holds {} but the filesystem of {} has {} free; nothing was written",
+                ui::human_bytes(needed),
+                self.dest.display(),
+                ui::human_bytes(free)
+            );
+        }
+        Ok(())
+    }
+
+    /// Creates entries in order until one needs content from the stream.
+    fn advance(&mut self) -> anyhow::Result<()> {
+        while self.file.is_none() && self.next < self.entries.len() {
+            let i = self.next;
+            self.next += 1;
+            self.create_entry(i)?;
+        }
+        Ok(())
+    }
+
+    fn create_entry(&mut self, i: usize) -> anyhow::Result<()> {
+        let entry = &self.entries[i];
+        let (parent_path, name) = split_path(&entry.path);
+        while let Some(top) = self.open_dirs.last() {
+            if self.entries[top.entry].path == parent_path {
+                break;
+            }
+            let done = self.open_dirs.pop().expect("checked above");
+            self.close_dir(done)?;
+        }
+        if self.open_dirs.is_empty() && !parent_path.is_empty() {
+            bail!("{} comes before its parent directory", show(&entry.path));
+        }
+        let parent = match self.open_dirs.last() {
+            Some(d) => d.fd.as_fd(),
+            None => self.temp.as_fd(),
+        };
+        let name = OsStr::from_bytes(name);
+        let created = match &entry.kind {
+            EntryKind::Dir => rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700))
+                .and_then(|()| open_dir(parent, name).map_err(errno_of)),
+            EntryKind::File { .. } => rustix::fs::openat(
+                parent,
+                name,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            ),
+            EntryKind::Symlink { target } => {
+                rustix::fs::symlinkat(OsStr::from_bytes(target), parent, name)
+                    .map_err(|e| self.creation_error(i, e))?;
+                // Times through the parent's handle, never following the link; some
+                // systems cannot set a link's times, which loses nothing that matters.
+                let times = timestamps(entry.mtime, entry.mtime_nsec);
+                let _ = rustix::fs::utimensat(parent, name, &times, AtFlags::SYMLINK_NOFOLLOW);
+                return Ok(());
+            }
+        };
+        let fd = created.map_err(|e| self.creation_error(i, e))?;
+        match entry.kind {
+            EntryKind::Dir => self.open_dirs.push(OpenDir { entry: i, fd }),
+            EntryKind::File { size } => {
+                let file = OpenFile {
+                    entry: i,
+                    file: File::from(fd),
+                    left: size,
+                };
+                if size == 0 {
+                    self.close_file(file)?;
+                } else {
+                    self.file = Some(file);
+                }
+            }
+            EntryKind::Symlink { .. } => unreachable!("created above"),
+        }
+        Ok(())
+    }
+
+    /// Explains a failed creation: an existing name in a directory cacher just made
+    /// means two entries share one name on this filesystem.
+    fn creation_error(&self, i: usize, e: Errno) -> anyhow::Error {
+        let path = &self.entries[i].path;
+        if e != Errno::EXIST {
+            return anyhow::Error::new(io::Error::from(e))
+                .context(format!("cannot create {}", show(path)));
+        }
+        let (parent, name) = split_path(path);
+        let folded = String::from_utf8_lossy(name).to_lowercase();
+        let other = self.entries[..i].iter().rev().find(|e| {
+            let (p, n) = split_path(&e.path);
+            p == parent && String::from_utf8_lossy(n).to_lowercase() == folded
+        });
+        match other {
+            Some(other) => anyhow::anyhow!(
+                "{} and {} name the same file on the filesystem of {} (it ignores case); this tree cannot be restored there",
+                show(&other.path),
+                show(path),
+                self.dest.display()
+            ),
+            None => anyhow::anyhow!(
+                "{} names a file that another entry already created on the filesystem of {} (it folds names); this tree cannot be restored there",
+                show(path),
+                self.dest.display()
+            ),
+        }
+    }
+
+    fn close_file(&self, f: OpenFile) -> anyhow::Result<()> {
+        let e = &self.entries[f.entry];
+        finalize(f.file.as_fd(), e)
+            .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)))
+    }
+
+    fn close_dir(&self, d: OpenDir) -> anyhow::Result<()> {
+        let e = &self.entries[d.entry];
+        finalize(d.fd.as_fd(), e)
+            .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)))
+    }
+
+    /// Completes the tree (entries after the last file, directory modes and times) and
+    /// swaps it into DIR.
+    pub fn finish(mut self) -> anyhow::Result<()> {
+        self.advance()?;
+        if let Some(f) = &self.file {
+            bail!(
+                "the content stream ended {} bytes short of {}",
+                f.left,
+                show(&self.entries[f.entry].path)
+            );
+        }
+        while let Some(d) = self.open_dirs.pop() {
+            self.close_dir(d)?;
+        }
+        self.swap_in()?;
+        if let Some(name) = self.temp_name.take() {
+            rustix::fs::unlinkat(&self.root, &name, AtFlags::REMOVEDIR).ok();
+        }
+        Ok(())
+    }
+
+    /// Moves every top-level entry of the temp dir into DIR (see the module doc).
+    fn swap_in(&self) -> anyhow::Result<()> {
+        let names = list_names(self.temp.as_fd())
+            .with_context(|| format!("cannot list the restored tree in {}", self.dest.display()))?;
+        let tag = format!("{ASIDE_PREFIX}{:08x}-", fastrand::u32(..));
+        let mut aside: Vec<(&OsString, OsString)> = Vec::new();
+        let mut moved: Vec<(&OsString, Option<(OwnedFd, rustix::fs::Stat)>)> = Vec::new();
+        let result = (|| -> anyhow::Result<()> {
+            for (n, name) in names.iter().enumerate() {
+                match rustix::fs::statat(&self.root, name, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(_) => {
+                        // Same directory: no permission on the old entry is needed.
+                        let to = OsString::from(format!("{tag}{n}"));
+                        rustix::fs::renameat(&self.root, name, &self.root, &to)
+                            .with_context(|| format!("cannot move {} aside", self.shown(name)))?;
+                        aside.push((name, to));
+                    }
+                    Err(Errno::NOENT) => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot read {}", self.shown(name)));
+                    }
+                }
+            }
+            for name in &names {
+                // A directory changing parents needs owner write permission on itself
+                // (its `..` entry changes): grant it for the move, restore it after.
+                let dir = open_dir(self.temp.as_fd(), name).ok();
+                let dir = match dir {
+                    Some(fd) => {
+                        let stat = rustix::fs::fstat(&fd)?;
+                        rustix::fs::fchmod(
+                            &fd,
+                            Mode::from_raw_mode((stat.st_mode & 0o7777) | 0o700),
+                        )?;
+                        Some((fd, stat))
+                    }
+                    None => None,
+                };
+                rustix::fs::renameat(&self.temp, name, &self.root, name)
+                    .with_context(|| format!("cannot move {} into place", self.shown(name)))?;
+                moved.push((name, dir));
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // Put DIR back as it was: new entries out, old ones back.
+            for (name, _) in moved.iter().rev() {
+                let _ = rustix::fs::renameat(&self.root, *name, &self.temp, *name);
+            }
+            for (name, to) in aside.iter().rev() {
+                let _ = rustix::fs::renameat(&self.root, to, &self.root, *name);
+            }
+            return Err(e.context(format!("{} left as it was", self.dest.display())));
+        }
+        for (name, dir) in moved {
+            if let Some((fd, stat)) = dir {
+                // `time_t` is i64 here but not on every target rustix builds for.
+                #[allow(clippy::unnecessary_cast)]
+                let times = Timestamps {
+                    last_access: Timespec {
+                        tv_sec: stat.st_atime as i64,
+                        tv_nsec: stat.st_atime_nsec as _,
+                    },
+                    last_modification: Timespec {
+                        tv_sec: stat.st_mtime as i64,
+                        tv_nsec: stat.st_mtime_nsec as _,
+                    },
+                };
+                rustix::fs::fchmod(&fd, Mode::from_raw_mode(stat.st_mode & MODE_MASK))
+                    .and_then(|()| rustix::fs::futimens(&fd, &times))
+                    .with_context(|| format!("cannot set the mode of {}", self.shown(name)))?;
+            }
+        }
+        for (name, to) in aside {
+            if let Err(e) = temp::remove_tree(self.root.as_fd(), &to) {
+                ui::warn(format!(
+                    "restored, but could not delete the old {} (left as {}): {e}",
+                    self.shown(name),
+                    self.shown(&to)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn shown(&self, name: &OsStr) -> String {
+        show(self.dest.join(name).as_os_str().as_bytes())
+    }
+}
+
+impl Write for Restorer {
+    /// Takes the next bytes of the content stream.
+    fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
+        let taken = data.len();
+        while !data.is_empty() {
+            let Some(f) = self.file.as_mut() else {
+                return Err(io::Error::other(
+                    "the content stream is longer than the tree's files",
+                ));
+            };
+            let n = data
+                .len()
+                .min(usize::try_from(f.left).unwrap_or(usize::MAX));
+            let path = &self.entries[f.entry].path;
+            f.file.write_all(&data[..n]).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot write {}: {e}", show(path)))
+            })?;
+            f.left -= n as u64;
+            data = &data[n..];
+            if f.left == 0 {
+                let f = self.file.take().expect("checked above");
+                self.close_file(f)
+                    .and_then(|()| self.advance())
+                    .map_err(|e| io::Error::other(format!("{e:#}")))?;
+            }
+        }
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Restorer {
+    fn drop(&mut self) {
+        self.file = None;
+        self.open_dirs.clear();
+        if let Some(name) = self.temp_name.take() {
+            let _ = temp::remove_tree(self.root.as_fd(), &name);
+            if self.created_dest {
+                let _ = std::fs::remove_dir(&self.dest);
+            }
+        }
+    }
+}
+
+/// Sets an entry's mode (without setuid, setgid, sticky) and times through its handle.
+fn finalize(fd: BorrowedFd<'_>, e: &Entry) -> io::Result<()> {
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(e.mode & MODE_MASK))?;
+    rustix::fs::futimens(fd, &timestamps(e.mtime, e.mtime_nsec))?;
+    Ok(())
+}
+
+fn timestamps(sec: i64, nsec: u32) -> Timestamps {
+    let t = Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec.into(),
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+/// Opens the directory `name` in `parent`, refusing a symlink.
+fn open_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::openat(
+        parent,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+fn errno_of(e: io::Error) -> Errno {
+    Errno::from_io_error(&e).unwrap_or(Errno::IO)
+}
+
+/// The names in a directory, without `.` and `..`.
+fn list_names(dir: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(dir)? {
+        let name = entry?.file_name().to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            names.push(OsString::from(OsStr::from_bytes(&name)));
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// `(parent, name)` of a relative `/`-separated path; the parent of a top-level entry
+/// is empty.
+fn split_path(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&[], path),
+    }
+}
