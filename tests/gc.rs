@@ -480,7 +480,7 @@ fn prune_and_gc_delete_last_use_markers_with_their_entries() {
     );
     assert_eq!(
         keys_under(&format!("{}/.cacher/used/", env.prefix)),
-        [live.clone()]
+        [live]
     );
 
     env.run(["prune", "--older-than", "1h"]).ok();
