@@ -478,10 +478,7 @@ fn prune_and_gc_delete_last_use_markers_with_their_entries() {
         "{}",
         run.stderr
     );
-    assert_eq!(
-        keys_under(&format!("{}/.cacher/used/", env.prefix)),
-        [live]
-    );
+    assert_eq!(keys_under(&format!("{}/.cacher/used/", env.prefix)), [live]);
 
     env.run(["prune", "--older-than", "1h"]).ok();
     env.run(["exists", "k"]).ok();

@@ -123,32 +123,47 @@ impl Condemned {
     }
 }
 
-/// Reads gc's condemned packs; none when the object is missing, too large or unreadable
-/// as text.
-async fn read_condemned(transfer: &Transfer, key: &str) -> anyhow::Result<Condemned> {
+/// Reads gc's condemned packs and the object's text as stored (`None` when there is
+/// no object); a list too large or not text counts as empty.
+async fn read_condemned(
+    transfer: &Transfer,
+    key: &str,
+) -> anyhow::Result<(Condemned, Option<String>)> {
     let Some(info) = transfer.store().head(key).await? else {
-        return Ok(Condemned::default());
+        return Ok((Condemned::default(), None));
     };
     if info.size > MAX_CONDEMNED_OBJECT {
         ui::warn(format!("ignoring {key}: {} bytes is too large", info.size));
-        return Ok(Condemned::default());
+        return Ok((Condemned::default(), Some(String::new())));
     }
     let mut data = Vec::new();
     match transfer
         .read_range(key, None, 0..info.size, &mut data)
         .await
     {
-        Ok(()) => Ok(Condemned::decode(&String::from_utf8_lossy(&data))),
-        Err(StoreError::NotFound(_)) => Ok(Condemned::default()),
+        Ok(()) => {
+            let text = String::from_utf8_lossy(&data).into_owned();
+            Ok((Condemned::decode(&text), Some(text)))
+        }
+        Err(StoreError::NotFound(_)) => Ok((Condemned::default(), None)),
         Err(e) => Err(anyhow::Error::new(e).context(format!("cannot read {key}"))),
     }
 }
 
-/// Records the condemned packs (deleting the object when there are none).
-async fn write_condemned(transfer: &Transfer, key: &str, state: &Condemned) -> anyhow::Result<()> {
-    let written = match state.0.is_empty() {
-        true => transfer.delete_many(&[key.to_string()]).await,
-        false => transfer.put_bytes(key, Bytes::from(state.encode())).await,
+/// Records the condemned packs, deleting the object when there are none; sends nothing
+/// when the object already says exactly that (most runs change nothing).
+async fn write_condemned(
+    transfer: &Transfer,
+    key: &str,
+    state: &Condemned,
+    stored: Option<&str>,
+) -> anyhow::Result<()> {
+    let text = state.encode();
+    let written = match (state.0.is_empty(), stored) {
+        (true, None) => return Ok(()),
+        (false, Some(old)) if old == text => return Ok(()),
+        (true, Some(_)) => transfer.delete_many(&[key.to_string()]).await,
+        (false, _) => transfer.put_bytes(key, Bytes::from(text)).await,
     };
     written.with_context(|| format!("cannot record the condemned packs in {key}"))
 }
@@ -239,7 +254,7 @@ pub async fn collect(
     }
 
     let state_key = layout.condemned_key();
-    let old_state = read_condemned(transfer, &state_key).await?;
+    let (old_state, stored_state) = read_condemned(transfer, &state_key).await?;
     let mut state = Condemned::default();
     let now = SystemTime::now();
     let (mut to_condemn, mut to_delete) = (Vec::new(), Vec::new());
@@ -333,7 +348,7 @@ pub async fn collect(
         .delete_many(&doomed)
         .await
         .context("cannot delete condemned packs")?;
-    write_condemned(transfer, &state_key, &state).await?;
+    write_condemned(transfer, &state_key, &state, stored_state.as_deref()).await?;
     let left: HashSet<String> = store
         .list(&layout.packs_prefix(), None)
         .await?
