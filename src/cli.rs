@@ -102,9 +102,9 @@ pub enum Command {
     /// Cache docker images as deduplicated chunks
     #[command(subcommand)]
     Docker(DockerCommand),
-    /// Delete packs no entry references and older than the grace period
+    /// Condemn packs no entry references; delete those condemned a grace period ago
     Gc(GcArgs),
-    /// Delete cache entries (plain files and manifests) older than a given age
+    /// Delete cache entries (plain files and manifests) not used for a given age
     Prune(PruneArgs),
 }
 
@@ -146,7 +146,7 @@ pub struct DockerDownloadArgs {
 /// Arguments of `gc`.
 #[derive(Debug, Args)]
 pub struct GcArgs {
-    /// Keep unreferenced packs younger than this (e.g. 24h, 30m, 7d, 0s)
+    /// Condemn unreferenced packs older than this; delete them this long after (e.g. 24h, 30m, 7d, 0s)
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub grace: Duration,
     /// Report what would be deleted without deleting
@@ -157,7 +157,7 @@ pub struct GcArgs {
 /// Arguments of `prune`.
 #[derive(Debug, Args)]
 pub struct PruneArgs {
-    /// Delete entries last written more than this long ago (e.g. 7d, 12h)
+    /// Delete entries not uploaded or hit for more than this long (e.g. 7d, 12h)
     #[arg(long, value_parser = parse_duration)]
     pub older_than: Duration,
     /// Only entries under this key prefix

@@ -76,14 +76,6 @@ pub fn has_arch_suffix(key: &str) -> bool {
     with_arch_suffix(key) == key
 }
 
-/// Whether `key` (relative to the configured prefix) names one of cacher's own objects
-/// rather than an entry: any segment is `.cacher` or starts with `.cacher-`, which also
-/// covers the internal objects of a store nested under this one.
-pub fn is_internal(key: &str) -> bool {
-    key.split('/')
-        .any(|seg| seg == ".cacher" || seg.starts_with(".cacher-"))
-}
-
 /// Inserts `insert` before the first `.` of the last path segment (or at its end).
 fn insert_before_extension(key: &str, insert: &str) -> String {
     let (dir, name) = split_last_segment(key);
@@ -113,6 +105,12 @@ pub fn validate_key(key: &str) -> anyhow::Result<()> {
     }
     if key.split('/').any(str::is_empty) {
         bail!("key `{key}` contains an empty segment (`//` or a trailing `/`)");
+    }
+    if let Some(seg) = key
+        .split('/')
+        .find(|seg| crate::chunk::layout::is_reserved_segment(seg))
+    {
+        bail!("key `{key}` uses the segment `{seg}`, which is reserved for cacher's own objects");
     }
     if key.chars().any(char::is_control) {
         bail!("key {key:?} contains control characters");
@@ -271,11 +269,23 @@ mod tests {
 
     #[test]
     fn bad_keys_are_rejected() {
-        for key in ["", "/abs", "a/../b", "a//b", "a/", "./a", "a\nb"] {
+        for key in [
+            "",
+            "/abs",
+            "a/../b",
+            "a//b",
+            "a/",
+            "./a",
+            "a\nb",
+            ".cacher/packs/00",
+            "a/.cacher",
+            "a/.cacher-canary-01/b",
+        ] {
             assert!(validate_key(key).is_err(), "{key:?} should be rejected");
         }
         assert!(validate_key(&"k".repeat(1025)).is_err());
         assert!(validate_key("go-mod/abc.tar.zst").is_ok());
+        assert!(validate_key("a/.cacherx/b.cacher").is_ok());
     }
 
     #[test]

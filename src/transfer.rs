@@ -193,6 +193,14 @@ impl Transfer {
         }
     }
 
+    /// Deletes `keys` in batches, retrying temporary faults (deleting twice is harmless).
+    pub async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.retry("DELETE", || self.store.delete_many(keys)).await
+    }
+
     /// Writes `data` to `key` in one request with a CRC32 the server checks, retrying
     /// temporary faults.
     pub async fn put_bytes(&self, key: &str, data: Bytes) -> StoreResult<()> {

@@ -40,6 +40,34 @@ fn bad_keys_exit_2() {
 }
 
 #[test]
+fn keys_with_a_cacher_segment_are_refused_and_nothing_is_written() {
+    let env = TestEnv::s3("reserved");
+    let f = env.write("f", "x");
+    let f = f.to_str().unwrap();
+    let pack = format!(".cacher/packs/{}", "0".repeat(64));
+    for key in [pack.as_str(), "a/.cacher/index/x", "a/.cacher-canary-0123"] {
+        for args in [
+            vec!["upload", key, f],
+            vec!["upload", key, f, "--force"],
+            vec!["dir", "upload", key, env.dir.path().to_str().unwrap()],
+            vec!["download", key, "dest"],
+            vec!["exists", key],
+            vec!["delete", key],
+        ] {
+            let run = env.run(&args);
+            fails_with_one_line(&run, key);
+            assert!(run.stderr.contains("reserved"), "{args:?}: {}", run.stderr);
+        }
+    }
+    assert_eq!(
+        crate::util::keys_under(&format!("{}/", env.prefix)),
+        Vec::<String>::new(),
+        "nothing written"
+    );
+    assert!(!env.path("dest").exists());
+}
+
+#[test]
 fn wrong_kinds_of_paths_exit_2() {
     let env = TestEnv::file_store();
     env.write("dir/file", "x");

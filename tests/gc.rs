@@ -1,6 +1,13 @@
-//! `cacher gc` and `cacher prune`: space is reclaimed, referenced chunks never are.
+//! `cacher gc` and `cacher prune`: space is reclaimed, referenced chunks never are, and
+//! a pack is deleted only a grace period after gc first condemned it.
 
-use crate::util::{TestEnv, bucket, random_bytes, rt, server, sh};
+use cacher::chunk::format::ChunkTable;
+use cacher::chunk::store::Stored;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::util::{
+    TestEnv, bucket, chunk_store, keys_under, random_bytes, read, rt, server, sh, stored,
+};
 
 fn tree(env: &TestEnv, name: &str, seed: u64) -> String {
     env.write(
@@ -16,8 +23,13 @@ fn pack_count(env: &TestEnv) -> usize {
     listed.ok().stdout.lines().count()
 }
 
+fn condemned_state(env: &TestEnv) -> Option<String> {
+    stored(&format!("{}/.cacher/gc/condemned", env.prefix))
+        .map(|b| String::from_utf8(b).expect("the condemned list is text"))
+}
+
 #[test]
-fn gc_removes_only_unreferenced_packs_older_than_the_grace() {
+fn gc_condemns_unreferenced_old_packs_and_deletes_them_on_a_later_run() {
     let env = TestEnv::s3("gc");
     let a = tree(&env, "a", 1);
     let b = tree(&env, "b", 2);
@@ -29,19 +41,42 @@ fn gc_removes_only_unreferenced_packs_older_than_the_grace() {
     env.run(["delete", "k1"]).ok();
     let run = env.run(["gc"]);
     assert!(
-        run.ok().stderr.contains("deleted 0 unreferenced"),
+        run.ok()
+            .stderr
+            .contains("condemned 0 unreferenced packs, deleted 0 condemned packs"),
         "{}",
         run.stderr
     );
+    assert!(run.stderr.contains("took "), "{}", run.stderr);
     assert_eq!(pack_count(&env), before, "default grace keeps young packs");
 
     let run = env.run(["gc", "--grace", "0s", "--dry-run"]);
-    assert!(run.ok().stdout.contains("would delete"), "{}", run.stdout);
+    assert!(run.ok().stdout.contains("would condemn"), "{}", run.stdout);
     assert_eq!(pack_count(&env), before, "dry run deletes nothing");
+    assert_eq!(condemned_state(&env), None, "dry run writes nothing");
 
+    // First run: condemned, not deleted.
+    let run = env.run(["gc", "--grace", "0s"]);
+    assert!(
+        run.ok().stderr.contains("deleted 0 condemned packs"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("condemned 0 "), "{}", run.stderr);
+    assert_eq!(pack_count(&env), before, "the first run only condemns");
+    let state = condemned_state(&env).expect("the condemned list is written");
+    assert!(state.starts_with("cacher-condemned-packs 1\n"), "{state}");
+
+    // A dry run of the second pass names what it would delete, and deletes nothing.
+    let run = env.run(["gc", "--grace", "0s", "--dry-run"]);
+    assert!(run.ok().stdout.contains("would delete"), "{}", run.stdout);
+    assert_eq!(pack_count(&env), before);
+
+    // Second run: deleted.
     env.run(["gc", "--grace", "0s"]).ok();
     let after = pack_count(&env);
     assert!(after < before, "{after} < {before}");
+    assert_eq!(condemned_state(&env), None, "nothing left condemned");
     let out = env.path("out");
     env.run(["dir", "download", "k2", out.to_str().unwrap()])
         .ok();
@@ -53,6 +88,136 @@ fn gc_removes_only_unreferenced_packs_older_than_the_grace() {
     // k1's chunks are gone, and the index no longer offers them: re-uploading sends them.
     let run = env.run(["dir", "upload", "k1", &a]);
     assert!(!run.ok().stderr.contains(" 0 new"), "{}", run.stderr);
+}
+
+#[test]
+fn packs_referenced_again_are_pardoned() {
+    let env = TestEnv::s3("gcpardon");
+    let a = tree(&env, "a", 21);
+    env.run(["dir", "upload", "k1", &a]).ok();
+    env.run(["delete", "k1"]).ok();
+    env.run(["gc", "--grace", "0s"]).ok();
+    assert!(condemned_state(&env).is_some());
+    // The same tree again reuses the condemned packs.
+    let run = env.run(["dir", "upload", "k2", &a]);
+    assert!(run.ok().stderr.contains(" 0 new"), "{}", run.stderr);
+    let run = env.run(["gc", "--grace", "0s"]);
+    assert!(run.ok().stderr.contains("pardoned 1"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("deleted 0 condemned packs"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(condemned_state(&env), None);
+    let out = env.path("out");
+    env.run(["dir", "download", "k2", out.to_str().unwrap()])
+        .ok();
+    assert_eq!(read(out.join("a.bin")), random_bytes(2 * 1024 * 1024, 21));
+}
+
+#[test]
+fn a_restore_that_read_its_manifest_before_a_prune_survives_the_next_gc() {
+    let env = TestEnv::s3("gcrestore");
+    let a = tree(&env, "a", 22);
+    env.run(["dir", "upload", "k", &a]).ok();
+    // The restore starts: it has read the manifest.
+    let chunks = chunk_store(&env.prefix);
+    let key = format!("{}/k", env.prefix);
+    let Some(Stored::Manifest(manifest)) = rt().block_on(chunks.fetch(&key)).unwrap() else {
+        panic!("k is a manifest");
+    };
+    let restore = |table: &cacher::chunk::format::ChunkTable| {
+        let out = std::sync::Arc::new(std::sync::Mutex::new(vec![
+            0u8;
+            manifest.stream_len as usize
+        ]));
+        let sink = out.clone();
+        rt().block_on(chunks.restore(table, move |offset, data| {
+            let at = offset as usize;
+            sink.lock().unwrap()[at..at + data.len()].copy_from_slice(data);
+            Ok(())
+        }))
+        .map(|_| std::mem::take(&mut *out.lock().unwrap()))
+    };
+    // Meanwhile: the entry is pruned and gc runs at once, with the default grace and
+    // even with none.
+    let run = env.run(["prune", "--older-than", "0s"]);
+    assert_eq!(run.ok().stdout.trim(), key);
+    env.run(["gc"]).ok();
+    env.run(["gc", "--grace", "0s"]).ok();
+    // The restore fetches its packs: all there, the bytes exact.
+    let stream = restore(&manifest.table).expect("the restore in flight succeeds");
+    assert_eq!(
+        &stream[..2 * 1024 * 1024],
+        &random_bytes(2 * 1024 * 1024, 22)[..]
+    );
+    // A second gc (a grace period later; here 0s) deletes them: only a restore that
+    // outlives the grace period can fail.
+    env.run(["gc", "--grace", "0s"]).ok();
+    assert_eq!(pack_count(&env), 0);
+    let err = restore(&manifest.table).expect_err("the packs are gone now");
+    assert!(format!("{err:#}").contains("missing"), "{err:#}");
+}
+
+#[test]
+fn with_the_default_grace_old_packs_of_a_pruned_entry_wait_a_grace_period_after_condemnation() {
+    // A file:// store lets the test age packs and the condemned list; the protocol is
+    // the same as on S3.
+    let env = TestEnv::file_store();
+    let a = tree(&env, "a", 23);
+    env.run(["dir", "upload", "k", &a]).ok();
+    sh(
+        "find store/.cacher/packs -type f -exec touch -d '2 days ago' {} +",
+        env.dir.path(),
+    );
+    // A restore that read the manifest before the prune keeps a copy of it.
+    std::fs::copy(env.path("store/k"), env.path("manifest-read-earlier")).unwrap();
+    env.run(["prune", "--older-than", "0s"]).ok();
+    let before = pack_count(&env);
+    let run = env.run(["gc"]);
+    assert!(
+        run.ok().stderr.contains("deleted 0 condemned packs"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(pack_count(&env), before, "old packs are only condemned");
+    env.run(["gc"]).ok();
+    assert_eq!(
+        pack_count(&env),
+        before,
+        "condemned less than the grace ago"
+    );
+    std::fs::copy(env.path("manifest-read-earlier"), env.path("store/k")).unwrap();
+    let out = env.path("out");
+    env.run(["dir", "download", "k", out.to_str().unwrap()])
+        .ok();
+    assert_eq!(read(out.join("a.bin")), random_bytes(2 * 1024 * 1024, 23));
+    std::fs::remove_file(env.path("store/k")).unwrap();
+
+    // Condemned two days ago (the list says when): now deleted.
+    let state = std::fs::read_to_string(env.path("store/.cacher/gc/condemned")).unwrap();
+    let two_days_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 2 * 86400;
+    let aged: String = state
+        .lines()
+        .map(|line| match line.split_once(' ') {
+            Some((id, _)) if id.len() == 64 => format!("{id} {two_days_ago}\n"),
+            _ => format!("{line}\n"),
+        })
+        .collect();
+    std::fs::write(env.path("store/.cacher/gc/condemned"), aged).unwrap();
+    let run = env.run(["gc"]);
+    assert!(
+        run.ok()
+            .stderr
+            .contains(&format!("deleted {before} condemned packs")),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(pack_count(&env), 0);
 }
 
 #[test]
@@ -94,6 +259,7 @@ fn prune_deletes_old_entries_then_gc_reclaims_their_packs() {
     env.run(["dir", "exists", "old/tree"]).code(1);
     env.run(["exists", "keep/file"]).ok();
     env.run(["gc", "--grace", "0s"]).ok();
+    env.run(["gc", "--grace", "0s"]).ok();
     assert_eq!(pack_count(&env), 0);
 }
 
@@ -122,6 +288,7 @@ fn an_upload_reusing_old_packs_refreshes_them_so_gc_keeps_them() {
     env.run(["delete", "k2"]).ok();
     env.run(["gc"]).ok();
     assert!(pack_count(&env) > 0);
+    env.run(["gc", "--grace", "0s"]).ok();
     env.run(["gc", "--grace", "0s"]).ok();
     assert_eq!(pack_count(&env), 0);
 }
@@ -204,4 +371,258 @@ fn gc_aborts_unfinished_uploads_older_than_the_grace() {
     env.run(["gc"]).ok();
     assert!(!env.path("store/.cacher-tmp/0123456789abcdef").exists());
     assert!(env.path("store/.cacher-tmp/fedcba9876543210").exists());
+}
+
+/// The key of the last-use marker of `full_key` in the store under `prefix`.
+fn marker_key(prefix: &str, full_key: &str) -> String {
+    cacher::chunk::layout::Layout::new(prefix).used_key(full_key)
+}
+
+fn put(full_key: &str, body: &[u8]) {
+    let body = cacher::store::Body::Bytes(bytes::Bytes::copy_from_slice(body));
+    rt().block_on(bucket().put(full_key, body, &Default::default()))
+        .unwrap();
+}
+
+#[test]
+fn a_download_hit_on_an_entry_younger_than_a_day_writes_no_marker() {
+    let env = TestEnv::s3("markyoung");
+    let src = env.write("f", "fresh");
+    env.run(["upload", "k", src.to_str().unwrap()]).ok();
+    let dest = env.path("dest");
+    env.run(["download", "k", dest.to_str().unwrap()]).ok();
+    assert_eq!(read(&dest), b"fresh");
+    assert_eq!(
+        keys_under(&format!("{}/.cacher/", env.prefix)),
+        Vec::<String>::new(),
+        "a hit on a fresh entry costs no request"
+    );
+}
+
+#[test]
+fn a_hit_on_an_old_entry_marks_it_once_a_day_and_prune_counts_from_the_mark() {
+    // A file:// store lets the test age entries; S3 sets modification times itself.
+    let env = TestEnv::file_store();
+    for key in ["used", "unused"] {
+        let src = env.write(key, key);
+        env.run(["upload", key, src.to_str().unwrap()]).ok();
+    }
+    sh(
+        "touch -d '3 days ago' store/used store/unused",
+        env.dir.path(),
+    );
+    let dest = env.path("dest");
+    env.run(["download", "used", dest.to_str().unwrap()]).ok();
+    let marker = env.path(&format!("store/{}", marker_key("", "used")));
+    assert_eq!(read(&marker), b"used", "the marker holds the full key");
+
+    // Within a day, a hit does not write the marker again.
+    sh(
+        &format!("touch -d '2 hours ago' {}", marker.display()),
+        env.dir.path(),
+    );
+    let mtime = || std::fs::metadata(&marker).unwrap().modified().unwrap();
+    let before = mtime();
+    env.run(["download", "used", dest.to_str().unwrap()]).ok();
+    assert_eq!(mtime(), before);
+
+    // Both were written 3 days ago; only `unused` has not been hit since.
+    let run = env.run(["prune", "--older-than", "2d"]);
+    assert_eq!(run.ok().stdout.trim(), "unused");
+    env.run(["exists", "used"]).ok();
+    env.run(["exists", "unused"]).code(1);
+
+    // Unused for 3 days: pruned, and its marker with it.
+    sh(
+        &format!("touch -d '3 days ago' {}", marker.display()),
+        env.dir.path(),
+    );
+    let run = env.run(["prune", "--older-than", "2d"]);
+    assert_eq!(run.ok().stdout.trim(), "used");
+    assert!(!marker.exists(), "the marker went with its entry");
+}
+
+#[test]
+fn a_hit_whose_marker_cannot_be_written_still_succeeds_quietly() {
+    let env = TestEnv::file_store();
+    let src = env.write("src", "content");
+    env.run(["upload", "k", src.to_str().unwrap()]).ok();
+    sh("touch -d '3 days ago' store/k", env.dir.path());
+    // A file where the marker directory should be: every marker write fails, as with
+    // read-only credentials.
+    env.write("store/.cacher/used", "in the way");
+    let dest = env.path("dest");
+    let run = env.run(["download", "k", dest.to_str().unwrap()]);
+    assert!(!run.ok().stderr.contains("warning"), "{}", run.stderr);
+    assert_eq!(read(&dest), b"content");
+    let run = env.run(["download", "k", dest.to_str().unwrap(), "-v"]);
+    assert!(run.ok().stderr.contains("could not mark"), "{}", run.stderr);
+}
+
+#[test]
+fn prune_and_gc_delete_last_use_markers_with_their_entries() {
+    let env = TestEnv::s3("markers");
+    let src = env.write("f", "x");
+    env.run(["upload", "k", src.to_str().unwrap()]).ok();
+    let k = format!("{}/k", env.prefix);
+    let (live, orphan) = (
+        marker_key(&env.prefix, &k),
+        marker_key(&env.prefix, &format!("{}/gone", env.prefix)),
+    );
+    put(&live, k.as_bytes());
+    put(&orphan, b"gone");
+
+    let run = env.run(["gc"]);
+    assert!(
+        run.ok().stderr.contains("deleted 1 stale last-use markers"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(keys_under(&format!("{}/.cacher/used/", env.prefix)), [live]);
+
+    env.run(["prune", "--older-than", "1h"]).ok();
+    env.run(["exists", "k"]).ok();
+    let run = env.run(["prune", "--older-than", "0s"]);
+    assert_eq!(run.ok().stdout.trim(), k);
+    env.run(["exists", "k"]).code(1);
+    assert_eq!(
+        keys_under(&format!("{}/.cacher/used/", env.prefix)),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn a_store_never_prunes_or_collects_the_internal_objects_of_a_store_nested_below_it() {
+    let env = TestEnv::s3("outer");
+    let mut nested = TestEnv::s3("nested");
+    let nested_prefix = format!("{}/linux", env.prefix);
+    nested.set("CACHER_PREFIX", &nested_prefix);
+    nested.prefix = nested_prefix;
+    let a = tree(&nested, "a", 25);
+    nested.run(["dir", "upload", "k", &a]).ok();
+    let src = env.write("top", "top");
+    env.run(["upload", "top", src.to_str().unwrap()]).ok();
+    let canaries = [
+        format!("{}/.cacher-canary-0123456789abcdef", env.prefix),
+        format!("{}/.cacher-canary-0123456789abcdef", nested.prefix),
+    ];
+    for canary in &canaries {
+        put(canary, b"c");
+    }
+    let nested_internal = keys_under(&format!("{}/.cacher/", nested.prefix));
+    assert!(nested_internal.len() >= 2, "{nested_internal:?}");
+
+    // Outer: prune everything, then collect with no grace, twice.
+    let run = env.run(["prune", "--older-than", "0s"]);
+    let mut pruned: Vec<&str> = run.ok().stdout.lines().collect();
+    pruned.sort();
+    assert_eq!(
+        pruned,
+        [
+            format!("{}/k", nested.prefix),
+            format!("{}/top", env.prefix)
+        ],
+        "entries only, never internal objects"
+    );
+    env.run(["gc", "--grace", "0s"]).ok();
+    env.run(["gc", "--grace", "0s"]).ok();
+    assert_eq!(
+        keys_under(&format!("{}/.cacher/", nested.prefix)),
+        nested_internal
+    );
+    for canary in &canaries {
+        assert!(stored(canary).is_some(), "{canary} kept");
+    }
+}
+
+#[test]
+fn prune_deletes_more_than_a_thousand_entries_in_batches() {
+    let env = TestEnv::s3("prunebatch");
+    let store = bucket();
+    let keys: Vec<String> = (0..1500)
+        .map(|i| format!("{}/many/{i:04}", env.prefix))
+        .collect();
+    rt().block_on(async {
+        futures::stream::iter(&keys)
+            .map(|key| {
+                let body = cacher::store::Body::Bytes(bytes::Bytes::from_static(b"x"));
+                let store = store.clone();
+                async move { store.put(key, body, &Default::default()).await }
+            })
+            .buffer_unordered(16)
+            .try_collect::<Vec<()>>()
+            .await
+    })
+    .unwrap();
+    let run = env.run(["prune", "--older-than", "0s", "many/", "-v"]);
+    assert_eq!(run.ok().stdout.lines().count(), 1500);
+    assert!(run.stderr.contains("DELETE 1000 objects"), "{}", run.stderr);
+    assert!(run.stderr.contains("DELETE 500 objects"), "{}", run.stderr);
+    assert_eq!(
+        keys_under(&format!("{}/many/", env.prefix)),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn a_corrupt_index_segment_is_skipped_and_the_upload_still_publishes_a_restorable_entry() {
+    let env = TestEnv::s3("badsegment");
+    let a = tree(&env, "a", 26);
+    env.run(["dir", "upload", "k1", &a]).ok();
+    let segments = keys_under(&format!("{}/.cacher/index/", env.prefix));
+    assert_eq!(segments.len(), 1);
+    // Rewrite the segment under the same name with lying offsets: it still decodes,
+    // but its bytes no longer hash to its name.
+    let data = stored(&segments[0]).unwrap();
+    let mut table = ChunkTable::decode_index("segment", &data).unwrap();
+    for c in &mut table.chunks {
+        c.offset += 1;
+    }
+    put(&segments[0], &table.encode_index());
+
+    let run = env.run(["dir", "upload", "k2", &a]);
+    let warnings: Vec<&str> = run
+        .ok()
+        .stderr
+        .lines()
+        .filter(|l| l.contains("warning"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", run.stderr);
+    assert!(
+        warnings[0].contains("do not match its name"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains(" 0 new"),
+        "the lying segment was not trusted"
+    );
+    let out = env.path("out");
+    env.run(["dir", "download", "k2", out.to_str().unwrap()])
+        .ok();
+    assert_eq!(read(out.join("a.bin")), random_bytes(2 * 1024 * 1024, 26));
+
+    // The upload rewrote the segment it needed under its true name, healing it.
+    assert_eq!(stored(&segments[0]).unwrap(), data);
+
+    // A segment whose bytes are not what its name says is dropped by gc.
+    let bogus = format!(
+        "{}/.cacher/index/{}",
+        env.prefix,
+        cacher::chunk::Id::of(b"another segment")
+    );
+    put(&bogus, &table.encode_index());
+    let run = env.run(["dir", "upload", "k3", &a]);
+    assert!(run.ok().stderr.contains(" 0 new"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("do not match its name"),
+        "{}",
+        run.stderr
+    );
+    env.run(["gc"]).ok();
+    let left = keys_under(&format!("{}/.cacher/index/", env.prefix));
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_ne!(left[0], bogus);
+    let run = env.run(["dir", "upload", "k4", &a]);
+    assert!(!run.ok().stderr.contains("warning"), "{}", run.stderr);
 }

@@ -4,6 +4,7 @@
 
 pub mod format;
 pub mod gc;
+pub mod layout;
 pub mod store;
 
 use std::fmt;

@@ -17,8 +17,8 @@ use futures::{StreamExt, TryStreamExt};
 use rayon::prelude::*;
 
 use super::format::{ChunkRef, ChunkTable, MAX_CHUNK_STORED, Manifest};
+use super::layout::Layout;
 use super::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Id, PACK_TARGET, ZSTD_LEVEL};
-use crate::key::join_prefix;
 use crate::store::{ObjectInfo, StoreError, is_changed};
 use crate::transfer::{Transfer, retry_note};
 use crate::ui;
@@ -35,6 +35,22 @@ const BATCH_BYTES: usize = 4 * 1024 * 1024;
 pub const REFRESH_AGE: Duration = Duration::from_secs(3600);
 /// First bytes of a zstd frame: a legacy `tar.zst` entry.
 pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// Most chunks one index segment holds: about 4 MiB encoded, far below what readers
+/// accept ([`MAX_SEGMENT_OBJECT`], and the 256 MiB body limit of the format).
+pub const MAX_SEGMENT_CHUNKS: usize = 100_000;
+/// Largest index segment object read; a larger one is skipped unread (cacher never
+/// writes one, see [`MAX_SEGMENT_CHUNKS`]).
+pub const MAX_SEGMENT_OBJECT: u64 = 16 * 1024 * 1024;
+
+/// The index segments read from the bucket.
+#[derive(Debug, Default)]
+pub struct Segments {
+    /// Segments that decoded and match their names, with their keys.
+    pub tables: Vec<(String, ChunkTable)>,
+    /// Keys of segments skipped as corrupt, undecodable or too large.
+    pub skipped: Vec<String>,
+}
 
 /// Where a chunk already stored can be found.
 #[derive(Debug, Clone, Copy)]
@@ -134,7 +150,7 @@ struct Chunked {
 /// The chunked entries under one prefix.
 pub struct ChunkStore {
     transfer: Arc<Transfer>,
-    prefix: String,
+    layout: Layout,
 }
 
 impl ChunkStore {
@@ -142,18 +158,23 @@ impl ChunkStore {
     pub fn new(transfer: Arc<Transfer>, prefix: &str) -> ChunkStore {
         ChunkStore {
             transfer,
-            prefix: prefix.to_string(),
+            layout: Layout::new(prefix),
         }
     }
 
     /// The configured prefix this store lives under.
     pub fn prefix(&self) -> &str {
-        &self.prefix
+        self.layout.prefix()
     }
 
-    /// Key prefix of everything cacher keeps for itself (packs, index).
+    /// Where this store keeps each kind of object.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Key prefix of everything cacher keeps for itself ([`Layout::internal_prefix`]).
     pub fn internal_prefix(&self) -> String {
-        join_prefix(&self.prefix, ".cacher/")
+        self.layout.internal_prefix()
     }
 
     /// The shared transfer engine.
@@ -161,35 +182,34 @@ impl ChunkStore {
         &self.transfer
     }
 
-    /// Key prefix of pack objects.
+    /// Key prefix of pack objects ([`Layout::packs_prefix`]).
     pub fn packs_prefix(&self) -> String {
-        join_prefix(&self.prefix, ".cacher/packs/")
+        self.layout.packs_prefix()
     }
 
-    /// Key of a pack object.
+    /// Key of a pack object ([`Layout::pack_key`]).
     pub fn pack_key(&self, id: &Id) -> String {
-        format!("{}{}", self.packs_prefix(), id.to_hex())
+        self.layout.pack_key(id)
     }
 
-    /// Key prefix of index segments.
+    /// Key prefix of index segments ([`Layout::index_prefix`]).
     pub fn index_prefix(&self) -> String {
-        join_prefix(&self.prefix, ".cacher/index/")
+        self.layout.index_prefix()
     }
 
     /// The packs present in the bucket now.
     pub async fn list_packs(&self) -> anyhow::Result<Packs> {
-        let packs_prefix = self.packs_prefix();
         let listed = self
             .transfer
             .store()
-            .list(&packs_prefix, None)
+            .list(&self.layout.packs_prefix(), None)
             .await
             .context("cannot list packs")?
             .objects;
         Ok(listed
             .into_iter()
             .filter_map(|pack| {
-                let id = Id::from_hex(&pack.key[packs_prefix.len()..])?;
+                let id = self.layout.pack_id(&pack.key)?;
                 let modified = pack.modified.unwrap_or(SystemTime::UNIX_EPOCH);
                 Some((
                     id,
@@ -212,8 +232,8 @@ impl ChunkStore {
         if known.packs.is_empty() {
             return Ok(known);
         }
-        let tables = self.read_segments().await?;
-        for (_, table) in tables {
+        let segments = self.read_segments().await?;
+        for (_, table) in segments.tables {
             for c in &table.chunks {
                 let pack = table.packs[c.pack as usize];
                 if known.packs.contains_key(&pack) {
@@ -263,8 +283,9 @@ impl ChunkStore {
         stats.wire_bytes = sent;
 
         if !chunked.new_chunks.is_empty() {
-            let segment = table_of(chunked.new_chunks.iter().map(|(id, loc)| (*id, *loc)));
-            stats.wire_bytes += self.write_segment(&segment).await?.1;
+            let table = table_of(chunked.new_chunks.iter().map(|(id, loc)| (*id, *loc)));
+            let written = self.write_segments(&table, MAX_SEGMENT_CHUNKS).await?;
+            stats.wire_bytes += written.iter().map(|(_, len)| len).sum::<u64>();
         }
 
         self.refresh_reused_packs(&known, &chunked.locations)
@@ -285,47 +306,88 @@ impl ChunkStore {
         Ok(stats)
     }
 
-    /// Every index segment with its key. Segments are a cache of what the bucket holds:
-    /// one deleted meanwhile (gc compacts them) or unreadable is skipped.
-    pub async fn read_segments(&self) -> anyhow::Result<Vec<(String, ChunkTable)>> {
+    /// Every index segment that can be trusted, with its key, and the keys of those
+    /// skipped. Segments are a cache of what the bucket holds: one deleted meanwhile (gc
+    /// compacts them) is left out, and one too large, not named by the blake3 of its
+    /// bytes, or not decoding is skipped with a warning (an upload then resends chunks
+    /// it would have reused, nothing worse). Reads go through the transfer, which retries
+    /// temporary faults.
+    pub async fn read_segments(&self) -> anyhow::Result<Segments> {
         let store = self.transfer.store();
-        let segments = store
-            .list(&self.index_prefix(), None)
+        let listed = store
+            .list(&self.layout.index_prefix(), None)
             .await
             .context("cannot list index segments")?
             .objects;
-        let tables: Vec<Option<(String, ChunkTable)>> = futures::stream::iter(segments)
-            .map(|seg| async move {
-                let data = match store.get_range(&seg.key, 0..seg.size).await {
-                    Ok(data) => data,
-                    Err(StoreError::NotFound(_)) => return Ok(None),
-                    Err(e) => return Err(e),
-                };
-                match ChunkTable::decode_index(&seg.key, &data) {
-                    Ok(table) => Ok(Some((seg.key, table))),
-                    Err(e) => {
-                        ui::warn(format!("ignoring index segment: {e}"));
-                        Ok(None)
+        let read: Vec<Option<Result<(String, ChunkTable), String>>> =
+            futures::stream::iter(listed)
+                .map(|seg| async move {
+                    let Some(id) = self.layout.segment_id(&seg.key) else {
+                        return Ok(Some(Err(seg.key)));
+                    };
+                    if seg.size > MAX_SEGMENT_OBJECT {
+                        ui::warn(format!(
+                            "ignoring index segment {}: {} bytes, more than the {MAX_SEGMENT_OBJECT} a segment may have",
+                            seg.key, seg.size
+                        ));
+                        return Ok(Some(Err(seg.key)));
                     }
-                }
+                    let mut data = Vec::new();
+                    match self.transfer.read_range(&seg.key, None, 0..seg.size, &mut data).await {
+                        Ok(()) => {}
+                        Err(StoreError::NotFound(_)) => return Ok(None),
+                        Err(e) => return Err(e),
+                    }
+                    if Id::of(&data) != id {
+                        ui::warn(format!(
+                            "ignoring index segment {}: its bytes do not match its name (corrupt)",
+                            seg.key
+                        ));
+                        return Ok(Some(Err(seg.key)));
+                    }
+                    match ChunkTable::decode_index(&seg.key, &data) {
+                        Ok(table) => Ok(Some(Ok((seg.key, table)))),
+                        Err(e) => {
+                            ui::warn(format!("ignoring index segment: {e}"));
+                            Ok(Some(Err(seg.key)))
+                        }
+                    }
+                })
+                .buffer_unordered(self.transfer.jobs())
+                .try_collect()
+                .await
+                .context("cannot read the chunk index")?;
+        let mut segments = Segments::default();
+        for seg in read.into_iter().flatten() {
+            match seg {
+                Ok(table) => segments.tables.push(table),
+                Err(key) => segments.skipped.push(key),
+            }
+        }
+        Ok(segments)
+    }
+
+    /// Writes `table` as index segments of at most `max_chunks` chunks each (so no
+    /// reader rejects one, however large the table); returns each key and size.
+    pub async fn write_segments(
+        &self,
+        table: &ChunkTable,
+        max_chunks: usize,
+    ) -> anyhow::Result<Vec<(String, u64)>> {
+        futures::stream::iter(split_table(table, max_chunks))
+            .map(|part| async move {
+                let data = Bytes::from(part.encode_index());
+                let len = data.len() as u64;
+                let key = self.layout.segment_key(&Id::of(&data));
+                self.transfer
+                    .put_bytes(&key, data)
+                    .await
+                    .context("cannot write an index segment")?;
+                Ok::<_, anyhow::Error>((key, len))
             })
             .buffer_unordered(self.transfer.jobs())
             .try_collect()
             .await
-            .context("cannot read the chunk index")?;
-        Ok(tables.into_iter().flatten().collect())
-    }
-
-    /// Writes `table` as a new index segment; returns its key and size.
-    pub async fn write_segment(&self, table: &ChunkTable) -> anyhow::Result<(String, u64)> {
-        let data = Bytes::from(table.encode_index());
-        let len = data.len() as u64;
-        let key = format!("{}{}", self.index_prefix(), Id::of(&data).to_hex());
-        self.transfer
-            .put_bytes(&key, data)
-            .await
-            .context("cannot write an index segment")?;
-        Ok((key, len))
     }
 
     /// Gives reused packs older than [`REFRESH_AGE`] a new modification time, so a gc
@@ -365,6 +427,12 @@ impl ChunkStore {
     /// What is stored under `key`: `None` when nothing is.
     /// An entry overwritten while it is read is read again, a few times.
     pub async fn fetch(&self, key: &str) -> anyhow::Result<Option<Stored>> {
+        Ok(self.fetch_with_info(key).await?.map(|(_, stored)| stored))
+    }
+
+    /// Like [`ChunkStore::fetch`], with what the HEAD of `key` said (for
+    /// [`super::gc::mark_used`] after a restore).
+    pub async fn fetch_with_info(&self, key: &str) -> anyhow::Result<Option<(ObjectInfo, Stored)>> {
         let mut attempts = 0;
         loop {
             match self.fetch_once(key).await {
@@ -374,20 +442,26 @@ impl ChunkStore {
         }
     }
 
-    async fn fetch_once(&self, key: &str) -> anyhow::Result<Option<Stored>> {
+    async fn fetch_once(&self, key: &str) -> anyhow::Result<Option<(ObjectInfo, Stored)>> {
         let store = self.transfer.store();
         let Some(info) = store.head(key).await? else {
             return Ok(None);
         };
+        let stored = self.read_entry(key, &info).await?;
+        Ok(Some((info, stored)))
+    }
+
+    /// Reads what the object `info` (just HEADed) holds.
+    async fn read_entry(&self, key: &str, info: &ObjectInfo) -> anyhow::Result<Stored> {
         let mut head = Vec::new();
         self.transfer
             .read_range(key, info.etag.as_deref(), 0..info.size.min(8), &mut head)
             .await?;
         if head.starts_with(&ZSTD_MAGIC) {
-            return Ok(Some(Stored::Legacy(info)));
+            return Ok(Stored::Legacy(info.clone()));
         }
         if !super::format::is_manifest(&head) {
-            return Ok(Some(Stored::Plain(info)));
+            return Ok(Stored::Plain(info.clone()));
         }
         if info.size > MAX_MANIFEST_OBJECT {
             return Err(broken(format!(
@@ -400,7 +474,7 @@ impl ChunkStore {
             .read_range(key, info.etag.as_deref(), 0..info.size, &mut data)
             .await?;
         let manifest = Manifest::decode(key, &data).map_err(|e| broken(e.to_string()))?;
-        Ok(Some(Stored::Manifest(Box::new(manifest))))
+        Ok(Stored::Manifest(Box::new(manifest)))
     }
 
     /// Fetches the chunks of `table` in stream order, verifies each, and writes the
@@ -511,6 +585,21 @@ pub fn location(pack: Id, c: &ChunkRef) -> Location {
         stored_len: c.stored_len,
         len: c.len,
     }
+}
+
+/// Splits `table` into tables of at most `max_chunks` chunks (at least one each), each
+/// naming only the packs its chunks use.
+pub fn split_table(table: &ChunkTable, max_chunks: usize) -> Vec<ChunkTable> {
+    table
+        .chunks
+        .chunks(max_chunks.max(1))
+        .map(|part| {
+            table_of(
+                part.iter()
+                    .map(|c| (c.id, location(table.packs[c.pack as usize], c))),
+            )
+        })
+        .collect()
 }
 
 /// Builds a table, numbering packs in order of first use.
@@ -783,4 +872,49 @@ pub fn now_secs() -> u64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(chunks: u32, packs: u32) -> ChunkTable {
+        table_of((0..chunks).map(|i| {
+            let loc = Location {
+                pack: Id::of(&(i % packs).to_le_bytes()),
+                offset: i * 10,
+                stored_len: 10,
+                len: 20,
+            };
+            (Id::of(&i.to_le_bytes()), loc)
+        }))
+    }
+
+    #[test]
+    fn a_table_over_the_limit_is_split_into_segments_that_decode_to_the_same_chunks() {
+        let whole = table(25, 3);
+        let parts = split_table(&whole, 10);
+        assert_eq!(
+            parts.iter().map(|p| p.chunks.len()).collect::<Vec<_>>(),
+            [10, 10, 5]
+        );
+        let mut seen = Vec::new();
+        for part in &parts {
+            let decoded = ChunkTable::decode_index("segment", &part.encode_index()).unwrap();
+            assert_eq!(&decoded, part);
+            assert!(
+                decoded.packs.len() <= 3,
+                "each names only the packs it uses"
+            );
+            seen.extend(
+                decoded
+                    .chunks
+                    .iter()
+                    .map(|c| (c.id, location(decoded.packs[c.pack as usize], c).offset)),
+            );
+        }
+        let want: Vec<_> = whole.chunks.iter().map(|c| (c.id, c.offset)).collect();
+        assert_eq!(seen, want);
+        assert_eq!(split_table(&table(3, 1), MAX_SEGMENT_CHUNKS).len(), 1);
+    }
 }

@@ -12,12 +12,13 @@ use anyhow::{Context, bail};
 use super::{Outcome, heal};
 use crate::archive::{self, ContentReader};
 use crate::chunk::format::{EntryKind, Manifest, ManifestKind};
+use crate::chunk::gc::mark_used;
 use crate::chunk::store::{
     ChunkStore, Packs, Stats, Stored, download_stats_line, is_broken, now_secs, upload_stats_line,
 };
 use crate::cli::{DirCommand, DirDownloadArgs, DirUploadArgs};
 use crate::config::Config;
-use crate::key::{full_key, has_arch_suffix, is_internal, join_prefix};
+use crate::key::{full_key, has_arch_suffix, join_prefix};
 use crate::restore::Restorer;
 use crate::transfer::Transfer;
 use crate::ui;
@@ -127,7 +128,7 @@ async fn download(config: &Config, args: &DirDownloadArgs) -> anyhow::Result<Out
     let chunks = chunk_store(config).await?;
     let started = Instant::now();
     let mut restored = None;
-    if let Some(stored) = heal(&key, chunks.fetch(&key).await)?.flatten() {
+    if let Some((info, stored)) = heal(&key, chunks.fetch_with_info(&key).await)?.flatten() {
         match &stored {
             Stored::Plain(_) => {
                 bail!("{key} is a plain file, not a directory entry (use `cacher download`)")
@@ -141,6 +142,7 @@ async fn download(config: &Config, args: &DirDownloadArgs) -> anyhow::Result<Out
             &key,
             restore(&chunks, &key, stored, &args.dir, started).await,
         )? {
+            mark_used(chunks.transfer(), chunks.layout(), &info).await;
             restored = Some((key.clone(), stats));
         }
     }
@@ -257,14 +259,15 @@ async fn restore_fallback(
     for prefix in &args.fallback {
         let full = join_prefix(&config.prefix.value, prefix);
         let mut candidates = store.list(&full, None).await?.objects;
-        candidates.retain(|o| !is_internal(&o.key[base.len()..]));
+        candidates.retain(|o| !chunks.layout().is_internal(&o.key));
         candidates.sort_by_key(|o| std::cmp::Reverse(o.modified));
         for candidate in candidates {
             let key = candidate.key;
             if config.arch_suffix.value && !has_arch_suffix(&key[base.len()..]) {
                 continue;
             }
-            let Some(stored) = heal(&key, chunks.fetch(&key).await)?.flatten() else {
+            let Some((info, stored)) = heal(&key, chunks.fetch_with_info(&key).await)?.flatten()
+            else {
                 continue;
             };
             if let Err(why) = fallback_fits(chunks, &stored, &source, args.fallback_any_path).await
@@ -277,6 +280,7 @@ async fn restore_fallback(
                 &key,
                 restore(chunks, &key, stored, &args.dir, started).await,
             )? {
+                mark_used(chunks.transfer(), chunks.layout(), &info).await;
                 return Ok(Some((key, stats)));
             }
         }

@@ -89,12 +89,13 @@ async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<
     let docker = Docker::new(&config.docker_bin.value);
     let started = Instant::now();
     // A broken entry is a miss: nothing was loaded, and `--pull` replaces it.
-    if let Some(stored) = heal(&key, chunks.fetch(&key).await)?.flatten()
+    if let Some((info, stored)) = heal(&key, chunks.fetch_with_info(&key).await)?.flatten()
         && let Some(outcome) = heal(
             &key,
             load(&chunks, &docker, &key, stored, args, started).await,
         )?
     {
+        crate::chunk::gc::mark_used(chunks.transfer(), chunks.layout(), &info).await;
         return Ok(outcome);
     }
     if !args.pull {

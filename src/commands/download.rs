@@ -4,6 +4,8 @@
 use anyhow::bail;
 
 use super::Outcome;
+use crate::chunk::gc;
+use crate::chunk::layout::Layout;
 use crate::cli::DownloadArgs;
 use crate::config::Config;
 use crate::key::full_key;
@@ -25,6 +27,7 @@ pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome
         {
             Ok(done) => {
                 report(&key, "hit", Some(&done));
+                gc::mark_used(&transfer, &Layout::new(&config.prefix.value), &info).await;
                 return Ok(Outcome::Success);
             }
             // Overwritten by another job while we read it: take the new version.

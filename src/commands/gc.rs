@@ -1,5 +1,7 @@
 //! `cacher gc` and `cacher prune`: reclaim space from packs and old entries.
 
+use std::time::Instant;
+
 use super::Outcome;
 use crate::chunk::gc;
 use crate::cli::{GcArgs, PruneArgs};
@@ -8,23 +10,28 @@ use crate::key::join_prefix;
 use crate::ui;
 
 pub async fn run_gc(config: &Config, args: &GcArgs) -> anyhow::Result<Outcome> {
+    let started = Instant::now();
     let chunks = super::dir::chunk_store(config).await?;
-    let report = gc::collect(&chunks, args.grace, args.dry_run).await?;
-    let verb = if args.dry_run {
-        "would delete"
-    } else {
-        "deleted"
+    let r = gc::collect(&chunks, args.grace, args.dry_run).await?;
+    let (condemn, delete) = match args.dry_run {
+        true => ("would condemn", "would delete"),
+        false => ("condemned", "deleted"),
     };
     ui::status(format!(
-        "gc: {} manifests reference {} of {} packs; {verb} {} unreferenced packs ({}), kept {} younger than the grace period; {} index segments compacted; {} unfinished uploads aborted",
-        report.manifests,
-        report.referenced,
-        report.packs,
-        report.deleted,
-        ui::human_bytes(report.deleted_bytes),
-        report.young,
-        report.segments_deleted,
-        report.stale_writes,
+        "gc: {} manifests reference {} of {} packs; {condemn} {} unreferenced packs, {delete} {} condemned packs ({}); kept {} younger than the grace period, {} condemned less than the grace period ago, pardoned {}; {} index segments compacted; {delete} {} stale last-use markers; {} unfinished uploads aborted; took {:.2}s",
+        r.manifests,
+        r.referenced,
+        r.packs,
+        r.condemned,
+        r.deleted,
+        ui::human_bytes(r.deleted_bytes),
+        r.young,
+        r.waiting,
+        r.pardoned,
+        r.segments_deleted,
+        r.markers_deleted,
+        r.stale_writes,
+        started.elapsed().as_secs_f64(),
     ));
     Ok(Outcome::Success)
 }
@@ -42,7 +49,7 @@ pub async fn run_prune(config: &Config, args: &PruneArgs) -> anyhow::Result<Outc
         "deleted"
     };
     ui::status(format!(
-        "prune: {verb} {} entries; run `cacher gc` to reclaim their chunks",
+        "prune: {verb} {} entries unused for longer than the given age; run `cacher gc` to reclaim their chunks",
         pruned.len()
     ));
     Ok(Outcome::Success)

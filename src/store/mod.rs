@@ -237,6 +237,15 @@ pub trait Store: Send + Sync {
 
     /// Deletes one object; deleting a missing key succeeds.
     async fn delete(&self, key: &str) -> StoreResult<()>;
+
+    /// Deletes many objects, in as few requests as the backend allows; missing keys
+    /// succeed. On an error some of the keys may already be gone.
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        for key in keys {
+            self.delete(key).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Opens the store the configuration points at.

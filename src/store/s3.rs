@@ -22,7 +22,7 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload};
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, Delete, ObjectIdentifier};
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
 use aws_smithy_runtime_api::client::retries::RequestAttempts;
@@ -139,6 +139,8 @@ impl S3Store {
 
 /// Longest error text kept from the SDK.
 const MAX_ERROR_LEN: usize = 600;
+/// Most keys one DeleteObjects request may name (an S3 limit).
+const DELETE_BATCH: usize = 1000;
 
 /// Maps an SDK error to a [`StoreError`], deciding what is worth retrying.
 fn classify<E>(op: &str, key: &str, bucket: &str, err: SdkError<E>) -> StoreError
@@ -655,5 +657,56 @@ impl Store for S3Store {
             .await
             .map(|_| ())
             .map_err(|e| classify("DELETE", key, &self.bucket, e))
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        for batch in keys.chunks(DELETE_BATCH) {
+            ui::verbose(format!("DELETE {} objects", batch.len()));
+            let first = batch.first().map_or("", String::as_str);
+            let objects = batch
+                .iter()
+                .map(|k| ObjectIdentifier::builder().key(k).build())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| StoreError::Permanent(format!("DELETE {first}: {e}")))?;
+            let delete = Delete::builder()
+                .set_objects(Some(objects))
+                .quiet(true)
+                .build()
+                .map_err(|e| StoreError::Permanent(format!("DELETE {first}: {e}")))?;
+            // DeleteObjects requires a body checksum: with `WhenRequired` the SDK adds
+            // a CRC32 header itself (Garage and moto check it).
+            let out = self
+                .client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|e| classify("DELETE", first, &self.bucket, e))?;
+            // The request succeeds as a whole even when some keys fail: look at each.
+            let failed: Vec<_> = out
+                .errors()
+                .iter()
+                .filter(|e| e.code() != Some("NoSuchKey"))
+                .collect();
+            if let Some(e) = failed.first() {
+                let key = e.key().unwrap_or_default();
+                let code = e.code().unwrap_or("unknown error");
+                let text = format!(
+                    "DELETE {key}: {code} {} ({} of {} keys in the batch failed)",
+                    e.message().unwrap_or_default(),
+                    failed.len(),
+                    batch.len()
+                );
+                return Err(match code {
+                    "AccessDenied" => StoreError::AccessDenied(text),
+                    "InternalError" | "SlowDown" | "ServiceUnavailable" => {
+                        StoreError::Temporary(text)
+                    }
+                    _ => StoreError::Permanent(text),
+                });
+            }
+        }
+        Ok(())
     }
 }

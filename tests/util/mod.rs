@@ -284,6 +284,25 @@ pub fn sh(script: &str, cwd: &Path) -> String {
 
 /// A store client straight on the test bucket, to check what is really there.
 pub fn bucket() -> Arc<dyn Store> {
+    bucket_client().0
+}
+
+/// The chunk store under `prefix` of the test bucket, to act as a job in the middle of a
+/// command would (a restore that has read its manifest).
+pub fn chunk_store(prefix: &str) -> cacher::chunk::store::ChunkStore {
+    let (store, config) = bucket_client();
+    let transfer = cacher::transfer::Transfer::new(store, &config);
+    cacher::chunk::store::ChunkStore::new(Arc::new(transfer), prefix)
+}
+
+/// Every full key under `prefix` in the test bucket.
+pub fn keys_under(prefix: &str) -> Vec<String> {
+    let listing = rt().block_on(bucket().list(prefix, None)).expect("list");
+    listing.objects.into_iter().map(|o| o.key).collect()
+}
+
+/// A client on the test bucket (no prefix) and its configuration.
+fn bucket_client() -> (Arc<dyn Store>, cacher::config::Config) {
     let g = server();
     let env = TestEnv::bare();
     let key_file = env.write("key", &g.key_id);
@@ -299,7 +318,9 @@ pub fn bucket() -> Arc<dyn Store> {
     };
     std::fs::write(env.path("none.toml"), "").unwrap();
     let config = cacher::config::Config::resolve(&args).expect("config");
-    Arc::new(cacher::store::s3::S3Store::new(&config).expect("store"))
+    // Credentials are read from the files now, while the temp dir still exists.
+    let store = cacher::store::s3::S3Store::new(&config).expect("store");
+    (Arc::new(store), config)
 }
 
 pub fn rt() -> tokio::runtime::Runtime {
