@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command. Installs what the tests need when it is missing: Garage,
-# moto (PyPI), and as root Debian's docker.io, docker-registry, qemu-user-static and
-# file. Builds the release binaries (scripts/release.sh; CACHER_SKIP_RELEASE=1 skips
+# moto and fusepy (PyPI), and as root Debian's docker.io, docker-registry, libfuse2,
+# qemu-user-static and file. Builds the release binaries (scripts/release.sh; CACHER_SKIP_RELEASE=1 skips
 # it), starts dockerd and a registry on 127.0.0.1:5000 when they are not running, runs
 # the whole suite against Garage, then the plain, dir, docker, fault, crash,
 # concurrency, gc, bad-input, soak and TLS tests again against moto, and stops what it
@@ -24,6 +24,15 @@ fi
 moto_version=5.2.5
 if ! python3 -c "import moto, sys; sys.exit(moto.__version__ != '$moto_version')" 2>/dev/null; then
   python3 -m pip install -q "moto[server]==$moto_version"
+fi
+
+# fusepy and libfuse2 for the case-insensitive filesystem of tests/util/casefold_fs.py.
+if ! python3 -c "import fuse" >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libfuse2 >/dev/null
+  fi
+  python3 -m pip install -q fusepy
 fi
 
 if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker-registry >/dev/null 2>&1; then

@@ -327,7 +327,7 @@ impl Restorer {
                         tv_nsec: stat.st_mtime_nsec as _,
                     },
                 };
-                rustix::fs::fchmod(&fd, Mode::from_raw_mode(stat.st_mode & MODE_MASK))
+                rustix::fs::fchmod(&fd, Mode::from_raw_mode(stat.st_mode & 0o777))
                     .and_then(|()| rustix::fs::futimens(&fd, &times))
                     .with_context(|| format!("cannot set the mode of {}", self.shown(name)))?;
             }
@@ -398,9 +398,16 @@ impl Drop for Restorer {
 
 /// Sets an entry's mode (without setuid, setgid, sticky) and times through its handle.
 fn finalize(fd: BorrowedFd<'_>, e: &Entry) -> io::Result<()> {
-    rustix::fs::fchmod(fd, Mode::from_raw_mode(e.mode & MODE_MASK))?;
+    rustix::fs::fchmod(fd, permissions(e.mode))?;
     rustix::fs::futimens(fd, &timestamps(e.mtime, e.mtime_nsec))?;
     Ok(())
+}
+
+/// The permission bits a restore applies for a recorded mode (see [`MODE_MASK`]).
+// `mode_t` is u32 here but u16 on macOS.
+#[allow(clippy::unnecessary_cast)]
+fn permissions(mode: u32) -> Mode {
+    Mode::from_raw_mode((mode & MODE_MASK) as rustix::fs::RawMode)
 }
 
 fn timestamps(sec: i64, nsec: u32) -> Timestamps {

@@ -127,17 +127,8 @@ fn a_restore_that_read_its_manifest_before_a_prune_survives_the_next_gc() {
         panic!("k is a manifest");
     };
     let restore = |table: &cacher::chunk::format::ChunkTable| {
-        let out = std::sync::Arc::new(std::sync::Mutex::new(vec![
-            0u8;
-            manifest.stream_len as usize
-        ]));
-        let sink = out.clone();
-        rt().block_on(chunks.restore(table, move |offset, data| {
-            let at = offset as usize;
-            sink.lock().unwrap()[at..at + data.len()].copy_from_slice(data);
-            Ok(())
-        }))
-        .map(|_| std::mem::take(&mut *out.lock().unwrap()))
+        rt().block_on(chunks.restore_in_order(table, Vec::new()))
+            .map(|(stream, _)| stream)
     };
     // Meanwhile: the entry is pruned and gc runs at once, with the default grace and
     // even with none.

@@ -380,3 +380,113 @@ fn sigterm_during_a_restore_exits_143_and_leaves_dir_untouched() {
     assert_eq!(snapshot(&out), before, "DIR untouched");
     assert_eq!(leftovers_around(&out), Vec::<String>::new());
 }
+
+/// The case-insensitive filesystem of tests/util/casefold_fs.py (FUSE) mounted over a
+/// backing dir for the length of a test; `None` (and SKIPPED) where it cannot run.
+struct CaseFold {
+    mount: PathBuf,
+    child: std::process::Child,
+}
+
+impl CaseFold {
+    fn mount(env: &TestEnv, test: &str) -> Option<CaseFold> {
+        let python_fuse = Command::new("python3")
+            .args(["-c", "import fuse"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !can_switch_users(test) || !Path::new("/dev/fuse").exists() || !python_fuse {
+            eprintln!("SKIPPED {test}: needs root, /dev/fuse and python3's fusepy");
+            return None;
+        }
+        let (backing, mount) = (env.path("backing"), env.path("ci"));
+        std::fs::create_dir_all(&backing).unwrap();
+        std::fs::create_dir_all(&mount).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/util/casefold_fs.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .arg(&backing)
+            .arg(&mount)
+            .spawn()
+            .unwrap();
+        let fs = CaseFold { mount, child };
+        for _ in 0..100 {
+            let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+            if mounts.contains(fs.mount.to_str().unwrap()) {
+                return Some(fs);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the case-folding filesystem did not mount");
+    }
+}
+
+impl Drop for CaseFold {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn on_a_case_insensitive_filesystem_names_differing_in_case_never_alias() {
+    let env = TestEnv::s3("casefold");
+    let Some(fs) = CaseFold::mount(
+        &env,
+        "on_a_case_insensitive_filesystem_names_differing_in_case_never_alias",
+    ) else {
+        return;
+    };
+    // The filesystem really folds case.
+    std::fs::write(fs.mount.join("Probe"), "p").unwrap();
+    assert!(fs.mount.join("probe").exists(), "case-insensitive lookups");
+    std::fs::remove_file(fs.mount.join("Probe")).unwrap();
+
+    // A crafted entry: `d/X` a symlink to a file outside, then `d/x` a file.
+    let outside = env.write("outside/target", "do not touch");
+    env.write("src/d/x", "payload");
+    env.run(["dir", "upload", "honest", env.path("src").to_str().unwrap()])
+        .ok();
+    let mut m = Manifest::decode("m", &stored(&format!("{}/honest", env.prefix)).unwrap()).unwrap();
+    let link = Entry {
+        path: b"d/X".to_vec(),
+        kind: EntryKind::Symlink {
+            target: outside.as_os_str().as_encoded_bytes().to_vec(),
+        },
+        mode: 0o777,
+        mtime: 0,
+        mtime_nsec: 0,
+    };
+    m.entries.insert(1, link);
+    put(&format!("{}/crafted", env.prefix), m.encode());
+    let dir = fs.mount.join("dir");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("precious"), "keep").unwrap();
+    let before = snapshot(&dir);
+    let run = env.run(["dir", "download", "crafted", dir.to_str().unwrap()]);
+    run.code(2);
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    assert_eq!(std::fs::read(&outside).unwrap(), b"do not touch");
+    assert_eq!(snapshot(&dir), before, "DIR untouched");
+    assert_eq!(leftovers_around(&dir), Vec::<String>::new());
+
+    // An honest tree with both Makefile and makefile: an error naming them.
+    env.write("both/Makefile", "all:\n");
+    env.write("both/makefile", "other:\n");
+    env.run(["dir", "upload", "both", env.path("both").to_str().unwrap()])
+        .ok();
+    let run = env.run(["dir", "download", "both", dir.to_str().unwrap()]);
+    run.code(2);
+    assert!(
+        run.stderr.contains("`Makefile`") && run.stderr.contains("`makefile`"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(snapshot(&dir), before, "DIR untouched");
+
+    // An ordinary tree restores fine there.
+    env.run(["dir", "download", "honest", dir.to_str().unwrap()])
+        .ok();
+    assert_eq!(std::fs::read(dir.join("d/x")).unwrap(), b"payload");
+    assert!(dir.join("precious").exists());
+}
