@@ -253,6 +253,7 @@ impl Restorer {
             self.close_dir(d)?;
         }
         self.swap_in()?;
+        self.created_dest = false;
         if let Some(name) = self.temp_name.take() {
             rustix::fs::unlinkat(&self.root, &name, AtFlags::REMOVEDIR).ok();
         }
@@ -384,14 +385,16 @@ impl Write for Restorer {
 }
 
 impl Drop for Restorer {
+    /// Removes what an unfinished restore built, and DIR itself when this restore
+    /// created it (it is then empty again).
     fn drop(&mut self) {
         self.file = None;
         self.open_dirs.clear();
         if let Some(name) = self.temp_name.take() {
             let _ = temp::remove_tree(self.root.as_fd(), &name);
-            if self.created_dest {
-                let _ = std::fs::remove_dir(&self.dest);
-            }
+        }
+        if self.created_dest {
+            let _ = std::fs::remove_dir(&self.dest);
         }
     }
 }

@@ -1,51 +1,14 @@
 //! `cacher dir`: chunked directory trees against a real Garage node.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 
 use cacher::chunk::Id;
 use cacher::chunk::format::{ChunkTable, Entry, EntryKind, Manifest, ManifestKind};
 
-use crate::util::{TestEnv, bucket, random_bytes, rt, sh, stored, temp_leftovers, upload_stats};
-
-/// Everything a user would compare between two trees.
-fn snapshot(root: &Path) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for entry in walkdir::WalkDir::new(root).min_depth(1).sort_by_file_name() {
-        let entry = entry.unwrap();
-        let rel = entry
-            .path()
-            .strip_prefix(root)
-            .unwrap()
-            .display()
-            .to_string();
-        let meta = std::fs::symlink_metadata(entry.path()).unwrap();
-        let what = if meta.file_type().is_symlink() {
-            format!(
-                "link -> {}",
-                std::fs::read_link(entry.path()).unwrap().display()
-            )
-        } else if meta.is_dir() {
-            format!(
-                "dir {:o} mtime {}.{}",
-                meta.mode() & 0o7777,
-                meta.mtime(),
-                meta.mtime_nsec()
-            )
-        } else {
-            let digest = Id::of(&std::fs::read(entry.path()).unwrap()).to_hex();
-            format!(
-                "file {:o} mtime {}.{} {} bytes {digest}",
-                meta.mode() & 0o7777,
-                meta.mtime(),
-                meta.mtime_nsec(),
-                meta.len()
-            )
-        };
-        out.push((rel, what));
-    }
-    out
-}
+use crate::util::{
+    TestEnv, bucket, random_bytes, rt, sh, snapshot, stored, temp_leftovers, upload_stats,
+};
 
 /// A small module-like tree: text files, a large random file, an executable, an empty
 /// dir, a symlink, odd names, and fixed mtimes.
@@ -601,4 +564,23 @@ fn concurrent_uploads_of_one_key_never_corrupt_it() {
         got == snapshot(&a) || got == snapshot(&b),
         "one complete tree"
     );
+}
+
+#[test]
+fn a_tree_past_the_readers_limits_is_refused_at_upload() {
+    let env = TestEnv::s3("dirlimits");
+    // A path of 21 x 201 bytes below the tree's root, longer than any reader accepts.
+    let segment = "d".repeat(200);
+    sh(
+        &format!(
+            "mkdir deep && cd deep && for i in $(seq 21); do mkdir {segment} && cd {segment}; done && touch f"
+        ),
+        env.dir.path(),
+    );
+    let run = env.run(["dir", "upload", "k", env.path("deep").to_str().unwrap()]);
+    run.code(2);
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    assert!(run.stderr.contains("4096"), "{}", run.stderr);
+    assert!(run.stderr.len() < 500, "the path is cut: {}", run.stderr);
+    env.run(["dir", "exists", "k"]).code(1);
 }

@@ -374,9 +374,10 @@ pub fn hex_sha256(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
 }
 
-#[test]
-fn ctrl_c_exits_130_and_leaves_no_partial_file() {
-    let env = TestEnv::s3("sigint");
+/// Sends `signal` to a `download --url` of a slow body and checks it exits with
+/// `code`, leaving no DEST, no temp file and no upload.
+fn a_signal_stops_a_download_cleanly(name: &str, signal: i32, code: i32) {
+    let env = TestEnv::s3(name);
     let server = HttpServer::start(vec![(
         "/slow",
         Reply::Slow {
@@ -398,17 +399,27 @@ fn ctrl_c_exits_130_and_leaves_no_partial_file() {
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(400));
     // SAFETY: signals our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(child.id() as i32, signal) };
     let out = child.wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),
-        Some(130),
+        Some(code),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!dest.exists(), "DEST not created");
     assert_eq!(temp_leftovers(env.dir.path()), Vec::<String>::new());
     env.run(["exists", "k"]).code(1);
+}
+
+#[test]
+fn ctrl_c_exits_130_and_leaves_no_partial_file() {
+    a_signal_stops_a_download_cleanly("sigint", libc::SIGINT, 130);
+}
+
+#[test]
+fn sigterm_exits_143_and_leaves_no_partial_file() {
+    a_signal_stops_a_download_cleanly("sigterm-plain", libc::SIGTERM, 143);
 }
 
 #[test]
@@ -479,43 +490,6 @@ fn a_stalled_url_download_is_abandoned_after_the_timeout() {
         started.elapsed() < std::time::Duration::from_secs(20),
         "gave up in bounded time: {:?}",
         started.elapsed()
-    );
-    assert!(!dest.exists(), "DEST not created");
-    assert_eq!(temp_leftovers(env.dir.path()), Vec::<String>::new());
-    env.run(["exists", "k"]).code(1);
-}
-
-#[test]
-fn sigterm_exits_143_and_leaves_no_partial_file() {
-    let env = TestEnv::s3("sigterm-plain");
-    let server = HttpServer::start(vec![(
-        "/slow",
-        Reply::Slow {
-            body: vec![1u8; 64 * 1024],
-            pause_ms: 20,
-        },
-    )]);
-    let dest = env.path("dest.bin");
-    let child = env
-        .cmd([
-            "download",
-            "k",
-            dest.to_str().unwrap(),
-            "--url",
-            &server.url("/slow"),
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(400));
-    // SAFETY: signals our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(143),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     assert!(!dest.exists(), "DEST not created");
     assert_eq!(temp_leftovers(env.dir.path()), Vec::<String>::new());

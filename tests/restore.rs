@@ -11,40 +11,9 @@ use cacher::chunk::format::{Entry, EntryKind, Manifest};
 
 use crate::util::proxy::{Fault, Proxy};
 use crate::util::{
-    TestEnv, bucket, can_switch_users, random_bytes, rt, server, sh, stored, temp_leftovers,
+    TestEnv, bucket, can_switch_users, random_bytes, rt, server, sh, snapshot, stored,
+    temp_leftovers,
 };
-
-/// Everything a user would compare between two trees (modes, contents, link targets).
-fn snapshot(root: &Path) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for entry in walkdir::WalkDir::new(root).min_depth(1).sort_by_file_name() {
-        let entry = entry.unwrap();
-        let rel = entry
-            .path()
-            .strip_prefix(root)
-            .unwrap()
-            .display()
-            .to_string();
-        let meta = std::fs::symlink_metadata(entry.path()).unwrap();
-        let what = if meta.file_type().is_symlink() {
-            format!(
-                "link {}",
-                std::fs::read_link(entry.path()).unwrap().display()
-            )
-        } else if meta.is_dir() {
-            format!("dir {:o} {}", meta.mode() & 0o7777, meta.mtime())
-        } else {
-            format!(
-                "file {:o} {} {:?}",
-                meta.mode() & 0o7777,
-                meta.mtime(),
-                std::fs::read(entry.path()).unwrap()
-            )
-        };
-        out.push((rel, what));
-    }
-    out
-}
 
 /// A Go module cache: the same top-level names in every version, 0555 directories and
 /// 0444 files, as `go mod download` leaves them.

@@ -314,7 +314,8 @@ async fn fallback_fits(
     }
 }
 
-/// Whether the zstd object `info` decompresses to something starting like a tar.
+/// Whether the zstd object `info` decompresses to something starting like a tar (its
+/// first block, at most 128 KiB, is enough to tell).
 async fn looks_like_tar(chunks: &ChunkStore, info: &crate::store::ObjectInfo) -> bool {
     let mut head = Vec::new();
     let read = chunks
@@ -322,7 +323,7 @@ async fn looks_like_tar(chunks: &ChunkStore, info: &crate::store::ObjectInfo) ->
         .read_range(
             &info.key,
             info.etag.as_deref(),
-            0..info.size.min(64 * 1024),
+            0..info.size.min(256 * 1024),
             &mut head,
         )
         .await;

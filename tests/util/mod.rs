@@ -375,3 +375,44 @@ pub fn temp_leftovers(dir: &Path) -> Vec<String> {
         .filter(|n| n.starts_with(".cacher-"))
         .collect()
 }
+
+/// Everything a user would compare between two trees: per path, the kind, mode, mtime
+/// with nanoseconds, size and content hash, or the link target.
+pub fn snapshot(root: &Path) -> Vec<(String, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    for entry in walkdir::WalkDir::new(root).min_depth(1).sort_by_file_name() {
+        let entry = entry.unwrap();
+        let rel = entry
+            .path()
+            .strip_prefix(root)
+            .unwrap()
+            .display()
+            .to_string();
+        let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+        let what = if meta.file_type().is_symlink() {
+            format!(
+                "link -> {}",
+                std::fs::read_link(entry.path()).unwrap().display()
+            )
+        } else if meta.is_dir() {
+            format!(
+                "dir {:o} mtime {}.{}",
+                meta.mode() & 0o7777,
+                meta.mtime(),
+                meta.mtime_nsec()
+            )
+        } else {
+            let digest = cacher::chunk::Id::of(&std::fs::read(entry.path()).unwrap()).to_hex();
+            format!(
+                "file {:o} mtime {}.{} {} bytes {digest}",
+                meta.mode() & 0o7777,
+                meta.mtime(),
+                meta.mtime_nsec(),
+                meta.len()
+            )
+        };
+        out.push((rel, what));
+    }
+    out
+}
