@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-use crate::chunk::format::{Entry, EntryKind, MAX_PATH, show};
+use crate::chunk::format::{Entry, EntryKind, MAX_DEPTH, MAX_PATH, show};
 use crate::ui;
 
 /// A scanned tree: its entries (parents first) and its regular files in stream order.
@@ -59,6 +59,12 @@ pub fn scan(root: &Path) -> anyhow::Result<Tree> {
             .path()
             .strip_prefix(root)
             .expect("walkdir yields paths under the root");
+        if item.depth() > MAX_DEPTH {
+            bail!(
+                "{} is deeper than {MAX_DEPTH} directories, more than cacher restores",
+                show(rel.as_os_str().as_bytes())
+            );
+        }
         if rel.as_os_str().len() > MAX_PATH {
             bail!(
                 "{} is a {}-byte path; cacher stores paths of at most {MAX_PATH} bytes",

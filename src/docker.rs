@@ -193,10 +193,17 @@ pub struct LoadStream {
 
 impl Write for LoadStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.stdin
+        let written = self
+            .stdin
             .as_mut()
             .ok_or_else(|| io::Error::other("docker load input already closed"))?
-            .write(buf)
+            .write(buf);
+        // docker load quit early (daemon down, archive refused): report its own words,
+        // never a broken pipe, which `main` would take for a closed stdout.
+        written.map_err(|e| match e.kind() {
+            io::ErrorKind::BrokenPipe => self.died(),
+            _ => e,
+        })
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -208,6 +215,22 @@ impl Write for LoadStream {
 }
 
 impl LoadStream {
+    /// The error of a `docker load` that stopped reading its input: its exit status
+    /// and stderr.
+    fn died(&mut self) -> io::Error {
+        drop(self.stdin.take());
+        let status = self.child.wait();
+        let stderr = self
+            .stderr
+            .take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
+        match status {
+            Ok(status) => io::Error::other(self.docker.failed(&["load"], status, &stderr)),
+            Err(e) => e,
+        }
+    }
+
     /// Closes the input and waits; returns the references docker reports it loaded
     /// (`Loaded image: REF` or `Loaded image ID: sha256:…`).
     pub fn finish(mut self) -> Result<Vec<String>, DockerError> {

@@ -79,10 +79,12 @@ fn main() -> ExitCode {
         tokio::select! {
             result = commands::run(cli) => exit_for(result),
             _ = tokio::signal::ctrl_c() => {
+                ui::cancel();
                 eprintln!("cacher: interrupted");
                 Exit::Interrupted
             }
             _ = terminated => {
+                ui::cancel();
                 eprintln!("cacher: terminated");
                 Exit::Terminated
             }

@@ -66,6 +66,8 @@ impl Restorer {
     /// has no room for, creates the temp dir inside it, and every entry up to the first
     /// non-empty file. Entries must have been validated (see `Manifest::decode`).
     pub fn create(dest: &Path, entries: Vec<Entry>, needed: u64) -> anyhow::Result<Restorer> {
+        temp::remove_stale_leftovers(dest);
+        check_space(dest, needed)?;
         let created_dest = match std::fs::symlink_metadata(dest) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 std::fs::create_dir_all(dest)
@@ -95,8 +97,6 @@ impl Restorer {
             open_dirs: Vec::new(),
             file: None,
         };
-        restorer.check_space(needed)?;
-        temp::remove_stale_leftovers(dest);
         temp::remove_stale_leftovers(&temp::parent_of(dest));
         let name = OsString::from(format!("{RESTORE_PREFIX}{:016x}", fastrand::u64(..)));
         rustix::fs::mkdirat(&restorer.root, &name, Mode::from_raw_mode(0o700))
@@ -112,22 +112,6 @@ impl Restorer {
     pub fn temp_path(&self) -> PathBuf {
         self.dest
             .join(self.temp_name.as_deref().unwrap_or_default())
-    }
-
-    fn check_space(&self, needed: u64) -> anyhow::Result<()> {
-        let Ok(fs) = rustix::fs::fstatvfs(&self.root) else {
-            return Ok(());
-        };
-        let free = fs.f_bavail.saturating_mul(fs.f_frsize);
-        if needed > free {
-            bail!(
-                "the entry holds {} but the filesystem of {} has {} free; nothing was written",
-                ui::human_bytes(needed),
-                self.dest.display(),
-                ui::human_bytes(free)
-            );
-        }
-        Ok(())
     }
 
     /// Creates entries in order until one needs content from the stream.
@@ -252,6 +236,10 @@ impl Restorer {
         while let Some(d) = self.open_dirs.pop() {
             self.close_dir(d)?;
         }
+        // A job cancelled while the tree was completed leaves DIR as it was.
+        if crate::ui::cancelled() {
+            bail!("cancelled; {} left as it was", self.dest.display());
+        }
         self.swap_in()?;
         self.created_dest = false;
         if let Some(name) = self.temp_name.take() {
@@ -298,19 +286,20 @@ impl Restorer {
                     }
                     None => None,
                 };
-                rustix::fs::renameat(&self.temp, name, &self.root, name)
+                rename_noreplace(self.temp.as_fd(), name, self.root.as_fd(), name)
                     .with_context(|| format!("cannot move {} into place", self.shown(name)))?;
                 moved.push((name, dir));
             }
             Ok(())
         })();
         if let Err(e) = result {
-            // Put DIR back as it was: new entries out, old ones back.
+            // Put DIR back as it was: new entries out, old ones back. Never move or
+            // replace what another run put there meanwhile.
             for (name, _) in moved.iter().rev() {
-                let _ = rustix::fs::renameat(&self.root, *name, &self.temp, *name);
+                let _ = rename_noreplace(self.root.as_fd(), name, self.temp.as_fd(), name);
             }
             for (name, to) in aside.iter().rev() {
-                let _ = rustix::fs::renameat(&self.root, to, &self.root, *name);
+                let _ = rename_noreplace(self.root.as_fd(), to, self.root.as_fd(), name);
             }
             return Err(e.context(format!("{} left as it was", self.dest.display())));
         }
@@ -328,9 +317,12 @@ impl Restorer {
                         tv_nsec: stat.st_mtime_nsec as _,
                     },
                 };
-                rustix::fs::fchmod(&fd, Mode::from_raw_mode(stat.st_mode & 0o777))
+                // The new tree is in place: a failure here costs a mode, not the restore.
+                if let Err(e) = rustix::fs::fchmod(&fd, Mode::from_raw_mode(stat.st_mode & 0o777))
                     .and_then(|()| rustix::fs::futimens(&fd, &times))
-                    .with_context(|| format!("cannot set the mode of {}", self.shown(name)))?;
+                {
+                    ui::warn(format!("cannot set the mode of {}: {e}", self.shown(name)));
+                }
             }
         }
         for (name, to) in aside {
@@ -399,6 +391,35 @@ impl Drop for Restorer {
     }
 }
 
+/// Refuses a tree of `needed` bytes that the filesystem `dest` is (or would be) on has
+/// no room for, before anything is created.
+fn check_space(dest: &Path, needed: u64) -> anyhow::Result<()> {
+    let Some(existing) = dest
+        .ancestors()
+        .find(|p| p.as_os_str().is_empty() || p.exists())
+    else {
+        return Ok(());
+    };
+    let existing = if existing.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        existing
+    };
+    let Ok(fs) = rustix::fs::statvfs(existing) else {
+        return Ok(());
+    };
+    let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+    if needed > free {
+        bail!(
+            "the entry holds {} but the filesystem of {} has {} free; nothing was written",
+            ui::human_bytes(needed),
+            dest.display(),
+            ui::human_bytes(free)
+        );
+    }
+    Ok(())
+}
+
 /// Sets an entry's mode (without setuid, setgid, sticky) and times through its handle.
 fn finalize(fd: BorrowedFd<'_>, e: &Entry) -> io::Result<()> {
     rustix::fs::fchmod(fd, permissions(e.mode))?;
@@ -421,6 +442,33 @@ fn timestamps(sec: i64, nsec: u32) -> Timestamps {
     Timestamps {
         last_access: t,
         last_modification: t,
+    }
+}
+
+/// Renames without replacing: fails when `to` exists (another restore into the same
+/// DIR got there first). Filesystems without the atomic flag (some FUSE ones) get a
+/// check, then a plain rename.
+fn rename_noreplace(
+    from_dir: BorrowedFd<'_>,
+    from: &OsStr,
+    to_dir: BorrowedFd<'_>,
+    to: &OsStr,
+) -> io::Result<()> {
+    match rustix::fs::renameat_with(
+        from_dir,
+        from,
+        to_dir,
+        to,
+        rustix::fs::RenameFlags::NOREPLACE,
+    ) {
+        Err(Errno::INVAL | Errno::NOSYS | Errno::NOTSUP) => {
+            match rustix::fs::statat(to_dir, to, AtFlags::SYMLINK_NOFOLLOW) {
+                Err(Errno::NOENT) => Ok(rustix::fs::renameat(from_dir, from, to_dir, to)?),
+                Ok(_) => Err(Errno::EXIST.into()),
+                Err(e) => Err(e.into()),
+            }
+        }
+        other => Ok(other?),
     }
 }
 

@@ -113,15 +113,17 @@ pub fn remove_tree(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
     if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Directory {
         return Ok(rustix::fs::unlinkat(parent, name, AtFlags::empty())?);
     }
+    if stat.st_mode & 0o700 != 0o700 {
+        // Not through a handle: a directory without owner read cannot be opened first.
+        // It was just seen as a directory, not a symlink, and is not followed below.
+        rustix::fs::chmodat(parent, name, Mode::from_raw_mode(0o700), AtFlags::empty())?;
+    }
     let dir = rustix::fs::openat(
         parent,
         name,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
-    if stat.st_mode & 0o700 != 0o700 {
-        rustix::fs::fchmod(&dir, Mode::from_raw_mode(0o700))?;
-    }
     let mut children = Vec::new();
     for entry in rustix::fs::Dir::read_from(&dir)? {
         let entry = entry?;

@@ -450,12 +450,15 @@ pub struct ObjectReader {
     rx: tokio::sync::mpsc::Receiver<StoreResult<Vec<u8>>>,
     current: Vec<u8>,
     pos: usize,
+    /// Bytes still to come: a stream that ends before is an error, never a short read.
+    left: u64,
 }
 
 impl Transfer {
     /// Streams the object `info` through an [`ObjectReader`]; memory stays at about
     /// `2 x jobs` ranges. Read it from a blocking thread only.
     pub fn stream_object(self: &Arc<Self>, info: ObjectInfo) -> ObjectReader {
+        let left = info.size;
         let (tx, rx) = tokio::sync::mpsc::channel(self.jobs);
         let transfer = self.clone();
         tokio::spawn(async move {
@@ -486,6 +489,7 @@ impl Transfer {
             rx,
             current: Vec::new(),
             pos: 0,
+            left,
         }
     }
 }
@@ -494,8 +498,15 @@ impl std::io::Read for ObjectReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.pos == self.current.len() {
             match self.rx.blocking_recv() {
+                None if self.left > 0 => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the object stream stopped {} bytes early", self.left),
+                    ));
+                }
                 None => return Ok(0),
                 Some(Ok(next)) => {
+                    self.left = self.left.saturating_sub(next.len() as u64);
                     self.current = next;
                     self.pos = 0;
                 }

@@ -48,6 +48,20 @@ pub fn status(msg: impl AsRef<str>) {
     }
 }
 
+/// Set once the job is cancelled.
+static CANCELLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Records that the job was cancelled (Ctrl-C, SIGTERM), so work still running on
+/// other threads stops before changing anything the user sees.
+pub fn cancel() {
+    CANCELLED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether the job was cancelled.
+pub fn cancelled() -> bool {
+    CANCELLED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// A non-fatal problem the user should know about; always shown.
 pub fn warn(msg: impl AsRef<str>) {
     eprintln!("cacher: warning: {}", msg.as_ref());

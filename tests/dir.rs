@@ -173,7 +173,7 @@ fn broken_entries_are_a_miss_and_the_next_upload_replaces_them() {
     let warning: Vec<_> = run
         .stderr
         .lines()
-        .filter(|l| l.contains("warning"))
+        .filter(|l| l.contains("cannot be restored"))
         .collect();
     assert_eq!(warning.len(), 1, "{}", run.stderr);
     assert!(
@@ -187,6 +187,10 @@ fn broken_entries_are_a_miss_and_the_next_upload_replaces_them() {
         "no temp dir left"
     );
     assert!(temp_leftovers(&out).is_empty(), "no temp dir left");
+    // The pack no longer matches its name: the restore deleted it, so uploads stop
+    // reusing its chunks.
+    assert!(run.stderr.contains("deleted pack"), "{}", run.stderr);
+    assert!(stored(&packs[0]).is_none(), "the corrupt pack is gone");
 
     // A missing pack: the same, and the next candidate is tried.
     let store = bucket();

@@ -26,6 +26,12 @@ pub const MAX_PATH: usize = 4096;
 pub const PATH_BYTES_PER_BODY_BYTE: usize = 32;
 /// Path bytes always allowed, whatever the body size.
 pub const PATH_BYTES_FLOOR: usize = 1024 * 1024;
+/// Most path bytes a manifest may hold in all, whatever its body size.
+pub const MAX_PATH_BYTES: usize = 256 * 1024 * 1024;
+/// Most entries a manifest may hold (four times a 10^6-file tree).
+pub const MAX_ENTRIES: usize = 4_000_000;
+/// Deepest path, in directories: a restore holds one handle per level.
+pub const MAX_DEPTH: usize = 128;
 /// Longest path shown in a message; hostile input can be much longer.
 const SHOWN_PATH: usize = 160;
 /// Largest compressed chunk accepted: zstd never expands a chunk by more than this.
@@ -189,6 +195,9 @@ impl Manifest {
         let table = decode_table(&mut r)?;
         // Each entry takes at least 5 bytes: kind, two path varints, mode, mtime, nsec.
         let count = r.varint_count(5)?;
+        if count > MAX_ENTRIES {
+            return Err(bad(what, format!("{count} entries (limit {MAX_ENTRIES})")));
+        }
         let kinds = r.take(count)?;
         let path_budget = path_budget(body.len());
         let mut path_bytes = 0usize;
@@ -209,7 +218,8 @@ impl Manifest {
                     format!("its paths add up to more than {path_budget} bytes"),
                 ));
             }
-            let mut path = previous[..shared].to_vec();
+            let mut path = Vec::with_capacity(len);
+            path.extend_from_slice(&previous[..shared]);
             path.extend_from_slice(r.take(suffix_len)?);
             order.check(what, &path, kinds[i] == 1)?;
             paths.push(path);
@@ -323,6 +333,15 @@ impl Manifest {
                 format!("its body would be {body_len} bytes; readers accept at most {MAX_BODY}"),
             ));
         }
+        if self.entries.len() > MAX_ENTRIES {
+            return Err(bad(
+                what,
+                format!(
+                    "{} entries; readers accept at most {MAX_ENTRIES}",
+                    self.entries.len()
+                ),
+            ));
+        }
         let path_bytes: usize = self.entries.iter().map(|e| e.path.len()).sum();
         if path_bytes > path_budget(body_len as usize) {
             return Err(bad(
@@ -341,6 +360,7 @@ fn path_budget(body_len: usize) -> usize {
     body_len
         .saturating_mul(PATH_BYTES_PER_BODY_BYTE)
         .saturating_add(PATH_BYTES_FLOOR)
+        .min(MAX_PATH_BYTES)
 }
 
 /// Checks, entry by entry, that paths come in the order a depth-first walk with
@@ -382,6 +402,12 @@ impl TreeOrder {
         }
         *last = name.to_vec();
         if is_dir {
+            if self.open.len() > MAX_DEPTH {
+                return Err(bad(
+                    what,
+                    format!("{} is deeper than {MAX_DEPTH} directories", show(path)),
+                ));
+            }
             self.open.push((path.to_vec(), Vec::new()));
         }
         Ok(())

@@ -511,17 +511,23 @@ impl ChunkStore {
         let fetched = async {
             let mut runs = futures::stream::iter(plan_runs(table))
                 .map(|run| {
-                    let pack_key = self.pack_key(&run.pack);
+                    let (pack, end) = (run.pack, run.end);
                     async move {
                         let mut buf = Vec::new();
-                        self.transfer
-                            .read_range(&pack_key, None, run.start..run.end, &mut buf)
-                            .await
-                            .map_err(|e| missing_pack(e, &run.pack))?;
+                        let read = self
+                            .transfer
+                            .read_range(&self.pack_key(&pack), None, run.start..end, &mut buf)
+                            .await;
+                        if let Err(e) = read {
+                            return Err(self.explain_pack_error(e, &pack, end).await);
+                        }
                         let wire = buf.len() as u64;
-                        let chunks =
-                            tokio::task::spawn_blocking(move || decode_run(&run, &buf)).await??;
-                        Ok::<_, anyhow::Error>((chunks, wire))
+                        let decoded =
+                            tokio::task::spawn_blocking(move || decode_run(&run, &buf)).await?;
+                        if decoded.as_ref().is_err_and(is_broken) {
+                            self.remove_if_corrupt(&pack).await;
+                        }
+                        Ok::<_, anyhow::Error>((decoded?, wire))
                     }
                 })
                 .buffered(self.transfer.jobs());
@@ -552,6 +558,54 @@ impl ChunkStore {
     }
 }
 
+impl ChunkStore {
+    /// Why reading bytes up to `end` of `pack` failed: a missing pack or one shorter
+    /// than the manifest says makes the entry broken (packs never change); anything
+    /// else (network, server) stays what it was.
+    async fn explain_pack_error(&self, e: StoreError, pack: &Id, end: u64) -> anyhow::Error {
+        if let StoreError::NotFound(_) = e {
+            return broken(format!("pack {pack} is missing from the bucket"));
+        }
+        match self.transfer.store().head(&self.pack_key(pack)).await {
+            Ok(None) => broken(format!("pack {pack} is missing from the bucket")),
+            Ok(Some(info)) if info.size < end => broken(format!(
+                "pack {pack} holds {} bytes, fewer than the entry says",
+                info.size
+            )),
+            _ => anyhow::Error::new(e),
+        }
+    }
+
+    /// Deletes `pack` when its bytes no longer hash to its name: it is then garbage for
+    /// every entry, and without it the next upload sends its chunks again (an upload
+    /// would otherwise keep reusing them). Best effort: read-only credentials or a
+    /// fault leave it, and only `-v` says why.
+    async fn remove_if_corrupt(&self, pack: &Id) {
+        let key = self.pack_key(pack);
+        let checked = async {
+            let Some(info) = self.transfer.store().head(&key).await? else {
+                return Ok(false);
+            };
+            let mut data = Vec::new();
+            self.transfer
+                .read_range(&key, info.etag.as_deref(), 0..info.size, &mut data)
+                .await?;
+            if Id::of(&data) == *pack {
+                return Ok(false);
+            }
+            self.transfer.store().delete(&key).await?;
+            Ok::<_, StoreError>(true)
+        };
+        match checked.await {
+            Ok(true) => ui::warn(format!(
+                "deleted pack {pack}: its content no longer matches its name; the next upload sends its chunks again"
+            )),
+            Ok(false) => {}
+            Err(e) => ui::verbose(format!("could not check pack {pack}: {e}")),
+        }
+    }
+}
+
 /// An entry that is in the bucket but cannot be restored: its manifest does not
 /// decode, a pack it references is missing, or a chunk fails verification. It says
 /// nothing about the network or the local disk: a restore takes it for a miss, and an
@@ -567,14 +621,6 @@ fn broken(why: String) -> anyhow::Error {
 /// Whether `e` says the entry itself is broken (see [`BrokenEntry`]).
 pub fn is_broken(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.is::<BrokenEntry>())
-}
-
-/// Names the pack when a read failed because it is gone.
-fn missing_pack(e: StoreError, pack: &Id) -> anyhow::Error {
-    match e {
-        StoreError::NotFound(_) => broken(format!("pack {pack} is missing from the bucket")),
-        e => anyhow::Error::new(e),
-    }
 }
 
 /// The location of chunk `c` stored in `pack`.

@@ -53,12 +53,7 @@ pub(super) async fn chunk_store_for_upload(
         return Ok(Some((chunks, packs)));
     }
     let unrestorable = match chunks.fetch(key).await {
-        Ok(Some(Stored::Manifest(m))) => m
-            .table
-            .packs
-            .iter()
-            .find(|p| !packs.contains_key(p))
-            .map(|p| format!("pack {p} is missing from the bucket")),
+        Ok(Some(Stored::Manifest(m))) => missing_pack(&chunks, &m.table.packs, &packs).await?,
         Ok(_) => None,
         Err(e) if is_broken(&e) => Some(format!("{e:#}")),
         Err(e) => return Err(e),
@@ -68,6 +63,28 @@ pub(super) async fn chunk_store_for_upload(
         return Ok(Some((chunks, packs)));
     }
     super::say_skipped(key, command);
+    Ok(None)
+}
+
+/// The first of `wanted` that is gone from the bucket, said as a reason. A pack absent
+/// from the listing `listed` is looked up once more: another job may have written it
+/// since.
+async fn missing_pack(
+    chunks: &ChunkStore,
+    wanted: &[crate::chunk::Id],
+    listed: &Packs,
+) -> anyhow::Result<Option<String>> {
+    for pack in wanted.iter().filter(|p| !listed.contains_key(p)) {
+        if chunks
+            .transfer()
+            .store()
+            .head(&chunks.pack_key(pack))
+            .await?
+            .is_none()
+        {
+            return Ok(Some(format!("pack {pack} is missing from the bucket")));
+        }
+    }
     Ok(None)
 }
 
