@@ -1,4 +1,5 @@
-//! Embeds the git commit and the target triple so `cacher version` can report them.
+//! Embeds the git commit, the target triple and the platform in Go's spelling so
+//! `cacher version` can report them.
 
 use std::process::Command;
 
@@ -16,6 +17,19 @@ fn main() {
         "cargo:rustc-env=CACHER_TARGET={}",
         std::env::var("TARGET").unwrap_or_default()
     );
+    // The platform in Go's spelling, as the arch suffix and `version` print it.
+    let var = |name: &str| std::env::var(name).unwrap_or_default();
+    let os = match var("CARGO_CFG_TARGET_OS").as_str() {
+        "macos" => "darwin".to_string(),
+        other => other.to_string(),
+    };
+    let arch = match var("CARGO_CFG_TARGET_ARCH").as_str() {
+        "x86_64" => "amd64".to_string(),
+        "aarch64" => "arm64".to_string(),
+        "x86" => "386".to_string(),
+        other => other.to_string(),
+    };
+    println!("cargo:rustc-env=CACHER_PLATFORM={os}-{arch}");
     println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-changed=.git/refs/heads");
     println!("cargo:rerun-if-env-changed=CACHER_GIT_COMMIT");

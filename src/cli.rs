@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 /// S3-backed CI cache: download, upload, list and invalidate cached build artifacts.
 #[derive(Debug, Parser)]
-#[command(name = "cacher", version = crate::version::VERSION_LINE, disable_version_flag = true)]
+#[command(name = "cacher", version = crate::version::VERSION_LINE)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
@@ -36,9 +36,16 @@ pub struct GlobalArgs {
     /// Prefix joined in front of every key [env: CACHER_PREFIX]
     #[arg(long, global = true)]
     pub prefix: Option<String>,
-    /// Append -<os>-<arch> to every key [env: CACHER_ARCH_SUFFIX]
-    #[arg(long, global = true)]
-    pub arch_suffix: bool,
+    /// Append -<os>-<arch> to every key; `--arch-suffix=false` turns it off [env: CACHER_ARCH_SUFFIX]
+    #[arg(
+        long,
+        global = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub arch_suffix: Option<bool>,
     /// File holding the S3 access key id [env: CACHER_KEY_FILE]
     #[arg(long, global = true, value_name = "PATH")]
     pub key_file: Option<String>,
@@ -122,8 +129,8 @@ pub enum DockerCommand {
 /// Arguments of `docker upload`.
 #[derive(Debug, Args)]
 pub struct DockerUploadArgs {
-    /// Cache key, relative to the configured prefix
-    pub key: String,
+    #[command(flatten)]
+    pub key: KeySpec,
     /// Local image reference, e.g. myimage:latest
     pub image: String,
     /// Overwrite the key when it exists (only new chunks are sent)
@@ -134,8 +141,8 @@ pub struct DockerUploadArgs {
 /// Arguments of `docker download`.
 #[derive(Debug, Args)]
 pub struct DockerDownloadArgs {
-    /// Cache key, relative to the configured prefix
-    pub key: String,
+    #[command(flatten)]
+    pub key: KeySpec,
     /// Image reference to have locally afterwards, e.g. postgres:16
     pub image: String,
     /// On a miss, `docker pull IMAGE` and seed the cache with it
@@ -199,8 +206,8 @@ pub enum DirCommand {
 /// Arguments of `dir upload`.
 #[derive(Debug, Args)]
 pub struct DirUploadArgs {
-    /// Cache key, relative to the configured prefix
-    pub key: String,
+    #[command(flatten)]
+    pub key: KeySpec,
     /// Directory to store
     pub dir: PathBuf,
     /// Overwrite the key when it exists (only new chunks are sent)
@@ -211,8 +218,8 @@ pub struct DirUploadArgs {
 /// Arguments of `dir download`.
 #[derive(Debug, Args)]
 pub struct DirDownloadArgs {
-    /// Cache key, relative to the configured prefix
-    pub key: String,
+    #[command(flatten)]
+    pub key: KeySpec,
     /// Directory to restore into (created, or merged into when it exists)
     pub dir: PathBuf,
     /// On a miss, restore the newest entry under this key prefix made from the same
@@ -227,15 +234,28 @@ pub struct DirDownloadArgs {
 /// A single key.
 #[derive(Debug, Args)]
 pub struct KeyArg {
-    /// Cache key, relative to the configured prefix
+    #[command(flatten)]
+    pub key: KeySpec,
+}
+
+/// A cache key as typed: a template resolved as `cacher key` resolves it.
+#[derive(Debug, Clone, Args)]
+pub struct KeySpec {
+    /// Cache key, relative to the configured prefix; {hash} is replaced by the digest of --hash-from
     pub key: String,
+    /// File or directory whose content goes into the key's digest (repeatable)
+    #[arg(long, value_name = "PATH")]
+    pub hash_from: Vec<PathBuf>,
+    /// Number of hex characters of the digest to keep (1 to 64)
+    #[arg(long, default_value_t = 16)]
+    pub hash_length: usize,
 }
 
 /// Arguments of `download`.
 #[derive(Debug, Args)]
 pub struct DownloadArgs {
-    /// Cache key, relative to the configured prefix
-    pub key: String,
+    #[command(flatten)]
+    pub key: KeySpec,
     /// Where to write the file
     pub dest: PathBuf,
     /// On a miss, fetch from this URL and upload it to the key
@@ -249,8 +269,8 @@ pub struct DownloadArgs {
 /// Arguments of `upload`.
 #[derive(Debug, Args)]
 pub struct UploadArgs {
-    /// Cache key, relative to the configured prefix
-    pub key: String,
+    #[command(flatten)]
+    pub key: KeySpec,
     /// File to upload
     pub path: PathBuf,
     /// Overwrite the key when it exists

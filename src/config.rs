@@ -58,9 +58,9 @@ pub struct Setting<T> {
     pub source: Source,
 }
 
-/// The config file's contents; every field is optional and unknown fields are errors.
+/// The config file's contents; every field is optional. Unknown fields are warned
+/// about (a config written for a newer cacher still works), wrong types are errors.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
@@ -95,6 +95,9 @@ pub struct ConfigFile {
 pub struct Config {
     /// The config file that was read or would be written, and whether it exists.
     pub path: PathBuf,
+    /// Problems found in the config file that did not stop the command (unknown
+    /// fields), each naming the field and the line; `doctor` lists them.
+    pub warnings: Vec<String>,
     /// Whether `path` existed and was read.
     pub file_read: bool,
     /// `http(s)://host:port` of the S3 API, or `file:///dir` for a local store.
@@ -164,10 +167,16 @@ impl Config {
             (None, Some(p)) => (expand_tilde(&p), true),
             (None, None) => (default_config_path()?, false),
         };
-        let (file, file_read) = match std::fs::read_to_string(&path) {
-            Ok(text) => (parse_config_file(&path, &text)?, true),
+        let (file, warnings, file_read) = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let (file, warnings) = parse_config_file(&path, &text)?;
+                for w in &warnings {
+                    crate::ui::warn(w);
+                }
+                (file, warnings, true)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-                (ConfigFile::default(), false)
+                (ConfigFile::default(), Vec::new(), false)
             }
             Err(e) => {
                 return Err(e)
@@ -201,7 +210,7 @@ impl Config {
         );
         prefix.value = prefix.value.trim_matches('/').to_string();
         let arch_suffix = pick_parsed(
-            args.arch_suffix.then_some(true),
+            args.arch_suffix,
             "CACHER_ARCH_SUFFIX",
             file.arch_suffix,
             parse_bool,
@@ -270,6 +279,7 @@ impl Config {
         };
         Ok(Config {
             path,
+            warnings,
             file_read,
             endpoint,
             region,
@@ -292,26 +302,59 @@ impl Config {
         self.endpoint.value.starts_with("file://")
     }
 
-    /// The settings as they would be written to a config file by `cacher init`.
+    /// The settings `cacher init` writes: those given as flags, and those already in
+    /// the config file; never values taken from `CACHER_*` variables or defaults.
     pub fn to_file(&self) -> ConfigFile {
-        let path_str = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-        ConfigFile {
-            endpoint: Some(self.endpoint.value.clone()),
-            region: Some(self.region.value.clone()),
-            bucket: Some(self.bucket.value.clone()).filter(|b| !b.is_empty()),
-            prefix: Some(self.prefix.value.clone()).filter(|p| !p.is_empty()),
-            arch_suffix: Some(self.arch_suffix.value),
-            key_file: path_str(&self.key_file.value),
-            secret_file: path_str(&self.secret_file.value),
-            ca_bundle: path_str(&self.ca_bundle.value),
-            docker_bin: (self.docker_bin.source != Source::Default)
-                .then(|| self.docker_bin.value.clone()),
-            jobs: (self.jobs.source != Source::Default).then_some(self.jobs.value),
-            timeout: (self.timeout.source != Source::Default).then_some(self.timeout.value),
-            multipart_threshold: (self.multipart_threshold.source != Source::Default)
-                .then_some(self.multipart_threshold.value),
-            part_size: (self.part_size.source != Source::Default).then_some(self.part_size.value),
+        fn kept<T: Clone>(s: &Setting<T>) -> Option<T> {
+            matches!(s.source, Source::Flag | Source::File).then(|| s.value.clone())
         }
+        let path_str =
+            |s: &Setting<Option<PathBuf>>| kept(s).flatten().map(|p| p.display().to_string());
+        ConfigFile {
+            endpoint: kept(&self.endpoint),
+            region: kept(&self.region),
+            bucket: kept(&self.bucket).filter(|b| !b.is_empty()),
+            prefix: kept(&self.prefix).filter(|p| !p.is_empty()),
+            arch_suffix: kept(&self.arch_suffix),
+            key_file: path_str(&self.key_file),
+            secret_file: path_str(&self.secret_file),
+            ca_bundle: path_str(&self.ca_bundle),
+            docker_bin: kept(&self.docker_bin),
+            jobs: kept(&self.jobs),
+            timeout: kept(&self.timeout),
+            multipart_threshold: kept(&self.multipart_threshold),
+            part_size: kept(&self.part_size),
+        }
+    }
+
+    /// The S3 settings given without an endpoint (which then defaults to a local
+    /// `file://` store), for an error naming them: cacher never silently stores
+    /// elsewhere than the bucket the user named.
+    pub fn s3_settings_without_endpoint(&self) -> Vec<String> {
+        if self.endpoint.source != Source::Default {
+            return Vec::new();
+        }
+        let mut given = Vec::new();
+        if !self.bucket.value.is_empty() {
+            given.push(format!("bucket ({})", self.bucket.source));
+        }
+        if self.region.source != Source::Default {
+            given.push(format!("region ({})", self.region.source));
+        }
+        for (name, s) in [
+            ("key_file", &self.key_file),
+            ("secret_file", &self.secret_file),
+        ] {
+            if s.value.is_some() {
+                given.push(format!("{name} ({})", s.source));
+            }
+        }
+        for var in ["CACHER_S3_KEY_ID", "CACHER_S3_SECRET"] {
+            if env(var).is_some() {
+                given.push(var.to_string());
+            }
+        }
+        given
     }
 
     /// The PEM certificates of `ca_bundle`, if one is set; an unreadable file or one
@@ -347,25 +390,75 @@ impl Config {
     }
 }
 
-/// Parses a config file, naming the file in the error.
-pub fn parse_config_file(path: &Path, text: &str) -> anyhow::Result<ConfigFile> {
-    toml::from_str(text).map_err(|e| {
-        let msg = e.message().to_string();
-        // For unknown fields toml's span covers the whole table; find the key instead.
-        let line = unknown_field_line(&msg, text).or_else(|| {
-            e.span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
-        });
+/// Parses a config file: its settings, and a warning for each unknown field; a wrong
+/// type is an error naming the file, the line and the field.
+pub fn parse_config_file(path: &Path, text: &str) -> anyhow::Result<(ConfigFile, Vec<String>)> {
+    let located = |e: toml::de::Error| {
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+        let msg = e.message().trim().to_string();
         match line {
-            Some(line) => anyhow::anyhow!("config file {} line {line}: {msg}", path.display()),
+            Some(line) => {
+                let field = text
+                    .lines()
+                    .nth(line - 1)
+                    .and_then(|l| l.split_once('='))
+                    .map(|(key, _)| key.trim().trim_matches('"'))
+                    .filter(|key| !key.is_empty());
+                match field {
+                    Some(field) => anyhow::anyhow!(
+                        "config file {} line {line}: `{field}`: {msg}",
+                        path.display()
+                    ),
+                    None => anyhow::anyhow!("config file {} line {line}: {msg}", path.display()),
+                }
+            }
             None => anyhow::anyhow!("config file {}: {msg}", path.display()),
         }
-    })
+    };
+    let table: toml::Table = toml::from_str(text).map_err(located)?;
+    let known =
+        serde_json::to_value(ConfigFile::every_field()).expect("the config fields serialize");
+    let known = known.as_object().expect("a struct serializes to an object");
+    let warnings = table
+        .keys()
+        .filter(|key| !known.contains_key(key.as_str()))
+        .map(|key| {
+            let line = field_line(key, text).map_or(String::new(), |l| format!(" line {l}"));
+            format!(
+                "config file {}{line}: unknown field `{key}` ignored (a setting of another cacher version, or a typo)",
+                path.display()
+            )
+        })
+        .collect();
+    let file = toml::from_str(text).map_err(located)?;
+    Ok((file, warnings))
 }
 
-/// The 1-based line defining the field an "unknown field `x`" message names.
-fn unknown_field_line(msg: &str, text: &str) -> Option<usize> {
-    let field = msg.strip_prefix("unknown field `")?.split('`').next()?;
+impl ConfigFile {
+    /// A value with every field set, to list the field names.
+    fn every_field() -> ConfigFile {
+        ConfigFile {
+            endpoint: Some(String::new()),
+            region: Some(String::new()),
+            bucket: Some(String::new()),
+            prefix: Some(String::new()),
+            arch_suffix: Some(false),
+            key_file: Some(String::new()),
+            secret_file: Some(String::new()),
+            ca_bundle: Some(String::new()),
+            docker_bin: Some(String::new()),
+            jobs: Some(0),
+            timeout: Some(0),
+            multipart_threshold: Some(0),
+            part_size: Some(0),
+        }
+    }
+}
+
+/// The 1-based line defining `field`.
+fn field_line(field: &str, text: &str) -> Option<usize> {
     text.lines()
         .position(|line| {
             line.trim_start()
@@ -512,15 +605,19 @@ mod tests {
     }
 
     #[test]
-    fn config_file_errors_name_field_and_line() {
-        let err = parse_config_file(Path::new("c.toml"), "bucket = \"b\"\nbogus = 1\n")
+    fn unknown_fields_are_warnings_and_wrong_types_errors_naming_field_and_line() {
+        let (file, warnings) =
+            parse_config_file(Path::new("c.toml"), "bucket = \"b\"\nbogus = 1\n").unwrap();
+        assert_eq!(file.bucket.as_deref(), Some("b"));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("line 2") && warnings[0].contains("`bogus`"));
+        let err = parse_config_file(Path::new("c.toml"), "region = \"r\"\nendpoint = 42\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("line 2"), "{err}");
-        assert!(err.contains("bogus"), "{err}");
-        let err = parse_config_file(Path::new("c.toml"), "arch_suffix = \"x\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("line 1"), "{err}");
+        assert!(
+            err.contains("line 2") && err.contains("`endpoint`"),
+            "{err}"
+        );
+        assert!(err.contains("expected a string"), "{err}");
     }
 }

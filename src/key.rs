@@ -24,8 +24,8 @@ pub fn arch_suffix() -> String {
 }
 
 /// Builds a key from a template: `{hash}` becomes the digest of `hash_from`; without
-/// `{hash}`, `-<digest>` goes before the first `.` of the last segment. The arch suffix,
-/// when asked for, goes at the same place after the digest.
+/// `{hash}`, `-<digest>` goes before the trailing extensions of the last segment (see
+/// [`extension_start`]). The arch suffix, when asked for, is appended.
 pub fn render_template(
     template: &str,
     hash_from: &[PathBuf],
@@ -38,7 +38,7 @@ pub fn render_template(
     let has_placeholder = template.contains("{hash}");
     let mut key = if hash_from.is_empty() {
         if has_placeholder {
-            bail!("template `{template}` uses {{hash}} but no --hash-from was given");
+            bail!("key `{template}` uses {{hash}} but no --hash-from was given");
         }
         template.to_string()
     } else {
@@ -57,32 +57,43 @@ pub fn render_template(
     Ok(key)
 }
 
-/// Adds the arch suffix unless the key already carries it, so applying it twice is
-/// the same as once.
+/// Appends the arch suffix unless the key already ends with it, so applying it twice
+/// is the same as once.
 pub fn with_arch_suffix(key: &str) -> String {
     let suffix = arch_suffix();
-    let (dir, name) = split_last_segment(key);
-    let stem = name.split_once('.').map_or(name, |(stem, _)| stem);
-    if stem.ends_with(&suffix) {
+    if key.ends_with(&suffix) {
         key.to_string()
     } else {
-        format!("{dir}{}", insert_before_extension(name, &suffix))
+        format!("{key}{suffix}")
     }
 }
 
 /// Whether `key` already carries this platform's arch suffix (so fallback candidates
 /// of other platforms can be told apart).
 pub fn has_arch_suffix(key: &str) -> bool {
-    with_arch_suffix(key) == key
+    key.ends_with(&arch_suffix())
 }
 
-/// Inserts `insert` before the first `.` of the last path segment (or at its end).
+/// Inserts `insert` before the trailing extensions of the last path segment.
 fn insert_before_extension(key: &str, insert: &str) -> String {
     let (dir, name) = split_last_segment(key);
-    match name.find('.') {
-        Some(dot) => format!("{dir}{}{insert}{}", &name[..dot], &name[dot..]),
-        None => format!("{dir}{name}{insert}"),
+    let at = extension_start(name);
+    format!("{dir}{}{insert}{}", &name[..at], &name[at..])
+}
+
+/// Where the trailing extensions of a file name start: the trailing run of
+/// dot-separated parts that start with a letter (`.tar.gz` of `go-1.26.3.tar.gz`, none
+/// in `v1.2`). A leading dot belongs to the name (`.bashrc` has no extension).
+fn extension_start(name: &str) -> usize {
+    let mut at = name.len();
+    while let Some(dot) = name[..at].rfind('.') {
+        let part = &name[dot + 1..at];
+        if dot == 0 || !part.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            break;
+        }
+        at = dot;
     }
+    at
 }
 
 fn split_last_segment(key: &str) -> (&str, &str) {
@@ -124,15 +135,19 @@ pub fn validate_key(key: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The full key in the bucket for a key the user typed: validated, with the configured
-/// arch suffix (idempotently) and the prefix.
-pub fn full_key(config: &crate::config::Config, key: &str) -> anyhow::Result<String> {
-    validate_key(key)?;
-    let key = if config.arch_suffix.value {
-        with_arch_suffix(key)
-    } else {
-        key.to_string()
-    };
+/// The full key in the bucket for a key the user typed: its template resolved with
+/// `--hash-from` exactly as `cacher key` does, the configured arch suffix appended
+/// (idempotently), validated, and joined to the prefix.
+pub fn full_key(
+    config: &crate::config::Config,
+    spec: &crate::cli::KeySpec,
+) -> anyhow::Result<String> {
+    let key = render_template(
+        &spec.key,
+        &spec.hash_from,
+        spec.hash_length,
+        config.arch_suffix.value,
+    )?;
     let full = join_prefix(&config.prefix.value, &key);
     if full.len() > MAX_KEY_BYTES {
         bail!("key `{full}` is longer than {MAX_KEY_BYTES} bytes with the prefix");
@@ -163,34 +178,57 @@ pub fn digest_paths(paths: &[PathBuf]) -> anyhow::Result<String> {
     let files = expand_paths(paths)?;
     let digests: Vec<String> = files
         .par_iter()
-        .map(|f| hash_file(f))
+        .map(|f| hash_file(&f.path))
         .collect::<anyhow::Result<_>>()?;
     let mut listing = Sha256::new();
     for (file, digest) in files.iter().zip(&digests) {
-        listing.update(sha256sum_line(digest, file.as_os_str().as_bytes()));
+        listing.update(sha256sum_line(digest, file.name.as_os_str().as_bytes()));
     }
     Ok(hex::encode(listing.finalize()))
 }
 
-/// Expands each argument in order: files stay, directories become their regular files
-/// (symlinks not followed, as `find -type f`) in byte order of the full path.
-fn expand_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+/// A file whose content goes into a digest, and the name its line carries.
+struct HashedFile {
+    path: PathBuf,
+    name: PathBuf,
+}
+
+/// Expands each argument in order: a file stays, named as written; a directory becomes
+/// its regular files (symlinks not followed, as `find -type f`) named relative to it, in
+/// byte order of those names, so it hashes the same however it is spelled.
+fn expand_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<HashedFile>> {
     let mut out = Vec::new();
     for path in paths {
         let meta =
             std::fs::metadata(path).with_context(|| format!("--hash-from {}", path.display()))?;
         if !meta.is_dir() {
-            out.push(path.clone());
+            out.push(HashedFile {
+                path: path.clone(),
+                name: path.clone(),
+            });
             continue;
         }
         let mut files = Vec::new();
         for entry in walkdir::WalkDir::new(path) {
             let entry = entry.with_context(|| format!("--hash-from {}", path.display()))?;
             if entry.file_type().is_file() {
-                files.push(entry.into_path());
+                let name = entry
+                    .path()
+                    .strip_prefix(path)
+                    .expect("walkdir yields paths under its root")
+                    .to_path_buf();
+                files.push(HashedFile {
+                    path: entry.into_path(),
+                    name,
+                });
             }
         }
-        files.sort_by(|a, b| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()));
+        files.sort_by(|a, b| {
+            a.name
+                .as_os_str()
+                .as_bytes()
+                .cmp(b.name.as_os_str().as_bytes())
+        });
         out.extend(files);
     }
     Ok(out)
@@ -239,24 +277,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn digest_goes_before_the_first_dot_of_the_last_segment() {
-        assert_eq!(
-            insert_before_extension("img/build.tar.zst", "-abcd"),
-            "img/build-abcd.tar.zst"
-        );
-        assert_eq!(insert_before_extension("bin/cacher", "-x"), "bin/cacher-x");
-        assert_eq!(
-            insert_before_extension("a.b/c.d.e", "-x"),
-            "a.b/c-x.d.e",
-            "dots in directories do not count"
-        );
+    fn digest_goes_before_the_trailing_extensions_of_the_last_segment() {
+        let cases = [
+            ("img/build.tar.zst", "img/build-x.tar.zst"),
+            ("bin/cacher", "bin/cacher-x"),
+            ("a.b/c.d.e", "a.b/c-x.d.e"),
+            ("go-1.26.3.tar.gz", "go-1.26.3-x.tar.gz"),
+            ("v1.2", "v1.2-x"),
+            ("foo/.bashrc", "foo/.bashrc-x"),
+            (".config.tar.gz", ".config-x.tar.gz"),
+            ("archive.7z", "archive.7z-x"),
+        ];
+        for (key, expected) in cases {
+            assert_eq!(insert_before_extension(key, "-x"), expected, "{key}");
+        }
     }
 
     #[test]
-    fn arch_suffix_is_idempotent() {
-        let once = with_arch_suffix("bin/cacher.tar.gz");
-        assert_eq!(once, format!("bin/cacher{}.tar.gz", arch_suffix()));
+    fn arch_suffix_is_appended_once() {
+        let once = with_arch_suffix("go-1.26.3.tar.gz");
+        assert_eq!(once, format!("go-1.26.3.tar.gz{}", arch_suffix()));
         assert_eq!(with_arch_suffix(&once), once);
+        let dotfile = with_arch_suffix("foo/.bashrc");
+        assert_eq!(dotfile, format!("foo/.bashrc{}", arch_suffix()));
     }
 
     #[test]
@@ -308,12 +351,11 @@ mod properties {
             let key = format!("{dir}{name}");
             let once = with_arch_suffix(&key);
             prop_assert_eq!(with_arch_suffix(&once), once.clone());
-            prop_assert!(once.starts_with(&dir));
-            prop_assert_eq!(once.len(), key.len() + arch_suffix().len());
+            prop_assert_eq!(once, format!("{key}{}", arch_suffix()));
         }
 
         #[test]
-        fn the_digest_lands_before_the_first_dot_of_the_name(dir in "([a-z.]{1,8}/){0,3}", stem in "[a-z-]{1,12}", ext in "(\\.[a-z0-9]{1,4}){0,2}") {
+        fn the_digest_lands_before_the_trailing_extensions(dir in "([a-z.]{1,8}/){0,3}", stem in "[a-z-]{1,12}(\\.[0-9][a-z0-9]{0,3}){0,2}", ext in "(\\.[a-z][a-z0-9]{0,3}){0,2}") {
             let key = insert_before_extension(&format!("{dir}{stem}{ext}"), "-X");
             prop_assert_eq!(key, format!("{dir}{stem}-X{ext}"));
         }

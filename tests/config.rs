@@ -69,7 +69,8 @@ fn init_with_a_wrong_secret_writes_the_config_and_exits_2() {
         "0000000000000000000000000000000000000000000000000000000000000000\n",
     );
     env.set("CACHER_SECRET_FILE", bad.to_str().unwrap());
-    let run = env.run(["init", "--key-file", &key]);
+    let endpoint = garage().endpoint.clone();
+    let run = env.run(["init", "--endpoint", &endpoint, "--key-file", &key]);
     run.code(2);
     assert!(run.stderr.contains("smoke test failed"), "{}", run.stderr);
     assert!(env.home().join(".config/cacher/config.toml").exists());
@@ -167,21 +168,126 @@ fn credential_env_vars_beat_files() {
 }
 
 #[test]
-fn config_with_unknown_field_or_wrong_type_exits_2_naming_it() {
-    let mut env = TestEnv::bare();
-    let config = env.write("c.toml", "bucket = \"b\"\nbukcet = \"typo\"\n");
+fn unknown_config_fields_warn_and_wrong_types_exit_2_naming_field_and_line() {
+    let mut env = TestEnv::file_store();
+    let config = env.write("c.toml", "bucket = \"\"\nbukcet = \"typo\"\n");
     env.set("CACHER_CONFIG", config.to_str().unwrap());
+    // A field of a newer cacher (or a typo) is a warning, and the command runs.
     let run = env.run(["exists", "k"]);
-    run.code(2);
+    run.code(1);
     assert!(
-        run.stderr.contains("bukcet") && run.stderr.contains("line 2"),
+        run.stderr.contains("warning")
+            && run.stderr.contains("`bukcet`")
+            && run.stderr.contains("line 2"),
         "{}",
         run.stderr
+    );
+    let run = env.run(["doctor"]);
+    assert!(
+        run.ok().stdout.contains("`bukcet`"),
+        "doctor lists it: {}",
+        run.stdout
     );
     std::fs::write(&config, "jobs = \"many\"\n").unwrap();
     let run = env.run(["exists", "k"]);
     run.code(2);
-    assert!(run.stderr.contains("line 1"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("line 1") && run.stderr.contains("`jobs`"),
+        "{}",
+        run.stderr
+    );
+    std::fs::write(&config, "region = \"r\"\nendpoint = 42\n").unwrap();
+    let run = env.run(["exists", "k"]);
+    run.code(2);
+    assert!(
+        run.stderr.contains("line 2")
+            && run.stderr.contains("`endpoint`")
+            && run.stderr.contains("expected a string"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn s3_settings_without_an_endpoint_are_an_error_naming_them() {
+    let mut env = TestEnv::bare();
+    env.set("CACHER_BUCKET", "ci-cache");
+    let run = env.run(["exists", "k"]);
+    run.code(2);
+    assert!(
+        run.stderr.contains("bucket") && run.stderr.contains("endpoint"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    env.unset("CACHER_BUCKET");
+    env.set("CACHER_S3_KEY_ID", "GK0000");
+    let run = env.run(["upload", "k", env.write("f", "x").to_str().unwrap()]);
+    run.code(2);
+    assert!(run.stderr.contains("CACHER_S3_KEY_ID"), "{}", run.stderr);
+    assert!(
+        !env.home().join(".cache/cacher").exists(),
+        "nothing went to the local store"
+    );
+    // With no S3 setting at all, the local store is the default.
+    env.unset("CACHER_S3_KEY_ID");
+    env.run(["exists", "k"]).code(1);
+}
+
+#[test]
+fn init_records_its_command_line_not_the_environment_and_needs_an_endpoint() {
+    let (mut env, key, secret) = env_with_credential_files("initflags");
+    let g = garage();
+    let run = env.run(["init", "--bucket", &g.bucket]);
+    run.code(2);
+    assert!(run.stderr.contains("--endpoint"), "{}", run.stderr);
+    let config = env.home().join(".config/cacher/config.toml");
+    assert!(!config.exists(), "nothing written");
+
+    env.set("CACHER_JOBS", "3");
+    env.set("CACHER_KEY_FILE", &key);
+    let run = env.run([
+        "init",
+        "--endpoint",
+        &g.endpoint,
+        "--bucket",
+        &g.bucket,
+        "--secret-file",
+        &secret,
+    ]);
+    run.ok();
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        text.contains("endpoint") && text.contains("bucket") && text.contains("secret_file"),
+        "{text}"
+    );
+    for from_env in ["jobs", "key_file", "prefix"] {
+        assert!(
+            !text.contains(from_env),
+            "{from_env} came from the environment: {text}"
+        );
+    }
+}
+
+#[test]
+fn arch_suffix_flag_takes_true_and_false_and_version_flags_print_the_version() {
+    let mut env = TestEnv::bare();
+    env.set("CACHER_ARCH_SUFFIX", "true");
+    let suffixed = env.run(["key", "bin/tool"]).ok().stdout.clone();
+    assert_ne!(suffixed.trim(), "bin/tool");
+    let run = env.run(["key", "bin/tool", "--arch-suffix=false"]);
+    assert_eq!(
+        run.ok().stdout.trim(),
+        "bin/tool",
+        "the flag overrides the variable"
+    );
+    env.unset("CACHER_ARCH_SUFFIX");
+    let run = env.run(["key", "bin/tool", "--arch-suffix=true"]);
+    assert_eq!(run.ok().stdout, suffixed);
+    let version = env.run(["version"]).ok().stdout.clone();
+    for flag in ["--version", "-V"] {
+        assert_eq!(env.run([flag]).ok().stdout, version, "{flag}");
+    }
 }
 
 #[test]

@@ -49,12 +49,20 @@ fn directories_and_several_paths_match_the_shell_recipe() {
     env.write("lock", "lockfile");
     std::os::unix::fs::symlink("b.txt", env.path("tree/link")).unwrap();
 
-    let recipe = "find tree -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | head -c 16";
+    let recipe = "(cd tree && find . -type f -printf '%P\\0' | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum | head -c 16";
     let expected = sh(recipe, env.dir.path());
-    let run = env.run(["key", "k/{hash}", "--hash-from", "tree"]);
-    assert_eq!(run.ok().stdout.trim(), format!("k/{expected}"));
+    // However the directory is spelled, names are relative to it.
+    let absolute = env.path("tree").display().to_string();
+    for spelling in ["tree", "./tree", "tree/", absolute.as_str()] {
+        let run = env.run(["key", "k/{hash}", "--hash-from", spelling]);
+        assert_eq!(
+            run.ok().stdout.trim(),
+            format!("k/{expected}"),
+            "{spelling}"
+        );
+    }
 
-    let recipe = "{ sha256sum lock; find tree -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum; } | sha256sum | head -c 16";
+    let recipe = "{ sha256sum lock; (cd tree && find . -type f -printf '%P\\0' | LC_ALL=C sort -z | xargs -0 sha256sum); } | sha256sum | head -c 16";
     let expected = sh(recipe, env.dir.path());
     let run = env.run([
         "key",
@@ -73,7 +81,7 @@ fn names_sha256sum_escapes_are_hashed_the_same_way() {
     env.write("t/back\\slash", "1");
     env.write("t/new\nline", "2");
     let expected = sh(
-        "find t -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | head -c 16",
+        "(cd t && find . -type f -printf '%P\\0' | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256sum | head -c 16",
         env.dir.path(),
     );
     let run = env.run(["key", "{hash}", "--hash-from", "t"]);
@@ -81,7 +89,7 @@ fn names_sha256sum_escapes_are_hashed_the_same_way() {
 }
 
 #[test]
-fn digest_without_placeholder_goes_before_the_first_dot() {
+fn digest_without_placeholder_goes_before_the_trailing_extensions() {
     let env = TestEnv::bare();
     env.write("Dockerfile", "FROM scratch\n");
     let digest = sh("sha256sum Dockerfile | head -c 16", env.dir.path());
@@ -92,10 +100,12 @@ fn digest_without_placeholder_goes_before_the_first_dot() {
     );
     let run = env.run(["key", "img/build", "--hash-from", "Dockerfile"]);
     assert_eq!(run.ok().stdout.trim(), format!("img/build-{digest}"));
+    let run = env.run(["key", "go-1.26.3.tar.gz", "--hash-from", "Dockerfile"]);
+    assert_eq!(run.ok().stdout.trim(), format!("go-1.26.3-{digest}.tar.gz"));
 }
 
 #[test]
-fn arch_suffix_goes_after_the_digest_and_applies_once() {
+fn arch_suffix_is_appended_once() {
     let env = TestEnv::bare();
     let p = platform();
     let run = env.run(["key", "bin/cacher", "--arch-suffix"]);
@@ -112,7 +122,15 @@ fn arch_suffix_goes_after_the_digest_and_applies_once() {
     ]);
     assert_eq!(
         run.ok().stdout.trim(),
-        format!("img/b-{digest}-{p}.tar.zst")
+        format!("img/b-{digest}.tar.zst-{p}")
+    );
+    let run = env.run(["key", "go-1.26.3.tar.gz", "--arch-suffix"]);
+    assert_eq!(run.ok().stdout.trim(), format!("go-1.26.3.tar.gz-{p}"));
+    let run = env.run(["key", &format!("foo/.bashrc-{p}"), "--arch-suffix"]);
+    assert_eq!(
+        run.ok().stdout.trim(),
+        format!("foo/.bashrc-{p}"),
+        "applied once"
     );
 
     let mut env = env;
@@ -141,4 +159,62 @@ fn bad_templates_and_paths_exit_2_with_one_line() {
         let run = env.run(["key", bad]);
         run.code(2);
     }
+}
+
+#[test]
+fn every_command_taking_a_key_resolves_templates_as_key_does() {
+    let env = TestEnv::s3("keytemplates");
+    env.write("go.sum", "example.com/m v1.0.0 h1:abc\n");
+    env.write("mod/example.com/m@v1.0.0/go.mod", "module example.com/m\n");
+    let digest = sh("sha256sum go.sum | head -c 16", env.dir.path());
+    let key = env.run(["key", "go-mod/{hash}", "--hash-from", "go.sum"]);
+    assert_eq!(key.ok().stdout.trim(), format!("go-mod/{digest}"));
+
+    let with_hash = ["--hash-from", "go.sum"];
+    let run = env.run([&["dir", "upload", "go-mod/{hash}", "mod"][..], &with_hash].concat());
+    run.ok();
+    env.run(["dir", "exists", &format!("go-mod/{digest}")]).ok();
+    env.run([&["dir", "exists", "go-mod/{hash}"][..], &with_hash].concat())
+        .ok();
+    let out = env.path("out");
+    let run = env.run(
+        [
+            &["dir", "download", "go-mod/{hash}", out.to_str().unwrap()][..],
+            &with_hash,
+        ]
+        .concat(),
+    );
+    assert_eq!(run.ok().stdout.trim(), format!("go-mod/{digest}"));
+    assert!(out.join("example.com/m@v1.0.0/go.mod").exists());
+
+    // Plain files, and the digest placed before the extensions, as `key` places it.
+    let run = env.run([&["upload", "sums.tar.gz", "go.sum"][..], &with_hash].concat());
+    run.ok();
+    env.run(["exists", &format!("sums-{digest}.tar.gz")]).ok();
+    let dest = env.path("sums");
+    env.run(
+        [
+            &["download", "sums.tar.gz", dest.to_str().unwrap()][..],
+            &with_hash,
+        ]
+        .concat(),
+    )
+    .ok();
+    env.run([&["delete", "sums.tar.gz"][..], &with_hash].concat())
+        .ok();
+    env.run(["exists", &format!("sums-{digest}.tar.gz")])
+        .code(1);
+
+    // `{hash}` without --hash-from is an error, never a key stored literally.
+    for args in [
+        vec!["upload", "k/{hash}", "go.sum"],
+        vec!["dir", "upload", "k/{hash}", "mod"],
+        vec!["exists", "k/{hash}"],
+    ] {
+        let run = env.run(&args);
+        run.code(2);
+        assert!(run.stderr.contains("{hash}"), "{}", run.stderr);
+    }
+    let listed = env.run(["list", "--recursive"]);
+    assert!(!listed.ok().stdout.contains("{hash}"), "{}", listed.stdout);
 }

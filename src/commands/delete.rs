@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::key::full_key;
 use crate::ui;
 
-pub async fn run(config: &Config, key: &str) -> anyhow::Result<Outcome> {
+pub async fn run(config: &Config, key: &crate::cli::KeySpec) -> anyhow::Result<Outcome> {
     let key = full_key(config, key)?;
     let store = crate::store::open(config).await?;
     if store.head(&key).await?.is_none() {

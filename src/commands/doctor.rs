@@ -19,6 +19,9 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
 fn print_settings(config: &Config) {
     let file_note = if config.file_read { "" } else { " (not found)" };
     println!("config file:   {}{file_note}", config.path.display());
+    for warning in &config.warnings {
+        println!("  warning: {warning}");
+    }
     let rows: [(&str, String, &crate::config::Source); 10] = [
         (
             "endpoint",

@@ -6,7 +6,7 @@ use crate::key::full_key;
 use crate::ui;
 use serde_json::json;
 
-pub async fn run(config: &Config, key: &str) -> anyhow::Result<Outcome> {
+pub async fn run(config: &Config, key: &crate::cli::KeySpec) -> anyhow::Result<Outcome> {
     let key = full_key(config, key)?;
     let store = crate::store::open(config).await?;
     let info = store.head(&key).await?;

@@ -1,5 +1,5 @@
-//! `cacher init`: record the global flags in the config file (mode 0600), then run the
-//! smoke test so bad credentials fail the job right away.
+//! `cacher init`: record the global flags in the config file (mode 0600), keeping what
+//! it already holds, then run the smoke test so bad credentials fail the job right away.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -10,6 +10,11 @@ use super::Outcome;
 use crate::config::Config;
 
 pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
+    if config.endpoint.source != crate::config::Source::Flag {
+        anyhow::bail!(
+            "init needs --endpoint (an S3 URL, or file:///dir for a local store); nothing written"
+        );
+    }
     write_config(config)?;
     println!("wrote {}", config.path.display());
     super::doctor::smoke_test(config).await.with_context(|| {

@@ -250,6 +250,14 @@ pub trait Store: Send + Sync {
 
 /// Opens the store the configuration points at.
 pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let given = config.s3_settings_without_endpoint();
+    if !given.is_empty() {
+        anyhow::bail!(
+            "{} set, but no endpoint: set --endpoint, CACHER_ENDPOINT or `endpoint` in {} (the local store needs endpoint = \"file:///dir\")",
+            given.join(", "),
+            config.path.display()
+        );
+    }
     match config.endpoint.value.strip_prefix("file://") {
         Some(dir) => Ok(Arc::new(file::FileStore::open(dir)?)),
         None => Ok(Arc::new(s3::S3Store::new(config)?)),
