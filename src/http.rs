@@ -61,7 +61,7 @@ pub async fn fetch(
         .get(url)
         .send()
         .await
-        .map_err(|e| anyhow::anyhow!("GET {url}: {}", without_url(&e)))?;
+        .map_err(|e| anyhow::anyhow!("GET {url}: {}", network_cause(&e)))?;
     let status = resp.status();
     if !status.is_success() {
         bail!("GET {url}: HTTP {status}");
@@ -92,6 +92,50 @@ pub async fn fetch(
         sha256: hex::encode(hasher.finalize()),
         size,
     })
+}
+
+/// Why a request could not reach its server, in a few plain words (`connection
+/// refused`, `cannot resolve the host name`, `invalid peer certificate: UnknownIssuer`,
+/// `timed out`), found in the error's causes; never a debug dump.
+pub fn network_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut causes: Vec<&(dyn std::error::Error + 'static)> = vec![err];
+    while let Some(next) = causes.last().and_then(|e| e.source()) {
+        causes.push(next);
+    }
+    for cause in &causes {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => return "connection refused".into(),
+                std::io::ErrorKind::ConnectionReset => return "connection reset".into(),
+                std::io::ErrorKind::TimedOut => return "timed out".into(),
+                _ => {}
+            }
+        }
+    }
+    let texts: Vec<String> = causes.iter().map(|c| c.to_string()).collect();
+    if let Some(tls) = texts.iter().find_map(|t| {
+        t.find("invalid peer certificate")
+            .map(|i| t[i..].split(" (").next().unwrap_or_default().to_string())
+    }) {
+        return tls;
+    }
+    if texts
+        .iter()
+        .any(|t| t.contains("dns error") || t.contains("failed to lookup address"))
+    {
+        return "cannot resolve the host name".into();
+    }
+    if texts.iter().any(|t| t.contains("timed out")) {
+        return "timed out".into();
+    }
+    // The innermost cause, unless it is a debug rendering.
+    let inner = texts
+        .iter()
+        .rev()
+        .find(|t| !t.contains('{') && !t.is_empty())
+        .cloned()
+        .unwrap_or_else(|| "network error".into());
+    inner.chars().take(200).collect()
 }
 
 /// reqwest's errors repeat the URL, which the caller already names.

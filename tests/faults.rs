@@ -205,3 +205,57 @@ fn garage_restarted_during_dir_upload_and_download() {
     }
     eprintln!("upload/download exit codes across restarts: {outcomes:?}");
 }
+
+/// Asserts a failed command printed one readable line: the phrase, no debug dump.
+#[track_caller]
+fn one_readable_line(run: &crate::util::Run, phrase: &str) {
+    run.code(2);
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    assert!(
+        !run.stderr.contains('{') && !run.stderr.contains("Error {"),
+        "no debug dump: {}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.to_lowercase().contains(phrase),
+        "says `{phrase}`: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn network_failures_are_one_readable_line() {
+    let mut env = TestEnv::s3("messages");
+    env.set("CACHER_TIMEOUT", "1");
+    env.set("CACHER_ENDPOINT", "http://127.0.0.1:1");
+    one_readable_line(&env.run(["exists", "k"]), "connection refused");
+    let doctor = env.run(["doctor"]);
+    doctor.code(2);
+    assert!(
+        !doctor.stderr.contains(" :"),
+        "an operation is named: {}",
+        doctor.stderr
+    );
+    one_readable_line(&doctor, "connection refused");
+
+    env.set("CACHER_ENDPOINT", "http://no-such-host.invalid:3900");
+    one_readable_line(&env.run(["exists", "k"]), "cannot resolve");
+
+    let front = crate::util::tls::TlsFront::start(&server().endpoint);
+    env.set("CACHER_ENDPOINT", &front.endpoint);
+    one_readable_line(&env.run(["exists", "k"]), "certificate");
+
+    let proxy = Proxy::start(&server().endpoint);
+    proxy.stall_everything();
+    env.set("CACHER_ENDPOINT", &proxy.endpoint);
+    one_readable_line(&env.run(["exists", "k"]), "timed out");
+
+    env.set("CACHER_ENDPOINT", &server().endpoint);
+    env.set(
+        "CACHER_S3_SECRET",
+        "0000000000000000000000000000000000000000000000000000000000000000",
+    );
+    if server().kind == Kind::Garage {
+        one_readable_line(&env.run(["exists", "k"]), "access denied");
+    }
+}

@@ -495,3 +495,24 @@ fn a_stalled_url_download_is_abandoned_after_the_timeout() {
     assert_eq!(temp_leftovers(env.dir.path()), Vec::<String>::new());
     env.run(["exists", "k"]).code(1);
 }
+
+#[test]
+fn list_prints_local_time_as_aws_s3_ls_does() {
+    let mut env = TestEnv::s3("listtz");
+    env.run(["upload", "k", env.write("f", "x").to_str().unwrap()])
+        .ok();
+    let time_of = |run: &crate::util::Run| {
+        let line = run.stdout.lines().next().unwrap_or_default().to_string();
+        let stamp = line.get(..19).unwrap_or_default().to_string();
+        time::PrimitiveDateTime::parse(
+            &stamp,
+            time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]"),
+        )
+        .unwrap_or_else(|e| panic!("{stamp:?}: {e}"))
+    };
+    env.set("TZ", "UTC0");
+    let utc = time_of(env.run(["list"]).ok());
+    env.set("TZ", "IST-5:30");
+    let india = time_of(env.run(["list"]).ok());
+    assert_eq!(india - utc, time::Duration::minutes(330));
+}

@@ -2,14 +2,14 @@
 //!
 //! One level at a time (`PRE dir/` lines, then objects) unless `--recursive`, which
 //! prints whole keys relative to the configured prefix (or the bucket with `--root`).
-//! Times are UTC.
+//! Times are local (`TZ` respected), as `aws s3 ls` prints them; `--json` gives UTC.
 
 use std::io::Write;
 use std::time::SystemTime;
 
-use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
+use time::{OffsetDateTime, UtcOffset};
 
 use serde_json::json;
 
@@ -66,9 +66,29 @@ pub async fn run(config: &Config, args: &ListArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
+/// A modification time in local time (`TZ` respected), as `aws s3 ls` prints it.
 fn format_time(t: Option<SystemTime>) -> String {
     let format = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
     t.map(OffsetDateTime::from)
+        .map(|t| t.to_offset(local_offset(t.unix_timestamp())))
         .and_then(|t| t.format(format).ok())
         .unwrap_or_else(|| "????-??-?? ??:??:??".to_string())
+}
+
+/// The local UTC offset at `unix` seconds, from the C library (which reads `TZ` and
+/// /etc/localtime); UTC when it cannot tell.
+// `time_t` is i64 on every target cacher ships for.
+#[allow(clippy::unnecessary_cast)]
+fn local_offset(unix: i64) -> UtcOffset {
+    let secs = unix as libc::time_t;
+    // SAFETY: localtime_r only writes the `tm` it is given; a zeroed `tm` is valid.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the call.
+    if unsafe { libc::localtime_r(&secs, &mut tm) }.is_null() {
+        return UtcOffset::UTC;
+    }
+    i32::try_from(tm.tm_gmtoff)
+        .ok()
+        .and_then(|s| UtcOffset::from_whole_seconds(s).ok())
+        .unwrap_or(UtcOffset::UTC)
 }

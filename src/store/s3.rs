@@ -143,15 +143,20 @@ const MAX_ERROR_LEN: usize = 600;
 const DELETE_BATCH: usize = 1000;
 
 /// Maps an SDK error to a [`StoreError`], deciding what is worth retrying.
-fn classify<E>(op: &str, key: &str, bucket: &str, err: SdkError<E>) -> StoreError
+fn classify<E>(op: &str, key: &str, store: &S3Store, err: SdkError<E>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
+    let bucket = store.bucket.as_str();
+    let what = match key {
+        "" => format!("{op} bucket {bucket}"),
+        key => format!("{op} {key}"),
+    };
     let status = err.raw_response().map(|r| r.status().as_u16());
     let code = err.code().unwrap_or("").to_string();
     // The SDK's context can quote a whole response body: keep the line readable.
     let detail = || {
-        let mut text = format!("{op} {key}: {}", DisplayErrorContext(&err));
+        let mut text = format!("{what}: {}", DisplayErrorContext(&err));
         if text.len() > MAX_ERROR_LEN {
             let cut = (0..=MAX_ERROR_LEN)
                 .rev()
@@ -163,8 +168,25 @@ where
         text
     };
     match &err {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            return StoreError::Temporary(detail());
+        SdkError::TimeoutError(_) => {
+            return StoreError::Temporary(format!(
+                "{what}: cannot reach {}: timed out",
+                store.endpoint
+            ));
+        }
+        SdkError::DispatchFailure(_) => {
+            return StoreError::Temporary(format!(
+                "{what}: cannot reach {}: {}",
+                store.endpoint,
+                crate::http::network_cause(&err)
+            ));
+        }
+        SdkError::ResponseError(_) => {
+            return StoreError::Temporary(format!(
+                "{what}: the reply from {} broke off: {}",
+                store.endpoint,
+                crate::http::network_cause(&err)
+            ));
         }
         SdkError::ServiceError(_) => {}
         _ => return StoreError::Permanent(detail()),
@@ -174,7 +196,7 @@ where
         (Some(404), _) | (_, "NoSuchKey") => StoreError::NotFound(key.to_string()),
         (Some(412), _) | (_, "PreconditionFailed") => StoreError::Changed(key.to_string()),
         (_, "AuthorizationHeaderMalformed") => StoreError::Permanent(format!(
-            "{op} {key}: the server rejected the signing region ({}): set `region` to the server's region",
+            "{what}: the server rejected the signing region ({}): set `region` to the server's region",
             err.message().unwrap_or("AuthorizationHeaderMalformed")
         )),
         (Some(401 | 403), _)
@@ -184,7 +206,7 @@ where
             } else {
                 code.clone()
             };
-            StoreError::AccessDenied(format!("{op} {key}: {why}"))
+            StoreError::AccessDenied(format!("{what}: {why}"))
         }
         (Some(s), _) if s >= 500 || s == 429 => StoreError::Temporary(detail()),
         (_, "SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable") => {
@@ -257,7 +279,7 @@ impl S3Store {
                 .set_part_number_marker(marker.take())
                 .send()
                 .await
-                .map_err(|e| classify("LIST PARTS", &upload.key, &self.bucket, e))
+                .map_err(|e| classify("LIST PARTS", &upload.key, self, e))
             {
                 Ok(out) => out,
                 Err(StoreError::NotFound(_)) => return Ok(None),
@@ -289,7 +311,7 @@ impl Store for S3Store {
     async fn check_bucket(&self) -> StoreResult<()> {
         ui::verbose(format!("HEAD bucket {}", self.bucket));
         let head = self.client.head_bucket().bucket(&self.bucket).send().await;
-        match head.map_err(|e| classify("HEAD bucket", "", &self.bucket, e)) {
+        match head.map_err(|e| classify("HEAD", "", self, e)) {
             Ok(_) => Ok(()),
             Err(StoreError::NotFound(_)) => Err(StoreError::NoSuchBucket(self.bucket.clone())),
             // Some servers and policies refuse HEAD on the bucket but allow listing.
@@ -302,7 +324,7 @@ impl Store for S3Store {
                     .send()
                     .await
                     .map(|_| ())
-                    .map_err(|e| classify("LIST", "", &self.bucket, e))
+                    .map_err(|e| classify("LIST", "", self, e))
             }
             Err(e) => Err(e),
         }
@@ -317,7 +339,7 @@ impl Store for S3Store {
             .key(key)
             .send()
             .await;
-        match out.map_err(|e| classify("HEAD", key, &self.bucket, e)) {
+        match out.map_err(|e| classify("HEAD", key, self, e)) {
             Ok(out) => Ok(Some(ObjectInfo {
                 key: key.to_string(),
                 size: out.content_length().unwrap_or(0).max(0) as u64,
@@ -361,7 +383,7 @@ impl Store for S3Store {
             .set_if_match(etag.map(str::to_string))
             .send()
             .await
-            .map_err(|e| classify("GET", key, &self.bucket, e))?;
+            .map_err(|e| classify("GET", key, self, e))?;
         let want = range.end - range.start;
         buf.reserve(want as usize);
         while let Some(chunk) = out
@@ -403,7 +425,7 @@ impl Store for S3Store {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| precondition_means_exists(classify("PUT", key, &self.bucket, e)))
+            .map_err(|e| precondition_means_exists(classify("PUT", key, self, e)))
     }
 
     async fn multipart_start(
@@ -425,7 +447,7 @@ impl Store for S3Store {
         let out = req
             .send()
             .await
-            .map_err(|e| classify("CREATE MULTIPART", key, &self.bucket, e))?;
+            .map_err(|e| classify("CREATE MULTIPART", key, self, e))?;
         let upload_id = out.upload_id().ok_or_else(|| {
             StoreError::Permanent(format!("CREATE MULTIPART {key}: no upload id in the reply"))
         })?;
@@ -464,7 +486,7 @@ impl Store for S3Store {
             .disable_payload_signing()
             .send()
             .await
-            .map_err(|e| classify("PUT PART", &upload.key, &self.bucket, e))?;
+            .map_err(|e| classify("PUT PART", &upload.key, self, e))?;
         Ok(CompletedPart {
             number,
             tag: out.e_tag().unwrap_or_default().to_string(),
@@ -507,12 +529,7 @@ impl Store for S3Store {
             .await
             .map(|_| ())
             .map_err(|e| {
-                precondition_means_exists(classify(
-                    "COMPLETE MULTIPART",
-                    &upload.key,
-                    &self.bucket,
-                    e,
-                ))
+                precondition_means_exists(classify("COMPLETE MULTIPART", &upload.key, self, e))
             })
     }
 
@@ -526,7 +543,7 @@ impl Store for S3Store {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| classify("ABORT MULTIPART", &upload.key, &self.bucket, e))
+            .map_err(|e| classify("ABORT MULTIPART", &upload.key, self, e))
     }
 
     async fn abort_stale_writes(&self, prefix: &str, age: Duration) -> StoreResult<usize> {
@@ -544,7 +561,7 @@ impl Store for S3Store {
                 .set_upload_id_marker(id_marker.take())
                 .send()
                 .await
-                .map_err(|e| classify("LIST MULTIPART", prefix, &self.bucket, e))?;
+                .map_err(|e| classify("LIST MULTIPART", prefix, self, e))?;
             for upload in out.uploads() {
                 let started = upload.initiated().and_then(to_system_time);
                 if let (Some(key), Some(id), Some(started)) =
@@ -603,7 +620,7 @@ impl Store for S3Store {
                 .set_continuation_token(token.take())
                 .send()
                 .await
-                .map_err(|e| classify("LIST", prefix, &self.bucket, e))?;
+                .map_err(|e| classify("LIST", prefix, self, e))?;
             listing.prefixes.extend(
                 out.common_prefixes()
                     .iter()
@@ -639,7 +656,7 @@ impl Store for S3Store {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| match classify("COPY", key, &self.bucket, e) {
+            .map_err(|e| match classify("COPY", key, self, e) {
                 StoreError::Permanent(msg) if msg.contains("NoSuchKey") => {
                     StoreError::NotFound(key.to_string())
                 }
@@ -656,7 +673,7 @@ impl Store for S3Store {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| classify("DELETE", key, &self.bucket, e))
+            .map_err(|e| classify("DELETE", key, self, e))
     }
 
     async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
@@ -682,7 +699,7 @@ impl Store for S3Store {
                 .delete(delete)
                 .send()
                 .await
-                .map_err(|e| classify("DELETE", first, &self.bucket, e))?;
+                .map_err(|e| classify("DELETE", first, self, e))?;
             // The request succeeds as a whole even when some keys fail: look at each.
             let failed: Vec<_> = out
                 .errors()
