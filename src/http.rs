@@ -12,7 +12,63 @@ use tempfile::NamedTempFile;
 
 use crate::ui::Progress;
 
-/// A reqwest client trusting the bundled webpki roots and the PEM certificates `ca`.
+/// The usual CA bundle files of Linux distributions (Debian and Ubuntu, Fedora and
+/// RHEL, openSUSE, Alpine); the first that exists is the system store.
+const SYSTEM_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+/// Where Linux keeps CA certificates one per file, used when no bundle file exists.
+const SYSTEM_CERT_DIR: &str = "/etc/ssl/certs";
+
+/// Certificates trusted on top of the bundled webpki roots, read once per process:
+/// `SSL_CERT_FILE` and `SSL_CERT_DIR` (on every platform, as OpenSSL and the Go tool
+/// read them) and, on Linux, the system store, so an endpoint behind a company CA the
+/// runner trusts works without configuration. Files are read as PEM; nothing links a
+/// system library. Unreadable or malformed files are skipped (`-v` says which).
+fn system_roots() -> &'static [reqwest::Certificate] {
+    static ROOTS: std::sync::OnceLock<Vec<reqwest::Certificate>> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let mut files: Vec<std::path::PathBuf> = Vec::new();
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        if let Some(file) = var("SSL_CERT_FILE") {
+            files.push(file.into());
+        }
+        let mut dirs: Vec<std::path::PathBuf> = var("SSL_CERT_DIR")
+            .map(|d| std::env::split_paths(&d).collect())
+            .unwrap_or_default();
+        if cfg!(target_os = "linux") {
+            match SYSTEM_BUNDLES.iter().map(Path::new).find(|p| p.is_file()) {
+                Some(bundle) => files.push(bundle.to_path_buf()),
+                None => dirs.push(SYSTEM_CERT_DIR.into()),
+            }
+        }
+        for dir in dirs {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            let mut found: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+            found.sort();
+            files.extend(found.into_iter().filter(|p| p.is_file()));
+        }
+        let mut roots = Vec::new();
+        for file in files {
+            match std::fs::read(&file).map(|pem| reqwest::Certificate::from_pem_bundle(&pem)) {
+                Ok(Ok(certs)) => roots.extend(certs),
+                Ok(Err(e)) => crate::ui::verbose(format!("skipping {}: {e}", file.display())),
+                Err(e) => crate::ui::verbose(format!("cannot read {}: {e}", file.display())),
+            }
+        }
+        roots
+    })
+}
+
+/// A reqwest client trusting the bundled webpki roots, the system's and
+/// `SSL_CERT_FILE`/`SSL_CERT_DIR` certificates ([`system_roots`]), and the PEM
+/// certificates `ca` (`ca_bundle`).
 pub fn client_builder(
     ca: Option<&[u8]>,
     connect_timeout: Duration,
@@ -24,6 +80,9 @@ pub fn client_builder(
         .tcp_nodelay(true);
     if let Some(timeout) = read_timeout {
         builder = builder.read_timeout(timeout);
+    }
+    for cert in system_roots() {
+        builder = builder.add_root_certificate(cert.clone());
     }
     if let Some(pem) = ca {
         let certs = reqwest::Certificate::from_pem_bundle(pem)

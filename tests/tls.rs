@@ -82,3 +82,52 @@ fn an_unreadable_or_empty_ca_bundle_exits_2_naming_it() {
     run.code(2);
     assert!(run.stderr.contains("no PEM certificate"), "{}", run.stderr);
 }
+
+#[test]
+fn ssl_cert_file_ssl_cert_dir_and_the_system_store_are_trusted() {
+    let front = TlsFront::start(&server().endpoint);
+    let mut env = TestEnv::s3("tlssystem");
+    env.set("CACHER_ENDPOINT", &front.endpoint);
+    env.set("CACHER_TIMEOUT", "5");
+    env.run(["exists", "k"]).code(2);
+
+    // Exit 1 (not cached) means the https endpoint was reached and trusted.
+    let ca = front.ca_pem.display().to_string();
+    env.set("SSL_CERT_FILE", &ca);
+    env.run(["exists", "k"]).code(1);
+    env.unset("SSL_CERT_FILE");
+
+    let dir = env.path("certs");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(&front.ca_pem, dir.join("private-ca.pem")).unwrap();
+    env.set("SSL_CERT_DIR", dir.to_str().unwrap());
+    env.run(["exists", "k"]).code(1);
+    env.unset("SSL_CERT_DIR");
+
+    // The CA only in the system store: a private mount namespace in which Debian's
+    // bundle file holds it (root only; the host's store is not touched).
+    let bundle = "/etc/ssl/certs/ca-certificates.crt";
+    if !crate::util::can_switch_users("the system-store part")
+        || !std::path::Path::new(bundle).exists()
+    {
+        return;
+    }
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!("mount --bind \"$0\" {bundle} && exec \"$@\""))
+        .arg(&ca)
+        .arg(env!("CARGO_BIN_EXE_cacher"))
+        .args(["exists", "k"])
+        .env_clear()
+        .current_dir(env.dir.path());
+    for (name, value) in &env.vars {
+        cmd.env(name, value);
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

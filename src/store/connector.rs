@@ -1,5 +1,5 @@
-//! The HTTP connector under aws-sdk-s3: reqwest with rustls and the bundled webpki
-//! roots (plus `ca_bundle`).
+//! The HTTP connector under aws-sdk-s3: reqwest with rustls, the bundled webpki roots
+//! and the PEM certificates of [`crate::http::client_builder`].
 //!
 //! The SDK's own client always links the platform's certificate store, which on macOS
 //! means the Security framework: a binary cross-built without Apple's SDK cannot link
