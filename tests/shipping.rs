@@ -228,22 +228,7 @@ fn the_references_cover_every_command_flag_and_setting() {
         }
     }
 
-    // Listing every field: a new one fails to compile here until it is documented.
-    let every_field = cacher::config::ConfigFile {
-        endpoint: Some(String::new()),
-        region: Some(String::new()),
-        bucket: Some(String::new()),
-        prefix: Some(String::new()),
-        arch_suffix: Some(false),
-        key_file: Some(String::new()),
-        secret_file: Some(String::new()),
-        ca_bundle: Some(String::new()),
-        docker_bin: Some(String::new()),
-        jobs: Some(1),
-        timeout: Some(1),
-        multipart_threshold: Some(1),
-        part_size: Some(1),
-    };
+    let every_field = cacher::config::ConfigFile::every_field();
     let fields = serde_json::to_value(every_field).unwrap();
     for field in fields.as_object().unwrap().keys() {
         let env = format!("CACHER_{}", field.to_uppercase());
