@@ -145,11 +145,13 @@ impl Restorer {
         let created = match &entry.kind {
             EntryKind::Dir => rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700))
                 .and_then(|()| open_dir(parent, name).map_err(errno_of)),
+            // Created with its final mode: the handle that creates a file may write it
+            // whatever its mode says (a Go module cache's files are 0444).
             EntryKind::File { .. } => rustix::fs::openat(
                 parent,
                 name,
                 OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o600),
+                permissions(entry.mode),
             ),
             EntryKind::Symlink { target } => {
                 rustix::fs::symlinkat(OsStr::from_bytes(target), parent, name)
@@ -212,8 +214,15 @@ impl Restorer {
 
     fn close_file(&self, f: OpenFile) -> anyhow::Result<()> {
         let e = &self.entries[f.entry];
-        finalize(f.file.as_fd(), e)
-            .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)))
+        // The umask may have taken bits from the mode the file was created with.
+        let exact = umask().is_some_and(|mask| e.mode & MODE_MASK & mask == 0);
+        let fd = f.file.as_fd();
+        match exact {
+            true => rustix::fs::futimens(fd, &timestamps(e.mtime, e.mtime_nsec))
+                .map_err(io::Error::from),
+            false => finalize(fd, e),
+        }
+        .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)))
     }
 
     fn close_dir(&self, d: OpenDir) -> anyhow::Result<()> {
@@ -432,6 +441,17 @@ fn finalize(fd: BorrowedFd<'_>, e: &Entry) -> io::Result<()> {
 #[allow(clippy::unnecessary_cast)]
 fn permissions(mode: u32) -> Mode {
     Mode::from_raw_mode((mode & MODE_MASK) as rustix::fs::RawMode)
+}
+
+/// The process's umask, where the system tells it without changing it (Linux's
+/// /proc/self/status); `None` elsewhere, and modes are then always set explicitly.
+fn umask() -> Option<u32> {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(line.trim(), 8).ok()
+    })
 }
 
 fn timestamps(sec: i64, nsec: u32) -> Timestamps {

@@ -25,9 +25,13 @@ use crate::ui;
 
 /// Largest manifest object read whole.
 const MAX_MANIFEST_OBJECT: u64 = 256 * 1024 * 1024;
-/// Largest ranged GET of a restore, in stored bytes and in the bytes it decodes to
-/// (`jobs` of them are decoded ahead of the writer, which bounds memory).
-const MAX_RANGE: u64 = 4 * 1024 * 1024;
+/// Largest ranged GET of a restore, in stored bytes.
+const MAX_RANGE: u64 = 8 * 1024 * 1024;
+/// Most bytes the chunks of one ranged GET decode to: at most one such range is held
+/// decoded at a time, which bounds memory on highly compressible trees.
+const MAX_DECODED: u64 = 16 * 1024 * 1024;
+/// Chunks of one pack this close after the current range join it (skipping the gap).
+const MERGE_GAP: u64 = 256 * 1024;
 /// Raw bytes cut before a batch is hashed and compressed in parallel.
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Reused packs older than this are refreshed by an upload; gc's grace period must be
@@ -495,18 +499,32 @@ impl ChunkStore {
             packs: table.packs.len() as u64,
             ..Stats::default()
         };
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Vec<u8>>>(2);
-        let writer = tokio::task::spawn_blocking(move || {
-            let mut out = out;
-            while let Some(chunks) = rx.blocking_recv() {
-                for data in &chunks {
-                    if let Err(e) = out.write_all(data) {
-                        drop(out);
-                        return Err(e);
-                    }
+        // Decoding (on all cores) and writing each happen on a thread of their own, so
+        // the next ranges are fetched and decoded while one is written; at most two
+        // fetched ranges and two decoded ones wait, which bounds memory.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(FetchRange, Vec<u8>)>(2);
+        let (decoded_tx, decoded_rx) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(1);
+        let decoder = tokio::task::spawn_blocking(move || {
+            while let Some((run, buf)) = rx.blocking_recv() {
+                let decoded = decode_run(&run, &buf).map_err(|e| (e, run.pack))?;
+                if decoded_tx.send(decoded).is_err() {
+                    break; // the writer failed: its error is the one to report
                 }
             }
-            Ok(out)
+            Ok::<_, (anyhow::Error, Id)>(())
+        });
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut out = out;
+            let (mut chunks, mut bytes) = (0u64, 0u64);
+            for decoded in decoded_rx {
+                for data in &decoded {
+                    // Returning drops `out` here, off the async threads.
+                    out.write_all(data)?;
+                    bytes += data.len() as u64;
+                }
+                chunks += decoded.len() as u64;
+            }
+            Ok::<_, std::io::Error>((out, chunks, bytes))
         });
         let fetched = async {
             let mut runs = futures::stream::iter(plan_runs(table))
@@ -518,25 +536,17 @@ impl ChunkStore {
                             .transfer
                             .read_range(&self.pack_key(&pack), None, run.start..end, &mut buf)
                             .await;
-                        if let Err(e) = read {
-                            return Err(self.explain_pack_error(e, &pack, end).await);
+                        match read {
+                            Ok(()) => Ok((run, buf)),
+                            Err(e) => Err(self.explain_pack_error(e, &pack, end).await),
                         }
-                        let wire = buf.len() as u64;
-                        let decoded =
-                            tokio::task::spawn_blocking(move || decode_run(&run, &buf)).await?;
-                        if decoded.as_ref().is_err_and(is_broken) {
-                            self.remove_if_corrupt(&pack).await;
-                        }
-                        Ok::<_, anyhow::Error>((decoded?, wire))
                     }
                 })
                 .buffered(self.transfer.jobs());
             while let Some(next) = runs.next().await {
-                let (chunks, wire) = next?;
-                stats.chunks_new += chunks.len() as u64;
-                stats.new_bytes += chunks.iter().map(|c| c.len() as u64).sum::<u64>();
-                stats.wire_bytes += wire;
-                if tx.send(chunks).await.is_err() {
+                let (run, buf) = next?;
+                stats.wire_bytes += buf.len() as u64;
+                if tx.send((run, buf)).await.is_err() {
                     break; // the writer failed: its error is the one to report
                 }
             }
@@ -544,14 +554,28 @@ impl ChunkStore {
         }
         .await;
         drop(tx);
+        let decoded = decoder.await?;
         let written = writer.await?;
-        if let Err(e) = fetched {
-            if let Ok(out) = written {
+        // The first failure along the pipeline is the cause; `out` goes with it.
+        let failure = match (fetched, decoded) {
+            (Err(e), _) => Some(e),
+            (_, Err((e, pack))) => {
+                if is_broken(&e) {
+                    self.remove_if_corrupt(&pack).await;
+                }
+                Some(e)
+            }
+            _ => None,
+        };
+        if let Some(e) = failure {
+            if let Ok((out, ..)) = written {
                 tokio::task::spawn_blocking(move || drop(out)).await?;
             }
             return Err(e);
         }
-        let out = written.map_err(anyhow::Error::new)?;
+        let (out, chunks, bytes) = written?;
+        stats.chunks_new = chunks;
+        stats.new_bytes = bytes;
         stats.stream_bytes = stats.new_bytes;
         stats.retries = self.transfer.retries();
         Ok((out, stats))
@@ -795,9 +819,10 @@ fn cut_in_batches<R: Read + Send + 'static>(
     rx.into_iter()
 }
 
-/// Runs of consecutive stream chunks stored back to back in one pack, in stream order:
-/// what a sequential consumer needs. Uploads store new chunks in stream order, so runs
-/// are long except where old chunks are reused.
+/// The ranged GETs of a restore, in stream order: each covers consecutive stream
+/// chunks stored close together in one pack (uploads store new chunks in stream order,
+/// so ranges are long except where old chunks are reused). Few large GETs matter: a
+/// server spends about as much on a small GET as on a large one.
 fn plan_runs(table: &ChunkTable) -> Vec<FetchRange> {
     let mut runs: Vec<FetchRange> = Vec::new();
     for c in &table.chunks {
@@ -809,11 +834,12 @@ fn plan_runs(table: &ChunkTable) -> Vec<FetchRange> {
         match runs.last_mut() {
             Some(r)
                 if r.pack == pack
-                    && r.end == start
+                    && start >= r.start
+                    && start <= r.end + MERGE_GAP
                     && end - r.start <= MAX_RANGE
-                    && r.decoded + u64::from(c.len) <= MAX_RANGE =>
+                    && r.decoded + u64::from(c.len) <= MAX_DECODED =>
             {
-                r.end = end;
+                r.end = r.end.max(end);
                 r.decoded += u64::from(c.len);
                 r.chunks.push(*c);
             }
@@ -839,11 +865,11 @@ struct FetchRange {
     chunks: Vec<ChunkRef>,
 }
 
-/// Decompresses and verifies each chunk of a fetched range.
+/// Decompresses and verifies each chunk of a fetched range, on all cores.
 fn decode_run(range: &FetchRange, buf: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
     range
         .chunks
-        .iter()
+        .par_iter()
         .map(|c| {
             let from = (u64::from(c.offset) - range.start) as usize;
             let stored = buf.get(from..from + c.stored_len as usize).ok_or_else(|| {
