@@ -263,7 +263,14 @@ impl Restorer {
             .with_context(|| format!("cannot list the restored tree in {}", self.dest.display()))?;
         let tag = format!("{ASIDE_PREFIX}{:08x}-", fastrand::u32(..));
         let mut aside: Vec<(&OsString, OsString)> = Vec::new();
-        let mut moved: Vec<(&OsString, Option<(OwnedFd, rustix::fs::Stat)>)> = Vec::new();
+        // Each entry moved in: its name, its identity, and for a directory its handle
+        // and the mode and times to give back after the move.
+        type Moved<'a> = (
+            &'a OsString,
+            (u64, u64),
+            Option<(OwnedFd, rustix::fs::Stat)>,
+        );
+        let mut moved: Vec<Moved> = Vec::new();
         let result = (|| -> anyhow::Result<()> {
             for (n, name) in names.iter().enumerate() {
                 match rustix::fs::statat(&self.root, name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -295,24 +302,29 @@ impl Restorer {
                     }
                     None => None,
                 };
+                let identity = identity_of(self.temp.as_fd(), name)?;
                 rename_noreplace(self.temp.as_fd(), name, self.root.as_fd(), name)
                     .with_context(|| format!("cannot move {} into place", self.shown(name)))?;
-                moved.push((name, dir));
+                moved.push((name, identity, dir));
             }
             Ok(())
         })();
         if let Err(e) = result {
             // Put DIR back as it was: new entries out, old ones back. Never move or
             // replace what another run put there meanwhile.
-            for (name, _) in moved.iter().rev() {
-                let _ = rename_noreplace(self.root.as_fd(), name, self.temp.as_fd(), name);
+            for (name, identity, _) in moved.iter().rev() {
+                // Only what this restore moved in: a concurrent restore may have
+                // replaced it since.
+                if identity_of(self.root.as_fd(), name).ok() == Some(*identity) {
+                    let _ = rename_noreplace(self.root.as_fd(), name, self.temp.as_fd(), name);
+                }
             }
             for (name, to) in aside.iter().rev() {
                 let _ = rename_noreplace(self.root.as_fd(), to, self.root.as_fd(), name);
             }
             return Err(e.context(format!("{} left as it was", self.dest.display())));
         }
-        for (name, dir) in moved {
+        for (name, _, dir) in moved {
             if let Some((fd, stat)) = dir {
                 // `time_t` is i64 here but not on every target rustix builds for.
                 #[allow(clippy::unnecessary_cast)]
@@ -490,6 +502,13 @@ fn rename_noreplace(
         }
         other => Ok(other?),
     }
+}
+
+/// Device and inode of `name` in `parent` (not following a symlink).
+#[allow(clippy::unnecessary_cast)]
+fn identity_of(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<(u64, u64)> {
+    let stat = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok((stat.st_dev as u64, stat.st_ino as u64))
 }
 
 /// Opens the directory `name` in `parent`, refusing a symlink.
