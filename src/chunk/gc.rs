@@ -364,6 +364,17 @@ pub async fn collect(
     Ok(report)
 }
 
+/// Every last-use marker under the store's prefix.
+async fn list_markers(chunks: &ChunkStore) -> anyhow::Result<Vec<ObjectInfo>> {
+    Ok(chunks
+        .transfer()
+        .store()
+        .list(&chunks.layout().used_prefix(), None)
+        .await
+        .context("cannot list last-use markers")?
+        .objects)
+}
+
 /// Deletes the last-use markers of entries not among `live` (the entries listed at
 /// the start of the run). A marker written after `started` is kept: its entry may be
 /// newer than the listing. Returns how many were (or would be) deleted.
@@ -375,13 +386,8 @@ async fn collect_markers(
 ) -> anyhow::Result<usize> {
     let layout = chunks.layout();
     let live: HashSet<String> = live.iter().map(|k| layout.used_key(k)).collect();
-    let stale: Vec<String> = chunks
-        .transfer()
-        .store()
-        .list(&layout.used_prefix(), None)
-        .await
-        .context("cannot list last-use markers")?
-        .objects
+    let stale: Vec<String> = list_markers(chunks)
+        .await?
         .into_iter()
         .filter(|m| !live.contains(&m.key) && m.modified.is_some_and(|t| t < started))
         .map(|m| m.key)
@@ -466,13 +472,8 @@ pub async fn prune(
     let now = SystemTime::now();
     let layout = chunks.layout();
     let mut old = entries(chunks, prefix).await?;
-    let markers: HashMap<String, Option<SystemTime>> = chunks
-        .transfer()
-        .store()
-        .list(&layout.used_prefix(), None)
-        .await
-        .context("cannot list last-use markers")?
-        .objects
+    let markers: HashMap<String, Option<SystemTime>> = list_markers(chunks)
+        .await?
         .into_iter()
         .map(|m| (m.key, m.modified))
         .collect();
