@@ -7,7 +7,8 @@ use cacher::chunk::Id;
 use cacher::chunk::format::{ChunkTable, Entry, EntryKind, Manifest, ManifestKind};
 
 use crate::util::{
-    TestEnv, bucket, random_bytes, rt, sh, snapshot, stored, temp_leftovers, upload_stats,
+    TestEnv, bucket, put_object, random_bytes, rt, sh, snapshot, stored, temp_leftovers,
+    upload_stats,
 };
 
 /// A small module-like tree: text files, a large random file, an executable, an empty
@@ -142,16 +143,6 @@ fn packs_of(env: &TestEnv, key: &str) -> Vec<String> {
         .collect()
 }
 
-fn put(key: &str, data: Vec<u8>) {
-    let store = bucket();
-    rt().block_on(store.put(
-        key,
-        cacher::store::Body::Bytes(data.into()),
-        &Default::default(),
-    ))
-    .unwrap();
-}
-
 #[test]
 fn broken_entries_are_a_miss_and_the_next_upload_replaces_them() {
     let env = TestEnv::s3("dirbroken");
@@ -162,7 +153,7 @@ fn broken_entries_are_a_miss_and_the_next_upload_replaces_them() {
     for b in data.iter_mut().skip(100).step_by(997) {
         *b ^= 0x5a;
     }
-    put(&packs[0], data);
+    put_object(&packs[0], data);
 
     // A chunk that fails verification: one warning naming the key, then a miss.
     let out = env.path("out");
@@ -226,10 +217,7 @@ fn broken_entries_are_a_miss_and_the_next_upload_replaces_them() {
     assert!(run.ok().stderr.contains("skipped"), "{}", run.stderr);
 
     // A manifest that does not decode is replaced too.
-    put(
-        &format!("{}/k", env.prefix),
-        b"CACHERMF\x01\x00garbage".to_vec(),
-    );
+    put_object(&format!("{}/k", env.prefix), b"CACHERMF\x01\x00garbage");
     let run = env.run(["dir", "download", "k", out.to_str().unwrap()]);
     run.code(1);
     let run = env.run(["dir", "upload", "k", src.to_str().unwrap()]);
@@ -257,7 +245,7 @@ fn a_stale_index_location_is_not_reused() {
         }
         rt().block_on(store.delete(&seg.key)).unwrap();
         let encoded = table.encode_index();
-        put(
+        put_object(
             &format!("{}/.cacher/index/{}", env.prefix, Id::of(&encoded).to_hex()),
             encoded,
         );
@@ -337,7 +325,7 @@ fn hostile_manifests_are_a_miss_and_write_nothing_outside() {
         ),
     ];
     for (name, data) in cases {
-        put(&format!("{}/{name}", env.prefix), data);
+        put_object(&format!("{}/{name}", env.prefix), data);
         let out = env.path(&format!("work/{name}/out"));
         let run = env.run(["dir", "download", name, out.to_str().unwrap()]);
         // The entry cannot be restored: one warning naming it, then a miss.
@@ -452,9 +440,9 @@ fn fallback_restores_the_newest_entry_made_from_the_same_directory() {
         env.path("notar.zst").to_str().unwrap(),
     ])
     .ok();
-    put(
+    put_object(
         &format!("{}/gomod/broken", env.prefix),
-        b"CACHERMF\x01\x00garbage".to_vec(),
+        b"CACHERMF\x01\x00garbage",
     );
 
     std::fs::remove_dir_all(&work).unwrap();

@@ -6,7 +6,8 @@ use cacher::chunk::store::Stored;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::util::{
-    TestEnv, bucket, chunk_store, keys_under, random_bytes, read, rt, server, sh, stored,
+    TestEnv, bucket, chunk_store, keys_under, put_object, random_bytes, read, rt, server, sh,
+    stored,
 };
 
 fn tree(env: &TestEnv, name: &str, seed: u64) -> String {
@@ -369,12 +370,6 @@ fn marker_key(prefix: &str, full_key: &str) -> String {
     cacher::chunk::layout::Layout::new(prefix).used_key(full_key)
 }
 
-fn put(full_key: &str, body: &[u8]) {
-    let body = cacher::store::Body::Bytes(bytes::Bytes::copy_from_slice(body));
-    rt().block_on(bucket().put(full_key, body, &Default::default()))
-        .unwrap();
-}
-
 #[test]
 fn a_download_hit_on_an_entry_younger_than_a_day_writes_no_marker() {
     let env = TestEnv::s3("markyoung");
@@ -460,8 +455,8 @@ fn prune_and_gc_delete_last_use_markers_with_their_entries() {
         marker_key(&env.prefix, &k),
         marker_key(&env.prefix, &format!("{}/gone", env.prefix)),
     );
-    put(&live, k.as_bytes());
-    put(&orphan, b"gone");
+    put_object(&live, k.as_bytes());
+    put_object(&orphan, b"gone");
 
     let run = env.run(["gc"]);
     assert!(
@@ -498,7 +493,7 @@ fn a_store_never_prunes_or_collects_the_internal_objects_of_a_store_nested_below
         format!("{}/.cacher-canary-0123456789abcdef", nested.prefix),
     ];
     for canary in &canaries {
-        put(canary, b"c");
+        put_object(canary, b"c");
     }
     let nested_internal = keys_under(&format!("{}/.cacher/", nested.prefix));
     assert!(nested_internal.len() >= 2, "{nested_internal:?}");
@@ -569,7 +564,7 @@ fn a_corrupt_index_segment_is_skipped_and_the_upload_still_publishes_a_restorabl
     for c in &mut table.chunks {
         c.offset += 1;
     }
-    put(&segments[0], &table.encode_index());
+    put_object(&segments[0], table.encode_index());
 
     let run = env.run(["dir", "upload", "k2", &a]);
     let warnings: Vec<&str> = run
@@ -602,7 +597,7 @@ fn a_corrupt_index_segment_is_skipped_and_the_upload_still_publishes_a_restorabl
         env.prefix,
         cacher::chunk::Id::of(b"another segment")
     );
-    put(&bogus, &table.encode_index());
+    put_object(&bogus, table.encode_index());
     let run = env.run(["dir", "upload", "k3", &a]);
     assert!(run.ok().stderr.contains(" 0 new"), "{}", run.stderr);
     assert!(

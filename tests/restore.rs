@@ -11,7 +11,7 @@ use cacher::chunk::format::{Entry, EntryKind, Manifest};
 
 use crate::util::proxy::{Fault, Proxy};
 use crate::util::{
-    TestEnv, bucket, can_switch_users, random_bytes, rt, server, sh, snapshot, stored,
+    TestEnv, bucket, can_switch_users, put_object, random_bytes, rt, server, sh, snapshot, stored,
     temp_leftovers,
 };
 
@@ -253,15 +253,6 @@ fn repeating_manifest(env: &TestEnv, key: &str, times: usize) -> Vec<u8> {
     m.encode()
 }
 
-fn put(key: &str, data: Vec<u8>) {
-    rt().block_on(bucket().put(
-        key,
-        cacher::store::Body::Bytes(data.into()),
-        &Default::default(),
-    ))
-    .unwrap();
-}
-
 #[test]
 fn a_restore_larger_than_the_free_space_is_refused_before_writing() {
     if !can_switch_users("a_restore_larger_than_the_free_space_is_refused_before_writing") {
@@ -273,7 +264,7 @@ fn a_restore_larger_than_the_free_space_is_refused_before_writing() {
         .ok();
     let crafted = repeating_manifest(&env, "k", 400);
     assert!(crafted.len() < 20_000, "a small object: {}", crafted.len());
-    put(&format!("{}/big", env.prefix), crafted);
+    put_object(&format!("{}/big", env.prefix), crafted);
 
     let small = env.path("small");
     let _mount = Mount::tmpfs(&small, "8m");
@@ -307,7 +298,7 @@ fn errors_quote_hostile_paths_briefly() {
             mtime_nsec: 0,
         }],
     };
-    put(&format!("{}/long", env.prefix), m.encode());
+    put_object(&format!("{}/long", env.prefix), m.encode());
     let out = env.path("out");
     let run = env.run(["dir", "download", "long", out.to_str().unwrap()]);
     run.code(2);
@@ -427,7 +418,7 @@ fn on_a_case_insensitive_filesystem_names_differing_in_case_never_alias() {
         mtime_nsec: 0,
     };
     m.entries.insert(1, link);
-    put(&format!("{}/crafted", env.prefix), m.encode());
+    put_object(&format!("{}/crafted", env.prefix), m.encode());
     let dir = fs.mount.join("dir");
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(dir.join("precious"), "keep").unwrap();

@@ -327,6 +327,14 @@ pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
 }
 
+/// Writes `data` under a full key straight into the test bucket, bypassing cacher:
+/// crafted and damaged objects.
+pub fn put_object(full_key: &str, data: impl AsRef<[u8]>) {
+    let body = cacher::store::Body::Bytes(bytes::Bytes::copy_from_slice(data.as_ref()));
+    rt().block_on(bucket().put(full_key, body, &Default::default()))
+        .unwrap();
+}
+
 /// The bytes stored under a full key, read without cacher's download path.
 pub fn stored(full_key: &str) -> Option<Vec<u8>> {
     let store = bucket();
