@@ -1,12 +1,11 @@
 //! Directory trees ⇄ (entries, content stream).
 //!
 //! Upload side: [`scan`] walks a tree in a fixed order and records each node's metadata;
-//! [`ContentReader`] concatenates the regular files' bytes into one stream, so metadata
-//! changes (an `npm ci` that rewrote every mtime) leave the chunks untouched.
-//! The download side is [`crate::restore`].
+//! the regular files' bytes, back to back, make the content stream
+//! ([`crate::tree_stream`] cuts it), so metadata changes (an `npm ci` that rewrote every
+//! mtime) leave the chunks untouched. The download side is [`crate::restore`].
 
-use std::fs::{self, File};
-use std::io::{self, Read};
+use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -14,6 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 
 use crate::chunk::format::{Entry, EntryKind, MAX_DEPTH, MAX_PATH, show};
+use crate::state::Stamp;
 use crate::ui;
 
 /// A scanned tree: its entries (parents first) and its regular files in stream order.
@@ -29,10 +29,13 @@ pub struct Tree {
 pub struct ScannedFile {
     /// Absolute or root-joined path to read.
     pub path: PathBuf,
+    /// Path relative to the root, as the manifest records it.
+    pub rel: Vec<u8>,
     /// Size at scan time; exactly this many bytes go into the stream.
     pub size: u64,
-    /// Modification time at scan time, to detect a file changing while it is read.
-    pub mtime: (i64, i64),
+    /// The file's stamp at scan time: to detect it changing while it is read, and to
+    /// compare with a tree state.
+    pub stamp: Stamp,
 }
 
 /// Walks `root` depth-first in byte order of names. Fifos, sockets and device nodes are
@@ -81,8 +84,9 @@ pub fn scan(root: &Path) -> anyhow::Result<Tree> {
         } else if file_type.is_file() {
             tree.files.push(ScannedFile {
                 path: item.path().to_path_buf(),
+                rel: rel.as_os_str().as_bytes().to_vec(),
                 size: meta.len(),
-                mtime: (meta.mtime(), meta.mtime_nsec()),
+                stamp: Stamp::of(&meta),
             });
             EntryKind::File { size: meta.len() }
         } else if file_type.is_symlink() {
@@ -154,101 +158,9 @@ pub fn source_label(dir: &Path) -> String {
     path
 }
 
-/// The content stream: every scanned file's bytes, back to back. Fails if a file is
-/// shorter or longer than scanned, or was modified while being read, so an upload
-/// never records a tree that did not exist.
-pub struct ContentReader {
-    files: std::vec::IntoIter<ScannedFile>,
-    current: Option<(File, ScannedFile, u64)>,
-}
-
-impl ContentReader {
-    /// A reader over `files` in order.
-    pub fn new(files: Vec<ScannedFile>) -> ContentReader {
-        ContentReader {
-            files: files.into_iter(),
-            current: None,
-        }
-    }
-
-    fn changed(path: &Path, how: &str) -> io::Error {
-        io::Error::other(format!(
-            "{} {how} while it was being read; not uploading a tree that never existed",
-            path.display()
-        ))
-    }
-}
-
-impl Read for ContentReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            if self.current.is_none() {
-                let Some(next) = self.files.next() else {
-                    return Ok(0);
-                };
-                let file = File::open(&next.path).map_err(|e| {
-                    io::Error::new(e.kind(), format!("{}: {e}", next.path.display()))
-                })?;
-                self.current = Some((file, next, 0));
-            }
-            let (file, scanned, done) = self.current.as_mut().expect("set above");
-            let left = scanned.size - *done;
-            if left == 0 {
-                let mut probe = [0u8; 1];
-                if file.read(&mut probe)? != 0 {
-                    return Err(Self::changed(&scanned.path, "grew"));
-                }
-                let meta = file.metadata()?;
-                if (meta.mtime(), meta.mtime_nsec()) != scanned.mtime {
-                    return Err(Self::changed(&scanned.path, "was modified"));
-                }
-                self.current = None;
-                continue;
-            }
-            let want = buf.len().min(left as usize);
-            let n = file.read(&mut buf[..want])?;
-            if n == 0 {
-                return Err(Self::changed(&scanned.path, "shrank"));
-            }
-            *done += n as u64;
-            return Ok(n);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn read_all(files: Vec<ScannedFile>) -> io::Result<Vec<u8>> {
-        let mut out = Vec::new();
-        ContentReader::new(files).read_to_end(&mut out)?;
-        Ok(out)
-    }
-
-    #[test]
-    fn a_file_changed_after_the_scan_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("a"), "first").unwrap();
-        fs::write(dir.path().join("b"), "second").unwrap();
-        let tree = scan(dir.path()).unwrap();
-        assert_eq!(read_all(tree.files.clone()).unwrap(), b"firstsecond");
-
-        fs::write(dir.path().join("b"), "second and more").unwrap();
-        let err = read_all(tree.files.clone()).unwrap_err().to_string();
-        assert!(err.contains("grew"), "{err}");
-
-        fs::write(dir.path().join("b"), "sec").unwrap();
-        let err = read_all(tree.files.clone()).unwrap_err().to_string();
-        assert!(err.contains("shrank"), "{err}");
-
-        // Same size, new content: caught by the modification time.
-        fs::write(dir.path().join("a"), "FIRST").unwrap();
-        let old = filetime::FileTime::from_unix_time(1_000_000_000, 0);
-        filetime::set_file_mtime(dir.path().join("a"), old).unwrap();
-        let err = read_all(tree.files).unwrap_err().to_string();
-        assert!(err.contains("modified"), "{err}");
-    }
 
     #[test]
     fn source_labels_abstract_the_home_directory_and_normalize() {
@@ -385,8 +297,7 @@ mod properties {
             build(&src, &nodes);
 
             let tree = scan(&src).unwrap();
-            let mut stream = Vec::new();
-            ContentReader::new(tree.files).read_to_end(&mut stream).unwrap();
+            let stream = crate::tree_stream::content(tree.files).unwrap();
             let out = work.path().join("out");
             let mut restorer = Restorer::create(&out, tree.entries, 0).unwrap();
             // Content arrives in pieces of arbitrary size.

@@ -25,6 +25,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
 use rustix::io::Errno;
 
 use crate::chunk::format::{Entry, EntryKind, show};
+use crate::state::Stamp;
 use crate::temp::{self, ASIDE_PREFIX, RESTORE_PREFIX};
 use crate::ui;
 
@@ -45,6 +46,15 @@ struct OpenFile {
     left: u64,
 }
 
+/// What a finished restore put in place.
+pub struct Finished {
+    /// The entries restored.
+    pub entries: Vec<Entry>,
+    /// Each file's stamp once complete, in stream order; `None` for files the swap
+    /// itself touched afterwards (top-level ones: a rename changes the ctime).
+    pub stamps: Vec<Option<Stamp>>,
+}
+
 /// Rebuilds a tree in a temp dir inside its destination from entries (parents first,
 /// as a manifest lists them) and the content stream, which arrives in order through
 /// [`Write`]; [`Restorer::finish`] swaps it into place. Dropped before that, it removes
@@ -59,6 +69,8 @@ pub struct Restorer {
     next: usize,
     open_dirs: Vec<OpenDir>,
     file: Option<OpenFile>,
+    /// Each file's stamp once complete (see [`Restorer::finish`]).
+    stamps: Vec<Option<Stamp>>,
 }
 
 impl Restorer {
@@ -96,6 +108,7 @@ impl Restorer {
             next: 0,
             open_dirs: Vec::new(),
             file: None,
+            stamps: Vec::new(),
         };
         temp::remove_stale_leftovers(&temp::parent_of(dest));
         let name = OsString::from(format!("{RESTORE_PREFIX}{:016x}", fastrand::u64(..)));
@@ -212,7 +225,7 @@ impl Restorer {
         }
     }
 
-    fn close_file(&self, f: OpenFile) -> anyhow::Result<()> {
+    fn close_file(&mut self, f: OpenFile) -> anyhow::Result<()> {
         let e = &self.entries[f.entry];
         // The umask may have taken bits from the mode the file was created with.
         let exact = umask().is_some_and(|mask| e.mode & MODE_MASK & mask == 0);
@@ -222,7 +235,15 @@ impl Restorer {
                 .map_err(io::Error::from),
             false => finalize(fd, e),
         }
-        .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)))
+        .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)))?;
+        // A top-level file is renamed into DIR by the swap, which changes its ctime.
+        let top_level = !e.path.contains(&b'/');
+        let stamp = match top_level {
+            true => None,
+            false => f.file.metadata().ok().map(|m| Stamp::of(&m)),
+        };
+        self.stamps.push(stamp);
+        Ok(())
     }
 
     fn close_dir(&self, d: OpenDir) -> anyhow::Result<()> {
@@ -232,8 +253,9 @@ impl Restorer {
     }
 
     /// Completes the tree (entries after the last file, directory modes and times) and
-    /// swaps it into DIR.
-    pub fn finish(mut self) -> anyhow::Result<()> {
+    /// swaps it into DIR. Returns the entries and each file's stamp as it was
+    /// completed, for a [`crate::state::TreeState`].
+    pub fn finish(mut self) -> anyhow::Result<Finished> {
         self.advance()?;
         if let Some(f) = &self.file {
             bail!(
@@ -254,7 +276,10 @@ impl Restorer {
         if let Some(name) = self.temp_name.take() {
             rustix::fs::unlinkat(&self.root, &name, AtFlags::REMOVEDIR).ok();
         }
-        Ok(())
+        Ok(Finished {
+            entries: std::mem::take(&mut self.entries),
+            stamps: std::mem::take(&mut self.stamps),
+        })
     }
 
     /// Moves every top-level entry of the temp dir into DIR (see the module doc).

@@ -139,6 +139,11 @@ impl Progress {
         self.bar.inc(n);
     }
 
+    /// Starts counting again from zero (a transfer started over).
+    pub fn reset(&self) {
+        self.bar.set_position(0);
+    }
+
     /// Bytes counted so far.
     pub fn done(&self) -> u64 {
         self.bar.position()

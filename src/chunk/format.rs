@@ -121,7 +121,7 @@ pub struct FormatError {
     why: String,
 }
 
-fn bad(what: &str, why: impl Into<String>) -> FormatError {
+pub(crate) fn bad(what: &str, why: impl Into<String>) -> FormatError {
     FormatError {
         what: what.to_string(),
         why: why.into(),
@@ -540,7 +540,7 @@ fn decode_table(r: &mut Reader<'_>) -> Result<ChunkTable, FormatError> {
     Ok(ChunkTable { packs, chunks })
 }
 
-fn wrap(magic: &[u8; 8], kind: u8, body: &[u8]) -> Vec<u8> {
+pub(crate) fn wrap(magic: &[u8; 8], kind: u8, body: &[u8]) -> Vec<u8> {
     let compressed = zstd::bulk::compress(body, 3).expect("zstd compression of a buffer");
     let mut out = Vec::with_capacity(HEADER_LEN + compressed.len());
     out.extend_from_slice(magic);
@@ -552,7 +552,11 @@ fn wrap(magic: &[u8; 8], kind: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
-fn unwrap(what: &str, magic: &[u8; 8], data: &[u8]) -> Result<(u8, Vec<u8>), FormatError> {
+pub(crate) fn unwrap(
+    what: &str,
+    magic: &[u8; 8],
+    data: &[u8],
+) -> Result<(u8, Vec<u8>), FormatError> {
     if data.len() < HEADER_LEN || &data[..8] != magic {
         return Err(bad(what, "wrong magic bytes"));
     }
@@ -582,17 +586,17 @@ fn unwrap(what: &str, magic: &[u8; 8], data: &[u8]) -> Result<(u8, Vec<u8>), For
     Ok((kind, body))
 }
 
-fn put_u64(out: &mut Vec<u8>, v: u64) {
+pub(crate) fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
-fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+pub(crate) fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     put_varint(out, b.len() as u64);
     out.extend_from_slice(b);
 }
 
 /// LEB128: 7 bits a byte, low bits first.
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -600,27 +604,27 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-fn zigzag(v: i64) -> u64 {
+pub(crate) fn zigzag(v: i64) -> u64 {
     ((v << 1) ^ (v >> 63)) as u64
 }
 
-fn unzigzag(v: u64) -> i64 {
+pub(crate) fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
 /// Bounds-checked reading of a decoded body.
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     what: &'a str,
     data: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn new(what: &'a str, data: &'a [u8]) -> Reader<'a> {
+    pub(crate) fn new(what: &'a str, data: &'a [u8]) -> Reader<'a> {
         Reader { what, data, pos: 0 }
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
         if self.data.len() - self.pos < n {
             return Err(bad(self.what, "truncated"));
         }
@@ -629,21 +633,21 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
-    fn u8(&mut self) -> Result<u8, FormatError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, FormatError> {
         Ok(self.take(1)?[0])
     }
 
-    fn u64(&mut self) -> Result<u64, FormatError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, FormatError> {
         Ok(u64::from_le_bytes(
             self.take(8)?.try_into().expect("8 bytes"),
         ))
     }
 
-    fn id(&mut self) -> Result<Id, FormatError> {
+    pub(crate) fn id(&mut self) -> Result<Id, FormatError> {
         Ok(Id(self.take(32)?.try_into().expect("32 bytes")))
     }
 
-    fn varint(&mut self) -> Result<u64, FormatError> {
+    pub(crate) fn varint(&mut self) -> Result<u64, FormatError> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
             let byte = self.u8()?;
@@ -655,7 +659,7 @@ impl<'a> Reader<'a> {
         Err(bad(self.what, "varint longer than 10 bytes"))
     }
 
-    fn bytes(&mut self, max: usize) -> Result<&'a [u8], FormatError> {
+    pub(crate) fn bytes(&mut self, max: usize) -> Result<&'a [u8], FormatError> {
         let n = self.varint()? as usize;
         if n > max {
             return Err(bad(self.what, format!("a {n}-byte field (limit {max})")));
@@ -664,7 +668,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A record count, refused when the remaining bytes cannot hold that many records.
-    fn varint_count(&mut self, min_record: usize) -> Result<usize, FormatError> {
+    pub(crate) fn varint_count(&mut self, min_record: usize) -> Result<usize, FormatError> {
         let n = usize::try_from(self.varint()?).unwrap_or(usize::MAX);
         if n.saturating_mul(min_record) > self.data.len() - self.pos {
             return Err(bad(
@@ -675,7 +679,7 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
-    fn finish(&self) -> Result<(), FormatError> {
+    pub(crate) fn finish(&self) -> Result<(), FormatError> {
         if self.pos == self.data.len() {
             Ok(())
         } else {

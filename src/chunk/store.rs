@@ -97,6 +97,14 @@ impl Known {
             .then_some(*loc)
     }
 
+    /// Chunks known at `locations`, in the listed `packs`.
+    pub fn new(locations: impl IntoIterator<Item = (Id, Location)>, packs: Packs) -> Known {
+        Known {
+            chunks: locations.into_iter().collect(),
+            packs,
+        }
+    }
+
     /// Number of chunks known.
     pub fn len(&self) -> usize {
         self.chunks.len()
@@ -135,6 +143,35 @@ pub struct Stats {
     pub packs: u64,
     /// Requests retried in the whole command so far.
     pub retries: u64,
+    /// Directory entries: files the tree state showed unchanged (upload: not read;
+    /// download: left as they were), and their bytes.
+    pub unchanged_files: u64,
+    pub unchanged_bytes: u64,
+    /// Directory entries: bytes read from the tree (upload) or written to it (download).
+    pub disk_bytes: u64,
+}
+
+/// A piece of a content stream, as a cutter hands it to [`ChunkStore::upload`].
+pub enum Piece {
+    /// A chunk's bytes: hashed, and compressed and sent if the bucket lacks them.
+    Cut(Vec<u8>),
+    /// A chunk known to be stored already, not read (see `crate::tree_stream`).
+    Reused { id: Id, loc: Location },
+}
+
+impl Piece {
+    /// Stream bytes the piece covers.
+    pub fn len(&self) -> u64 {
+        match self {
+            Piece::Cut(data) => data.len() as u64,
+            Piece::Reused { loc, .. } => u64::from(loc.len),
+        }
+    }
+
+    /// Whether it covers no bytes (cutters never make such a piece).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A pack ready to go up.
@@ -248,24 +285,38 @@ impl ChunkStore {
         Ok(known)
     }
 
-    /// Chunks `content`, sends the chunks the bucket lacks, then writes an index
-    /// segment and finally `manifest` (its table and stream length filled in) under
-    /// `key`.
+    /// Chunks `content` (see [`ChunkStore::upload_pieces`]).
     pub async fn upload<R>(
         &self,
         content: R,
-        known: Known,
-        mut manifest: Manifest,
+        known: Arc<Known>,
+        manifest: Manifest,
         key: &str,
-    ) -> anyhow::Result<Stats>
+    ) -> anyhow::Result<(Stats, Manifest)>
     where
         R: Read + Send + 'static,
     {
+        let pieces = cut_in_batches(content);
+        self.upload_pieces(pieces, known, manifest, key).await
+    }
+
+    /// Sends the chunks of `pieces` (a cut content stream, in batches) the bucket
+    /// lacks, then writes an index segment and finally `manifest` (its table and stream
+    /// length filled in) under `key`; returns the stats and the manifest published.
+    pub async fn upload_pieces<P>(
+        &self,
+        pieces: P,
+        known: Arc<Known>,
+        mut manifest: Manifest,
+        key: &str,
+    ) -> anyhow::Result<(Stats, Manifest)>
+    where
+        P: Iterator<Item = anyhow::Result<Vec<Piece>>> + Send + 'static,
+    {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<SealedPack>(2);
-        let known = Arc::new(known);
         let chunker = {
             let known = known.clone();
-            tokio::task::spawn_blocking(move || chunk_stream(content, &known, &tx))
+            tokio::task::spawn_blocking(move || chunk_stream(pieces, &known, &tx))
         };
         let sent = futures::stream::poll_fn(|cx| rx.poll_recv(cx))
             .map(|pack| async move {
@@ -307,7 +358,7 @@ impl ChunkStore {
             .await
             .with_context(|| format!("cannot write the manifest {key}"))?;
         stats.retries = self.transfer.retries();
-        Ok(stats)
+        Ok((stats, manifest))
     }
 
     /// Every index segment that can be trusted, with its key, and the keys of those
@@ -692,9 +743,9 @@ pub fn table_of(chunks: impl Iterator<Item = (Id, Location)>) -> ChunkTable {
     table
 }
 
-/// Runs on a blocking thread: cuts, hashes, compresses and packs the stream.
-fn chunk_stream<R: Read + Send + 'static>(
-    content: R,
+/// Runs on a blocking thread: hashes, compresses and packs the cut stream.
+fn chunk_stream(
+    pieces: impl Iterator<Item = anyhow::Result<Vec<Piece>>>,
     known: &Known,
     packs: &tokio::sync::mpsc::Sender<SealedPack>,
 ) -> anyhow::Result<Chunked> {
@@ -731,15 +782,18 @@ fn chunk_stream<R: Read + Send + 'static>(
             .map_err(|_| anyhow::anyhow!("pack upload stopped"))
     };
 
-    // Cutting is sequential; run it on its own thread so hashing and compression of
-    // one batch overlap with cutting the next.
-    let batches = cut_in_batches(content);
-    for batch in batches {
+    // Cutting is sequential and runs on a thread of its own, so hashing and
+    // compression of one batch overlap with cutting the next.
+    for batch in pieces {
         let batch = batch?;
         // Hash everything and compress what the bucket lacks, on all cores.
         let processed: Vec<(Id, u32, Result<Location, Vec<u8>>)> = batch
             .par_iter()
-            .map(|data| {
+            .map(|piece| {
+                let data = match piece {
+                    Piece::Cut(data) => data,
+                    Piece::Reused { id, loc } => return Ok((*id, loc.len, Ok(*loc))),
+                };
                 let id = Id::of(data);
                 let stored = match known.reusable(&id, data.len()) {
                     Some(loc) => Ok(loc),
@@ -780,7 +834,7 @@ fn chunk_stream<R: Read + Send + 'static>(
 /// [`BATCH_BYTES`]; at most two batches wait, which bounds memory.
 fn cut_in_batches<R: Read + Send + 'static>(
     content: R,
-) -> impl Iterator<Item = anyhow::Result<Vec<Vec<u8>>>> {
+) -> impl Iterator<Item = anyhow::Result<Vec<Piece>>> + Send + 'static {
     let (tx, rx) = std::sync::mpsc::sync_channel(2);
     std::thread::spawn(move || {
         let cutter = fastcdc::v2020::StreamCDC::new(
@@ -804,7 +858,7 @@ fn cut_in_batches<R: Read + Send + 'static>(
                 }
             };
             batch_bytes += chunk.data.len();
-            batch.push(chunk.data);
+            batch.push(Piece::Cut(chunk.data));
             if batch_bytes >= BATCH_BYTES {
                 batch_bytes = 0;
                 if tx.send(Ok(std::mem::take(&mut batch))).is_err() {
@@ -900,7 +954,7 @@ pub fn upload_stats_line(
     };
     format!(
         "uploaded {key}: {}{}, chunks {} total / {} new / {} reused, sent {}, dedup {dedup:.1}%, {:.2}s, {}{}",
-        files_note(files),
+        files_note(files, stats, "read"),
         ui::human_bytes(stats.stream_bytes),
         stats.chunks,
         stats.chunks_new,
@@ -922,7 +976,7 @@ pub fn download_stats_line(
 ) -> String {
     format!(
         "restored {key}: {}{}, chunks {} total / {} distinct from {} packs, received {}, {:.2}s, {}{}",
-        files_note(files),
+        files_note(files, stats, "written"),
         ui::human_bytes(stats.stream_bytes),
         stats.chunks,
         stats.chunks_new,
@@ -934,8 +988,15 @@ pub fn download_stats_line(
     )
 }
 
-fn files_note(files: Option<usize>) -> String {
-    files.map(|n| format!("{n} files, ")).unwrap_or_default()
+fn files_note(files: Option<usize>, stats: &Stats, verb: &str) -> String {
+    let Some(n) = files else {
+        return String::new();
+    };
+    format!(
+        "{n} files ({} unchanged, {} {verb}), ",
+        stats.unchanged_files,
+        ui::human_bytes(stats.disk_bytes)
+    )
 }
 
 /// Seconds since the epoch, for manifests.

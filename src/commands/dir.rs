@@ -5,22 +5,25 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, bail};
 
 use super::{Outcome, heal};
-use crate::archive::{self, ContentReader};
+use crate::archive::{self, ScannedFile};
 use crate::chunk::format::{EntryKind, Manifest, ManifestKind};
 use crate::chunk::gc::mark_used;
 use crate::chunk::store::{
-    ChunkStore, Packs, Stats, Stored, download_stats_line, is_broken, now_secs, upload_stats_line,
+    ChunkStore, Known, Packs, Stats, Stored, download_stats_line, is_broken, now_secs,
+    upload_stats_line,
 };
 use crate::cli::{DirCommand, DirDownloadArgs, DirUploadArgs};
 use crate::config::Config;
 use crate::key::{full_key, has_arch_suffix, join_prefix};
 use crate::restore::Restorer;
+use crate::state::TreeState;
 use crate::transfer::Transfer;
+use crate::tree_stream::{ReadReport, StaleState, cut_tree};
 use crate::ui;
 
 pub async fn run(config: &Config, cmd: &DirCommand) -> anyhow::Result<Outcome> {
@@ -97,9 +100,15 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     };
     let started = Instant::now();
     let dir = args.dir.clone();
-    let tree = tokio::task::spawn_blocking(move || archive::scan(&dir)).await??;
+    // Stamps taken after this moment may be recorded (see `TreeState::new`).
+    let taken = SystemTime::now();
+    let (tree, state) = tokio::task::spawn_blocking(move || {
+        let tree = archive::scan(&dir)?;
+        anyhow::Ok((tree, TreeState::load(&dir)))
+    })
+    .await??;
     let files = tree.files.len();
-    let known = chunks.load_known(packs).await?;
+    let known = Arc::new(chunks.load_known(packs).await?);
     let manifest = Manifest {
         kind: ManifestKind::Dir,
         created: now_secs(),
@@ -110,11 +119,48 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     };
     let total = tree.files.iter().map(|f| f.size).sum();
     let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), total));
-    let content = progress.counted(ContentReader::new(tree.files));
-    let stats = chunks.upload(content, known, manifest, &key).await;
+    let mut uploaded = upload_tree(
+        &chunks,
+        &tree.files,
+        state.as_ref(),
+        &known,
+        manifest.clone(),
+        &key,
+        &progress,
+    )
+    .await;
+    if let Err(e) = &uploaded
+        && let Some(stale) = e.downcast_ref::<StaleState>()
+    {
+        ui::verbose(stale.to_string());
+        progress.reset();
+        uploaded = upload_tree(
+            &chunks,
+            &tree.files,
+            None,
+            &known,
+            manifest,
+            &key,
+            &progress,
+        )
+        .await;
+    }
     progress.clear();
-    let stats =
-        stats.with_context(|| format!("upload of {} to {key} failed", args.dir.display()))?;
+    let (stats, manifest, read) =
+        uploaded.with_context(|| format!("upload of {} to {key} failed", args.dir.display()))?;
+    let stamps = tree
+        .files
+        .iter()
+        .zip(&read.trusted)
+        .map(|(f, trusted)| trusted.then_some(f.stamp))
+        .collect();
+    let (dir, recorded_key) = (args.dir.clone(), key.clone());
+    tokio::task::spawn_blocking(move || {
+        if let Ok(canonical) = dir.canonicalize() {
+            TreeState::new(canonical, recorded_key, manifest, stamps, taken).save();
+        }
+    })
+    .await?;
     ui::status(upload_stats_line(
         &key,
         Some(files),
@@ -123,6 +169,28 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     ));
     report("dir upload", &key, "uploaded", None, Some(&stats));
     Ok(Outcome::Success)
+}
+
+/// Cuts and uploads the files of a scanned tree, reading only what `state` cannot
+/// vouch for; the stats (with what was read), the manifest written, and the report.
+async fn upload_tree(
+    chunks: &ChunkStore,
+    files: &[ScannedFile],
+    state: Option<&TreeState>,
+    known: &Arc<Known>,
+    manifest: Manifest,
+    key: &str,
+    progress: &Arc<ui::Progress>,
+) -> anyhow::Result<(Stats, Manifest, ReadReport)> {
+    let (pieces, report) = cut_tree(files.to_vec(), state, known.clone(), progress.clone());
+    let (mut stats, manifest) = chunks
+        .upload_pieces(pieces, known.clone(), manifest, key)
+        .await?;
+    let report = report.lock().expect("report lock").clone();
+    stats.unchanged_files = report.unchanged_files;
+    stats.unchanged_bytes = report.unchanged_bytes;
+    stats.disk_bytes = report.bytes_read;
+    Ok((stats, manifest, report))
 }
 
 /// The `--json` record of a chunked transfer (docs/json.md).
@@ -235,6 +303,12 @@ async fn restore_manifest(
         .filter(|e| matches!(e.kind, EntryKind::File { .. }))
         .count();
     let (dest, entries, needed) = (dir.to_path_buf(), manifest.entries, manifest.stream_len);
+    let manifest_meta = Manifest {
+        entries: Vec::new(),
+        table: Default::default(),
+        label: manifest.label,
+        ..manifest
+    };
     let restorer =
         tokio::task::spawn_blocking(move || Restorer::create(&dest, entries, needed)).await??;
     let progress = Arc::new(ui::Progress::new(
@@ -248,9 +322,29 @@ async fn restore_manifest(
     let (restorer, stats) = restored
         .with_context(|| format!("cannot restore {key}; {} left untouched", dir.display()))?;
     let restorer = restorer.into_inner();
-    tokio::task::spawn_blocking(move || restorer.finish())
-        .await?
-        .with_context(|| format!("cannot restore {key}"))?;
+    let (table, stream_len, dest, recorded_key) = (
+        manifest.table,
+        manifest.stream_len,
+        dir.to_path_buf(),
+        key.to_string(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let finished = restorer.finish()?;
+        // Stamps are trusted from now on (see `TreeState::new`).
+        let taken = SystemTime::now();
+        if let Ok(canonical) = dest.canonicalize() {
+            let restored = Manifest {
+                table,
+                stream_len,
+                entries: finished.entries,
+                ..manifest_meta
+            };
+            TreeState::new(canonical, recorded_key, restored, finished.stamps, taken).save();
+        }
+        anyhow::Ok(())
+    })
+    .await?
+    .with_context(|| format!("cannot restore {key}"))?;
     ui::status(download_stats_line(
         key,
         Some(files),
@@ -362,5 +456,5 @@ fn extract_legacy(reader: impl std::io::Read, dir: &Path) -> anyhow::Result<()> 
     archive.set_preserve_mtime(true);
     archive.set_overwrite(true);
     archive.unpack(restorer.temp_path())?;
-    restorer.finish()
+    restorer.finish().map(drop)
 }

@@ -75,10 +75,10 @@ async fn seed(
     let known = chunks.load_known(packs).await?;
     let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), 0));
     let stats = chunks
-        .upload(progress.counted(save), known, manifest, key)
+        .upload(progress.counted(save), Arc::new(known), manifest, key)
         .await;
     progress.clear();
-    let stats = stats.with_context(|| format!("upload of image {image} to {key} failed"))?;
+    let (stats, _) = stats.with_context(|| format!("upload of image {image} to {key} failed"))?;
     ui::status(upload_stats_line(key, None, &stats, started.elapsed()));
     Ok(stats)
 }

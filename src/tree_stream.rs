@@ -1,0 +1,618 @@
+//! A tree's content stream, cut into chunks, reading only what its tree state cannot
+//! vouch for: the warm path of `dir upload`.
+//!
+//! A file whose stamp matches the [`TreeState`] holds the bytes the state's manifest
+//! says, so the new stream is made of *spans* already known (runs of unchanged files
+//! that were also consecutive in the recorded stream) and bytes that must be read.
+//! FastCDC decides a cut from the bytes since the previous cut, the one byte after it,
+//! and how much stream is left (at most [`CHUNK_MAX`] counts). So when a cut lands on a
+//! recorded cut point inside a span, and the recorded chunk, with the byte after it, lies
+//! in the span (and as much stream is left), the chunk that follows is the recorded one:
+//! its id is taken without reading. Everywhere else bytes are read and cut as a full
+//! read cuts them. The chunks are therefore exactly those of a full read.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use crate::archive::ScannedFile;
+use crate::chunk::format::EntryKind;
+use crate::chunk::store::{Known, Piece};
+use crate::chunk::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Id};
+use crate::state::{Stamp, TreeState};
+use crate::ui::Progress;
+
+/// Stream bytes covered before a batch of pieces is handed on.
+const BATCH_BYTES: u64 = 4 * 1024 * 1024;
+
+/// What cutting a tree read and what it could skip.
+#[derive(Debug, Default, Clone)]
+pub struct ReadReport {
+    /// Bytes read from the tree's files.
+    pub bytes_read: u64,
+    /// Files whose stamp matched the tree state, and their bytes.
+    pub unchanged_files: u64,
+    pub unchanged_bytes: u64,
+    /// Per file (stream order): whether its stamp from the scan still described it when
+    /// it was last touched here, so a new tree state may vouch for it.
+    pub trusted: Vec<bool>,
+}
+
+/// The recorded stream was not what the tree state said (a file changed without its
+/// stamp changing): the upload must start again without the state.
+#[derive(Debug, thiserror::Error)]
+#[error("the tree state of {0} does not match the files; reading everything")]
+pub struct StaleState(String);
+
+/// The FastCDC cut of the chunk starting at `buf[0]`, given the next
+/// `min(CHUNK_MAX, bytes left)` bytes of the stream, as `StreamCDC` would make it.
+pub fn cut_len(buf: &[u8]) -> usize {
+    let cdc = fastcdc::v2020::FastCDC::new(
+        buf,
+        CHUNK_MIN as usize,
+        CHUNK_AVG as usize,
+        CHUNK_MAX as usize,
+    );
+    cdc.cut(0, buf.len()).1
+}
+
+/// A run of the new stream known byte for byte from the recorded one.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    new_start: u64,
+    old_start: u64,
+    len: u64,
+}
+
+/// The recorded stream: its chunk ids and lengths with their offsets.
+struct Recorded {
+    starts: Vec<u64>,
+    chunks: Vec<(Id, u32)>,
+    len: u64,
+}
+
+/// Starts cutting `files` (a scan, in stream order) on a thread of its own. Files whose
+/// stamp matches `state` are read only where a cut must be found near them; chunks are
+/// handed on in batches, with a [`Piece::Reused`] for each recorded chunk `known` holds.
+/// The report is complete once the batches end.
+pub fn cut_tree(
+    files: Vec<ScannedFile>,
+    state: Option<&TreeState>,
+    known: Arc<Known>,
+    progress: Arc<Progress>,
+) -> (
+    impl Iterator<Item = anyhow::Result<Vec<Piece>>> + Send + use<>,
+    Arc<Mutex<ReadReport>>,
+) {
+    let mut report = ReadReport {
+        trusted: vec![true; files.len()],
+        ..ReadReport::default()
+    };
+    let (spans, recorded) = match state {
+        Some(state) => plan(&files, state, &mut report),
+        None => (Vec::new(), None),
+    };
+    let report = Arc::new(Mutex::new(report));
+    let (tx, rx) = std::sync::mpsc::sync_channel(2);
+    let mut cutter = Cutter {
+        window: Window::new(StreamFiles::new(files)),
+        spans,
+        span: 0,
+        recorded,
+        known,
+        progress,
+    };
+    let shared = report.clone();
+    std::thread::spawn(move || {
+        let result = cutter.run(&tx);
+        let mut report = shared.lock().expect("report lock");
+        report.bytes_read = cutter.window.files.bytes_read;
+        for (i, trusted) in cutter.window.files.untrusted.drain(..) {
+            report.trusted[i] = trusted;
+        }
+        drop(report);
+        if let Err(e) = result {
+            let _ = tx.send(Err(e));
+        }
+    });
+    (rx.into_iter(), report)
+}
+
+/// The spans of the new stream that `state` vouches for, and the recorded chunks.
+fn plan(
+    files: &[ScannedFile],
+    state: &TreeState,
+    report: &mut ReadReport,
+) -> (Vec<Span>, Option<Recorded>) {
+    let mut recorded_files = std::collections::HashMap::new();
+    let mut offset = 0u64;
+    let mut stamps = state.stamps.iter();
+    for e in &state.manifest.entries {
+        if let EntryKind::File { size } = e.kind {
+            if let Some(Some(stamp)) = stamps.next() {
+                recorded_files.insert(&e.path[..], (offset, *stamp));
+            }
+            offset += size;
+        }
+    }
+    let mut spans: Vec<Span> = Vec::new();
+    let mut new_start = 0u64;
+    for f in files {
+        let unchanged = recorded_files
+            .get(&f.rel[..])
+            .filter(|(_, stamp)| *stamp == f.stamp);
+        if let Some((old_start, _)) = unchanged {
+            report.unchanged_files += 1;
+            report.unchanged_bytes += f.size;
+            match spans.last_mut() {
+                Some(s)
+                    if s.new_start + s.len == new_start && s.old_start + s.len == *old_start =>
+                {
+                    s.len += f.size
+                }
+                _ if f.size == 0 => {}
+                _ => spans.push(Span {
+                    new_start,
+                    old_start: *old_start,
+                    len: f.size,
+                }),
+            }
+        }
+        new_start += f.size;
+    }
+    let mut starts = Vec::with_capacity(state.manifest.table.chunks.len());
+    let mut at = 0u64;
+    let chunks = state
+        .manifest
+        .table
+        .chunks
+        .iter()
+        .map(|c| {
+            starts.push(at);
+            at += u64::from(c.len);
+            (c.id, c.len)
+        })
+        .collect();
+    let recorded = Recorded {
+        starts,
+        chunks,
+        len: at,
+    };
+    (spans, Some(recorded))
+}
+
+struct Cutter {
+    window: Window,
+    spans: Vec<Span>,
+    /// The first span that does not end before the current position.
+    span: usize,
+    recorded: Option<Recorded>,
+    known: Arc<Known>,
+    progress: Arc<Progress>,
+}
+
+impl Cutter {
+    fn run(
+        &mut self,
+        tx: &std::sync::mpsc::SyncSender<anyhow::Result<Vec<Piece>>>,
+    ) -> anyhow::Result<()> {
+        let len = self.window.files.len;
+        let (mut at, mut batch, mut batch_bytes) = (0u64, Vec::new(), 0u64);
+        while at < len {
+            let piece = match self.recorded_chunk_at(at) {
+                Some((id, chunk_len)) => match self.known.reusable(&id, chunk_len as usize) {
+                    Some(loc) => Piece::Reused { id, loc },
+                    None => {
+                        // The bucket lacks it (another prefix, or gc): read it to send it.
+                        let data = self.window.get(at, chunk_len as usize)?.to_vec();
+                        if Id::of(&data) != id {
+                            return Err(StaleState(
+                                self.window.files.path_at(at).display().to_string(),
+                            )
+                            .into());
+                        }
+                        Piece::Cut(data)
+                    }
+                },
+                None => {
+                    let left = usize::try_from(len - at).unwrap_or(usize::MAX);
+                    Piece::Cut(self.cut_at(at, left.min(CHUNK_MAX as usize))?)
+                }
+            };
+            let piece_len = piece.len();
+            at += piece_len;
+            batch_bytes += piece_len;
+            self.progress.add(piece_len);
+            batch.push(piece);
+            if batch_bytes >= BATCH_BYTES {
+                batch_bytes = 0;
+                if tx.send(Ok(std::mem::take(&mut batch))).is_err() {
+                    return Ok(()); // the upload stopped; its error is the one reported
+                }
+            }
+        }
+        self.window.files.close()?;
+        if !batch.is_empty() {
+            let _ = tx.send(Ok(batch));
+        }
+        Ok(())
+    }
+
+    /// Reads and cuts the chunk at `at`, given the `ahead` bytes FastCDC may look at.
+    /// Most cuts come within twice the average size, so that much is tried first:
+    /// FastCDC scans forward and stops at the first cut, so a cut found before the end
+    /// of a shorter window is the one the whole window gives (its normalization
+    /// switches at the average size either way). Reading less past a change is what
+    /// keeps a warm upload's reads small.
+    fn cut_at(&mut self, at: u64, ahead: usize) -> io::Result<Vec<u8>> {
+        let first = 2 * CHUNK_AVG as usize;
+        if ahead > first {
+            let buf = self.window.get(at, first)?;
+            let n = cut_len(buf);
+            if n < first {
+                return Ok(buf[..n].to_vec());
+            }
+        }
+        let buf = self.window.get(at, ahead)?;
+        Ok(buf[..cut_len(buf)].to_vec())
+    }
+
+    /// The recorded chunk that a cut at `at` reproduces, if any (see the module doc).
+    fn recorded_chunk_at(&mut self, at: u64) -> Option<(Id, u32)> {
+        let recorded = self.recorded.as_ref()?;
+        while self
+            .spans
+            .get(self.span)
+            .is_some_and(|s| s.new_start + s.len <= at)
+        {
+            self.span += 1;
+        }
+        let span = self.spans.get(self.span).filter(|s| s.new_start <= at)?;
+        let from = span.old_start + (at - span.new_start);
+        let k = recorded.starts.binary_search(&from).ok()?;
+        let (id, chunk_len) = recorded.chunks[k];
+        let end = from + u64::from(chunk_len);
+        let span_end = span.old_start + span.len;
+        let left_old = (recorded.len - from).min(u64::from(CHUNK_MAX));
+        let left_new = (self.window.files.len - at).min(u64::from(CHUNK_MAX));
+        let decided_alike =
+            left_old == left_new && end <= span_end && (end == recorded.len || end < span_end);
+        decided_alike.then_some((id, chunk_len))
+    }
+}
+
+/// The bytes of the stream from some position on, read as cuts need them.
+struct Window {
+    files: StreamFiles,
+    buf: Vec<u8>,
+    /// Where the live bytes start in `buf`, and their stream offset.
+    head: usize,
+    at: u64,
+}
+
+impl Window {
+    fn new(files: StreamFiles) -> Window {
+        Window {
+            files,
+            buf: Vec::new(),
+            head: 0,
+            at: 0,
+        }
+    }
+
+    /// The `n` stream bytes from `at` on; `at` never goes back.
+    fn get(&mut self, at: u64, n: usize) -> io::Result<&[u8]> {
+        let live = (self.buf.len() - self.head) as u64;
+        if at >= self.at + live {
+            self.buf.clear();
+            self.head = 0;
+        } else {
+            self.head += (at - self.at) as usize;
+        }
+        self.at = at;
+        let have = self.buf.len() - self.head;
+        if have < n {
+            if self.head > 0 && self.head >= self.buf.len() / 2 {
+                self.buf.drain(..self.head);
+                self.head = 0;
+            }
+            let old_len = self.buf.len();
+            self.buf.resize(old_len + n - have, 0);
+            let from = at + have as u64;
+            self.files.read_exact_at(from, &mut self.buf[old_len..])?;
+        }
+        Ok(&self.buf[self.head..self.head + n])
+    }
+}
+
+/// The regular files of a scan, read as one stream at increasing offsets. Fails if a
+/// file turns out shorter or longer than scanned, or modified, so an upload never
+/// records a tree that did not exist.
+struct StreamFiles {
+    files: Vec<ScannedFile>,
+    starts: Vec<u64>,
+    len: u64,
+    open: Option<(usize, File)>,
+    bytes_read: u64,
+    /// Files whose stamp changed in a way that leaves their content as scanned (a
+    /// chmod, a new link): the content is fine, the stamp cannot vouch for it.
+    untrusted: Vec<(usize, bool)>,
+}
+
+impl StreamFiles {
+    fn new(files: Vec<ScannedFile>) -> StreamFiles {
+        let mut starts = Vec::with_capacity(files.len());
+        let mut len = 0u64;
+        for f in &files {
+            starts.push(len);
+            len += f.size;
+        }
+        StreamFiles {
+            files,
+            starts,
+            len,
+            open: None,
+            bytes_read: 0,
+            untrusted: Vec::new(),
+        }
+    }
+
+    /// The file holding stream offset `at` (< len): the last one starting at or
+    /// before it, which is never an empty one.
+    fn file_at(&self, at: u64) -> usize {
+        self.starts.partition_point(|&s| s <= at) - 1
+    }
+
+    fn path_at(&self, at: u64) -> &Path {
+        &self.files[self.file_at(at)].path
+    }
+
+    fn read_exact_at(&mut self, mut at: u64, mut out: &mut [u8]) -> io::Result<()> {
+        while !out.is_empty() {
+            let i = self.file_at(at);
+            self.open_file(i)?;
+            let file = &self.open.as_ref().expect("opened above").1;
+            let scanned = &self.files[i];
+            let within = at - self.starts[i];
+            let n = out.len().min((scanned.size - within) as usize);
+            let mut done = 0;
+            while done < n {
+                let got = file.read_at(&mut out[done..n], within + done as u64)?;
+                if got == 0 {
+                    return Err(changed(&scanned.path, "shrank"));
+                }
+                done += got;
+            }
+            if within + n as u64 == scanned.size && file.read_at(&mut [0u8], scanned.size)? != 0 {
+                return Err(changed(&scanned.path, "grew"));
+            }
+            self.bytes_read += n as u64;
+            at += n as u64;
+            out = &mut out[n..];
+        }
+        Ok(())
+    }
+
+    /// Makes file `i` the open one (closing the one open before).
+    fn open_file(&mut self, i: usize) -> io::Result<()> {
+        if self.open.as_ref().is_none_or(|(open, _)| *open != i) {
+            self.close()?;
+            let path = &self.files[i].path;
+            let file = File::open(path)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            self.open = Some((i, file));
+        }
+        Ok(())
+    }
+
+    /// Closes the open file, checking it is the file scanned.
+    fn close(&mut self) -> io::Result<()> {
+        let Some((i, file)) = self.open.take() else {
+            return Ok(());
+        };
+        let now = Stamp::of(&file.metadata()?);
+        let scanned = &self.files[i];
+        if (now.size, now.mtime) != (scanned.stamp.size, scanned.stamp.mtime) {
+            return Err(changed(&scanned.path, "was modified"));
+        }
+        if now != scanned.stamp {
+            self.untrusted.push((i, false));
+        }
+        Ok(())
+    }
+}
+
+fn changed(path: &Path, how: &str) -> io::Error {
+    io::Error::other(format!(
+        "{} {how} while it was being read; not uploading a tree that never existed",
+        path.display()
+    ))
+}
+
+/// The whole content stream of `files`, read as an upload reads it (for tests).
+#[cfg(test)]
+pub fn content(files: Vec<ScannedFile>) -> io::Result<Vec<u8>> {
+    let mut stream = StreamFiles::new(files);
+    let mut out = vec![0u8; stream.len as usize];
+    stream.read_exact_at(0, &mut out)?;
+    stream.close()?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::io::Read;
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::archive::scan;
+    use crate::chunk::format::{Manifest, ManifestKind};
+    use crate::chunk::store::{Location, table_of};
+
+    fn fake_location(len: u32) -> Location {
+        Location {
+            pack: Id::of(b"pack"),
+            offset: 0,
+            stored_len: 1,
+            len,
+        }
+    }
+
+    /// Cuts a tree as an upload would into a bucket holding the chunks of `state`;
+    /// every chunk id and length, and what was read.
+    fn cut(root: &Path, state: Option<&TreeState>) -> (Vec<(Id, u32)>, ReadReport) {
+        let tree = scan(root).unwrap();
+        let progress = Arc::new(Progress::new("test", 0));
+        let stored = state.iter().flat_map(|s| &s.manifest.table.chunks);
+        let pack = crate::chunk::store::PackInfo {
+            modified: SystemTime::now(),
+            size: 1 << 40,
+        };
+        let known = Known::new(
+            stored.map(|c| (c.id, fake_location(c.len))),
+            [(Id::of(b"pack"), pack)].into(),
+        );
+        let (batches, report) = cut_tree(tree.files, state, Arc::new(known), progress);
+        let mut chunks = Vec::new();
+        for batch in batches {
+            for piece in batch.unwrap() {
+                match piece {
+                    Piece::Cut(data) => chunks.push((Id::of(&data), data.len() as u32)),
+                    Piece::Reused { id, loc } => chunks.push((id, loc.len)),
+                }
+            }
+        }
+        let report = report.lock().unwrap().clone();
+        (chunks, report)
+    }
+
+    /// The tree state an upload of `root` would record now, with `taken` an hour
+    /// after the files were written (so no stamp is racy).
+    fn state_of(root: &Path, chunks: &[(Id, u32)]) -> TreeState {
+        let tree = scan(root).unwrap();
+        let stamps = tree.files.iter().map(|f| Some(f.stamp)).collect();
+        let table = table_of(chunks.iter().map(|(id, len)| (*id, fake_location(*len))));
+        let manifest = Manifest {
+            kind: ManifestKind::Dir,
+            created: 0,
+            label: String::new(),
+            stream_len: chunks.iter().map(|c| u64::from(c.1)).sum(),
+            table,
+            entries: tree.entries,
+        };
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        TreeState::new(root.to_path_buf(), "k".into(), manifest, stamps, later)
+    }
+
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        (0..len).map(|_| rng.u8(..)).collect()
+    }
+
+    #[test]
+    fn a_full_read_cuts_exactly_as_stream_cdc() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..40u64 {
+            fs::write(
+                dir.path().join(format!("f{i:02}")),
+                noise(i, (i as usize * 37_111) % 300_000),
+            )
+            .unwrap();
+        }
+        let (chunks, report) = cut(dir.path(), None);
+        let stream = content(scan(dir.path()).unwrap().files).unwrap();
+        assert_eq!(report.bytes_read, stream.len() as u64);
+        let want: Vec<(Id, u32)> = fastcdc::v2020::StreamCDC::new(
+            &stream[..],
+            CHUNK_MIN as usize,
+            CHUNK_AVG as usize,
+            CHUNK_MAX as usize,
+        )
+        .map(|c| {
+            let c = c.unwrap();
+            (Id::of(&c.data), c.length as u32)
+        })
+        .collect();
+        assert_eq!(chunks, want);
+    }
+
+    #[test]
+    fn with_a_state_the_same_chunks_come_from_reading_only_the_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for i in 0..200u64 {
+            fs::write(
+                root.join(format!("f{i:03}")),
+                noise(i, 20_000 + (i as usize * 7_919) % 90_000),
+            )
+            .unwrap();
+        }
+        let (before, _) = cut(root, None);
+        let state = state_of(root, &before);
+        let total: u64 = before.iter().map(|c| u64::from(c.1)).sum();
+
+        // Unchanged: nothing read.
+        let (again, report) = cut(root, Some(&state));
+        assert_eq!(again, before);
+        assert_eq!((report.bytes_read, report.unchanged_files), (0, 200));
+
+        // Add, delete, edit in place, rewrite with the same size and mtime.
+        fs::write(root.join("f010a"), noise(1000, 50_000)).unwrap();
+        fs::remove_file(root.join("f030")).unwrap();
+        let mut edited = fs::read(root.join("f045")).unwrap();
+        edited[100] ^= 1;
+        fs::write(root.join("f045"), &edited).unwrap();
+        let f50 = root.join("f150");
+        let mtime = filetime::FileTime::from_last_modification_time(&fs::metadata(&f50).unwrap());
+        let mut same_size = fs::read(&f50).unwrap();
+        same_size[0] ^= 1;
+        fs::write(&f50, &same_size).unwrap();
+        filetime::set_file_mtime(&f50, mtime).unwrap();
+
+        let (warm, report) = cut(root, Some(&state));
+        let (cold, _) = cut(root, None);
+        assert_eq!(warm, cold, "the warm cut equals a full read");
+        assert_eq!(report.unchanged_files, 197);
+        assert!(
+            report.bytes_read < total / 8,
+            "read {} of {total} bytes",
+            report.bytes_read
+        );
+        let mut all = Vec::new();
+        let tree = scan(root).unwrap();
+        for f in &tree.files {
+            fs::File::open(&f.path)
+                .unwrap()
+                .read_to_end(&mut all)
+                .unwrap();
+        }
+        assert_eq!(all, content(tree.files).unwrap());
+    }
+
+    #[test]
+    fn a_file_changed_after_the_scan_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a"), "first").unwrap();
+        fs::write(dir.path().join("b"), "second").unwrap();
+        let tree = scan(dir.path()).unwrap();
+        assert_eq!(content(tree.files.clone()).unwrap(), b"firstsecond");
+
+        fs::write(dir.path().join("b"), "second and more").unwrap();
+        let err = content(tree.files.clone()).unwrap_err().to_string();
+        assert!(err.contains("grew"), "{err}");
+
+        fs::write(dir.path().join("b"), "sec").unwrap();
+        let err = content(tree.files.clone()).unwrap_err().to_string();
+        assert!(err.contains("shrank"), "{err}");
+
+        // Same size, new content: caught by the modification time.
+        fs::write(dir.path().join("a"), "FIRST").unwrap();
+        let old = filetime::FileTime::from_unix_time(1_000_000_000, 0);
+        filetime::set_file_mtime(dir.path().join("a"), old).unwrap();
+        let err = content(tree.files).unwrap_err().to_string();
+        assert!(err.contains("modified"), "{err}");
+    }
+}
