@@ -48,6 +48,8 @@ struct OpenFile {
 
 /// What a finished restore put in place.
 pub struct Finished {
+    /// When the new files became visible in DIR (just before the swap began).
+    pub visible_from: std::time::SystemTime,
     /// The entries restored.
     pub entries: Vec<Entry>,
     /// Each file's stamp once complete, in stream order; `None` for files the swap
@@ -271,12 +273,16 @@ impl Restorer {
         if crate::ui::cancelled() {
             bail!("cancelled; {} left as it was", self.dest.display());
         }
+        // Nothing but this restore can touch the new files before the swap (see
+        // `TreeState::new` for why that moment matters).
+        let visible_from = std::time::SystemTime::now();
         self.swap_in()?;
         self.created_dest = false;
         if let Some(name) = self.temp_name.take() {
             rustix::fs::unlinkat(&self.root, &name, AtFlags::REMOVEDIR).ok();
         }
         Ok(Finished {
+            visible_from,
             entries: std::mem::take(&mut self.entries),
             stamps: std::mem::take(&mut self.stamps),
         })

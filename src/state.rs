@@ -27,8 +27,9 @@ use crate::ui;
 /// Magic bytes of a tree state record.
 const STATE_MAGIC: &[u8; 8] = b"CACHERST";
 /// How close to the recording time a stamp may be on a filesystem with sub-second
-/// timestamps: file times come from a clock that ticks every few milliseconds.
-const FINE_GRANULARITY: Duration = Duration::from_millis(100);
+/// timestamps: Linux takes file times from a clock that ticks every jiffy (at most
+/// 10 ms), so twice that.
+const FINE_GRANULARITY: Duration = Duration::from_millis(20);
 /// The same on a filesystem that keeps whole seconds (FAT keeps two).
 const COARSE_GRANULARITY: Duration = Duration::from_secs(2);
 
@@ -75,10 +76,13 @@ pub struct TreeState {
 }
 
 impl TreeState {
-    /// A record of `manifest` in `dir` from `stamps` taken no earlier than `taken`
-    /// (one per file, in stream order). A stamp whose times are within the timestamp
-    /// granularity of `taken` is dropped: a write right after it could leave every
-    /// field the same (git calls such index entries racy).
+    /// A record of `manifest` in `dir` from `stamps` (one per file, in stream order).
+    /// `taken` is the earliest moment anything else could change a file after its
+    /// stamp was taken (an upload: when its scan began; a restore: when the swap
+    /// began). A stamp whose times are within the timestamp granularity of `taken` is
+    /// dropped: a write after it could leave every field the same (git calls such
+    /// index entries racy). The rule compares file times with this machine's clock, so
+    /// a network filesystem whose server clock lags may defeat it (as it does git's).
     pub fn new(
         dir: PathBuf,
         key: String,

@@ -20,3 +20,4 @@ mod restore;
 mod shipping;
 mod soak;
 mod tls;
+mod warm;

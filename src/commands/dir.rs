@@ -330,8 +330,7 @@ async fn restore_manifest(
     );
     tokio::task::spawn_blocking(move || {
         let finished = restorer.finish()?;
-        // Stamps are trusted from now on (see `TreeState::new`).
-        let taken = SystemTime::now();
+        let taken = finished.visible_from;
         if let Ok(canonical) = dest.canonicalize() {
             let restored = Manifest {
                 table,
