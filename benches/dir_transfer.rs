@@ -14,7 +14,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{
-    bash_aws, cacher_run, garage, measure, mib, sent_row, stored_bytes, table_header, time_row,
+    Server, bash_aws, cacher_json, cacher_run, garage, measure, mib, sent_row, stored_bytes,
+    table_header, time_row,
 };
 
 const BASE_DEPS: &str = r#"
@@ -82,6 +83,114 @@ fn trees(scratch: &Path) -> [String; 3] {
     ["a", "b", "c"].map(|t| base.join(t).join("registry").display().to_string())
 }
 
+/// The larger corpus of the warm-path figures (about 0.9 GB, 45k+ files): the one-crate
+/// bump tree B next to a copy of this machine's own `~/.cargo/registry`; its bumped
+/// version has C's registry in place of B's. Built once; returns (base, bumped).
+fn large_trees(scratch: &Path) -> Option<(String, String)> {
+    let base = scratch.join("cacher-bench-trees");
+    let home_registry = std::env::var("HOME").ok()? + "/.cargo/registry";
+    if !Path::new(&home_registry).is_dir() {
+        return None;
+    }
+    if !base.join("large-ready-v1").exists() {
+        let base = base.display();
+        sh(&format!(
+            "set -e; rm -rf {base}/large; mkdir -p {base}/large/base {base}/large/bumped; \
+             cp -a {base}/b/registry {base}/large/base/project; \
+             cp -a {home_registry} {base}/large/base/home; \
+             cp -a {base}/c/registry {base}/large/bumped/project; \
+             cp -a {base}/large/base/home {base}/large/bumped/home; \
+             touch {base}/large-ready-v1"
+        ));
+    }
+    let at = |t: &str| base.join("large").join(t).display().to_string();
+    Some((at("base"), at("bumped")))
+}
+
+/// Work proportional to the change: a job restores yesterday's entry, its build
+/// brings in the bumped tree (`cp -au` stands in for cargo: it writes new and newer
+/// files only), then uploads under the new key; and a warm runner restores the bumped
+/// entry into a DIR still holding yesterday's tree.
+fn warm_path(g: &Server, home: &Path, name: &str, base: &str, bumped: &str) {
+    let (e, bucket) = (&g.endpoint, &g.bucket);
+    let files = |t: &str| {
+        let out = Command::new("find")
+            .args([t, "-type", "f"])
+            .output()
+            .expect("find");
+        out.stdout.iter().filter(|b| **b == b'\n').count()
+    };
+    println!();
+    println!(
+        "warm path on {name}: {} MiB, {} files; the bump changes {:+} bytes",
+        du(bumped) >> 20,
+        files(bumped),
+        du(bumped) as i64 - du(base) as i64
+    );
+    let out = home.join(format!("warm-{name}"));
+    let out_s = out.display().to_string();
+    let reset = || {
+        let _ = std::fs::remove_dir_all(&out);
+    };
+    let (base_key, bumped_key) = (format!("warm/{name}/base"), format!("warm/{name}/bumped"));
+    cacher_run(g, home, &["dir", "upload", &base_key, base]);
+    reset();
+    cacher_run(g, home, &["dir", "download", &base_key, &out_s]);
+    sh(&format!("cp -au {bumped}/. {out_s}/"));
+    let baseline_up = bash_aws(
+        g,
+        home,
+        &format!(
+            "tar -C {out_s} -cf - . | zstd -q -T0 -3 | aws --endpoint-url {e} s3 cp - s3://{bucket}/base/warm-{name}.tar.zst"
+        ),
+    );
+    let (warm_up, stats) = cacher_json(g, home, &["dir", "upload", &bumped_key, &out_s]);
+    let read = stats["disk_bytes"].as_u64().unwrap_or(0);
+    let stream = stats["stream_bytes"].as_u64().unwrap_or(1);
+
+    reset();
+    let (restore_empty, empty_stats) =
+        cacher_json(g, home, &["dir", "download", &bumped_key, &out_s]);
+    reset();
+    cacher_run(g, home, &["dir", "download", &base_key, &out_s]);
+    let (restore_over, over_stats) =
+        cacher_json(g, home, &["dir", "download", &bumped_key, &out_s]);
+    let same = Command::new("diff")
+        .args(["-r", "-q", bumped, &out_s])
+        .status()
+        .expect("diff")
+        .success();
+    assert!(
+        same,
+        "the restore over the old tree differs from the bumped tree"
+    );
+    reset();
+
+    table_header("tar+zstd+aws");
+    time_row("upload after restore+bump", baseline_up.secs, warm_up.secs);
+    println!(
+        "  read {:.2} MiB of {:.1} MiB ({:.2}%), {} files unchanged, sent {:.2} MiB",
+        mib(read),
+        mib(stream),
+        100.0 * read as f64 / stream as f64,
+        stats["unchanged_files"],
+        mib(stats["wire_bytes"].as_u64().unwrap_or(0))
+    );
+    println!(
+        "{:<28} {:>12.2}s {:>11.2}s {:>8.3}   (received {:.2} MiB into empty, {:.2} MiB over the old tree)",
+        "restore over old / empty",
+        restore_empty.secs,
+        restore_over.secs,
+        restore_over.secs / restore_empty.secs,
+        mib(empty_stats["wire_bytes"].as_u64().unwrap_or(0)),
+        mib(over_stats["wire_bytes"].as_u64().unwrap_or(0)),
+    );
+    println!(
+        "peak RSS MiB: warm upload {:.0}, restore into empty {:.0}, over the old tree {:.0}",
+        warm_up.max_rss_mib, restore_empty.max_rss_mib, restore_over.max_rss_mib
+    );
+}
+
 fn du(path: &str) -> u64 {
     let out = Command::new("du").args(["-sb", path]).output().expect("du");
     String::from_utf8_lossy(&out.stdout)
@@ -121,6 +230,13 @@ fn main() {
         size_c as i64 - size_b as i64
     );
     println!("baseline: tar | zstd -T0 -3 | {}", common::aws_version());
+    if std::env::args().any(|a| a == "--warm-only") {
+        warm_path(g, home, "registry", &tree_b, &tree_c);
+        if let Some((base, bumped)) = large_trees(&scratch) {
+            warm_path(g, home, "large", &base, &bumped);
+        }
+        return;
+    }
 
     let base_up = |name: &str, tree: &str| {
         bash_aws(
@@ -193,6 +309,11 @@ fn main() {
         base_up_a.max_rss_mib,
         base_down.max_rss_mib
     );
+
+    warm_path(g, home, "registry", &tree_b, &tree_c);
+    if let Some((base, bumped)) = large_trees(&scratch) {
+        warm_path(g, home, "large", &base, &bumped);
+    }
 
     if restic_available() {
         let repo = format!("s3:{e}/{bucket}/restic");

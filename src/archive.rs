@@ -5,12 +5,15 @@
 //! ([`crate::tree_stream`] cuts it), so metadata changes (an `npm ci` that rewrote every
 //! mtime) leave the chunks untouched. The download side is [`crate::restore`].
 
-use std::fs;
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use rayon::prelude::*;
+use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::io::Errno;
 
 use crate::chunk::format::{Entry, EntryKind, MAX_DEPTH, MAX_PATH, show};
 use crate::state::Stamp;
@@ -41,82 +44,153 @@ pub struct ScannedFile {
 /// Walks `root` depth-first in byte order of names. Fifos, sockets and device nodes are
 /// skipped with a warning; symlinks are recorded, never followed; cacher's own temp
 /// entries at the top (a restore running into the same directory) are left out.
+///
+/// Every node is looked at relative to its parent's open handle (no path is resolved
+/// twice), and subdirectories are scanned in parallel: with a tree state, this stat of
+/// every file is most of what a warm upload costs.
 pub fn scan(root: &Path) -> anyhow::Result<Tree> {
-    let meta = fs::metadata(root).with_context(|| format!("cannot read {}", root.display()))?;
-    if !meta.is_dir() {
-        bail!("{} is not a directory", root.display());
-    }
-    let mut tree = Tree {
-        entries: Vec::new(),
-        files: Vec::new(),
+    let fd = rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        Errno::NOTDIR => anyhow::anyhow!("{} is not a directory", root.display()),
+        e => anyhow::Error::new(std::io::Error::from(e))
+            .context(format!("cannot read {}", root.display())),
+    })?;
+    scan_dir(root, &fd, &[], 1)
+}
+
+/// The tree below the open directory `fd`, whose path relative to the root is `rel`.
+fn scan_dir(root: &Path, fd: &OwnedFd, rel: &[u8], depth: usize) -> anyhow::Result<Tree> {
+    let shown = |name: &[u8]| {
+        root.join(OsStr::from_bytes(&join(rel, name)))
+            .display()
+            .to_string()
     };
-    let walker = walkdir::WalkDir::new(root)
-        .min_depth(1)
-        .follow_links(false)
-        .sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()))
-        .into_iter()
-        .filter_entry(|e| !(e.depth() == 1 && crate::temp::is_temp_name(e.file_name().as_bytes())));
-    for item in walker {
-        let item = item.with_context(|| format!("cannot walk {}", root.display()))?;
-        let rel = item
-            .path()
-            .strip_prefix(root)
-            .expect("walkdir yields paths under the root");
-        if item.depth() > MAX_DEPTH {
+    let mut names: Vec<Vec<u8>> = Vec::new();
+    let dir =
+        rustix::fs::Dir::read_from(fd).with_context(|| format!("cannot walk {}", shown(b"")))?;
+    for item in dir {
+        let item = item.with_context(|| format!("cannot walk {}", shown(b"")))?;
+        let name = item.file_name().to_bytes();
+        let skip = name == b"." || name == b".." || (depth == 1 && crate::temp::is_temp_name(name));
+        if !skip {
+            names.push(name.to_vec());
+        }
+    }
+    names.sort_unstable();
+    // Each child as an entry, plus its open handle when it is a directory.
+    let mut children: Vec<(Entry, Option<ScannedFile>, Option<OwnedFd>)> =
+        Vec::with_capacity(names.len());
+    for name in names {
+        let path = join(rel, &name);
+        if depth > MAX_DEPTH {
             bail!(
                 "{} is deeper than {MAX_DEPTH} directories, more than cacher restores",
-                show(rel.as_os_str().as_bytes())
+                show(&path)
             );
         }
-        if rel.as_os_str().len() > MAX_PATH {
+        if path.len() > MAX_PATH {
             bail!(
                 "{} is a {}-byte path; cacher stores paths of at most {MAX_PATH} bytes",
-                show(rel.as_os_str().as_bytes()),
-                rel.as_os_str().len()
+                show(&path),
+                path.len()
             );
         }
-        let meta = item
-            .metadata()
-            .with_context(|| format!("cannot stat {}", item.path().display()))?;
-        let file_type = item.file_type();
-        let kind = if file_type.is_dir() {
-            EntryKind::Dir
-        } else if file_type.is_file() {
-            tree.files.push(ScannedFile {
-                path: item.path().to_path_buf(),
-                rel: rel.as_os_str().as_bytes().to_vec(),
-                size: meta.len(),
-                stamp: Stamp::of(&meta),
-            });
-            EntryKind::File { size: meta.len() }
-        } else if file_type.is_symlink() {
-            let target = fs::read_link(item.path())
-                .with_context(|| format!("cannot read link {}", item.path().display()))?;
-            if target.as_os_str().len() > MAX_PATH {
-                bail!(
-                    "the link {} points to a path longer than {MAX_PATH} bytes",
-                    show(rel.as_os_str().as_bytes())
-                );
+        let c_name = std::ffi::CString::new(name.clone()).expect("names hold no NUL");
+        let st = rustix::fs::statat(fd, &c_name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(std::io::Error::from)
+            .with_context(|| format!("cannot stat {}", shown(&name)))?;
+        let file_type = rustix::fs::FileType::from_raw_mode(st.st_mode as rustix::fs::RawMode);
+        let (mut file, mut sub) = (None, None);
+        let kind = match file_type {
+            rustix::fs::FileType::Directory => {
+                let opened = rustix::fs::openat(
+                    fd,
+                    &c_name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(std::io::Error::from)
+                .with_context(|| format!("cannot walk {}", shown(&name)))?;
+                sub = Some(opened);
+                EntryKind::Dir
             }
-            EntryKind::Symlink {
-                target: target.as_os_str().as_bytes().to_vec(),
+            rustix::fs::FileType::RegularFile => {
+                let stamp = Stamp::of_stat(&st);
+                file = Some(ScannedFile {
+                    path: root.join(OsStr::from_bytes(&path)),
+                    rel: path.clone(),
+                    size: stamp.size,
+                    stamp,
+                });
+                EntryKind::File { size: stamp.size }
             }
-        } else {
-            ui::warn(format!(
-                "skipping {}: not a file, directory or symlink",
-                item.path().display()
-            ));
-            continue;
+            rustix::fs::FileType::Symlink => {
+                let target = rustix::fs::readlinkat(fd, &c_name, Vec::new())
+                    .map_err(std::io::Error::from)
+                    .with_context(|| format!("cannot read link {}", shown(&name)))?
+                    .into_bytes();
+                if target.len() > MAX_PATH {
+                    bail!(
+                        "the link {} points to a path longer than {MAX_PATH} bytes",
+                        show(&path)
+                    );
+                }
+                EntryKind::Symlink { target }
+            }
+            _ => {
+                ui::warn(format!(
+                    "skipping {}: not a file, directory or symlink",
+                    shown(&name)
+                ));
+                continue;
+            }
         };
-        tree.entries.push(Entry {
-            path: rel.as_os_str().as_bytes().to_vec(),
+        let entry = Entry {
+            path,
             kind,
-            mode: meta.mode() & 0o7777,
-            mtime: meta.mtime(),
-            mtime_nsec: meta.mtime_nsec() as u32,
-        });
+            mode: (st.st_mode as u32) & 0o7777,
+            mtime: st.st_mtime as i64,
+            mtime_nsec: st.st_mtime_nsec as u32,
+        };
+        children.push((entry, file, sub));
+    }
+    let subtrees: Vec<Option<Tree>> = children
+        .par_iter()
+        .map(|(entry, _, sub)| {
+            sub.as_ref()
+                .map(|fd| scan_dir(root, fd, &entry.path, depth + 1))
+                .transpose()
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut tree = Tree {
+        entries: Vec::with_capacity(children.len()),
+        files: Vec::new(),
+    };
+    for ((entry, file, _), subtree) in children.into_iter().zip(subtrees) {
+        tree.entries.push(entry);
+        tree.files.extend(file);
+        if let Some(sub) = subtree {
+            tree.entries.extend(sub.entries);
+            tree.files.extend(sub.files);
+        }
     }
     Ok(tree)
+}
+
+/// `rel/name`, or `name` at the root.
+fn join(rel: &[u8], name: &[u8]) -> Vec<u8> {
+    if rel.is_empty() {
+        return name.to_vec();
+    }
+    let mut path = Vec::with_capacity(rel.len() + 1 + name.len());
+    path.extend_from_slice(rel);
+    path.push(b'/');
+    path.extend_from_slice(name);
+    path
 }
 
 /// What a tree was made from, as `--fallback` compares it: DIR as given, lexically
@@ -160,6 +234,8 @@ pub fn source_label(dir: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     #[test]
@@ -193,6 +269,8 @@ mod tests {
 #[cfg(test)]
 mod properties {
     use std::collections::BTreeMap;
+    use std::fs;
+    use std::os::unix::fs::MetadataExt;
     use std::os::unix::fs::symlink;
 
     use std::io::Write;

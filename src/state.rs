@@ -55,6 +55,19 @@ impl Stamp {
         }
     }
 
+    /// The stamp of a file as `statat` saw it.
+    // The field types of `stat` differ between systems.
+    #[allow(clippy::unnecessary_cast)]
+    pub fn of_stat(st: &rustix::fs::Stat) -> Stamp {
+        Stamp {
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            size: st.st_size as u64,
+            mtime: (st.st_mtime as i64, st.st_mtime_nsec as u32),
+            ctime: (st.st_ctime as i64, st.st_ctime_nsec as u32),
+        }
+    }
+
     /// The latest of its two times, in nanoseconds since the epoch.
     fn latest_ns(&self) -> i128 {
         let ns = |(s, n): (i64, u32)| i128::from(s) * 1_000_000_000 + i128::from(n);
@@ -90,23 +103,23 @@ impl TreeState {
         mut stamps: Vec<Option<Stamp>>,
         taken: SystemTime,
     ) -> TreeState {
-        let fine = stamps
-            .iter()
-            .flatten()
-            .any(|s| s.ctime.1 % 1_000_000 != 0 || s.mtime.1 % 1_000_000 != 0);
-        let granularity = if fine {
-            FINE_GRANULARITY
-        } else {
-            COARSE_GRANULARITY
-        };
+        let granularity = granularity(&stamps);
         let taken = taken
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
         let limit = taken.as_nanos() as i128 - granularity.as_nanos() as i128;
+        let mut racy = 0;
         for stamp in &mut stamps {
             if stamp.is_some_and(|s| s.latest_ns() >= limit) {
                 *stamp = None;
+                racy += 1;
             }
+        }
+        if racy > 0 {
+            ui::verbose(format!(
+                "tree state of {}: {racy} files changed too recently to vouch for",
+                dir.display()
+            ));
         }
         TreeState {
             dir,
@@ -175,6 +188,43 @@ impl TreeState {
         if let Some(path) = dir.canonicalize().ok().and_then(|d| record_path(&d)) {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+/// How far apart two moments must be for the filesystem that gave `stamps` to tell
+/// them apart: sub-second timestamps anywhere mean fine ones.
+fn granularity(stamps: &[Option<Stamp>]) -> Duration {
+    let fine = stamps
+        .iter()
+        .flatten()
+        .any(|s| s.ctime.1 % 1_000_000 != 0 || s.mtime.1 % 1_000_000 != 0);
+    match fine {
+        true => FINE_GRANULARITY,
+        false => COARSE_GRANULARITY,
+    }
+}
+
+/// Waits until every one of `stamps` is older than the timestamp granularity (at most
+/// a few milliseconds, and only on filesystems with fine timestamps), so a record
+/// taken from now on can vouch for all of them. A restore calls this before its files
+/// become visible: the last files it wrote would otherwise be racy.
+pub fn settle(stamps: &[Option<Stamp>]) {
+    let granularity = granularity(stamps);
+    if granularity != FINE_GRANULARITY {
+        return;
+    }
+    let Some(latest) = stamps.iter().flatten().map(Stamp::latest_ns).max() else {
+        return;
+    };
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as i128;
+    let wait = latest + granularity.as_nanos() as i128 - now;
+    if wait > 0 {
+        std::thread::sleep(Duration::from_nanos(
+            wait.min(granularity.as_nanos() as i128) as u64 + 1_000_000,
+        ));
     }
 }
 

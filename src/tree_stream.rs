@@ -22,7 +22,7 @@ use crate::chunk::format::EntryKind;
 use crate::chunk::store::{Known, Piece};
 use crate::chunk::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Id};
 use crate::state::{Stamp, TreeState};
-use crate::ui::Progress;
+use crate::ui::{self, Progress};
 
 /// Stream bytes covered before a batch of pieces is handed on.
 const BATCH_BYTES: u64 = 4 * 1024 * 1024;
@@ -139,10 +139,15 @@ fn plan(
     }
     let mut spans: Vec<Span> = Vec::new();
     let mut new_start = 0u64;
+    let (mut new, mut changed) = (0usize, 0usize);
     for f in files {
-        let unchanged = recorded_files
-            .get(&f.rel[..])
-            .filter(|(_, stamp)| *stamp == f.stamp);
+        let recorded = recorded_files.get(&f.rel[..]);
+        match recorded {
+            None => new += 1,
+            Some((_, stamp)) if *stamp != f.stamp => changed += 1,
+            Some(_) => {}
+        }
+        let unchanged = recorded.filter(|(_, stamp)| *stamp == f.stamp);
         if let Some((old_start, _)) = unchanged {
             report.unchanged_files += 1;
             report.unchanged_bytes += f.size;
@@ -162,6 +167,12 @@ fn plan(
         }
         new_start += f.size;
     }
+    ui::verbose(format!(
+        "tree state of {}: {} of {} files unchanged; {new} new or not vouched for, {changed} changed",
+        state.dir.display(),
+        report.unchanged_files,
+        files.len()
+    ));
     let mut starts = Vec::with_capacity(state.manifest.table.chunks.len());
     let mut at = 0u64;
     let chunks = state

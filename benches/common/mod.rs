@@ -254,3 +254,16 @@ pub fn sent_row(name: &str, base_bytes: u64, cacher_stats_line: &str) {
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / 1048576.0
 }
+
+/// Runs cacher with `--json`; returns the measure and the `stats` of its record.
+pub fn cacher_json(g: &Server, home: &Path, args: &[&str]) -> (Measure, serde_json::Value) {
+    let out = home.join("cacher.json");
+    let mut cmd = cacher(g, home, args);
+    cmd.arg("--json")
+        .stdout(std::fs::File::create(&out).expect("json out"))
+        .stderr(std::process::Stdio::null());
+    let m = measure(&mut cmd);
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let record: serde_json::Value = serde_json::from_str(text.trim()).expect("a JSON record");
+    (m, record["stats"].clone())
+}

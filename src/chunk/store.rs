@@ -263,6 +263,13 @@ impl ChunkStore {
             .collect())
     }
 
+    /// The chunks the bucket holds now: [`ChunkStore::list_packs`], then
+    /// [`ChunkStore::load_known`].
+    pub async fn known(&self) -> anyhow::Result<Known> {
+        let packs = self.list_packs().await?;
+        self.load_known(packs).await
+    }
+
     /// Loads the chunks the bucket already holds: every index segment, keeping only
     /// entries whose pack is in `packs` (an index may outlive a pack).
     pub async fn load_known(&self, packs: Packs) -> anyhow::Result<Known> {

@@ -40,30 +40,32 @@ pub(super) async fn chunk_store(config: &Config) -> anyhow::Result<ChunkStore> {
     Ok(ChunkStore::new(transfer, &config.prefix.value))
 }
 
-/// The chunk store to upload `key` into and the packs it holds, or `None` when `key`
-/// is already cached and `force` is off (said as `command` would say it). An entry
-/// that cannot be restored (its manifest does not decode, or a pack it references is
-/// gone) does not count as cached: it is replaced, and the user is told.
+/// The chunk store to upload `key` into, or `None` when `key` is already cached and
+/// `force` is off (said as `command` would say it). An entry that cannot be restored
+/// (its manifest does not decode, or a pack it references is gone) does not count as
+/// cached: it is replaced, and the user is told.
 pub(super) async fn chunk_store_for_upload(
     config: &Config,
     key: &str,
     force: bool,
     command: &str,
-) -> anyhow::Result<Option<(ChunkStore, Packs)>> {
+) -> anyhow::Result<Option<ChunkStore>> {
     let chunks = chunk_store(config).await?;
-    let packs = chunks.list_packs().await?;
     if force || chunks.transfer().store().head(key).await?.is_none() {
-        return Ok(Some((chunks, packs)));
+        return Ok(Some(chunks));
     }
     let unrestorable = match chunks.fetch(key).await {
-        Ok(Some(Stored::Manifest(m))) => missing_pack(&chunks, &m.table.packs, &packs).await?,
+        Ok(Some(Stored::Manifest(m))) => {
+            let packs = chunks.list_packs().await?;
+            missing_pack(&chunks, &m.table.packs, &packs).await?
+        }
         Ok(_) => None,
         Err(e) if is_broken(&e) => Some(format!("{e:#}")),
         Err(e) => return Err(e),
     };
     if let Some(why) = unrestorable {
         ui::status(format!("{key} cannot be restored ({why}); replacing it"));
-        return Ok(Some((chunks, packs)));
+        return Ok(Some(chunks));
     }
     super::say_skipped(key, command);
     Ok(None)
@@ -93,22 +95,21 @@ async fn missing_pack(
 
 async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
-    let Some((chunks, packs)) =
-        chunk_store_for_upload(config, &key, args.force, "dir upload").await?
-    else {
+    let Some(chunks) = chunk_store_for_upload(config, &key, args.force, "dir upload").await? else {
         return Ok(Outcome::Success);
     };
     let started = Instant::now();
     let dir = args.dir.clone();
     // Stamps taken after this moment may be recorded (see `TreeState::new`).
     let taken = SystemTime::now();
-    let (tree, state) = tokio::task::spawn_blocking(move || {
+    // The tree is scanned while the bucket's index is read.
+    let scanning = tokio::task::spawn_blocking(move || {
         let tree = archive::scan(&dir)?;
         anyhow::Ok((tree, TreeState::load(&dir)))
-    })
-    .await??;
+    });
+    let known = Arc::new(chunks.known().await?);
+    let (tree, state) = scanning.await??;
     let files = tree.files.len();
-    let known = Arc::new(chunks.load_known(packs).await?);
     let manifest = Manifest {
         kind: ManifestKind::Dir,
         created: now_secs(),

@@ -12,7 +12,7 @@ use super::dir::report;
 use super::{Outcome, heal};
 use crate::chunk::format::{Manifest, ManifestKind};
 use crate::chunk::store::{
-    ChunkStore, Packs, Stats, Stored, download_stats_line, now_secs, upload_stats_line,
+    ChunkStore, Stats, Stored, download_stats_line, now_secs, upload_stats_line,
 };
 use crate::cli::{DockerCommand, DockerDownloadArgs, DockerUploadArgs};
 use crate::config::Config;
@@ -38,21 +38,20 @@ async fn blocking<T: Send + 'static>(
 
 async fn upload(config: &Config, args: &DockerUploadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
-    let Some((chunks, packs)) =
+    let Some(chunks) =
         super::dir::chunk_store_for_upload(config, &key, args.force, "docker upload").await?
     else {
         return Ok(Outcome::Success);
     };
     let docker = Docker::new(&config.docker_bin.value);
-    let stats = seed(&chunks, packs, &docker, &key, &args.image).await?;
+    let stats = seed(&chunks, &docker, &key, &args.image).await?;
     report("docker upload", &key, "uploaded", None, Some(&stats));
     Ok(Outcome::Success)
 }
 
-/// Streams `docker save IMAGE` into the chunk store (holding `packs`) under `key`.
+/// Streams `docker save IMAGE` into the chunk store under `key`.
 async fn seed(
     chunks: &ChunkStore,
-    packs: Packs,
     docker: &Docker,
     key: &str,
     image: &str,
@@ -72,7 +71,7 @@ async fn seed(
         table: Default::default(),
         entries: Vec::new(),
     };
-    let known = chunks.load_known(packs).await?;
+    let known = chunks.known().await?;
     let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), 0));
     let stats = chunks
         .upload(progress.counted(save), Arc::new(known), manifest, key)
@@ -109,10 +108,7 @@ async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<
         .with_context(|| format!("{key} is not cached and the pull of {} failed", args.image))?;
     ui::status(format!("{key} was not cached; pulled {}", args.image));
     // The image is here, which is what the job needs; seeding is a bonus.
-    let seeded = match chunks.list_packs().await {
-        Ok(packs) => seed(&chunks, packs, &docker, &key, &args.image).await,
-        Err(e) => Err(e),
-    };
+    let seeded = seed(&chunks, &docker, &key, &args.image).await;
     if let Err(e) = &seeded {
         ui::warn(format!("could not seed the cache: {e:#}"));
     }
