@@ -229,6 +229,9 @@ pub struct DirDownloadArgs {
     /// Let --fallback restore entries made from another directory, or that do not say
     #[arg(long)]
     pub fallback_any_path: bool,
+    /// Also remove the top-level entries of DIR that the entry lacks (DIR mirrors it)
+    #[arg(long)]
+    pub delete: bool,
 }
 
 /// A single key.

@@ -20,4 +20,5 @@ pub mod temp;
 pub mod transfer;
 pub mod tree_stream;
 pub mod ui;
+pub mod update;
 pub mod version;

@@ -73,6 +73,8 @@ pub struct Restorer {
     file: Option<OpenFile>,
     /// Each file's stamp once complete (see [`Restorer::finish`]).
     stamps: Vec<Option<Stamp>>,
+    /// Remove top-level entries of DIR that the tree lacks (`--delete`).
+    mirror: bool,
 }
 
 impl Restorer {
@@ -111,6 +113,7 @@ impl Restorer {
             open_dirs: Vec::new(),
             file: None,
             stamps: Vec::new(),
+            mirror: false,
         };
         temp::remove_stale_leftovers(&temp::parent_of(dest));
         let name = OsString::from(format!("{RESTORE_PREFIX}{:016x}", fastrand::u64(..)));
@@ -121,6 +124,12 @@ impl Restorer {
             .with_context(|| format!("cannot open the temp dir in {}", dest.display()))?;
         restorer.advance()?;
         Ok(restorer)
+    }
+
+    /// Also removes the top-level entries of DIR that the tree lacks, once it is in
+    /// place, so DIR mirrors it (`--delete`).
+    pub fn mirror(&mut self) {
+        self.mirror = true;
     }
 
     /// Where a legacy archive may be unpacked by path (it is then swapped in as usual).
@@ -283,11 +292,36 @@ impl Restorer {
         if let Some(name) = self.temp_name.take() {
             rustix::fs::unlinkat(&self.root, &name, AtFlags::REMOVEDIR).ok();
         }
+        if self.mirror {
+            self.remove_others()?;
+        }
         Ok(Finished {
             visible_from,
             entries: std::mem::take(&mut self.entries),
             stamps: std::mem::take(&mut self.stamps),
         })
+    }
+
+    /// Removes the top-level entries of DIR that are not the tree's (nor cacher's temp
+    /// entries, which may be another run's).
+    fn remove_others(&self) -> anyhow::Result<()> {
+        let ours: std::collections::HashSet<&[u8]> = self
+            .entries
+            .iter()
+            .map(|e| split_path(&e.path))
+            .filter(|(parent, _)| parent.is_empty())
+            .map(|(_, name)| name)
+            .collect();
+        let names = list_names(self.root.as_fd())
+            .with_context(|| format!("cannot list {}", self.dest.display()))?;
+        for name in names {
+            let bytes = name.as_bytes();
+            if !ours.contains(bytes) && !temp::is_temp_name(bytes) {
+                temp::remove_tree(self.root.as_fd(), &name)
+                    .with_context(|| format!("cannot remove {}", self.shown(&name)))?;
+            }
+        }
+        Ok(())
     }
 
     /// Moves every top-level entry of the temp dir into DIR (see the module doc).
@@ -447,7 +481,7 @@ impl Drop for Restorer {
 
 /// Refuses a tree of `needed` bytes that the filesystem `dest` is (or would be) on has
 /// no room for, before anything is created.
-fn check_space(dest: &Path, needed: u64) -> anyhow::Result<()> {
+pub(crate) fn check_space(dest: &Path, needed: u64) -> anyhow::Result<()> {
     let Some(existing) = dest
         .ancestors()
         .find(|p| p.as_os_str().is_empty() || p.exists())
@@ -475,7 +509,7 @@ fn check_space(dest: &Path, needed: u64) -> anyhow::Result<()> {
 }
 
 /// Sets an entry's mode (without setuid, setgid, sticky) and times through its handle.
-fn finalize(fd: BorrowedFd<'_>, e: &Entry) -> io::Result<()> {
+pub(crate) fn finalize(fd: BorrowedFd<'_>, e: &Entry) -> io::Result<()> {
     rustix::fs::fchmod(fd, permissions(e.mode))?;
     rustix::fs::futimens(fd, &timestamps(e.mtime, e.mtime_nsec))?;
     Ok(())
@@ -484,13 +518,13 @@ fn finalize(fd: BorrowedFd<'_>, e: &Entry) -> io::Result<()> {
 /// The permission bits a restore applies for a recorded mode (see [`MODE_MASK`]).
 // `mode_t` is u32 here but u16 on macOS.
 #[allow(clippy::unnecessary_cast)]
-fn permissions(mode: u32) -> Mode {
+pub(crate) fn permissions(mode: u32) -> Mode {
     Mode::from_raw_mode((mode & MODE_MASK) as rustix::fs::RawMode)
 }
 
 /// The process's umask, where the system tells it without changing it (Linux's
 /// /proc/self/status); `None` elsewhere, and modes are then always set explicitly.
-fn umask() -> Option<u32> {
+pub(crate) fn umask() -> Option<u32> {
     static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
     *UMASK.get_or_init(|| {
         let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -499,7 +533,7 @@ fn umask() -> Option<u32> {
     })
 }
 
-fn timestamps(sec: i64, nsec: u32) -> Timestamps {
+pub(crate) fn timestamps(sec: i64, nsec: u32) -> Timestamps {
     let t = Timespec {
         tv_sec: sec,
         tv_nsec: nsec.into(),
@@ -513,7 +547,7 @@ fn timestamps(sec: i64, nsec: u32) -> Timestamps {
 /// Renames without replacing: fails when `to` exists (another restore into the same
 /// DIR got there first). Filesystems without the atomic flag (some FUSE ones) get a
 /// check, then a plain rename.
-fn rename_noreplace(
+pub(crate) fn rename_noreplace(
     from_dir: BorrowedFd<'_>,
     from: &OsStr,
     to_dir: BorrowedFd<'_>,
@@ -539,13 +573,13 @@ fn rename_noreplace(
 
 /// Device and inode of `name` in `parent` (not following a symlink).
 #[allow(clippy::unnecessary_cast)]
-fn identity_of(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<(u64, u64)> {
+pub(crate) fn identity_of(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<(u64, u64)> {
     let stat = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
     Ok((stat.st_dev as u64, stat.st_ino as u64))
 }
 
 /// Opens the directory `name` in `parent`, refusing a symlink.
-fn open_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
+pub(crate) fn open_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
     Ok(rustix::fs::openat(
         parent,
         name,
@@ -554,12 +588,12 @@ fn open_dir(parent: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
     )?)
 }
 
-fn errno_of(e: io::Error) -> Errno {
+pub(crate) fn errno_of(e: io::Error) -> Errno {
     Errno::from_io_error(&e).unwrap_or(Errno::IO)
 }
 
 /// The names in a directory, without `.` and `..`.
-fn list_names(dir: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
+pub(crate) fn list_names(dir: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
     let mut names = Vec::new();
     for entry in rustix::fs::Dir::read_from(dir)? {
         let name = entry?.file_name().to_bytes().to_vec();
@@ -573,7 +607,7 @@ fn list_names(dir: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
 
 /// `(parent, name)` of a relative `/`-separated path; the parent of a top-level entry
 /// is empty.
-fn split_path(path: &[u8]) -> (&[u8], &[u8]) {
+pub(crate) fn split_path(path: &[u8]) -> (&[u8], &[u8]) {
     match path.iter().rposition(|&b| b == b'/') {
         Some(i) => (&path[..i], &path[i + 1..]),
         None => (&[], path),

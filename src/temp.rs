@@ -29,9 +29,15 @@ const STALE_RESTORE: Duration = Duration::from_secs(24 * 3600);
 /// its asides right after the swap.
 const STALE_ASIDE: Duration = Duration::from_secs(3600);
 
+/// Prefix of what an in-place update stages beside the entry it replaces (see
+/// [`crate::update`]).
+pub const NEW_PREFIX: &str = ".cacher-new-";
+
 /// Whether `name` is one of cacher's own temp entries, which uploads never include.
 pub fn is_temp_name(name: &[u8]) -> bool {
-    name.starts_with(RESTORE_PREFIX.as_bytes()) || name.starts_with(ASIDE_PREFIX.as_bytes())
+    [RESTORE_PREFIX, ASIDE_PREFIX, NEW_PREFIX]
+        .iter()
+        .any(|p| name.starts_with(p.as_bytes()))
 }
 
 /// A temp file in the destination's directory, removed unless persisted.

@@ -30,6 +30,8 @@ const MAX_RANGE: u64 = 8 * 1024 * 1024;
 /// Most bytes the chunks of one ranged GET decode to: at most one such range is held
 /// decoded at a time, which bounds memory on highly compressible trees.
 const MAX_DECODED: u64 = 16 * 1024 * 1024;
+/// Most ranged GETs of one restore in flight, however small.
+const MAX_RANGES_IN_FLIGHT: usize = 64;
 /// Chunks of one pack this close after the current range join it (skipping the gap).
 const MERGE_GAP: u64 = 256 * 1024;
 /// Raw bytes cut before a batch is hashed and compressed in parallel.
@@ -584,29 +586,39 @@ impl ChunkStore {
             }
             Ok::<_, std::io::Error>((out, chunks, bytes))
         });
+        // Ranges in flight are bounded by bytes, not by count: a sparse restore (an
+        // update fetching a few changed chunks) makes many small GETs, whose cost is
+        // the server's latency, so more of them run at once.
+        let budget = Arc::new(tokio::sync::Semaphore::new(
+            self.transfer.jobs() * (MAX_RANGE / 1024) as usize,
+        ));
         let fetched = async {
             let mut runs = futures::stream::iter(plan_runs(table))
                 .map(|run| {
                     let (pack, end) = (run.pack, run.end);
+                    let budget = budget.clone();
                     async move {
+                        let kib = (end - run.start).div_ceil(1024) as u32;
+                        let permit = budget.acquire_many_owned(kib).await?;
                         let mut buf = Vec::new();
                         let read = self
                             .transfer
                             .read_range(&self.pack_key(&pack), None, run.start..end, &mut buf)
                             .await;
                         match read {
-                            Ok(()) => Ok((run, buf)),
+                            Ok(()) => Ok((run, buf, permit)),
                             Err(e) => Err(self.explain_pack_error(e, &pack, end).await),
                         }
                     }
                 })
-                .buffered(self.transfer.jobs());
+                .buffered(MAX_RANGES_IN_FLIGHT);
             while let Some(next) = runs.next().await {
-                let (run, buf) = next?;
+                let (run, buf, permit) = next?;
                 stats.wire_bytes += buf.len() as u64;
                 if tx.send((run, buf)).await.is_err() {
                     break; // the writer failed: its error is the one to report
                 }
+                drop(permit);
             }
             Ok::<_, anyhow::Error>(())
         }

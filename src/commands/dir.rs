@@ -24,6 +24,7 @@ use crate::restore::Restorer;
 use crate::state::TreeState;
 use crate::transfer::Transfer;
 use crate::tree_stream::{ReadReport, StaleState, cut_tree};
+use crate::update::{self, TreeUpdate};
 use crate::ui;
 
 pub async fn run(config: &Config, cmd: &DirCommand) -> anyhow::Result<Outcome> {
@@ -226,7 +227,7 @@ async fn download(config: &Config, args: &DirDownloadArgs) -> anyhow::Result<Out
         }
         if let Some(stats) = heal(
             &key,
-            restore(&chunks, &key, stored, &args.dir, started).await,
+            restore(&chunks, &key, stored, args, started).await,
         )? {
             mark_used(chunks.transfer(), chunks.layout(), &info).await;
             restored = Some((key.clone(), stats));
@@ -267,13 +268,16 @@ async fn restore(
     chunks: &ChunkStore,
     key: &str,
     stored: Stored,
-    dir: &Path,
+    args: &DirDownloadArgs,
     started: Instant,
 ) -> anyhow::Result<Option<Stats>> {
+    let dir = &args.dir;
     match stored {
-        Stored::Manifest(manifest) => restore_manifest(chunks, key, *manifest, dir, started)
-            .await
-            .map(Some),
+        Stored::Manifest(manifest) => {
+            restore_manifest(chunks, key, *manifest, dir, args.delete, started)
+                .await
+                .map(Some)
+        }
         Stored::Legacy(info) => {
             let transfer = chunks.transfer().clone();
             let dir = dir.to_path_buf();
@@ -291,11 +295,16 @@ async fn restore(
     }
 }
 
+/// Restores a chunked entry into `dir`: in place when `dir` holds a tree cacher
+/// recorded (only what differs is fetched and written), else built whole beside what
+/// is there and swapped in. Either way `dir` ends the same, and its new tree state is
+/// recorded.
 async fn restore_manifest(
     chunks: &ChunkStore,
     key: &str,
     manifest: Manifest,
     dir: &Path,
+    mirror: bool,
     started: Instant,
 ) -> anyhow::Result<Stats> {
     let files = manifest
@@ -303,15 +312,46 @@ async fn restore_manifest(
         .iter()
         .filter(|e| matches!(e.kind, EntryKind::File { .. }))
         .count();
+    let dest = dir.to_path_buf();
+    let state = tokio::task::spawn_blocking(move || TreeState::load(&dest)).await?;
+    let restored = match state.filter(|s| s.manifest.kind == ManifestKind::Dir) {
+        Some(state) => restore_in_place(chunks, key, manifest, state, dir, mirror).await,
+        None => restore_whole(chunks, key, manifest, dir, mirror).await,
+    };
+    let (stats, state) = restored.with_context(|| format!("cannot restore {key}"))?;
+    if let Some(state) = state {
+        tokio::task::spawn_blocking(move || state.save()).await?;
+    }
+    ui::status(download_stats_line(
+        key,
+        Some(files),
+        &stats,
+        started.elapsed(),
+    ));
+    Ok(stats)
+}
+
+/// Builds the tree in a temp dir inside `dir` and swaps it in ([`Restorer`]).
+async fn restore_whole(
+    chunks: &ChunkStore,
+    key: &str,
+    manifest: Manifest,
+    dir: &Path,
+    mirror: bool,
+) -> anyhow::Result<(Stats, Option<TreeState>)> {
     let (dest, entries, needed) = (dir.to_path_buf(), manifest.entries, manifest.stream_len);
-    let manifest_meta = Manifest {
+    let manifest = Manifest {
         entries: Vec::new(),
-        table: Default::default(),
-        label: manifest.label,
         ..manifest
     };
-    let restorer =
-        tokio::task::spawn_blocking(move || Restorer::create(&dest, entries, needed)).await??;
+    let restorer = tokio::task::spawn_blocking(move || {
+        let mut restorer = Restorer::create(&dest, entries, needed)?;
+        if mirror {
+            restorer.mirror();
+        }
+        anyhow::Ok(restorer)
+    })
+    .await??;
     let progress = Arc::new(ui::Progress::new(
         format!("restoring {key}"),
         manifest.stream_len,
@@ -320,38 +360,86 @@ async fn restore_manifest(
         .restore_in_order(&manifest.table, progress.counted(restorer))
         .await;
     progress.clear();
-    let (restorer, stats) = restored
-        .with_context(|| format!("cannot restore {key}; {} left untouched", dir.display()))?;
+    let (restorer, mut stats) =
+        restored.with_context(|| format!("{} left untouched", dir.display()))?;
+    stats.disk_bytes = stats.stream_bytes;
     let restorer = restorer.into_inner();
-    let (table, stream_len, dest, recorded_key) = (
-        manifest.table,
-        manifest.stream_len,
-        dir.to_path_buf(),
-        key.to_string(),
-    );
+    let (dest, key) = (dir.to_path_buf(), key.to_string());
     tokio::task::spawn_blocking(move || {
         let finished = restorer.finish()?;
-        let taken = finished.visible_from;
-        if let Ok(canonical) = dest.canonicalize() {
-            let restored = Manifest {
-                table,
-                stream_len,
-                entries: finished.entries,
-                ..manifest_meta
-            };
-            TreeState::new(canonical, recorded_key, restored, finished.stamps, taken).save();
-        }
-        anyhow::Ok(())
+        let restored = Manifest {
+            entries: finished.entries,
+            ..manifest
+        };
+        let state = dest.canonicalize().ok().map(|dir| {
+            TreeState::new(dir, key, restored, finished.stamps, finished.visible_from)
+        });
+        Ok((stats, state))
     })
     .await?
-    .with_context(|| format!("cannot restore {key}"))?;
-    ui::status(download_stats_line(
-        key,
-        Some(files),
-        &stats,
-        started.elapsed(),
+}
+
+/// Updates the tree `state` records in `dir` to the entry ([`TreeUpdate`]).
+async fn restore_in_place(
+    chunks: &ChunkStore,
+    key: &str,
+    manifest: Manifest,
+    state: TreeState,
+    dir: &Path,
+    mirror: bool,
+) -> anyhow::Result<(Stats, Option<TreeState>)> {
+    let dest = dir.to_path_buf();
+    let (plan, mut manifest) = tokio::task::spawn_blocking(move || {
+        let plan = update::plan(&dest, &state, &manifest);
+        (plan, manifest)
+    })
+    .await?;
+    let stamps = plan.stamps(&manifest.entries);
+    let needed = plan.table.clone();
+    let mut stats = Stats {
+        unchanged_files: plan.kept_files,
+        unchanged_bytes: plan.kept_bytes,
+        disk_bytes: plan.write_bytes,
+        ..Stats::default()
+    };
+    ui::verbose(format!(
+        "{} holds {} files of {key} already; fetching {} chunks of {}",
+        dir.display(),
+        plan.kept_files,
+        needed.chunks.len(),
+        manifest.table.chunks.len()
     ));
-    Ok(stats)
+    let (dest, entries) = (dir.to_path_buf(), std::mem::take(&mut manifest.entries));
+    let updater =
+        tokio::task::spawn_blocking(move || TreeUpdate::create(&dest, entries, plan, mirror))
+            .await??;
+    let progress = Arc::new(ui::Progress::new(
+        format!("restoring {key}"),
+        needed.chunks.iter().map(|c| u64::from(c.len)).sum(),
+    ));
+    let restored = chunks
+        .restore_in_order(&needed, progress.counted(updater))
+        .await;
+    progress.clear();
+    let (updater, fetched) =
+        restored.with_context(|| format!("{} left untouched", dir.display()))?;
+    stats.chunks = manifest.table.chunks.len() as u64;
+    stats.chunks_new = fetched.chunks_new;
+    stats.packs = fetched.packs;
+    stats.wire_bytes = fetched.wire_bytes;
+    stats.retries = fetched.retries;
+    stats.stream_bytes = manifest.stream_len;
+    let updater = updater.into_inner();
+    let (dest, key) = (dir.to_path_buf(), key.to_string());
+    tokio::task::spawn_blocking(move || {
+        manifest.entries = updater.finish()?;
+        let state = dest
+            .canonicalize()
+            .ok()
+            .map(|dir| TreeState::new(dir, key, manifest, stamps, SystemTime::now()));
+        Ok((stats, state))
+    })
+    .await?
 }
 
 /// Restores the newest usable entry under the first fallback prefix that has one.
@@ -389,7 +477,7 @@ async fn restore_fallback(
             ui::status(format!("fallback: restoring {key}"));
             if let Some(stats) = heal(
                 &key,
-                restore(chunks, &key, stored, &args.dir, started).await,
+                restore(chunks, &key, stored, args, started).await,
             )? {
                 mark_used(chunks.transfer(), chunks.layout(), &info).await;
                 return Ok(Some((key, stats)));
