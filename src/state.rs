@@ -70,8 +70,7 @@ impl Stamp {
 
     /// The latest of its two times, in nanoseconds since the epoch.
     fn latest_ns(&self) -> i128 {
-        let ns = |(s, n): (i64, u32)| i128::from(s) * 1_000_000_000 + i128::from(n);
-        ns(self.mtime).max(ns(self.ctime))
+        nanos(self.mtime).max(nanos(self.ctime))
     }
 }
 
@@ -91,11 +90,14 @@ pub struct TreeState {
 impl TreeState {
     /// A record of `manifest` in `dir` from `stamps` (one per file, in stream order).
     /// `taken` is the earliest moment anything else could change a file after its
-    /// stamp was taken (an upload: when its scan began; a restore: when the swap
-    /// began). A stamp whose times are within the timestamp granularity of `taken` is
-    /// dropped: a write after it could leave every field the same (git calls such
-    /// index entries racy). The rule compares file times with this machine's clock, so
-    /// a network filesystem whose server clock lags may defeat it (as it does git's).
+    /// stamp was taken (an upload: when its scan began; a restore: when its files
+    /// became visible). A stamp whose mtime is within the timestamp granularity of
+    /// `taken` (or later) is dropped: a write right after the stamp could leave it the
+    /// same (git calls such index entries racy). Any later write sets the mtime to the
+    /// time of writing, so only a rewrite that also puts back an old mtime and lands
+    /// in the same clock tick as the stamp's ctime goes unseen, as in git. The rule
+    /// compares file times with this machine's clock, so a network filesystem whose
+    /// server clock lags may defeat it (as it does git's).
     pub fn new(
         dir: PathBuf,
         key: String,
@@ -110,7 +112,7 @@ impl TreeState {
         let limit = taken.as_nanos() as i128 - granularity.as_nanos() as i128;
         let mut racy = 0;
         for stamp in &mut stamps {
-            if stamp.is_some_and(|s| s.latest_ns() >= limit) {
+            if stamp.is_some_and(|s| nanos(s.mtime) >= limit) {
                 *stamp = None;
                 racy += 1;
             }
@@ -189,6 +191,11 @@ impl TreeState {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// A file time in nanoseconds since the epoch.
+fn nanos((secs, nsec): (i64, u32)) -> i128 {
+    i128::from(secs) * 1_000_000_000 + i128::from(nsec)
 }
 
 /// How far apart two moments must be for the filesystem that gave `stamps` to tell
@@ -341,9 +348,10 @@ mod tests {
     use super::*;
     use crate::chunk::format::{Entry, ManifestKind};
 
-    fn state(taken: SystemTime, ctime: SystemTime) -> TreeState {
-        let ctime = ctime.duration_since(SystemTime::UNIX_EPOCH).unwrap();
-        let ctime = (ctime.as_secs() as i64, ctime.subsec_nanos() | 1);
+    /// A record of two files, the first modified and changed at `mtime`.
+    fn state(taken: SystemTime, mtime: SystemTime) -> TreeState {
+        let mtime = mtime.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        let mtime = (mtime.as_secs() as i64, mtime.subsec_nanos() | 1);
         let file = |name: &str, size| Entry {
             path: name.as_bytes().to_vec(),
             kind: EntryKind::File { size },
@@ -363,8 +371,8 @@ mod tests {
             dev: 1,
             ino: 2,
             size: 0,
-            mtime: (1, 0),
-            ctime,
+            mtime,
+            ctime: mtime,
         };
         TreeState::new(
             "/d".into(),

@@ -31,8 +31,8 @@ use rustix::io::Errno;
 use crate::chunk::format::{ChunkRef, ChunkTable, Entry, EntryKind, Manifest, show};
 use crate::chunk::store::{location, table_of};
 use crate::restore::{
-    MODE_MASK, check_space, finalize, list_names, open_dir, permissions, split_path,
-    timestamps, umask,
+    MODE_MASK, check_space, finalize, list_names, open_dir, permissions, split_path, timestamps,
+    umask,
 };
 use crate::state::{Stamp, TreeState};
 use crate::temp::{self, ASIDE_PREFIX, NEW_PREFIX};
@@ -54,10 +54,13 @@ pub struct Plan {
     actions: Vec<FileAction>,
     /// Per entry: where its bytes start in the new stream (files).
     offsets: Vec<u64>,
-    /// The chunks of the new stream that cover files to write, in stream order.
+    /// The chunks to fetch, in stream order.
     pub table: ChunkTable,
-    /// Stream offset and length of each chunk of `table`.
-    needed: Vec<(u64, u64)>,
+    /// Every chunk that covers a file to write, in stream order.
+    needed: Vec<Needed>,
+    /// The recorded files (path in DIR, offset in the recorded stream, size), to read
+    /// local chunks from.
+    local_files: Vec<(PathBuf, u64, u64)>,
     /// Files kept, and their bytes.
     pub kept_files: u64,
     pub kept_bytes: u64,
@@ -67,119 +70,191 @@ pub struct Plan {
     kept: HashMap<usize, Stamp>,
 }
 
-/// A file's current stamp and whether its mode and mtime are the new entry's.
-type Found = (Stamp, bool);
+/// A chunk the update needs, where it goes in the new stream and where it comes from.
+#[derive(Debug, Clone, Copy)]
+struct Needed {
+    at: u64,
+    len: u64,
+    id: crate::chunk::Id,
+    source: Source,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Fetched (it comes through [`Write`], in order).
+    Bucket,
+    /// Read from the files that held these bytes at this offset of the recorded stream.
+    Local(u64),
+}
 
 impl Plan {
-    /// Each file's stamp for the record of the updated tree, in stream order: the
-    /// kept ones still hold what the record said; written ones were renamed into place
-    /// just now, which makes their stamps too recent to vouch for.
-    pub fn stamps(&self, entries: &[Entry]) -> Vec<Option<Stamp>> {
+    /// Each file's stamp for the record of the updated tree, in stream order: kept
+    /// files still hold what the old record said; `written` has the stamps of the
+    /// files the update wrote or touched.
+    fn stamps(&self, entries: &[Entry], written: &HashMap<usize, Stamp>) -> Vec<Option<Stamp>> {
         entries
             .iter()
             .enumerate()
             .filter(|(_, e)| matches!(e.kind, EntryKind::File { .. }))
-            .map(|(i, _)| self.kept.get(&i).copied())
+            .map(|(i, _)| self.kept.get(&i).or(written.get(&i)).copied())
             .collect()
     }
 }
 
 /// Decides which files of `new` that `dir` (holding the tree `state` records) already
-/// holds, by one `lstat` per file.
+/// holds, by one `lstat` per recorded file, and where each chunk of the others comes
+/// from: a file still holding the recorded bytes, or the bucket.
 pub fn plan(dir: &Path, state: &TreeState, new: &Manifest) -> Plan {
     let old = Stream::of(&state.manifest.table);
     let fresh = Stream::of(&new.table);
-    let mut recorded: HashMap<&[u8], (u64, Stamp)> = HashMap::new();
+    // The recorded files, and which of them still hold the recorded bytes (with their
+    // mode and mtime now).
+    let mut recorded = Vec::new();
     let mut at = 0u64;
     let mut stamps = state.stamps.iter();
     for e in &state.manifest.entries {
         if let EntryKind::File { size } = e.kind {
-            if let Some(Some(stamp)) = stamps.next() {
-                recorded.insert(&e.path, (at, *stamp));
-            }
+            let stamp = stamps.next().copied().flatten();
+            recorded.push(RecordedFile {
+                path: &e.path,
+                at,
+                size,
+                stamp,
+            });
             at += size;
         }
     }
-    let mut offsets = vec![0u64; new.entries.len()];
-    let mut files = Vec::new();
-    let mut at = 0u64;
-    for (i, e) in new.entries.iter().enumerate() {
-        if let EntryKind::File { size } = e.kind {
-            offsets[i] = at;
-            files.push((i, at, size));
-            at += size;
-        }
-    }
-    let found: HashMap<usize, Found> = files
+    let intact: Vec<Option<(u32, (i64, u32))>> = recorded
         .par_iter()
-        .filter_map(|&(i, at, size)| {
-            let e = &new.entries[i];
-            let (old_at, stamp) = recorded.get(&e.path[..])?;
-            let meta = std::fs::symlink_metadata(dir.join(OsStr::from_bytes(&e.path))).ok()?;
-            let same_bytes = Stamp::of(&meta) == *stamp
-                && meta.file_type().is_file()
-                && old.same_bytes(*old_at, &fresh, at, size);
-            let same_meta = meta.mode() & MODE_MASK == e.mode & MODE_MASK
-                && (meta.mtime(), meta.mtime_nsec() as u32) == (e.mtime, e.mtime_nsec);
-            // Touching opens the file for reading, which its owner may not be allowed.
-            let touchable = meta.mode() & 0o400 != 0;
-            (same_bytes && (same_meta || touchable)).then_some((i, (*stamp, same_meta)))
+        .map(|f| {
+            let stamp = f.stamp?;
+            let meta = std::fs::symlink_metadata(dir.join(OsStr::from_bytes(f.path))).ok()?;
+            (Stamp::of(&meta) == stamp && meta.file_type().is_file())
+                .then(|| (meta.mode(), (meta.mtime(), meta.mtime_nsec() as u32)))
         })
         .collect();
-    let mut actions = vec![FileAction::Write; new.entries.len()];
-    let mut kept = HashMap::new();
-    let mut needed_chunk = vec![false; new.table.chunks.len()];
-    let (mut kept_files, mut kept_bytes, mut write_bytes) = (0, 0, 0);
-    for &(i, at, size) in &files {
-        if let Some(&(stamp, same_meta)) = found.get(&i) {
-            kept_files += 1;
-            kept_bytes += size;
-            actions[i] = match same_meta {
-                true => {
-                    kept.insert(i, stamp);
-                    FileAction::Keep
-                }
-                false => FileAction::Touch,
-            };
-            continue;
-        }
-        write_bytes += size;
-        if size == 0 {
-            continue;
-        }
-        let mut k = fresh.chunk_at(at);
-        while k < fresh.starts.len() && fresh.starts[k] < at + size {
-            needed_chunk[k] = true;
-            k += 1;
-        }
-    }
-    let mut needed = Vec::new();
-    let chosen: Vec<&ChunkRef> = new
-        .table
-        .chunks
+    let by_path: HashMap<&[u8], usize> = recorded
         .iter()
         .enumerate()
-        .filter(|(k, _)| needed_chunk[*k])
-        .map(|(k, c)| {
-            needed.push((fresh.starts[k], u64::from(c.len)));
-            c
-        })
+        .filter(|(k, _)| intact[*k].is_some())
+        .map(|(k, f)| (f.path, k))
         .collect();
-    let table = table_of(
-        chosen
+    let local = local_chunks(&old, &recorded, &intact);
+
+    let mut plan = Plan {
+        actions: vec![FileAction::Write; new.entries.len()],
+        offsets: vec![0u64; new.entries.len()],
+        table: ChunkTable::default(),
+        needed: Vec::new(),
+        local_files: Vec::new(),
+        kept_files: 0,
+        kept_bytes: 0,
+        write_bytes: 0,
+        kept: HashMap::new(),
+    };
+    let mut needed_chunk = vec![false; new.table.chunks.len()];
+    let mut at = 0u64;
+    for (i, e) in new.entries.iter().enumerate() {
+        let EntryKind::File { size } = e.kind else {
+            continue;
+        };
+        plan.offsets[i] = at;
+        let here = by_path
+            .get(&e.path[..])
+            .map(|&k| (&recorded[k], intact[k].expect("intact")));
+        let action = match here {
+            Some((f, (mode, mtime))) if old.same_bytes(f.at, &fresh, at, size) => {
+                let same_meta =
+                    mode & MODE_MASK == e.mode & MODE_MASK && mtime == (e.mtime, e.mtime_nsec);
+                match same_meta {
+                    true => {
+                        plan.kept
+                            .insert(i, f.stamp.expect("intact files have stamps"));
+                        FileAction::Keep
+                    }
+                    // Touching opens the file for reading, which its owner may not be allowed.
+                    false if mode & 0o400 != 0 => FileAction::Touch,
+                    false => FileAction::Write,
+                }
+            }
+            _ => FileAction::Write,
+        };
+        plan.actions[i] = action;
+        if action == FileAction::Write {
+            plan.write_bytes += size;
+            let mut k = fresh.chunk_at(at);
+            while size > 0 && k < fresh.starts.len() && fresh.starts[k] < at + size {
+                needed_chunk[k] = true;
+                k += 1;
+            }
+        } else {
+            plan.kept_files += 1;
+            plan.kept_bytes += size;
+        }
+        at += size;
+    }
+    let mut fetched = Vec::new();
+    for (k, c) in new.table.chunks.iter().enumerate() {
+        if !needed_chunk[k] {
+            continue;
+        }
+        let source = match local.get(&c.id) {
+            Some(&old_at) => Source::Local(old_at),
+            None => {
+                fetched.push(c);
+                Source::Bucket
+            }
+        };
+        plan.needed.push(Needed {
+            at: fresh.starts[k],
+            len: u64::from(c.len),
+            id: c.id,
+            source,
+        });
+    }
+    plan.table = table_of(
+        fetched
             .into_iter()
             .map(|c| (c.id, location(new.table.packs[c.pack as usize], c))),
     );
-    Plan {
-        actions,
-        offsets,
-        table,
-        needed,
-        kept_files,
-        kept_bytes,
-        write_bytes,
-        kept,
+    plan.local_files = recorded
+        .iter()
+        .map(|f| (dir.join(OsStr::from_bytes(f.path)), f.at, f.size))
+        .collect();
+    plan
+}
+
+/// A file of the recorded tree and where its bytes were in the recorded stream.
+struct RecordedFile<'a> {
+    path: &'a [u8],
+    at: u64,
+    size: u64,
+    stamp: Option<Stamp>,
+}
+
+/// The recorded chunks whose bytes all lie in files that still hold them: where each
+/// starts in the recorded stream, by id.
+fn local_chunks(
+    old: &Stream<'_>,
+    files: &[RecordedFile<'_>],
+    intact: &[Option<(u32, (i64, u32))>],
+) -> HashMap<crate::chunk::Id, u64> {
+    let starts: Vec<u64> = files.iter().map(|f| f.at).collect();
+    let mut local = HashMap::new();
+    for (k, c) in old.chunks.iter().enumerate() {
+        let (from, to) = (old.starts[k], old.starts[k] + u64::from(c.len));
+        let first = starts.partition_point(|&s| s <= from).saturating_sub(1);
+        let all_intact = files[first..]
+            .iter()
+            .zip(&intact[first..])
+            .take_while(|(f, _)| f.at < to)
+            .filter(|(f, _)| f.size > 0 && f.at + f.size > from)
+            .all(|(_, ok)| ok.is_some());
+        if all_intact {
+            local.entry(c.id).or_insert(from);
+        }
     }
+    local
 }
 
 /// A content stream's chunks with their offsets.
@@ -248,6 +323,13 @@ struct OpenDir {
     fresh: bool,
     /// For a directory that existed: the names in it not (yet) in the new tree.
     unseen: HashSet<OsString>,
+    /// For a directory that existed: whether its mode and times must be set at the
+    /// end (they differ, or the update changes what it holds).
+    dirty: bool,
+    /// For a directory that existed: its mode and mtime before, and whether they are
+    /// noted in `changed_dirs` yet.
+    before: (u32, (i64, u32)),
+    noted: bool,
 }
 
 /// The file receiving content.
@@ -284,9 +366,12 @@ pub struct TreeUpdate {
     existing_dirs: Vec<usize>,
     /// Files that hold the right bytes but need another mode or mtime.
     touched: Vec<usize>,
-    /// Existing directories given owner write permission for the update, with their
-    /// mode before, to put back if it fails.
-    unlocked: Vec<(Vec<u8>, u32)>,
+    /// The stamp of each file written or touched, by entry (see [`TreeUpdate::finish`]).
+    stamps: HashMap<usize, Stamp>,
+    /// Existing directories the update changed before its end (owner write permission
+    /// added, entries staged in them), with their mode and mtime before, to put back if
+    /// it fails.
+    changed_dirs: Vec<(Vec<u8>, u32, (i64, u32))>,
 }
 
 impl TreeUpdate {
@@ -328,7 +413,8 @@ impl TreeUpdate {
             extras: Vec::new(),
             existing_dirs: Vec::new(),
             touched: Vec::new(),
-            unlocked: Vec::new(),
+            stamps: HashMap::new(),
+            changed_dirs: Vec::new(),
         };
         update.advance()?;
         Ok(update)
@@ -345,6 +431,8 @@ impl TreeUpdate {
         Ok(())
     }
 
+    // The field types of `stat` differ between systems.
+    #[allow(clippy::unnecessary_cast)]
     fn visit(&mut self, i: usize) -> anyhow::Result<()> {
         let path = self.entries[i].path.clone();
         let (parent_path, name) = split_path(&path);
@@ -403,17 +491,24 @@ impl TreeUpdate {
                     Some(st) if is_dir(st) => {
                         let fd = open_dir(parent, &name)?;
                         let mode = (st.st_mode as u32) & 0o7777;
-                        if mode & 0o700 != 0o700 {
+                        let mtime = (st.st_mtime as i64, st.st_mtime_nsec as u32);
+                        let mut dirty = mode != entry.mode & MODE_MASK
+                            || mtime != (entry.mtime, entry.mtime_nsec);
+                        let unlock = mode & 0o700 != 0o700;
+                        if unlock {
+                            self.changed_dirs.push((entry.path.clone(), mode, mtime));
                             rustix::fs::fchmod(&fd, Mode::from_raw_mode((mode | 0o700) as _))?;
-                            self.unlocked.push((entry.path.clone(), mode));
+                            dirty = true;
                         }
                         let unseen = list_names(fd.as_fd())?.into_iter().collect();
-                        self.existing_dirs.push(i);
                         OpenDir {
                             entry: i,
                             fd,
                             fresh: false,
                             unseen,
+                            dirty,
+                            before: (mode, mtime),
+                            noted: unlock,
                         }
                     }
                     _ => {
@@ -430,19 +525,21 @@ impl TreeUpdate {
                             fd: open_dir(parent, &at)?,
                             fresh: true,
                             unseen: HashSet::new(),
+                            dirty: false,
+                            before: (0, (0, 0)),
+                            noted: true,
                         }
                     }
                 };
                 if let Some(at) = staged {
-                    self.staged.push((i, at));
+                    self.stage(i, at);
                 }
                 self.open_dirs.push(opened);
             }
             EntryKind::Symlink { target } => {
-                if existing.is_some() {
+                if let Some(st) = &existing {
                     let same_target = rustix::fs::readlinkat(parent, &name, Vec::new())
                         .is_ok_and(|t| t.as_bytes() == &target[..]);
-                    let st = existing.as_ref().expect("checked above");
                     let same_time = (st.st_mtime as i64, st.st_mtime_nsec as u32)
                         == (entry.mtime, entry.mtime_nsec);
                     if same_target && same_time {
@@ -457,7 +554,7 @@ impl TreeUpdate {
                 let times = timestamps(entry.mtime, entry.mtime_nsec);
                 let _ = rustix::fs::utimensat(parent, &at, &times, AtFlags::SYMLINK_NOFOLLOW);
                 if !fresh {
-                    self.staged.push((i, at));
+                    self.stage(i, at);
                 }
             }
             EntryKind::File { size } => {
@@ -484,7 +581,7 @@ impl TreeUpdate {
                 })?;
                 let size = *size;
                 if !fresh {
-                    self.staged.push((i, at));
+                    self.stage(i, at);
                 }
                 let file = OpenFile {
                     entry: i,
@@ -500,7 +597,22 @@ impl TreeUpdate {
         Ok(())
     }
 
-    fn close_file(&self, f: OpenFile) -> anyhow::Result<()> {
+    /// Notes that `at` beside entry `i` replaces it at the end; its directory then
+    /// changes.
+    fn stage(&mut self, i: usize, at: OsString) {
+        self.staged.push((i, at));
+        if let Some(parent) = self.open_dirs.last_mut() {
+            parent.dirty = true;
+            if !parent.noted {
+                parent.noted = true;
+                let (mode, mtime) = parent.before;
+                let path = self.entries[parent.entry].path.clone();
+                self.changed_dirs.push((path, mode, mtime));
+            }
+        }
+    }
+
+    fn close_file(&mut self, f: OpenFile) -> anyhow::Result<()> {
         let e = &self.entries[f.entry];
         let exact = umask().is_some_and(|mask| e.mode & MODE_MASK & mask == 0);
         let fd = f.file.as_fd();
@@ -509,7 +621,14 @@ impl TreeUpdate {
                 .map_err(io::Error::from),
             false => finalize(fd, e),
         }
-        .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)))
+        .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)))?;
+        // Inside a staged tree the stamp is final (moving a directory leaves its
+        // files' stamps alone); a file staged beside its place gets a new ctime when
+        // renamed, so its stamp is taken then.
+        if let Ok(meta) = f.file.metadata() {
+            self.stamps.insert(f.entry, Stamp::of(&meta));
+        }
+        Ok(())
     }
 
     /// A directory is done: a new one gets its mode and times now; what an existing
@@ -520,6 +639,9 @@ impl TreeUpdate {
             return finalize(d.fd.as_fd(), e)
                 .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)));
         }
+        if d.dirty || !d.unseen.is_empty() {
+            self.existing_dirs.push(d.entry);
+        }
         let path = e.path.clone();
         for name in d.unseen {
             self.extras.push((path.clone(), name));
@@ -529,8 +651,11 @@ impl TreeUpdate {
 
     /// Visits the entries left, then puts every staged entry in place, removes what
     /// the new tree lacks, and gives existing directories their new mode and times.
-    /// Returns the entries.
-    pub fn finish(mut self) -> anyhow::Result<Vec<Entry>> {
+    /// Returns the entries and each file's stamp (stream order) for the new tree
+    /// state: kept files keep theirs, written and touched ones are stamped once in
+    /// place.
+    pub fn finish(mut self) -> anyhow::Result<(Vec<Entry>, Vec<Option<Stamp>>)> {
+        self.feed_local_chunks()?;
         self.advance()?;
         if let Some(f) = &self.file {
             bail!(
@@ -547,7 +672,8 @@ impl TreeUpdate {
         }
         if self.mirror {
             let unseen = std::mem::take(&mut self.root_unseen);
-            self.extras.extend(unseen.into_iter().map(|n| (Vec::new(), n)));
+            self.extras
+                .extend(unseen.into_iter().map(|n| (Vec::new(), n)));
         }
         self.commit().with_context(|| {
             format!(
@@ -555,7 +681,8 @@ impl TreeUpdate {
                 self.dest.display()
             )
         })?;
-        Ok(std::mem::take(&mut self.entries))
+        let stamps = self.plan.stamps(&self.entries, &self.stamps);
+        Ok((std::mem::take(&mut self.entries), stamps))
     }
 
     fn commit(&mut self) -> anyhow::Result<()> {
@@ -569,6 +696,17 @@ impl TreeUpdate {
             replace(parent, at, name, matches!(entry.kind, EntryKind::Dir))
                 .with_context(|| format!("cannot move {} into place", show(&entry.path)))?;
             self.committed += 1;
+            if let Some(written) = self.stamps.remove(i) {
+                // The stamp of what is there now, if it is still the file written.
+                let now = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map(|st| Stamp::of_stat(&st));
+                if let Ok(now) = now
+                    && (now.dev, now.ino, now.size, now.mtime)
+                        == (written.dev, written.ino, written.size, written.mtime)
+                {
+                    self.stamps.insert(*i, now);
+                }
+            }
         }
         for &i in &self.touched {
             let e = &self.entries[i];
@@ -581,8 +719,13 @@ impl TreeUpdate {
                 Mode::empty(),
             )
             .map_err(io::Error::from)
-            .and_then(|fd| finalize(fd.as_fd(), e));
-            touched.with_context(|| format!("cannot set the mode and time of {}", show(&e.path)))?;
+            .and_then(|fd| {
+                finalize(fd.as_fd(), e)?;
+                Ok(Stamp::of_stat(&rustix::fs::fstat(&fd)?))
+            });
+            let stamp = touched
+                .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)))?;
+            self.stamps.insert(i, stamp);
         }
         for (parent, name) in &self.extras {
             let fd = dirs.open(parent)?;
@@ -590,61 +733,124 @@ impl TreeUpdate {
                 format!("cannot remove {}", show(&join(parent, name.as_bytes())))
             })?;
         }
-        for &i in self.existing_dirs.iter().rev() {
+        // Deepest first: `existing_dirs` lists directories as they were closed, so
+        // children come before parents already.
+        for &i in &self.existing_dirs {
             let e = &self.entries[i];
             let fd = dirs.open(&e.path)?;
             finalize(fd, e)
                 .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)))?;
         }
-        self.unlocked.clear();
+        self.changed_dirs.clear();
         Ok(())
     }
 }
 
+impl TreeUpdate {
+    /// Routes stream bytes from offset `at` to the file being written, skipping those
+    /// of kept files that share its chunks.
+    fn route(&mut self, mut at: u64, mut piece: &[u8]) -> io::Result<()> {
+        while let Some(f) = self.file.as_mut() {
+            if piece.is_empty() {
+                break;
+            }
+            let size = match self.entries[f.entry].kind {
+                EntryKind::File { size } => size,
+                _ => unreachable!("only files receive content"),
+            };
+            let wanted = self.plan.offsets[f.entry] + (size - f.left);
+            if at < wanted {
+                let skip = piece.len().min((wanted - at) as usize);
+                (piece, at) = (&piece[skip..], at + skip as u64);
+                continue;
+            }
+            if at > wanted {
+                return Err(io::Error::other("the content stream is out of step"));
+            }
+            let m = piece
+                .len()
+                .min(usize::try_from(f.left).unwrap_or(usize::MAX));
+            let path = &self.entries[f.entry].path;
+            f.file.write_all(&piece[..m]).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot write {}: {e}", show(path)))
+            })?;
+            f.left -= m as u64;
+            (piece, at) = (&piece[m..], at + m as u64);
+            if f.left == 0 {
+                let f = self.file.take().expect("checked above");
+                self.close_file(f)
+                    .and_then(|()| self.advance())
+                    .map_err(|e| io::Error::other(format!("{e:#}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Feeds the needed chunks that come from files of DIR, up to the next one the
+    /// bucket sends.
+    fn feed_local_chunks(&mut self) -> io::Result<()> {
+        while self.within == 0 {
+            let Some(&needed) = self.plan.needed.get(self.chunk) else {
+                break;
+            };
+            let Source::Local(old_at) = needed.source else {
+                break;
+            };
+            let data = self.read_recorded(old_at, needed.len)?;
+            if crate::chunk::Id::of(&data) != needed.id {
+                return Err(io::Error::other(format!(
+                    "a file of {} changed while it was read; run the restore again",
+                    self.dest.display()
+                )));
+            }
+            self.route(needed.at, &data)?;
+            self.chunk += 1;
+        }
+        Ok(())
+    }
+
+    /// `len` bytes from offset `at` of the recorded stream, read from the files that
+    /// held them (the plan checked that they still do).
+    fn read_recorded(&self, at: u64, len: u64) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let files = &self.plan.local_files;
+        let first = files.partition_point(|f| f.1 <= at).saturating_sub(1);
+        let mut out = vec![0u8; len as usize];
+        let mut done = 0u64;
+        for (path, start, size) in &files[first..] {
+            if done == len {
+                break;
+            }
+            let from = at + done - start;
+            if from >= *size {
+                continue;
+            }
+            let n = (size - from).min(len - done);
+            File::open(path)?.read_exact_at(&mut out[done as usize..(done + n) as usize], from)?;
+            done += n;
+        }
+        if done < len {
+            return Err(io::Error::other(
+                "the recorded tree is shorter than its record",
+            ));
+        }
+        Ok(out)
+    }
+}
+
 impl Write for TreeUpdate {
-    /// Takes the next bytes of the needed chunks, in order.
+    /// Takes the next bytes of the chunks fetched from the bucket, in order.
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut rest = data;
         while !rest.is_empty() {
-            let Some(&(start, len)) = self.plan.needed.get(self.chunk) else {
+            self.feed_local_chunks()?;
+            let Some(&needed) = self.plan.needed.get(self.chunk) else {
                 return Err(io::Error::other("more content than the update needs"));
             };
-            let n = rest.len().min((len - self.within) as usize);
-            let (mut piece, mut at) = (&rest[..n], start + self.within);
-            while let Some(f) = self.file.as_mut() {
-                if piece.is_empty() {
-                    break;
-                }
-                let size = match self.entries[f.entry].kind {
-                    EntryKind::File { size } => size,
-                    _ => unreachable!("only files receive content"),
-                };
-                let wanted = self.plan.offsets[f.entry] + (size - f.left);
-                if at < wanted {
-                    // Bytes of a kept file that share a chunk with this one.
-                    let skip = piece.len().min((wanted - at) as usize);
-                    (piece, at) = (&piece[skip..], at + skip as u64);
-                    continue;
-                }
-                if at > wanted {
-                    return Err(io::Error::other("the content stream is out of step"));
-                }
-                let m = piece.len().min(usize::try_from(f.left).unwrap_or(usize::MAX));
-                let path = &self.entries[f.entry].path;
-                f.file.write_all(&piece[..m]).map_err(|e| {
-                    io::Error::new(e.kind(), format!("cannot write {}: {e}", show(path)))
-                })?;
-                f.left -= m as u64;
-                (piece, at) = (&piece[m..], at + m as u64);
-                if f.left == 0 {
-                    let f = self.file.take().expect("checked above");
-                    self.close_file(f)
-                        .and_then(|()| self.advance())
-                        .map_err(|e| io::Error::other(format!("{e:#}")))?;
-                }
-            }
+            let n = rest.len().min((needed.len - self.within) as usize);
+            self.route(needed.at + self.within, &rest[..n])?;
             self.within += n as u64;
-            if self.within == len {
+            if self.within == needed.len {
                 (self.chunk, self.within) = (self.chunk + 1, 0);
             }
             rest = &rest[n..];
@@ -658,9 +864,9 @@ impl Write for TreeUpdate {
 }
 
 impl Drop for TreeUpdate {
-    /// Removes what an unfinished update staged and gives unlocked directories their
-    /// mode back: DIR is as it was (or, if putting things in place failed part way,
-    /// each path is old or new).
+    /// Removes what an unfinished update staged and gives the directories it changed
+    /// their mode and mtime back: DIR is as it was (or, if putting things in place
+    /// failed part way, each path is old or new).
     fn drop(&mut self) {
         self.file = None;
         self.open_dirs.clear();
@@ -671,9 +877,10 @@ impl Drop for TreeUpdate {
                 let _ = temp::remove_tree(fd, at);
             }
         }
-        for (path, mode) in self.unlocked.iter().rev() {
+        for (path, mode, (secs, nsec)) in self.changed_dirs.iter().rev() {
             if let Ok(fd) = dirs.open(path) {
                 let _ = rustix::fs::fchmod(fd, Mode::from_raw_mode(*mode as _));
+                let _ = rustix::fs::futimens(fd, &timestamps(*secs, *nsec));
             }
         }
     }
@@ -720,8 +927,8 @@ impl<'a> DirWalker<'a> {
 
     fn open(&mut self, path: &[u8]) -> io::Result<BorrowedFd<'_>> {
         while let Some((top, _)) = self.open.last() {
-            let ancestor = path == &top[..]
-                || (path.starts_with(top) && path.get(top.len()) == Some(&b'/'));
+            let ancestor =
+                path == &top[..] || (path.starts_with(top) && path.get(top.len()) == Some(&b'/'));
             if ancestor {
                 break;
             }

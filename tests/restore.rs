@@ -182,8 +182,8 @@ fn restores_into_a_mount_point_and_a_failed_swap_puts_dir_back() {
         .ok();
     assert_eq!(snapshot(&mnt), snapshot(&v1));
 
-    // An old top-level entry that cannot be moved (a mount point inside DIR) makes the
-    // swap fail part way: DIR is put back exactly as it was, nothing half-deleted.
+    // A top-level entry that is a mount point (a cache volume inside DIR): an update
+    // in place works inside it, and removes what the entry lacks.
     let out = env.path("out");
     env.run(["dir", "download", "k1", out.to_str().unwrap()])
         .ok();
@@ -191,8 +191,16 @@ fn restores_into_a_mount_point_and_a_failed_swap_puts_dir_back() {
     sh(&format!("chmod u+w '{}'", inner.display()), env.dir.path());
     let _inner_mount = Mount::tmpfs(&inner, "1m");
     std::fs::write(inner.join("kept"), "inner").unwrap();
+    env.run(["dir", "download", "k2", out.to_str().unwrap()])
+        .ok();
+    assert_eq!(snapshot(&out), snapshot(&v2));
+
+    // Without a tree state the tree is built whole and swapped in, and a mount point
+    // cannot be moved: the swap fails part way and DIR is put back exactly as it was,
+    // nothing half-deleted.
+    std::fs::remove_dir_all(env.home().join(".cache/cacher")).unwrap();
     let before = snapshot(&out);
-    let run = env.run(["dir", "download", "k2", out.to_str().unwrap()]);
+    let run = env.run(["dir", "download", "k1", out.to_str().unwrap()]);
     run.code(2);
     assert!(run.stderr.contains("left as it was"), "{}", run.stderr);
     assert_eq!(snapshot(&out), before, "DIR as it was");

@@ -28,6 +28,21 @@ fn make_tree(env: &TestEnv, name: &str, packages: usize) -> PathBuf {
     env.path(name)
 }
 
+/// Fails naming only the paths whose snapshot lines differ.
+fn assert_same(got: &[(String, String)], want: &[(String, String)]) {
+    let differ: Vec<_> = got
+        .iter()
+        .filter(|g| !want.contains(g))
+        .map(|g| format!("got  {g:?}"))
+        .chain(
+            want.iter()
+                .filter(|w| !got.contains(w))
+                .map(|w| format!("want {w:?}")),
+        )
+        .collect();
+    assert!(differ.is_empty(), "trees differ:\n{}", differ.join("\n"));
+}
+
 /// The `stats` object of a `--json` chunked transfer.
 fn json_stats(stdout: &str) -> serde_json::Value {
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON record");
@@ -157,4 +172,113 @@ fn a_corrupt_state_or_one_from_another_prefix_still_gives_a_complete_entry() {
     env.run(["dir", "download", "b", out.to_str().unwrap()])
         .ok();
     assert_eq!(snapshot(&out), snapshot(&src));
+}
+
+/// Every kind of change between two versions of a tree, below and at the top level.
+fn change_kinds(root: &Path) {
+    sh(
+        "set -e
+         rm pkg001/src/f0.rs
+         printf 'edited\\n' >> pkg002/src/f1.rs
+         chmod 600 pkg003/src/f2.rs
+         touch -d '2020-01-01 00:00:00' pkg004/src/f3.rs
+         rm -r pkg005/src && printf 'now a file\\n' > pkg005/src
+         rm pkg006/blob.bin && mkdir -p pkg006/blob.bin/inner && printf 'x' > pkg006/blob.bin/inner/y
+         ln -s ../pkg000/blob.bin pkg007/link
+         rm -r pkg008
+         mkdir -p newtop/deep && printf 'new\\n' > newtop/deep/file
+         chmod 700 pkg009",
+        root,
+    );
+}
+
+#[test]
+fn a_restore_over_the_previous_tree_writes_only_what_differs_and_ends_as_a_fresh_restore() {
+    let env = TestEnv::s3("inplace");
+    let v1 = make_tree(&env, "v1", 40);
+    sh(&format!("cp -a '{0}' '{0}2'", v1.display()), env.dir.path());
+    let v2 = env.path("v12");
+    change_kinds(&v2);
+    env.run(["dir", "upload", "t/1", v1.to_str().unwrap()]).ok();
+    env.run(["dir", "upload", "t/2", v2.to_str().unwrap()]).ok();
+
+    let work = env.path("work");
+    env.run(["dir", "download", "t/1", work.to_str().unwrap()])
+        .ok();
+    // Beside the tree: a top-level entry of the user's, and a stray file inside a
+    // top-level entry of the tree (a fresh restore keeps the first, not the second).
+    env.write("work/mine.txt", "the user's");
+    env.write("work/pkg010/stray.o", "stale");
+    let fresh = env.path("fresh");
+    env.run(["dir", "download", "t/2", fresh.to_str().unwrap()])
+        .ok();
+
+    // What a fresh restore into `work` leaves: the entry, plus the top-level entries of
+    // `work` that the entry lacks (the user's file, and pkg008, which v2 dropped).
+    let fresh_names: Vec<String> = snapshot(&fresh).into_iter().map(|(p, _)| p).collect();
+    let mut want = snapshot(&fresh);
+    want.extend(snapshot(&work).into_iter().filter(|(p, _)| {
+        let top = p.split('/').next().unwrap();
+        !fresh_names.iter().any(|f| f == top)
+    }));
+    want.sort();
+    assert!(want.iter().any(|(p, _)| p == "pkg008/blob.bin"));
+    let run = env.run(["dir", "download", "t/2", work.to_str().unwrap(), "--json"]);
+    let stats = json_stats(&run.ok().stdout);
+    assert_same(&snapshot(&work), &want);
+    let written = stats["disk_bytes"].as_u64().unwrap();
+    let total = stats["stream_bytes"].as_u64().unwrap();
+    assert!(written * 5 < total, "wrote {written} of {total}: {stats}");
+    assert!(stats["unchanged_files"].as_u64().unwrap() > 150, "{stats}");
+    assert_eq!(crate::util::temp_leftovers(&work), Vec::<String>::new());
+
+    // --delete makes DIR a mirror of the entry.
+    env.run(["dir", "download", "t/2", work.to_str().unwrap(), "--delete"])
+        .ok();
+    assert_same(&snapshot(&work), &snapshot(&fresh));
+
+    // Nothing differs: nothing is fetched or written, and the next upload reads nothing.
+    let again = env.run(["dir", "download", "t/2", work.to_str().unwrap(), "--json"]);
+    let stats = json_stats(&again.ok().stdout);
+    assert_eq!(stats["disk_bytes"].as_u64(), Some(0), "{stats}");
+    assert_eq!(stats["wire_bytes"].as_u64(), Some(0), "{stats}");
+    let up = env.run(["dir", "upload", "t/3", work.to_str().unwrap(), "--json"]);
+    assert_eq!(json_stats(&up.ok().stdout)["disk_bytes"].as_u64(), Some(0));
+}
+
+#[test]
+fn an_update_that_fails_part_way_leaves_dir_exactly_as_it_was() {
+    let env = TestEnv::s3("inplacefail");
+    let v1 = make_tree(&env, "v1", 30);
+    sh(&format!("cp -a '{0}' '{0}2'", v1.display()), env.dir.path());
+    let v2 = env.path("v12");
+    change_kinds(&v2);
+    env.run(["dir", "upload", "t/1", v1.to_str().unwrap()]).ok();
+    // t/2's new chunks go to packs of their own: delete those, so the update fails
+    // after staging what it could.
+    let before_packs = crate::util::keys_under(&format!("{}/.cacher/packs/", env.prefix));
+    env.run(["dir", "upload", "t/2", v2.to_str().unwrap()]).ok();
+    let work = env.path("work");
+    env.run(["dir", "download", "t/1", work.to_str().unwrap()])
+        .ok();
+    sh("chmod -R a-w pkg011", &work);
+    let before = snapshot(&work);
+    for pack in crate::util::keys_under(&format!("{}/.cacher/packs/", env.prefix)) {
+        if !before_packs.contains(&pack) {
+            crate::util::rt()
+                .block_on(crate::util::bucket().delete(&pack))
+                .unwrap();
+        }
+    }
+    let run = env.run(["dir", "download", "t/2", work.to_str().unwrap()]);
+    run.code(1);
+    assert!(run.stderr.contains("missing"), "{}", run.stderr);
+    assert_eq!(
+        snapshot(&work),
+        before,
+        "DIR as it was, directory times too"
+    );
+    let leftovers = sh("find . -name '.cacher-*'", &work);
+    assert_eq!(leftovers.trim(), "");
+    sh("chmod -R u+w .", &work);
 }

@@ -23,6 +23,8 @@ use crate::store::{ObjectInfo, StoreError, is_changed};
 use crate::transfer::{Transfer, retry_note};
 use crate::ui;
 
+/// First bytes of an entry read to tell what it is.
+const FIRST_READ: u64 = 1024 * 1024;
 /// Largest manifest object read whole.
 const MAX_MANIFEST_OBJECT: u64 = 256 * 1024 * 1024;
 /// Largest ranged GET of a restore, in stored bytes.
@@ -517,9 +519,15 @@ impl ChunkStore {
 
     /// Reads what the object `info` (just HEADed) holds.
     async fn read_entry(&self, key: &str, info: &ObjectInfo) -> anyhow::Result<Stored> {
+        // Most manifests are read whole by this first GET.
         let mut head = Vec::new();
         self.transfer
-            .read_range(key, info.etag.as_deref(), 0..info.size.min(8), &mut head)
+            .read_range(
+                key,
+                info.etag.as_deref(),
+                0..info.size.min(FIRST_READ),
+                &mut head,
+            )
             .await?;
         if head.starts_with(&ZSTD_MAGIC) {
             return Ok(Stored::Legacy(info.clone()));
@@ -533,10 +541,19 @@ impl ChunkStore {
                 info.size
             )));
         }
-        let mut data = Vec::new();
-        self.transfer
-            .read_range(key, info.etag.as_deref(), 0..info.size, &mut data)
-            .await?;
+        let mut data = head;
+        if (data.len() as u64) < info.size {
+            let mut rest = Vec::new();
+            self.transfer
+                .read_range(
+                    key,
+                    info.etag.as_deref(),
+                    data.len() as u64..info.size,
+                    &mut rest,
+                )
+                .await?;
+            data.extend_from_slice(&rest);
+        }
         let manifest = Manifest::decode(key, &data).map_err(|e| broken(e.to_string()))?;
         Ok(Stored::Manifest(Box::new(manifest)))
     }

@@ -24,8 +24,8 @@ use crate::restore::Restorer;
 use crate::state::TreeState;
 use crate::transfer::Transfer;
 use crate::tree_stream::{ReadReport, StaleState, cut_tree};
-use crate::update::{self, TreeUpdate};
 use crate::ui;
+use crate::update::{self, TreeUpdate};
 
 pub async fn run(config: &Config, cmd: &DirCommand) -> anyhow::Result<Outcome> {
     match cmd {
@@ -225,10 +225,7 @@ async fn download(config: &Config, args: &DirDownloadArgs) -> anyhow::Result<Out
             }
             _ => {}
         }
-        if let Some(stats) = heal(
-            &key,
-            restore(&chunks, &key, stored, args, started).await,
-        )? {
+        if let Some(stats) = heal(&key, restore(&chunks, &key, stored, args, started).await)? {
             mark_used(chunks.transfer(), chunks.layout(), &info).await;
             restored = Some((key.clone(), stats));
         }
@@ -371,9 +368,10 @@ async fn restore_whole(
             entries: finished.entries,
             ..manifest
         };
-        let state = dest.canonicalize().ok().map(|dir| {
-            TreeState::new(dir, key, restored, finished.stamps, finished.visible_from)
-        });
+        let state = dest
+            .canonicalize()
+            .ok()
+            .map(|dir| TreeState::new(dir, key, restored, finished.stamps, finished.visible_from));
         Ok((stats, state))
     })
     .await?
@@ -394,7 +392,6 @@ async fn restore_in_place(
         (plan, manifest)
     })
     .await?;
-    let stamps = plan.stamps(&manifest.entries);
     let needed = plan.table.clone();
     let mut stats = Stats {
         unchanged_files: plan.kept_files,
@@ -432,7 +429,8 @@ async fn restore_in_place(
     let updater = updater.into_inner();
     let (dest, key) = (dir.to_path_buf(), key.to_string());
     tokio::task::spawn_blocking(move || {
-        manifest.entries = updater.finish()?;
+        let (entries, stamps) = updater.finish()?;
+        manifest.entries = entries;
         let state = dest
             .canonicalize()
             .ok()
@@ -475,10 +473,7 @@ async fn restore_fallback(
                 continue;
             }
             ui::status(format!("fallback: restoring {key}"));
-            if let Some(stats) = heal(
-                &key,
-                restore(chunks, &key, stored, args, started).await,
-            )? {
+            if let Some(stats) = heal(&key, restore(chunks, &key, stored, args, started).await)? {
                 mark_used(chunks.transfer(), chunks.layout(), &info).await;
                 return Ok(Some((key, stats)));
             }
