@@ -16,6 +16,7 @@ use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::chunk::format::{Entry, EntryKind, MAX_DEPTH, MAX_PATH, show};
+use crate::restore::join_path;
 use crate::state::Stamp;
 use crate::ui;
 
@@ -43,7 +44,8 @@ pub struct ScannedFile {
 
 /// Walks `root` depth-first in byte order of names. Fifos, sockets and device nodes are
 /// skipped with a warning; symlinks are recorded, never followed; cacher's own temp
-/// entries at the top (a restore running into the same directory) are left out.
+/// entries (`.cacher-restore-*`, `.cacher-old-*`, `.cacher-new-*`: a restore running
+/// into the same directory, or one killed there) are left out.
 ///
 /// Every node is looked at relative to its parent's open handle (no path is resolved
 /// twice), and subdirectories are scanned in parallel: with a tree state, this stat of
@@ -65,7 +67,7 @@ pub fn scan(root: &Path) -> anyhow::Result<Tree> {
 /// The tree below the open directory `fd`, whose path relative to the root is `rel`.
 fn scan_dir(root: &Path, fd: &OwnedFd, rel: &[u8], depth: usize) -> anyhow::Result<Tree> {
     let shown = |name: &[u8]| {
-        root.join(OsStr::from_bytes(&join(rel, name)))
+        root.join(OsStr::from_bytes(&join_path(rel, name)))
             .display()
             .to_string()
     };
@@ -75,17 +77,19 @@ fn scan_dir(root: &Path, fd: &OwnedFd, rel: &[u8], depth: usize) -> anyhow::Resu
     for item in dir {
         let item = item.with_context(|| format!("cannot walk {}", shown(b"")))?;
         let name = item.file_name().to_bytes();
-        let skip = name == b"." || name == b".." || (depth == 1 && crate::temp::is_temp_name(name));
+        // cacher's own temp names, at any depth: an in-place restore stages beside
+        // the entries it replaces, and a killed one may leave them.
+        let skip = name == b"." || name == b".." || crate::temp::is_temp_name(name);
         if !skip {
             names.push(name.to_vec());
         }
     }
     names.sort_unstable();
     // Each child as an entry, plus its open handle when it is a directory.
-    let mut children: Vec<(Entry, Option<ScannedFile>, Option<OwnedFd>)> =
+    let mut children: Vec<(Entry, Option<ScannedFile>, std::ffi::CString)> =
         Vec::with_capacity(names.len());
     for name in names {
-        let path = join(rel, &name);
+        let path = join_path(rel, &name);
         if depth > MAX_DEPTH {
             bail!(
                 "{} is deeper than {MAX_DEPTH} directories, more than cacher restores",
@@ -104,20 +108,9 @@ fn scan_dir(root: &Path, fd: &OwnedFd, rel: &[u8], depth: usize) -> anyhow::Resu
             .map_err(std::io::Error::from)
             .with_context(|| format!("cannot stat {}", shown(&name)))?;
         let file_type = rustix::fs::FileType::from_raw_mode(st.st_mode as rustix::fs::RawMode);
-        let (mut file, mut sub) = (None, None);
+        let mut file = None;
         let kind = match file_type {
-            rustix::fs::FileType::Directory => {
-                let opened = rustix::fs::openat(
-                    fd,
-                    &c_name,
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(std::io::Error::from)
-                .with_context(|| format!("cannot walk {}", shown(&name)))?;
-                sub = Some(opened);
-                EntryKind::Dir
-            }
+            rustix::fs::FileType::Directory => EntryKind::Dir,
             rustix::fs::FileType::RegularFile => {
                 let stamp = Stamp::of_stat(&st);
                 file = Some(ScannedFile {
@@ -156,14 +149,25 @@ fn scan_dir(root: &Path, fd: &OwnedFd, rel: &[u8], depth: usize) -> anyhow::Resu
             mtime: st.st_mtime as i64,
             mtime_nsec: st.st_mtime_nsec as u32,
         };
-        children.push((entry, file, sub));
+        children.push((entry, file, c_name));
     }
+    // A subdirectory is opened by the task that scans it, so handles stay bounded by
+    // the depth times the threads however wide the tree is.
     let subtrees: Vec<Option<Tree>> = children
         .par_iter()
-        .map(|(entry, _, sub)| {
-            sub.as_ref()
-                .map(|fd| scan_dir(root, fd, &entry.path, depth + 1))
-                .transpose()
+        .map(|(entry, _, name)| {
+            if entry.kind != EntryKind::Dir {
+                return Ok(None);
+            }
+            let sub = rustix::fs::openat(
+                fd,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(std::io::Error::from)
+            .with_context(|| format!("cannot walk {}", shown(name.as_bytes())))?;
+            scan_dir(root, &sub, &entry.path, depth + 1).map(Some)
         })
         .collect::<anyhow::Result<_>>()?;
     let mut tree = Tree {
@@ -179,18 +183,6 @@ fn scan_dir(root: &Path, fd: &OwnedFd, rel: &[u8], depth: usize) -> anyhow::Resu
         }
     }
     Ok(tree)
-}
-
-/// `rel/name`, or `name` at the root.
-fn join(rel: &[u8], name: &[u8]) -> Vec<u8> {
-    if rel.is_empty() {
-        return name.to_vec();
-    }
-    let mut path = Vec::with_capacity(rel.len() + 1 + name.len());
-    path.extend_from_slice(rel);
-    path.push(b'/');
-    path.extend_from_slice(name);
-    path
 }
 
 /// What a tree was made from, as `--fallback` compares it: DIR as given, lexically

@@ -238,15 +238,7 @@ impl Restorer {
 
     fn close_file(&mut self, f: OpenFile) -> anyhow::Result<()> {
         let e = &self.entries[f.entry];
-        // The umask may have taken bits from the mode the file was created with.
-        let exact = umask().is_some_and(|mask| e.mode & MODE_MASK & mask == 0);
-        let fd = f.file.as_fd();
-        match exact {
-            true => rustix::fs::futimens(fd, &timestamps(e.mtime, e.mtime_nsec))
-                .map_err(io::Error::from),
-            false => finalize(fd, e),
-        }
-        .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)))?;
+        complete_file(f.file.as_fd(), e)?;
         // A top-level file is renamed into DIR by the swap, which changes its ctime.
         let top_level = !e.path.contains(&b'/');
         let stamp = match top_level {
@@ -506,6 +498,27 @@ pub(crate) fn check_space(dest: &Path, needed: u64) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Gives a file just created with the entry's mode and written through `fd` its times,
+/// and its mode again if the umask took bits from it.
+pub(crate) fn complete_file(fd: BorrowedFd<'_>, e: &Entry) -> anyhow::Result<()> {
+    let exact = umask().is_some_and(|mask| e.mode & MODE_MASK & mask == 0);
+    match exact {
+        true => {
+            rustix::fs::futimens(fd, &timestamps(e.mtime, e.mtime_nsec)).map_err(io::Error::from)
+        }
+        false => finalize(fd, e),
+    }
+    .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)))
+}
+
+/// `parent/name` as a relative tree path (`name` at the top).
+pub(crate) fn join_path(parent: &[u8], name: &[u8]) -> Vec<u8> {
+    if parent.is_empty() {
+        return name.to_vec();
+    }
+    [parent, b"/", name].concat()
 }
 
 /// Sets an entry's mode (without setuid, setgid, sticky) and times through its handle.

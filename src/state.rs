@@ -1,8 +1,8 @@
 //! What cacher last restored into or uploaded from a directory (its *tree state*), so
 //! the next upload reads only the files that changed since.
 //!
-//! The record lives outside the tree, under cacher's cache directory, one file per
-//! directory (named by the blake3 of its canonical path). It holds the entry's
+//! The record lives outside the tree, in cacher's state directory ([`state_dir`]), one
+//! file per directory (named by the blake3 of its canonical path). It holds the entry's
 //! manifest and, for each regular file, the stamp it had when cacher last vouched for
 //! its content: device, inode, size, and modification and change times with
 //! nanoseconds. A file whose stamp still matches holds the bytes the manifest says,
@@ -235,27 +235,28 @@ pub fn settle(stamps: &[Option<Stamp>]) {
     }
 }
 
-/// Where cacher keeps what it may recompute: `$CACHER_CACHE_DIR`, else
-/// `$XDG_CACHE_HOME/cacher`, else `~/.cache/cacher` (`~/Library/Caches/cacher` on macOS).
-pub fn cache_dir() -> Option<PathBuf> {
+/// Where cacher keeps tree states: `$CACHER_STATE_DIR`, else `$XDG_STATE_HOME/cacher`,
+/// else `~/.local/state/cacher` (`~/Library/Caches/cacher` on macOS). Not the cache
+/// directory itself: that is the default `file://` store, whose keys it would mix with.
+pub fn state_dir() -> Option<PathBuf> {
     let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
-    if let Some(dir) = var("CACHER_CACHE_DIR") {
+    if let Some(dir) = var("CACHER_STATE_DIR") {
         return Some(PathBuf::from(dir));
     }
-    if let Some(dir) = var("XDG_CACHE_HOME") {
+    if let Some(dir) = var("XDG_STATE_HOME") {
         return Some(PathBuf::from(dir).join("cacher"));
     }
     let home = PathBuf::from(var("HOME")?);
     Some(match cfg!(target_os = "macos") {
         true => home.join("Library/Caches/cacher"),
-        false => home.join(".cache/cacher"),
+        false => home.join(".local/state/cacher"),
     })
 }
 
 /// The record file of the canonical directory `dir`.
 fn record_path(dir: &Path) -> Option<PathBuf> {
     let name = blake3::hash(dir.as_os_str().as_bytes()).to_hex();
-    Some(cache_dir()?.join("trees").join(&name[..32]))
+    Some(state_dir()?.join("trees").join(&name[..32]))
 }
 
 /// The record's bytes: a wrapped body (as manifests are) followed by the blake3 of

@@ -99,9 +99,10 @@ pub fn remove_stale_leftovers(dir: &Path) {
             age(meta.modified()) > STALE_RESTORE
         } else if text.starts_with(ASIDE_PREFIX) {
             // A rename changes the ctime only: it says when the entry was moved aside.
-            use std::os::unix::fs::MetadataExt;
-            let moved = SystemTime::UNIX_EPOCH + Duration::from_secs(meta.ctime().max(0) as u64);
-            age(Ok(moved)) > STALE_ASIDE
+            age(Ok(changed(&meta))) > STALE_ASIDE
+        } else if text.starts_with(NEW_PREFIX) {
+            // Staged with the entry's old mtime: the ctime says when it was written.
+            age(Ok(changed(&meta))) > STALE_RESTORE
         } else {
             false
         };
@@ -109,6 +110,12 @@ pub fn remove_stale_leftovers(dir: &Path) {
             let _ = remove_tree(handle.as_fd(), &name);
         }
     }
+}
+
+/// When `meta`'s inode last changed (its ctime).
+fn changed(meta: &std::fs::Metadata) -> SystemTime {
+    use std::os::unix::fs::MetadataExt;
+    SystemTime::UNIX_EPOCH + Duration::from_secs(meta.ctime().max(0) as u64)
 }
 
 /// Removes `name` in the directory `parent`, and everything below it when it is a

@@ -90,14 +90,14 @@ pub fn cut_tree(
         trusted: vec![true; files.len()],
         ..ReadReport::default()
     };
-    let (spans, recorded) = match state {
+    let (spans, recorded, vouched) = match state {
         Some(state) => plan(&files, state, &mut report),
-        None => (Vec::new(), None),
+        None => (Vec::new(), None, vec![false; files.len()]),
     };
     let report = Arc::new(Mutex::new(report));
     let (tx, rx) = std::sync::mpsc::sync_channel(2);
     let mut cutter = Cutter {
-        window: Window::new(StreamFiles::new(files)),
+        window: Window::new(StreamFiles::new(files, vouched)),
         spans,
         span: 0,
         recorded,
@@ -125,7 +125,8 @@ fn plan(
     files: &[ScannedFile],
     state: &TreeState,
     report: &mut ReadReport,
-) -> (Vec<Span>, Option<Recorded>) {
+) -> (Vec<Span>, Option<Recorded>, Vec<bool>) {
+    let mut vouched = Vec::with_capacity(files.len());
     let mut recorded_files = std::collections::HashMap::new();
     let mut offset = 0u64;
     let mut stamps = state.stamps.iter();
@@ -148,6 +149,7 @@ fn plan(
             Some(_) => {}
         }
         let unchanged = recorded.filter(|(_, stamp)| *stamp == f.stamp);
+        vouched.push(unchanged.is_some());
         if let Some((old_start, _)) = unchanged {
             report.unchanged_files += 1;
             report.unchanged_bytes += f.size;
@@ -191,7 +193,7 @@ fn plan(
         chunks,
         len: at,
     };
-    (spans, Some(recorded))
+    (spans, Some(recorded), vouched)
 }
 
 struct Cutter {
@@ -205,7 +207,20 @@ struct Cutter {
 }
 
 impl Cutter {
+    /// Cuts the whole stream, handing on batches. A file the state vouched for that
+    /// turns out changed (its stamp moved while it was read) makes the state stale.
     fn run(
+        &mut self,
+        tx: &std::sync::mpsc::SyncSender<anyhow::Result<Vec<Piece>>>,
+    ) -> anyhow::Result<()> {
+        let result = self.cut_all(tx);
+        match &self.window.files.stale {
+            Some(path) if result.is_err() => Err(StaleState(path.display().to_string()).into()),
+            _ => result,
+        }
+    }
+
+    fn cut_all(
         &mut self,
         tx: &std::sync::mpsc::SyncSender<anyhow::Result<Vec<Piece>>>,
     ) -> anyhow::Result<()> {
@@ -350,10 +365,14 @@ struct StreamFiles {
     /// Files whose stamp changed in a way that leaves their content as scanned (a
     /// chmod, a new link): the content is fine, the stamp cannot vouch for it.
     untrusted: Vec<(usize, bool)>,
+    /// Per file: the tree state vouched for it, so it may have been read only in part.
+    vouched: Vec<bool>,
+    /// A vouched-for file found changed: the state cannot be trusted.
+    stale: Option<std::path::PathBuf>,
 }
 
 impl StreamFiles {
-    fn new(files: Vec<ScannedFile>) -> StreamFiles {
+    fn new(files: Vec<ScannedFile>, vouched: Vec<bool>) -> StreamFiles {
         let mut starts = Vec::with_capacity(files.len());
         let mut len = 0u64;
         for f in &files {
@@ -367,6 +386,8 @@ impl StreamFiles {
             open: None,
             bytes_read: 0,
             untrusted: Vec::new(),
+            vouched,
+            stale: None,
         }
     }
 
@@ -425,6 +446,12 @@ impl StreamFiles {
         };
         let now = Stamp::of(&file.metadata()?);
         let scanned = &self.files[i];
+        if now != scanned.stamp && self.vouched[i] {
+            // Part of it may come from the record: with a rewrite that kept the old
+            // mtime, the stream would mix two versions.
+            self.stale = Some(scanned.path.clone());
+            return Err(changed(&scanned.path, "changed"));
+        }
         if (now.size, now.mtime) != (scanned.stamp.size, scanned.stamp.mtime) {
             return Err(changed(&scanned.path, "was modified"));
         }
@@ -445,7 +472,8 @@ fn changed(path: &Path, how: &str) -> io::Error {
 /// The whole content stream of `files`, read as an upload reads it (for tests).
 #[cfg(test)]
 pub fn content(files: Vec<ScannedFile>) -> io::Result<Vec<u8>> {
-    let mut stream = StreamFiles::new(files);
+    let vouched = vec![false; files.len()];
+    let mut stream = StreamFiles::new(files, vouched);
     let mut out = vec![0u8; stream.len as usize];
     stream.read_exact_at(0, &mut out)?;
     stream.close()?;

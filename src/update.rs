@@ -31,8 +31,8 @@ use rustix::io::Errno;
 use crate::chunk::format::{ChunkRef, ChunkTable, Entry, EntryKind, Manifest, show};
 use crate::chunk::store::{location, table_of};
 use crate::restore::{
-    MODE_MASK, check_space, finalize, list_names, open_dir, permissions, split_path, timestamps,
-    umask,
+    MODE_MASK, check_space, complete_file, finalize, join_path, list_names, open_dir, permissions,
+    split_path, timestamps,
 };
 use crate::state::{Stamp, TreeState};
 use crate::temp::{self, ASIDE_PREFIX, NEW_PREFIX};
@@ -66,7 +66,7 @@ pub struct Plan {
     pub kept_bytes: u64,
     /// Bytes of the files to write.
     pub write_bytes: u64,
-    /// The current stamp of each kept file, by entry.
+    /// The current stamp of each kept or touched file, by entry.
     kept: HashMap<usize, Stamp>,
 }
 
@@ -96,7 +96,10 @@ impl Plan {
             .iter()
             .enumerate()
             .filter(|(_, e)| matches!(e.kind, EntryKind::File { .. }))
-            .map(|(i, _)| self.kept.get(&i).or(written.get(&i)).copied())
+            .map(|(i, _)| match self.actions[i] {
+                FileAction::Keep => written.get(&i).or(self.kept.get(&i)).copied(),
+                _ => written.get(&i).copied(),
+            })
             .collect()
     }
 }
@@ -124,10 +127,25 @@ pub fn plan(dir: &Path, state: &TreeState, new: &Manifest) -> Plan {
             at += size;
         }
     }
+    // A path is looked up through its directories; the update opens them refusing
+    // symlinks, so a file is only taken as intact when none of them is one.
+    let mut parents: Vec<&[u8]> = recorded.iter().flat_map(|f| ancestors(f.path)).collect();
+    parents.sort_unstable();
+    parents.dedup();
+    let real_dirs: HashSet<&[u8]> = parents
+        .par_iter()
+        .filter(|p| {
+            std::fs::symlink_metadata(dir.join(OsStr::from_bytes(p))).is_ok_and(|m| m.is_dir())
+        })
+        .copied()
+        .collect();
     let intact: Vec<Option<(u32, (i64, u32))>> = recorded
         .par_iter()
         .map(|f| {
             let stamp = f.stamp?;
+            if !ancestors(f.path).all(|p| real_dirs.contains(p)) {
+                return None;
+            }
             let meta = std::fs::symlink_metadata(dir.join(OsStr::from_bytes(f.path))).ok()?;
             (Stamp::of(&meta) == stamp && meta.file_type().is_file())
                 .then(|| (meta.mode(), (meta.mtime(), meta.mtime_nsec() as u32)))
@@ -163,19 +181,23 @@ pub fn plan(dir: &Path, state: &TreeState, new: &Manifest) -> Plan {
             .get(&e.path[..])
             .map(|&k| (&recorded[k], intact[k].expect("intact")));
         let action = match here {
-            Some((f, (mode, mtime))) if old.same_bytes(f.at, &fresh, at, size) => {
+            Some((f, (mode, mtime)))
+                if f.size == size && old.same_bytes(f.at, &fresh, at, size) =>
+            {
+                // Setuid, setgid and sticky bits on disk differ from any restored mode.
                 let same_meta =
-                    mode & MODE_MASK == e.mode & MODE_MASK && mtime == (e.mtime, e.mtime_nsec);
-                match same_meta {
-                    true => {
-                        plan.kept
-                            .insert(i, f.stamp.expect("intact files have stamps"));
-                        FileAction::Keep
-                    }
+                    mode & 0o7777 == e.mode & MODE_MASK && mtime == (e.mtime, e.mtime_nsec);
+                let action = match same_meta {
+                    true => FileAction::Keep,
                     // Touching opens the file for reading, which its owner may not be allowed.
                     false if mode & 0o400 != 0 => FileAction::Touch,
                     false => FileAction::Write,
+                };
+                if action != FileAction::Write {
+                    plan.kept
+                        .insert(i, f.stamp.expect("intact files have stamps"));
                 }
+                action
             }
             _ => FileAction::Write,
         };
@@ -222,6 +244,14 @@ pub fn plan(dir: &Path, state: &TreeState, new: &Manifest) -> Plan {
         .map(|f| (dir.join(OsStr::from_bytes(f.path)), f.at, f.size))
         .collect();
     plan
+}
+
+/// The directories above a relative path, outermost first (`a`, `a/b` for `a/b/c`).
+fn ancestors(path: &[u8]) -> impl Iterator<Item = &[u8]> {
+    path.iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'/')
+        .map(move |(i, _)| &path[..i])
 }
 
 /// A file of the recorded tree and where its bytes were in the recorded stream.
@@ -321,8 +351,10 @@ struct OpenDir {
     fd: OwnedFd,
     /// Created by this update inside a staged tree: everything below is new too.
     fresh: bool,
-    /// For a directory that existed: the names in it not (yet) in the new tree.
+    /// For a directory that existed: the names in it not (yet) in the new tree, and
+    /// the new tree's names in it so far.
     unseen: HashSet<OsString>,
+    seen: Vec<OsString>,
     /// For a directory that existed: whether its mode and times must be set at the
     /// end (they differ, or the update changes what it holds).
     dirty: bool,
@@ -356,6 +388,7 @@ pub struct TreeUpdate {
     /// Remove top-level entries the new tree lacks (`--delete`).
     mirror: bool,
     root_unseen: HashSet<OsString>,
+    root_seen: Vec<OsString>,
     /// Staged entries (new tree entry, temp name beside it), in tree order, and how
     /// many are in place.
     staged: Vec<(usize, OsString)>,
@@ -408,6 +441,7 @@ impl TreeUpdate {
             file: None,
             mirror,
             root_unseen,
+            root_seen: Vec::new(),
             staged: Vec::new(),
             committed: 0,
             extras: Vec::new(),
@@ -449,11 +483,15 @@ impl TreeUpdate {
         let name = OsStr::from_bytes(name).to_os_string();
         let (parent, fresh) = match self.open_dirs.last_mut() {
             Some(d) => {
-                d.unseen.remove(&name);
+                if !d.fresh {
+                    d.unseen.remove(&name);
+                    d.seen.push(name.clone());
+                }
                 (d.fd.as_fd(), d.fresh)
             }
             None => {
                 self.root_unseen.remove(&name);
+                self.root_seen.push(name.clone());
                 (self.root.as_fd(), false)
             }
         };
@@ -506,6 +544,7 @@ impl TreeUpdate {
                             fd,
                             fresh: false,
                             unseen,
+                            seen: Vec::new(),
                             dirty,
                             before: (mode, mtime),
                             noted: unlock,
@@ -517,14 +556,18 @@ impl TreeUpdate {
                             false => staged_name(),
                         };
                         rustix::fs::mkdirat(parent, &at, Mode::from_raw_mode(0o700))?;
+                        let fd = open_dir(parent, &at).inspect_err(|_| {
+                            let _ = rustix::fs::unlinkat(parent, &at, AtFlags::REMOVEDIR);
+                        })?;
                         if !fresh {
                             staged = Some(at.clone());
                         }
                         OpenDir {
                             entry: i,
-                            fd: open_dir(parent, &at)?,
+                            fd,
                             fresh: true,
                             unseen: HashSet::new(),
+                            seen: Vec::new(),
                             dirty: false,
                             before: (0, (0, 0)),
                             noted: true,
@@ -614,14 +657,7 @@ impl TreeUpdate {
 
     fn close_file(&mut self, f: OpenFile) -> anyhow::Result<()> {
         let e = &self.entries[f.entry];
-        let exact = umask().is_some_and(|mask| e.mode & MODE_MASK & mask == 0);
-        let fd = f.file.as_fd();
-        match exact {
-            true => rustix::fs::futimens(fd, &timestamps(e.mtime, e.mtime_nsec))
-                .map_err(io::Error::from),
-            false => finalize(fd, e),
-        }
-        .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)))?;
+        complete_file(f.file.as_fd(), e)?;
         // Inside a staged tree the stamp is final (moving a directory leaves its
         // files' stamps alone); a file staged beside its place gets a new ctime when
         // renamed, so its stamp is taken then.
@@ -639,11 +675,13 @@ impl TreeUpdate {
             return finalize(d.fd.as_fd(), e)
                 .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)));
         }
-        if d.dirty || !d.unseen.is_empty() {
+        let mut unseen = d.unseen;
+        retain_extras(d.fd.as_fd(), &mut unseen, &d.seen);
+        if d.dirty || !unseen.is_empty() {
             self.existing_dirs.push(d.entry);
         }
         let path = e.path.clone();
-        for name in d.unseen {
+        for name in unseen {
             self.extras.push((path.clone(), name));
         }
         Ok(())
@@ -671,7 +709,8 @@ impl TreeUpdate {
             bail!("cancelled; {} left as it was", self.dest.display());
         }
         if self.mirror {
-            let unseen = std::mem::take(&mut self.root_unseen);
+            let mut unseen = std::mem::take(&mut self.root_unseen);
+            retain_extras(self.root.as_fd(), &mut unseen, &self.root_seen);
             self.extras
                 .extend(unseen.into_iter().map(|n| (Vec::new(), n)));
         }
@@ -712,6 +751,7 @@ impl TreeUpdate {
             let e = &self.entries[i];
             let (parent, name) = split_path(&e.path);
             let parent = dirs.open(parent)?;
+            let planned = self.plan.kept.get(&i).copied();
             let touched = rustix::fs::openat(
                 parent,
                 OsStr::from_bytes(name),
@@ -720,17 +760,32 @@ impl TreeUpdate {
             )
             .map_err(io::Error::from)
             .and_then(|fd| {
+                // Only the file the plan found: one changed since is not vouched for.
+                if Some(Stamp::of_stat(&rustix::fs::fstat(&fd)?)) != planned {
+                    return Ok(None);
+                }
                 finalize(fd.as_fd(), e)?;
-                Ok(Stamp::of_stat(&rustix::fs::fstat(&fd)?))
+                Ok(Some(Stamp::of_stat(&rustix::fs::fstat(&fd)?)))
             });
-            let stamp = touched
+            let touched = touched
                 .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)))?;
-            self.stamps.insert(i, stamp);
+            match touched {
+                Some(stamp) => {
+                    self.stamps.insert(i, stamp);
+                }
+                None => crate::ui::warn(format!(
+                    "{} changed during the restore; left as it is",
+                    show(&e.path)
+                )),
+            }
         }
         for (parent, name) in &self.extras {
             let fd = dirs.open(parent)?;
             temp::remove_tree(fd, name).with_context(|| {
-                format!("cannot remove {}", show(&join(parent, name.as_bytes())))
+                format!(
+                    "cannot remove {}",
+                    show(&join_path(parent, name.as_bytes()))
+                )
             })?;
         }
         // Deepest first: `existing_dirs` lists directories as they were closed, so
@@ -886,6 +941,22 @@ impl Drop for TreeUpdate {
     }
 }
 
+/// Keeps in `unseen` (names in `dir` the new tree lacks) only true extras: on a
+/// filesystem that folds case, `Foo` on disk is the tree's `foo` (one of `seen`), and
+/// removing it would remove the tree's own entry.
+fn retain_extras(dir: BorrowedFd<'_>, unseen: &mut HashSet<OsString>, seen: &[OsString]) {
+    if unseen.is_empty() {
+        return;
+    }
+    let identity = |name: &OsStr| {
+        rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino))
+    };
+    let ours: HashSet<_> = seen.iter().filter_map(|n| identity(n)).collect();
+    unseen.retain(|n| identity(n).is_none_or(|id| !ours.contains(&id)));
+}
+
 /// Moves the staged `at` over `name` in `parent`. A file replaces a file or symlink in
 /// one rename; where a directory is involved, the old entry is moved aside first and
 /// removed after.
@@ -944,7 +1015,7 @@ impl<'a> DirWalker<'a> {
                     open_dir(parent, OsStr::from_bytes(component))?
                 };
                 let so_far = match self.open.last() {
-                    Some((p, _)) => join(p, component),
+                    Some((p, _)) => join_path(p, component),
                     None => component.to_vec(),
                 };
                 self.open.push((so_far, fd));
@@ -952,11 +1023,4 @@ impl<'a> DirWalker<'a> {
         }
         Ok(self.open.last().map_or(self.root, |(_, fd)| fd.as_fd()))
     }
-}
-
-fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
-    if parent.is_empty() {
-        return name.to_vec();
-    }
-    [parent, b"/", name].concat()
 }

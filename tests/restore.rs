@@ -198,7 +198,7 @@ fn restores_into_a_mount_point_and_a_failed_swap_puts_dir_back() {
     // Without a tree state the tree is built whole and swapped in, and a mount point
     // cannot be moved: the swap fails part way and DIR is put back exactly as it was,
     // nothing half-deleted.
-    std::fs::remove_dir_all(env.home().join(".cache/cacher")).unwrap();
+    std::fs::remove_dir_all(env.home().join(".local/state/cacher")).unwrap();
     let before = snapshot(&out);
     let run = env.run(["dir", "download", "k1", out.to_str().unwrap()]);
     run.code(2);

@@ -55,7 +55,7 @@ fn manifest(env: &TestEnv, key: &str) -> Manifest {
 }
 
 fn state_dir(env: &TestEnv) -> PathBuf {
-    env.home().join(".cache/cacher/trees")
+    env.home().join(".local/state/cacher/trees")
 }
 
 /// Adds, deletes, renames and edits in place, and rewrites one file with the same size
@@ -281,4 +281,66 @@ fn an_update_that_fails_part_way_leaves_dir_exactly_as_it_was() {
     let leftovers = sh("find . -name '.cacher-*'", &work);
     assert_eq!(leftovers.trim(), "");
     sh("chmod -R u+w .", &work);
+}
+
+#[test]
+fn bytes_that_move_across_a_file_boundary_are_written_not_kept() {
+    let env = TestEnv::s3("inplacesizes");
+    // One chunk holds both versions' stream: the same bytes, cut into files differently.
+    env.write("v1/a", "0123456789");
+    env.write("v1/b", "ABCDEFGHIJ");
+    env.write("v1/c", "xyz");
+    env.write("v2/a", "01234");
+    env.write("v2/b", "56789ABCDEFGHIJ");
+    env.write("v2/c", "");
+    env.write("v2/d", "xyz");
+    sh("touch -d '2022-01-01' v1/* v2/*", env.dir.path());
+    let (v1, v2) = (env.path("v1"), env.path("v2"));
+    env.run(["dir", "upload", "s/1", v1.to_str().unwrap()]).ok();
+    env.run(["dir", "upload", "s/2", v2.to_str().unwrap()]).ok();
+    let work = env.path("work");
+    env.run(["dir", "download", "s/1", work.to_str().unwrap()])
+        .ok();
+    env.run(["dir", "download", "s/2", work.to_str().unwrap()])
+        .ok();
+    assert_same(&snapshot(&work), &snapshot(&v2));
+}
+
+#[test]
+fn a_wide_tree_is_scanned_and_updated_within_a_small_open_file_limit() {
+    use std::os::unix::process::CommandExt;
+    let env = TestEnv::s3("wide");
+    for d in 0..300 {
+        env.write(&format!("wide/dir{d:03}/f"), format!("{d}\n"));
+    }
+    let wide = env.path("wide");
+    let limited = |args: &[&str]| {
+        let mut cmd = env.cmd(args);
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: 128,
+                    rlim_max: 128,
+                };
+                match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                }
+            });
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    limited(&["dir", "upload", "w/1", wide.to_str().unwrap()]);
+    env.write("wide/dir150/f", "changed\n");
+    limited(&["dir", "upload", "w/2", wide.to_str().unwrap()]);
+    let out = env.path("out");
+    limited(&["dir", "download", "w/1", out.to_str().unwrap()]);
+    limited(&["dir", "download", "w/2", out.to_str().unwrap()]);
+    assert_same(&snapshot(&out), &snapshot(&wide));
 }

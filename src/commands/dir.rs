@@ -96,20 +96,21 @@ async fn missing_pack(
 
 async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
+    let started = Instant::now();
+    // Stamps taken after this moment may be recorded (see `TreeState::new`).
+    let taken = SystemTime::now();
+    // The tree is scanned and its state read while the bucket is asked whether the key
+    // is cached and what it holds: on a warm tree the scan is most of the upload. On
+    // threads of their own, so a skipped upload does not wait for them.
+    let (dir, state_dir) = (args.dir.clone(), args.dir.clone());
+    let scanning = on_thread(move || archive::scan(&dir));
+    let loading = on_thread(move || TreeState::load(&state_dir));
     let Some(chunks) = chunk_store_for_upload(config, &key, args.force, "dir upload").await? else {
         return Ok(Outcome::Success);
     };
-    let started = Instant::now();
-    let dir = args.dir.clone();
-    // Stamps taken after this moment may be recorded (see `TreeState::new`).
-    let taken = SystemTime::now();
-    // The tree is scanned while the bucket's index is read.
-    let scanning = tokio::task::spawn_blocking(move || {
-        let tree = archive::scan(&dir)?;
-        anyhow::Ok((tree, TreeState::load(&dir)))
-    });
     let known = Arc::new(chunks.known().await?);
-    let (tree, state) = scanning.await??;
+    let tree = scanning.await??;
+    let state = loading.await?;
     let files = tree.files.len();
     let manifest = Manifest {
         kind: ManifestKind::Dir,
@@ -171,6 +172,18 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     ));
     report("dir upload", &key, "uploaded", None, Some(&stats));
     Ok(Outcome::Success)
+}
+
+/// Runs `f` on a thread of its own (not tokio's blocking pool, which the runtime waits
+/// for on exit); its result arrives through the receiver.
+fn on_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> tokio::sync::oneshot::Receiver<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx
 }
 
 /// Cuts and uploads the files of a scanned tree, reading only what `state` cannot
@@ -312,7 +325,15 @@ async fn restore_manifest(
     let dest = dir.to_path_buf();
     let state = tokio::task::spawn_blocking(move || TreeState::load(&dest)).await?;
     let restored = match state.filter(|s| s.manifest.kind == ManifestKind::Dir) {
-        Some(state) => restore_in_place(chunks, key, manifest, state, dir, mirror).await,
+        Some(state) => {
+            let updated = restore_in_place(chunks, key, manifest, state, dir, mirror).await;
+            // Unless the entry itself is at fault, the record may be: the next restore
+            // builds the tree whole.
+            if updated.as_ref().is_err_and(|e| !is_broken(e)) {
+                TreeState::forget(dir);
+            }
+            updated
+        }
         None => restore_whole(chunks, key, manifest, dir, mirror).await,
     };
     let (stats, state) = restored.with_context(|| format!("cannot restore {key}"))?;
