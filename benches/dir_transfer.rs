@@ -191,6 +191,181 @@ fn warm_path(g: &Server, home: &Path, name: &str, base: &str, bumped: &str) {
     );
 }
 
+/// A node_modules-shaped tree of small files (about 3,000 packages, 60k+ files), built
+/// once. npm cannot reach a registry here, so it is synthetic: each package has a
+/// package.json, README, LICENSE, an index and 10-25 modules of JavaScript-like text,
+/// one in twenty a larger bundle; names and sizes are drawn from a fixed seed.
+fn node_modules(scratch: &Path) -> String {
+    let root = scratch.join("cacher-bench-trees").join("node_modules");
+    let ready = scratch
+        .join("cacher-bench-trees")
+        .join("node-modules-ready-v1");
+    if !ready.exists() {
+        let _ = std::fs::remove_dir_all(&root);
+        let mut rng = fastrand::Rng::with_seed(7);
+        let words = [
+            "function",
+            "return",
+            "const",
+            "let",
+            "var",
+            "if",
+            "else",
+            "for",
+            "while",
+            "module",
+            "exports",
+            "require",
+            "this",
+            "null",
+            "undefined",
+            "true",
+            "false",
+            "new",
+            "typeof",
+            "value",
+            "options",
+            "callback",
+            "error",
+            "result",
+            "length",
+            "push",
+            "map",
+            "filter",
+            "prototype",
+            "Object",
+            "Array",
+            "String",
+            "Promise",
+            "async",
+            "await",
+            "=>",
+            "{",
+            "}",
+            "(",
+            ")",
+            ";",
+            "=",
+            "===",
+            "!==",
+            "+",
+            ".",
+            ",",
+            "[",
+            "]",
+            "\n",
+            "\n  ",
+            "\n    ",
+        ];
+        let text = |rng: &mut fastrand::Rng, len: usize| {
+            let mut out = String::with_capacity(len + 16);
+            while out.len() < len {
+                out.push_str(words[rng.usize(..words.len())]);
+                out.push(' ');
+            }
+            out
+        };
+        for p in 0..3000 {
+            let name = format!("pkg-{p:04}-{}", rng.u32(..));
+            let dir = root.join(&name);
+            std::fs::create_dir_all(dir.join("lib")).unwrap();
+            let json = format!(
+                "{{\n  \"name\": \"{name}\",\n  \"version\": \"{}.{}.{}\",\n  \"main\": \"index.js\",\n  \"license\": \"MIT\"\n}}\n",
+                rng.u8(..9),
+                rng.u8(..30),
+                rng.u8(..20)
+            );
+            std::fs::write(dir.join("package.json"), json).unwrap();
+            std::fs::write(dir.join("README.md"), {
+                let n = 500 + rng.usize(..3000);
+                text(&mut rng, n)
+            })
+            .unwrap();
+            std::fs::write(
+                dir.join("LICENSE"),
+                "MIT License\n\nPermission is hereby granted, free of charge...\n".repeat(8),
+            )
+            .unwrap();
+            std::fs::write(dir.join("index.js"), {
+                let n = 300 + rng.usize(..4000);
+                text(&mut rng, n)
+            })
+            .unwrap();
+            for m in 0..10 + rng.usize(..16) {
+                std::fs::write(dir.join("lib").join(format!("m{m}.js")), {
+                    let n = 200 + rng.usize(..6000);
+                    text(&mut rng, n)
+                })
+                .unwrap();
+            }
+            if rng.usize(..20) == 0 {
+                std::fs::create_dir_all(dir.join("dist")).unwrap();
+                std::fs::write(dir.join("dist/bundle.js"), {
+                    let n = 20_000 + rng.usize(..200_000);
+                    text(&mut rng, n)
+                })
+                .unwrap();
+            }
+        }
+        std::fs::write(&ready, "").unwrap();
+    }
+    root.display().to_string()
+}
+
+/// Cold restores of a many-small-files tree: `aws s3 cp | zstd -d | tar -x` against
+/// `cacher dir download` into an empty DIR, after a cold upload of each.
+fn cold_small_files(g: &Server, home: &Path, tree: &str) {
+    let (e, bucket) = (&g.endpoint, &g.bucket);
+    let files = Command::new("find")
+        .args([tree, "-type", "f"])
+        .output()
+        .expect("find");
+    let files = files.stdout.iter().filter(|b| **b == b'\n').count();
+    println!();
+    println!(
+        "node_modules-shaped tree: {} MiB, {files} files",
+        du(tree) >> 20
+    );
+    let out = home.join("nm-out");
+    let out_s = out.display().to_string();
+    let reset = || {
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(&out).unwrap();
+    };
+    let base_up = bash_aws(
+        g,
+        home,
+        &format!(
+            "tar -C {tree} -cf - . | zstd -q -T0 -3 | aws --endpoint-url {e} s3 cp - s3://{bucket}/base/nm.tar.zst"
+        ),
+    );
+    let (cacher_up, _) = cacher_run(g, home, &["dir", "upload", "nm/a", tree]);
+    reset();
+    let base_down = bash_aws(
+        g,
+        home,
+        &format!(
+            "aws --endpoint-url {e} s3 cp s3://{bucket}/base/nm.tar.zst - | zstd -q -d | tar -C {out_s} -xf -"
+        ),
+    );
+    let _ = std::fs::remove_dir_all(&out);
+    let (cacher_down, _) = cacher_run(g, home, &["dir", "download", "nm/a", &out_s]);
+    let same = Command::new("diff")
+        .args(["-r", "-q", tree, &out_s])
+        .status()
+        .expect("diff")
+        .success();
+    assert!(same, "restored node_modules differs");
+    let _ = std::fs::remove_dir_all(&out);
+    table_header("tar+zstd+aws");
+    time_row("cold upload", base_up.secs, cacher_up.secs);
+    time_row("restore into empty", base_down.secs, cacher_down.secs);
+    println!(
+        "peak RSS MiB: cacher up {:.0}, restore {:.0}; baseline up {:.0}, restore {:.0}",
+        cacher_up.max_rss_mib, cacher_down.max_rss_mib, base_up.max_rss_mib, base_down.max_rss_mib
+    );
+}
+
 fn du(path: &str) -> u64 {
     let out = Command::new("du").args(["-sb", path]).output().expect("du");
     String::from_utf8_lossy(&out.stdout)
@@ -230,11 +405,13 @@ fn main() {
         size_c as i64 - size_b as i64
     );
     println!("baseline: tar | zstd -T0 -3 | {}", common::aws_version());
+    let node_modules = node_modules(&scratch);
     if std::env::args().any(|a| a == "--warm-only") {
         warm_path(g, home, "registry", &tree_b, &tree_c);
         if let Some((base, bumped)) = large_trees(&scratch) {
             warm_path(g, home, "large", &base, &bumped);
         }
+        cold_small_files(g, home, &node_modules);
         return;
     }
 
@@ -314,6 +491,7 @@ fn main() {
     if let Some((base, bumped)) = large_trees(&scratch) {
         warm_path(g, home, "large", &base, &bumped);
     }
+    cold_small_files(g, home, &node_modules);
 
     if restic_available() {
         let repo = format!("s3:{e}/{bucket}/restic");

@@ -63,7 +63,11 @@ pub struct Finished {
 /// what it built.
 pub struct Restorer {
     dest: PathBuf,
+    /// The directory the temp dir is made in: DIR, or DIR's parent when DIR is new.
     root: OwnedFd,
+    root_path: PathBuf,
+    /// DIR's name in `root` when DIR did not exist: the temp dir is renamed to it.
+    new_name: Option<OsString>,
     created_dest: bool,
     temp_name: Option<OsString>,
     temp: OwnedFd,
@@ -84,28 +88,43 @@ impl Restorer {
     pub fn create(dest: &Path, entries: Vec<Entry>, needed: u64) -> anyhow::Result<Restorer> {
         temp::remove_stale_leftovers(dest);
         check_space(dest, needed)?;
-        let created_dest = match std::fs::symlink_metadata(dest) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(dest)
-                    .with_context(|| format!("cannot create {}", dest.display()))?;
-                true
-            }
+        // A DIR that does not exist yet is built beside its place and renamed into it
+        // whole: one rename instead of one per top-level entry.
+        let missing = match std::fs::symlink_metadata(dest) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => true,
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", dest.display())),
             Ok(_) => false,
         };
+        let new_name = dest
+            .file_name()
+            .filter(|_| missing)
+            .map(|n| n.to_os_string());
+        let created_dest = missing && new_name.is_none();
+        let root_path = match &new_name {
+            Some(_) => temp::parent_of(dest),
+            None => dest.to_path_buf(),
+        };
+        if missing {
+            std::fs::create_dir_all(&root_path)
+                .with_context(|| format!("cannot create {}", root_path.display()))?;
+        }
         let root = match rustix::fs::open(
-            dest,
+            &root_path,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         ) {
             Ok(fd) => fd,
-            Err(Errno::NOTDIR) => bail!("{} exists and is not a directory", dest.display()),
-            Err(e) => return Err(e).with_context(|| format!("cannot open {}", dest.display())),
+            Err(Errno::NOTDIR) => bail!("{} exists and is not a directory", root_path.display()),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot open {}", root_path.display()));
+            }
         };
         let mut restorer = Restorer {
             dest: dest.to_path_buf(),
             temp: root.try_clone()?,
             root,
+            root_path,
+            new_name,
             created_dest,
             temp_name: None,
             entries,
@@ -117,11 +136,21 @@ impl Restorer {
         };
         temp::remove_stale_leftovers(&temp::parent_of(dest));
         let name = OsString::from(format!("{RESTORE_PREFIX}{:016x}", fastrand::u64(..)));
-        rustix::fs::mkdirat(&restorer.root, &name, Mode::from_raw_mode(0o700))
-            .with_context(|| format!("cannot create a temp dir in {}", dest.display()))?;
+        rustix::fs::mkdirat(&restorer.root, &name, Mode::from_raw_mode(0o700)).with_context(
+            || {
+                format!(
+                    "cannot create a temp dir in {}",
+                    restorer.root_path.display()
+                )
+            },
+        )?;
         restorer.temp_name = Some(name.clone());
-        restorer.temp = open_dir(restorer.root.as_fd(), &name)
-            .with_context(|| format!("cannot open the temp dir in {}", dest.display()))?;
+        restorer.temp = open_dir(restorer.root.as_fd(), &name).with_context(|| {
+            format!(
+                "cannot open the temp dir in {}",
+                restorer.root_path.display()
+            )
+        })?;
         restorer.advance()?;
         Ok(restorer)
     }
@@ -134,7 +163,7 @@ impl Restorer {
 
     /// Where a legacy archive may be unpacked by path (it is then swapped in as usual).
     pub fn temp_path(&self) -> PathBuf {
-        self.dest
+        self.root_path
             .join(self.temp_name.as_deref().unwrap_or_default())
     }
 
@@ -239,8 +268,9 @@ impl Restorer {
     fn close_file(&mut self, f: OpenFile) -> anyhow::Result<()> {
         let e = &self.entries[f.entry];
         complete_file(f.file.as_fd(), e)?;
-        // A top-level file is renamed into DIR by the swap, which changes its ctime.
-        let top_level = !e.path.contains(&b'/');
+        // A top-level file is renamed into DIR by the swap, which changes its ctime
+        // (not when the whole tree is renamed into a new DIR).
+        let top_level = !e.path.contains(&b'/') && self.new_name.is_none();
         let stamp = match top_level {
             true => None,
             false => f.file.metadata().ok().map(|m| Stamp::of(&m)),
@@ -279,12 +309,17 @@ impl Restorer {
         // makes the last ones written old enough to be vouched for.
         crate::state::settle(&self.stamps);
         let visible_from = std::time::SystemTime::now();
-        self.swap_in()?;
-        self.created_dest = false;
-        if let Some(name) = self.temp_name.take() {
-            rustix::fs::unlinkat(&self.root, &name, AtFlags::REMOVEDIR).ok();
+        if let Some(new_name) = self.new_name.clone() {
+            self.rename_into_place(&new_name)?;
+        } else {
+            self.swap_in()?;
+            self.created_dest = false;
+            if let Some(name) = self.temp_name.take() {
+                rustix::fs::unlinkat(&self.root, &name, AtFlags::REMOVEDIR).ok();
+            }
         }
-        if self.mirror {
+        // A DIR that did not exist holds nothing else (and `root` is its parent then).
+        if self.mirror && self.new_name.is_none() {
             self.remove_others()?;
         }
         Ok(Finished {
@@ -292,6 +327,22 @@ impl Restorer {
             entries: std::mem::take(&mut self.entries),
             stamps: std::mem::take(&mut self.stamps),
         })
+    }
+
+    /// Renames the temp dir to DIR, which did not exist, and gives it the mode a new
+    /// directory gets.
+    fn rename_into_place(&mut self, name: &OsStr) -> anyhow::Result<()> {
+        let temp = self
+            .temp_name
+            .clone()
+            .expect("the temp dir exists until now");
+        rename_noreplace(self.root.as_fd(), &temp, self.root.as_fd(), name)
+            .with_context(|| format!("cannot move the restored tree to {}", self.dest.display()))?;
+        self.temp_name = None;
+        let mode = 0o777 & !umask().unwrap_or(0o022);
+        rustix::fs::fchmod(&self.temp, Mode::from_raw_mode(mode as _))
+            .with_context(|| format!("cannot set the mode of {}", self.dest.display()))?;
+        Ok(())
     }
 
     /// Removes the top-level entries of DIR that are not the tree's (nor cacher's temp
