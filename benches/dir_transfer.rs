@@ -148,6 +148,14 @@ fn warm_path(g: &Server, home: &Path, name: &str, base: &str, bumped: &str) {
     let read = stats["disk_bytes"].as_u64().unwrap_or(0);
     let stream = stats["stream_bytes"].as_u64().unwrap_or(1);
 
+    // The same bump with only the new files written (`cp -an`): cargo also rewrote
+    // index cache files with the same bytes above, which an upload must read.
+    reset();
+    cacher_run(g, home, &["dir", "download", &base_key, &out_s]);
+    sh(&format!("cp -an {bumped}/. {out_s}/"));
+    let new_only_key = format!("{bumped_key}-new-only");
+    let (new_only_up, new_only) = cacher_json(g, home, &["dir", "upload", &new_only_key, &out_s]);
+
     reset();
     let (restore_empty, empty_stats) =
         cacher_json(g, home, &["dir", "download", &bumped_key, &out_s]);
@@ -175,6 +183,15 @@ fn warm_path(g: &Server, home: &Path, name: &str, base: &str, bumped: &str) {
         100.0 * read as f64 / stream as f64,
         stats["unchanged_files"],
         mib(stats["wire_bytes"].as_u64().unwrap_or(0))
+    );
+    time_row("  same, new files only", baseline_up.secs, new_only_up.secs);
+    let new_read = new_only["disk_bytes"].as_u64().unwrap_or(0);
+    println!(
+        "  read {:.2} MiB of {:.1} MiB ({:.2}%), {} files unchanged",
+        mib(new_read),
+        mib(stream),
+        100.0 * new_read as f64 / stream as f64,
+        new_only["unchanged_files"],
     );
     println!(
         "{:<28} {:>12.2}s {:>11.2}s {:>8.3}   (received {:.2} MiB into empty, {:.2} MiB over the old tree)",
