@@ -424,6 +424,7 @@ impl TreeUpdate {
             Mode::empty(),
         )
         .with_context(|| format!("cannot open {}", dest.display()))?;
+        refuse_folded_names(root.as_fd(), &entries, dest)?;
         let root_unseen = list_names(root.as_fd())
             .with_context(|| format!("cannot list {}", dest.display()))?
             .into_iter()
@@ -939,6 +940,47 @@ impl Drop for TreeUpdate {
             }
         }
     }
+}
+
+/// On a filesystem that ignores case (probed in DIR), refuses a tree with two names in
+/// one directory that differ only in case, before anything is staged: renamed into
+/// place one after the other, the second would silently replace the first. (A fresh
+/// restore finds the same through its exclusive creates.)
+fn refuse_folded_names(root: BorrowedFd<'_>, entries: &[Entry], dest: &Path) -> anyhow::Result<()> {
+    let probe = format!("{NEW_PREFIX}case-{:016x}", fastrand::u64(..));
+    let created = rustix::fs::openat(
+        root,
+        probe.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    );
+    if created.is_err() {
+        return Ok(());
+    }
+    let folds = rustix::fs::statat(
+        root,
+        probe.to_uppercase().as_str(),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .is_ok();
+    let _ = rustix::fs::unlinkat(root, probe.as_str(), AtFlags::empty());
+    if !folds {
+        return Ok(());
+    }
+    let mut seen: HashMap<(&[u8], String), &[u8]> = HashMap::new();
+    for e in entries {
+        let (parent, name) = split_path(&e.path);
+        let folded = String::from_utf8_lossy(name).to_lowercase();
+        if let Some(other) = seen.insert((parent, folded), &e.path) {
+            bail!(
+                "{} and {} name the same file on the filesystem of {} (it ignores case); this tree cannot be restored there",
+                show(other),
+                show(&e.path),
+                dest.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Keeps in `unseen` (names in `dir` the new tree lacks) only true extras: on a

@@ -195,10 +195,15 @@ fn restores_into_a_mount_point_and_a_failed_swap_puts_dir_back() {
         .ok();
     assert_eq!(snapshot(&out), snapshot(&v2));
 
-    // Without a tree state the tree is built whole and swapped in, and a mount point
-    // cannot be moved: the swap fails part way and DIR is put back exactly as it was,
+    // Without a tree state, and holding far more than the entry (a 100 MiB sparse
+    // file), DIR is not read: the tree is built whole and swapped in, and a mount point
+    // cannot be moved. The swap fails part way and DIR is put back exactly as it was,
     // nothing half-deleted.
     std::fs::remove_dir_all(env.home().join(".local/state/cacher")).unwrap();
+    std::fs::File::create(out.join("big.sparse"))
+        .unwrap()
+        .set_len(100 << 20)
+        .unwrap();
     let before = snapshot(&out);
     let run = env.run(["dir", "download", "k1", out.to_str().unwrap()]);
     run.code(2);

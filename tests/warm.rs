@@ -344,3 +344,40 @@ fn a_wide_tree_is_scanned_and_updated_within_a_small_open_file_limit() {
     limited(&["dir", "download", "w/2", out.to_str().unwrap()]);
     assert_same(&snapshot(&out), &snapshot(&wide));
 }
+
+#[test]
+fn without_a_tree_state_the_files_dir_holds_still_spare_the_fetch() {
+    let env = TestEnv::s3("seeded");
+    let v1 = make_tree(&env, "v1", 40);
+    sh(&format!("cp -a '{0}' '{0}2'", v1.display()), env.dir.path());
+    let v2 = env.path("v12");
+    change_kinds(&v2);
+    env.run(["dir", "upload", "t/1", v1.to_str().unwrap()]).ok();
+    env.run(["dir", "upload", "t/2", v2.to_str().unwrap()]).ok();
+    let fresh = env.path("fresh");
+    let cold = env.run(["dir", "download", "t/2", fresh.to_str().unwrap(), "--json"]);
+    let cold_wire = json_stats(&cold.ok().stdout)["wire_bytes"]
+        .as_u64()
+        .unwrap();
+
+    // DIR holds v1 (as another tool or a wiped runner would leave it), with no record.
+    let work = env.path("work");
+    env.run(["dir", "download", "t/1", work.to_str().unwrap()])
+        .ok();
+    std::fs::remove_dir_all(state_dir(&env)).unwrap();
+    let run = env.run([
+        "dir",
+        "download",
+        "t/2",
+        work.to_str().unwrap(),
+        "--delete",
+        "--json",
+    ]);
+    let stats = json_stats(&run.ok().stdout);
+    assert_same(&snapshot(&work), &snapshot(&fresh));
+    let wire = stats["wire_bytes"].as_u64().unwrap();
+    assert!(
+        wire * 3 < cold_wire,
+        "received {wire}, a fresh restore {cold_wire}: {stats}"
+    );
+}

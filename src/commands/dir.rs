@@ -8,14 +8,16 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, bail};
+use rayon::prelude::*;
 
 use super::{Outcome, heal};
 use crate::archive::{self, ScannedFile};
+use crate::chunk::Id;
 use crate::chunk::format::{EntryKind, Manifest, ManifestKind};
 use crate::chunk::gc::mark_used;
 use crate::chunk::store::{
-    ChunkStore, Known, Packs, Stats, Stored, download_stats_line, is_broken, now_secs,
-    upload_stats_line,
+    ChunkStore, Known, Location, Packs, Piece, Stats, Stored, download_stats_line, is_broken,
+    now_secs, table_of, upload_stats_line,
 };
 use crate::cli::{DirCommand, DirDownloadArgs, DirUploadArgs};
 use crate::config::Config;
@@ -322,8 +324,11 @@ async fn restore_manifest(
         .iter()
         .filter(|e| matches!(e.kind, EntryKind::File { .. }))
         .count();
-    let dest = dir.to_path_buf();
-    let state = tokio::task::spawn_blocking(move || TreeState::load(&dest)).await?;
+    let (dest, stream_len) = (dir.to_path_buf(), manifest.stream_len);
+    let state = tokio::task::spawn_blocking(move || {
+        TreeState::load(&dest).or_else(|| seed_state(&dest, stream_len))
+    })
+    .await?;
     let restored = match state.filter(|s| s.manifest.kind == ManifestKind::Dir) {
         Some(state) => {
             let updated = restore_in_place(chunks, key, manifest, state, dir, mirror).await;
@@ -347,6 +352,81 @@ async fn restore_manifest(
         started.elapsed(),
     ));
     Ok(stats)
+}
+
+/// A tree state for a DIR that holds files but no record (a runner whose state
+/// directory was wiped, a tree another tool restored): its files are read and cut here
+/// as an upload would cut them, nothing sent, so that a restore over them fetches and
+/// writes only what differs. Not for a DIR holding far more than the entry (then
+/// probably something else), and `None` when anything fails: the restore then builds
+/// the tree whole.
+fn seed_state(dir: &Path, stream_len: u64) -> Option<TreeState> {
+    let non_empty = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .any(|e| !crate::temp::is_temp_name(e.file_name().as_encoded_bytes()));
+    if !non_empty {
+        return None;
+    }
+    let taken = SystemTime::now();
+    let tree = archive::scan(dir).ok()?;
+    let held: u64 = tree.files.iter().map(|f| f.size).sum();
+    if held > stream_len.saturating_mul(2).max(64 * 1024 * 1024) {
+        ui::verbose(format!(
+            "{} holds {} in files, far more than the entry: not reading it",
+            dir.display(),
+            ui::human_bytes(held)
+        ));
+        return None;
+    }
+    let progress = Arc::new(ui::Progress::new(
+        format!("reading {}", dir.display()),
+        held,
+    ));
+    let (pieces, report) = cut_tree(tree.files.clone(), None, Arc::default(), progress.clone());
+    let mut chunks = Vec::new();
+    for batch in pieces {
+        let batch = batch.ok()?;
+        chunks.par_extend(batch.par_iter().map(|piece| match piece {
+            Piece::Cut(data) => (Id::of(data), data.len() as u32),
+            Piece::Reused { id, loc } => (*id, loc.len),
+        }));
+    }
+    progress.clear();
+    // Only ids and lengths matter to an update; these chunks are in no pack.
+    let nowhere = |len| Location {
+        pack: Id([0; 32]),
+        offset: 0,
+        stored_len: 0,
+        len,
+    };
+    let manifest = Manifest {
+        kind: ManifestKind::Dir,
+        created: 0,
+        label: String::new(),
+        stream_len: held,
+        table: table_of(chunks.into_iter().map(|(id, len)| (id, nowhere(len)))),
+        entries: tree.entries,
+    };
+    let trusted = report.lock().ok()?.trusted.clone();
+    let stamps = tree
+        .files
+        .iter()
+        .zip(trusted)
+        .map(|(f, ok)| ok.then_some(f.stamp))
+        .collect();
+    ui::verbose(format!(
+        "{} had no tree state: read {} to restore over what it holds",
+        dir.display(),
+        ui::human_bytes(held)
+    ));
+    Some(TreeState::new(
+        dir.canonicalize().ok()?,
+        String::new(),
+        manifest,
+        stamps,
+        taken,
+    ))
 }
 
 /// Builds the tree in a temp dir inside `dir` and swaps it in ([`Restorer`]).
