@@ -339,9 +339,21 @@ impl Restorer {
         rename_noreplace(self.root.as_fd(), &temp, self.root.as_fd(), name)
             .with_context(|| format!("cannot move the restored tree to {}", self.dest.display()))?;
         self.temp_name = None;
-        let mode = 0o777 & !umask().unwrap_or(0o022);
-        rustix::fs::fchmod(&self.temp, Mode::from_raw_mode(mode as _))
-            .with_context(|| format!("cannot set the mode of {}", self.dest.display()))?;
+        // The mode `mkdir` would have given it: learnt from a directory made the same
+        // way, since the umask cannot be read everywhere without changing it.
+        let probe = OsString::from(format!("{RESTORE_PREFIX}mode-{:016x}", fastrand::u64(..)));
+        let mode = rustix::fs::mkdirat(&self.root, &probe, Mode::from_raw_mode(0o777))
+            .and_then(|()| rustix::fs::statat(&self.root, &probe, AtFlags::SYMLINK_NOFOLLOW));
+        let _ = rustix::fs::unlinkat(&self.root, &probe, AtFlags::REMOVEDIR);
+        let set = mode
+            .and_then(|st| rustix::fs::fchmod(&self.temp, Mode::from_raw_mode(st.st_mode & 0o777)));
+        if let Err(e) = set {
+            // The tree is in place: a mode is not worth failing the restore for.
+            ui::warn(format!(
+                "cannot set the mode of {}: {e}",
+                self.dest.display()
+            ));
+        }
         Ok(())
     }
 

@@ -432,7 +432,7 @@ impl StreamFiles {
         if self.open.as_ref().is_none_or(|(open, _)| *open != i) {
             self.close()?;
             let path = &self.files[i].path;
-            let file = File::open(path)
+            let file = open_regular(path)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
             self.open = Some((i, file));
         }
@@ -460,6 +460,16 @@ impl StreamFiles {
         }
         Ok(())
     }
+}
+
+/// Opens a file the scan saw as regular for reading, never a symlink put in its
+/// place, and without blocking on a fifo put there (its read then fails).
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
 }
 
 fn changed(path: &Path, how: &str) -> io::Error {

@@ -36,6 +36,7 @@ use crate::restore::{
 };
 use crate::state::{Stamp, TreeState};
 use crate::temp::{self, ASIDE_PREFIX, NEW_PREFIX};
+use crate::tree_stream::open_regular;
 
 /// What an update does with a file of the new tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,7 +140,9 @@ pub fn plan(dir: &Path, state: &TreeState, new: &Manifest) -> Plan {
         })
         .copied()
         .collect();
-    let intact: Vec<Option<(u32, (i64, u32))>> = recorded
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let euid = unsafe { libc::geteuid() };
+    let intact: Vec<Option<Intact>> = recorded
         .par_iter()
         .map(|f| {
             let stamp = f.stamp?;
@@ -147,8 +150,15 @@ pub fn plan(dir: &Path, state: &TreeState, new: &Manifest) -> Plan {
                 return None;
             }
             let meta = std::fs::symlink_metadata(dir.join(OsStr::from_bytes(f.path))).ok()?;
-            (Stamp::of(&meta) == stamp && meta.file_type().is_file())
-                .then(|| (meta.mode(), (meta.mtime(), meta.mtime_nsec() as u32)))
+            (Stamp::of(&meta) == stamp && meta.file_type().is_file()).then(|| Intact {
+                mode: meta.mode(),
+                mtime: (meta.mtime(), meta.mtime_nsec() as u32),
+                // Setting a mode and mtime needs the owner's handle (readable), and must
+                // not reach other names of the same file (hard links, a pnpm store).
+                touchable: meta.mode() & 0o400 != 0
+                    && meta.nlink() == 1
+                    && (meta.uid() == euid || euid == 0),
+            })
         })
         .collect();
     let by_path: HashMap<&[u8], usize> = recorded
@@ -181,16 +191,13 @@ pub fn plan(dir: &Path, state: &TreeState, new: &Manifest) -> Plan {
             .get(&e.path[..])
             .map(|&k| (&recorded[k], intact[k].expect("intact")));
         let action = match here {
-            Some((f, (mode, mtime)))
-                if f.size == size && old.same_bytes(f.at, &fresh, at, size) =>
-            {
+            Some((f, now)) if f.size == size && old.same_bytes(f.at, &fresh, at, size) => {
                 // Setuid, setgid and sticky bits on disk differ from any restored mode.
                 let same_meta =
-                    mode & 0o7777 == e.mode & MODE_MASK && mtime == (e.mtime, e.mtime_nsec);
+                    now.mode & 0o7777 == e.mode & MODE_MASK && now.mtime == (e.mtime, e.mtime_nsec);
                 let action = match same_meta {
                     true => FileAction::Keep,
-                    // Touching opens the file for reading, which its owner may not be allowed.
-                    false if mode & 0o400 != 0 => FileAction::Touch,
+                    false if now.touchable => FileAction::Touch,
                     false => FileAction::Write,
                 };
                 if action != FileAction::Write {
@@ -254,6 +261,15 @@ fn ancestors(path: &[u8]) -> impl Iterator<Item = &[u8]> {
         .map(move |(i, _)| &path[..i])
 }
 
+/// A recorded file that still holds the recorded bytes, as it is now.
+#[derive(Debug, Clone, Copy)]
+struct Intact {
+    mode: u32,
+    mtime: (i64, u32),
+    /// Whether the update may give it another mode and mtime in place.
+    touchable: bool,
+}
+
 /// A file of the recorded tree and where its bytes were in the recorded stream.
 struct RecordedFile<'a> {
     path: &'a [u8],
@@ -267,7 +283,7 @@ struct RecordedFile<'a> {
 fn local_chunks(
     old: &Stream<'_>,
     files: &[RecordedFile<'_>],
-    intact: &[Option<(u32, (i64, u32))>],
+    intact: &[Option<Intact>],
 ) -> HashMap<crate::chunk::Id, u64> {
     let starts: Vec<u64> = files.iter().map(|f| f.at).collect();
     let mut local = HashMap::new();
@@ -882,7 +898,8 @@ impl TreeUpdate {
                 continue;
             }
             let n = (size - from).min(len - done);
-            File::open(path)?.read_exact_at(&mut out[done as usize..(done + n) as usize], from)?;
+            open_regular(path)?
+                .read_exact_at(&mut out[done as usize..(done + n) as usize], from)?;
             done += n;
         }
         if done < len {
@@ -945,7 +962,9 @@ impl Drop for TreeUpdate {
 /// On a filesystem that ignores case (probed in DIR), refuses a tree with two names in
 /// one directory that differ only in case, before anything is staged: renamed into
 /// place one after the other, the second would silently replace the first. (A fresh
-/// restore finds the same through its exclusive creates.)
+/// restore finds the same through its exclusive creates.) Names that differ only in
+/// Unicode normalization (which APFS also folds) and subdirectories with a folding
+/// attribute of their own (ext4 `+F`) are not detected.
 fn refuse_folded_names(root: BorrowedFd<'_>, entries: &[Entry], dest: &Path) -> anyhow::Result<()> {
     let probe = format!("{NEW_PREFIX}case-{:016x}", fastrand::u64(..));
     let created = rustix::fs::openat(
@@ -954,16 +973,18 @@ fn refuse_folded_names(root: BorrowedFd<'_>, entries: &[Entry], dest: &Path) -> 
         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::from_raw_mode(0o600),
     );
-    if created.is_err() {
-        return Ok(());
+    // A DIR where the probe cannot be made is taken to fold: the check then only
+    // refuses trees that could not be restored on such a filesystem anyway.
+    let folds = created.is_err()
+        || rustix::fs::statat(
+            root,
+            probe.to_uppercase().as_str(),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .is_ok();
+    if created.is_ok() {
+        let _ = rustix::fs::unlinkat(root, probe.as_str(), AtFlags::empty());
     }
-    let folds = rustix::fs::statat(
-        root,
-        probe.to_uppercase().as_str(),
-        AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .is_ok();
-    let _ = rustix::fs::unlinkat(root, probe.as_str(), AtFlags::empty());
     if !folds {
         return Ok(());
     }

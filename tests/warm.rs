@@ -381,3 +381,57 @@ fn without_a_tree_state_the_files_dir_holds_still_spare_the_fetch() {
         "received {wire}, a fresh restore {cold_wire}: {stats}"
     );
 }
+
+#[test]
+fn an_update_that_cannot_finish_in_place_restores_the_tree_whole() {
+    let env = TestEnv::s3("inplacefallback");
+    let v1 = make_tree(&env, "v1", 10);
+    sh(&format!("cp -a '{0}' '{0}2'", v1.display()), env.dir.path());
+    let v2 = env.path("v12");
+    change_kinds(&v2);
+    env.run(["dir", "upload", "t/1", v1.to_str().unwrap()]).ok();
+    env.run(["dir", "upload", "t/2", v2.to_str().unwrap()]).ok();
+    let work = env.path("work");
+    env.run(["dir", "download", "t/1", work.to_str().unwrap()])
+        .ok();
+    // A file nobody may replace (as a root-owned file is to a CI user): the update
+    // fails when it puts its new version in place.
+    let stuck = work.join("pkg002/src/f1.rs");
+    let immutable = std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(&stuck)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !immutable {
+        eprintln!("skipped: chattr +i does not work here");
+        return;
+    }
+    let run = env.run(["dir", "download", "t/2", work.to_str().unwrap()]);
+    let _ = std::process::Command::new("chattr")
+        .arg("-R")
+        .arg("-i")
+        .arg(&work)
+        .status();
+    run.ok();
+    assert!(run.stderr.contains("restoring it whole"), "{}", run.stderr);
+    let fresh = env.path("fresh");
+    env.run(["dir", "download", "t/2", fresh.to_str().unwrap()])
+        .ok();
+    // The whole restore swapped the top-level entries in; the old pkg002 it could not
+    // delete stays aside, as cacher's own leftover.
+    let got: Vec<_> = snapshot(&work)
+        .into_iter()
+        .filter(|(p, _)| !p.starts_with(".cacher-"))
+        .collect();
+    let want: Vec<_> = snapshot(&fresh)
+        .into_iter()
+        .chain(
+            snapshot(&work)
+                .into_iter()
+                .filter(|(p, _)| p.starts_with("pkg008")),
+        )
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_same(&got, &want);
+}

@@ -331,13 +331,21 @@ async fn restore_manifest(
     .await?;
     let restored = match state.filter(|s| s.manifest.kind == ManifestKind::Dir) {
         Some(state) => {
-            let updated = restore_in_place(chunks, key, manifest, state, dir, mirror).await;
-            // Unless the entry itself is at fault, the record may be: the next restore
-            // builds the tree whole.
-            if updated.as_ref().is_err_and(|e| !is_broken(e)) {
-                TreeState::forget(dir);
+            let updated = restore_in_place(chunks, key, manifest.clone(), state, dir, mirror).await;
+            match updated {
+                // Unless the entry itself is at fault (or the job was cancelled), the
+                // record or DIR may be: files someone else owns, a record gone stale.
+                // The tree is then built whole, as without a record.
+                Err(e) if !is_broken(&e) && !ui::cancelled() => {
+                    TreeState::forget(dir);
+                    ui::warn(format!(
+                        "cannot update {} in place ({e:#}); restoring it whole",
+                        dir.display()
+                    ));
+                    restore_whole(chunks, key, manifest, dir, mirror).await
+                }
+                other => other,
             }
-            updated
         }
         None => restore_whole(chunks, key, manifest, dir, mirror).await,
     };
