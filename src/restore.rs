@@ -329,6 +329,25 @@ impl Restorer {
         })
     }
 
+    /// DIR was made by someone else (another restore) while this tree was built beside
+    /// it: its entries are swapped in, as into any DIR that exists.
+    fn swap_into_appeared_dir(&mut self) -> anyhow::Result<()> {
+        let dir = rustix::fs::open(
+            &self.dest,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(|| format!("cannot open {}", self.dest.display()))?;
+        let parent = std::mem::replace(&mut self.root, dir);
+        self.new_name = None;
+        let swapped = self.swap_in();
+        if let Some(name) = self.temp_name.take() {
+            // Empty after a swap; holding the tree again after a failed one.
+            let _ = temp::remove_tree(parent.as_fd(), &name);
+        }
+        swapped
+    }
+
     /// Renames the temp dir to DIR, which did not exist, and gives it the mode a new
     /// directory gets.
     fn rename_into_place(&mut self, name: &OsStr) -> anyhow::Result<()> {
@@ -336,8 +355,20 @@ impl Restorer {
             .temp_name
             .clone()
             .expect("the temp dir exists until now");
-        rename_noreplace(self.root.as_fd(), &temp, self.root.as_fd(), name)
-            .with_context(|| format!("cannot move the restored tree to {}", self.dest.display()))?;
+        match rename_noreplace(self.root.as_fd(), &temp, self.root.as_fd(), name) {
+            Ok(()) => {}
+            Err(e)
+                if e.raw_os_error() == Some(Errno::EXIST.raw_os_error())
+                    || e.raw_os_error() == Some(Errno::NOTEMPTY.raw_os_error()) =>
+            {
+                return self.swap_into_appeared_dir();
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot move the restored tree to {}", self.dest.display())
+                });
+            }
+        }
         self.temp_name = None;
         // The mode `mkdir` would have given it: learnt from a directory made the same
         // way, since the umask cannot be read everywhere without changing it.

@@ -435,3 +435,23 @@ fn an_update_that_cannot_finish_in_place_restores_the_tree_whole() {
         .collect();
     assert_same(&got, &want);
 }
+
+#[test]
+fn restores_racing_into_the_same_new_dir_both_succeed() {
+    let env = TestEnv::s3("newdirrace");
+    let src = make_tree(&env, "src", 30);
+    env.run(["dir", "upload", "k", src.to_str().unwrap()]).ok();
+    for round in 0..3 {
+        // DIR does not exist: each builds the tree beside it; the second to finish
+        // finds DIR made by the first and swaps its entries in.
+        let out = env.path(&format!("out{round}"));
+        let args: Vec<String> = ["dir", "download", "k", out.to_str().unwrap()]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        env.run_all_at_once(&[args.clone(), args]);
+        assert_same(&snapshot(&out), &snapshot(&src));
+        let leftovers = sh("ls -a", env.dir.path());
+        assert!(!leftovers.contains(".cacher-"), "{leftovers}");
+    }
+}
