@@ -413,7 +413,7 @@ fn an_update_that_cannot_finish_in_place_restores_the_tree_whole() {
         .arg(&work)
         .status();
     run.ok();
-    assert!(run.stderr.contains("restoring it whole"), "{}", run.stderr);
+    assert!(run.stderr.contains("restored it whole"), "{}", run.stderr);
     let fresh = env.path("fresh");
     env.run(["dir", "download", "t/2", fresh.to_str().unwrap()])
         .ok();

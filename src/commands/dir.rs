@@ -336,13 +336,18 @@ async fn restore_manifest(
                 // Unless the entry itself is at fault (or the job was cancelled), the
                 // record or DIR may be: files someone else owns, a record gone stale.
                 // The tree is then built whole, as without a record.
+                // A failure the whole restore shares (no room, names the filesystem
+                // folds) is reported once, by it.
                 Err(e) if !is_broken(&e) && !ui::cancelled() => {
                     TreeState::forget(dir);
-                    ui::warn(format!(
-                        "cannot update {} in place ({e:#}); restoring it whole",
-                        dir.display()
-                    ));
-                    restore_whole(chunks, key, manifest, dir, mirror).await
+                    let whole = restore_whole(chunks, key, manifest, dir, mirror).await;
+                    if whole.is_ok() {
+                        ui::warn(format!(
+                            "could not update {} in place ({e:#}); restored it whole",
+                            dir.display()
+                        ));
+                    }
+                    whole
                 }
                 other => other,
             }
