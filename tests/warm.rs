@@ -192,13 +192,22 @@ fn change_kinds(root: &Path) {
     );
 }
 
+/// v1, a module tree of `packages` packages, and v2, a copy with [`change_kinds`].
+fn two_versions(env: &TestEnv, packages: usize) -> (PathBuf, PathBuf) {
+    let v1 = make_tree(env, "v1", packages);
+    let v2 = env.path("v2");
+    sh(
+        &format!("cp -a '{}' '{}'", v1.display(), v2.display()),
+        env.dir.path(),
+    );
+    change_kinds(&v2);
+    (v1, v2)
+}
+
 #[test]
 fn a_restore_over_the_previous_tree_writes_only_what_differs_and_ends_as_a_fresh_restore() {
     let env = TestEnv::s3("inplace");
-    let v1 = make_tree(&env, "v1", 40);
-    sh(&format!("cp -a '{0}' '{0}2'", v1.display()), env.dir.path());
-    let v2 = env.path("v12");
-    change_kinds(&v2);
+    let (v1, v2) = two_versions(&env, 40);
     env.run(["dir", "upload", "t/1", v1.to_str().unwrap()]).ok();
     env.run(["dir", "upload", "t/2", v2.to_str().unwrap()]).ok();
 
@@ -249,10 +258,7 @@ fn a_restore_over_the_previous_tree_writes_only_what_differs_and_ends_as_a_fresh
 #[test]
 fn an_update_that_fails_part_way_leaves_dir_exactly_as_it_was() {
     let env = TestEnv::s3("inplacefail");
-    let v1 = make_tree(&env, "v1", 30);
-    sh(&format!("cp -a '{0}' '{0}2'", v1.display()), env.dir.path());
-    let v2 = env.path("v12");
-    change_kinds(&v2);
+    let (v1, v2) = two_versions(&env, 30);
     env.run(["dir", "upload", "t/1", v1.to_str().unwrap()]).ok();
     // t/2's new chunks go to packs of their own: delete those, so the update fails
     // after staging what it could.
@@ -348,10 +354,7 @@ fn a_wide_tree_is_scanned_and_updated_within_a_small_open_file_limit() {
 #[test]
 fn without_a_tree_state_the_files_dir_holds_still_spare_the_fetch() {
     let env = TestEnv::s3("seeded");
-    let v1 = make_tree(&env, "v1", 40);
-    sh(&format!("cp -a '{0}' '{0}2'", v1.display()), env.dir.path());
-    let v2 = env.path("v12");
-    change_kinds(&v2);
+    let (v1, v2) = two_versions(&env, 40);
     env.run(["dir", "upload", "t/1", v1.to_str().unwrap()]).ok();
     env.run(["dir", "upload", "t/2", v2.to_str().unwrap()]).ok();
     let fresh = env.path("fresh");
@@ -385,10 +388,7 @@ fn without_a_tree_state_the_files_dir_holds_still_spare_the_fetch() {
 #[test]
 fn an_update_that_cannot_finish_in_place_restores_the_tree_whole() {
     let env = TestEnv::s3("inplacefallback");
-    let v1 = make_tree(&env, "v1", 10);
-    sh(&format!("cp -a '{0}' '{0}2'", v1.display()), env.dir.path());
-    let v2 = env.path("v12");
-    change_kinds(&v2);
+    let (v1, v2) = two_versions(&env, 10);
     env.run(["dir", "upload", "t/1", v1.to_str().unwrap()]).ok();
     env.run(["dir", "upload", "t/2", v2.to_str().unwrap()]).ok();
     let work = env.path("work");
