@@ -14,7 +14,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{
-    Server, bash_aws, cacher_run, garage, sent_row, stored_bytes, table_header, time_row,
+    Server, bash_aws, cacher_json, cacher_run, garage, mib, sent_row, stored_bytes, table_header,
+    time_row,
 };
 
 /// Size of the last layer, the one a rebuild changes: incompressible bytes, as a
@@ -137,36 +138,64 @@ fn compare(g: &Server, home: &Path, ctx: &Path, tree: &Path) {
         &["docker", "upload", "bench/v2", "cacher-bench/app:v2"],
     );
 
+    // Restores of v2 while v1 (which shares the registry layer) is loaded, as on a
+    // runner that kept yesterday's image, then into a daemon holding neither.
+    let base_restore = || {
+        bash_aws(
+            g,
+            home,
+            &format!(
+                "aws --endpoint-url {e} s3 cp s3://{bucket}/base/v2.tar.zst - | zstd -q -d | docker load"
+            ),
+        )
+    };
+    let cacher_restore = || {
+        cacher_json(
+            g,
+            home,
+            &["docker", "download", "bench/v2", "cacher-bench/app:v2"],
+        )
+    };
     docker(&["rmi", "cacher-bench/app:v2"]);
-    let base_down = bash_aws(
-        g,
-        home,
-        &format!(
-            "aws --endpoint-url {e} s3 cp s3://{bucket}/base/v2.tar.zst - | zstd -q -d | docker load"
-        ),
-    );
+    let base_warm = base_restore();
     docker(&["rmi", "cacher-bench/app:v2"]);
-    let (cacher_down, line_down) = cacher_run(
-        g,
-        home,
-        &["docker", "download", "bench/v2", "cacher-bench/app:v2"],
-    );
+    let (cacher_warm, warm_stats) = cacher_restore();
+    docker(&["rmi", "cacher-bench/app:v1", "cacher-bench/app:v2"]);
+    let base_cold = base_restore();
+    docker(&["rmi", "cacher-bench/app:v2"]);
+    let (cacher_cold, cold_stats) = cacher_restore();
 
     let base_v2 = stored_bytes(g, home, "base/v2.tar.zst");
     println!("cacher upload v1: {line_1}");
     println!("cacher upload v2: {line_2}");
-    println!("cacher restore v2: {line_down}");
     println!();
     table_header("save+zstd+aws");
     time_row("upload v1 (cold)", base_up_1.secs, cacher_up_1.secs);
     time_row("upload v2 (last layer)", base_up_2.secs, cacher_up_2.secs);
     sent_row("  bytes sent for v2", base_v2, &line_2);
-    time_row("restore v2 (into load)", base_down.secs, cacher_down.secs);
-    println!(
-        "peak RSS MiB: cacher up {:.0} / {:.0}, restore {:.0}",
-        cacher_up_1.max_rss_mib, cacher_up_2.max_rss_mib, cacher_down.max_rss_mib
+    time_row("restore v2, v1 loaded", base_warm.secs, cacher_warm.secs);
+    time_row(
+        "restore v2, nothing loaded",
+        base_cold.secs,
+        cacher_cold.secs,
     );
-    docker(&["rmi", "cacher-bench/app:v1", "cacher-bench/app:v2"]);
+    let fetched = |stats: &serde_json::Value| stats["new_bytes"].as_u64().unwrap_or(0);
+    println!(
+        "restore v2 with v1 loaded / into an empty daemon: {:.2}x the time; fetched {:.1} MiB of chunks \
+         vs {:.1} MiB (the new layer is {APP_MIB} MiB; layers the daemon had: {})",
+        cacher_warm.secs / cacher_cold.secs,
+        mib(fetched(&warm_stats)),
+        mib(fetched(&cold_stats)),
+        warm_stats["layers"],
+    );
+    println!(
+        "peak RSS MiB: cacher up {:.0} / {:.0}, restore {:.0} / {:.0}",
+        cacher_up_1.max_rss_mib,
+        cacher_up_2.max_rss_mib,
+        cacher_warm.max_rss_mib,
+        cacher_cold.max_rss_mib
+    );
+    docker(&["rmi", "cacher-bench/app:v2"]);
 }
 
 /// Peak RSS of cacher on a 2 GiB image, which must stay bounded.

@@ -2,9 +2,13 @@
 //! stream, `pull`, `tag` and `image inspect`. stderr is captured so failures carry
 //! docker's own words. Any CLI that speaks these subcommands should do (podman is not tested here).
 
+use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Errors from running docker.
 #[derive(Debug, thiserror::Error)]
@@ -12,6 +16,9 @@ pub enum DockerError {
     /// The CLI could not be started.
     #[error("cannot run `{bin}`: {source}; install docker or set --docker-bin / CACHER_DOCKER_BIN")]
     Missing { bin: String, source: io::Error },
+    /// The CLI answered with something cacher cannot read.
+    #[error("`{command}` printed something unexpected: {why}")]
+    Unexpected { command: String, why: String },
     /// The CLI ran and failed.
     #[error("`{command}` failed ({status}): {stderr}")]
     Failed {
@@ -97,6 +104,59 @@ impl Docker {
             .to_string())
     }
 
+    /// The image's id and the diff IDs of its layers, bottom first.
+    pub fn image_layers(&self, image: &str) -> Result<(String, Vec<String>), DockerError> {
+        let args = [
+            "image",
+            "inspect",
+            "--format",
+            "{{.Id}} {{json .RootFS.Layers}}",
+            image,
+        ];
+        let out = self.run(&args)?;
+        let unexpected = |why: String| DockerError::Unexpected {
+            command: format!("{} {}", self.bin, args.join(" ")),
+            why,
+        };
+        // A CLI that prints no layers still gives the id; the entry then just has no
+        // member map.
+        let (id, layers) = out.trim().split_once(' ').unwrap_or((out.trim(), "null"));
+        if id.is_empty() {
+            return Err(unexpected("no image id".to_string()));
+        }
+        let layers: Option<Vec<String>> =
+            serde_json::from_str(layers).map_err(|e| unexpected(e.to_string()))?;
+        Ok((id.to_string(), layers.unwrap_or_default()))
+    }
+
+    /// The chain IDs of every layer the daemon holds for some image, intermediate
+    /// images included: `docker load` skips reading a layer whose chain ID is here.
+    pub fn layer_chains(&self) -> Result<HashSet<String>, DockerError> {
+        let ids = self.run(&["image", "ls", "--all", "--quiet", "--no-trunc"])?;
+        let ids: HashSet<&str> = ids.split_whitespace().collect();
+        let mut chains = HashSet::new();
+        if ids.is_empty() {
+            return Ok(chains);
+        }
+        let mut args = vec!["image", "inspect", "--format", "{{json .RootFS.Layers}}"];
+        args.extend(ids);
+        // An image removed since the listing makes inspect fail for it alone; the
+        // others are still printed, and a layer missed only costs a fetch.
+        let child = self.spawn(&args, Stdio::null(), Stdio::piped())?;
+        let out = child
+            .wait_with_output()
+            .map_err(|source| DockerError::Missing {
+                bin: self.bin.clone(),
+                source,
+            })?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Ok(Some(diff_ids)) = serde_json::from_str::<Option<Vec<String>>>(line) {
+                chains.extend(crate::image_archive::chain_ids(&diff_ids));
+            }
+        }
+        Ok(chains)
+    }
+
     /// `docker pull IMAGE`.
     pub fn pull(&self, image: &str) -> Result<(), DockerError> {
         self.run(&["pull", "--quiet", image]).map(|_| ())
@@ -119,6 +179,7 @@ impl Docker {
             child,
             stdout,
             stderr: Some(stderr),
+            waited: Arc::default(),
         })
     }
 
@@ -150,11 +211,35 @@ pub struct SaveStream {
     child: Child,
     stdout: ChildStdout,
     stderr: Option<JoinHandle<String>>,
+    /// Nanoseconds spent waiting for docker's output.
+    waited: Arc<AtomicU64>,
+}
+
+impl SaveStream {
+    /// A clock of the time readers have spent waiting for docker to write the
+    /// archive, readable while the stream is in use elsewhere.
+    pub fn waited(&self) -> SaveWait {
+        SaveWait(self.waited.clone())
+    }
+}
+
+/// See [`SaveStream::waited`].
+pub struct SaveWait(Arc<AtomicU64>);
+
+impl SaveWait {
+    /// The time waited so far.
+    pub fn get(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
 }
 
 impl Read for SaveStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.stdout.read(buf)?;
+        let started = Instant::now();
+        let n = self.stdout.read(buf);
+        let waited = started.elapsed().as_nanos() as u64;
+        self.waited.fetch_add(waited, Ordering::Relaxed);
+        let n = n?;
         if n == 0 && !buf.is_empty() {
             // End of the archive: only a successful exit makes it complete.
             let status = self.child.wait()?;

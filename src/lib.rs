@@ -12,6 +12,7 @@ pub mod commands;
 pub mod config;
 pub mod docker;
 pub mod http;
+pub mod image_archive;
 pub mod key;
 pub mod restore;
 pub mod state;

@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use crate::util::{TestEnv, random_bytes, unique, upload_stats};
+use crate::util::{TestEnv, json_stats, manifest, random_bytes, unique, upload_stats};
 
 pub const REGISTRY: &str = "127.0.0.1:5000";
 
@@ -366,4 +366,164 @@ fn the_image_name_always_ends_up_on_the_loaded_image_and_broken_entries_pull() {
     for tag in [&cached, &name, &remote] {
         rmi(tag);
     }
+}
+
+/// Two images sharing a 24 MiB base layer: `base`, and `next` with a 512 KiB layer on
+/// top, their bytes drawn from `seed` (docker's build cache would make two tests with
+/// the same bytes share layers). Returns their tags and `next`'s id.
+fn base_and_next(env: &TestEnv, name: &str, seed: u64) -> (String, String, String) {
+    let base = format!("cacher-test/{name}:base");
+    let next = format!("cacher-test/{name}:next");
+    build(
+        env,
+        &base,
+        None,
+        &[("big.bin", random_bytes(24 * 1024 * 1024, seed))],
+    );
+    let id = build(
+        env,
+        &next,
+        Some(&base),
+        &[("app.bin", random_bytes(512 * 1024, seed + 1))],
+    );
+    (base, next, id)
+}
+
+/// Bytes of chunks a `--json` docker download fetched, and the layers it left out.
+fn fetched(run: &crate::util::Run) -> (u64, u64) {
+    let stats = json_stats(&run.stdout);
+    (
+        stats["new_bytes"].as_u64().expect("new_bytes"),
+        stats["layers"]["present"].as_u64().unwrap_or(0),
+    )
+}
+
+#[test]
+fn a_restore_fetches_only_the_layers_the_daemon_lacks() {
+    if !daemon_ready("a_restore_fetches_only_the_layers_the_daemon_lacks") {
+        return;
+    }
+    let env = TestEnv::s3("dockerthin");
+    let (base, next, id) = base_and_next(&env, &unique("thin"), 31);
+    env.run(["docker", "upload", "next", &next]).ok();
+    let map = manifest(&env, "next");
+    assert_eq!(
+        map.entries
+            .iter()
+            .filter(|e| e.path.contains(&b':'))
+            .count(),
+        2,
+        "both layers are mapped: {:?}",
+        map.entries
+    );
+
+    // The base is still loaded: only the top layer is fetched.
+    rmi(&next);
+    let run = env.run(["docker", "download", "next", &next, "--json"]);
+    let (bytes, present) = fetched(run.ok());
+    assert_eq!(present, 1, "{}", run.stderr);
+    assert!(
+        bytes < 1024 * 1024,
+        "only the 512 KiB layer and the chunks around it: {bytes} bytes; {}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("the daemon had 1 of 2 layers"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(image_id(&next).as_deref(), Some(id.as_str()));
+    assert_eq!(
+        file_in_image(&next, "/app.bin", &env),
+        random_bytes(512 * 1024, 32)
+    );
+    assert_eq!(
+        file_in_image(&next, "/big.bin", &env),
+        random_bytes(24 * 1024 * 1024, 31)
+    );
+
+    // The daemon has neither: everything is fetched and loaded.
+    rmi(&next);
+    rmi(&base);
+    let run = env.run(["docker", "download", "next", &next, "--json"]);
+    let (bytes, present) = fetched(run.ok());
+    assert_eq!(present, 0, "{}", run.stderr);
+    assert!(bytes > 24 * 1024 * 1024, "the whole image: {bytes} bytes");
+    assert_eq!(image_id(&next).as_deref(), Some(id.as_str()));
+    assert_eq!(
+        file_in_image(&next, "/big.bin", &env),
+        random_bytes(24 * 1024 * 1024, 31)
+    );
+    rmi(&next);
+}
+
+#[test]
+fn a_daemon_that_refuses_the_thin_archive_gets_the_full_one() {
+    if !daemon_ready("a_daemon_that_refuses_the_thin_archive_gets_the_full_one") {
+        return;
+    }
+    let env = TestEnv::s3("dockerrefuse");
+    let (base, next, id) = base_and_next(&env, &unique("refuse"), 33);
+    env.run(["docker", "upload", "next", &next]).ok();
+    // As another docker (or podman) might: refuse any archive with an empty layer.
+    let strict = env.write(
+        "strict-docker",
+        "#!/bin/sh\n\
+         [ \"$1\" = load ] || exec docker \"$@\"\n\
+         archive=$(mktemp)\n\
+         cat > \"$archive\"\n\
+         if tar -tvf \"$archive\" | awk '$3 == 0 && $6 ~ /layer.tar$/ { found = 1 } END { exit !found }'; then\n\
+           echo 'strict: empty layer in archive' >&2; rm -f \"$archive\"; exit 1\n\
+         fi\n\
+         docker load < \"$archive\"; status=$?; rm -f \"$archive\"; exit $status\n",
+    );
+    std::fs::set_permissions(&strict, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    rmi(&next);
+    let run = env.run([
+        "docker",
+        "download",
+        "next",
+        &next,
+        "--json",
+        "--docker-bin",
+        strict.to_str().unwrap(),
+    ]);
+    let (bytes, present) = fetched(run.ok());
+    assert!(
+        run.stderr.contains("strict: empty layer") && run.stderr.contains("loading the full image"),
+        "says it retried: {}",
+        run.stderr
+    );
+    assert_eq!(present, 0, "the full archive was loaded");
+    assert!(bytes > 24 * 1024 * 1024, "{bytes}");
+    assert_eq!(image_id(&next).as_deref(), Some(id.as_str()));
+    assert_eq!(
+        file_in_image(&next, "/app.bin", &env),
+        random_bytes(512 * 1024, 34)
+    );
+    rmi(&next);
+    rmi(&base);
+}
+
+#[test]
+fn entries_without_a_member_map_restore_whole() {
+    if !daemon_ready("entries_without_a_member_map_restore_whole") {
+        return;
+    }
+    let env = TestEnv::s3("dockernomap");
+    let (base, next, id) = base_and_next(&env, &unique("nomap"), 35);
+    env.run(["docker", "upload", "next", &next]).ok();
+    // As cacher wrote docker entries before member maps: no entries.
+    let mut old = manifest(&env, "next");
+    old.entries.clear();
+    crate::util::put_object(&format!("{}/next", env.prefix), old.encode());
+
+    rmi(&next);
+    let run = env.run(["docker", "download", "next", &next, "--json"]);
+    let (bytes, present) = fetched(run.ok());
+    assert_eq!(present, 0);
+    assert!(bytes > 24 * 1024 * 1024, "{bytes}");
+    assert_eq!(image_id(&next).as_deref(), Some(id.as_str()));
+    rmi(&next);
+    rmi(&base);
 }

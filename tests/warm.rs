@@ -4,9 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cacher::chunk::format::Manifest;
-
-use crate::util::{TestEnv, random_bytes, sh, snapshot, stored};
+use crate::util::{TestEnv, json_stats, manifest, random_bytes, sh, snapshot};
 
 /// A module-cache-like tree of `packages` directories, each with a few source files
 /// and one larger blob.
@@ -41,17 +39,6 @@ fn assert_same(got: &[(String, String)], want: &[(String, String)]) {
         )
         .collect();
     assert!(differ.is_empty(), "trees differ:\n{}", differ.join("\n"));
-}
-
-/// The `stats` object of a `--json` chunked transfer.
-fn json_stats(stdout: &str) -> serde_json::Value {
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON record");
-    v["stats"].clone()
-}
-
-fn manifest(env: &TestEnv, key: &str) -> Manifest {
-    let data = stored(&format!("{}/{key}", env.prefix)).expect("manifest stored");
-    Manifest::decode(key, &data).unwrap()
 }
 
 fn state_dir(env: &TestEnv) -> PathBuf {

@@ -290,7 +290,8 @@ impl Manifest {
                 ),
             ));
         }
-        if self.kind == ManifestKind::Docker {
+        // A docker entry's entries, when it has any, split its stream into parts.
+        if self.kind == ManifestKind::Docker && self.entries.is_empty() {
             return Ok(());
         }
         let file_total = self

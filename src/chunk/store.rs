@@ -153,6 +153,32 @@ pub struct Stats {
     pub unchanged_bytes: u64,
     /// Directory entries: bytes read from the tree (upload) or written to it (download).
     pub disk_bytes: u64,
+    /// Docker restores: the image's layers and those the daemon already had.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers: Option<LayerStats>,
+    /// Docker uploads: seconds spent waiting for `docker save` to produce the archive;
+    /// close to the upload's time when docker, not cacher, bounds it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker_save_seconds: Option<f64>,
+}
+
+/// What a docker restore could leave out because the daemon had it.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct LayerStats {
+    /// Layers the entry's member map names.
+    pub total: u64,
+    /// Layers the daemon already had: `docker load` got them as empty members.
+    pub present: u64,
+    /// Bytes of those layers in the archive, neither fetched nor fed to docker.
+    pub present_bytes: u64,
+}
+
+/// A content stream whose chunks are all in the bucket, ready for a manifest.
+pub struct Sent {
+    /// Figures of the upload so far.
+    pub stats: Stats,
+    /// The stream's chunks, in order.
+    pub table: ChunkTable,
 }
 
 /// A piece of a content stream, as a cutter hands it to [`ChunkStore::upload`].
@@ -311,16 +337,35 @@ impl ChunkStore {
         self.upload_pieces(pieces, known, manifest, key).await
     }
 
-    /// Sends the chunks of `pieces` (a cut content stream, in batches) the bucket
-    /// lacks, then writes an index segment and finally `manifest` (its table and stream
-    /// length filled in) under `key`; returns the stats and the manifest published.
+    /// Sends the chunks of `pieces` the bucket lacks, then publishes `manifest` under
+    /// `key` (see [`ChunkStore::send_pieces`] and [`ChunkStore::publish`]).
     pub async fn upload_pieces<P>(
         &self,
         pieces: P,
         known: Arc<Known>,
-        mut manifest: Manifest,
+        manifest: Manifest,
         key: &str,
     ) -> anyhow::Result<(Stats, Manifest)>
+    where
+        P: Iterator<Item = anyhow::Result<Vec<Piece>>> + Send + 'static,
+    {
+        let sent = self.send_pieces(pieces, known).await?;
+        self.publish(manifest, sent, key).await
+    }
+
+    /// Cuts `content` and sends the chunks the bucket lacks (see
+    /// [`ChunkStore::send_pieces`]).
+    pub async fn send<R>(&self, content: R, known: Arc<Known>) -> anyhow::Result<Sent>
+    where
+        R: Read + Send + 'static,
+    {
+        self.send_pieces(cut_in_batches(content), known).await
+    }
+
+    /// Sends the chunks of `pieces` (a cut content stream, in batches) the bucket
+    /// lacks and writes an index segment for them: everything a manifest of this stream
+    /// needs is in the bucket when it returns.
+    pub async fn send_pieces<P>(&self, pieces: P, known: Arc<Known>) -> anyhow::Result<Sent>
     where
         P: Iterator<Item = anyhow::Result<Vec<Piece>>> + Send + 'static,
     {
@@ -356,8 +401,21 @@ impl ChunkStore {
 
         self.refresh_reused_packs(&known, &chunked.locations)
             .await?;
+        let table = table_of(chunked.order.iter().map(|id| (*id, chunked.locations[id])));
+        Ok(Sent { stats, table })
+    }
+
+    /// Writes `manifest`, with the table and stream length of `sent` filled in, under
+    /// `key`; returns the stats of the whole upload and the manifest published.
+    pub async fn publish(
+        &self,
+        mut manifest: Manifest,
+        sent: Sent,
+        key: &str,
+    ) -> anyhow::Result<(Stats, Manifest)> {
+        let Sent { mut stats, table } = sent;
         manifest.stream_len = stats.stream_bytes;
-        manifest.table = table_of(chunked.order.iter().map(|id| (*id, chunked.locations[id])));
+        manifest.table = table;
         let data = manifest.encode();
         manifest
             .check_readable(key, &data)

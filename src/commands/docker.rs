@@ -12,11 +12,14 @@ use super::dir::report;
 use super::{Outcome, heal};
 use crate::chunk::format::{Manifest, ManifestKind};
 use crate::chunk::store::{
-    ChunkStore, Stats, Stored, download_stats_line, now_secs, upload_stats_line,
+    ChunkStore, LayerStats, Stats, Stored, download_stats_line, now_secs, upload_stats_line,
 };
 use crate::cli::{DockerCommand, DockerDownloadArgs, DockerUploadArgs};
 use crate::config::Config;
-use crate::docker::{Docker, LoadStream};
+use crate::docker::{Docker, DockerError, LoadStream};
+use crate::image_archive::{
+    MapMismatch, MemberTap, ThinPlan, member_map, parts_of_entries, parts_to_entries,
+};
 use crate::key::full_key;
 use crate::store::ObjectInfo;
 use crate::ui;
@@ -49,7 +52,8 @@ async fn upload(config: &Config, args: &DockerUploadArgs) -> anyhow::Result<Outc
     Ok(Outcome::Success)
 }
 
-/// Streams `docker save IMAGE` into the chunk store under `key`.
+/// Streams `docker save IMAGE` into the chunk store under `key`, with a member map
+/// of the archive so a restore can leave out the layers a daemon already has.
 async fn seed(
     chunks: &ChunkStore,
     docker: &Docker,
@@ -58,27 +62,41 @@ async fn seed(
 ) -> anyhow::Result<Stats> {
     let started = Instant::now();
     let (d, img) = (docker.clone(), image.to_string());
-    blocking(move || Ok(d.image_id(&img)?))
+    let (image_id, diff_ids) = blocking(move || Ok(d.image_layers(&img)?))
         .await
         .with_context(|| format!("cannot find the image {image}"))?;
     let (d, img) = (docker.clone(), image.to_string());
     let save = blocking(move || Ok(d.save(&img)?)).await?;
+    let waited = save.waited();
+    let (save, scan) = MemberTap::new(save);
+    let known = chunks.known().await?;
+    let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), 0));
+    let sent = chunks.send(progress.counted(save), Arc::new(known)).await;
+    progress.clear();
+    let failed = || format!("upload of image {image} to {key} failed");
+    let sent = sent.with_context(failed)?;
+    // The map must describe exactly the stream sent, or readers would refuse it.
+    let parts = member_map(&scan.finish(), &image_id, &diff_ids)
+        .filter(|parts| parts.iter().map(|p| p.len).sum::<u64>() == sent.stats.stream_bytes);
     let manifest = Manifest {
         kind: ManifestKind::Docker,
         created: now_secs(),
         label: image.to_string(),
         stream_len: 0,
         table: Default::default(),
-        entries: Vec::new(),
+        entries: parts.as_deref().map(parts_to_entries).unwrap_or_default(),
     };
-    let known = chunks.known().await?;
-    let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), 0));
-    let stats = chunks
-        .upload(progress.counted(save), Arc::new(known), manifest, key)
-        .await;
-    progress.clear();
-    let (stats, _) = stats.with_context(|| format!("upload of image {image} to {key} failed"))?;
-    ui::status(upload_stats_line(key, None, &stats, started.elapsed()));
+    let (mut stats, _) = chunks
+        .publish(manifest, sent, key)
+        .await
+        .with_context(failed)?;
+    let waited = waited.get();
+    stats.docker_save_seconds = Some(waited.as_secs_f64());
+    ui::status(format!(
+        "{}; waited {:.2}s for docker save",
+        upload_stats_line(key, None, &stats, started.elapsed()),
+        waited.as_secs_f64()
+    ));
     Ok(stats)
 }
 
@@ -131,41 +149,32 @@ async fn load(
     args: &DockerDownloadArgs,
     started: Instant,
 ) -> anyhow::Result<Outcome> {
-    let load = {
-        let d = docker.clone();
-        blocking(move || Ok(d.load()?)).await?
-    };
-    let mut restored = None;
-    let (load, line) = match stored {
+    let (loaded, line, restored) = match stored {
         Stored::Manifest(manifest) if manifest.kind == ManifestKind::Docker => {
-            let progress = Arc::new(ui::Progress::new(
-                format!("restoring {key}"),
-                manifest.stream_len,
-            ));
-            let restored_stream = chunks
-                .restore_in_order(&manifest.table, progress.counted(load))
-                .await;
-            progress.clear();
-            // On failure the dropped `docker load` was killed before the archive's end.
-            let (load, stats) = restored_stream
-                .with_context(|| format!("cannot restore {key}; nothing was loaded"))?;
-            let line = download_stats_line(key, None, &stats, started.elapsed());
-            restored = Some(stats);
-            (load.into_inner(), line)
+            let (loaded, stats) = load_entry(chunks, docker, key, &manifest).await?;
+            let mut line = download_stats_line(key, None, &stats, started.elapsed());
+            if let Some(layers) = stats.layers.as_ref().filter(|l| l.present > 0) {
+                line.push_str(&format!(
+                    "; the daemon had {} of {} layers ({}), not fetched",
+                    layers.present,
+                    layers.total,
+                    ui::human_bytes(layers.present_bytes)
+                ));
+            }
+            (loaded, line, Some(stats))
         }
         Stored::Manifest(_) => bail!("{key} holds a directory tree, not a docker image"),
         Stored::Legacy(info) => (
-            feed_object(chunks, info, load, true).await?,
+            feed_object(chunks, docker, info, true).await?,
             format!("restored {key} (legacy tar.zst)"),
+            None,
         ),
         Stored::Plain(info) => (
-            feed_object(chunks, info, load, false).await?,
+            feed_object(chunks, docker, info, false).await?,
             format!("restored {key} (plain docker archive)"),
+            None,
         ),
     };
-    let loaded = blocking(move || Ok(load.finish()?))
-        .await
-        .with_context(|| format!("docker load of {key} failed"))?;
     ensure_tagged(docker, &loaded, &args.image).await?;
     ui::status(format!("{line}; loaded as {}", args.image));
     report(
@@ -178,14 +187,117 @@ async fn load(
     Ok(Outcome::Success)
 }
 
+/// Loads a chunked docker entry; returns what docker reports it loaded. When the
+/// manifest maps its archive and the daemon has some of its layers, those are left
+/// out; if docker refuses that archive, the full one is loaded instead.
+async fn load_entry(
+    chunks: &ChunkStore,
+    docker: &Docker,
+    key: &str,
+    manifest: &Manifest,
+) -> anyhow::Result<(Vec<String>, Stats)> {
+    let parts = parts_of_entries(&manifest.entries);
+    if let Some(parts) = &parts {
+        let d = docker.clone();
+        // Without the daemon's layers (an old CLI, a listing that failed), the full
+        // archive still loads.
+        let present = blocking(move || Ok(d.layer_chains()?))
+            .await
+            .unwrap_or_default();
+        if let Some(plan) = ThinPlan::new(parts, manifest.stream_len, &present) {
+            match feed_entry(chunks, docker, key, manifest, Some(&plan)).await {
+                Ok(loaded) => return Ok(loaded),
+                Err(e) if refused_by_docker(&e) => ui::warn(format!(
+                    "docker did not load {key} without the {} layers it has ({e:#}); \
+                     loading the full image",
+                    plan.stats.present
+                )),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let (loaded, mut stats) = feed_entry(chunks, docker, key, manifest, None).await?;
+    stats.layers = parts.map(|parts| LayerStats {
+        total: parts.iter().filter(|p| p.chain_id.is_some()).count() as u64,
+        ..LayerStats::default()
+    });
+    Ok((loaded, stats))
+}
+
+/// Streams a chunked docker entry into a new `docker load`, leaving out what `thin`
+/// says when given, and waits for docker.
+async fn feed_entry(
+    chunks: &ChunkStore,
+    docker: &Docker,
+    key: &str,
+    manifest: &Manifest,
+    thin: Option<&ThinPlan>,
+) -> anyhow::Result<(Vec<String>, Stats)> {
+    let load = start_load(docker).await?;
+    let left_out = thin.map_or(0, |plan| plan.stats.present_bytes);
+    let progress = Arc::new(ui::Progress::new(
+        format!("restoring {key}"),
+        manifest.stream_len - left_out,
+    ));
+    let restored = match thin {
+        None => chunks
+            .restore_in_order(&manifest.table, progress.counted(load))
+            .await
+            .map(|(load, stats)| (load.into_inner(), stats)),
+        Some(plan) => {
+            let (table, spans) = plan.needed(&manifest.table);
+            let thin_archive = plan.writer(spans, progress.counted(load));
+            chunks
+                .restore_in_order(&table, thin_archive)
+                .await
+                .and_then(|(archive, stats)| Ok((archive.into_inner()?.into_inner(), stats)))
+        }
+    };
+    progress.clear();
+    // On failure the dropped `docker load` was killed before the archive's end.
+    let (load, mut stats) =
+        restored.with_context(|| format!("cannot restore {key}; nothing was loaded"))?;
+    let load = blocking(move || Ok(load.finish()?))
+        .await
+        .with_context(|| format!("docker load of {key} failed"))?;
+    stats.stream_bytes = manifest.stream_len;
+    stats.chunks = manifest.table.chunks.len() as u64;
+    stats.layers = thin.map(|plan| plan.stats.clone());
+    Ok((load, stats))
+}
+
+/// Whether `e` says docker refused an archive (or the archive did not match its
+/// member map), rather than that the entry could not be read.
+fn refused_by_docker(e: &anyhow::Error) -> bool {
+    let refusal = |cause: &(dyn std::error::Error + 'static)| {
+        matches!(
+            cause.downcast_ref::<DockerError>(),
+            Some(DockerError::Failed { .. })
+        ) || cause.is::<MapMismatch>()
+    };
+    e.chain().any(|cause| {
+        refusal(cause)
+            || cause
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| refusal(inner))
+    })
+}
+
+async fn start_load(docker: &Docker) -> anyhow::Result<LoadStream> {
+    let d = docker.clone();
+    blocking(move || Ok(d.load()?)).await
+}
+
 /// Streams a plain object (a `docker save` archive, zstd-compressed when `zstd`) into
 /// `docker load`.
 async fn feed_object(
     chunks: &ChunkStore,
+    docker: &Docker,
     info: ObjectInfo,
-    mut load: LoadStream,
     zstd: bool,
-) -> anyhow::Result<LoadStream> {
+) -> anyhow::Result<Vec<String>> {
+    let mut load = start_load(docker).await?;
     let reader = chunks.transfer().stream_object(info);
     let (load, copied) = tokio::task::spawn_blocking(move || {
         let copied = if zstd {
@@ -200,7 +312,9 @@ async fn feed_object(
     .await?;
     // On failure, dropping `load` kills docker before the archive's end: nothing loads.
     copied.context("cannot stream the archive into docker load")?;
-    Ok(load)
+    blocking(move || Ok(load.finish()?))
+        .await
+        .context("docker load failed")
 }
 
 /// Makes sure `image` names the image just loaded, tagging it when the archive carried

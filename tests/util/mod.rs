@@ -335,6 +335,18 @@ pub fn put_object(full_key: &str, data: impl AsRef<[u8]>) {
         .unwrap();
 }
 
+/// The `stats` object of a `--json` chunked transfer.
+pub fn json_stats(stdout: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON record");
+    v["stats"].clone()
+}
+
+/// The manifest stored under `key` of the test's prefix.
+pub fn manifest(env: &TestEnv, key: &str) -> cacher::chunk::format::Manifest {
+    let data = stored(&format!("{}/{key}", env.prefix)).expect("manifest stored");
+    cacher::chunk::format::Manifest::decode(key, &data).unwrap()
+}
+
 /// The bytes stored under a full key, read without cacher's download path.
 pub fn stored(full_key: &str) -> Option<Vec<u8>> {
     let store = bucket();
