@@ -506,6 +506,35 @@ fn a_daemon_that_refuses_the_thin_archive_gets_the_full_one() {
 }
 
 #[test]
+fn archives_stored_by_the_shell_loop_load_whole() {
+    if !daemon_ready("archives_stored_by_the_shell_loop_load_whole") {
+        return;
+    }
+    let env = TestEnv::s3("dockerloop");
+    let (base, next, id) = base_and_next(&env, &unique("loop"), 37);
+    // `docker save | zstd | aws s3 cp -`, and a plain `docker save` archive.
+    let saved = Command::new("docker")
+        .args(["save", &next])
+        .output()
+        .unwrap();
+    assert!(saved.status.success());
+    let compressed = zstd::encode_all(&saved.stdout[..], 3).unwrap();
+    crate::util::put_object(&format!("{}/loop.tar.zst", env.prefix), compressed);
+    crate::util::put_object(&format!("{}/plain.tar", env.prefix), &saved.stdout);
+    for (key, says) in [
+        ("loop.tar.zst", "legacy tar.zst"),
+        ("plain.tar", "plain docker archive"),
+    ] {
+        rmi(&next);
+        let run = env.run(["docker", "download", key, &next]);
+        assert!(run.ok().stderr.contains(says), "{}", run.stderr);
+        assert_eq!(image_id(&next).as_deref(), Some(id.as_str()));
+    }
+    rmi(&next);
+    rmi(&base);
+}
+
+#[test]
 fn entries_without_a_member_map_restore_whole() {
     if !daemon_ready("entries_without_a_member_map_restore_whole") {
         return;
