@@ -576,3 +576,33 @@ fn a_tree_past_the_readers_limits_is_refused_at_upload() {
     assert!(run.stderr.len() < 500, "the path is cut: {}", run.stderr);
     env.run(["dir", "exists", "k"]).code(1);
 }
+
+#[test]
+fn a_fallback_over_the_whole_prefix_finds_nested_entries_without_listing_cachers_objects() {
+    let env = TestEnv::s3("fallbackroot");
+    let work = make_tree(&env, "work", 9);
+    let want = snapshot(&work);
+    env.run(["dir", "upload", "team/app/linux-1", work.to_str().unwrap()])
+        .ok();
+    assert!(
+        !crate::util::keys_under(&format!("{}/.cacher/packs/", env.prefix)).is_empty(),
+        "the prefix holds packs"
+    );
+    std::fs::remove_dir_all(&work).unwrap();
+    let run = env.run([
+        "-v",
+        "dir",
+        "download",
+        "team/app/linux-2",
+        work.to_str().unwrap(),
+        "--fallback",
+        "",
+    ]);
+    assert_eq!(run.ok().stdout.trim(), "team/app/linux-1", "{}", run.stderr);
+    assert_eq!(snapshot(&work), want);
+    let lists: Vec<&str> = run.stderr.lines().filter(|l| l.contains("LIST")).collect();
+    assert!(
+        lists.len() >= 3 && !lists.iter().any(|l| l.contains(".cacher")),
+        "lists the levels down to the entry, never cacher's objects: {lists:#?}"
+    );
+}

@@ -293,6 +293,32 @@ impl ChunkStore {
             .collect())
     }
 
+    /// The objects under the full key prefix `prefix` that may be entries, at any
+    /// depth. Listed a level at a time so cacher's own objects (`.cacher/`, which can
+    /// hold millions of packs) are never listed.
+    pub async fn list_entries(&self, prefix: &str) -> anyhow::Result<Vec<ObjectInfo>> {
+        let store = self.transfer.store();
+        let mut entries = Vec::new();
+        let mut levels = vec![prefix.to_string()];
+        while let Some(level) = levels.pop() {
+            let mut token = None;
+            loop {
+                let (page, next) = store
+                    .list_page(&level, Some('/'), token)
+                    .await
+                    .with_context(|| format!("cannot list {level}"))?;
+                let internal = |key: &str| self.layout.is_internal(key);
+                levels.extend(page.prefixes.into_iter().filter(|p| !internal(p)));
+                entries.extend(page.objects.into_iter().filter(|o| !internal(&o.key)));
+                match next {
+                    Some(next) => token = Some(next),
+                    None => break,
+                }
+            }
+        }
+        Ok(entries)
+    }
+
     /// The chunks the bucket holds now: [`ChunkStore::list_packs`], then
     /// [`ChunkStore::load_known`].
     pub async fn known(&self) -> anyhow::Result<Known> {

@@ -564,13 +564,11 @@ async fn restore_fallback(
     args: &DirDownloadArgs,
     started: Instant,
 ) -> anyhow::Result<Option<(String, Option<Stats>)>> {
-    let store = chunks.transfer().store();
     let source = archive::source_label(&args.dir);
     let base = join_prefix(&config.prefix.value, "");
     for prefix in &args.fallback {
         let full = join_prefix(&config.prefix.value, prefix);
-        let mut candidates = store.list(&full, None).await?.objects;
-        candidates.retain(|o| !chunks.layout().is_internal(&o.key));
+        let mut candidates = chunks.list_entries(&full).await?;
         candidates.sort_by_key(|o| std::cmp::Reverse(o.modified));
         for candidate in candidates {
             let key = candidate.key;

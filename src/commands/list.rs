@@ -16,6 +16,7 @@ use serde_json::json;
 use super::Outcome;
 use crate::cli::ListArgs;
 use crate::config::Config;
+use crate::store::Listing;
 use crate::ui;
 
 pub async fn run(config: &Config, args: &ListArgs) -> anyhow::Result<Outcome> {
@@ -28,7 +29,6 @@ pub async fn run(config: &Config, args: &ListArgs) -> anyhow::Result<Outcome> {
     let full = format!("{base}{wanted}");
     let store = crate::store::open(config).await?;
     let delimiter = (!args.recursive).then_some('/');
-    let listing = store.list(&full, delimiter).await?;
 
     // Names are shown relative to the last `/` of the listed prefix, as `aws s3 ls` does.
     let level = &full[..full.rfind('/').map_or(0, |i| i + 1)];
@@ -37,6 +37,22 @@ pub async fn run(config: &Config, args: &ListArgs) -> anyhow::Result<Outcome> {
     } else {
         level.len()
     };
+    // Page by page, as `aws s3 ls` prints: a listing of millions of keys starts at once
+    // and holds one page at a time.
+    let mut token = None;
+    loop {
+        let (page, next) = store.list_page(&full, delimiter, token).await?;
+        print_page(&page, shown_from)?;
+        match next {
+            Some(next) => token = Some(next),
+            None => break,
+        }
+    }
+    Ok(Outcome::Success)
+}
+
+/// Prints one page of a listing: its common prefixes, then its objects.
+fn print_page(listing: &Listing, shown_from: usize) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     for prefix in &listing.prefixes {
         if ui::json_enabled() {
@@ -63,7 +79,8 @@ pub async fn run(config: &Config, args: &ListArgs) -> anyhow::Result<Outcome> {
             writeln!(out, "{modified} {:>10} {name}", object.size)?;
         }
     }
-    Ok(Outcome::Success)
+    out.flush()?;
+    Ok(())
 }
 
 /// A modification time in local time (`TZ` respected), as `aws s3 ls` prints it.

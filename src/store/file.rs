@@ -326,6 +326,16 @@ impl Store for FileStore {
         .await
     }
 
+    /// A local directory is walked whole: one page.
+    async fn list_page(
+        &self,
+        prefix: &str,
+        delimiter: Option<char>,
+        _token: Option<String>,
+    ) -> StoreResult<(Listing, Option<String>)> {
+        Ok((self.list(prefix, delimiter).await?, None))
+    }
+
     async fn list(&self, prefix: &str, delimiter: Option<char>) -> StoreResult<Listing> {
         let root = self.root.clone();
         let prefix = prefix.to_string();

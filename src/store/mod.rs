@@ -227,9 +227,31 @@ pub trait Store: Send + Sync {
         age: std::time::Duration,
     ) -> StoreResult<usize>;
 
+    /// One page of [`Store::list`]: from `token` (`None` for the first page), the page
+    /// and the token of the next one (`None` after the last). Each page is sorted, and
+    /// every key of a page sorts after every key of the page before.
+    async fn list_page(
+        &self,
+        prefix: &str,
+        delimiter: Option<char>,
+        token: Option<String>,
+    ) -> StoreResult<(Listing, Option<String>)>;
+
     /// Objects under `prefix`; with `delimiter`, deeper keys fold into common prefixes.
-    /// Follows pagination to the end.
-    async fn list(&self, prefix: &str, delimiter: Option<char>) -> StoreResult<Listing>;
+    /// Follows pagination to the end, holding every key; [`Store::list_page`] does not.
+    async fn list(&self, prefix: &str, delimiter: Option<char>) -> StoreResult<Listing> {
+        let mut listing = Listing::default();
+        let mut token = None;
+        loop {
+            let (page, next) = self.list_page(prefix, delimiter, token).await?;
+            listing.prefixes.extend(page.prefixes);
+            listing.objects.extend(page.objects);
+            match next {
+                Some(next) => token = Some(next),
+                None => return Ok(listing),
+            }
+        }
+    }
 
     /// Sets the object's modification time to now without changing its bytes (a
     /// server-side copy onto itself on S3); fails with `NotFound` if it is gone.

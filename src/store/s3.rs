@@ -606,29 +606,33 @@ impl Store for S3Store {
         Ok(aborted)
     }
 
-    async fn list(&self, prefix: &str, delimiter: Option<char>) -> StoreResult<Listing> {
-        let mut listing = Listing::default();
-        let mut token: Option<String> = None;
-        loop {
-            ui::verbose(format!("LIST {prefix}"));
-            let out = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(prefix)
-                .set_delimiter(delimiter.map(String::from))
-                .set_continuation_token(token.take())
-                .send()
-                .await
-                .map_err(|e| classify("LIST", prefix, self, e))?;
-            listing.prefixes.extend(
-                out.common_prefixes()
-                    .iter()
-                    .filter_map(|p| p.prefix().map(str::to_string)),
-            );
-            listing
-                .objects
-                .extend(out.contents().iter().filter_map(|o| {
+    async fn list_page(
+        &self,
+        prefix: &str,
+        delimiter: Option<char>,
+        token: Option<String>,
+    ) -> StoreResult<(Listing, Option<String>)> {
+        ui::verbose(format!("LIST {prefix}"));
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .set_delimiter(delimiter.map(String::from))
+            .set_continuation_token(token)
+            .send()
+            .await
+            .map_err(|e| classify("LIST", prefix, self, e))?;
+        let listing = Listing {
+            prefixes: out
+                .common_prefixes()
+                .iter()
+                .filter_map(|p| p.prefix().map(str::to_string))
+                .collect(),
+            objects: out
+                .contents()
+                .iter()
+                .filter_map(|o| {
                     Some(ObjectInfo {
                         key: o.key()?.to_string(),
                         size: o.size().unwrap_or(0).max(0) as u64,
@@ -636,13 +640,14 @@ impl Store for S3Store {
                         etag: o.e_tag().map(str::to_string),
                         sha256: None,
                     })
-                }));
-            match out.next_continuation_token() {
-                Some(next) if out.is_truncated() == Some(true) => token = Some(next.to_string()),
-                _ => break,
-            }
-        }
-        Ok(listing)
+                })
+                .collect(),
+        };
+        let next = match out.next_continuation_token() {
+            Some(next) if out.is_truncated() == Some(true) => Some(next.to_string()),
+            _ => None,
+        };
+        Ok((listing, next))
     }
 
     async fn touch(&self, key: &str) -> StoreResult<()> {
