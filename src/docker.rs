@@ -16,9 +16,6 @@ pub enum DockerError {
     /// The CLI could not be started.
     #[error("cannot run `{bin}`: {source}; install docker or set --docker-bin / CACHER_DOCKER_BIN")]
     Missing { bin: String, source: io::Error },
-    /// The CLI answered with something cacher cannot read.
-    #[error("`{command}` printed something unexpected: {why}")]
-    Unexpected { command: String, why: String },
     /// The CLI ran and failed.
     #[error("`{command}` failed ({status}): {stderr}")]
     Failed {
@@ -104,54 +101,69 @@ impl Docker {
             .to_string())
     }
 
-    /// The image's id and the diff IDs of its layers, bottom first.
+    /// The image's id and the diff IDs of its layers, bottom first. A CLI that cannot
+    /// say (its template lacks `RootFS`) gives no diff IDs: the entry then has no
+    /// member map.
     pub fn image_layers(&self, image: &str) -> Result<(String, Vec<String>), DockerError> {
-        let args = [
-            "image",
-            "inspect",
-            "--format",
-            "{{.Id}} {{json .RootFS.Layers}}",
-            image,
-        ];
-        let out = self.run(&args)?;
-        let unexpected = |why: String| DockerError::Unexpected {
-            command: format!("{} {}", self.bin, args.join(" ")),
-            why,
-        };
-        // A CLI that prints no layers still gives the id; the entry then just has no
-        // member map.
-        let (id, layers) = out.trim().split_once(' ').unwrap_or((out.trim(), "null"));
-        if id.is_empty() {
-            return Err(unexpected("no image id".to_string()));
+        let format = "{{.Id}} {{json .RootFS.Layers}}";
+        let layers = self
+            .run(&["image", "inspect", "--format", format, image])
+            .ok()
+            .and_then(|out| {
+                let (id, layers) = out.trim().split_once(' ')?;
+                let layers: Option<Vec<String>> = serde_json::from_str(layers).ok()?;
+                Some((id.to_string(), layers.unwrap_or_default()))
+            });
+        match layers {
+            Some(found) => Ok(found),
+            None => Ok((self.image_id(image)?, Vec::new())),
         }
-        let layers: Option<Vec<String>> =
-            serde_json::from_str(layers).map_err(|e| unexpected(e.to_string()))?;
-        Ok((id.to_string(), layers.unwrap_or_default()))
+    }
+
+    /// Whether `docker load` on this daemon skips reading the member of a layer it
+    /// holds, which a thin archive relies on. Known for docker's graph drivers
+    /// (overlay2 and the like). The containerd image store instead stores whatever
+    /// the member holds, so an empty one would become the layer; other CLIs are unknown.
+    pub fn skips_known_layers(&self) -> bool {
+        let Ok(out) = self.run(&["info", "--format", "{{json .DriverStatus}}"]) else {
+            return false;
+        };
+        let status: Option<Vec<Vec<String>>> = serde_json::from_str(out.trim()).ok().flatten();
+        status.is_some_and(|pairs| {
+            !pairs
+                .iter()
+                .flatten()
+                .any(|v| v.contains("containerd.snapshotter"))
+        })
     }
 
     /// The chain IDs of every layer the daemon holds for some image, intermediate
     /// images included: `docker load` skips reading a layer whose chain ID is here.
     pub fn layer_chains(&self) -> Result<HashSet<String>, DockerError> {
         let ids = self.run(&["image", "ls", "--all", "--quiet", "--no-trunc"])?;
-        let ids: HashSet<&str> = ids.split_whitespace().collect();
+        let ids: Vec<&str> = ids
+            .split_whitespace()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
         let mut chains = HashSet::new();
-        if ids.is_empty() {
-            return Ok(chains);
-        }
-        let mut args = vec!["image", "inspect", "--format", "{{json .RootFS.Layers}}"];
-        args.extend(ids);
-        // An image removed since the listing makes inspect fail for it alone; the
-        // others are still printed, and a layer missed only costs a fetch.
-        let child = self.spawn(&args, Stdio::null(), Stdio::piped())?;
-        let out = child
-            .wait_with_output()
-            .map_err(|source| DockerError::Missing {
-                bin: self.bin.clone(),
-                source,
-            })?;
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if let Ok(Some(diff_ids)) = serde_json::from_str::<Option<Vec<String>>>(line) {
-                chains.extend(crate::image_archive::chain_ids(&diff_ids));
+        // In batches, so a host with many images stays under the argument limit.
+        for batch in ids.chunks(256) {
+            let mut args = vec!["image", "inspect", "--format", "{{json .RootFS.Layers}}"];
+            args.extend(batch);
+            // An image removed since the listing makes inspect fail for it alone; the
+            // others are still printed, and a layer missed only costs a fetch.
+            let child = self.spawn(&args, Stdio::null(), Stdio::piped())?;
+            let out = child
+                .wait_with_output()
+                .map_err(|source| DockerError::Missing {
+                    bin: self.bin.clone(),
+                    source,
+                })?;
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Ok(Some(diff_ids)) = serde_json::from_str::<Option<Vec<String>>>(line) {
+                    chains.extend(crate::image_archive::chain_ids(&diff_ids));
+                }
             }
         }
         Ok(chains)

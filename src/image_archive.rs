@@ -330,7 +330,9 @@ impl Scan {
         if kept.is_some() && size > MAX_KEPT {
             return self.give_up();
         }
-        let padding = size.next_multiple_of(BLOCK) - size;
+        let Some(padding) = size.checked_next_multiple_of(BLOCK).map(|end| end - size) else {
+            return self.give_up();
+        };
         self.state = if size == 0 {
             ScanState::default()
         } else {
@@ -537,7 +539,9 @@ impl ThinPlan {
                 header_at: start.checked_sub(BLOCK)?,
                 body_at: start,
                 body_len: part.len,
-                end: start.checked_add(part.len)?.next_multiple_of(BLOCK),
+                end: start
+                    .checked_add(part.len)?
+                    .checked_next_multiple_of(BLOCK)?,
             };
             let after_previous = skips.last().is_none_or(|s| s.end <= skip.header_at);
             if !start.is_multiple_of(BLOCK) || !after_previous || skip.end > stream_len {
@@ -597,7 +601,7 @@ impl ThinPlan {
 /// made; the full one can.
 #[derive(Debug, thiserror::Error)]
 #[error("the archive does not match its member map: {0}")]
-pub struct MapMismatch(String);
+pub struct MapMismatch(pub(crate) String);
 
 fn mismatch(why: impl Into<String>) -> io::Error {
     io::Error::other(MapMismatch(why.into()))
@@ -704,31 +708,49 @@ mod tests {
     use crate::chunk::Id;
 
     const CONFIG_HEX: &str = "5c229c1859ea92987213f8bfe7259373592e7ddc7c18aea759e9b37e0a610491";
+    const LONG_DIR: &str = "dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddeeeeeeeeeeeeeeeeeeeeeeeeeeee";
 
     fn diff_id(n: u8) -> String {
         format!("sha256:{}", hex::encode([n; 32]))
     }
 
+    /// The diff IDs of the image [`archive`] holds: the first and third layers are
+    /// the same, as docker saves them (once, and a symlink).
+    fn diff_ids() -> Vec<String> {
+        vec![diff_id(1), diff_id(2), diff_id(1), diff_id(3), diff_id(4)]
+    }
+
+    fn image_id() -> String {
+        format!("sha256:{CONFIG_HEX}")
+    }
+
     /// An archive laid out as `docker save` lays one out, built with the tar crate:
-    /// three layers (the second with a name long enough to need a GNU or PAX header,
-    /// the third a symlink to the first, as docker writes a repeated layer), a config
-    /// and manifest.json last.
+    /// five layers (one with a name long enough to need a GNU header, one a symlink to
+    /// another, as docker writes a repeated layer, one preceded by a PAX header giving
+    /// its size), a config and manifest.json last. Returns it and its regular files.
     fn archive() -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
-        let long_dir = format!("{}{}", "d".repeat(90), "e".repeat(40));
         let members: Vec<(String, Vec<u8>)> = vec![
             ("aaaa/VERSION".into(), b"1.0".to_vec()),
             (
                 "aaaa/layer.tar".into(),
                 (0..5000u32).map(|i| i as u8).collect(),
             ),
-            (format!("{long_dir}/layer.tar"), vec![7u8; 3 * 512]),
+            ("bbbb/layer.tar".into(), vec![9u8; 700]),
+            ("cccc/layer.tar".into(), vec![8u8; 1200]),
+            (format!("{LONG_DIR}/layer.tar"), vec![7u8; 3 * 512]),
             (format!("{CONFIG_HEX}.json"), b"{}".to_vec()),
         ];
         let manifest = format!(
-            r#"[{{"Config":"{CONFIG_HEX}.json","RepoTags":["x:1"],"Layers":["aaaa/layer.tar","{long_dir}/layer.tar","zzzz/layer.tar"]}}]"#
+            r#"[{{"Config":"{CONFIG_HEX}.json","RepoTags":["x:1"],"Layers":["aaaa/layer.tar","{LONG_DIR}/layer.tar","zzzz/layer.tar","bbbb/layer.tar","cccc/layer.tar"]}}]"#
         );
         let mut builder = tar::Builder::new(Vec::new());
         for (name, data) in &members {
+            if name == "cccc/layer.tar" {
+                let size = data.len().to_string();
+                builder
+                    .append_pax_extensions([("size", size.as_bytes())])
+                    .unwrap();
+            }
             let mut header = tar::Header::new_gnu();
             header.set_size(data.len() as u64);
             header.set_mode(0o644);
@@ -765,24 +787,20 @@ mod tests {
         handle.finish()
     }
 
-    fn diff_ids() -> Vec<String> {
-        vec![diff_id(1), diff_id(2), diff_id(1)]
-    }
-
     #[test]
     fn the_map_covers_the_archive_and_leaves_shared_members_in() {
         let (data, _) = archive();
+        let chains = chain_ids(&diff_ids());
         for piece in [1, 511, 512, 4096, 1 << 20] {
             let scan = scan_of(&data, piece);
-            let parts =
-                member_map(&scan, &format!("sha256:{CONFIG_HEX}"), &diff_ids()).expect("a map");
+            let parts = member_map(&scan, &image_id(), &diff_ids()).expect("a map");
             assert_eq!(parts.iter().map(|p| p.len).sum::<u64>(), data.len() as u64);
-            let chains = chain_ids(&diff_ids());
             let layers: Vec<_> = parts.iter().filter_map(|p| p.chain_id.clone()).collect();
-            // aaaa/layer.tar serves layers 0 and 2 (through the symlink): left in.
+            // aaaa/layer.tar serves layers 0 and 2 (through the symlink), and cccc's
+            // size is in a PAX header: both stay in the parts between.
             assert_eq!(
                 layers,
-                vec![chains[1].clone()],
+                vec![chains[3].clone(), chains[1].clone()],
                 "read {piece} bytes at a time"
             );
             assert_eq!(parts_of_entries(&parts_to_entries(&parts)), Some(parts));
@@ -792,9 +810,9 @@ mod tests {
             member_map(&scan, "sha256:0000", &diff_ids()).is_none(),
             "another image"
         );
-        assert!(member_map(&scan, &format!("sha256:{CONFIG_HEX}"), &diff_ids()[..2]).is_none());
+        assert!(member_map(&scan, &image_id(), &diff_ids()[..4]).is_none());
         let cut = scan_of(&data[..data.len() - 1024], 4096);
-        assert!(member_map(&cut, &format!("sha256:{CONFIG_HEX}"), &diff_ids()).is_none());
+        assert!(member_map(&cut, &image_id(), &diff_ids()).is_none());
     }
 
     #[test]
@@ -805,9 +823,9 @@ mod tests {
         assert_eq!(chains[1], format!("sha256:{}", hex::encode(expected)));
     }
 
-    /// The thin archive from chunks of `chunk_len` bytes, as a restore writes it.
-    fn thin_archive(data: &[u8], plan: &ThinPlan, chunk_len: usize) -> Vec<u8> {
-        let table = ChunkTable {
+    /// `data` cut into chunks of `chunk_len` bytes, as a manifest's table.
+    fn table(data: &[u8], chunk_len: usize) -> ChunkTable {
+        ChunkTable {
             packs: vec![Id([0; 32])],
             chunks: data
                 .chunks(chunk_len)
@@ -819,58 +837,86 @@ mod tests {
                     len: c.len() as u32,
                 })
                 .collect(),
-        };
-        let (needed, spans) = plan.needed(&table);
+        }
+    }
+
+    /// The thin archive from chunks of `chunk_len` bytes, as a restore writes it, and
+    /// the bytes of the chunks it needed.
+    fn thin_archive(data: &[u8], plan: &ThinPlan, chunk_len: usize) -> (Vec<u8>, u64) {
+        let (needed, spans) = plan.needed(&table(data, chunk_len));
+        for (start, len) in &spans {
+            let end = start + u64::from(*len);
+            assert!(
+                !plan
+                    .skips
+                    .iter()
+                    .any(|s| s.body_at <= *start && end <= s.end),
+                "chunk {start}..{end} lies inside a body left out"
+            );
+        }
         let mut writer = plan.writer(spans.clone(), Vec::new());
         for (c, (start, len)) in needed.chunks.iter().zip(&spans) {
             let bytes = &data[*start as usize..(*start + u64::from(*len)) as usize];
             assert_eq!(Id::of(bytes), c.id);
-            // Written in two uneven halves, as a pipe might take them.
-            let half = bytes.len() / 3;
-            writer.write_all(&bytes[..half]).unwrap();
-            writer.write_all(&bytes[half..]).unwrap();
+            // Written in two uneven pieces, as a pipe might take them.
+            let cut = bytes.len() / 3;
+            writer.write_all(&bytes[..cut]).unwrap();
+            writer.write_all(&bytes[cut..]).unwrap();
         }
-        writer.into_inner().unwrap()
+        let fetched = spans.iter().map(|(_, len)| u64::from(*len)).sum();
+        (writer.into_inner().unwrap(), fetched)
     }
 
     #[test]
     fn the_thin_archive_has_the_layers_the_daemon_holds_empty() {
         let (data, members) = archive();
         let scan = scan_of(&data, 4096);
-        let parts = member_map(&scan, &format!("sha256:{CONFIG_HEX}"), &diff_ids()).unwrap();
+        let parts = member_map(&scan, &image_id(), &diff_ids()).unwrap();
         let chains = chain_ids(&diff_ids());
         assert!(ThinPlan::new(&parts, data.len() as u64, &HashSet::new()).is_none());
-        let present = HashSet::from([chains[1].clone()]);
-        let plan = ThinPlan::new(&parts, data.len() as u64, &present).unwrap();
-        assert_eq!(plan.stats.present, 1);
-        assert_eq!(plan.stats.present_bytes, 3 * 512);
-        for chunk_len in [100, 512, 700, 4096, data.len()] {
-            let thin = thin_archive(&data, &plan, chunk_len);
-            let mut read = tar::Archive::new(&thin[..]);
-            let mut seen = Vec::new();
-            for entry in read.entries().unwrap() {
-                let mut entry = entry.unwrap();
-                let name = String::from_utf8(entry.path_bytes().to_vec()).unwrap();
-                let mut body = Vec::new();
-                entry.read_to_end(&mut body).unwrap();
-                seen.push((name, body));
-            }
-            let want: Vec<(String, Vec<u8>)> = members
+        let cases = [
+            (vec![chains[1].clone()], vec![LONG_DIR]),
+            (chains.clone(), vec![LONG_DIR, "bbbb"]),
+        ];
+        for (present, left_out) in cases {
+            let present: HashSet<String> = present.into_iter().collect();
+            let plan = ThinPlan::new(&parts, data.len() as u64, &present).unwrap();
+            let left_out_bytes: u64 = members
                 .iter()
-                .map(|(name, body)| {
-                    let left_out = name.ends_with("eee/layer.tar");
-                    (
-                        name.clone(),
-                        if left_out { Vec::new() } else { body.clone() },
-                    )
-                })
-                .collect();
-            let seen_files: Vec<_> = seen
-                .into_iter()
-                .filter(|(n, _)| n != "zzzz/layer.tar")
-                .collect();
-            assert_eq!(seen_files, want, "chunks of {chunk_len} bytes");
-            assert_eq!(thin.len(), data.len() - 3 * 512);
+                .filter(|(name, _)| left_out.iter().any(|d| *name == format!("{d}/layer.tar")))
+                .map(|(_, body)| body.len() as u64)
+                .sum();
+            assert_eq!(plan.stats.total, 2);
+            assert_eq!(plan.stats.present, left_out.len() as u64);
+            assert_eq!(plan.stats.present_bytes, left_out_bytes);
+            for chunk_len in [100, 512, 700, 4096, data.len()] {
+                let (thin, fetched) = thin_archive(&data, &plan, chunk_len);
+                if chunk_len <= 512 {
+                    assert!(fetched < data.len() as u64 - left_out_bytes + 2 * 512);
+                }
+                let mut read = tar::Archive::new(&thin[..]);
+                let mut seen = Vec::new();
+                for entry in read.entries().unwrap() {
+                    let mut entry = entry.unwrap();
+                    let name = String::from_utf8(entry.path_bytes().to_vec()).unwrap();
+                    let mut body = Vec::new();
+                    entry.read_to_end(&mut body).unwrap();
+                    if name != "zzzz/layer.tar" {
+                        seen.push((name, body));
+                    }
+                }
+                let want: Vec<(String, Vec<u8>)> = members
+                    .iter()
+                    .map(|(name, body)| {
+                        let gone = left_out.iter().any(|d| *name == format!("{d}/layer.tar"));
+                        (name.clone(), if gone { Vec::new() } else { body.clone() })
+                    })
+                    .collect();
+                assert_eq!(
+                    seen, want,
+                    "chunks of {chunk_len} bytes, {left_out:?} left out"
+                );
+            }
         }
     }
 
@@ -878,23 +924,13 @@ mod tests {
     fn a_map_that_does_not_match_the_archive_fails_the_thin_archive() {
         let (data, _) = archive();
         let scan = scan_of(&data, 4096);
-        let mut parts = member_map(&scan, &format!("sha256:{CONFIG_HEX}"), &diff_ids()).unwrap();
-        // Move the layer body one block later: its "header" is now body bytes.
+        let mut parts = member_map(&scan, &image_id(), &diff_ids()).unwrap();
+        // Move the first layer body one block later: its "header" is now body bytes.
         parts[0].len += 512;
         parts[2].len -= 512;
         let present: HashSet<String> = chain_ids(&diff_ids()).into_iter().collect();
         let plan = ThinPlan::new(&parts, data.len() as u64, &present).unwrap();
-        let table = ChunkTable {
-            packs: vec![Id([0; 32])],
-            chunks: vec![ChunkRef {
-                id: Id::of(&data),
-                pack: 0,
-                offset: 0,
-                stored_len: 0,
-                len: data.len() as u32,
-            }],
-        };
-        let (_, spans) = plan.needed(&table);
+        let (_, spans) = plan.needed(&table(&data, data.len()));
         let mut writer = plan.writer(spans, Vec::new());
         let err = writer.write_all(&data).unwrap_err();
         assert!(err.get_ref().unwrap().is::<MapMismatch>(), "{err}");

@@ -290,8 +290,9 @@ impl Manifest {
                 ),
             ));
         }
-        // A docker entry's entries, when it has any, split its stream into parts.
-        if self.kind == ManifestKind::Docker && self.entries.is_empty() {
+        // A docker entry's entries are only a member map, which a restore checks before
+        // relying on it (and loads the whole archive when it does not fit).
+        if self.kind == ManifestKind::Docker {
             return Ok(());
         }
         let file_total = self

@@ -809,7 +809,7 @@ impl ChunkStore {
 #[error("{0}")]
 pub struct BrokenEntry(String);
 
-fn broken(why: String) -> anyhow::Error {
+pub(crate) fn broken(why: String) -> anyhow::Error {
     BrokenEntry(why).into()
 }
 

@@ -199,11 +199,14 @@ async fn load_entry(
     let parts = parts_of_entries(&manifest.entries);
     if let Some(parts) = &parts {
         let d = docker.clone();
-        // Without the daemon's layers (an old CLI, a listing that failed), the full
-        // archive still loads.
-        let present = blocking(move || Ok(d.layer_chains()?))
-            .await
-            .unwrap_or_default();
+        // Without the daemon's layers (a daemon that would store empty members, another
+        // CLI, a listing that failed), the full archive loads.
+        let present = blocking(move || match d.skips_known_layers() {
+            true => Ok(d.layer_chains()?),
+            false => Ok(Default::default()),
+        })
+        .await
+        .unwrap_or_default();
         if let Some(plan) = ThinPlan::new(parts, manifest.stream_len, &present) {
             match feed_entry(chunks, docker, key, manifest, Some(&plan)).await {
                 Ok(loaded) => return Ok(loaded),
@@ -335,4 +338,39 @@ async fn ensure_tagged(docker: &Docker, loaded: &[String], image: &str) -> anyho
     blocking(move || Ok(d.tag(&source, &img)?))
         .await
         .with_context(|| format!("cannot tag the loaded image as {image}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image_archive::MapMismatch;
+
+    /// An error as `restore_in_order` returns a writer's failure, with the context
+    /// `feed_entry` adds.
+    fn as_restore_fails(inner: impl std::error::Error + Send + Sync + 'static) -> anyhow::Error {
+        anyhow::Error::new(std::io::Error::other(inner))
+            .context("cannot restore k; nothing was loaded")
+    }
+
+    #[test]
+    fn refusals_are_told_apart_from_broken_entries() {
+        let failed = || DockerError::Failed {
+            command: "docker load".into(),
+            status: "exit status: 1".into(),
+            stderr: "invalid diffID for layer 0".into(),
+        };
+        assert!(refused_by_docker(&as_restore_fails(failed())));
+        assert!(refused_by_docker(
+            &anyhow::Error::new(failed()).context("docker load of k failed")
+        ));
+        let mismatch = std::io::Error::other(MapMismatch("a header".into()));
+        assert!(refused_by_docker(
+            &anyhow::Error::new(mismatch).context("cannot restore k")
+        ));
+        let broken = crate::chunk::store::broken("pack p is missing".into());
+        assert!(!refused_by_docker(&broken.context("cannot restore k")));
+        assert!(!refused_by_docker(&as_restore_fails(
+            std::io::Error::other("disk full")
+        )));
+    }
 }
