@@ -1,0 +1,285 @@
+//! Scale benchmark: what an upload and gc cost when the prefix already holds many
+//! chunks, as when a whole organisation shares one bucket and prefix.
+//!
+//! Each prefix is built synthetically from docs/format.md, as another tool could: tiny
+//! packs (about 200 chunks each, as 8 MiB packs of 40 KiB compressed chunks hold),
+//! index segments listing random chunk ids in them, and one manifest per 100 chunks.
+//! Then, against the same Garage node and side by side with an empty prefix: the upload
+//! of a small tree (50 files of 8 KiB), a cold upload of a larger tree, and `cacher gc`.
+//!
+//! Run with `cargo bench --bench scale` (10^5 and 10^6 chunks, a 256 MiB cold tree);
+//! `-- --chunks 100000,1000000,10000000 --cold-mib 1024` for the full table
+//! (building 10^7 chunks takes several minutes and about 1 GB in Garage).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cacher::chunk::Id;
+use cacher::chunk::format::{ChunkRef, ChunkTable, Entry, EntryKind, Manifest, ManifestKind};
+use cacher::chunk::store::{ChunkStore, MAX_SEGMENT_CHUNKS};
+use cacher::store::Store;
+use common::{Measure, Server, cacher, garage, measure, median};
+use futures::StreamExt;
+
+/// Chunks a pack holds: 8 MiB of chunks averaging 40 KiB once compressed.
+const CHUNKS_PER_PACK: usize = 200;
+/// Chunks a synthetic manifest references: 10^7 chunks make 10^5 entries.
+const CHUNKS_PER_ENTRY: usize = 100;
+/// Uncompressed length recorded for each synthetic chunk.
+const CHUNK_LEN: u32 = 64 * 1024;
+/// Requests in flight while building a prefix.
+const PUTS_IN_FLIGHT: usize = 64;
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let arg = |name: &str| {
+        let args: Vec<String> = std::env::args().collect();
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let sizes: Vec<usize> = arg("--chunks")
+        .unwrap_or_else(|| "100000,1000000".into())
+        .split(',')
+        .map(|n| n.trim().parse().expect("--chunks N,N,..."))
+        .collect();
+    let cold_mib: usize = arg("--cold-mib").map_or(256, |n| n.parse().expect("--cold-mib N"));
+
+    let scratch = common::scratch();
+    let g = garage();
+    let work = tempfile::tempdir_in(&scratch).expect("work dir");
+    let home = work.path();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (store, config) = open_store(g, home);
+
+    println!("small tree: 50 files of 8 KiB; cold tree: {cold_mib} MiB in 4 MiB files");
+    println!(
+        "{:>12} {:>12} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}",
+        "chunks",
+        "small up s",
+        "vs empty",
+        "RSS MiB",
+        "cold up s",
+        "vs empty",
+        "RSS MiB",
+        "gc s/RSS"
+    );
+    let empty = Row::measure(g, home, "scale-empty", cold_mib);
+    empty.print("empty", None);
+    for &chunks in &sizes {
+        let prefix = format!("scale-{chunks}");
+        let started = std::time::Instant::now();
+        rt.block_on(build_prefix(store.clone(), &config, &prefix, chunks));
+        eprintln!(
+            "built {prefix}: {chunks} chunks, {} packs, {} entries in {:.0}s",
+            chunks.div_ceil(CHUNKS_PER_PACK),
+            chunks / CHUNKS_PER_ENTRY,
+            started.elapsed().as_secs_f64()
+        );
+        let row = Row::measure(g, home, &prefix, cold_mib);
+        let gc = measure(
+            cacher(g, home, &["gc"])
+                .env("CACHER_PREFIX", &prefix)
+                .stderr(std::process::Stdio::null()),
+        );
+        row.print(&chunks.to_string(), Some((&empty, gc)));
+    }
+}
+
+/// The store the benchmark builds prefixes in, through cacher's own S3 client.
+fn open_store(g: &Server, home: &Path) -> (Arc<dyn Store>, cacher::config::Config) {
+    let key_file = home.join("key");
+    let secret_file = home.join("secret");
+    std::fs::write(&key_file, &g.key_id).unwrap();
+    std::fs::write(&secret_file, &g.secret).unwrap();
+    std::fs::set_permissions(
+        &secret_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::write(home.join("none.toml"), "").unwrap();
+    let args = cacher::cli::GlobalArgs {
+        config: Some(home.join("none.toml").display().to_string()),
+        endpoint: Some(g.endpoint.clone()),
+        region: Some(g.region.clone()),
+        bucket: Some(g.bucket.clone()),
+        key_file: Some(key_file.display().to_string()),
+        secret_file: Some(secret_file.display().to_string()),
+        ..Default::default()
+    };
+    let config = cacher::config::Config::resolve(&args).expect("config");
+    let store = cacher::store::s3::S3Store::new(&config).expect("store");
+    (Arc::new(store), config)
+}
+
+fn random_id(rng: &mut fastrand::Rng) -> Id {
+    let mut id = [0u8; 32];
+    rng.fill(&mut id);
+    Id(id)
+}
+
+/// Writes `chunks` chunks into `prefix` as an upload would have left them: packs,
+/// index segments of at most [`MAX_SEGMENT_CHUNKS`], one manifest per
+/// [`CHUNKS_PER_ENTRY`] chunks (a file of their length).
+async fn build_prefix(
+    store: Arc<dyn Store>,
+    config: &cacher::config::Config,
+    prefix: &str,
+    chunks: usize,
+) {
+    let transfer = cacher::transfer::Transfer::new(store.clone(), config);
+    let chunk_store = ChunkStore::new(Arc::new(transfer), prefix);
+    let mut rng = fastrand::Rng::with_seed(chunks as u64);
+    let packs: Vec<(Id, Vec<u8>)> = (0..chunks.div_ceil(CHUNKS_PER_PACK))
+        .map(|_| {
+            let mut bytes = vec![0u8; 64];
+            rng.fill(&mut bytes);
+            (Id::of(&bytes), bytes)
+        })
+        .collect();
+    let pack_keys: Vec<(String, Vec<u8>)> = packs
+        .iter()
+        .map(|(id, bytes)| (chunk_store.pack_key(id), bytes.clone()))
+        .collect();
+    put_all(&store, pack_keys).await;
+
+    let mut manifests = Vec::new();
+    for first in (0..chunks).step_by(MAX_SEGMENT_CHUNKS) {
+        let count = MAX_SEGMENT_CHUNKS.min(chunks - first);
+        let segment = ChunkTable {
+            packs: packs.iter().map(|(id, _)| *id).collect(),
+            chunks: (first..first + count)
+                .map(|i| ChunkRef {
+                    id: random_id(&mut rng),
+                    pack: (i / CHUNKS_PER_PACK) as u32,
+                    offset: 0,
+                    stored_len: 32,
+                    len: CHUNK_LEN,
+                })
+                .collect(),
+        };
+        for (n, refs) in segment.chunks.chunks(CHUNKS_PER_ENTRY).enumerate() {
+            let mut used: Vec<u32> = refs.iter().map(|c| c.pack).collect();
+            used.dedup();
+            let table = ChunkTable {
+                packs: used.iter().map(|&p| packs[p as usize].0).collect(),
+                chunks: refs
+                    .iter()
+                    .map(|c| ChunkRef {
+                        pack: used.iter().position(|&p| p == c.pack).unwrap() as u32,
+                        ..*c
+                    })
+                    .collect(),
+            };
+            let stream_len = u64::from(CHUNK_LEN) * refs.len() as u64;
+            let manifest = Manifest {
+                kind: ManifestKind::Dir,
+                created: 0,
+                label: "synthetic".into(),
+                stream_len,
+                table,
+                entries: vec![Entry {
+                    path: b"f".to_vec(),
+                    kind: EntryKind::File { size: stream_len },
+                    mode: 0o644,
+                    mtime: 0,
+                    mtime_nsec: 0,
+                }],
+            };
+            let key = format!("{prefix}/entries/{:08}", first / CHUNKS_PER_ENTRY + n);
+            manifests.push((key, manifest.encode()));
+        }
+        chunk_store
+            .write_segments(&segment, MAX_SEGMENT_CHUNKS)
+            .await
+            .expect("segment");
+    }
+    put_all(&store, manifests).await;
+}
+
+async fn put_all(store: &Arc<dyn Store>, objects: Vec<(String, Vec<u8>)>) {
+    futures::stream::iter(objects)
+        .map(|(key, bytes)| {
+            let store = store.clone();
+            async move {
+                let body = cacher::store::Body::Bytes(bytes.into());
+                store.put(&key, body, &Default::default()).await
+            }
+        })
+        .buffer_unordered(PUTS_IN_FLIGHT)
+        .for_each(|put| async move { put.expect("put") })
+        .await;
+}
+
+/// A tree of `files` files of `size` random bytes, different for every `seed`.
+fn make_tree(dir: &Path, files: usize, size: usize, seed: u64) -> PathBuf {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut data = vec![0u8; size];
+    for i in 0..files {
+        rng.fill(&mut data);
+        std::fs::write(dir.join(format!("f{i:04}")), &data).unwrap();
+    }
+    dir.to_path_buf()
+}
+
+/// One prefix's figures.
+struct Row {
+    small: Measure,
+    cold: Measure,
+}
+
+impl Row {
+    /// Uploads into `prefix`: a fresh small tree three times (the median counts), and
+    /// one cold tree. Fresh trees and an empty state directory each time, so nothing
+    /// is skipped as unchanged or already stored.
+    fn measure(g: &Server, home: &Path, prefix: &str, cold_mib: usize) -> Row {
+        let upload = |tree: &Path, key: &str| {
+            let state = tempfile::tempdir_in(home).unwrap();
+            measure(
+                cacher(g, home, &["dir", "upload", key, tree.to_str().unwrap()])
+                    .env("CACHER_PREFIX", prefix)
+                    .env("CACHER_STATE_DIR", state.path())
+                    .stderr(std::process::Stdio::null()),
+            )
+        };
+        let small = median(
+            (0..3)
+                .map(|i| {
+                    let seed = fastrand::u64(..);
+                    let tree = make_tree(&home.join("small"), 50, 8 * 1024, seed);
+                    upload(&tree, &format!("small-{i}"))
+                })
+                .collect(),
+        );
+        let tree = make_tree(&home.join("cold"), cold_mib / 4, 4 << 20, fastrand::u64(..));
+        let cold = upload(&tree, "cold");
+        let _ = std::fs::remove_dir_all(&tree);
+        Row { small, cold }
+    }
+
+    fn print(&self, name: &str, against: Option<(&Row, Measure)>) {
+        let vs = |mine: f64, theirs: Option<f64>| {
+            theirs.map_or("".to_string(), |t| format!("{:+.2}s", mine - t))
+        };
+        let empty = against.map(|(row, _)| row);
+        let gc = against.map_or(String::new(), |(_, gc)| {
+            format!("{:.1}/{:.0}", gc.secs, gc.max_rss_mib)
+        });
+        println!(
+            "{name:>12} {:>12.2} {:>10} {:>10.0} {:>12.2} {:>10} {:>10.0} {:>10}",
+            self.small.secs,
+            vs(self.small.secs, empty.map(|r| r.small.secs)),
+            self.small.max_rss_mib,
+            self.cold.secs,
+            vs(self.cold.secs, empty.map(|r| r.cold.secs)),
+            self.cold.max_rss_mib,
+            gc,
+        );
+    }
+}
