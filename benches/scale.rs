@@ -58,7 +58,7 @@ fn main() {
 
     println!("small tree: 50 files of 8 KiB; cold tree: {cold_mib} MiB in 4 MiB files");
     println!(
-        "{:>12} {:>12} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}",
+        "{:>16} {:>12} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}",
         "chunks",
         "small up s",
         "vs empty",
@@ -68,7 +68,7 @@ fn main() {
         "RSS MiB",
         "gc s/RSS"
     );
-    let empty = Row::measure(g, home, "scale-empty", cold_mib);
+    let empty = Row::measure(g, home, "scale-empty", "empty", cold_mib);
     empty.print("empty", None);
     for &chunks in &sizes {
         let prefix = format!("scale-{chunks}");
@@ -80,14 +80,41 @@ fn main() {
             chunks / CHUNKS_PER_ENTRY,
             started.elapsed().as_secs_f64()
         );
-        let row = Row::measure(g, home, &prefix, cold_mib);
+        // A tree uploaded before gc, uploaded again after: it must send nothing.
+        let probe = make_tree(&home.join("probe"), 20, 64 * 1024, chunks as u64);
+        let probe_upload = |key: &str| {
+            // No tree state: the chunks are cut and looked up in the index.
+            let _ = std::fs::remove_dir_all(home.join(".local/state"));
+            let (_, stats) = common::cacher_json(
+                g,
+                home,
+                &[
+                    "dir",
+                    "upload",
+                    key,
+                    probe.to_str().unwrap(),
+                    "--prefix",
+                    &prefix,
+                ],
+            );
+            stats["chunks_new"].as_u64().expect("chunks_new")
+        };
+        assert!(probe_upload("probe-1") > 0);
+        let before = Row::measure(g, home, &prefix, "before", cold_mib);
         let gc = measure(
             cacher(g, home, &["gc"])
                 .env("CACHER_PREFIX", &prefix)
                 .stderr(std::process::Stdio::null()),
         );
-        row.print(&chunks.to_string(), Some((&empty, gc)));
+        before.print(&format!("{chunks} no gc"), Some((&empty, gc)));
+        let after = Row::measure(g, home, &prefix, "after", cold_mib);
+        after.print(&format!("{chunks} gc'd"), Some((&empty, gc)));
+        let resent = probe_upload("probe-2");
+        assert_eq!(resent, 0, "after gc, a tree the prefix holds sends nothing");
     }
+    println!(
+        "(gc s/RSS: the gc run between the two rows; after it, a tree uploaded before sent 0 chunks)"
+    );
 }
 
 /// The store the benchmark builds prefixes in, through cacher's own S3 client.
@@ -238,7 +265,7 @@ impl Row {
     /// Uploads into `prefix`: a fresh small tree three times (the median counts), and
     /// one cold tree. Fresh trees and an empty state directory each time, so nothing
     /// is skipped as unchanged or already stored.
-    fn measure(g: &Server, home: &Path, prefix: &str, cold_mib: usize) -> Row {
+    fn measure(g: &Server, home: &Path, prefix: &str, tag: &str, cold_mib: usize) -> Row {
         let upload = |tree: &Path, key: &str| {
             let state = tempfile::tempdir_in(home).unwrap();
             measure(
@@ -253,12 +280,12 @@ impl Row {
                 .map(|i| {
                     let seed = fastrand::u64(..);
                     let tree = make_tree(&home.join("small"), 50, 8 * 1024, seed);
-                    upload(&tree, &format!("small-{i}"))
+                    upload(&tree, &format!("small-{tag}-{i}"))
                 })
                 .collect(),
         );
         let tree = make_tree(&home.join("cold"), cold_mib / 4, 4 << 20, fastrand::u64(..));
-        let cold = upload(&tree, "cold");
+        let cold = upload(&tree, &format!("cold-{tag}"));
         let _ = std::fs::remove_dir_all(&tree);
         Row { small, cold }
     }
@@ -272,7 +299,7 @@ impl Row {
             format!("{:.1}/{:.0}", gc.secs, gc.max_rss_mib)
         });
         println!(
-            "{name:>12} {:>12.2} {:>10} {:>10.0} {:>12.2} {:>10} {:>10.0} {:>10}",
+            "{name:>16} {:>12.2} {:>10} {:>10.0} {:>12.2} {:>10} {:>10.0} {:>10}",
             self.small.secs,
             vs(self.small.secs, empty.map(|r| r.small.secs)),
             self.small.max_rss_mib,

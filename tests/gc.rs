@@ -612,3 +612,86 @@ fn a_corrupt_index_segment_is_skipped_and_the_upload_still_publishes_a_restorabl
     let run = env.run(["dir", "upload", "k4", &a]);
     assert!(!run.ok().stderr.contains("warning"), "{}", run.stderr);
 }
+
+/// Uploads `dir` under `key` with a tree state of its own, so only the index can
+/// spare it chunks the bucket holds; returns how many chunks it sent.
+fn upload_fresh(env: &mut TestEnv, key: &str, dir: &str) -> (u64, String) {
+    let state = env.path(&crate::util::unique("state"));
+    env.set("CACHER_STATE_DIR", state.to_str().unwrap());
+    let run = env.run(["-v", "dir", "upload", key, dir]);
+    let sent = crate::util::upload_stats(&run.ok().stderr).1;
+    (sent, run.stderr.clone())
+}
+
+#[test]
+fn after_gc_uploads_dedup_through_the_summary_and_survive_a_broken_one() {
+    let mut env = TestEnv::s3("gcsummary");
+    let (t1, t2, t3) = (
+        tree(&env, "t1", 41),
+        tree(&env, "t2", 42),
+        tree(&env, "t3", 43),
+    );
+    env.run(["dir", "upload", "k1", &t1]).ok();
+    env.run(["dir", "upload", "k2", &t2]).ok();
+    let prefix = env.prefix.clone();
+    let summaries = || keys_under(&format!("{prefix}/.cacher/summary/"));
+    let segments = || keys_under(&format!("{prefix}/.cacher/index/"));
+    assert!(summaries().is_empty());
+    env.run(["gc"]).ok();
+    let (summary, sorted) = (summaries(), segments());
+    assert_eq!(
+        (summary.len(), sorted.len()),
+        (1, 1),
+        "one sorted segment, one summary"
+    );
+    env.run(["gc"]).ok();
+    assert_eq!(
+        (summaries(), segments()),
+        (summary.clone(), sorted.clone()),
+        "nothing to redo"
+    );
+
+    // Chunks only the summarised segment lists, and chunks of a segment written since.
+    let (sent, log) = upload_fresh(&mut env, "again1", &t1);
+    assert_eq!(sent, 0, "{log}");
+    assert!(
+        log.contains(&format!("GET {}", sorted[0])),
+        "read for the lookups: {log}"
+    );
+    // New data: no fingerprint matches, so the sorted segment is not even read.
+    let (sent, log) = upload_fresh(&mut env, "k3", &t3);
+    assert!(sent > 0);
+    assert!(!log.contains(&format!("GET {}", sorted[0])), "{log}");
+    assert_eq!(
+        segments().len(),
+        2,
+        "the new upload's segment beside the sorted one"
+    );
+    let (sent, log) = upload_fresh(&mut env, "again3", &t3);
+    assert_eq!(sent, 0, "{log}");
+    let (sent, log) = upload_fresh(&mut env, "again2", &t2);
+    assert_eq!(sent, 0, "{log}");
+
+    // A damaged summary is ignored with a warning: every segment is read whole.
+    put_object(&summary[0], b"CACHERSM garbage");
+    let (sent, log) = upload_fresh(&mut env, "again1b", &t1);
+    assert_eq!(sent, 0, "{log}");
+    assert!(log.contains("ignoring index summary"), "{log}");
+
+    // gc replaces it; a summarised segment deleted behind gc's back costs dedup only.
+    env.run(["gc"]).ok();
+    assert_eq!(summaries().len(), 1);
+    assert_ne!(summaries(), summary);
+    let store = bucket();
+    for key in segments() {
+        rt().block_on(store.delete(&key)).unwrap();
+    }
+    let (sent, log) = upload_fresh(&mut env, "again1c", &t1);
+    assert!(sent > 0, "sent again: {log}");
+    std::fs::remove_dir_all(&t1).unwrap();
+    env.run(["dir", "download", "again1c", &t1]).ok();
+    assert_eq!(
+        read(format!("{t1}/a.bin")),
+        random_bytes(2 * 1024 * 1024, 41)
+    );
+}

@@ -622,6 +622,11 @@ pub(crate) struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// Bytes not read yet.
+    pub(crate) fn remaining(&self) -> usize {
+        self.data.len() - self.pos
+    }
+
     pub(crate) fn new(what: &'a str, data: &'a [u8]) -> Reader<'a> {
         Reader { what, data, pos: 0 }
     }

@@ -19,9 +19,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::Id;
 use super::layout::Layout;
-use super::store::{
-    ChunkStore, Location, MAX_SEGMENT_CHUNKS, REFRESH_AGE, Stored, location, table_of,
-};
+use super::store::{ChunkStore, REFRESH_AGE, Stored};
 use crate::store::{Body, ObjectInfo, PutOptions, StoreError};
 use crate::transfer::Transfer;
 use crate::ui;
@@ -356,7 +354,7 @@ pub async fn collect(
         .into_iter()
         .map(|o| o.key)
         .collect();
-    report.segments_deleted = compact_segments(chunks, &left).await?;
+    report.segments_deleted = super::index::compact(chunks, &left).await?;
     report.stale_writes = store
         .abort_stale_writes(&layout.entries_prefix(), grace)
         .await
@@ -404,52 +402,6 @@ async fn collect_markers(
             .context("cannot delete stale last-use markers")?;
     }
     Ok(stale.len())
-}
-
-/// Rewrites the index as segments holding the chunks of packs still in `left` (full
-/// pack keys), then deletes the segments it replaced and those that could not be
-/// trusted. A segment written meanwhile by an upload is not among those read, so it
-/// stays. Returns how many were deleted.
-async fn compact_segments(chunks: &ChunkStore, left: &HashSet<String>) -> anyhow::Result<usize> {
-    let segments = chunks.read_segments().await?;
-    let mut live: HashMap<Id, Location> = HashMap::new();
-    let mut dead_entries = false;
-    for (_, table) in &segments.tables {
-        for c in &table.chunks {
-            let pack = table.packs[c.pack as usize];
-            if left.contains(&chunks.layout().pack_key(&pack)) {
-                live.insert(c.id, location(pack, c));
-            } else {
-                dead_entries = true;
-            }
-        }
-    }
-    let compact_already = segments.tables.len() <= live.len().div_ceil(MAX_SEGMENT_CHUNKS).max(1);
-    if compact_already && !dead_entries && segments.skipped.is_empty() {
-        return Ok(0);
-    }
-    let mut live: Vec<(Id, Location)> = live.into_iter().collect();
-    live.sort_by_key(|(_, loc)| (loc.pack, loc.offset));
-    let written: HashSet<String> = chunks
-        .write_segments(&table_of(live.into_iter()), MAX_SEGMENT_CHUNKS)
-        .await?
-        .into_iter()
-        .map(|(key, _)| key)
-        .collect();
-    // Same content, same name: a compacted segment may equal an old one.
-    let replaced: Vec<String> = segments
-        .tables
-        .into_iter()
-        .map(|(key, _)| key)
-        .chain(segments.skipped)
-        .filter(|key| !written.contains(key))
-        .collect();
-    chunks
-        .transfer()
-        .delete_many(&replaced)
-        .await
-        .context("cannot delete replaced index segments")?;
-    Ok(replaced.len())
 }
 
 /// When an entry was last used: the later of its own modification (an upload) and its

@@ -94,6 +94,21 @@ impl Layout {
         Id::from_hex(key.strip_prefix(&self.index_prefix())?)
     }
 
+    /// Key prefix of index summaries.
+    pub fn summary_prefix(&self) -> String {
+        format!("{}summary/", self.internal_prefix())
+    }
+
+    /// Key of the index summary whose bytes hash to `id`.
+    pub fn summary_key(&self, id: &Id) -> String {
+        format!("{}{id}", self.summary_prefix())
+    }
+
+    /// The id an index summary's key claims for its bytes, if the key is one.
+    pub fn summary_id(&self, key: &str) -> Option<Id> {
+        Id::from_hex(key.strip_prefix(&self.summary_prefix())?)
+    }
+
     /// Key of gc's list of condemned packs (docs/format.md, "Garbage collection").
     pub fn condemned_key(&self) -> String {
         format!("{}gc/condemned", self.internal_prefix())

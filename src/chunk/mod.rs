@@ -4,8 +4,10 @@
 
 pub mod format;
 pub mod gc;
+pub mod index;
 pub mod layout;
 pub mod store;
+pub mod summary;
 
 use std::fmt;
 

@@ -17,6 +17,7 @@ use futures::{StreamExt, TryStreamExt};
 use rayon::prelude::*;
 
 use super::format::{ChunkRef, ChunkTable, MAX_CHUNK_STORED, Manifest};
+use super::index::SummaryIndex;
 use super::layout::Layout;
 use super::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Id, PACK_TARGET, ZSTD_LEVEL};
 use crate::store::{ObjectInfo, StoreError, is_changed};
@@ -60,6 +61,16 @@ pub struct Segments {
     pub skipped: Vec<String>,
 }
 
+/// What reading one index segment gave.
+pub enum SegmentRead {
+    /// Its chunks.
+    Table(ChunkTable),
+    /// It could not be trusted (see [`ChunkStore::read_segment`]).
+    Skipped,
+    /// It was deleted since it was listed.
+    Gone,
+}
+
 /// Where a chunk already stored can be found.
 #[derive(Debug, Clone, Copy)]
 pub struct Location {
@@ -82,23 +93,30 @@ pub struct PackInfo {
 pub type Packs = HashMap<Id, PackInfo>;
 
 /// Chunks known to be in the bucket, from index segments whose packs still exist.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Known {
+    /// Chunks of the segments read whole: those gc's summary does not describe.
     chunks: HashMap<Id, Location>,
     packs: Packs,
+    /// The segments gc's summary describes, read only where a lookup needs them.
+    summarized: Option<SummaryIndex>,
 }
 
 impl Known {
     /// Where the chunk `id` of `len` bytes can be reused from, if the index knows it
     /// and its location is plausible: same length as the chunk just cut, inside a pack
     /// that is listed now. A stale or corrupt index entry is then simply not reused
-    /// (the chunk is sent again), so it can never make an entry unrestorable.
+    /// (the chunk is sent again), so it can never make an entry unrestorable. May
+    /// fetch an index segment, blocking: call from a blocking thread.
     pub fn reusable(&self, id: &Id, len: usize) -> Option<Location> {
-        let loc = self.chunks.get(id)?;
+        let loc = match self.chunks.get(id) {
+            Some(loc) => *loc,
+            None => self.summarized.as_ref()?.lookup(id)?,
+        };
         let pack = self.packs.get(&loc.pack)?;
         let end = u64::from(loc.offset) + u64::from(loc.stored_len);
         (loc.len as usize == len && loc.stored_len <= MAX_CHUNK_STORED && end <= pack.size)
-            .then_some(*loc)
+            .then_some(loc)
     }
 
     /// Chunks known at `locations`, in the listed `packs`.
@@ -106,17 +124,13 @@ impl Known {
         Known {
             chunks: locations.into_iter().collect(),
             packs,
+            summarized: None,
         }
     }
 
-    /// Number of chunks known.
-    pub fn len(&self) -> usize {
-        self.chunks.len()
-    }
-
-    /// Whether no chunk is known.
-    pub fn is_empty(&self) -> bool {
-        self.chunks.is_empty()
+    /// Index segments fetched for lookups so far (see [`SummaryIndex`]).
+    pub fn segments_fetched(&self) -> usize {
+        self.summarized.as_ref().map_or(0, SummaryIndex::fetched)
     }
 }
 
@@ -219,6 +233,7 @@ struct Chunked {
 }
 
 /// The chunked entries under one prefix.
+#[derive(Clone)]
 pub struct ChunkStore {
     transfer: Arc<Transfer>,
     layout: Layout,
@@ -326,17 +341,24 @@ impl ChunkStore {
         self.load_known(packs).await
     }
 
-    /// Loads the chunks the bucket already holds: every index segment, keeping only
-    /// entries whose pack is in `packs` (an index may outlive a pack).
+    /// Loads the chunks the bucket already holds, keeping only entries whose pack is
+    /// in `packs` (an index may outlive a pack): gc's summary, and every index segment
+    /// it does not describe (written by uploads since).
     pub async fn load_known(&self, packs: Packs) -> anyhow::Result<Known> {
         let mut known = Known {
             chunks: HashMap::new(),
             packs,
+            summarized: None,
         };
         if known.packs.is_empty() {
             return Ok(known);
         }
-        let segments = self.read_segments().await?;
+        let mut listed = self.list_segments().await?;
+        if let Some((summarized, covered)) = super::index::load_summary(self, &listed).await? {
+            listed.retain(|o| !covered.contains(&o.key));
+            known.summarized = Some(summarized);
+        }
+        let segments = self.read_listed_segments(listed).await?;
         for (_, table) in segments.tables {
             for c in &table.chunks {
                 let pack = table.packs[c.pack as usize];
@@ -456,65 +478,86 @@ impl ChunkStore {
         Ok((stats, manifest))
     }
 
-    /// Every index segment that can be trusted, with its key, and the keys of those
-    /// skipped. Segments are a cache of what the bucket holds: one deleted meanwhile (gc
-    /// compacts them) is left out, and one too large, not named by the blake3 of its
-    /// bytes, or not decoding is skipped with a warning (an upload then resends chunks
-    /// it would have reused, nothing worse). Reads go through the transfer, which retries
-    /// temporary faults.
-    pub async fn read_segments(&self) -> anyhow::Result<Segments> {
-        let store = self.transfer.store();
-        let listed = store
+    /// The index segment objects listed now.
+    pub async fn list_segments(&self) -> anyhow::Result<Vec<ObjectInfo>> {
+        Ok(self
+            .transfer
+            .store()
             .list(&self.layout.index_prefix(), None)
             .await
             .context("cannot list index segments")?
-            .objects;
-        let read: Vec<Option<Result<(String, ChunkTable), String>>> =
-            futures::stream::iter(listed)
-                .map(|seg| async move {
-                    let Some(id) = self.layout.segment_id(&seg.key) else {
-                        return Ok(Some(Err(seg.key)));
-                    };
-                    if seg.size > MAX_SEGMENT_OBJECT {
-                        ui::warn(format!(
-                            "ignoring index segment {}: {} bytes, more than the {MAX_SEGMENT_OBJECT} a segment may have",
-                            seg.key, seg.size
-                        ));
-                        return Ok(Some(Err(seg.key)));
-                    }
-                    let mut data = Vec::new();
-                    match self.transfer.read_range(&seg.key, None, 0..seg.size, &mut data).await {
-                        Ok(()) => {}
-                        Err(StoreError::NotFound(_)) => return Ok(None),
-                        Err(e) => return Err(e),
-                    }
-                    if Id::of(&data) != id {
-                        ui::warn(format!(
-                            "ignoring index segment {}: its bytes do not match its name (corrupt)",
-                            seg.key
-                        ));
-                        return Ok(Some(Err(seg.key)));
-                    }
-                    match ChunkTable::decode_index(&seg.key, &data) {
-                        Ok(table) => Ok(Some(Ok((seg.key, table)))),
-                        Err(e) => {
-                            ui::warn(format!("ignoring index segment: {e}"));
-                            Ok(Some(Err(seg.key)))
-                        }
-                    }
-                })
-                .buffer_unordered(self.transfer.jobs())
-                .try_collect()
-                .await
-                .context("cannot read the chunk index")?;
+            .objects)
+    }
+
+    /// Every index segment that can be trusted, with its key, and the keys of those
+    /// skipped (see [`ChunkStore::read_segment`]).
+    pub async fn read_segments(&self) -> anyhow::Result<Segments> {
+        let listed = self.list_segments().await?;
+        self.read_listed_segments(listed).await
+    }
+
+    /// [`ChunkStore::read_segments`] of the segments `listed`.
+    pub async fn read_listed_segments(&self, listed: Vec<ObjectInfo>) -> anyhow::Result<Segments> {
+        let read: Vec<(String, SegmentRead)> = futures::stream::iter(listed)
+            .map(|seg| async move {
+                let read = self.read_segment(&seg).await?;
+                Ok::<_, StoreError>((seg.key, read))
+            })
+            .buffer_unordered(self.transfer.jobs())
+            .try_collect()
+            .await
+            .context("cannot read the chunk index")?;
         let mut segments = Segments::default();
-        for seg in read.into_iter().flatten() {
-            match seg {
-                Ok(table) => segments.tables.push(table),
-                Err(key) => segments.skipped.push(key),
+        for (key, read) in read {
+            match read {
+                SegmentRead::Table(table) => segments.tables.push((key, table)),
+                SegmentRead::Skipped => segments.skipped.push(key),
+                SegmentRead::Gone => {}
             }
         }
         Ok(segments)
+    }
+
+    /// Reads one index segment. Segments are a cache of what the bucket holds: one
+    /// deleted meanwhile (gc compacts them) is gone, and one too large, not named by the
+    /// blake3 of its bytes, or not decoding is skipped with a warning (an upload then
+    /// resends chunks it would have reused, nothing worse). Reads go through the
+    /// transfer, which retries temporary faults.
+    pub async fn read_segment(&self, seg: &ObjectInfo) -> Result<SegmentRead, StoreError> {
+        let Some(id) = self.layout.segment_id(&seg.key) else {
+            return Ok(SegmentRead::Skipped);
+        };
+        if seg.size > MAX_SEGMENT_OBJECT {
+            ui::warn(format!(
+                "ignoring index segment {}: {} bytes, more than the {MAX_SEGMENT_OBJECT} a segment may have",
+                seg.key, seg.size
+            ));
+            return Ok(SegmentRead::Skipped);
+        }
+        let mut data = Vec::new();
+        match self
+            .transfer
+            .read_range(&seg.key, None, 0..seg.size, &mut data)
+            .await
+        {
+            Ok(()) => {}
+            Err(StoreError::NotFound(_)) => return Ok(SegmentRead::Gone),
+            Err(e) => return Err(e),
+        }
+        if Id::of(&data) != id {
+            ui::warn(format!(
+                "ignoring index segment {}: its bytes do not match its name (corrupt)",
+                seg.key
+            ));
+            return Ok(SegmentRead::Skipped);
+        }
+        match ChunkTable::decode_index(&seg.key, &data) {
+            Ok(table) => Ok(SegmentRead::Table(table)),
+            Err(e) => {
+                ui::warn(format!("ignoring index segment: {e}"));
+                Ok(SegmentRead::Skipped)
+            }
+        }
     }
 
     /// Writes `table` as index segments of at most `max_chunks` chunks each (so no

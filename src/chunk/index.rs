@@ -1,0 +1,382 @@
+//! The index as gc leaves it: segments sorted by chunk id, described by a summary.
+//! Uploads read the summary and fetch only the segments that may hold a chunk they
+//! cut ([`SummaryIndex`]); gc rewrites the index into that shape in bounded memory
+//! ([`compact`]). docs/format.md, "Index summary", has the layout and the figures.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::Context;
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::Id;
+use super::format::ChunkTable;
+use super::store::{ChunkStore, Location, MAX_SEGMENT_CHUNKS, SegmentRead, location, table_of};
+use super::summary::{self, Summary, SummarySegment};
+use crate::store::ObjectInfo;
+use crate::ui;
+
+/// Largest summary object read: a summary of 5·10^7 chunks, four bytes each.
+pub const MAX_SUMMARY_OBJECT: u64 = 256 * 1024 * 1024;
+
+/// The chunks of the segments a summary describes, looked up on demand.
+pub struct SummaryIndex {
+    chunks: ChunkStore,
+    handle: tokio::runtime::Handle,
+    summary: Summary,
+    /// The listed object of each segment the summary describes; `None` when it is not
+    /// listed (deleted since), whose chunks are then unknown.
+    objects: Vec<Option<ObjectInfo>>,
+    /// Each segment's table once fetched, chunks sorted by id; `None` if unreadable.
+    loaded: Vec<OnceLock<Option<ChunkTable>>>,
+}
+
+impl SummaryIndex {
+    /// Where the summarised segments say `id` is stored. The first lookup that needs
+    /// a segment fetches it, blocking: call from a blocking thread, not async code.
+    pub fn lookup(&self, id: &Id) -> Option<Location> {
+        let i = self.summary.candidate(id)?;
+        let table = self.loaded[i].get_or_init(|| self.fetch(i)).as_ref()?;
+        let at = table.chunks.binary_search_by(|c| c.id.cmp(id)).ok()?;
+        let c = &table.chunks[at];
+        Some(location(table.packs[c.pack as usize], c))
+    }
+
+    /// Segments fetched so far.
+    pub fn fetched(&self) -> usize {
+        self.loaded.iter().filter(|l| l.get().is_some()).count()
+    }
+
+    fn fetch(&self, i: usize) -> Option<ChunkTable> {
+        let object = self.objects[i].as_ref()?;
+        match self.handle.block_on(self.chunks.read_segment(object)) {
+            Ok(SegmentRead::Table(mut table)) => {
+                table.chunks.sort_unstable_by_key(|c| c.id);
+                Some(table)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                ui::warn(format!(
+                    "cannot read index segment {}: {e}; chunks it lists may be sent again",
+                    object.key
+                ));
+                None
+            }
+        }
+    }
+}
+
+/// The newest index summary of `chunks`, and the keys of the segments among `listed`
+/// it describes (which an upload then need not read). `None` when there is none, or
+/// the newest does not decode (a warning; the segments are then read whole). An older
+/// summary is never used: it describes segments a later gc replaced.
+pub async fn load_summary(
+    chunks: &ChunkStore,
+    listed: &[ObjectInfo],
+) -> anyhow::Result<Option<(SummaryIndex, HashSet<String>)>> {
+    let Some(newest) = list_summaries(chunks)
+        .await?
+        .into_iter()
+        .max_by_key(|o| o.modified)
+    else {
+        return Ok(None);
+    };
+    let Some(summary) = read_summary(chunks, &newest).await? else {
+        return Ok(None);
+    };
+    let by_key: HashMap<&str, &ObjectInfo> = listed.iter().map(|o| (o.key.as_str(), o)).collect();
+    let objects: Vec<Option<ObjectInfo>> = summary
+        .segments()
+        .iter()
+        .map(|s| {
+            let key = chunks.layout().segment_key(&s.id);
+            by_key.get(key.as_str()).map(|o| (*o).clone())
+        })
+        .collect();
+    let covered = objects.iter().flatten().map(|o| o.key.clone()).collect();
+    let loaded = objects.iter().map(|_| OnceLock::new()).collect();
+    let index = SummaryIndex {
+        chunks: chunks.clone(),
+        handle: tokio::runtime::Handle::current(),
+        summary,
+        objects,
+        loaded,
+    };
+    Ok(Some((index, covered)))
+}
+
+async fn list_summaries(chunks: &ChunkStore) -> anyhow::Result<Vec<ObjectInfo>> {
+    Ok(chunks
+        .transfer()
+        .store()
+        .list(&chunks.layout().summary_prefix(), None)
+        .await
+        .context("cannot list index summaries")?
+        .objects)
+}
+
+/// Reads and checks one summary; `None` (with a warning) when it cannot be trusted or
+/// vanished.
+async fn read_summary(chunks: &ChunkStore, object: &ObjectInfo) -> anyhow::Result<Option<Summary>> {
+    let ignoring = |why: String| {
+        ui::warn(format!("ignoring index summary {}: {why}", object.key));
+        Ok(None)
+    };
+    let Some(id) = chunks.layout().summary_id(&object.key) else {
+        return ignoring("not named by its hash".into());
+    };
+    if object.size > MAX_SUMMARY_OBJECT {
+        return ignoring(format!(
+            "{} bytes, more than {MAX_SUMMARY_OBJECT}",
+            object.size
+        ));
+    }
+    let mut data = Vec::new();
+    match chunks
+        .transfer()
+        .read_range(&object.key, None, 0..object.size, &mut data)
+        .await
+    {
+        Ok(()) => {}
+        Err(crate::store::StoreError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(anyhow::Error::new(e).context("cannot read the index summary")),
+    }
+    if Id::of(&data) != id {
+        return ignoring("its bytes do not match its name (corrupt)".into());
+    }
+    match Summary::decode(&object.key, &data) {
+        Ok(summary) => Ok(Some(summary)),
+        Err(e) => ignoring(e.to_string()),
+    }
+}
+
+/// Temp files the index is spread over by the first byte of chunk ids.
+const BUCKETS: usize = 256;
+/// Bytes of a chunk in a bucket file: id, pack number, offset, stored length, length.
+const RECORD: usize = 32 + 4 * 4;
+
+/// Rewrites the index as segments sorted by chunk id, with disjoint ranges, holding
+/// the chunks of packs still in `left` (full pack keys), and a summary of them; then
+/// deletes the segments and summaries it replaced and the segments that could not be
+/// trusted. Memory stays bounded whatever the index holds: chunks are first spread
+/// over [`BUCKETS`] temp files by their first id byte, then each file is sorted
+/// alone. A segment written meanwhile by an upload is not among those read, so it
+/// stays. Returns how many segments were deleted; nothing is rewritten when the newest
+/// summary already describes exactly the live index.
+pub async fn compact(chunks: &ChunkStore, left: &HashSet<String>) -> anyhow::Result<usize> {
+    let layout = chunks.layout();
+    let listed = chunks.list_segments().await?;
+    let summaries = list_summaries(chunks).await?;
+    let spill_dir = tempfile::tempdir().context("cannot create a temp dir to compact the index")?;
+    let mut spill = Spill::create(spill_dir.path())?;
+    let (mut read, mut skipped, mut dead) = (Vec::new(), Vec::new(), false);
+    let mut reads = futures::stream::iter(&listed)
+        .map(|seg| async move { (seg, chunks.read_segment(seg).await) })
+        .buffer_unordered(chunks.transfer().jobs());
+    while let Some((seg, outcome)) = reads.next().await {
+        match outcome.context("cannot read the chunk index")? {
+            SegmentRead::Table(table) => {
+                read.push(seg.key.clone());
+                for c in &table.chunks {
+                    let pack = table.packs[c.pack as usize];
+                    if left.contains(&layout.pack_key(&pack)) {
+                        spill.push(c.id, location(pack, c))?;
+                    } else {
+                        dead = true;
+                    }
+                }
+            }
+            SegmentRead::Skipped => skipped.push(seg.key.clone()),
+            SegmentRead::Gone => {}
+        }
+    }
+    drop(reads);
+    if !dead && skipped.is_empty() && summarises_exactly(chunks, &summaries, &read).await? {
+        return Ok(0);
+    }
+
+    let mut writer = SegmentWriter::default();
+    for bucket in 0..BUCKETS {
+        let mut records = spill.take(bucket)?;
+        records.sort_unstable_by_key(|r| r.0);
+        records.dedup_by(|a, b| a.0 == b.0);
+        for record in records {
+            writer.current.push(record);
+            if writer.current.len() == MAX_SEGMENT_CHUNKS {
+                writer.flush(chunks).await?;
+            }
+        }
+    }
+    writer.flush(chunks).await?;
+    let mut keep: HashSet<String> = writer.keys.clone();
+    if !writer.segments.is_empty() {
+        let data = Bytes::from(summary::encode(&writer.segments));
+        let key = layout.summary_key(&Id::of(&data));
+        chunks
+            .transfer()
+            .put_bytes(&key, data)
+            .await
+            .context("cannot write the index summary")?;
+        keep.insert(key);
+    }
+    // Same content, same name: a rewritten segment may equal an old one.
+    let replaced: Vec<String> = read
+        .into_iter()
+        .chain(skipped)
+        .filter(|key| !keep.contains(key))
+        .collect();
+    let old_summaries: Vec<String> = summaries
+        .into_iter()
+        .map(|o| o.key)
+        .filter(|key| !keep.contains(key))
+        .collect();
+    chunks
+        .transfer()
+        .delete_many(&replaced)
+        .await
+        .context("cannot delete replaced index segments")?;
+    chunks
+        .transfer()
+        .delete_many(&old_summaries)
+        .await
+        .context("cannot delete replaced index summaries")?;
+    Ok(replaced.len())
+}
+
+/// Whether the newest of `summaries` describes exactly the segments `read`.
+async fn summarises_exactly(
+    chunks: &ChunkStore,
+    summaries: &[ObjectInfo],
+    read: &[String],
+) -> anyhow::Result<bool> {
+    let Some(newest) = summaries.iter().max_by_key(|o| o.modified) else {
+        return Ok(read.is_empty());
+    };
+    let Some(summary) = read_summary(chunks, newest).await? else {
+        return Ok(false);
+    };
+    let described: HashSet<String> = summary
+        .segments()
+        .iter()
+        .map(|s| chunks.layout().segment_key(&s.id))
+        .collect();
+    Ok(summaries.len() == 1
+        && described.len() == read.len()
+        && read.iter().all(|k| described.contains(k)))
+}
+
+/// Chunks spread over bucket files by the first byte of their id.
+struct Spill {
+    paths: Vec<PathBuf>,
+    files: Vec<BufWriter<File>>,
+    /// Packs by number, so a record holds four bytes instead of 32.
+    packs: Vec<Id>,
+    numbers: HashMap<Id, u32>,
+}
+
+impl Spill {
+    fn create(dir: &Path) -> anyhow::Result<Spill> {
+        let paths: Vec<PathBuf> = (0..BUCKETS).map(|b| dir.join(format!("{b:02x}"))).collect();
+        let files = paths
+            .iter()
+            .map(|p| File::create(p).map(|f| BufWriter::with_capacity(16 * 1024, f)))
+            .collect::<std::io::Result<_>>()
+            .context("cannot create temp files to compact the index")?;
+        Ok(Spill {
+            paths,
+            files,
+            packs: Vec::new(),
+            numbers: HashMap::new(),
+        })
+    }
+
+    fn push(&mut self, id: Id, loc: Location) -> anyhow::Result<()> {
+        let number = *self.numbers.entry(loc.pack).or_insert_with(|| {
+            self.packs.push(loc.pack);
+            self.packs.len() as u32 - 1
+        });
+        let mut record = [0u8; RECORD];
+        record[..32].copy_from_slice(&id.0);
+        for (i, v) in [number, loc.offset, loc.stored_len, loc.len]
+            .into_iter()
+            .enumerate()
+        {
+            record[32 + 4 * i..36 + 4 * i].copy_from_slice(&v.to_le_bytes());
+        }
+        self.files[usize::from(id.0[0])]
+            .write_all(&record)
+            .context("cannot write a temp file to compact the index")
+    }
+
+    /// The chunks of one bucket, its file removed.
+    fn take(&mut self, bucket: usize) -> anyhow::Result<Vec<(Id, Location)>> {
+        self.files[bucket].flush()?;
+        let mut data = Vec::new();
+        BufReader::new(File::open(&self.paths[bucket])?).read_to_end(&mut data)?;
+        let _ = std::fs::remove_file(&self.paths[bucket]);
+        let u32_at = |r: &[u8], i: usize| {
+            u32::from_le_bytes(r[32 + 4 * i..36 + 4 * i].try_into().expect("4 bytes"))
+        };
+        Ok(data
+            .chunks_exact(RECORD)
+            .map(|r| {
+                let id = Id(r[..32].try_into().expect("32 bytes"));
+                let loc = Location {
+                    pack: self.packs[u32_at(r, 0) as usize],
+                    offset: u32_at(r, 1),
+                    stored_len: u32_at(r, 2),
+                    len: u32_at(r, 3),
+                };
+                (id, loc)
+            })
+            .collect())
+    }
+}
+
+/// Writes sorted chunks as segments of [`MAX_SEGMENT_CHUNKS`] and describes them.
+#[derive(Default)]
+struct SegmentWriter {
+    current: Vec<(Id, Location)>,
+    segments: Vec<(SummarySegment, Vec<u32>)>,
+    keys: HashSet<String>,
+}
+
+impl SegmentWriter {
+    async fn flush(&mut self, chunks: &ChunkStore) -> anyhow::Result<()> {
+        let (Some(first), Some(last)) = (self.current.first(), self.current.last()) else {
+            return Ok(());
+        };
+        let (first, last) = (first.0, last.0);
+        let mut fingerprints: Vec<u32> = self
+            .current
+            .iter()
+            .map(|(id, _)| summary::fingerprint(id))
+            .collect();
+        fingerprints.sort_unstable();
+        let table = table_of(self.current.drain(..));
+        let data = Bytes::from(table.encode_index());
+        let id = Id::of(&data);
+        let key = chunks.layout().segment_key(&id);
+        chunks
+            .transfer()
+            .put_bytes(&key, data)
+            .await
+            .context("cannot write an index segment")?;
+        self.keys.insert(key);
+        let count = fingerprints.len();
+        self.segments.push((
+            SummarySegment {
+                id,
+                first,
+                last,
+                count,
+            },
+            fingerprints,
+        ));
+        Ok(())
+    }
+}

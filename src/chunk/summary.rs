@@ -1,0 +1,207 @@
+//! The index summary gc writes: which index segments (sorted by chunk id, with
+//! disjoint ranges) cover which ids, and a 32-bit fingerprint of every chunk in each.
+//! An upload reads the summary instead of every segment, and fetches a segment only
+//! for a chunk whose fingerprint it holds: a few segments for a small upload, almost
+//! none for new data, whatever the prefix holds (docs/format.md, "Index summary").
+
+use super::Id;
+use super::format::{FormatError, Reader, bad, put_varint, unwrap, wrap};
+
+/// First bytes of a summary object.
+pub const SUMMARY_MAGIC: &[u8; 8] = b"CACHERSM";
+
+/// Bytes of one segment's description before its fingerprints: segment id, first and
+/// last chunk id, and a count of at least one byte.
+const SEGMENT_RECORD: usize = 3 * 32 + 1;
+
+/// One segment a summary describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SummarySegment {
+    /// The segment object's id (the blake3 of its bytes, so its name).
+    pub id: Id,
+    /// Smallest chunk id in it.
+    pub first: Id,
+    /// Largest chunk id in it.
+    pub last: Id,
+    /// Chunks in it.
+    pub count: usize,
+}
+
+/// A decoded summary: segments in increasing id order and their fingerprints, kept as
+/// the body's bytes so a 10^7-chunk summary costs its 40 MB once.
+#[derive(Debug)]
+pub struct Summary {
+    segments: Vec<SummarySegment>,
+    /// Where each segment's fingerprints start in `body`.
+    starts: Vec<usize>,
+    body: Vec<u8>,
+}
+
+/// The fingerprint of a chunk id: four of its bytes that sorting by id leaves random.
+pub fn fingerprint(id: &Id) -> u32 {
+    u32::from_le_bytes(id.0[28..32].try_into().expect("4 bytes"))
+}
+
+/// Encodes a summary of `segments` (in increasing, disjoint id order) with the
+/// fingerprints of each segment's chunks, sorted.
+pub fn encode(segments: &[(SummarySegment, Vec<u32>)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    put_varint(&mut body, segments.len() as u64);
+    for (s, _) in segments {
+        body.extend_from_slice(&s.id.0);
+    }
+    for (s, _) in segments {
+        body.extend_from_slice(&s.first.0);
+    }
+    for (s, _) in segments {
+        body.extend_from_slice(&s.last.0);
+    }
+    for (s, _) in segments {
+        put_varint(&mut body, s.count as u64);
+    }
+    for (_, fingerprints) in segments {
+        for f in fingerprints {
+            body.extend_from_slice(&f.to_le_bytes());
+        }
+    }
+    wrap(SUMMARY_MAGIC, 0, &body)
+}
+
+impl Summary {
+    /// Decodes and checks a summary; `what` names it in errors.
+    pub fn decode(what: &str, data: &[u8]) -> Result<Summary, FormatError> {
+        let (_, body) = unwrap(what, SUMMARY_MAGIC, data)?;
+        let mut r = Reader::new(what, &body);
+        let n = r.varint_count(SEGMENT_RECORD)?;
+        let mut ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            ids.push(r.id()?);
+        }
+        let mut firsts = Vec::with_capacity(n);
+        for _ in 0..n {
+            firsts.push(r.id()?);
+        }
+        let mut segments = Vec::with_capacity(n);
+        for (id, first) in ids.into_iter().zip(firsts) {
+            let last = r.id()?;
+            segments.push(SummarySegment {
+                id,
+                first,
+                last,
+                count: 0,
+            });
+        }
+        for s in &mut segments {
+            s.count = usize::try_from(r.varint()?).map_err(|_| bad(what, "count out of range"))?;
+        }
+        let mut starts = Vec::with_capacity(n);
+        let mut at = body.len() - r.remaining();
+        for (i, s) in segments.iter().enumerate() {
+            let len = s
+                .count
+                .checked_mul(4)
+                .ok_or_else(|| bad(what, "count out of range"))?;
+            r.take(len)?;
+            let fingerprints = &body[at..at + len];
+            let sorted = fingerprints
+                .chunks_exact(4)
+                .map(|f| u32::from_le_bytes(f.try_into().expect("4 bytes")))
+                .is_sorted();
+            let ordered = s.first <= s.last && (i == 0 || segments[i - 1].last < s.first);
+            if s.count == 0 || !sorted || !ordered {
+                return Err(bad(what, "segments out of order or fingerprints unsorted"));
+            }
+            starts.push(at);
+            at += len;
+        }
+        r.finish()?;
+        Ok(Summary {
+            segments,
+            starts,
+            body,
+        })
+    }
+
+    /// The segments described, in increasing id order.
+    pub fn segments(&self) -> &[SummarySegment] {
+        &self.segments
+    }
+
+    /// The segment that may hold `id`: the one whose range covers it, when it holds
+    /// its fingerprint. A `None` means no segment of the summary holds `id`.
+    pub fn candidate(&self, id: &Id) -> Option<usize> {
+        let i = self.segments.partition_point(|s| s.last < *id);
+        let s = self.segments.get(i)?;
+        if s.first > *id {
+            return None;
+        }
+        let start = self.starts[i];
+        let fingerprints = &self.body[start..start + 4 * s.count];
+        let want = fingerprint(id);
+        let (mut lo, mut hi) = (0, s.count);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let at = 4 * mid;
+            let f = u32::from_le_bytes(fingerprints[at..at + 4].try_into().expect("4 bytes"));
+            match f.cmp(&want) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(i),
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A random-looking id whose first byte is `first`, so tests choose its range.
+    fn id(first: u8, n: u64) -> Id {
+        let mut id = Id::of(&n.to_le_bytes());
+        id.0[0] = first;
+        id
+    }
+
+    fn segment(ids: &[Id], n: u8) -> (SummarySegment, Vec<u32>) {
+        let mut fingerprints: Vec<u32> = ids.iter().map(fingerprint).collect();
+        fingerprints.sort();
+        (
+            SummarySegment {
+                id: Id([n; 32]),
+                first: *ids.iter().min().unwrap(),
+                last: *ids.iter().max().unwrap(),
+                count: ids.len(),
+            },
+            fingerprints,
+        )
+    }
+
+    #[test]
+    fn a_summary_finds_the_segment_of_every_chunk_it_lists_and_rarely_another() {
+        let low: Vec<Id> = (0..1000).map(|i| id(1, i)).collect();
+        let high: Vec<Id> = (1000..1500).map(|i| id(9, i)).collect();
+        let data = encode(&[segment(&low, 1), segment(&high, 2)]);
+        let summary = Summary::decode("s", &data).unwrap();
+        assert_eq!(summary.segments().len(), 2);
+        assert!(low.iter().all(|i| summary.candidate(i) == Some(0)));
+        assert!(high.iter().all(|i| summary.candidate(i) == Some(1)));
+        let absent = (2000..12_000u64).filter(|&i| {
+            summary.candidate(&id(1, i)).is_some() || summary.candidate(&id(5, i)).is_some()
+        });
+        assert_eq!(absent.count(), 0, "ids among or between the listed ones");
+    }
+
+    #[test]
+    fn damaged_or_disordered_summaries_are_errors() {
+        let a: Vec<Id> = (0..10).map(|i| id(1, i)).collect();
+        let b: Vec<Id> = (10..20).map(|i| id(2, i)).collect();
+        assert!(Summary::decode("s", &encode(&[segment(&b, 1), segment(&a, 2)])).is_err());
+        let mut data = encode(&[segment(&a, 1)]);
+        let end = data.len() - 1;
+        data[end] ^= 1;
+        assert!(Summary::decode("s", &data).is_err());
+        assert!(Summary::decode("s", b"CACHERSM").is_err());
+    }
+}
