@@ -27,6 +27,8 @@ use crate::ui;
 /// A hit marks its entry used at most this often: marking costs a HEAD and a PUT, and
 /// prune durations are counted in days.
 pub const MARK_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// Most manifest reads gc has in flight (with the default 8 jobs).
+const MANIFEST_READS_IN_FLIGHT: usize = 64;
 /// First line of the condemned-packs object (docs/format.md).
 const CONDEMNED_HEADER: &str = "cacher-condemned-packs 1";
 /// Largest condemned-packs object read (about 800,000 packs); a larger one is ignored,
@@ -231,9 +233,10 @@ pub async fn collect(
 
     let all = entries(chunks, &layout.entries_prefix()).await?;
     let live_entries: HashSet<String> = all.iter().map(|e| e.key.clone()).collect();
+    // Manifests are small: their reads cost the server's latency, so many run at once.
     let tables: Vec<Option<Vec<Id>>> = futures::stream::iter(all)
         .map(|entry| async move {
-            match chunks.fetch(&entry.key).await {
+            match chunks.read_listed(&entry).await {
                 Ok(Some(Stored::Manifest(m))) => Ok(Some(m.table.packs)),
                 Ok(_) => Ok(None),
                 Err(e) => Err(e.context(format!(
@@ -242,7 +245,7 @@ pub async fn collect(
                 ))),
             }
         })
-        .buffer_unordered(jobs)
+        .buffer_unordered((jobs * 8).min(MANIFEST_READS_IN_FLIGHT))
         .try_collect()
         .await?;
     let mut referenced: HashSet<Id> = HashSet::new();

@@ -635,6 +635,18 @@ impl ChunkStore {
         }
     }
 
+    /// What the listed object `info` holds, read without a HEAD: the listing gave its
+    /// size and version. One that changed since the listing is read again as
+    /// [`ChunkStore::fetch`] reads; `None` when it is gone.
+    pub async fn read_listed(&self, info: &ObjectInfo) -> anyhow::Result<Option<Stored>> {
+        match self.read_entry(&info.key, info).await {
+            Ok(stored) => Ok(Some(stored)),
+            Err(e) if is_changed(&e) => self.fetch(&info.key).await,
+            Err(e) if matches!(e.downcast_ref(), Some(StoreError::NotFound(_))) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn fetch_once(&self, key: &str) -> anyhow::Result<Option<(ObjectInfo, Stored)>> {
         let store = self.transfer.store();
         let Some(info) = store.head(key).await? else {
