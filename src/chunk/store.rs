@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
@@ -92,12 +92,91 @@ pub struct PackInfo {
 /// The packs present in the bucket, by id.
 pub type Packs = HashMap<Id, PackInfo>;
 
-/// Chunks known to be in the bucket, from index segments whose packs still exist.
+/// The packs an upload may reuse chunks from, each looked up with a HEAD the first
+/// time it is needed, instead of listing every pack of the prefix (50 LISTs at 10^7
+/// chunks) for an upload that reuses a few.
+#[derive(Default)]
+pub struct PackCheck {
+    /// Where to look packs up; `None` when only `seen` counts.
+    source: Option<(ChunkStore, tokio::runtime::Handle)>,
+    /// Packs looked up so far: `None` for one that does not exist.
+    seen: Mutex<HashMap<Id, Option<PackInfo>>>,
+}
+
+impl PackCheck {
+    /// Looks packs of `chunks` up as they are needed.
+    pub fn lazy(chunks: &ChunkStore) -> PackCheck {
+        PackCheck {
+            source: Some((chunks.clone(), tokio::runtime::Handle::current())),
+            seen: Mutex::default(),
+        }
+    }
+
+    /// Knows exactly the packs `listed`.
+    pub fn listed(listed: Packs) -> PackCheck {
+        let seen = listed
+            .into_iter()
+            .map(|(id, info)| (id, Some(info)))
+            .collect();
+        PackCheck {
+            source: None,
+            seen: Mutex::new(seen),
+        }
+    }
+
+    /// Looks `packs` up at once, so later [`PackCheck::info`] calls need not wait.
+    pub async fn prefetch(&self, packs: &[Id]) -> anyhow::Result<()> {
+        let Some((chunks, _)) = &self.source else {
+            return Ok(());
+        };
+        let found: Vec<(Id, Option<PackInfo>)> = futures::stream::iter(packs.iter().copied())
+            .map(|pack| async move { Ok::<_, StoreError>((pack, chunks.pack_info(&pack).await?)) })
+            .buffer_unordered(PACK_HEADS_IN_FLIGHT)
+            .try_collect()
+            .await
+            .context("cannot look up packs")?;
+        self.seen.lock().expect("pack lock").extend(found);
+        Ok(())
+    }
+
+    /// The pack `id` as the bucket has it, `None` when it does not. A pack not looked up
+    /// yet is, with a HEAD that blocks: call from a blocking thread, not async code. A
+    /// failed HEAD counts as missing: the chunk is sent again.
+    pub fn info(&self, id: &Id) -> Option<PackInfo> {
+        if let Some(found) = self.seen.lock().expect("pack lock").get(id) {
+            return *found;
+        }
+        let (chunks, handle) = self.source.as_ref()?;
+        let found = handle.block_on(chunks.pack_info(id)).ok().flatten();
+        self.seen.lock().expect("pack lock").insert(*id, found);
+        found
+    }
+
+    /// A pack already looked up, without looking it up.
+    fn seen(&self, id: &Id) -> Option<PackInfo> {
+        self.seen
+            .lock()
+            .expect("pack lock")
+            .get(id)
+            .copied()
+            .flatten()
+    }
+
+    /// Whether a pack already looked up turned out not to exist.
+    pub fn seen_missing(&self, id: &Id) -> bool {
+        matches!(self.seen.lock().expect("pack lock").get(id), Some(None))
+    }
+}
+
+/// HEADs of packs in flight when prefetching.
+const PACK_HEADS_IN_FLIGHT: usize = 32;
+
+/// Chunks known to be in the bucket, from index segments, in packs that still exist.
 #[derive(Default)]
 pub struct Known {
     /// Chunks of the segments read whole: those gc's summary does not describe.
     chunks: HashMap<Id, Location>,
-    packs: Packs,
+    packs: PackCheck,
     /// The segments gc's summary describes, read only where a lookup needs them.
     summarized: Option<SummaryIndex>,
 }
@@ -105,15 +184,15 @@ pub struct Known {
 impl Known {
     /// Where the chunk `id` of `len` bytes can be reused from, if the index knows it
     /// and its location is plausible: same length as the chunk just cut, inside a pack
-    /// that is listed now. A stale or corrupt index entry is then simply not reused
+    /// that exists now. A stale or corrupt index entry is then simply not reused
     /// (the chunk is sent again), so it can never make an entry unrestorable. May
-    /// fetch an index segment, blocking: call from a blocking thread.
+    /// fetch an index segment or look a pack up, blocking: call from a blocking thread.
     pub fn reusable(&self, id: &Id, len: usize) -> Option<Location> {
         let loc = match self.chunks.get(id) {
             Some(loc) => *loc,
             None => self.summarized.as_ref()?.lookup(id)?,
         };
-        let pack = self.packs.get(&loc.pack)?;
+        let pack = self.packs.info(&loc.pack)?;
         let end = u64::from(loc.offset) + u64::from(loc.stored_len);
         (loc.len as usize == len && loc.stored_len <= MAX_CHUNK_STORED && end <= pack.size)
             .then_some(loc)
@@ -123,7 +202,7 @@ impl Known {
     pub fn new(locations: impl IntoIterator<Item = (Id, Location)>, packs: Packs) -> Known {
         Known {
             chunks: locations.into_iter().collect(),
-            packs,
+            packs: PackCheck::listed(packs),
             summarized: None,
         }
     }
@@ -334,40 +413,47 @@ impl ChunkStore {
         Ok(entries)
     }
 
-    /// The chunks the bucket holds now: [`ChunkStore::list_packs`], then
-    /// [`ChunkStore::load_known`].
-    pub async fn known(&self) -> anyhow::Result<Known> {
-        let packs = self.list_packs().await?;
-        self.load_known(packs).await
-    }
-
-    /// Loads the chunks the bucket already holds, keeping only entries whose pack is
-    /// in `packs` (an index may outlive a pack): gc's summary, and every index segment
-    /// it does not describe (written by uploads since).
-    pub async fn load_known(&self, packs: Packs) -> anyhow::Result<Known> {
+    /// The chunks the bucket holds now, as its index says: gc's summary, and every
+    /// index segment it does not describe (written by uploads since). The packs
+    /// `likely` (those of the entry a tree was restored from, say) are looked up at
+    /// once; other packs when a chunk in them would be reused.
+    pub async fn known(&self, likely: &[Id]) -> anyhow::Result<Known> {
         let mut known = Known {
             chunks: HashMap::new(),
-            packs,
+            packs: PackCheck::lazy(self),
             summarized: None,
         };
-        if known.packs.is_empty() {
+        let mut listed = self.list_segments().await?;
+        if listed.is_empty() {
             return Ok(known);
         }
-        let mut listed = self.list_segments().await?;
-        if let Some((summarized, covered)) = super::index::load_summary(self, &listed).await? {
+        let (summary, prefetched) = tokio::join!(
+            super::index::load_summary(self, &listed),
+            known.packs.prefetch(likely)
+        );
+        prefetched?;
+        if let Some((summarized, covered)) = summary? {
             listed.retain(|o| !covered.contains(&o.key));
             known.summarized = Some(summarized);
         }
         let segments = self.read_listed_segments(listed).await?;
         for (_, table) in segments.tables {
             for c in &table.chunks {
-                let pack = table.packs[c.pack as usize];
-                if known.packs.contains_key(&pack) {
-                    known.chunks.insert(c.id, location(pack, c));
-                }
+                known
+                    .chunks
+                    .insert(c.id, location(table.packs[c.pack as usize], c));
             }
         }
         Ok(known)
+    }
+
+    /// A pack as the bucket has it now; `None` when it is gone.
+    pub async fn pack_info(&self, pack: &Id) -> Result<Option<PackInfo>, StoreError> {
+        let info = self.transfer.store().head(&self.pack_key(pack)).await?;
+        Ok(info.map(|o| PackInfo {
+            modified: o.modified.unwrap_or(SystemTime::UNIX_EPOCH),
+            size: o.size,
+        }))
     }
 
     /// Chunks `content` (see [`ChunkStore::upload_pieces`]).
@@ -594,7 +680,7 @@ impl ChunkStore {
         let now = SystemTime::now();
         let reused: HashSet<Id> = locations.values().map(|l| l.pack).collect();
         let stale = reused.into_iter().filter(|p| {
-            known.packs.get(p).is_some_and(|info| {
+            known.packs.seen(p).is_some_and(|info| {
                 now.duration_since(info.modified).unwrap_or_default() > REFRESH_AGE
             })
         });

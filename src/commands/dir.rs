@@ -16,7 +16,7 @@ use crate::chunk::Id;
 use crate::chunk::format::{EntryKind, Manifest, ManifestKind};
 use crate::chunk::gc::mark_used;
 use crate::chunk::store::{
-    ChunkStore, Known, Location, Packs, Piece, Stats, Stored, download_stats_line, is_broken,
+    ChunkStore, Known, Location, PackCheck, Piece, Stats, Stored, download_stats_line, is_broken,
     now_secs, table_of, upload_stats_line,
 };
 use crate::cli::{DirCommand, DirDownloadArgs, DirUploadArgs};
@@ -58,10 +58,7 @@ pub(super) async fn chunk_store_for_upload(
         return Ok(Some(chunks));
     }
     let unrestorable = match chunks.fetch(key).await {
-        Ok(Some(Stored::Manifest(m))) => {
-            let packs = chunks.list_packs().await?;
-            missing_pack(&chunks, &m.table.packs, &packs).await?
-        }
+        Ok(Some(Stored::Manifest(m))) => missing_pack(&chunks, &m.table.packs).await?,
         Ok(_) => None,
         Err(e) if is_broken(&e) => Some(format!("{e:#}")),
         Err(e) => return Err(e),
@@ -74,26 +71,17 @@ pub(super) async fn chunk_store_for_upload(
     Ok(None)
 }
 
-/// The first of `wanted` that is gone from the bucket, said as a reason. A pack absent
-/// from the listing `listed` is looked up once more: another job may have written it
-/// since.
+/// The first of `wanted` that is gone from the bucket, said as a reason.
 async fn missing_pack(
     chunks: &ChunkStore,
     wanted: &[crate::chunk::Id],
-    listed: &Packs,
 ) -> anyhow::Result<Option<String>> {
-    for pack in wanted.iter().filter(|p| !listed.contains_key(p)) {
-        if chunks
-            .transfer()
-            .store()
-            .head(&chunks.pack_key(pack))
-            .await?
-            .is_none()
-        {
-            return Ok(Some(format!("pack {pack} is missing from the bucket")));
-        }
-    }
-    Ok(None)
+    let packs = PackCheck::lazy(chunks);
+    packs.prefetch(wanted).await?;
+    Ok(wanted
+        .iter()
+        .find(|p| packs.seen_missing(p))
+        .map(|p| format!("pack {p} is missing from the bucket")))
 }
 
 async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome> {
@@ -110,9 +98,13 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     let Some(chunks) = chunk_store_for_upload(config, &key, args.force, "dir upload").await? else {
         return Ok(Outcome::Success);
     };
-    let known = Arc::new(chunks.known().await?);
-    let tree = scanning.await??;
     let state = loading.await?;
+    // The packs of the entry the tree came from hold most of what it reuses.
+    let likely = state
+        .as_ref()
+        .map_or(&[][..], |s| &s.manifest.table.packs[..]);
+    let known = Arc::new(chunks.known(likely).await?);
+    let tree = scanning.await??;
     let files = tree.files.len();
     let manifest = Manifest {
         kind: ManifestKind::Dir,

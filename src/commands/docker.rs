@@ -69,7 +69,7 @@ async fn seed(
     let save = blocking(move || Ok(d.save(&img)?)).await?;
     let waited = save.waited();
     let (save, scan) = MemberTap::new(save);
-    let known = chunks.known().await?;
+    let known = chunks.known(&[]).await?;
     let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), 0));
     let sent = chunks.send(progress.counted(save), Arc::new(known)).await;
     progress.clear();
