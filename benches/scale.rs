@@ -20,7 +20,7 @@ use cacher::chunk::Id;
 use cacher::chunk::format::{ChunkRef, ChunkTable, Entry, EntryKind, Manifest, ManifestKind};
 use cacher::chunk::store::{ChunkStore, MAX_SEGMENT_CHUNKS};
 use cacher::store::Store;
-use common::{Measure, Server, cacher, garage, measure, median};
+use common::{Measure, Server, cacher, garage, measure, measure_against, median};
 use futures::StreamExt;
 
 /// Chunks a pack holds: 8 MiB of chunks averaging 40 KiB once compressed.
@@ -48,13 +48,14 @@ fn main() {
         .map(|n| n.trim().parse().expect("--chunks N,N,..."))
         .collect();
     let cold_mib: usize = arg("--cold-mib").map_or(256, |n| n.parse().expect("--cold-mib N"));
+    if let (Some(prefix), Some(chunks)) = (arg("--build-prefix"), arg("--build-chunks")) {
+        return build_here(&prefix, chunks.parse().expect("--build-chunks N"));
+    }
 
     let scratch = common::scratch();
     let g = garage();
     let work = tempfile::tempdir_in(&scratch).expect("work dir");
     let home = work.path();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (store, config) = open_store(g, home);
 
     println!("small tree: 50 files of 8 KiB; cold tree: {cold_mib} MiB in 4 MiB files");
     println!(
@@ -73,7 +74,7 @@ fn main() {
     for &chunks in &sizes {
         let prefix = format!("scale-{chunks}");
         let started = std::time::Instant::now();
-        rt.block_on(build_prefix(store.clone(), &config, &prefix, chunks));
+        build_in_child(g, home, &prefix, chunks);
         eprintln!(
             "built {prefix}: {chunks} chunks, {} packs, {} entries in {:.0}s",
             chunks.div_ceil(CHUNKS_PER_PACK),
@@ -117,12 +118,44 @@ fn main() {
     );
 }
 
-/// The store the benchmark builds prefixes in, through cacher's own S3 client.
-fn open_store(g: &Server, home: &Path) -> (Arc<dyn Store>, cacher::config::Config) {
+/// Builds a prefix in a child process (this benchmark run with `--build-prefix`): a
+/// child's peak RSS starts from its parent's, so the parent must stay small for the
+/// figures of the cacher runs it measures to mean anything.
+fn build_in_child(g: &Server, home: &Path, prefix: &str, chunks: usize) {
+    let status = std::process::Command::new(std::env::current_exe().expect("own path"))
+        .args([
+            "--build-prefix",
+            prefix,
+            "--build-chunks",
+            &chunks.to_string(),
+        ])
+        .env("HOME", home)
+        .env("CACHER_ENDPOINT", &g.endpoint)
+        .env("CACHER_BUCKET", &g.bucket)
+        .env("CACHER_REGION", &g.region)
+        .env("CACHER_S3_KEY_ID", &g.key_id)
+        .env("CACHER_S3_SECRET", &g.secret)
+        .status()
+        .expect("run the prefix builder");
+    assert!(status.success(), "building {prefix} failed");
+}
+
+/// The child's side of [`build_in_child`].
+fn build_here(prefix: &str, chunks: usize) {
+    let (store, config) = open_store();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(build_prefix(store, &config, prefix, chunks));
+}
+
+/// The store to build prefixes in, through cacher's own S3 client, from the settings
+/// [`build_in_child`] passes.
+fn open_store() -> (Arc<dyn Store>, cacher::config::Config) {
+    let home = PathBuf::from(std::env::var("HOME").expect("HOME"));
+    let env = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} unset"));
     let key_file = home.join("key");
     let secret_file = home.join("secret");
-    std::fs::write(&key_file, &g.key_id).unwrap();
-    std::fs::write(&secret_file, &g.secret).unwrap();
+    std::fs::write(&key_file, env("CACHER_S3_KEY_ID")).unwrap();
+    std::fs::write(&secret_file, env("CACHER_S3_SECRET")).unwrap();
     std::fs::set_permissions(
         &secret_file,
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
@@ -131,9 +164,9 @@ fn open_store(g: &Server, home: &Path) -> (Arc<dyn Store>, cacher::config::Confi
     std::fs::write(home.join("none.toml"), "").unwrap();
     let args = cacher::cli::GlobalArgs {
         config: Some(home.join("none.toml").display().to_string()),
-        endpoint: Some(g.endpoint.clone()),
-        region: Some(g.region.clone()),
-        bucket: Some(g.bucket.clone()),
+        endpoint: Some(env("CACHER_ENDPOINT")),
+        region: Some(env("CACHER_REGION")),
+        bucket: Some(env("CACHER_BUCKET")),
         key_file: Some(key_file.display().to_string()),
         secret_file: Some(secret_file.display().to_string()),
         ..Default::default()
@@ -266,13 +299,16 @@ impl Row {
     /// one cold tree. Fresh trees and an empty state directory each time, so nothing
     /// is skipped as unchanged or already stored.
     fn measure(g: &Server, home: &Path, prefix: &str, tag: &str, cold_mib: usize) -> Row {
+        // Each upload starts with an idle server: Garage works for seconds after a
+        // build or a gc, which must not be billed to the upload.
         let upload = |tree: &Path, key: &str| {
             let state = tempfile::tempdir_in(home).unwrap();
-            measure(
+            measure_against(
                 cacher(g, home, &["dir", "upload", key, tree.to_str().unwrap()])
                     .env("CACHER_PREFIX", prefix)
                     .env("CACHER_STATE_DIR", state.path())
                     .stderr(std::process::Stdio::null()),
+                g,
             )
         };
         let small = median(

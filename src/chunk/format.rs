@@ -574,8 +574,13 @@ pub(crate) fn unwrap(
     if body_len > MAX_BODY {
         return Err(bad(what, format!("declares a {body_len}-byte body")));
     }
-    // Grow with the data actually decompressed, never with the declared length.
-    let mut body = Vec::new();
+    // Grow with the data actually decompressed, never with the declared length alone:
+    // start from it only as far as the compressed bytes could plausibly inflate, so an
+    // incompressible body (an index summary's fingerprints) is never reallocated.
+    let plausible = (data.len() as u64)
+        .saturating_mul(4)
+        .saturating_add(64 * 1024);
+    let mut body = Vec::with_capacity(body_len.min(plausible) as usize);
     zstd::stream::read::Decoder::new(&data[HEADER_LEN..])
         .and_then(|d| d.take(body_len + 1).read_to_end(&mut body))
         .map_err(|e| bad(what, format!("body does not decompress: {e}")))?;
