@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::archive::ScannedFile;
 use crate::chunk::format::EntryKind;
-use crate::chunk::store::{Known, Piece};
+use crate::chunk::store::{Known, Location, Piece, location};
 use crate::chunk::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Id};
 use crate::state::{Stamp, TreeState};
 use crate::ui::{self, Progress};
@@ -66,10 +66,10 @@ struct Span {
     len: u64,
 }
 
-/// The recorded stream: its chunk ids and lengths with their offsets.
+/// The recorded stream: its chunk ids and where they were stored, with their offsets.
 struct Recorded {
     starts: Vec<u64>,
-    chunks: Vec<(Id, u32)>,
+    chunks: Vec<(Id, Location)>,
     len: u64,
 }
 
@@ -185,7 +185,8 @@ fn plan(
         .map(|c| {
             starts.push(at);
             at += u64::from(c.len);
-            (c.id, c.len)
+            let pack = state.manifest.table.packs[c.pack as usize];
+            (c.id, location(pack, c))
         })
         .collect();
     let recorded = Recorded {
@@ -228,20 +229,22 @@ impl Cutter {
         let (mut at, mut batch, mut batch_bytes) = (0u64, Vec::new(), 0u64);
         while at < len {
             let piece = match self.recorded_chunk_at(at) {
-                Some((id, chunk_len)) => match self.known.reusable(&id, chunk_len as usize) {
-                    Some(loc) => Piece::Reused { id, loc },
-                    None => {
-                        // The bucket lacks it (another prefix, or gc): read it to send it.
-                        let data = self.window.get(at, chunk_len as usize)?.to_vec();
-                        if Id::of(&data) != id {
-                            return Err(StaleState(
-                                self.window.files.path_at(at).display().to_string(),
-                            )
-                            .into());
+                Some((id, recorded)) => {
+                    match self.known.reusable_at(&id, recorded.len as usize, recorded) {
+                        Some(loc) => Piece::Reused { id, loc },
+                        None => {
+                            // The bucket lacks it (another prefix, or gc): read it to send it.
+                            let data = self.window.get(at, recorded.len as usize)?.to_vec();
+                            if Id::of(&data) != id {
+                                return Err(StaleState(
+                                    self.window.files.path_at(at).display().to_string(),
+                                )
+                                .into());
+                            }
+                            Piece::Cut(data)
                         }
-                        Piece::Cut(data)
                     }
-                },
+                }
                 None => {
                     let left = usize::try_from(len - at).unwrap_or(usize::MAX);
                     Piece::Cut(self.cut_at(at, left.min(CHUNK_MAX as usize))?)
@@ -286,7 +289,7 @@ impl Cutter {
     }
 
     /// The recorded chunk that a cut at `at` reproduces, if any (see the module doc).
-    fn recorded_chunk_at(&mut self, at: u64) -> Option<(Id, u32)> {
+    fn recorded_chunk_at(&mut self, at: u64) -> Option<(Id, Location)> {
         let recorded = self.recorded.as_ref()?;
         while self
             .spans
@@ -298,14 +301,14 @@ impl Cutter {
         let span = self.spans.get(self.span).filter(|s| s.new_start <= at)?;
         let from = span.old_start + (at - span.new_start);
         let k = recorded.starts.binary_search(&from).ok()?;
-        let (id, chunk_len) = recorded.chunks[k];
-        let end = from + u64::from(chunk_len);
+        let (id, loc) = recorded.chunks[k];
+        let end = from + u64::from(loc.len);
         let span_end = span.old_start + span.len;
         let left_old = (recorded.len - from).min(u64::from(CHUNK_MAX));
         let left_new = (self.window.files.len - at).min(u64::from(CHUNK_MAX));
         let decided_alike =
             left_old == left_new && end <= span_end && (end == recorded.len || end < span_end);
-        decided_alike.then_some((id, chunk_len))
+        decided_alike.then_some((id, loc))
     }
 }
 

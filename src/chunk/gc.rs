@@ -11,6 +11,7 @@
 //! grace. gc deletes nothing when any manifest fails to decode.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
@@ -29,6 +30,8 @@ use crate::ui;
 pub const MARK_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// Most manifest reads gc has in flight (with the default 8 jobs).
 const MANIFEST_READS_IN_FLIGHT: usize = 64;
+/// Most bytes of manifests (as stored) gc reads at once, in KiB.
+const MANIFEST_KIB_IN_FLIGHT: usize = 16 * 1024;
 /// First line of the condemned-packs object (docs/format.md).
 const CONDEMNED_HEADER: &str = "cacher-condemned-packs 1";
 /// Largest condemned-packs object read (about 800,000 packs); a larger one is ignored,
@@ -233,16 +236,19 @@ pub async fn collect(
 
     let all = entries(chunks, &layout.entries_prefix()).await?;
     let live_entries: HashSet<String> = all.iter().map(|e| e.key.clone()).collect();
-    // Manifests are small: their reads cost the server's latency, so many run at once.
+    // Manifests are small: their reads cost the server's latency, so many run at once,
+    // as many as fit in a byte budget (a large tree's manifest takes megabytes decoded).
+    let budget = Arc::new(tokio::sync::Semaphore::new(MANIFEST_KIB_IN_FLIGHT));
     let tables: Vec<Option<Vec<Id>>> = futures::stream::iter(all)
-        .map(|entry| async move {
-            match chunks.read_listed(&entry).await {
-                Ok(Some(Stored::Manifest(m))) => Ok(Some(m.table.packs)),
-                Ok(_) => Ok(None),
-                Err(e) => Err(e.context(format!(
-                    "cannot read {}; gc deletes nothing while a manifest is unreadable",
-                    entry.key
-                ))),
+        .map(|entry| {
+            let budget = budget.clone();
+            async move {
+                let kib = entry
+                    .size
+                    .div_ceil(1024)
+                    .clamp(1, MANIFEST_KIB_IN_FLIGHT as u64);
+                let _permit = budget.acquire_many_owned(kib as u32).await?;
+                manifest_packs(chunks, &entry).await
             }
         })
         .buffer_unordered((jobs * 8).min(MANIFEST_READS_IN_FLIGHT))
@@ -350,19 +356,28 @@ pub async fn collect(
         .await
         .context("cannot delete condemned packs")?;
     write_condemned(transfer, &state_key, &state, stored_state.as_deref()).await?;
-    let left: HashSet<String> = store
-        .list(&layout.packs_prefix(), None)
-        .await?
-        .objects
-        .into_iter()
-        .map(|o| o.key)
-        .collect();
-    report.segments_deleted = super::index::compact(chunks, &left).await?;
+    report.segments_deleted = super::index::compact(chunks).await?;
     report.stale_writes = store
         .abort_stale_writes(&layout.entries_prefix(), grace)
         .await
         .context("cannot abort unfinished uploads")?;
     Ok(report)
+}
+
+/// The packs the manifest `entry` references; `None` for an entry that is no
+/// manifest (or is gone). An unreadable manifest is an error: gc then deletes nothing.
+async fn manifest_packs(
+    chunks: &ChunkStore,
+    entry: &ObjectInfo,
+) -> anyhow::Result<Option<Vec<Id>>> {
+    match chunks.read_listed(entry).await {
+        Ok(Some(Stored::Manifest(m))) => Ok(Some(m.table.packs)),
+        Ok(_) => Ok(None),
+        Err(e) => Err(e.context(format!(
+            "cannot read {}; gc deletes nothing while a manifest is unreadable",
+            entry.key
+        ))),
+    }
 }
 
 /// Every last-use marker under the store's prefix.

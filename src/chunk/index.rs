@@ -20,8 +20,11 @@ use super::summary::{self, Summary, SummarySegment};
 use crate::store::ObjectInfo;
 use crate::ui;
 
-/// Largest summary object read: a summary of 5·10^7 chunks, four bytes each.
-pub const MAX_SUMMARY_OBJECT: u64 = 256 * 1024 * 1024;
+/// Largest summary object read: zstd cannot grow a 256 MiB body much.
+pub const MAX_SUMMARY_OBJECT: u64 = 260 * 1024 * 1024;
+/// Most chunks a summary describes: four bytes each, within the 256 MiB body readers
+/// accept (with room for the segment records).
+pub const MAX_SUMMARY_CHUNKS: usize = 60_000_000;
 
 /// The chunks of the segments a summary describes, looked up on demand.
 pub struct SummaryIndex {
@@ -46,11 +49,6 @@ impl SummaryIndex {
         Some(location(table.packs[c.pack as usize], c))
     }
 
-    /// Segments fetched so far.
-    pub fn fetched(&self) -> usize {
-        self.loaded.iter().filter(|l| l.get().is_some()).count()
-    }
-
     fn fetch(&self, i: usize) -> Option<ChunkTable> {
         let object = self.objects[i].as_ref()?;
         match self.handle.block_on(self.chunks.read_segment(object)) {
@@ -70,19 +68,18 @@ impl SummaryIndex {
     }
 }
 
-/// The newest index summary of `chunks`, and the keys of the segments among `listed`
-/// it describes (which an upload then need not read). `None` when there is none, or
-/// the newest does not decode (a warning; the segments are then read whole). An older
-/// summary is never used: it describes segments a later gc replaced.
+/// The newest of the index summaries `summaries`, and the keys of the segments among
+/// `listed` it describes (which an upload then need not read). `None` when there is
+/// none, or the newest does not decode (a warning; the segments are then read whole).
+/// An older summary is never used: it describes segments a later gc replaced. List
+/// summaries before segments: the segments of a summary listed first are listed too,
+/// unless a gc replaced them meanwhile.
 pub async fn load_summary(
     chunks: &ChunkStore,
+    summaries: Vec<ObjectInfo>,
     listed: &[ObjectInfo],
 ) -> anyhow::Result<Option<(SummaryIndex, HashSet<String>)>> {
-    let Some(newest) = list_summaries(chunks)
-        .await?
-        .into_iter()
-        .max_by_key(|o| o.modified)
-    else {
+    let Some(newest) = summaries.into_iter().max_by_key(|o| o.modified) else {
         return Ok(None);
     };
     let Some(summary) = read_summary(chunks, &newest).await? else {
@@ -109,7 +106,8 @@ pub async fn load_summary(
     Ok(Some((index, covered)))
 }
 
-async fn list_summaries(chunks: &ChunkStore) -> anyhow::Result<Vec<ObjectInfo>> {
+/// The index summary objects listed now.
+pub async fn list_summaries(chunks: &ChunkStore) -> anyhow::Result<Vec<ObjectInfo>> {
     Ok(chunks
         .transfer()
         .store()
@@ -154,23 +152,26 @@ async fn read_summary(chunks: &ChunkStore, object: &ObjectInfo) -> anyhow::Resul
     }
 }
 
-/// Temp files the index is spread over by the first byte of chunk ids.
-const BUCKETS: usize = 256;
+/// Temp files the index is spread over by the top bits of chunk ids: few enough to
+/// stay far below any open-file limit, enough that one holds 1/64 of the index.
+const BUCKETS: usize = 64;
 /// Bytes of a chunk in a bucket file: id, pack number, offset, stored length, length.
 const RECORD: usize = 32 + 4 * 4;
 
 /// Rewrites the index as segments sorted by chunk id, with disjoint ranges, holding
-/// the chunks of packs still in `left` (full pack keys), and a summary of them; then
-/// deletes the segments and summaries it replaced and the segments that could not be
-/// trusted. Memory stays bounded whatever the index holds: chunks are first spread
-/// over [`BUCKETS`] temp files by their first id byte, then each file is sorted
-/// alone. A segment written meanwhile by an upload is not among those read, so it
-/// stays. Returns how many segments were deleted; nothing is rewritten when the newest
-/// summary already describes exactly the live index.
-pub async fn compact(chunks: &ChunkStore, left: &HashSet<String>) -> anyhow::Result<usize> {
+/// the chunks of packs that still exist, and a summary of them; then deletes the
+/// segments and summaries it replaced and the segments that could not be trusted.
+/// Memory stays bounded whatever the index holds: chunks are first spread over
+/// [`BUCKETS`] temp files by the top bits of their id, then each file is sorted alone.
+/// Segments are listed before packs: an upload writes its packs before its segment,
+/// so the packs of every segment read are listed, and a segment written after the
+/// listing is not read, so it stays. Returns how many segments were deleted; nothing
+/// is rewritten when the newest summary already describes exactly the live index.
+pub async fn compact(chunks: &ChunkStore) -> anyhow::Result<usize> {
     let layout = chunks.layout();
-    let listed = chunks.list_segments().await?;
     let summaries = list_summaries(chunks).await?;
+    let listed = chunks.list_segments().await?;
+    let left: HashSet<Id> = chunks.list_packs().await?.into_keys().collect();
     let spill_dir = tempfile::tempdir().context("cannot create a temp dir to compact the index")?;
     let mut spill = Spill::create(spill_dir.path())?;
     let (mut read, mut skipped, mut dead) = (Vec::new(), Vec::new(), false);
@@ -183,7 +184,7 @@ pub async fn compact(chunks: &ChunkStore, left: &HashSet<String>) -> anyhow::Res
                 read.push(seg.key.clone());
                 for c in &table.chunks {
                     let pack = table.packs[c.pack as usize];
-                    if left.contains(&layout.pack_key(&pack)) {
+                    if left.contains(&pack) {
                         spill.push(c.id, location(pack, c))?;
                     } else {
                         dead = true;
@@ -213,7 +214,12 @@ pub async fn compact(chunks: &ChunkStore, left: &HashSet<String>) -> anyhow::Res
     }
     writer.flush(chunks).await?;
     let mut keep: HashSet<String> = writer.keys.clone();
-    if !writer.segments.is_empty() {
+    let fingerprints: usize = writer.segments.iter().map(|(s, _)| s.count).sum();
+    if fingerprints > MAX_SUMMARY_CHUNKS {
+        ui::warn(format!(
+            "the index holds {fingerprints} chunks, more than the {MAX_SUMMARY_CHUNKS} a summary may describe; uploads will read it whole"
+        ));
+    } else if !writer.segments.is_empty() {
         let data = Bytes::from(summary::encode(&writer.segments));
         let key = layout.summary_key(&Id::of(&data));
         chunks
@@ -269,7 +275,12 @@ async fn summarises_exactly(
         && read.iter().all(|k| described.contains(k)))
 }
 
-/// Chunks spread over bucket files by the first byte of their id.
+/// The bucket of a chunk id: its top bits, so buckets in order hold ids in order.
+fn bucket_of(id: &Id) -> usize {
+    usize::from(id.0[0]) * BUCKETS / 256
+}
+
+/// Chunks spread over bucket files by the top bits of their id.
 struct Spill {
     paths: Vec<PathBuf>,
     files: Vec<BufWriter<File>>,
@@ -307,7 +318,7 @@ impl Spill {
         {
             record[32 + 4 * i..36 + 4 * i].copy_from_slice(&v.to_le_bytes());
         }
-        self.files[usize::from(id.0[0])]
+        self.files[bucket_of(&id)]
             .write_all(&record)
             .context("cannot write a temp file to compact the index")
     }

@@ -124,19 +124,19 @@ impl PackCheck {
         }
     }
 
-    /// Looks `packs` up at once, so later [`PackCheck::info`] calls need not wait.
-    pub async fn prefetch(&self, packs: &[Id]) -> anyhow::Result<()> {
+    /// Looks `packs` up at once, so later [`PackCheck::info`] calls need not wait. A
+    /// pack whose HEAD fails is left to be looked up again when needed.
+    pub async fn prefetch(&self, packs: &[Id]) {
         let Some((chunks, _)) = &self.source else {
-            return Ok(());
+            return;
         };
         let found: Vec<(Id, Option<PackInfo>)> = futures::stream::iter(packs.iter().copied())
-            .map(|pack| async move { Ok::<_, StoreError>((pack, chunks.pack_info(&pack).await?)) })
+            .map(|pack| async move { chunks.pack_info(&pack).await.ok().map(|i| (pack, i)) })
             .buffer_unordered(PACK_HEADS_IN_FLIGHT)
-            .try_collect()
-            .await
-            .context("cannot look up packs")?;
+            .filter_map(|found| async move { found })
+            .collect()
+            .await;
         self.seen.lock().expect("pack lock").extend(found);
-        Ok(())
     }
 
     /// The pack `id` as the bucket has it, `None` when it does not. A pack not looked up
@@ -161,11 +161,6 @@ impl PackCheck {
             .copied()
             .flatten()
     }
-
-    /// Whether a pack already looked up turned out not to exist.
-    pub fn seen_missing(&self, id: &Id) -> bool {
-        matches!(self.seen.lock().expect("pack lock").get(id), Some(None))
-    }
 }
 
 /// HEADs of packs in flight when prefetching.
@@ -188,14 +183,12 @@ impl Known {
     /// (the chunk is sent again), so it can never make an entry unrestorable. May
     /// fetch an index segment or look a pack up, blocking: call from a blocking thread.
     pub fn reusable(&self, id: &Id, len: usize) -> Option<Location> {
-        let loc = match self.chunks.get(id) {
-            Some(loc) => *loc,
-            None => self.summarized.as_ref()?.lookup(id)?,
-        };
-        let pack = self.packs.info(&loc.pack)?;
-        let end = u64::from(loc.offset) + u64::from(loc.stored_len);
-        (loc.len as usize == len && loc.stored_len <= MAX_CHUNK_STORED && end <= pack.size)
-            .then_some(loc)
+        // A segment read whole may name a pack gc removed since; the summary may not.
+        let recent = self
+            .chunks
+            .get(id)
+            .and_then(|loc| self.plausible(*loc, len));
+        recent.or_else(|| self.plausible(self.summarized.as_ref()?.lookup(id)?, len))
     }
 
     /// Chunks known at `locations`, in the listed `packs`.
@@ -207,9 +200,21 @@ impl Known {
         }
     }
 
-    /// Index segments fetched for lookups so far (see [`SummaryIndex`]).
-    pub fn segments_fetched(&self) -> usize {
-        self.summarized.as_ref().map_or(0, SummaryIndex::fetched)
+    /// Where the chunk `id` of `len` bytes can be reused from when the entry a tree
+    /// came from recorded it at `recorded`: there, if that pack is still whole, without
+    /// asking the index (whose segments a large prefix would fetch); else as
+    /// [`Known::reusable`] finds it. Blocks like it.
+    pub fn reusable_at(&self, id: &Id, len: usize, recorded: Location) -> Option<Location> {
+        self.plausible(recorded, len)
+            .or_else(|| self.reusable(id, len))
+    }
+
+    /// `loc` if its pack exists and holds it, for a chunk of `len` bytes.
+    fn plausible(&self, loc: Location, len: usize) -> Option<Location> {
+        let pack = self.packs.info(&loc.pack)?;
+        let end = u64::from(loc.offset) + u64::from(loc.stored_len);
+        (loc.len as usize == len && loc.stored_len <= MAX_CHUNK_STORED && end <= pack.size)
+            .then_some(loc)
     }
 }
 
@@ -423,15 +428,15 @@ impl ChunkStore {
             packs: PackCheck::lazy(self),
             summarized: None,
         };
+        let summaries = super::index::list_summaries(self).await?;
         let mut listed = self.list_segments().await?;
         if listed.is_empty() {
             return Ok(known);
         }
-        let (summary, prefetched) = tokio::join!(
-            super::index::load_summary(self, &listed),
+        let (summary, ()) = tokio::join!(
+            super::index::load_summary(self, summaries, &listed),
             known.packs.prefetch(likely)
         );
-        prefetched?;
         if let Some((summarized, covered)) = summary? {
             listed.retain(|o| !covered.contains(&o.key));
             known.summarized = Some(summarized);

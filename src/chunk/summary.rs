@@ -194,6 +194,60 @@ mod tests {
     }
 
     #[test]
+    fn summaries_that_break_a_rule_are_refused() {
+        let a: Vec<Id> = (0..10).map(|i| id(1, i)).collect();
+        let b: Vec<Id> = (10..20).map(|i| id(2, i)).collect();
+        let (sa, fa) = segment(&a, 1);
+        let (sb, fb) = segment(&b, 2);
+        assert!(
+            Summary::decode(
+                "s",
+                &encode(&[(sa.clone(), fa.clone()), (sb.clone(), fb.clone())])
+            )
+            .is_ok()
+        );
+        let overlapping = SummarySegment {
+            first: sa.last,
+            ..sb.clone()
+        };
+        let backwards = SummarySegment {
+            first: sa.last,
+            last: sa.first,
+            ..sa.clone()
+        };
+        let empty = SummarySegment {
+            count: 0,
+            ..sa.clone()
+        };
+        let mut unsorted = fa.clone();
+        unsorted.reverse();
+        let cases = [
+            (
+                "overlapping ranges",
+                vec![(sa.clone(), fa.clone()), (overlapping, fb.clone())],
+            ),
+            ("first after last", vec![(backwards, fa.clone())]),
+            ("no chunks", vec![(empty, Vec::new())]),
+            ("unsorted fingerprints", vec![(sa.clone(), unsorted)]),
+        ];
+        for (why, segments) in cases {
+            assert!(Summary::decode("s", &encode(&segments)).is_err(), "{why}");
+        }
+        // An id inside no range is absent even when its fingerprint is listed.
+        let summary = Summary::decode("s", &encode(&[(sb, fb)])).unwrap();
+        for first_byte in [1, 3] {
+            let mut outside = b[0];
+            outside.0[0] = first_byte;
+            assert_eq!(
+                summary.candidate(&outside),
+                None,
+                "below and above the range"
+            );
+        }
+        assert_eq!(summary.candidate(&b[0]), Some(0));
+    }
+
+    #[test]
     fn damaged_or_disordered_summaries_are_errors() {
         let a: Vec<Id> = (0..10).map(|i| id(1, i)).collect();
         let b: Vec<Id> = (10..20).map(|i| id(2, i)).collect();

@@ -16,8 +16,8 @@ use crate::chunk::Id;
 use crate::chunk::format::{EntryKind, Manifest, ManifestKind};
 use crate::chunk::gc::mark_used;
 use crate::chunk::store::{
-    ChunkStore, Known, Location, PackCheck, Piece, Stats, Stored, download_stats_line, is_broken,
-    now_secs, table_of, upload_stats_line,
+    ChunkStore, Known, Location, Piece, Stats, Stored, download_stats_line, is_broken, now_secs,
+    table_of, upload_stats_line,
 };
 use crate::cli::{DirCommand, DirDownloadArgs, DirUploadArgs};
 use crate::config::Config;
@@ -71,18 +71,34 @@ pub(super) async fn chunk_store_for_upload(
     Ok(None)
 }
 
-/// The first of `wanted` that is gone from the bucket, said as a reason.
+/// The first of `wanted` that is gone from the bucket, said as a reason. A few packs
+/// are looked up one HEAD each; many, through the listing of all packs (fewer
+/// requests), each pack absent from it looked up once more, as another job may have
+/// written it since.
 async fn missing_pack(
     chunks: &ChunkStore,
     wanted: &[crate::chunk::Id],
 ) -> anyhow::Result<Option<String>> {
-    let packs = PackCheck::lazy(chunks);
-    packs.prefetch(wanted).await?;
-    Ok(wanted
-        .iter()
-        .find(|p| packs.seen_missing(p))
-        .map(|p| format!("pack {p} is missing from the bucket")))
+    let suspects: Vec<crate::chunk::Id> = if wanted.len() <= SKIP_CHECK_HEADS {
+        wanted.to_vec()
+    } else {
+        let listed = chunks.list_packs().await?;
+        wanted
+            .iter()
+            .filter(|p| !listed.contains_key(p))
+            .copied()
+            .collect()
+    };
+    for pack in suspects {
+        if chunks.pack_info(&pack).await?.is_none() {
+            return Ok(Some(format!("pack {pack} is missing from the bucket")));
+        }
+    }
+    Ok(None)
 }
+
+/// Packs of an existing entry the skip check looks up one by one; beyond, it lists.
+const SKIP_CHECK_HEADS: usize = 16;
 
 async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
