@@ -78,15 +78,20 @@ impl Docker {
         }
     }
 
-    /// Runs a short command and returns its stdout.
-    pub fn run(&self, args: &[&str]) -> Result<String, DockerError> {
+    /// Runs a short command to its end, whatever its exit status.
+    fn output(&self, args: &[&str]) -> Result<std::process::Output, DockerError> {
         let child = self.spawn(args, Stdio::null(), Stdio::piped())?;
-        let out = child
+        child
             .wait_with_output()
             .map_err(|source| DockerError::Missing {
                 bin: self.bin.clone(),
                 source,
-            })?;
+            })
+    }
+
+    /// Runs a short command and returns its stdout.
+    pub fn run(&self, args: &[&str]) -> Result<String, DockerError> {
+        let out = self.output(args)?;
         if !out.status.success() {
             return Err(self.failed(args, out.status, &String::from_utf8_lossy(&out.stderr)));
         }
@@ -153,13 +158,7 @@ impl Docker {
             args.extend(batch);
             // An image removed since the listing makes inspect fail for it alone; the
             // others are still printed, and a layer missed only costs a fetch.
-            let child = self.spawn(&args, Stdio::null(), Stdio::piped())?;
-            let out = child
-                .wait_with_output()
-                .map_err(|source| DockerError::Missing {
-                    bin: self.bin.clone(),
-                    source,
-                })?;
+            let out = self.output(&args)?;
             for line in String::from_utf8_lossy(&out.stdout).lines() {
                 if let Ok(Some(diff_ids)) = serde_json::from_str::<Option<Vec<String>>>(line) {
                     chains.extend(crate::image_archive::chain_ids(&diff_ids));
