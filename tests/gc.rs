@@ -257,32 +257,45 @@ fn prune_deletes_old_entries_then_gc_reclaims_their_packs() {
 
 #[test]
 fn an_upload_reusing_old_packs_refreshes_them_so_gc_keeps_them() {
-    // A file:// store lets the test age packs; the protocol is the same as on S3.
-    let env = TestEnv::file_store();
-    let a = tree(&env, "a", 5);
-    env.run(["dir", "upload", "k1", &a]).ok();
-    env.run(["delete", "k1"]).ok();
-    // The packs are now unreferenced and two days old.
-    sh(
-        "find store/.cacher/packs -type f -exec touch -d '2 days ago' {} +",
-        env.dir.path(),
-    );
+    // Packs are looked up up front when the tree state names them, and on demand when
+    // only the index does (no state): both must be refreshed.
+    for fresh_state in [false, true] {
+        // A file:// store lets the test age packs; the protocol is the same as on S3.
+        let mut env = TestEnv::file_store();
+        let a = tree(&env, "a", 5);
+        env.run(["dir", "upload", "k1", &a]).ok();
+        env.run(["delete", "k1"]).ok();
+        // The packs are now unreferenced and two days old.
+        sh(
+            "find store/.cacher/packs -type f -exec touch -d '2 days ago' {} +",
+            env.dir.path(),
+        );
 
-    let run = env.run(["dir", "upload", "k2", &a]);
-    assert!(run.ok().stderr.contains(" 0 new"), "reused: {}", run.stderr);
-    let age = sh(
-        "find store/.cacher/packs -type f -mmin +5 | wc -l",
-        env.dir.path(),
-    );
-    assert_eq!(age.trim(), "0", "reused packs were refreshed");
+        if fresh_state {
+            let state = env.path("fresh-state");
+            env.set("CACHER_STATE_DIR", state.to_str().unwrap());
+        }
+        let run = env.run(["dir", "upload", "k2", &a]);
+        assert!(run.ok().stderr.contains(" 0 new"), "reused: {}", run.stderr);
+        let age = sh(
+            "find store/.cacher/packs -type f -mmin +5 | wc -l",
+            env.dir.path(),
+        );
+        assert_eq!(
+            age.trim(),
+            "0",
+            "reused packs were refreshed (fresh state: {fresh_state})"
+        );
 
-    // Even with the manifest gone, a gc with the default grace keeps the refreshed packs.
-    env.run(["delete", "k2"]).ok();
-    env.run(["gc"]).ok();
-    assert!(pack_count(&env) > 0);
-    env.run(["gc", "--grace", "0s"]).ok();
-    env.run(["gc", "--grace", "0s"]).ok();
-    assert_eq!(pack_count(&env), 0);
+        // Even with the manifest gone, a gc with the default grace keeps the refreshed
+        // packs.
+        env.run(["delete", "k2"]).ok();
+        env.run(["gc"]).ok();
+        assert!(pack_count(&env) > 0);
+        env.run(["gc", "--grace", "0s"]).ok();
+        env.run(["gc", "--grace", "0s"]).ok();
+        assert_eq!(pack_count(&env), 0);
+    }
 }
 
 #[test]
