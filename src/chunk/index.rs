@@ -15,7 +15,9 @@ use futures::StreamExt;
 
 use super::Id;
 use super::format::ChunkTable;
-use super::store::{ChunkStore, Location, MAX_SEGMENT_CHUNKS, SegmentRead, location, table_of};
+use super::store::{
+    ChunkStore, Location, MAX_SEGMENT_CHUNKS, Named, SegmentRead, location, table_of,
+};
 use super::summary::{self, Summary, SummarySegment};
 use crate::store::ObjectInfo;
 use crate::ui;
@@ -127,28 +129,19 @@ async fn read_summary(chunks: &ChunkStore, object: &ObjectInfo) -> anyhow::Resul
     let Some(id) = chunks.layout().summary_id(&object.key) else {
         return ignoring("not named by its hash".into());
     };
-    if object.size > MAX_SUMMARY_OBJECT {
-        return ignoring(format!(
-            "{} bytes, more than {MAX_SUMMARY_OBJECT}",
-            object.size
-        ));
-    }
-    let mut data = Vec::new();
-    match chunks
-        .transfer()
-        .read_range(&object.key, None, 0..object.size, &mut data)
-        .await
-    {
-        Ok(()) => {}
-        Err(crate::store::StoreError::NotFound(_)) => return Ok(None),
-        Err(e) => return Err(anyhow::Error::new(e).context("cannot read the index summary")),
-    }
-    if Id::of(&data) != id {
-        return ignoring("its bytes do not match its name (corrupt)".into());
-    }
+    let read = chunks.read_named(object, id, MAX_SUMMARY_OBJECT).await;
+    let data = match read.context("cannot read the index summary")? {
+        Named::Bytes(data) => data,
+        Named::Untrusted(why) => return ignoring(why),
+        Named::Gone => return Ok(None),
+    };
     match Summary::decode(&object.key, &data) {
         Ok(summary) => Ok(Some(summary)),
-        Err(e) => ignoring(e.to_string()),
+        // The error names the summary already.
+        Err(e) => {
+            ui::warn(format!("ignoring index summary: {e}"));
+            Ok(None)
+        }
     }
 }
 

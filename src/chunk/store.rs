@@ -71,6 +71,16 @@ pub enum SegmentRead {
     Gone,
 }
 
+/// What reading an object named by the hash of its bytes gave.
+pub enum Named {
+    /// Its bytes, which match its name.
+    Bytes(Vec<u8>),
+    /// Why it cannot be trusted.
+    Untrusted(String),
+    /// It was deleted since it was listed.
+    Gone,
+}
+
 /// Where a chunk already stored can be found.
 #[derive(Debug, Clone, Copy)]
 pub struct Location {
@@ -618,37 +628,54 @@ impl ChunkStore {
         let Some(id) = self.layout.segment_id(&seg.key) else {
             return Ok(SegmentRead::Skipped);
         };
-        if seg.size > MAX_SEGMENT_OBJECT {
-            ui::warn(format!(
-                "ignoring index segment {}: {} bytes, more than the {MAX_SEGMENT_OBJECT} a segment may have",
-                seg.key, seg.size
-            ));
-            return Ok(SegmentRead::Skipped);
-        }
-        let mut data = Vec::new();
-        match self
-            .transfer
-            .read_range(&seg.key, None, 0..seg.size, &mut data)
-            .await
-        {
-            Ok(()) => {}
-            Err(StoreError::NotFound(_)) => return Ok(SegmentRead::Gone),
-            Err(e) => return Err(e),
-        }
-        if Id::of(&data) != id {
-            ui::warn(format!(
-                "ignoring index segment {}: its bytes do not match its name (corrupt)",
-                seg.key
-            ));
-            return Ok(SegmentRead::Skipped);
-        }
+        let skipped = |why: String| {
+            ui::warn(format!("ignoring index segment {}: {why}", seg.key));
+            Ok(SegmentRead::Skipped)
+        };
+        let data = match self.read_named(seg, id, MAX_SEGMENT_OBJECT).await? {
+            Named::Bytes(data) => data,
+            Named::Untrusted(why) => return skipped(why),
+            Named::Gone => return Ok(SegmentRead::Gone),
+        };
         match ChunkTable::decode_index(&seg.key, &data) {
             Ok(table) => Ok(SegmentRead::Table(table)),
+            // The error names the segment already.
             Err(e) => {
                 ui::warn(format!("ignoring index segment: {e}"));
                 Ok(SegmentRead::Skipped)
             }
         }
+    }
+
+    /// Reads `object`, whose name claims `id` for the blake3 of its bytes, as index
+    /// segments and summaries are named: untrusted when it is over `max` bytes or its
+    /// bytes do not hash to its name.
+    pub async fn read_named(
+        &self,
+        object: &ObjectInfo,
+        id: Id,
+        max: u64,
+    ) -> Result<Named, StoreError> {
+        if object.size > max {
+            let why = format!("{} bytes, more than the {max} allowed", object.size);
+            return Ok(Named::Untrusted(why));
+        }
+        let mut data = Vec::new();
+        match self
+            .transfer
+            .read_range(&object.key, None, 0..object.size, &mut data)
+            .await
+        {
+            Ok(()) => {}
+            Err(StoreError::NotFound(_)) => return Ok(Named::Gone),
+            Err(e) => return Err(e),
+        }
+        if Id::of(&data) != id {
+            return Ok(Named::Untrusted(
+                "its bytes do not match its name (corrupt)".into(),
+            ));
+        }
+        Ok(Named::Bytes(data))
     }
 
     /// Writes `table` as index segments of at most `max_chunks` chunks each (so no
