@@ -11,13 +11,14 @@
 //! its id is taken without reading. Everywhere else bytes are read and cut as a full
 //! read cuts them. The chunks are therefore exactly those of a full read.
 
+use std::cmp::Ordering;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::archive::ScannedFile;
+use crate::archive::Tree;
 use crate::chunk::format::EntryKind;
 use crate::chunk::store::{Known, Location, Piece, location};
 use crate::chunk::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Id};
@@ -73,31 +74,29 @@ struct Recorded {
     len: u64,
 }
 
-/// Starts cutting `files` (a scan, in stream order) on a thread of its own. Files whose
-/// stamp matches `state` are read only where a cut must be found near them; chunks are
-/// handed on in batches, with a [`Piece::Reused`] for each recorded chunk `known` holds.
-/// The report is complete once the batches end.
+/// Starts cutting the files of `tree` on a thread of its own. Files whose stamp
+/// matches `state` are read only where a cut must be found near them; chunks are
+/// handed on in batches, with a [`Piece::Reused`] for each recorded chunk `known`
+/// holds. The report is complete, and the thread done with `tree`, once the batches
+/// end.
 pub fn cut_tree(
-    files: Vec<ScannedFile>,
+    tree: Arc<Tree>,
     state: Option<&TreeState>,
     known: Arc<Known>,
     progress: Arc<Progress>,
-) -> (
-    impl Iterator<Item = anyhow::Result<Vec<Piece>>> + Send + use<>,
-    Arc<Mutex<ReadReport>>,
-) {
+) -> (Batches, Arc<Mutex<ReadReport>>) {
     let mut report = ReadReport {
-        trusted: vec![true; files.len()],
+        trusted: vec![true; tree.files.len()],
         ..ReadReport::default()
     };
     let (spans, recorded, vouched) = match state {
-        Some(state) => plan(&files, state, &mut report),
-        None => (Vec::new(), None, vec![false; files.len()]),
+        Some(state) => plan(&tree, state, &mut report),
+        None => (Vec::new(), None, vec![false; tree.files.len()]),
     };
     let report = Arc::new(Mutex::new(report));
     let (tx, rx) = std::sync::mpsc::sync_channel(2);
     let mut cutter = Cutter {
-        window: Window::new(StreamFiles::new(files, vouched)),
+        window: Window::new(StreamFiles::new(tree, vouched)),
         spans,
         span: 0,
         recorded,
@@ -105,7 +104,7 @@ pub fn cut_tree(
         progress,
     };
     let shared = report.clone();
-    std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         let result = cutter.run(&tx);
         let mut report = shared.lock().expect("report lock");
         report.bytes_read = cutter.window.files.bytes_read;
@@ -117,32 +116,72 @@ pub fn cut_tree(
             let _ = tx.send(Err(e));
         }
     });
-    (rx.into_iter(), report)
+    let batches = Batches {
+        rx,
+        thread: Some(thread),
+    };
+    (batches, report)
+}
+
+/// The batches of pieces a cut hands on; once they end, the cutting thread has ended.
+pub struct Batches {
+    rx: std::sync::mpsc::Receiver<anyhow::Result<Vec<Piece>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Iterator for Batches {
+    type Item = anyhow::Result<Vec<Piece>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let next = self.rx.recv().ok();
+        if next.is_none()
+            && let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            return Some(Err(anyhow::anyhow!("the tree cutter panicked")));
+        }
+        next
+    }
 }
 
 /// The spans of the new stream that `state` vouches for, and the recorded chunks.
 fn plan(
-    files: &[ScannedFile],
+    tree: &Tree,
     state: &TreeState,
     report: &mut ReadReport,
 ) -> (Vec<Span>, Option<Recorded>, Vec<bool>) {
+    let files = &tree.files;
     let mut vouched = Vec::with_capacity(files.len());
-    let mut recorded_files = std::collections::HashMap::new();
-    let mut offset = 0u64;
+    // Both lists are in tree order (the scan walks it; a manifest that is not is
+    // refused when decoded), so one pass pairs them, with no map of a million paths.
     let mut stamps = state.stamps.iter();
-    for e in &state.manifest.entries {
-        if let EntryKind::File { size } = e.kind {
-            if let Some(Some(stamp)) = stamps.next() {
-                recorded_files.insert(&e.path[..], (offset, *stamp));
+    let mut offset = 0u64;
+    let mut recorded_files = state
+        .manifest
+        .entries
+        .iter()
+        .filter_map(|e| match e.kind {
+            EntryKind::File { size } => {
+                let start = offset;
+                offset += size;
+                Some((&e.path[..], start, stamps.next().copied().flatten()))
             }
-            offset += size;
-        }
-    }
+            _ => None,
+        })
+        .peekable();
     let mut spans: Vec<Span> = Vec::new();
     let mut new_start = 0u64;
     let (mut new, mut changed) = (0usize, 0usize);
-    for f in files {
-        let recorded = recorded_files.get(&f.rel[..]);
+    for (i, f) in files.iter().enumerate() {
+        let rel = tree.rel(i);
+        while recorded_files
+            .next_if(|(path, _, _)| tree_order(path, rel) == Ordering::Less)
+            .is_some()
+        {}
+        let recorded = recorded_files
+            .next_if(|(path, _, _)| *path == rel)
+            .and_then(|(_, start, stamp)| Some((start, stamp?)));
+        let recorded = recorded.as_ref();
         match recorded {
             None => new += 1,
             Some((_, stamp)) if *stamp != f.stamp => changed += 1,
@@ -312,6 +351,12 @@ impl Cutter {
     }
 }
 
+/// How two relative paths compare in tree order: depth-first, names in byte order (a
+/// directory's contents come before the next name beside it, so `a/b` < `a.b`).
+fn tree_order(a: &[u8], b: &[u8]) -> Ordering {
+    a.split(|&c| c == b'/').cmp(b.split(|&c| c == b'/'))
+}
+
 /// The bytes of the stream from some position on, read as cuts need them.
 struct Window {
     files: StreamFiles,
@@ -360,7 +405,7 @@ impl Window {
 /// file turns out shorter or longer than scanned, or modified, so an upload never
 /// records a tree that did not exist.
 struct StreamFiles {
-    files: Vec<ScannedFile>,
+    tree: Arc<Tree>,
     starts: Vec<u64>,
     len: u64,
     open: Option<(usize, File)>,
@@ -371,19 +416,19 @@ struct StreamFiles {
     /// Per file: the tree state vouched for it, so it may have been read only in part.
     vouched: Vec<bool>,
     /// A vouched-for file found changed: the state cannot be trusted.
-    stale: Option<std::path::PathBuf>,
+    stale: Option<PathBuf>,
 }
 
 impl StreamFiles {
-    fn new(files: Vec<ScannedFile>, vouched: Vec<bool>) -> StreamFiles {
-        let mut starts = Vec::with_capacity(files.len());
+    fn new(tree: Arc<Tree>, vouched: Vec<bool>) -> StreamFiles {
+        let mut starts = Vec::with_capacity(tree.files.len());
         let mut len = 0u64;
-        for f in &files {
+        for f in &tree.files {
             starts.push(len);
             len += f.size;
         }
         StreamFiles {
-            files,
+            tree,
             starts,
             len,
             open: None,
@@ -400,8 +445,12 @@ impl StreamFiles {
         self.starts.partition_point(|&s| s <= at) - 1
     }
 
-    fn path_at(&self, at: u64) -> &Path {
-        &self.files[self.file_at(at)].path
+    fn path_at(&self, at: u64) -> PathBuf {
+        self.path(self.file_at(at))
+    }
+
+    fn path(&self, i: usize) -> PathBuf {
+        self.tree.path(i)
     }
 
     fn read_exact_at(&mut self, mut at: u64, mut out: &mut [u8]) -> io::Result<()> {
@@ -409,19 +458,19 @@ impl StreamFiles {
             let i = self.file_at(at);
             self.open_file(i)?;
             let file = &self.open.as_ref().expect("opened above").1;
-            let scanned = &self.files[i];
+            let scanned = &self.tree.files[i];
             let within = at - self.starts[i];
             let n = out.len().min((scanned.size - within) as usize);
             let mut done = 0;
             while done < n {
                 let got = file.read_at(&mut out[done..n], within + done as u64)?;
                 if got == 0 {
-                    return Err(changed(&scanned.path, "shrank"));
+                    return Err(changed(&self.path(i), "shrank"));
                 }
                 done += got;
             }
             if within + n as u64 == scanned.size && file.read_at(&mut [0u8], scanned.size)? != 0 {
-                return Err(changed(&scanned.path, "grew"));
+                return Err(changed(&self.path(i), "grew"));
             }
             self.bytes_read += n as u64;
             at += n as u64;
@@ -434,8 +483,8 @@ impl StreamFiles {
     fn open_file(&mut self, i: usize) -> io::Result<()> {
         if self.open.as_ref().is_none_or(|(open, _)| *open != i) {
             self.close()?;
-            let path = &self.files[i].path;
-            let file = open_regular(path)
+            let path = self.path(i);
+            let file = open_regular(&path)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
             self.open = Some((i, file));
         }
@@ -448,15 +497,15 @@ impl StreamFiles {
             return Ok(());
         };
         let now = Stamp::of(&file.metadata()?);
-        let scanned = &self.files[i];
+        let scanned = &self.tree.files[i];
         if now != scanned.stamp && self.vouched[i] {
             // Part of it may come from the record: with a rewrite that kept the old
             // mtime, the stream would mix two versions.
-            self.stale = Some(scanned.path.clone());
-            return Err(changed(&scanned.path, "changed"));
+            self.stale = Some(self.path(i));
+            return Err(changed(&self.path(i), "changed"));
         }
         if (now.size, now.mtime) != (scanned.stamp.size, scanned.stamp.mtime) {
-            return Err(changed(&scanned.path, "was modified"));
+            return Err(changed(&self.path(i), "was modified"));
         }
         if now != scanned.stamp {
             self.untrusted.push((i, false));
@@ -484,9 +533,9 @@ fn changed(path: &Path, how: &str) -> io::Error {
 
 /// The whole content stream of `files`, read as an upload reads it (for tests).
 #[cfg(test)]
-pub fn content(files: Vec<ScannedFile>) -> io::Result<Vec<u8>> {
-    let vouched = vec![false; files.len()];
-    let mut stream = StreamFiles::new(files, vouched);
+pub fn content(tree: Tree) -> io::Result<Vec<u8>> {
+    let vouched = vec![false; tree.files.len()];
+    let mut stream = StreamFiles::new(Arc::new(tree), vouched);
     let mut out = vec![0u8; stream.len as usize];
     stream.read_exact_at(0, &mut out)?;
     stream.close()?;
@@ -527,7 +576,7 @@ mod tests {
             stored.map(|c| (c.id, fake_location(c.len))),
             [(Id::of(b"pack"), pack)].into(),
         );
-        let (batches, report) = cut_tree(tree.files, state, Arc::new(known), progress);
+        let (batches, report) = cut_tree(Arc::new(tree), state, Arc::new(known), progress);
         let mut chunks = Vec::new();
         for batch in batches {
             for piece in batch.unwrap() {
@@ -575,7 +624,7 @@ mod tests {
             .unwrap();
         }
         let (chunks, report) = cut(dir.path(), None);
-        let stream = content(scan(dir.path()).unwrap().files).unwrap();
+        let stream = content(scan(dir.path()).unwrap()).unwrap();
         assert_eq!(report.bytes_read, stream.len() as u64);
         let want: Vec<(Id, u32)> = fastcdc::v2020::StreamCDC::new(
             &stream[..],
@@ -635,13 +684,40 @@ mod tests {
         );
         let mut all = Vec::new();
         let tree = scan(root).unwrap();
-        for f in &tree.files {
-            fs::File::open(&f.path)
+        for i in 0..tree.files.len() {
+            fs::File::open(tree.path(i))
                 .unwrap()
                 .read_to_end(&mut all)
                 .unwrap();
         }
-        assert_eq!(all, content(tree.files).unwrap());
+        assert_eq!(all, content(tree).unwrap());
+    }
+
+    #[test]
+    fn recorded_files_pair_with_scanned_ones_in_tree_order() {
+        // `/` sorts after `-` and `.` as a byte but a directory's contents come right
+        // after it: a pairing by plain byte order would lose files here.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for (i, path) in ["a/b", "a/b.c/d", "a-z/x", "a.b", "a.c/d", "ab", "a/b-c"]
+            .iter()
+            .enumerate()
+        {
+            let path = root.join(path);
+            if !path.parent().unwrap().exists() {
+                fs::create_dir_all(path.parent().unwrap()).unwrap();
+            }
+            if !path.exists() {
+                fs::write(&path, noise(i as u64, 70_000)).unwrap();
+            }
+        }
+        let (before, _) = cut(root, None);
+        let state = state_of(root, &before);
+        let (again, report) = cut(root, Some(&state));
+        assert_eq!(again, before);
+        assert_eq!((report.unchanged_files, report.bytes_read), (7, 0));
+        assert_eq!(tree_order(b"a/b", b"a.b"), Ordering::Less);
+        assert_eq!(tree_order(b"a-z/x", b"a/b"), Ordering::Greater);
     }
 
     #[test]
@@ -650,21 +726,21 @@ mod tests {
         fs::write(dir.path().join("a"), "first").unwrap();
         fs::write(dir.path().join("b"), "second").unwrap();
         let tree = scan(dir.path()).unwrap();
-        assert_eq!(content(tree.files.clone()).unwrap(), b"firstsecond");
+        assert_eq!(content(tree.clone()).unwrap(), b"firstsecond");
 
         fs::write(dir.path().join("b"), "second and more").unwrap();
-        let err = content(tree.files.clone()).unwrap_err().to_string();
+        let err = content(tree.clone()).unwrap_err().to_string();
         assert!(err.contains("grew"), "{err}");
 
         fs::write(dir.path().join("b"), "sec").unwrap();
-        let err = content(tree.files.clone()).unwrap_err().to_string();
+        let err = content(tree.clone()).unwrap_err().to_string();
         assert!(err.contains("shrank"), "{err}");
 
         // Same size, new content: caught by the modification time.
         fs::write(dir.path().join("a"), "FIRST").unwrap();
         let old = filetime::FileTime::from_unix_time(1_000_000_000, 0);
         filetime::set_file_mtime(dir.path().join("a"), old).unwrap();
-        let err = content(tree.files).unwrap_err().to_string();
+        let err = content(tree).unwrap_err().to_string();
         assert!(err.contains("modified"), "{err}");
     }
 }

@@ -11,13 +11,13 @@ use anyhow::{Context, bail};
 use rayon::prelude::*;
 
 use super::{Outcome, heal};
-use crate::archive::{self, ScannedFile};
+use crate::archive::{self, Tree};
 use crate::chunk::Id;
 use crate::chunk::format::{EntryKind, Manifest, ManifestKind};
 use crate::chunk::gc::mark_used;
 use crate::chunk::store::{
-    ChunkStore, Known, Location, Piece, Stats, Stored, download_stats_line, is_broken, now_secs,
-    table_of, upload_stats_line,
+    ChunkStore, Known, Location, Piece, Sent, Stats, Stored, download_stats_line, is_broken,
+    now_secs, table_of, upload_stats_line,
 };
 use crate::cli::{DirCommand, DirDownloadArgs, DirUploadArgs};
 use crate::config::Config;
@@ -120,50 +120,41 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         .as_ref()
         .map_or(&[][..], |s| &s.manifest.table.packs[..]);
     let known = Arc::new(chunks.known(likely).await?);
-    let tree = scanning.await??;
-    let files = tree.files.len();
+    let tree = Arc::new(scanning.await??);
+    let total = tree.files.iter().map(|f| f.size).sum();
+    let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), total));
+    let send = |state| send_tree(&chunks, &tree, state, &known, &progress);
+    let mut sent = send(state.as_ref()).await;
+    if let Err(e) = &sent
+        && let Some(stale) = e.downcast_ref::<StaleState>()
+    {
+        ui::verbose(stale.to_string());
+        progress.reset();
+        sent = send(None).await;
+    }
+    drop(state);
+    let failed =
+        |e: anyhow::Error| e.context(format!("upload of {} to {key} failed", args.dir.display()));
+    let (sent, read) = sent.inspect_err(|_| progress.clear()).map_err(failed)?;
+    // The cutter is done with the tree (its batches ended), so this moves it.
+    let Tree { entries, files, .. } = Arc::unwrap_or_clone(tree);
     let manifest = Manifest {
         kind: ManifestKind::Dir,
         created: now_secs(),
         label: archive::source_label(&args.dir),
         stream_len: 0,
         table: Default::default(),
-        entries: tree.entries,
+        entries,
     };
-    let total = tree.files.iter().map(|f| f.size).sum();
-    let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), total));
-    let mut uploaded = upload_tree(
-        &chunks,
-        &tree.files,
-        state.as_ref(),
-        &known,
-        manifest.clone(),
-        &key,
-        &progress,
-    )
-    .await;
-    if let Err(e) = &uploaded
-        && let Some(stale) = e.downcast_ref::<StaleState>()
-    {
-        ui::verbose(stale.to_string());
-        progress.reset();
-        uploaded = upload_tree(
-            &chunks,
-            &tree.files,
-            None,
-            &known,
-            manifest,
-            &key,
-            &progress,
-        )
-        .await;
-    }
+    let published = chunks.publish(manifest, sent, &key).await;
     progress.clear();
-    let (stats, manifest, read) =
-        uploaded.with_context(|| format!("upload of {} to {key} failed", args.dir.display()))?;
-    let stamps = tree
-        .files
-        .iter()
+    let (mut stats, manifest) = published.map_err(failed)?;
+    stats.unchanged_files = read.unchanged_files;
+    stats.unchanged_bytes = read.unchanged_bytes;
+    stats.disk_bytes = read.bytes_read;
+    let file_count = files.len();
+    let stamps = files
+        .into_iter()
         .zip(&read.trusted)
         .map(|(f, trusted)| trusted.then_some(f.stamp))
         .collect();
@@ -176,7 +167,7 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     .await?;
     ui::status(upload_stats_line(
         &key,
-        Some(files),
+        Some(file_count),
         &stats,
         started.elapsed(),
     ));
@@ -196,26 +187,19 @@ fn on_thread<T: Send + 'static>(
     rx
 }
 
-/// Cuts and uploads the files of a scanned tree, reading only what `state` cannot
-/// vouch for; the stats (with what was read), the manifest written, and the report.
-async fn upload_tree(
+/// Cuts the files of a scanned tree and sends the chunks the bucket lacks, reading
+/// only what `state` cannot vouch for; what was sent, and what was read.
+async fn send_tree(
     chunks: &ChunkStore,
-    files: &[ScannedFile],
+    tree: &Arc<Tree>,
     state: Option<&TreeState>,
     known: &Arc<Known>,
-    manifest: Manifest,
-    key: &str,
     progress: &Arc<ui::Progress>,
-) -> anyhow::Result<(Stats, Manifest, ReadReport)> {
-    let (pieces, report) = cut_tree(files.to_vec(), state, known.clone(), progress.clone());
-    let (mut stats, manifest) = chunks
-        .upload_pieces(pieces, known.clone(), manifest, key)
-        .await?;
+) -> anyhow::Result<(Sent, ReadReport)> {
+    let (pieces, report) = cut_tree(tree.clone(), state, known.clone(), progress.clone());
+    let sent = chunks.send_pieces(pieces, known.clone()).await?;
     let report = report.lock().expect("report lock").clone();
-    stats.unchanged_files = report.unchanged_files;
-    stats.unchanged_bytes = report.unchanged_bytes;
-    stats.disk_bytes = report.bytes_read;
-    Ok((stats, manifest, report))
+    Ok((sent, report))
 }
 
 /// The `--json` record of a chunked transfer (docs/json.md).
@@ -404,7 +388,8 @@ fn seed_state(dir: &Path, stream_len: u64) -> Option<TreeState> {
         format!("reading {}", dir.display()),
         held,
     ));
-    let (pieces, report) = cut_tree(tree.files.clone(), None, Arc::default(), progress.clone());
+    let tree = Arc::new(tree);
+    let (pieces, report) = cut_tree(tree.clone(), None, Arc::default(), progress.clone());
     let mut chunks = Vec::new();
     for batch in pieces {
         let batch = batch.ok()?;
@@ -421,21 +406,21 @@ fn seed_state(dir: &Path, stream_len: u64) -> Option<TreeState> {
         stored_len: 0,
         len,
     };
+    let trusted = report.lock().ok()?.trusted.clone();
+    let Tree { entries, files, .. } = Arc::unwrap_or_clone(tree);
+    let stamps = files
+        .iter()
+        .zip(trusted)
+        .map(|(f, ok)| ok.then_some(f.stamp))
+        .collect();
     let manifest = Manifest {
         kind: ManifestKind::Dir,
         created: 0,
         label: String::new(),
         stream_len: held,
         table: table_of(chunks.into_iter().map(|(id, len)| (id, nowhere(len)))),
-        entries: tree.entries,
+        entries,
     };
-    let trusted = report.lock().ok()?.trusted.clone();
-    let stamps = tree
-        .files
-        .iter()
-        .zip(trusted)
-        .map(|(f, ok)| ok.then_some(f.stamp))
-        .collect();
     ui::verbose(format!(
         "{} had no tree state: read {} to restore over what it holds",
         dir.display(),
