@@ -10,6 +10,11 @@
 //! Run with `cargo bench --bench scale` (10^5 and 10^6 chunks, a 256 MiB cold tree);
 //! `-- --chunks 100000,1000000,10000000 --cold-mib 1024` for the full table
 //! (building 10^7 chunks takes several minutes and about 1 GB in Garage).
+//!
+//! `-- --files 1000000` measures a tree of that many small files instead (100 files of
+//! 20 to 70 bytes per directory, as a node_modules holds): its cold upload, a warm
+//! upload after five files changed, a restore into an empty directory and one in place
+//! over the changed tree, each with its peak RSS.
 
 mod common;
 
@@ -56,6 +61,9 @@ fn main() {
     let g = garage();
     let work = tempfile::tempdir_in(&scratch).expect("work dir");
     let home = work.path();
+    if let Some(files) = arg("--files") {
+        return many_files(g, home, files.parse().expect("--files N"));
+    }
 
     println!("small tree: 50 files of 8 KiB; cold tree: {cold_mib} MiB in 4 MiB files");
     println!(
@@ -344,5 +352,55 @@ impl Row {
             self.cold.max_rss_mib,
             gc,
         );
+    }
+}
+
+/// The `--files` table: one tree of `files` small files, uploaded and restored.
+fn many_files(g: &Server, home: &Path, files: usize) {
+    let tree = home.join("tree");
+    let per_dir = 100;
+    for d in 0..files.div_ceil(per_dir) {
+        let dir = tree
+            .join(format!("pkg{:04}/lib", d / 100))
+            .join(format!("m{d:06}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..per_dir.min(files - d * per_dir) {
+            let body = format!(
+                "module.exports = {{ d: {d}, f: {f} }};{}\n",
+                "/".repeat(f % 50)
+            );
+            std::fs::write(dir.join(format!("index{f:03}.js")), body).unwrap();
+        }
+    }
+    let tree_arg = tree.to_str().unwrap().to_string();
+    let run = |args: &[&str]| {
+        measure_against(
+            cacher(g, home, args)
+                .env("CACHER_PREFIX", "files")
+                .stderr(std::process::Stdio::null()),
+            g,
+        )
+    };
+    let out = home.join("out");
+    let out_arg = out.to_str().unwrap().to_string();
+    let cold = run(&["dir", "upload", "cold", &tree_arg]);
+    let restore = run(&["dir", "download", "cold", &out_arg]);
+    for d in 0..5 {
+        let file = out.join(format!("pkg0000/lib/m{d:06}/index001.js"));
+        let mut body = std::fs::read(&file).unwrap();
+        body.extend_from_slice(b"// changed\n");
+        std::fs::write(&file, body).unwrap();
+    }
+    let warm = run(&["dir", "upload", "bumped", &out_arg]);
+    let in_place = run(&["dir", "download", "cold", &out_arg]);
+    println!("{files} files of 20 to 70 bytes, {per_dir} per directory");
+    println!("{:>32} {:>8} {:>9}", "", "s", "RSS MiB");
+    for (name, m) in [
+        ("upload, no tree state", cold),
+        ("restore into an empty dir", restore),
+        ("upload after 5 files changed", warm),
+        ("restore over the changed tree", in_place),
+    ] {
+        println!("{name:>32} {:>8.2} {:>9.0}", m.secs, m.max_rss_mib);
     }
 }

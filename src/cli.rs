@@ -8,6 +8,19 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+/// A mistake in what was asked (a key that cannot be rendered, a malformed value):
+/// always an error, even with `--on-error warn`, which softens errors of the cache only.
+#[derive(Debug)]
+pub struct InputError(pub String);
+
+impl std::fmt::Display for InputError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InputError {}
+
 /// S3-backed CI cache: download, upload, list and invalidate cached build artifacts.
 #[derive(Debug, Parser)]
 #[command(name = "cacher", version = crate::version::VERSION_LINE)]
@@ -64,6 +77,10 @@ pub struct GlobalArgs {
     /// Seconds without progress before a request is retried or fails [env: CACHER_TIMEOUT] [default: 60]
     #[arg(long, global = true, value_name = "SECONDS")]
     pub timeout: Option<u64>,
+    /// What an error of the cache does to a download or upload: `strict` exits 2, `warn`
+    /// warns and goes on as a miss or a skipped upload [env: CACHER_ON_ERROR] [default: strict]
+    #[arg(long, global = true, value_name = "MODE")]
+    pub on_error: Option<crate::config::OnError>,
     /// Print results as JSON, one object per line on stdout (see docs/json.md)
     #[arg(long, global = true)]
     pub json: bool,
@@ -293,6 +310,10 @@ pub struct ListArgs {
     /// Ignore the configured prefix and list from the bucket root
     #[arg(long)]
     pub root: bool,
+    /// Also list cacher's own objects under `.cacher/` (packs, index, markers), which
+    /// are hidden unless PREFIX is inside them
+    #[arg(long, short)]
+    pub all: bool,
 }
 
 /// Arguments of `key`.

@@ -88,6 +88,33 @@ pub struct ConfigFile {
     pub multipart_threshold: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub part_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_error: Option<OnError>,
+}
+
+/// What an error of the cache itself (no credentials, server down, a broken entry)
+/// does to a download or an upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Exit 2, as the seed does: the job sees the failure.
+    Strict,
+    /// One warning; a download goes on as a miss, an upload as skipped (actions/cache
+    /// and GitLab never fail a job because of the cache).
+    Warn,
+}
+
+impl fmt::Display for OnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OnError::Strict => "strict",
+            OnError::Warn => "warn",
+        })
+    }
+}
+
+fn parse_on_error(s: &str) -> Result<OnError, String> {
+    <OnError as clap::ValueEnum>::from_str(s, true).map_err(|_| "expected strict or warn".into())
 }
 
 /// The configuration every command runs with.
@@ -127,6 +154,8 @@ pub struct Config {
     pub multipart_threshold: Setting<u64>,
     /// Multipart part size and ranged-GET size.
     pub part_size: Setting<u64>,
+    /// Whether errors of the cache fail downloads and uploads or only warn.
+    pub on_error: Setting<OnError>,
 }
 
 /// A secret string that never prints itself.
@@ -272,6 +301,13 @@ impl Config {
         if jobs.value == 0 {
             bail!("jobs must be at least 1");
         }
+        let on_error = pick_parsed(
+            args.on_error,
+            "CACHER_ON_ERROR",
+            file.on_error,
+            parse_on_error,
+            || OnError::Strict,
+        )?;
 
         let to_path = |s: Setting<Option<String>>| Setting {
             value: s.value.as_deref().map(expand_tilde),
@@ -294,6 +330,7 @@ impl Config {
             timeout,
             multipart_threshold,
             part_size,
+            on_error,
         })
     }
 
@@ -324,6 +361,7 @@ impl Config {
             timeout: kept(&self.timeout),
             multipart_threshold: kept(&self.multipart_threshold),
             part_size: kept(&self.part_size),
+            on_error: kept(&self.on_error),
         }
     }
 
@@ -454,6 +492,7 @@ impl ConfigFile {
             timeout: Some(0),
             multipart_threshold: Some(0),
             part_size: Some(0),
+            on_error: Some(OnError::Strict),
         }
     }
 }

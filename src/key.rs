@@ -13,6 +13,8 @@ use anyhow::{Context, bail};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
+use crate::cli::InputError;
+
 /// Longest digest: a full sha256 in hex.
 pub const MAX_HASH_LENGTH: usize = 64;
 /// Longest full key S3 accepts.
@@ -142,15 +144,19 @@ pub fn full_key(
     config: &crate::config::Config,
     spec: &crate::cli::KeySpec,
 ) -> anyhow::Result<String> {
+    let input_error = |e: anyhow::Error| anyhow::Error::new(InputError(format!("{e:#}")));
     let key = render_template(
         &spec.key,
         &spec.hash_from,
         spec.hash_length,
         config.arch_suffix.value,
-    )?;
+    )
+    .map_err(input_error)?;
     let full = join_prefix(&config.prefix.value, &key);
     if full.len() > MAX_KEY_BYTES {
-        bail!("key `{full}` is longer than {MAX_KEY_BYTES} bytes with the prefix");
+        return Err(input_error(anyhow::anyhow!(
+            "key `{full}` is longer than {MAX_KEY_BYTES} bytes with the prefix"
+        )));
     }
     Ok(full)
 }

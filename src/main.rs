@@ -107,25 +107,10 @@ fn exit_for(result: anyhow::Result<Outcome>) -> Exit {
         Ok(Outcome::DownloadMiss) => Exit::DownloadMiss,
         Err(e) if is_broken_pipe(&e) => Exit::Success,
         Err(e) => {
-            eprintln!("cacher: {}", one_line(&e));
+            eprintln!("cacher: {}", ui::one_line(&e));
             Exit::Error
         }
     }
-}
-
-/// The error and its causes on one line, without repeating a cause its parent quotes.
-fn one_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string().replace('\n', " ");
-        if !line.contains(&text) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
-            line.push_str(&text);
-        }
-    }
-    line
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

@@ -213,3 +213,18 @@ impl<T> Counted<T> {
         self.inner
     }
 }
+
+/// The error and its causes on one line, without repeating a cause its parent quotes.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}

@@ -62,12 +62,24 @@ fn round_trip_restores_content_modes_mtimes_symlinks_and_empty_dirs() {
     // The manifest sits under the key; the chunks in packs beside it.
     let manifest = stored(&format!("{}/gomod/a", env.prefix)).unwrap();
     assert!(manifest.starts_with(b"CACHERMF"));
-    let listed = env.run(["list", "--recursive"]);
+    let listed = env.run(["list", "--recursive", "--all"]);
     assert!(
         listed.ok().stdout.contains(".cacher/packs/"),
         "{}",
         listed.stdout
     );
+    // Without --all, only the user's keys.
+    let root = format!("{}/", env.prefix);
+    for args in [
+        &["list", "--recursive"][..],
+        &["list"],
+        &["list", "--root", "--recursive", &root],
+    ] {
+        let listed = env.run(args);
+        let stdout = &listed.ok().stdout;
+        assert!(!stdout.contains(".cacher"), "{args:?}: {stdout}");
+        assert!(stdout.contains("gomod/"), "{args:?}: {stdout}");
+    }
 
     // A second upload of the same tree under another key sends no chunk.
     let again = env.run(["dir", "upload", "gomod/b", src.to_str().unwrap()]);

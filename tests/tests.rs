@@ -19,5 +19,6 @@ mod release;
 mod restore;
 mod shipping;
 mod soak;
+mod soft;
 mod tls;
 mod warm;

@@ -22,7 +22,7 @@ fn print_settings(config: &Config) {
     for warning in &config.warnings {
         println!("  warning: {warning}");
     }
-    let rows: [(&str, String, &crate::config::Source); 10] = [
+    let rows: [(&str, String, &crate::config::Source); 11] = [
         (
             "endpoint",
             config.endpoint.value.clone(),
@@ -57,6 +57,11 @@ fn print_settings(config: &Config) {
             &config.docker_bin.source,
         ),
         ("jobs", config.jobs.value.to_string(), &config.jobs.source),
+        (
+            "on_error",
+            config.on_error.value.to_string(),
+            &config.on_error.source,
+        ),
     ];
     for (name, value, source) in rows {
         println!("{:<14} {value:<40} ({source})", format!("{name}:"));

@@ -6,8 +6,8 @@ use anyhow::bail;
 use super::Outcome;
 use crate::chunk::gc;
 use crate::chunk::layout::Layout;
-use crate::cli::DownloadArgs;
-use crate::config::Config;
+use crate::cli::{DownloadArgs, InputError};
+use crate::config::{Config, OnError};
 use crate::key::full_key;
 use crate::store::is_changed;
 use crate::temp::persist;
@@ -17,38 +17,16 @@ use crate::ui;
 pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
     let expected = args.sha256.as_deref().map(parse_sha256).transpose()?;
-    let transfer = Transfer::new(crate::store::open(config).await?, config);
-
-    let mut attempts = 0;
-    while let Some(info) = transfer.store().head(&key).await? {
-        match transfer
-            .download_file(&info, &args.dest, expected.as_deref())
-            .await
-        {
-            Ok(done) => {
-                report(&key, "hit", Some(&done));
-                gc::mark_used(&transfer, &Layout::new(&config.prefix.value), &info).await;
-                return Ok(Outcome::Success);
-            }
-            // Overwritten by another job while we read it: take the new version.
-            Err(e) if is_changed(&e) && attempts < 3 => {
-                attempts += 1;
-                continue;
-            }
-            // A cached object that no longer matches the pinned hash is stale: refetch.
-            Err(e)
-                if args.url.is_some()
-                    && matches!(
-                        e.downcast_ref::<IntegrityError>(),
-                        Some(IntegrityError::NotExpected { .. })
-                    ) =>
-            {
-                ui::warn(format!("{e:#}; fetching from --url instead"));
-                break;
-            }
-            Err(e) => return Err(e),
+    let transfer = match from_cache(config, args, &key, expected.as_deref()).await {
+        Ok(Cached::Hit) => return Ok(Outcome::Success),
+        Ok(Cached::Miss(transfer)) => Some(transfer),
+        // The file can still come from the URL; only the cache is left out.
+        Err(e) if args.url.is_some() && config.on_error.value == OnError::Warn => {
+            super::warn_soft(&e, "miss");
+            None
         }
-    }
+        Err(e) => return Err(e),
+    };
     let Some(url) = &args.url else {
         ui::status(format!("{key} is not cached and no --url was given"));
         report(&key, "miss", None);
@@ -71,18 +49,19 @@ pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome
     }
     // Seeding the cache is a bonus: the file the job needs is already here.
     let mut seeded = false;
-    if let Err(e) = transfer
-        .upload_file(
-            &key,
-            fetched.file.path(),
-            Some(fetched.sha256.clone()),
-            false,
-        )
-        .await
-    {
-        ui::warn(format!("could not seed the cache: {e:#}"));
-    } else {
-        seeded = true;
+    if let Some(transfer) = transfer {
+        match transfer
+            .upload_file(
+                &key,
+                fetched.file.path(),
+                Some(fetched.sha256.clone()),
+                false,
+            )
+            .await
+        {
+            Ok(_) => seeded = true,
+            Err(e) => ui::warn(format!("could not seed the cache: {e:#}")),
+        }
     }
     persist(fetched.file, &args.dest)?;
     ui::status(format!(
@@ -100,6 +79,53 @@ pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome
     Ok(Outcome::Success)
 }
 
+/// What the cache had for a download.
+enum Cached {
+    /// The file was restored from it.
+    Hit,
+    /// It lacks the file (or holds a stale one): the transfer to seed it with.
+    Miss(Transfer),
+}
+
+/// Restores `key` to the destination if the cache holds it (a version matching
+/// `expected` when given and a `--url` can replace it).
+async fn from_cache(
+    config: &Config,
+    args: &DownloadArgs,
+    key: &str,
+    expected: Option<&str>,
+) -> anyhow::Result<Cached> {
+    let transfer = Transfer::new(crate::store::open(config).await?, config);
+    let mut attempts = 0;
+    while let Some(info) = transfer.store().head(key).await? {
+        match transfer.download_file(&info, &args.dest, expected).await {
+            Ok(done) => {
+                report(key, "hit", Some(&done));
+                gc::mark_used(&transfer, &Layout::new(&config.prefix.value), &info).await;
+                return Ok(Cached::Hit);
+            }
+            // Overwritten by another job while we read it: take the new version.
+            Err(e) if is_changed(&e) && attempts < 3 => {
+                attempts += 1;
+                continue;
+            }
+            // A cached object that no longer matches the pinned hash is stale: refetch.
+            Err(e)
+                if args.url.is_some()
+                    && matches!(
+                        e.downcast_ref::<IntegrityError>(),
+                        Some(IntegrityError::NotExpected { .. })
+                    ) =>
+            {
+                ui::warn(format!("{e:#}; fetching from --url instead"));
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Cached::Miss(transfer))
+}
+
 fn report(key: &str, result: &str, transfer: Option<&crate::transfer::Report>) {
     if ui::json_enabled() {
         ui::json(
@@ -110,7 +136,7 @@ fn report(key: &str, result: &str, transfer: Option<&crate::transfer::Report>) {
 
 fn parse_sha256(hex: &str) -> anyhow::Result<String> {
     if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        bail!("--sha256 must be 64 hex characters, got {:?}", hex);
+        return Err(InputError(format!("--sha256 must be 64 hex characters, got {hex:?}")).into());
     }
     Ok(hex.to_ascii_lowercase())
 }

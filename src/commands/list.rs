@@ -1,7 +1,9 @@
-//! `cacher list [PREFIX] [--recursive] [--root]`: keys in `aws s3 ls` format.
+//! `cacher list [PREFIX] [--recursive] [--root] [--all]`: keys in `aws s3 ls` format.
 //!
 //! One level at a time (`PRE dir/` lines, then objects) unless `--recursive`, which
 //! prints whole keys relative to the configured prefix (or the bucket with `--root`).
+//! cacher's own objects (`.cacher/`, a segment no user key may have) are left out
+//! unless `--all` is given or PREFIX is inside them.
 //! Times are local (`TZ` respected), as `aws s3 ls` prints them; `--json` gives UTC.
 
 use std::io::Write;
@@ -39,9 +41,12 @@ pub async fn run(config: &Config, args: &ListArgs) -> anyhow::Result<Outcome> {
     };
     // Page by page, as `aws s3 ls` prints: a listing of millions of keys starts at once
     // and holds one page at a time.
+    let hidden = |key: &str| !args.all && !is_internal(wanted) && is_internal(&key[base.len()..]);
     let mut token = None;
     loop {
-        let (page, next) = store.list_page(&full, delimiter, token).await?;
+        let (mut page, next) = store.list_page(&full, delimiter, token).await?;
+        page.prefixes.retain(|p| !hidden(p));
+        page.objects.retain(|o| !hidden(&o.key));
         print_page(&page, shown_from)?;
         match next {
             Some(next) => token = Some(next),
@@ -49,6 +54,11 @@ pub async fn run(config: &Config, args: &ListArgs) -> anyhow::Result<Outcome> {
         }
     }
     Ok(Outcome::Success)
+}
+
+/// Whether a key (or part of one) is in cacher's own area: it has a `.cacher` segment.
+fn is_internal(key: &str) -> bool {
+    key.split('/').any(|segment| segment == ".cacher")
 }
 
 /// Prints one page of a listing: its common prefixes, then its objects.

@@ -13,8 +13,8 @@ mod key;
 mod list;
 mod upload;
 
-use crate::cli::{Cli, Command};
-use crate::config::Config;
+use crate::cli::{Cli, Command, DirCommand, DockerCommand, InputError};
+use crate::config::{Config, OnError};
 
 /// How a command ended, when it did not fail; mapped to exit codes in `main`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,23 +50,76 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         _ => {}
     }
+    // A config that cannot be read is a mistake to fix, not an error of the cache.
     let config = Config::resolve(&cli.global)?;
-    match &cli.command {
+    let result = run_command(&config, &cli.command).await;
+    match result {
+        Err(e) if config.on_error.value == OnError::Warn => soften(&cli.command, e),
+        result => result,
+    }
+}
+
+/// With `--on-error warn`, how a command that failed because of the cache goes on:
+/// a download as a miss, an upload as skipped, after one warning. Mistakes in what
+/// was asked ([`InputError`]) and commands with no such reading stay errors.
+fn soften(command: &Command, e: anyhow::Error) -> anyhow::Result<Outcome> {
+    if e.chain().any(|c| c.is::<InputError>()) {
+        return Err(e);
+    }
+    let (outcome, result, name) = match command {
+        // With --url the command itself goes on to the URL (see `download`); what fails
+        // there is the URL's, not the cache's.
+        Command::Download(args) if args.url.is_none() => {
+            (Outcome::DownloadMiss, "miss", "download")
+        }
+        Command::Exists(_) => (Outcome::Miss, "miss", "exists"),
+        Command::Dir(DirCommand::Download(_)) => (Outcome::Miss, "miss", "dir download"),
+        Command::Dir(DirCommand::Exists(_)) => (Outcome::Miss, "miss", "dir exists"),
+        Command::Docker(DockerCommand::Download(_)) => (Outcome::Miss, "miss", "docker download"),
+        Command::Docker(DockerCommand::Exists(_)) => (Outcome::Miss, "miss", "docker exists"),
+        Command::Upload(_) => (Outcome::Success, "skipped", "upload"),
+        Command::Dir(DirCommand::Upload(_)) => (Outcome::Success, "skipped", "dir upload"),
+        Command::Docker(DockerCommand::Upload(_)) => (Outcome::Success, "skipped", "docker upload"),
+        _ => return Err(e),
+    };
+    warn_soft(&e, result);
+    if crate::ui::json_enabled() {
+        crate::ui::json(serde_json::json!({
+            "command": name, "result": result, "error": crate::ui::one_line(&e),
+        }));
+    }
+    Ok(outcome)
+}
+
+/// The one warning `--on-error warn` gives for `e`.
+pub(crate) fn warn_soft(e: &anyhow::Error, result: &str) {
+    let going_on = match result {
+        "skipped" => "not uploaded",
+        _ => "treated as a miss",
+    };
+    crate::ui::warn(format!(
+        "{}; {going_on} (--on-error warn)",
+        crate::ui::one_line(e)
+    ));
+}
+
+async fn run_command(config: &Config, command: &Command) -> anyhow::Result<Outcome> {
+    match command {
         Command::Version | Command::Completions { .. } | Command::Man => {
             unreachable!("handled above")
         }
-        Command::Init => init::run(&config).await,
-        Command::Doctor => doctor::run(&config).await,
-        Command::Download(args) => download::run(&config, args).await,
-        Command::Upload(args) => upload::run(&config, args).await,
-        Command::Exists(args) => exists::run(&config, &args.key).await,
-        Command::List(args) => list::run(&config, args).await,
-        Command::Delete(args) => delete::run(&config, &args.key).await,
-        Command::Key(args) => key::run(&config, args),
-        Command::Dir(cmd) => dir::run(&config, cmd).await,
-        Command::Docker(cmd) => docker::run(&config, cmd).await,
-        Command::Gc(args) => gc::run_gc(&config, args).await,
-        Command::Prune(args) => gc::run_prune(&config, args).await,
+        Command::Init => init::run(config).await,
+        Command::Doctor => doctor::run(config).await,
+        Command::Download(args) => download::run(config, args).await,
+        Command::Upload(args) => upload::run(config, args).await,
+        Command::Exists(args) => exists::run(config, &args.key).await,
+        Command::List(args) => list::run(config, args).await,
+        Command::Delete(args) => delete::run(config, &args.key).await,
+        Command::Key(args) => key::run(config, args),
+        Command::Dir(cmd) => dir::run(config, cmd).await,
+        Command::Docker(cmd) => docker::run(config, cmd).await,
+        Command::Gc(args) => gc::run_gc(config, args).await,
+        Command::Prune(args) => gc::run_prune(config, args).await,
     }
 }
 
