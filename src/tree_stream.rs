@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::archive::Tree;
-use crate::chunk::format::EntryKind;
+use crate::chunk::format::{EntryKind, tree_order};
 use crate::chunk::store::{Known, Location, Piece, location};
 use crate::chunk::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Id};
 use crate::state::{Stamp, TreeState};
@@ -349,12 +349,6 @@ impl Cutter {
             left_old == left_new && end <= span_end && (end == recorded.len || end < span_end);
         decided_alike.then_some((id, loc))
     }
-}
-
-/// How two relative paths compare in tree order: depth-first, names in byte order (a
-/// directory's contents come before the next name beside it, so `a/b` < `a.b`).
-fn tree_order(a: &[u8], b: &[u8]) -> Ordering {
-    a.split(|&c| c == b'/').cmp(b.split(|&c| c == b'/'))
 }
 
 /// The bytes of the stream from some position on, read as cuts need them.

@@ -14,6 +14,7 @@
 //!   leaves it. A failure before that leaves DIR as it was; one during it leaves every
 //!   path either old or new, never partial.
 
+use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -28,7 +29,7 @@ use rayon::prelude::*;
 use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
-use crate::chunk::format::{ChunkRef, ChunkTable, Entry, EntryKind, Manifest, show};
+use crate::chunk::format::{ChunkRef, ChunkTable, Entry, EntryKind, Manifest, show, tree_order};
 use crate::chunk::store::{location, table_of};
 use crate::restore::{
     MODE_MASK, check_space, complete_file, finalize, join_path, list_names, open_dir, permissions,
@@ -59,16 +60,20 @@ pub struct Plan {
     pub table: ChunkTable,
     /// Every chunk that covers a file to write, in stream order.
     needed: Vec<Needed>,
-    /// The recorded files (path in DIR, offset in the recorded stream, size), to read
-    /// local chunks from.
+    /// The recorded files that hold bytes of chunks read locally (path in DIR, offset
+    /// in the recorded stream, size), in stream order.
     local_files: Vec<(PathBuf, u64, u64)>,
     /// Files kept, and their bytes.
     pub kept_files: u64,
     pub kept_bytes: u64,
     /// Bytes of the files to write.
     pub write_bytes: u64,
-    /// The current stamp of each kept or touched file, by entry.
-    kept: HashMap<usize, Stamp>,
+    /// Each kept or touched file (entry of the new tree, in order) with the recorded
+    /// file it is, whose stamp in `recorded_stamps` it has now. Not a map of stamps:
+    /// on a 10^6-file tree that cost 136 MB.
+    kept: Vec<(u32, u32)>,
+    /// The stamps of the recorded files, in stream order.
+    recorded_stamps: Vec<Option<Stamp>>,
 }
 
 /// A chunk the update needs, where it goes in the new stream and where it comes from.
@@ -98,39 +103,60 @@ impl Plan {
             .enumerate()
             .filter(|(_, e)| matches!(e.kind, EntryKind::File { .. }))
             .map(|(i, _)| match self.actions[i] {
-                FileAction::Keep => written.get(&i).or(self.kept.get(&i)).copied(),
+                FileAction::Keep => written.get(&i).copied().or_else(|| self.kept_stamp(i)),
                 _ => written.get(&i).copied(),
             })
             .collect()
+    }
+
+    /// The stamp the plan found entry `i` with, if it is kept or touched.
+    fn kept_stamp(&self, i: usize) -> Option<Stamp> {
+        let k = self
+            .kept
+            .binary_search_by_key(&i, |&(entry, _)| entry as usize)
+            .ok()?;
+        self.recorded_stamps[self.kept[k].1 as usize]
     }
 }
 
 /// Decides which files of `new` that `dir` (holding the tree `state` records) already
 /// holds, by one `lstat` per recorded file, and where each chunk of the others comes
 /// from: a file still holding the recorded bytes, or the bucket.
-pub fn plan(dir: &Path, state: &TreeState, new: &Manifest) -> Plan {
-    let old = Stream::of(&state.manifest.table);
+pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
+    let TreeState {
+        manifest: recorded_manifest,
+        stamps: recorded_stamps,
+        ..
+    } = state;
+    let old = Stream::of(&recorded_manifest.table);
     let fresh = Stream::of(&new.table);
     // The recorded files, and which of them still hold the recorded bytes (with their
     // mode and mtime now).
-    let mut recorded = Vec::new();
+    let mut recorded = Vec::with_capacity(recorded_stamps.len());
     let mut at = 0u64;
-    let mut stamps = state.stamps.iter();
-    for e in &state.manifest.entries {
+    for e in &recorded_manifest.entries {
         if let EntryKind::File { size } = e.kind {
-            let stamp = stamps.next().copied().flatten();
             recorded.push(RecordedFile {
                 path: &e.path,
                 at,
                 size,
-                stamp,
             });
             at += size;
         }
     }
     // A path is looked up through its directories; the update opens them refusing
     // symlinks, so a file is only taken as intact when none of them is one.
-    let mut parents: Vec<&[u8]> = recorded.iter().flat_map(|f| ancestors(f.path)).collect();
+    // Files of one directory mostly come one after another: their ancestors are taken
+    // once per run, not once per file.
+    let mut parents: Vec<&[u8]> = Vec::new();
+    let mut last_parent = None;
+    for f in &recorded {
+        let parent = ancestors(f.path).last();
+        if parent != last_parent {
+            parents.extend(ancestors(f.path));
+            last_parent = parent;
+        }
+    }
     parents.sort_unstable();
     parents.dedup();
     let real_dirs: HashSet<&[u8]> = parents
@@ -144,13 +170,14 @@ pub fn plan(dir: &Path, state: &TreeState, new: &Manifest) -> Plan {
     let euid = unsafe { libc::geteuid() };
     let intact: Vec<Option<Intact>> = recorded
         .par_iter()
-        .map(|f| {
-            let stamp = f.stamp?;
+        .zip(&recorded_stamps)
+        .map(|(f, stamp)| {
+            let stamp = stamp.as_ref()?;
             if !ancestors(f.path).all(|p| real_dirs.contains(p)) {
                 return None;
             }
             let meta = std::fs::symlink_metadata(dir.join(OsStr::from_bytes(f.path))).ok()?;
-            (Stamp::of(&meta) == stamp && meta.file_type().is_file()).then(|| Intact {
+            (Stamp::of(&meta) == *stamp && meta.file_type().is_file()).then(|| Intact {
                 mode: meta.mode(),
                 mtime: (meta.mtime(), meta.mtime_nsec() as u32),
                 // Setting a mode and mtime needs the owner's handle (readable), and must
@@ -160,12 +187,6 @@ pub fn plan(dir: &Path, state: &TreeState, new: &Manifest) -> Plan {
                     && (meta.uid() == euid || euid == 0),
             })
         })
-        .collect();
-    let by_path: HashMap<&[u8], usize> = recorded
-        .iter()
-        .enumerate()
-        .filter(|(k, _)| intact[*k].is_some())
-        .map(|(k, f)| (f.path, k))
         .collect();
     let local = local_chunks(&old, &recorded, &intact);
 
@@ -178,18 +199,26 @@ pub fn plan(dir: &Path, state: &TreeState, new: &Manifest) -> Plan {
         kept_files: 0,
         kept_bytes: 0,
         write_bytes: 0,
-        kept: HashMap::new(),
+        kept: Vec::new(),
+        recorded_stamps: Vec::new(),
     };
     let mut needed_chunk = vec![false; new.table.chunks.len()];
     let mut at = 0u64;
+    // Both lists are in tree order (a manifest that is not is refused when decoded), so
+    // one pass pairs each new file with the recorded file of the same path.
+    let mut k = 0;
     for (i, e) in new.entries.iter().enumerate() {
         let EntryKind::File { size } = e.kind else {
             continue;
         };
         plan.offsets[i] = at;
-        let here = by_path
-            .get(&e.path[..])
-            .map(|&k| (&recorded[k], intact[k].expect("intact")));
+        while k < recorded.len() && tree_order(recorded[k].path, &e.path) == Ordering::Less {
+            k += 1;
+        }
+        let here = recorded
+            .get(k)
+            .filter(|f| f.path == &e.path[..])
+            .and_then(|f| Some((f, intact[k]?)));
         let action = match here {
             Some((f, now)) if f.size == size && old.same_bytes(f.at, &fresh, at, size) => {
                 // Setuid, setgid and sticky bits on disk differ from any restored mode.
@@ -201,8 +230,7 @@ pub fn plan(dir: &Path, state: &TreeState, new: &Manifest) -> Plan {
                     false => FileAction::Write,
                 };
                 if action != FileAction::Write {
-                    plan.kept
-                        .insert(i, f.stamp.expect("intact files have stamps"));
+                    plan.kept.push((to_u32(i), to_u32(k)));
                 }
                 action
             }
@@ -246,11 +274,38 @@ pub fn plan(dir: &Path, state: &TreeState, new: &Manifest) -> Plan {
             .into_iter()
             .map(|c| (c.id, location(new.table.packs[c.pack as usize], c))),
     );
-    plan.local_files = recorded
-        .iter()
+    // Only the files holding bytes of chunks read locally: all of them would take a
+    // path each (about 100 MB on a 10^6-file tree) for the few chunks usually read.
+    let mut sources = Vec::new();
+    for needed in &plan.needed {
+        let Source::Local(old_at) = needed.source else {
+            continue;
+        };
+        let mut k = recorded
+            .partition_point(|f| f.at <= old_at)
+            .saturating_sub(1);
+        while k < recorded.len() && recorded[k].at < old_at + needed.len {
+            if recorded[k].size > 0 && recorded[k].at + recorded[k].size > old_at {
+                sources.push(k);
+            }
+            k += 1;
+        }
+    }
+    sources.sort_unstable();
+    sources.dedup();
+    plan.local_files = sources
+        .into_iter()
+        .map(|k| &recorded[k])
         .map(|f| (dir.join(OsStr::from_bytes(f.path)), f.at, f.size))
         .collect();
+    drop(recorded);
+    plan.recorded_stamps = recorded_stamps;
     plan
+}
+
+/// An index into a tree's entries or files, which are far fewer than 2^32.
+fn to_u32(i: usize) -> u32 {
+    u32::try_from(i).expect("a tree has fewer than 2^32 entries")
 }
 
 /// The directories above a relative path, outermost first (`a`, `a/b` for `a/b/c`).
@@ -270,12 +325,12 @@ struct Intact {
     touchable: bool,
 }
 
-/// A file of the recorded tree and where its bytes were in the recorded stream.
+/// A file of the recorded tree and where its bytes were in the recorded stream (its
+/// stamp is the one of the same index in the record).
 struct RecordedFile<'a> {
     path: &'a [u8],
     at: u64,
     size: u64,
-    stamp: Option<Stamp>,
 }
 
 /// The recorded chunks whose bytes all lie in files that still hold them: where each
@@ -768,7 +823,7 @@ impl TreeUpdate {
             let e = &self.entries[i];
             let (parent, name) = split_path(&e.path);
             let parent = dirs.open(parent)?;
-            let planned = self.plan.kept.get(&i).copied();
+            let planned = self.plan.kept_stamp(i);
             let touched = rustix::fs::openat(
                 parent,
                 OsStr::from_bytes(name),

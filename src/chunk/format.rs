@@ -448,6 +448,13 @@ pub fn is_manifest(data: &[u8]) -> bool {
     data.starts_with(MANIFEST_MAGIC)
 }
 
+/// How two relative paths compare in tree order, the order of a manifest's entries
+/// and of a scan: depth-first, names in byte order (a directory's contents come right
+/// after it, so `a/b` < `a.b`).
+pub fn tree_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    a.split(|&c| c == b'/').cmp(b.split(|&c| c == b'/'))
+}
+
 /// Renders raw path bytes for messages, cut to a readable length.
 pub fn show(path: &[u8]) -> String {
     let text = String::from_utf8_lossy(path);

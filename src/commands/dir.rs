@@ -323,7 +323,7 @@ async fn restore_manifest(
     .await?;
     let restored = match state.filter(|s| s.manifest.kind == ManifestKind::Dir) {
         Some(state) => {
-            let updated = restore_in_place(chunks, key, manifest.clone(), state, dir, mirror).await;
+            let updated = restore_in_place(chunks, key, manifest, state, dir, mirror).await;
             match updated {
                 // Unless the entry itself is at fault (or the job was cancelled), the
                 // record or DIR may be: files someone else owns, a record gone stale.
@@ -332,6 +332,12 @@ async fn restore_manifest(
                 // folds) is reported once, by it.
                 Err(e) if !is_broken(&e) && !ui::cancelled() => {
                     TreeState::forget(dir);
+                    // Read again rather than kept: a copy held through the update
+                    // would cost as much memory as the manifest (90 MB for 10^6 files).
+                    let manifest = match chunks.fetch(key).await? {
+                        Some(Stored::Manifest(m)) if m.kind == ManifestKind::Dir => *m,
+                        _ => bail!("{key} changed while {} was updated", dir.display()),
+                    };
                     let whole = restore_whole(chunks, key, manifest, dir, mirror).await;
                     if whole.is_ok() {
                         ui::warn(format!(
@@ -495,7 +501,7 @@ async fn restore_in_place(
 ) -> anyhow::Result<(Stats, Option<TreeState>)> {
     let dest = dir.to_path_buf();
     let (plan, mut manifest) = tokio::task::spawn_blocking(move || {
-        let plan = update::plan(&dest, &state, &manifest);
+        let plan = update::plan(&dest, state, &manifest);
         (plan, manifest)
     })
     .await?;
