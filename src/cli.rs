@@ -263,7 +263,8 @@ pub struct KeyArg {
 pub struct KeySpec {
     /// Cache key, relative to the configured prefix; {hash} is replaced by the digest of --hash-from
     pub key: String,
-    /// File or directory whose content goes into the key's digest (repeatable)
+    /// File, directory or quoted pattern ('**/package-lock.json') whose content goes into
+    /// the key's digest (repeatable)
     #[arg(long, value_name = "PATH")]
     pub hash_from: Vec<PathBuf>,
     /// Number of hex characters of the digest to keep (1 to 64)
@@ -321,7 +322,8 @@ pub struct ListArgs {
 pub struct KeyTemplateArgs {
     /// Key template; {hash} is replaced by the digest of --hash-from
     pub template: String,
-    /// File or directory whose content goes into the digest (repeatable)
+    /// File, directory or quoted pattern ('**/package-lock.json') whose content goes into
+    /// the digest (repeatable)
     #[arg(long, value_name = "PATH")]
     pub hash_from: Vec<PathBuf>,
     /// Number of hex characters of the digest to keep (1 to 64)

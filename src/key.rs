@@ -174,6 +174,7 @@ pub fn join_prefix(prefix: &str, key: &str) -> String {
 
 /// Lowercase hex sha256 digest of the given paths (see the module doc for the rule).
 pub fn digest_paths(paths: &[PathBuf]) -> anyhow::Result<String> {
+    let paths = &expand_patterns(paths)?[..];
     if let [single] = paths {
         let meta = std::fs::metadata(single)
             .with_context(|| format!("--hash-from {}", single.display()))?;
@@ -191,6 +192,80 @@ pub fn digest_paths(paths: &[PathBuf]) -> anyhow::Result<String> {
         listing.update(sha256sum_line(digest, file.name.as_os_str().as_bytes()));
     }
     Ok(hex::encode(listing.finalize()))
+}
+
+/// Each argument as given, or for a pattern the regular files it matches, in byte
+/// order of their paths, as if each had been given by that path: the key then does
+/// not depend on the shell (an unquoted glob, `globstar`, an empty match).
+fn expand_patterns(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::with_capacity(paths.len());
+    for path in paths {
+        match is_pattern(path) {
+            true => out.extend(matching_files(path)?),
+            false => out.push(path.clone()),
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a `--hash-from` argument is a pattern: it has glob characters and names no
+/// existing path (a file really called `a[1]` is taken as it is).
+fn is_pattern(path: &Path) -> bool {
+    has_glob_chars(path.as_os_str().as_bytes()) && std::fs::symlink_metadata(path).is_err()
+}
+
+fn has_glob_chars(s: &[u8]) -> bool {
+    s.iter().any(|b| matches!(b, b'*' | b'?' | b'[' | b'{'))
+}
+
+/// The regular files `pattern` matches (symlinks are not followed), with their paths
+/// spelled from the pattern's start, sorted by bytes. `*`, `?`, `[...]` and `{a,b}`
+/// stay within one path segment; `**` as a segment spans any number of directories,
+/// none included. Matching nothing is an error.
+fn matching_files(pattern: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let what = || format!("--hash-from '{}'", pattern.display());
+    let text = pattern
+        .to_str()
+        .with_context(|| format!("{}: a pattern must be UTF-8", what()))?;
+    let glob = globset::GlobBuilder::new(text.trim_start_matches("./"))
+        .literal_separator(true)
+        .backslash_escape(true)
+        .build()
+        .with_context(what)?
+        .compile_matcher();
+    // The walk starts at the segments before the first with a glob character, and
+    // goes no deeper than the pattern unless it has `**`.
+    let segments: Vec<&str> = text.split('/').collect();
+    let literal = segments
+        .iter()
+        .take_while(|s| !has_glob_chars(s.as_bytes()))
+        .count();
+    let base = match segments[..literal].join("/") {
+        b if b.is_empty() && text.starts_with('/') => "/".to_string(),
+        b if b.is_empty() => ".".to_string(),
+        b => b,
+    };
+    let mut walk = walkdir::WalkDir::new(&base).min_depth(1);
+    if !segments[literal..].contains(&"**") {
+        walk = walk.max_depth(segments.len() - literal);
+    }
+    let mut files = Vec::new();
+    for entry in walk {
+        let entry = entry.with_context(what)?;
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let path = entry.into_path();
+        let name = path.strip_prefix(".").unwrap_or(&path).to_path_buf();
+        if glob.is_match(&name) {
+            files.push(name);
+        }
+    }
+    if files.is_empty() {
+        bail!("{} matched no file", what());
+    }
+    files.sort_by(|a, b| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()));
+    Ok(files)
 }
 
 /// A file whose content goes into a digest, and the name its line carries.

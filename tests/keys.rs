@@ -76,6 +76,64 @@ fn directories_and_several_paths_match_the_shell_recipe() {
 }
 
 #[test]
+fn quoted_patterns_expand_inside_cacher_as_the_shell_would() {
+    let env = TestEnv::bare();
+    env.write("package-lock.json", "root");
+    env.write("web/package-lock.json", "web");
+    env.write("web/app/package-lock.json", "app");
+    env.write("web/.hidden/package-lock.json", "hidden");
+    env.write("web/yarn.lock", "yarn");
+    env.write("other.json", "not a lock");
+    std::os::unix::fs::symlink("web/yarn.lock", env.path("linked.lock")).unwrap();
+    let key = |patterns: &[&str]| {
+        let mut args = vec!["key", "k/{hash}"];
+        for p in patterns {
+            args.extend(["--hash-from", p]);
+        }
+        env.run(&args).ok().stdout.trim().to_string()
+    };
+    // `**` spans any number of directories, none included; the matches go in sorted,
+    // named by their relative paths, exactly as sha256sum lists them.
+    let all = "sha256sum package-lock.json web/.hidden/package-lock.json web/app/package-lock.json web/package-lock.json | sha256sum | head -c 16";
+    let want = format!("k/{}", sh(all, env.dir.path()));
+    assert_eq!(key(&["**/package-lock.json"]), want);
+    assert_eq!(key(&["./**/package-lock.json"]), want);
+    // The same as naming the files one by one, in that order.
+    let named = [
+        "package-lock.json",
+        "web/.hidden/package-lock.json",
+        "web/app/package-lock.json",
+        "web/package-lock.json",
+    ];
+    assert_eq!(key(&named), want);
+    // One segment does not cross a `/`; braces pick alternatives; symlinks are not
+    // followed.
+    let one = format!("k/{}", sh("sha256sum web/yarn.lock | head -c 16", env.dir.path()));
+    assert_eq!(key(&["web/*.lock"]), one, "a single match hashes as that one file");
+    // `*.lock` neither reaches into web/ nor follows linked.lock: nothing matches.
+    env.run(["key", "k/{hash}", "--hash-from", "*.lock"]).code(2);
+    let braces = "sha256sum web/package-lock.json web/yarn.lock | sha256sum | head -c 16";
+    assert_eq!(
+        key(&["web/{package-lock.json,yarn.lock}"]),
+        format!("k/{}", sh(braces, env.dir.path()))
+    );
+}
+
+#[test]
+fn a_pattern_that_matches_nothing_is_an_error() {
+    let env = TestEnv::bare();
+    env.write("go.sum", "sum");
+    let run = env.run(["key", "k/{hash}", "--hash-from", "**/Cargo.lock"]);
+    run.code(2);
+    assert!(
+        run.stderr.contains("'**/Cargo.lock' matched no file"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+}
+
+#[test]
 fn names_sha256sum_escapes_are_hashed_the_same_way() {
     let env = TestEnv::bare();
     env.write("t/back\\slash", "1");
