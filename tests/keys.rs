@@ -108,10 +108,18 @@ fn quoted_patterns_expand_inside_cacher_as_the_shell_would() {
     assert_eq!(key(&named), want);
     // One segment does not cross a `/`; braces pick alternatives; symlinks are not
     // followed.
-    let one = format!("k/{}", sh("sha256sum web/yarn.lock | head -c 16", env.dir.path()));
-    assert_eq!(key(&["web/*.lock"]), one, "a single match hashes as that one file");
+    let one = format!(
+        "k/{}",
+        sh("sha256sum web/yarn.lock | head -c 16", env.dir.path())
+    );
+    assert_eq!(
+        key(&["web/*.lock"]),
+        one,
+        "a single match hashes as that one file"
+    );
     // `*.lock` neither reaches into web/ nor follows linked.lock: nothing matches.
-    env.run(["key", "k/{hash}", "--hash-from", "*.lock"]).code(2);
+    env.run(["key", "k/{hash}", "--hash-from", "*.lock"])
+        .code(2);
     let braces = "sha256sum web/package-lock.json web/yarn.lock | sha256sum | head -c 16";
     assert_eq!(
         key(&["web/{package-lock.json,yarn.lock}"]),

@@ -383,3 +383,78 @@ fn gitlab_ci_job_runs_as_written() {
     let second = world.shell(&script, &world.project, &vars);
     assert_cold_then_warm(&world, &first, &second);
 }
+
+/// The shell block of README.md that follows the line starting with `intro`.
+fn readme_block(intro: &str) -> String {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    let after = &readme[readme
+        .find(intro)
+        .unwrap_or_else(|| panic!("README.md has no {intro:?}"))..];
+    after
+        .split_once("```sh\n")
+        .and_then(|(_, rest)| rest.split_once("\n```"))
+        .unwrap_or_else(|| panic!("no sh block after {intro:?}"))
+        .0
+        .to_string()
+}
+
+#[test]
+fn the_readme_fallback_loop_misses_hits_and_fails_on_errors_as_it_says() {
+    let mut env = TestEnv::s3("readme-fallback");
+    let snippet = readme_block("Directory trees, keyed by a lockfile");
+    // `cargo fetch` stands in as a function that adds a crate per lockfile line.
+    let script = format!(
+        r#"set -e
+cargo() {{ echo "cargo fetch ran"; while read -r c; do mkdir -p ~/.cargo/registry/"$c"; echo "$c" > ~/.cargo/registry/"$c"/lib.rs; done < Cargo.lock; }}
+PATH="{bin}:$PATH"
+{snippet}
+echo "got=$got"
+"#,
+        bin = Path::new(env!("CARGO_BIN_EXE_cacher"))
+            .parent()
+            .unwrap()
+            .display(),
+    );
+    let run = |env: &TestEnv| {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(&script)
+            .env_clear()
+            .envs(env.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .current_dir(env.dir.path())
+            .output()
+            .expect("bash");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    env.write("Cargo.lock", "serde\n");
+    // A miss: the script goes on, fetches and uploads.
+    let (code, stdout, stderr) = run(&env);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("got=\n"), "{stdout}");
+    // An exact hit.
+    let (code, stdout, stderr) = run(&env);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("got=cargo/"), "{stdout}");
+    // A lockfile bump: a fallback hit, then an upload under the new key.
+    env.write("Cargo.lock", "serde\ntokio\n");
+    let (code, stdout, stderr) = run(&env);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("uploaded"), "{stderr}");
+    // The cache is down: exit 2 stops the script before the build (with the status
+    // of the failed `[ $? -eq 1 ]`, which CI counts as a failure all the same).
+    env.set("CACHER_ENDPOINT", "http://127.0.0.1:9");
+    let (code, stdout, stderr) = run(&env);
+    assert_ne!(code, Some(0), "{stdout}{stderr}");
+    assert!(!stdout.contains("cargo fetch ran"), "{stdout}");
+    assert!(stderr.contains("cannot reach"), "{stderr}");
+    // Unless errors of the cache are asked to be misses.
+    env.set("CACHER_ON_ERROR", "warn");
+    let (code, stdout, stderr) = run(&env);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("--on-error warn"), "{stderr}");
+}
