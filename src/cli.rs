@@ -21,6 +21,11 @@ impl std::fmt::Display for InputError {
 
 impl std::error::Error for InputError {}
 
+/// An [`InputError`] saying `message`.
+pub fn input_error(message: impl Into<String>) -> anyhow::Error {
+    InputError(message.into()).into()
+}
+
 /// S3-backed CI cache: download, upload, list and invalidate cached build artifacts.
 #[derive(Debug, Parser)]
 #[command(name = "cacher", version = crate::version::VERSION_LINE)]
@@ -130,6 +135,16 @@ pub enum Command {
     Gc(GcArgs),
     /// Delete cache entries (plain files and manifests) not used for a given age
     Prune(PruneArgs),
+    /// Entries, logical and stored bytes, dedup ratio and last use under a prefix
+    Stats(StatsArgs),
+}
+
+/// Arguments of `stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Only entries under this key prefix
+    #[arg(id = "stats_prefix", value_name = "PREFIX")]
+    pub prefix: Option<String>,
 }
 
 /// `cacher docker ...`

@@ -246,7 +246,9 @@ fn matching_files(pattern: &Path) -> anyhow::Result<Vec<PathBuf>> {
         b => b,
     };
     let mut walk = walkdir::WalkDir::new(&base).min_depth(1);
-    if !segments[literal..].contains(&"**") {
+    // `**` anywhere, also inside braces (`{**/go.sum,go.work.sum}`), may span
+    // directories.
+    if !text.contains("**") {
         walk = walk.max_depth(segments.len() - literal);
     }
     let mut files = Vec::new();
@@ -256,9 +258,13 @@ fn matching_files(pattern: &Path) -> anyhow::Result<Vec<PathBuf>> {
             continue;
         }
         let path = entry.into_path();
-        let name = path.strip_prefix(".").unwrap_or(&path).to_path_buf();
-        if glob.is_match(&name) {
-            files.push(name);
+        let rel = path.strip_prefix(".").unwrap_or(&path);
+        if glob.is_match(rel) {
+            // Named as the shell would spell the match: `./a/go.sum` for `./**/go.sum`.
+            files.push(match text.starts_with("./") {
+                true => Path::new(".").join(rel),
+                false => rel.to_path_buf(),
+            });
         }
     }
     if files.is_empty() {

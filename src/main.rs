@@ -76,8 +76,10 @@ fn main() -> ExitCode {
                 None => std::future::pending().await,
             }
         };
+        // Signals first: a SIGTERM to the job's process group also fails a child
+        // (`docker load`), and the stop must win over that failure.
         tokio::select! {
-            result = commands::run(cli) => exit_for(result),
+            biased;
             _ = tokio::signal::ctrl_c() => {
                 ui::cancel();
                 eprintln!("cacher: interrupted");
@@ -88,6 +90,7 @@ fn main() -> ExitCode {
                 eprintln!("cacher: terminated");
                 Exit::Terminated
             }
+            result = commands::run(cli) => exit_for(result),
         }
     });
     // Blocking threads that held a restore in progress remove its temp tree once the

@@ -223,6 +223,25 @@ fn pull_on_a_miss_seeds_the_cache_and_the_next_download_hits() {
     ]);
     run.code(2);
     assert!(run.stderr.contains("pull"), "{}", run.stderr);
+
+    // The cache down and errors of the cache soft: --pull still pulls, as --url fetches.
+    let mut down = TestEnv::s3("dockerpull-down");
+    down.set("CACHER_ENDPOINT", "http://127.0.0.1:9");
+    down.set("CACHER_ON_ERROR", "warn");
+    let run = down.run(["docker", "download", "pulled", &remote, "--pull"]);
+    assert!(
+        run.ok().stderr.contains("--on-error warn"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(image_id(&remote).as_deref(), Some(id.as_str()));
+    rmi(&remote);
+    // The registry's own failure is not the cache's: still exit 2.
+    let nope = format!("{REGISTRY}/cacher-test/nope:v0");
+    down.run(["docker", "download", "other", &nope, "--pull"])
+        .code(2);
+    // Without --pull, a miss.
+    down.run(["docker", "download", "pulled", &remote]).code(1);
 }
 
 #[test]

@@ -97,7 +97,18 @@ fn quoted_patterns_expand_inside_cacher_as_the_shell_would() {
     let all = "sha256sum package-lock.json web/.hidden/package-lock.json web/app/package-lock.json web/package-lock.json | sha256sum | head -c 16";
     let want = format!("k/{}", sh(all, env.dir.path()));
     assert_eq!(key(&["**/package-lock.json"]), want);
-    assert_eq!(key(&["./**/package-lock.json"]), want);
+    // Spelled from `./`, the names are too, as the shell would spell them.
+    let dotted = "sha256sum ./package-lock.json ./web/.hidden/package-lock.json ./web/app/package-lock.json ./web/package-lock.json | sha256sum | head -c 16";
+    assert_eq!(
+        key(&["./**/package-lock.json"]),
+        format!("k/{}", sh(dotted, env.dir.path()))
+    );
+    // `**` inside braces spans directories too.
+    let braced = "sha256sum web/.hidden/package-lock.json web/app/package-lock.json web/yarn.lock | sha256sum | head -c 16";
+    assert_eq!(
+        key(&["web/{**/*/package-lock.json,yarn.lock}"]),
+        format!("k/{}", sh(braced, env.dir.path()))
+    );
     // The same as naming the files one by one, in that order.
     let named = [
         "package-lock.json",

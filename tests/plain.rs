@@ -516,3 +516,87 @@ fn list_prints_local_time_as_aws_s3_ls_does() {
     let india = time_of(env.run(["list"]).ok());
     assert_eq!(india - utc, time::Duration::minutes(330));
 }
+
+#[test]
+fn stats_and_exists_say_what_entries_hold_and_cost() {
+    let env = TestEnv::s3("stats");
+    let file = random_bytes(300_000, 31);
+    env.write("file.bin", &file);
+    // Two trees sharing most of their bytes: the second costs little.
+    let shared = random_bytes(3 * 1024 * 1024, 32);
+    env.write("v1/shared.bin", &shared);
+    env.write("v1/own.txt", "one");
+    env.write("v2/shared.bin", &shared);
+    env.write("v2/own.txt", "two!");
+    env.run(["upload", "files/a", "file.bin"]).ok();
+    env.run(["dir", "upload", "trees/1", "v1"]).ok();
+    env.run(["dir", "upload", "trees/2", "v2"]).ok();
+
+    let tree_bytes = |own: u64| shared.len() as u64 + own;
+    let exists = env.run(["--json", "dir", "exists", "trees/1"]);
+    let record: serde_json::Value = serde_json::from_str(exists.ok().stdout.trim()).unwrap();
+    assert_eq!(record["bytes"], tree_bytes(3), "{record}");
+    let stored = record["stored_bytes"].as_u64().unwrap();
+    assert!(stored > 1000 && stored < 4 * 1024 * 1024, "{record}");
+    assert!(
+        record["size"].as_u64().unwrap() < 10_000,
+        "the manifest: {record}"
+    );
+    let plain = env.run(["--json", "exists", "files/a"]);
+    let record: serde_json::Value = serde_json::from_str(plain.ok().stdout.trim()).unwrap();
+    assert_eq!(record["bytes"], file.len() as u64, "{record}");
+
+    let run = env.run(["--json", "stats"]);
+    let s: serde_json::Value = serde_json::from_str(run.ok().stdout.trim()).unwrap();
+    assert_eq!(
+        (
+            s["entries"].as_u64(),
+            s["files"].as_u64(),
+            s["trees"].as_u64()
+        ),
+        (Some(3), Some(1), Some(2)),
+        "{s}"
+    );
+    assert_eq!(
+        s["logical_bytes"].as_u64().unwrap(),
+        file.len() as u64 + tree_bytes(3) + tree_bytes(4),
+        "{s}"
+    );
+    // Stored: the packs the trees use (as listed in the bucket) plus the entries.
+    let packs: u64 = rt()
+        .block_on(bucket().list(&format!("{}/.cacher/packs/", env.prefix), None))
+        .unwrap()
+        .objects
+        .iter()
+        .map(|o| o.size)
+        .sum();
+    assert_eq!(s["pack_bytes"].as_u64(), Some(packs), "{s}");
+    assert_eq!(
+        s["stored_bytes"].as_u64().unwrap(),
+        packs + s["entry_bytes"].as_u64().unwrap(),
+        "{s}"
+    );
+    assert!(
+        s["dedup_ratio"].as_f64().unwrap() > 1.5,
+        "shared bytes stored once: {s}"
+    );
+    assert!(s["newest_use"].is_string(), "{s}");
+    // Under a prefix: only the trees.
+    let run = env.run(["--json", "stats", "trees/"]);
+    let t: serde_json::Value = serde_json::from_str(run.ok().stdout.trim()).unwrap();
+    assert_eq!(
+        (t["entries"].as_u64(), t["files"].as_u64()),
+        (Some(2), Some(0)),
+        "{t}"
+    );
+    // The text form names the same figures.
+    let text = env.run(["stats"]);
+    assert!(
+        text.ok()
+            .stdout
+            .contains("3 under (all): 1 files, 2 trees, 0 images"),
+        "{}",
+        text.stdout
+    );
+    assert!(text.stdout.contains("dedup ratio:"), "{}", text.stdout);
+}

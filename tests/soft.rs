@@ -113,6 +113,17 @@ fn mistakes_in_what_was_asked_stay_errors() {
         "{}",
         missing.stderr
     );
+    // What to upload is not there; a bucket without an endpoint.
+    env.run(["upload", "k", "no-such-file"]).code(2);
+    env.run(["dir", "upload", "k", "no-such-dir"]).code(2);
+    env.run(["dir", "upload", "k", file.to_str().unwrap()])
+        .code(2);
+    let mut no_endpoint = TestEnv::bare();
+    no_endpoint.set("CACHER_BUCKET", "b");
+    no_endpoint.set("CACHER_ON_ERROR", "warn");
+    let run = no_endpoint.run(["exists", "k"]);
+    run.code(2);
+    assert!(run.stderr.contains("no endpoint"), "{}", run.stderr);
     // A value the setting does not take.
     env.set("CACHER_ON_ERROR", "sometimes");
     let bad = env.run(["exists", "k"]);

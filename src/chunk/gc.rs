@@ -236,24 +236,12 @@ pub async fn collect(
 
     let all = entries(chunks, &layout.entries_prefix()).await?;
     let live_entries: HashSet<String> = all.iter().map(|e| e.key.clone()).collect();
-    // Manifests are small: their reads cost the server's latency, so many run at once,
-    // as many as fit in a byte budget (a large tree's manifest takes megabytes decoded).
-    let budget = Arc::new(tokio::sync::Semaphore::new(MANIFEST_KIB_IN_FLIGHT));
-    let tables: Vec<Option<Vec<Id>>> = futures::stream::iter(all)
-        .map(|entry| {
-            let budget = budget.clone();
-            async move {
-                let kib = entry
-                    .size
-                    .div_ceil(1024)
-                    .clamp(1, MANIFEST_KIB_IN_FLIGHT as u64);
-                let _permit = budget.acquire_many_owned(kib as u32).await?;
-                manifest_packs(chunks, &entry).await
-            }
-        })
-        .buffer_unordered((jobs * 8).min(MANIFEST_READS_IN_FLIGHT))
-        .try_collect()
-        .await?;
+    let tables = read_entries(chunks, all, |_, stored| match stored {
+        Some(Stored::Manifest(m)) => Some(m.table.packs),
+        _ => None,
+    })
+    .await
+    .context("gc deletes nothing while a manifest is unreadable")?;
     let mut referenced: HashSet<Id> = HashSet::new();
     for packs in tables.into_iter().flatten() {
         report.manifests += 1;
@@ -366,18 +354,132 @@ pub async fn collect(
 
 /// The packs the manifest `entry` references; `None` for an entry that is no
 /// manifest (or is gone). An unreadable manifest is an error: gc then deletes nothing.
-async fn manifest_packs(
+/// Reads every one of `entries` (listed cache entries) and keeps what `summary` takes
+/// from each (`None`: gone since the listing). Manifests are small: their reads cost
+/// the server's latency, so many run at once, as many as fit in a byte budget (a large
+/// tree's manifest takes megabytes decoded), and only the summaries are held.
+pub async fn read_entries<T: Send>(
     chunks: &ChunkStore,
-    entry: &ObjectInfo,
-) -> anyhow::Result<Option<Vec<Id>>> {
-    match chunks.read_listed(entry).await {
-        Ok(Some(Stored::Manifest(m))) => Ok(Some(m.table.packs)),
-        Ok(_) => Ok(None),
-        Err(e) => Err(e.context(format!(
-            "cannot read {}; gc deletes nothing while a manifest is unreadable",
-            entry.key
-        ))),
+    entries: Vec<ObjectInfo>,
+    summary: impl Fn(&ObjectInfo, Option<Stored>) -> T + Sync,
+) -> anyhow::Result<Vec<T>> {
+    let budget = Arc::new(tokio::sync::Semaphore::new(MANIFEST_KIB_IN_FLIGHT));
+    let jobs = chunks.transfer().jobs();
+    let summary = &summary;
+    futures::stream::iter(entries)
+        .map(|entry| {
+            let budget = budget.clone();
+            async move {
+                let kib = entry
+                    .size
+                    .div_ceil(1024)
+                    .clamp(1, MANIFEST_KIB_IN_FLIGHT as u64);
+                let _permit = budget.acquire_many_owned(kib as u32).await?;
+                let stored = chunks
+                    .read_listed(&entry)
+                    .await
+                    .with_context(|| format!("cannot read {}", entry.key))?;
+                Ok::<_, anyhow::Error>(summary(&entry, stored))
+            }
+        })
+        .buffer_unordered((jobs * 8).min(MANIFEST_READS_IN_FLIGHT))
+        .try_collect()
+        .await
+}
+
+/// What the entries under a prefix hold and cost: `cacher stats`.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Usage {
+    /// Entries: plain files, directory trees, docker images.
+    pub files: usize,
+    pub trees: usize,
+    pub images: usize,
+    /// Bytes a restore of every entry writes (plain files' sizes, trees' and images'
+    /// content streams).
+    pub logical_bytes: u64,
+    /// Bytes of the entry objects themselves (plain files and manifests).
+    pub entry_bytes: u64,
+    /// Packs the trees and images reference, and their bytes in the bucket (a pack
+    /// shared with entries outside the prefix counts whole).
+    pub packs: usize,
+    pub pack_bytes: u64,
+    /// When an entry was last used (uploaded or hit), the newest and the oldest.
+    #[serde(skip)]
+    pub newest_use: Option<SystemTime>,
+    #[serde(skip)]
+    pub oldest_use: Option<SystemTime>,
+}
+
+impl Usage {
+    /// What the entries cost in the bucket.
+    pub fn stored_bytes(&self) -> u64 {
+        self.entry_bytes + self.pack_bytes
     }
+
+    /// Logical bytes per stored byte; 1 for an empty prefix.
+    pub fn dedup_ratio(&self) -> f64 {
+        match self.stored_bytes() {
+            0 => 1.0,
+            stored => self.logical_bytes as f64 / stored as f64,
+        }
+    }
+}
+
+/// The [`Usage`] of the entries under `prefix`: every manifest is read (as gc reads
+/// them), the packs and last-use markers are listed.
+pub async fn usage(chunks: &ChunkStore, prefix: &str) -> anyhow::Result<Usage> {
+    let layout = chunks.layout();
+    let all = entries(chunks, prefix).await?;
+    let markers: HashMap<String, Option<SystemTime>> = list_markers(chunks)
+        .await?
+        .into_iter()
+        .map(|m| (m.key, m.modified))
+        .collect();
+    let mut usage = Usage::default();
+    for entry in &all {
+        let marked = markers.get(&layout.used_key(&entry.key)).copied().flatten();
+        if let Some(used) = last_use(entry, marked) {
+            usage.newest_use = usage.newest_use.max(Some(used));
+            usage.oldest_use = Some(usage.oldest_use.map_or(used, |t| t.min(used)));
+        }
+    }
+    let read = read_entries(chunks, all, |entry, stored| {
+        let summary = match &stored {
+            Some(Stored::Manifest(m)) => Some((Some(m.kind), m.stream_len, m.table.packs.clone())),
+            Some(_) => Some((None, entry.size, Vec::new())),
+            None => None,
+        };
+        summary.map(|s| (entry.size, s))
+    })
+    .await?;
+    let mut referenced: HashSet<Id> = HashSet::new();
+    for (size, (kind, logical, packs)) in read.into_iter().flatten() {
+        match kind {
+            None => usage.files += 1,
+            Some(super::format::ManifestKind::Dir) => usage.trees += 1,
+            Some(_) => usage.images += 1,
+        }
+        usage.entry_bytes += size;
+        usage.logical_bytes += logical;
+        referenced.extend(packs);
+    }
+    let packs = chunks
+        .transfer()
+        .store()
+        .list(&layout.packs_prefix(), None)
+        .await
+        .context("cannot list packs")?
+        .objects;
+    for pack in packs {
+        if layout
+            .pack_id(&pack.key)
+            .is_some_and(|id| referenced.contains(&id))
+        {
+            usage.packs += 1;
+            usage.pack_bytes += pack.size;
+        }
+    }
+    Ok(usage)
 }
 
 /// Every last-use marker under the store's prefix.

@@ -19,7 +19,7 @@ use crate::chunk::store::{
     ChunkStore, Known, Location, Piece, Sent, Stats, Stored, download_stats_line, is_broken,
     now_secs, table_of, upload_stats_line,
 };
-use crate::cli::{DirCommand, DirDownloadArgs, DirUploadArgs};
+use crate::cli::{DirCommand, DirDownloadArgs, DirUploadArgs, input_error};
 use crate::config::Config;
 use crate::key::{full_key, has_arch_suffix, join_prefix};
 use crate::restore::Restorer;
@@ -102,6 +102,22 @@ const SKIP_CHECK_HEADS: usize = 16;
 
 async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
+    // A DIR that is not there is the job's mistake, not the cache's (--on-error).
+    match std::fs::metadata(&args.dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(input_error(format!(
+                "{} is not a directory",
+                args.dir.display()
+            )));
+        }
+        Err(e) => {
+            return Err(input_error(format!(
+                "cannot read {}: {e}",
+                args.dir.display()
+            )));
+        }
+    }
     let started = Instant::now();
     // Stamps taken after this moment may be recorded (see `TreeState::new`).
     let taken = SystemTime::now();
@@ -334,9 +350,10 @@ async fn restore_manifest(
                     TreeState::forget(dir);
                     // Read again rather than kept: a copy held through the update
                     // would cost as much memory as the manifest (90 MB for 10^6 files).
-                    let manifest = match chunks.fetch(key).await? {
+                    let why = || format!("could not update {} in place ({e:#})", dir.display());
+                    let manifest = match chunks.fetch(key).await.with_context(why)? {
                         Some(Stored::Manifest(m)) if m.kind == ManifestKind::Dir => *m,
-                        _ => bail!("{key} changed while {} was updated", dir.display()),
+                        _ => bail!("{}, and {key} changed meanwhile", why()),
                     };
                     let whole = restore_whole(chunks, key, manifest, dir, mirror).await;
                     if whole.is_ok() {

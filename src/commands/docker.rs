@@ -15,7 +15,7 @@ use crate::chunk::store::{
     ChunkStore, LayerStats, Stats, Stored, download_stats_line, now_secs, upload_stats_line,
 };
 use crate::cli::{DockerCommand, DockerDownloadArgs, DockerUploadArgs};
-use crate::config::Config;
+use crate::config::{Config, OnError};
 use crate::docker::{Docker, DockerError, LoadStream};
 use crate::image_archive::{
     MapMismatch, MemberTap, ThinPlan, member_map, parts_of_entries, parts_to_entries,
@@ -102,19 +102,18 @@ async fn seed(
 
 async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
-    let chunks = super::dir::chunk_store(config).await?;
     let docker = Docker::new(&config.docker_bin.value);
     let started = Instant::now();
-    // A broken entry is a miss: nothing was loaded, and `--pull` replaces it.
-    if let Some((info, stored)) = heal(&key, chunks.fetch_with_info(&key).await)?.flatten()
-        && let Some(outcome) = heal(
-            &key,
-            load(&chunks, &docker, &key, stored, args, started).await,
-        )?
-    {
-        crate::chunk::gc::mark_used(chunks.transfer(), chunks.layout(), &info).await;
-        return Ok(outcome);
-    }
+    let chunks = match from_cache(config, &docker, &key, args, started).await {
+        Ok(Cached::Loaded(outcome)) => return Ok(outcome),
+        Ok(Cached::Miss(chunks)) => Some(chunks),
+        // The image can still come from its registry; only the cache is left out.
+        Err(e) if args.pull && config.on_error.value == OnError::Warn => {
+            super::warn_soft(&e, "miss");
+            None
+        }
+        Err(e) => return Err(e),
+    };
     if !args.pull {
         ui::status(format!("{key} is not cached"));
         report("docker download", &key, "miss", None, None);
@@ -126,8 +125,11 @@ async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<
         .with_context(|| format!("{key} is not cached and the pull of {} failed", args.image))?;
     ui::status(format!("{key} was not cached; pulled {}", args.image));
     // The image is here, which is what the job needs; seeding is a bonus.
-    let seeded = seed(&chunks, &docker, &key, &args.image).await;
-    if let Err(e) = &seeded {
+    let seeded = match &chunks {
+        Some(chunks) => seed(chunks, &docker, &key, &args.image).await,
+        None => Err(anyhow::anyhow!("the cache cannot be used")),
+    };
+    if let (Err(e), Some(_)) = (&seeded, &chunks) {
         ui::warn(format!("could not seed the cache: {e:#}"));
     }
     report(
@@ -138,6 +140,33 @@ async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<
         seeded.ok().as_ref(),
     );
     Ok(Outcome::Success)
+}
+
+/// What the cache had for a `docker download`.
+enum Cached {
+    /// The image was loaded from it.
+    Loaded(Outcome),
+    /// It lacks the image (or holds a broken entry): the store to seed.
+    Miss(ChunkStore),
+}
+
+/// Loads `key` into docker if the cache holds it; a broken entry is a miss (nothing
+/// was loaded, and `--pull` replaces it).
+async fn from_cache(
+    config: &Config,
+    docker: &Docker,
+    key: &str,
+    args: &DockerDownloadArgs,
+    started: Instant,
+) -> anyhow::Result<Cached> {
+    let chunks = super::dir::chunk_store(config).await?;
+    if let Some((info, stored)) = heal(key, chunks.fetch_with_info(key).await)?.flatten()
+        && let Some(outcome) = heal(key, load(&chunks, docker, key, stored, args, started).await)?
+    {
+        crate::chunk::gc::mark_used(chunks.transfer(), chunks.layout(), &info).await;
+        return Ok(Cached::Loaded(outcome));
+    }
+    Ok(Cached::Miss(chunks))
 }
 
 /// Streams the entry `stored` into `docker load` and names the image `args.image`.

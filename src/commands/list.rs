@@ -56,9 +56,11 @@ pub async fn run(config: &Config, args: &ListArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-/// Whether a key (or part of one) is in cacher's own area: it has a `.cacher` segment.
+/// Whether a key (or part of one) is cacher's own: it has a reserved segment
+/// (`.cacher`, or `.cacher-*` as a doctor check interrupted may leave).
 fn is_internal(key: &str) -> bool {
-    key.split('/').any(|segment| segment == ".cacher")
+    key.split('/')
+        .any(crate::chunk::layout::is_reserved_segment)
 }
 
 /// Prints one page of a listing: its common prefixes, then its objects.
@@ -94,7 +96,7 @@ fn print_page(listing: &Listing, shown_from: usize) -> anyhow::Result<()> {
 }
 
 /// A modification time in local time (`TZ` respected), as `aws s3 ls` prints it.
-fn format_time(t: Option<SystemTime>) -> String {
+pub(super) fn format_time(t: Option<SystemTime>) -> String {
     let format = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
     t.map(OffsetDateTime::from)
         .map(|t| t.to_offset(local_offset(t.unix_timestamp())))

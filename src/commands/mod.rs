@@ -11,6 +11,7 @@ mod gc;
 mod init;
 mod key;
 mod list;
+mod stats;
 mod upload;
 
 use crate::cli::{Cli, Command, DirCommand, DockerCommand, InputError};
@@ -63,7 +64,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
 /// a download as a miss, an upload as skipped, after one warning. Mistakes in what
 /// was asked ([`InputError`]) and commands with no such reading stay errors.
 fn soften(command: &Command, e: anyhow::Error) -> anyhow::Result<Outcome> {
-    if e.chain().any(|c| c.is::<InputError>()) {
+    // A job being stopped is not a cache error: its child processes fail first.
+    if e.chain().any(|c| c.is::<InputError>()) || crate::ui::cancelled() {
         return Err(e);
     }
     let (outcome, result, name) = match command {
@@ -75,7 +77,10 @@ fn soften(command: &Command, e: anyhow::Error) -> anyhow::Result<Outcome> {
         Command::Exists(_) => (Outcome::Miss, "miss", "exists"),
         Command::Dir(DirCommand::Download(_)) => (Outcome::Miss, "miss", "dir download"),
         Command::Dir(DirCommand::Exists(_)) => (Outcome::Miss, "miss", "dir exists"),
-        Command::Docker(DockerCommand::Download(_)) => (Outcome::Miss, "miss", "docker download"),
+        // With --pull, as with --url: the command goes on to the registry itself.
+        Command::Docker(DockerCommand::Download(args)) if !args.pull => {
+            (Outcome::Miss, "miss", "docker download")
+        }
         Command::Docker(DockerCommand::Exists(_)) => (Outcome::Miss, "miss", "docker exists"),
         Command::Upload(_) => (Outcome::Success, "skipped", "upload"),
         Command::Dir(DirCommand::Upload(_)) => (Outcome::Success, "skipped", "dir upload"),
@@ -120,6 +125,7 @@ async fn run_command(config: &Config, command: &Command) -> anyhow::Result<Outco
         Command::Docker(cmd) => docker::run(config, cmd).await,
         Command::Gc(args) => gc::run_gc(config, args).await,
         Command::Prune(args) => gc::run_prune(config, args).await,
+        Command::Stats(args) => stats::run(config, args).await,
     }
 }
 

@@ -1,9 +1,7 @@
 //! `cacher upload KEY PATH [--force]`: store a file byte-for-byte under a key.
 
-use anyhow::bail;
-
 use super::Outcome;
-use crate::cli::UploadArgs;
+use crate::cli::{UploadArgs, input_error};
 use crate::config::Config;
 use crate::key::full_key;
 use crate::transfer::Transfer;
@@ -13,8 +11,18 @@ pub async fn run(config: &Config, args: &UploadArgs) -> anyhow::Result<Outcome> 
     let key = full_key(config, &args.key)?;
     match std::fs::metadata(&args.path) {
         Ok(meta) if meta.is_file() => {}
-        Ok(_) => bail!("{} is not a regular file", args.path.display()),
-        Err(e) => bail!("cannot read {}: {e}", args.path.display()),
+        Ok(_) => {
+            return Err(input_error(format!(
+                "{} is not a regular file",
+                args.path.display()
+            )));
+        }
+        Err(e) => {
+            return Err(input_error(format!(
+                "cannot read {}: {e}",
+                args.path.display()
+            )));
+        }
     }
     let store = crate::store::open(config).await?;
     if super::skip_existing(store.as_ref(), &key, args.force, "upload").await? {

@@ -274,11 +274,12 @@ pub trait Store: Send + Sync {
 pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let given = config.s3_settings_without_endpoint();
     if !given.is_empty() {
-        anyhow::bail!(
+        return Err(crate::cli::InputError(format!(
             "{} set, but no endpoint: set --endpoint, CACHER_ENDPOINT or `endpoint` in {} (the local store needs endpoint = \"file:///dir\")",
             given.join(", "),
             config.path.display()
-        );
+        ))
+        .into());
     }
     match config.endpoint.value.strip_prefix("file://") {
         Some(dir) => Ok(Arc::new(file::FileStore::open(dir)?)),
