@@ -8,6 +8,7 @@
 use std::ffi::OsStr;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -80,6 +81,50 @@ pub fn scan(root: &Path) -> anyhow::Result<Tree> {
         root: root.to_path_buf(),
         entries,
         files,
+    })
+}
+
+/// A path to upload as (part of) an entry: a directory's tree ([`scan`]), or a regular
+/// file as a tree of itself, rooted at its parent.
+pub fn scan_path(path: &Path) -> anyhow::Result<Tree> {
+    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        return scan(path);
+    }
+    let meta = std::fs::symlink_metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let (Some(name), true) = (path.file_name(), meta.is_file()) else {
+        bail!("{} is not a directory or a regular file", path.display());
+    };
+    let stamp = Stamp::of(&meta);
+    let mut entry = root_entry(path)?;
+    entry.path = name.as_bytes().to_vec();
+    entry.kind = EntryKind::File { size: stamp.size };
+    Ok(Tree {
+        root: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        entries: vec![entry],
+        files: vec![ScannedFile {
+            entry: 0,
+            size: stamp.size,
+            stamp,
+        }],
+    })
+}
+
+/// The entry of `path` itself (its path left empty): a directory, or a file with its
+/// size, with the mode and mtime a restore gives it.
+pub fn root_entry(path: &Path) -> anyhow::Result<Entry> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let kind = match meta.is_dir() {
+        true => EntryKind::Dir,
+        false => EntryKind::File { size: meta.len() },
+    };
+    Ok(Entry {
+        path: Vec::new(),
+        kind,
+        mode: meta.mode() & 0o7777,
+        mtime: meta.mtime(),
+        mtime_nsec: meta.mtime_nsec() as u32,
     })
 }
 

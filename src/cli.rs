@@ -240,8 +240,9 @@ pub enum DirCommand {
 pub struct DirUploadArgs {
     #[command(flatten)]
     pub key: KeySpec,
-    /// Directory to store
-    pub dir: PathBuf,
+    /// Directory to store; several (files too) make one entry, each restored to its place
+    #[arg(required = true, value_name = "DIR")]
+    pub dirs: Vec<PathBuf>,
     /// Overwrite the key when it exists (only new chunks are sent)
     #[arg(long)]
     pub force: bool,
@@ -252,8 +253,10 @@ pub struct DirUploadArgs {
 pub struct DirDownloadArgs {
     #[command(flatten)]
     pub key: KeySpec,
-    /// Directory to restore into (created, or merged into when it exists)
-    pub dir: PathBuf,
+    /// Directory to restore into (created, or merged into when it exists); an entry of
+    /// several paths takes as many, in the order of its upload
+    #[arg(required = true, value_name = "DIR")]
+    pub dirs: Vec<PathBuf>,
     /// On a miss, restore the newest entry under this key prefix made from the same
     /// directory (repeatable, tried in order)
     #[arg(long, value_name = "PREFIX")]

@@ -618,3 +618,91 @@ fn a_fallback_over_the_whole_prefix_finds_nested_entries_without_listing_cachers
         "lists the levels down to the entry, never cacher's objects: {lists:#?}"
     );
 }
+
+#[test]
+fn several_paths_make_one_entry_restored_each_to_its_place() {
+    let env = TestEnv::s3("paths");
+    let index = make_tree(&env, "registry/index", 40);
+    let cache = make_tree(&env, "registry/cache", 41);
+    let lock = env.write("Cargo.lock", "[[package]]\nname = \"serde\"\n");
+    std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (want_index, want_cache) = (snapshot(&index), snapshot(&cache));
+    let want_lock = std::fs::read(&lock).unwrap();
+    let args = ["registry/index", "registry/cache", "Cargo.lock"];
+    let run = |verb: &str, key: &str, extra: &[&str]| {
+        let mut all = vec!["dir", verb, key];
+        all.extend(args);
+        all.extend(extra);
+        env.run(&all)
+    };
+    run("upload", "deps/1", &[]).ok();
+    // One manifest in the bucket, of the several-path kind, naming each path.
+    let m = crate::util::manifest(&env, "deps/1");
+    assert_eq!(m.kind, ManifestKind::Paths);
+    assert_eq!(m.label, "registry/index\nregistry/cache\nCargo.lock");
+
+    std::fs::remove_dir_all(env.path("registry")).unwrap();
+    std::fs::remove_file(&lock).unwrap();
+    let restored = run("download", "deps/1", &[]);
+    assert_eq!(restored.ok().stdout.trim(), "deps/1");
+    assert_eq!(snapshot(&index), want_index);
+    assert_eq!(snapshot(&cache), want_cache);
+    assert_eq!(std::fs::read(&lock).unwrap(), want_lock);
+    let mode = std::fs::metadata(&lock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640);
+    assert!(temp_leftovers(&env.path("registry")).is_empty());
+
+    // A change in one path: the next upload reads only it (each directory keeps its
+    // tree state), and sends only its chunks.
+    env.write("registry/cache/pkg/mod03/lib.rs", "changed\n");
+    let up = run("upload", "deps/2", &["--json"]);
+    let stats = crate::util::json_stats(&up.ok().stdout);
+    let (read, total) = (
+        stats["disk_bytes"].as_u64().unwrap(),
+        stats["stream_bytes"].as_u64().unwrap(),
+    );
+    assert!(read * 10 < total, "read {read} of {total} bytes: {stats}");
+    assert!(stats["unchanged_files"].as_u64().unwrap() >= 80, "{stats}");
+
+    // A restore over the older version keeps the path that did not change whole and
+    // fetches only the changed chunks.
+    let back = run("download", "deps/1", &["--json"]);
+    let stats = crate::util::json_stats(&back.ok().stdout);
+    assert!(stats["unchanged_files"].as_u64().unwrap() >= 45, "{stats}");
+    assert!(stats["wire_bytes"].as_u64().unwrap() < 300_000, "{stats}");
+    assert_eq!(snapshot(&cache), want_cache);
+
+    // As many paths as the entry holds, no fewer.
+    let short = env.run(["dir", "download", "deps/1", "registry/index"]);
+    short.code(2);
+    assert!(short.stderr.contains("holds 3 paths"), "{}", short.stderr);
+}
+
+#[test]
+fn fallback_takes_only_entries_of_the_same_paths() {
+    let env = TestEnv::s3("paths-fallback");
+    make_tree(&env, "a", 50);
+    make_tree(&env, "b", 51);
+    env.run(["dir", "upload", "t/ab", "a", "b"]).ok();
+    env.run(["dir", "upload", "t/a", "a"]).ok();
+    env.run(["dir", "upload", "t/ba", "b", "a"]).ok();
+
+    // Several paths: the newest entry made from the same paths in the same order.
+    let run = env.run(["dir", "download", "t/new", "a", "b", "--fallback", "t/"]);
+    assert_eq!(run.ok().stdout.trim(), "t/ab", "{}", run.stderr);
+    // One directory: never an entry of several paths.
+    let run = env.run(["dir", "download", "t/new", "a", "--fallback", "t/"]);
+    assert_eq!(run.ok().stdout.trim(), "t/a", "{}", run.stderr);
+    let solo = make_tree(&env, "c", 52);
+    let run = env.run(["dir", "download", "t/new", "c", "--fallback", "t/", "-v"]);
+    run.code(1);
+    assert!(
+        run.stderr.contains("an entry of several paths"),
+        "{}",
+        run.stderr
+    );
+    assert!(solo.exists());
+    // A path that is not there is a mistake, exit 2, nothing written.
+    env.run(["dir", "upload", "t/x", "a", "missing"]).code(2);
+    env.run(["dir", "exists", "t/x"]).code(1);
+}

@@ -3,6 +3,8 @@
 
 mod util;
 
+mod actions;
+
 mod bad_input;
 mod concurrency;
 mod config;

@@ -44,6 +44,8 @@ pub enum ManifestKind {
     Dir = 1,
     /// A `docker save` archive (`cacher docker`).
     Docker = 2,
+    /// Several paths as one entry (`cacher dir` given several): see [`super::paths`].
+    Paths = 3,
 }
 
 /// Where one chunk lives: its pack, byte range there, and its uncompressed length.
@@ -185,6 +187,7 @@ impl Manifest {
         let kind = match kind {
             1 => ManifestKind::Dir,
             2 => ManifestKind::Docker,
+            3 => ManifestKind::Paths,
             k => return Err(bad(what, format!("unknown manifest kind {k}"))),
         };
         let mut r = Reader::new(what, &body);

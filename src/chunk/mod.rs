@@ -6,6 +6,7 @@ pub mod format;
 pub mod gc;
 pub mod index;
 pub mod layout;
+pub mod paths;
 pub mod store;
 pub mod summary;
 

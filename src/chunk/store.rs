@@ -270,6 +270,22 @@ pub struct Stats {
     pub docker_save_seconds: Option<f64>,
 }
 
+impl Stats {
+    /// Adds the counts of `other`, a transfer of another part of the same entry.
+    pub fn add(&mut self, other: &Stats) {
+        self.chunks += other.chunks;
+        self.chunks_new += other.chunks_new;
+        self.stream_bytes += other.stream_bytes;
+        self.new_bytes += other.new_bytes;
+        self.wire_bytes += other.wire_bytes;
+        self.packs += other.packs;
+        self.retries = self.retries.max(other.retries);
+        self.unchanged_files += other.unchanged_files;
+        self.unchanged_bytes += other.unchanged_bytes;
+        self.disk_bytes += other.disk_bytes;
+    }
+}
+
 /// What a docker restore could leave out because the daemon had it.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct LayerStats {

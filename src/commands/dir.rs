@@ -3,7 +3,8 @@
 //! `download` prints the key it restored on stdout (the requested key, or the fallback
 //! entry it chose), so a script can tell an exact hit from a fallback hit.
 
-use std::path::Path;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -11,10 +12,11 @@ use anyhow::{Context, bail};
 use rayon::prelude::*;
 
 use super::{Outcome, heal};
-use crate::archive::{self, Tree};
+use crate::archive::{self, ScannedFile, Tree};
 use crate::chunk::Id;
-use crate::chunk::format::{EntryKind, Manifest, ManifestKind};
+use crate::chunk::format::{Entry, EntryKind, Manifest, ManifestKind};
 use crate::chunk::gc::mark_used;
+use crate::chunk::paths;
 use crate::chunk::store::{
     ChunkStore, Known, Location, Piece, Sent, Stats, Stored, download_stats_line, is_broken,
     now_secs, table_of, upload_stats_line,
@@ -102,85 +104,100 @@ const SKIP_CHECK_HEADS: usize = 16;
 
 async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
-    // A DIR that is not there is the job's mistake, not the cache's (--on-error).
-    match std::fs::metadata(&args.dir) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
-            return Err(input_error(format!(
-                "{} is not a directory",
-                args.dir.display()
-            )));
-        }
-        Err(e) => {
-            return Err(input_error(format!(
-                "cannot read {}: {e}",
-                args.dir.display()
-            )));
+    let several = args.dirs.len() > 1;
+    if args.dirs.len() > paths::MAX_PATHS {
+        return Err(input_error(format!(
+            "{} paths; one entry holds at most {}",
+            args.dirs.len(),
+            paths::MAX_PATHS
+        )));
+    }
+    // A path that is not there is the job's mistake, not the cache's (--on-error).
+    for dir in &args.dirs {
+        let is_file = || std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_file());
+        match std::fs::metadata(dir) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) if several && is_file() => {}
+            Ok(_) if several => {
+                let what = "is not a directory or a regular file (not a symlink)";
+                return Err(input_error(format!("{} {what}", dir.display())));
+            }
+            Ok(_) => {
+                return Err(input_error(format!("{} is not a directory", dir.display())));
+            }
+            Err(e) => return Err(input_error(format!("cannot read {}: {e}", dir.display()))),
         }
     }
     let started = Instant::now();
     // Stamps taken after this moment may be recorded (see `TreeState::new`).
     let taken = SystemTime::now();
-    // The tree is scanned and its state read while the bucket is asked whether the key
-    // is cached and what it holds: on a warm tree the scan is most of the upload. On
-    // threads of their own, so a skipped upload does not wait for them.
-    let (dir, state_dir) = (args.dir.clone(), args.dir.clone());
-    let scanning = on_thread(move || archive::scan(&dir));
-    let loading = on_thread(move || TreeState::load(&state_dir));
+    // The trees are scanned and their states read while the bucket is asked whether the
+    // key is cached and what it holds: on a warm tree the scan is most of the upload.
+    // On threads of their own, so a skipped upload does not wait for them.
+    let pending: Vec<_> = args
+        .dirs
+        .iter()
+        .map(|dir| {
+            let (scan_dir, state_dir) = (dir.clone(), dir.clone());
+            let scanning = on_thread(move || archive::scan_path(&scan_dir));
+            let loading = on_thread(move || TreeState::load(&state_dir));
+            (dir, scanning, loading)
+        })
+        .collect();
     let Some(chunks) = chunk_store_for_upload(config, &key, args.force, "dir upload").await? else {
         return Ok(Outcome::Success);
     };
-    let state = loading.await?;
-    // The packs of the entry the tree came from hold most of what it reuses.
-    let likely = state
-        .as_ref()
-        .map_or(&[][..], |s| &s.manifest.table.packs[..]);
-    let known = Arc::new(chunks.known(likely).await?);
-    let tree = Arc::new(scanning.await??);
-    let total = tree.files.iter().map(|f| f.size).sum();
-    let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), total));
-    let send = |state| send_tree(&chunks, &tree, state, &known, &progress);
-    let mut sent = send(state.as_ref()).await;
-    if let Err(e) = &sent
-        && let Some(stale) = e.downcast_ref::<StaleState>()
-    {
-        ui::verbose(stale.to_string());
-        progress.reset();
-        sent = send(None).await;
+    let mut scans = Vec::with_capacity(pending.len());
+    for (dir, scanning, loading) in pending {
+        scans.push((dir, scanning, loading.await?));
     }
-    drop(state);
-    let failed =
-        |e: anyhow::Error| e.context(format!("upload of {} to {key} failed", args.dir.display()));
-    let (sent, read) = sent.inspect_err(|_| progress.clear()).map_err(failed)?;
-    // The cutter is done with the tree (its batches ended), so this moves it.
-    let Tree { entries, files, .. } = Arc::unwrap_or_clone(tree);
-    let manifest = Manifest {
-        kind: ManifestKind::Dir,
-        created: now_secs(),
-        label: archive::source_label(&args.dir),
-        stream_len: 0,
-        table: Default::default(),
-        entries,
-    };
+    // The packs of the entries the trees came from hold most of what they reuse.
+    let likely: Vec<crate::chunk::Id> = scans
+        .iter()
+        .filter_map(|(_, _, state)| state.as_ref())
+        .flat_map(|s| s.manifest.table.packs.iter().copied())
+        .collect();
+    let known = Arc::new(chunks.known(&likely).await?);
+    let mut trees = Vec::with_capacity(scans.len());
+    for (dir, scanning, state) in scans {
+        trees.push((dir, Arc::new(scanning.await??), state));
+    }
+    let total = trees
+        .iter()
+        .flat_map(|(_, tree, _)| &tree.files)
+        .map(|f| f.size)
+        .sum();
+    let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), total));
+    let mut parts = Vec::with_capacity(trees.len());
+    for (dir, tree, state) in trees {
+        let sent = send_with_retry(&chunks, &tree, state, &known, &progress).await;
+        let (sent, read) = sent
+            .inspect_err(|_| progress.clear())
+            .with_context(|| format!("upload of {} to {key} failed", dir.display()))?;
+        // The cutter is done with the tree (its batches ended), so this moves it.
+        let Tree { entries, files, .. } = Arc::unwrap_or_clone(tree);
+        parts.push(SentPart {
+            dir: dir.clone(),
+            entries,
+            files,
+            sent,
+            read,
+        });
+    }
+    let failed = |e: anyhow::Error| e.context(format!("upload to {key} failed"));
+    let (manifest, sent, reads) = entry_of(parts, &args.dirs)?;
     let published = chunks.publish(manifest, sent, &key).await;
     progress.clear();
     let (mut stats, manifest) = published.map_err(failed)?;
-    stats.unchanged_files = read.unchanged_files;
-    stats.unchanged_bytes = read.unchanged_bytes;
-    stats.disk_bytes = read.bytes_read;
-    let file_count = files.len();
-    let stamps = files
-        .into_iter()
-        .zip(&read.trusted)
-        .map(|(f, trusted)| trusted.then_some(f.stamp))
-        .collect();
-    let (dir, recorded_key) = (args.dir.clone(), key.clone());
-    tokio::task::spawn_blocking(move || {
-        if let Ok(canonical) = dir.canonicalize() {
-            TreeState::new(canonical, recorded_key, manifest, stamps, taken).save();
-        }
-    })
-    .await?;
+    let file_count = reads.iter().map(|(_, files, _)| files.len()).sum();
+    for (_, _, read) in &reads {
+        stats.unchanged_files += read.unchanged_files;
+        stats.unchanged_bytes += read.unchanged_bytes;
+        stats.disk_bytes += read.bytes_read;
+    }
+    let recorded_key = key.clone();
+    tokio::task::spawn_blocking(move || record_states(manifest, reads, &recorded_key, taken))
+        .await??;
     ui::status(upload_stats_line(
         &key,
         Some(file_count),
@@ -189,6 +206,123 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     ));
     report("dir upload", &key, "uploaded", None, Some(&stats));
     Ok(Outcome::Success)
+}
+
+/// One path of an upload once its chunks are sent.
+struct SentPart {
+    dir: PathBuf,
+    entries: Vec<Entry>,
+    files: Vec<ScannedFile>,
+    sent: Sent,
+    read: ReadReport,
+}
+
+/// The manifest to publish for `parts` (one directory: an ordinary one; several
+/// paths: [`paths::combine`]), what was sent for it, and per path what the tree
+/// states need.
+#[allow(clippy::type_complexity)]
+fn entry_of(
+    parts: Vec<SentPart>,
+    dirs: &[PathBuf],
+) -> anyhow::Result<(Manifest, Sent, Vec<(PathBuf, Vec<ScannedFile>, ReadReport)>)> {
+    let mut parts = parts;
+    if let [_] = &parts[..] {
+        let SentPart {
+            dir,
+            entries,
+            files,
+            sent,
+            read,
+        } = parts.pop().expect("one part");
+        let manifest = Manifest {
+            kind: ManifestKind::Dir,
+            created: now_secs(),
+            label: archive::source_label(&dir),
+            stream_len: 0,
+            table: Default::default(),
+            entries,
+        };
+        return Ok((manifest, sent, vec![(dir, files, read)]));
+    }
+    let mut stats = Stats::default();
+    let mut sub = Vec::with_capacity(parts.len());
+    let mut reads = Vec::with_capacity(parts.len());
+    for (part, dir) in parts.into_iter().zip(dirs) {
+        stats.add(&part.sent.stats);
+        // A file is scanned as a tree of itself: its one entry is the path's.
+        let file = std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_file());
+        let entries = part.entries;
+        let root = match (file, entries.first()) {
+            (true, Some(only)) => only.clone(),
+            _ => archive::root_entry(dir)?,
+        };
+        sub.push(paths::Part {
+            label: archive::source_label(dir),
+            root,
+            manifest: Manifest {
+                kind: ManifestKind::Dir,
+                created: 0,
+                label: String::new(),
+                stream_len: part.sent.stats.stream_bytes,
+                table: part.sent.table,
+                entries,
+            },
+        });
+        reads.push((part.dir, part.files, part.read));
+    }
+    let mut manifest = paths::combine(&sub, now_secs());
+    let table = std::mem::take(&mut manifest.table);
+    Ok((manifest, Sent { stats, table }, reads))
+}
+
+/// Records the tree state of each directory uploaded as (part of) `manifest`; files
+/// get none.
+fn record_states(
+    manifest: Manifest,
+    reads: Vec<(PathBuf, Vec<ScannedFile>, ReadReport)>,
+    key: &str,
+    taken: SystemTime,
+) -> anyhow::Result<()> {
+    let manifests = match manifest.kind {
+        ManifestKind::Paths => paths::split(key, &manifest)?
+            .into_iter()
+            .map(|p| (!p.is_file()).then_some(p.manifest))
+            .collect(),
+        _ => vec![Some(manifest)],
+    };
+    for ((dir, files, read), manifest) in reads.into_iter().zip(manifests) {
+        let (Some(manifest), Ok(canonical)) = (manifest, dir.canonicalize()) else {
+            continue;
+        };
+        let stamps = files
+            .into_iter()
+            .zip(&read.trusted)
+            .map(|(f, trusted)| trusted.then_some(f.stamp))
+            .collect();
+        TreeState::new(canonical, key.to_string(), manifest, stamps, taken).save();
+    }
+    Ok(())
+}
+
+/// [`send_tree`], once more without `state` when a file the state vouched for turned
+/// out changed while it was read.
+async fn send_with_retry(
+    chunks: &ChunkStore,
+    tree: &Arc<Tree>,
+    state: Option<TreeState>,
+    known: &Arc<Known>,
+    progress: &Arc<ui::Progress>,
+) -> anyhow::Result<(Sent, ReadReport)> {
+    let sent = send_tree(chunks, tree, state.as_ref(), known, progress).await;
+    match &sent {
+        Err(e) if e.downcast_ref::<StaleState>().is_some() => {
+            ui::verbose(e.to_string());
+            drop(state);
+            progress.reset();
+            send_tree(chunks, tree, None, known, progress).await
+        }
+        _ => sent,
+    }
 }
 
 /// Runs `f` on a thread of its own (not tokio's blocking pool, which the runtime waits
@@ -243,7 +377,7 @@ async fn download(config: &Config, args: &DirDownloadArgs) -> anyhow::Result<Out
             Stored::Plain(_) => {
                 bail!("{key} is a plain file, not a directory entry (use `cacher download`)")
             }
-            Stored::Manifest(m) if m.kind != ManifestKind::Dir => {
+            Stored::Manifest(m) if m.kind == ManifestKind::Docker => {
                 bail!("{key} holds a docker image, not a directory tree")
             }
             _ => {}
@@ -291,14 +425,13 @@ async fn restore(
     args: &DirDownloadArgs,
     started: Instant,
 ) -> anyhow::Result<Option<Stats>> {
-    let dir = &args.dir;
-    match stored {
-        Stored::Manifest(manifest) => {
-            restore_manifest(chunks, key, *manifest, dir, args.delete, started)
+    match (stored, &args.dirs[..]) {
+        (Stored::Manifest(manifest), dirs) => {
+            restore_entry(chunks, key, *manifest, dirs, args.delete, started)
                 .await
                 .map(Some)
         }
-        Stored::Legacy(info) => {
+        (Stored::Legacy(info), [dir]) => {
             let transfer = chunks.transfer().clone();
             let dir = dir.to_path_buf();
             let reader = transfer.stream_object(info);
@@ -311,8 +444,81 @@ async fn restore(
             ));
             Ok(None)
         }
-        Stored::Plain(_) => bail!("{key} is a plain file, not a directory entry"),
+        (Stored::Legacy(_), dirs) => {
+            bail!(
+                "{key} is a tar.zst of one directory, not {} paths",
+                dirs.len()
+            )
+        }
+        (Stored::Plain(_), _) => bail!("{key} is a plain file, not a directory entry"),
     }
+}
+
+/// Restores a directory entry into `dirs`: one directory into the one given; an entry
+/// of several paths ([`paths`]) path by path into as many, in order, each as an entry
+/// of its own (so each is all old or all new if a later one fails).
+async fn restore_entry(
+    chunks: &ChunkStore,
+    key: &str,
+    manifest: Manifest,
+    dirs: &[PathBuf],
+    mirror: bool,
+    started: Instant,
+) -> anyhow::Result<Stats> {
+    match (manifest.kind, dirs) {
+        (ManifestKind::Dir, [dir]) => {
+            restore_manifest(chunks, key, manifest, dir, mirror, started).await
+        }
+        (ManifestKind::Dir, _) => {
+            bail!("{key} holds one directory, not {} paths", dirs.len())
+        }
+        (ManifestKind::Paths, _) => {
+            let parts = paths::split(key, &manifest)?;
+            if parts.len() != dirs.len() {
+                bail!(
+                    "{key} holds {} paths ({}), but {} were given",
+                    parts.len(),
+                    manifest.label.replace('\n', ", "),
+                    dirs.len()
+                );
+            }
+            drop(manifest);
+            let mut total = Stats::default();
+            for (part, dir) in parts.into_iter().zip(dirs) {
+                let stats = match part.is_file() {
+                    true => restore_file(chunks, key, part.manifest, dir).await?,
+                    false => {
+                        restore_manifest(chunks, key, part.manifest, dir, mirror, started).await?
+                    }
+                };
+                total.add(&stats);
+            }
+            Ok(total)
+        }
+        (ManifestKind::Docker, _) => bail!("{key} holds a docker image, not a directory tree"),
+    }
+}
+
+/// Restores the one file `manifest` holds to `dest` (built beside it, then renamed in);
+/// no tree state is kept for a single file.
+async fn restore_file(
+    chunks: &ChunkStore,
+    key: &str,
+    mut manifest: Manifest,
+    dest: &Path,
+) -> anyhow::Result<Stats> {
+    let Some(name) = dest.file_name() else {
+        bail!("{} names no file", dest.display());
+    };
+    manifest.entries[0].path = name.as_bytes().to_vec();
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let (stats, _) = restore_whole(chunks, key, manifest, parent, false)
+        .await
+        .with_context(|| format!("cannot restore {}", dest.display()))?;
+    Ok(stats)
 }
 
 /// Restores a chunked entry into `dir`: in place when `dir` holds a tree cacher
@@ -580,7 +786,13 @@ async fn restore_fallback(
     args: &DirDownloadArgs,
     started: Instant,
 ) -> anyhow::Result<Option<(String, Option<Stats>)>> {
-    let source = archive::source_label(&args.dir);
+    let source = args
+        .dirs
+        .iter()
+        .map(|d| archive::source_label(d))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let several = args.dirs.len() > 1;
     let base = join_prefix(&config.prefix.value, "");
     for prefix in &args.fallback {
         let full = join_prefix(&config.prefix.value, prefix);
@@ -595,8 +807,8 @@ async fn restore_fallback(
             else {
                 continue;
             };
-            if let Err(why) = fallback_fits(chunks, &stored, &source, args.fallback_any_path).await
-            {
+            let fits = fallback_fits(chunks, &stored, &source, several, args.fallback_any_path);
+            if let Err(why) = fits.await {
                 ui::verbose(format!("fallback: skipping {key}: {why}"));
                 continue;
             }
@@ -616,16 +828,28 @@ async fn fallback_fits(
     chunks: &ChunkStore,
     stored: &Stored,
     source: &str,
+    several: bool,
     any_path: bool,
 ) -> Result<(), String> {
+    let paths_of = |label: &str| label.split('\n').count();
     match stored {
-        Stored::Manifest(m) if m.kind != ManifestKind::Dir => Err("a docker image".into()),
+        Stored::Manifest(m) if m.kind == ManifestKind::Docker => Err("a docker image".into()),
+        Stored::Manifest(m) if several != (m.kind == ManifestKind::Paths) => Err(match several {
+            true => "an entry of one directory".into(),
+            false => "an entry of several paths".into(),
+        }),
+        Stored::Manifest(m) if several && paths_of(&m.label) != paths_of(source) => Err(format!(
+            "made from {} paths, not {}",
+            paths_of(&m.label),
+            paths_of(source)
+        )),
         Stored::Manifest(m) if any_path || m.label == source => Ok(()),
         Stored::Manifest(m) if m.label.is_empty() => {
             Err("made by an older cacher that did not record its directory".into())
         }
         Stored::Manifest(m) => Err(format!("made from {}, not {source}", m.label)),
         Stored::Plain(_) => Err("a plain file".into()),
+        Stored::Legacy(_) if several => Err("a tar.zst of one directory".into()),
         Stored::Legacy(_) if !any_path => {
             Err("a tar.zst that does not record its directory".into())
         }

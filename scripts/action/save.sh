@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The save action's work, from its inputs in INPUT_* variables: uploads the INPUT_PATH
+# lines as one entry under INPUT_KEY (only the chunks the bucket lacks; skipped when
+# the key is cached) and writes saved=true|false to GITHUB_OUTPUT. Errors of the cache
+# are warnings unless INPUT_FAIL_ON_ERROR is true, as with actions/cache.
+set -o pipefail
+. "$(dirname "$0")/common.sh"
+
+out saved false
+install || exit $?
+paths=()
+while IFS= read -r p; do paths+=("$p"); done < <(lines "$INPUT_PATH")
+[ ${#paths[@]} -gt 0 ] || { echo "::error::path is required" >&2; exit 2; }
+result=$("$cacher" --json dir upload "$INPUT_KEY" "${paths[@]}")
+rc=$?
+[ $rc -eq 0 ] || exit "$rc"
+case $result in
+  *'"result":"uploaded"'*) out saved true ;;
+esac
+exit 0
