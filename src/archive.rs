@@ -30,6 +30,8 @@ pub struct Tree {
     pub entries: Vec<Entry>,
     /// The regular files, in the order their bytes appear in the content stream.
     pub files: Vec<ScannedFile>,
+    /// A single file scanned as a tree of itself ([`scan_path`]): `root` is its parent.
+    pub single_file: bool,
 }
 
 impl Tree {
@@ -81,6 +83,7 @@ pub fn scan(root: &Path) -> anyhow::Result<Tree> {
         root: root.to_path_buf(),
         entries,
         files,
+        single_file: false,
     })
 }
 
@@ -107,6 +110,7 @@ pub fn scan_path(path: &Path) -> anyhow::Result<Tree> {
             size: stamp.size,
             stamp,
         }],
+        single_file: true,
     })
 }
 

@@ -672,10 +672,16 @@ fn several_paths_make_one_entry_restored_each_to_its_place() {
     assert!(stats["wire_bytes"].as_u64().unwrap() < 300_000, "{stats}");
     assert_eq!(snapshot(&cache), want_cache);
 
-    // As many paths as the entry holds, no fewer.
+    // Only the paths it was made from take it: fewer is a miss that touches nothing.
+    let before = snapshot(&index);
     let short = env.run(["dir", "download", "deps/1", "registry/index"]);
-    short.code(2);
-    assert!(short.stderr.contains("holds 3 paths"), "{}", short.stderr);
+    short.code(1);
+    assert!(
+        short.stderr.contains("was made from the paths"),
+        "{}",
+        short.stderr
+    );
+    assert_eq!(snapshot(&index), before);
 }
 
 #[test]
@@ -697,7 +703,7 @@ fn fallback_takes_only_entries_of_the_same_paths() {
     let run = env.run(["dir", "download", "t/new", "c", "--fallback", "t/", "-v"]);
     run.code(1);
     assert!(
-        run.stderr.contains("an entry of several paths"),
+        run.stderr.contains("made from (a, b), not (c)"),
         "{}",
         run.stderr
     );
@@ -705,4 +711,47 @@ fn fallback_takes_only_entries_of_the_same_paths() {
     // A path that is not there is a mistake, exit 2, nothing written.
     env.run(["dir", "upload", "t/x", "a", "missing"]).code(2);
     env.run(["dir", "exists", "t/x"]).code(1);
+}
+
+#[test]
+fn an_entry_of_several_paths_restores_only_into_the_same_paths() {
+    let env = TestEnv::s3("paths-order");
+    let blob = random_bytes(2 * 1024 * 1024, 60);
+    env.write("a/blob.bin", &blob);
+    env.write("b/blob.bin", &blob);
+    env.write("b/own.txt", "b");
+    env.write("Cargo.lock", "lock");
+    // The same bytes in two paths are sent once.
+    let up = env.run(["--json", "dir", "upload", "k", "a", "b", "Cargo.lock"]);
+    let stats = crate::util::json_stats(&up.ok().stdout);
+    let (new, all) = (
+        stats["chunks_new"].as_u64().unwrap(),
+        stats["chunks"].as_u64().unwrap(),
+    );
+    // a's blob, b's last blob chunk (cut together with own.txt), own.txt, Cargo.lock.
+    assert!(new <= all / 2 + 3, "{stats}");
+
+    // Paths given in another order: a miss, nothing touched (a file never lands where
+    // a directory is).
+    let before = (snapshot(&env.path("a")), snapshot(&env.path("b")));
+    let swapped = env.run(["dir", "download", "k", "Cargo.lock", "a", "b"]);
+    swapped.code(1);
+    assert!(
+        swapped.stderr.contains("was made from the paths"),
+        "{}",
+        swapped.stderr
+    );
+    assert_eq!((snapshot(&env.path("a")), snapshot(&env.path("b"))), before);
+    assert!(env.path("Cargo.lock").is_file());
+
+    // Overlapping paths are refused before anything is read.
+    env.run(["dir", "upload", "k2", "a", "a/blob.bin"]).code(2);
+    env.run(["dir", "upload", "k2", "b", "./b/"]).code(2);
+    env.run(["dir", "exists", "k2"]).code(1);
+
+    // A single file is an entry too, restored to its place.
+    env.run(["dir", "upload", "lock", "Cargo.lock"]).ok();
+    std::fs::remove_file(env.path("Cargo.lock")).unwrap();
+    env.run(["dir", "download", "lock", "Cargo.lock"]).ok();
+    assert_eq!(std::fs::read(env.path("Cargo.lock")).unwrap(), b"lock");
 }

@@ -600,3 +600,46 @@ fn stats_and_exists_say_what_entries_hold_and_cost() {
     );
     assert!(text.stdout.contains("dedup ratio:"), "{}", text.stdout);
 }
+
+#[test]
+fn list_shows_what_entries_hold_not_their_manifests_size() {
+    let env = TestEnv::s3("list-sizes");
+    let tree = random_bytes(1_500_000, 33);
+    env.write("t/blob.bin", &tree);
+    env.write("plain.bin", b"twelve bytes");
+    env.run(["dir", "upload", "tree", "t"]).ok();
+    env.run(["upload", "plain", "plain.bin"]).ok();
+    let listed = env.run(["--json", "list"]);
+    let records: Vec<serde_json::Value> = listed
+        .ok()
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let find = |name: &str| records.iter().find(|r| r["name"] == name).unwrap().clone();
+    let t = find("tree");
+    assert_eq!(
+        (t["entry"].as_str(), t["bytes"].as_u64()),
+        (Some("tree"), Some(tree.len() as u64)),
+        "{t}"
+    );
+    assert!(
+        t["size"].as_u64().unwrap() < 10_000,
+        "the manifest's own size: {t}"
+    );
+    let p = find("plain");
+    assert_eq!(
+        (p["entry"].as_str(), p["bytes"].as_u64()),
+        (Some("file"), Some(12)),
+        "{p}"
+    );
+    let text = env.run(["list"]);
+    assert!(
+        text.ok()
+            .stdout
+            .lines()
+            .any(|l| l.contains(&format!(" {} tree (tree)", tree.len()))),
+        "{}",
+        text.stdout
+    );
+}

@@ -34,7 +34,9 @@ install() {
   local dir rc
   dir=$("$(dirname "${BASH_SOURCE[0]}")/install.sh")
   rc=$?
-  if [ $rc -eq 2 ] && [ "$CACHER_ON_ERROR" = warn ]; then
+  # 3: a release that does not match its checksums (or no release for this runner):
+  # never softened. Anything else (no network, an unwritable tool cache) is the cache's.
+  if [ $rc -ne 0 ] && [ $rc -ne 3 ] && [ "$CACHER_ON_ERROR" = warn ]; then
     echo "::warning::cacher could not be installed; going on without the cache"
     exit 0
   fi

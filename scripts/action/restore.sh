@@ -14,12 +14,11 @@ paths=()
 while IFS= read -r p; do paths+=("$p"); done < <(lines "$INPUT_PATH")
 [ ${#paths[@]} -gt 0 ] || { echo "::error::path is required" >&2; exit 2; }
 fallbacks=()
-restore_keys=()
-while IFS= read -r k; do restore_keys+=("$k"); fallbacks+=(--fallback "$k"); done < <(lines "${INPUT_RESTORE_KEYS:-}")
+while IFS= read -r k; do fallbacks+=("--fallback=$k"); done < <(lines "${INPUT_RESTORE_KEYS:-}")
 
 if [ "${INPUT_LOOKUP_ONLY:-false}" = true ]; then
   # The exact key only: restore-keys would need a restore to be told apart.
-  "$cacher" dir exists "$INPUT_KEY"
+  "$cacher" dir exists -- "$INPUT_KEY"
   rc=$?
   case $rc in
     0) out cache-hit true; out cache-matched-key "$INPUT_KEY" ;;
@@ -28,14 +27,16 @@ if [ "${INPUT_LOOKUP_ONLY:-false}" = true ]; then
   esac
   exit 0
 fi
-got=$("$cacher" dir download "$INPUT_KEY" "${paths[@]}" "${fallbacks[@]}")
+got=$("$cacher" dir download "${fallbacks[@]}" -- "$INPUT_KEY" "${paths[@]}")
 rc=$?
 case $rc in
   0)
     out cache-matched-key "$got"
-    [ "$got" = "$INPUT_KEY" ] && out cache-hit true
+    # The key as cacher spells it (with the arch suffix when one is configured).
+    want=$("$cacher" key -- "$INPUT_KEY" 2>/dev/null) || want=$INPUT_KEY
+    [ "$got" = "$want" ] && out cache-hit true
     ;;
-  1) echo "no entry for $INPUT_KEY${restore_keys[*]:+ or under ${restore_keys[*]}}" ;;
+  1) echo "no entry for $INPUT_KEY${fallbacks[*]:+ nor under the restore-keys}" ;;
   *) exit "$rc" ;;
 esac
 exit 0

@@ -7,11 +7,19 @@ set -o pipefail
 . "$(dirname "$0")/common.sh"
 
 out saved false
-install || exit $?
 paths=()
 while IFS= read -r p; do paths+=("$p"); done < <(lines "$INPUT_PATH")
 [ ${#paths[@]} -gt 0 ] || { echo "::error::path is required" >&2; exit 2; }
-result=$("$cacher" --json dir upload "$INPUT_KEY" "${paths[@]}")
+# A restore needs every path the entry was made from: one that is missing (a build
+# that failed early) means no save, as actions/cache saves nothing when no path exists.
+for p in "${paths[@]}"; do
+  if [ ! -e "$p" ]; then
+    echo "::warning::$p does not exist; not saving $INPUT_KEY"
+    exit 0
+  fi
+done
+install || exit $?
+result=$("$cacher" --json dir upload -- "$INPUT_KEY" "${paths[@]}")
 rc=$?
 [ $rc -eq 0 ] || exit "$rc"
 case $result in

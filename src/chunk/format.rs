@@ -347,6 +347,29 @@ impl Manifest {
                 ),
             ));
         }
+        if self.label.len() > MAX_PATH {
+            return Err(bad(
+                what,
+                format!(
+                    "its label (the paths it was made from) is {} bytes; readers accept at most {MAX_PATH}",
+                    self.label.len()
+                ),
+            ));
+        }
+        // A scan keeps within these; an entry of several paths adds a level (`000/`).
+        for e in &self.entries {
+            let depth = e.path.iter().filter(|&&b| b == b'/').count() + 1;
+            let deepest = match e.kind {
+                EntryKind::Dir => MAX_DEPTH - 1,
+                _ => MAX_DEPTH,
+            };
+            if e.path.len() > MAX_PATH || depth > deepest {
+                return Err(bad(
+                    what,
+                    format!("{} is too long or too deep for readers", show(&e.path)),
+                ));
+            }
+        }
         let path_bytes: usize = self.entries.iter().map(|e| e.path.len()).sum();
         if path_bytes > path_budget(body_len as usize) {
             return Err(bad(
@@ -449,6 +472,40 @@ pub fn decode_chunk(stored: &[u8], len: u32, id: &Id) -> Option<Vec<u8>> {
 /// Whether `data` starts like a manifest (as opposed to a plain file or a tar.zst).
 pub fn is_manifest(data: &[u8]) -> bool {
     data.starts_with(MANIFEST_MAGIC)
+}
+
+/// A manifest's kind and content length, read from the first bytes of its object
+/// (the body starts with them, so a few KiB of the zstd frame are enough); `None`
+/// when `head` is not the start of a manifest this cacher reads, or too short to tell.
+pub fn peek_manifest(head: &[u8]) -> Option<(ManifestKind, u64)> {
+    if !is_manifest(head) || head.len() < HEADER_LEN {
+        return None;
+    }
+    if u16::from_le_bytes([head[8], head[9]]) != VERSION {
+        return None;
+    }
+    let kind = match head[10] {
+        1 => ManifestKind::Dir,
+        2 => ManifestKind::Docker,
+        3 => ManifestKind::Paths,
+        _ => return None,
+    };
+    let mut body = Vec::new();
+    // A truncated frame decodes as far as it goes, then fails: keep what came out.
+    let mut decoder = zstd::stream::read::Decoder::new(&head[HEADER_LEN..]).ok()?;
+    let mut buf = [0u8; 4096];
+    while body.len() < 64 * 1024 {
+        match decoder.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => body.extend_from_slice(&buf[..n]),
+        }
+    }
+    let mut r = Reader::new("", &body);
+    r.take(8).ok()?;
+    let label_len = usize::try_from(r.varint().ok()?).ok()?;
+    r.take(label_len).ok()?;
+    let stream_len = u64::from_le_bytes(r.take(8).ok()?.try_into().ok()?);
+    Some((kind, stream_len))
 }
 
 /// How two relative paths compare in tree order, the order of a manifest's entries

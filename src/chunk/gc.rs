@@ -390,7 +390,7 @@ pub async fn read_entries<T: Send>(
 /// What the entries under a prefix hold and cost: `cacher stats`.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Usage {
-    /// Entries: plain files, directory trees, docker images.
+    /// Entries: plain files, directory trees (of one path or several), docker images.
     pub files: usize,
     pub trees: usize,
     pub images: usize,
@@ -456,8 +456,8 @@ pub async fn usage(chunks: &ChunkStore, prefix: &str) -> anyhow::Result<Usage> {
     for (size, (kind, logical, packs)) in read.into_iter().flatten() {
         match kind {
             None => usage.files += 1,
-            Some(super::format::ManifestKind::Dir) => usage.trees += 1,
-            Some(_) => usage.images += 1,
+            Some(super::format::ManifestKind::Docker) => usage.images += 1,
+            Some(_) => usage.trees += 1,
         }
         usage.entry_bytes += size;
         usage.logical_bytes += logical;

@@ -181,6 +181,8 @@ const PACK_HEADS_IN_FLIGHT: usize = 32;
 pub struct Known {
     /// Chunks of the segments read whole: those gc's summary does not describe.
     chunks: HashMap<Id, Location>,
+    /// Chunks this command sent already (an earlier path of an entry of several).
+    sent: Mutex<HashMap<Id, Location>>,
     packs: PackCheck,
     /// The segments gc's summary describes, read only where a lookup needs them.
     summarized: Option<SummaryIndex>,
@@ -198,13 +200,38 @@ impl Known {
             .chunks
             .get(id)
             .and_then(|loc| self.plausible(*loc, len));
-        recent.or_else(|| self.plausible(self.summarized.as_ref()?.lookup(id)?, len))
+        let sent = || {
+            let loc = *self.sent.lock().expect("sent lock").get(id)?;
+            self.plausible(loc, len)
+        };
+        recent
+            .or_else(sent)
+            .or_else(|| self.plausible(self.summarized.as_ref()?.lookup(id)?, len))
+    }
+
+    /// Learns the chunks of `table`, just sent: a later part of the same upload reuses
+    /// them instead of sending them again.
+    pub fn learn(&self, table: &ChunkTable) {
+        let mut sent = self.sent.lock().expect("sent lock");
+        let mut seen = self.packs.seen.lock().expect("pack lock");
+        for c in &table.chunks {
+            let pack = table.packs[c.pack as usize];
+            sent.insert(c.id, location(pack, c));
+            // The pack holds at least this chunk: enough for `plausible`.
+            let end = u64::from(c.offset) + u64::from(c.stored_len);
+            let info = seen.entry(pack).or_insert(None).get_or_insert(PackInfo {
+                modified: SystemTime::now(),
+                size: 0,
+            });
+            info.size = info.size.max(end);
+        }
     }
 
     /// Chunks known at `locations`, in the listed `packs`.
     pub fn new(locations: impl IntoIterator<Item = (Id, Location)>, packs: Packs) -> Known {
         Known {
             chunks: locations.into_iter().collect(),
+            sent: Mutex::default(),
             packs: PackCheck::listed(packs),
             summarized: None,
         }
@@ -451,6 +478,7 @@ impl ChunkStore {
     pub async fn known(&self, likely: &[Id]) -> anyhow::Result<Known> {
         let mut known = Known {
             chunks: HashMap::new(),
+            sent: Mutex::default(),
             packs: PackCheck::lazy(self),
             summarized: None,
         };

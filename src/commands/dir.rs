@@ -113,20 +113,51 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         )));
     }
     // A path that is not there is the job's mistake, not the cache's (--on-error).
+    let mut canonical: Vec<(PathBuf, &PathBuf)> = Vec::with_capacity(args.dirs.len());
     for dir in &args.dirs {
         let is_file = || std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_file());
         match std::fs::metadata(dir) {
             Ok(meta) if meta.is_dir() => {}
-            Ok(_) if several && is_file() => {}
-            Ok(_) if several => {
+            Ok(_) if is_file() => {}
+            Ok(_) => {
                 let what = "is not a directory or a regular file (not a symlink)";
                 return Err(input_error(format!("{} {what}", dir.display())));
             }
-            Ok(_) => {
-                return Err(input_error(format!("{} is not a directory", dir.display())));
-            }
             Err(e) => return Err(input_error(format!("cannot read {}: {e}", dir.display()))),
         }
+        // The label lists the paths one per line.
+        if dir.as_os_str().as_bytes().contains(&b'\n') {
+            return Err(input_error(format!(
+                "{} has a newline in its name",
+                dir.display()
+            )));
+        }
+        let real = dir
+            .canonicalize()
+            .map_err(|e| input_error(format!("{}: {e}", dir.display())))?;
+        if let Some((_, other)) = canonical
+            .iter()
+            .find(|(seen, _)| real.starts_with(seen) || seen.starts_with(&real))
+        {
+            return Err(input_error(format!(
+                "{} and {} overlap: give each path once, none inside another",
+                other.display(),
+                dir.display()
+            )));
+        }
+        canonical.push((real, dir));
+    }
+    let label_len: usize = args
+        .dirs
+        .iter()
+        .map(|d| archive::source_label(d).len() + 1)
+        .sum();
+    if several && label_len > crate::chunk::format::MAX_PATH {
+        return Err(input_error(format!(
+            "the {} paths take {label_len} bytes; one entry's paths take at most {}",
+            args.dirs.len(),
+            crate::chunk::format::MAX_PATH
+        )));
     }
     let started = Instant::now();
     // Stamps taken after this moment may be recorded (see `TreeState::new`).
@@ -174,9 +205,16 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         let (sent, read) = sent
             .inspect_err(|_| progress.clear())
             .with_context(|| format!("upload of {} to {key} failed", dir.display()))?;
+        known.learn(&sent.table);
         // The cutter is done with the tree (its batches ended), so this moves it.
-        let Tree { entries, files, .. } = Arc::unwrap_or_clone(tree);
+        let Tree {
+            entries,
+            files,
+            single_file,
+            ..
+        } = Arc::unwrap_or_clone(tree);
         parts.push(SentPart {
+            file: single_file,
             dir: dir.clone(),
             entries,
             files,
@@ -211,6 +249,8 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
 /// One path of an upload once its chunks are sent.
 struct SentPart {
     dir: PathBuf,
+    /// A single file (scanned as a tree of itself), not a directory.
+    file: bool,
     entries: Vec<Entry>,
     files: Vec<ScannedFile>,
     sent: Sent,
@@ -226,13 +266,16 @@ fn entry_of(
     dirs: &[PathBuf],
 ) -> anyhow::Result<(Manifest, Sent, Vec<(PathBuf, Vec<ScannedFile>, ReadReport)>)> {
     let mut parts = parts;
-    if let [_] = &parts[..] {
+    if let [only] = &parts[..]
+        && !only.file
+    {
         let SentPart {
             dir,
             entries,
             files,
             sent,
             read,
+            ..
         } = parts.pop().expect("one part");
         let manifest = Manifest {
             kind: ManifestKind::Dir,
@@ -250,9 +293,8 @@ fn entry_of(
     for (part, dir) in parts.into_iter().zip(dirs) {
         stats.add(&part.sent.stats);
         // A file is scanned as a tree of itself: its one entry is the path's.
-        let file = std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_file());
         let entries = part.entries;
-        let root = match (file, entries.first()) {
+        let root = match (part.file, entries.first()) {
             (true, Some(only)) => only.clone(),
             _ => archive::root_entry(dir)?,
         };
@@ -467,28 +509,43 @@ async fn restore_entry(
 ) -> anyhow::Result<Stats> {
     match (manifest.kind, dirs) {
         (ManifestKind::Dir, [dir]) => {
-            restore_manifest(chunks, key, manifest, dir, mirror, started).await
+            restore_manifest(chunks, key, manifest, None, dir, mirror, started).await
         }
         (ManifestKind::Dir, _) => {
             bail!("{key} holds one directory, not {} paths", dirs.len())
         }
         (ManifestKind::Paths, _) => {
-            let parts = paths::split(key, &manifest)?;
-            if parts.len() != dirs.len() {
-                bail!(
-                    "{key} holds {} paths ({}), but {} were given",
-                    parts.len(),
+            // Paths map to places by position: only the paths it was made from (as
+            // the label spells them) may take it, or a file could land where a
+            // directory is. Any other is a miss, as a changed `path:` is for actions/cache.
+            let given = source_labels(dirs);
+            if manifest.label != given {
+                return Err(crate::chunk::store::broken(format!(
+                    "{key} was made from the paths ({}), not ({})",
                     manifest.label.replace('\n', ", "),
-                    dirs.len()
-                );
+                    given.replace('\n', ", ")
+                )));
             }
+            let parts = paths::split(key, &manifest)?;
             drop(manifest);
+            // A pack gone would fail a later path after earlier ones were replaced:
+            // found first, it is a miss with every path untouched.
+            let packs: Vec<crate::chunk::Id> = parts
+                .iter()
+                .flat_map(|p| p.manifest.table.packs.iter().copied())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if let Some(why) = missing_pack(chunks, &packs).await? {
+                return Err(crate::chunk::store::broken(format!("{key}: {why}")));
+            }
             let mut total = Stats::default();
-            for (part, dir) in parts.into_iter().zip(dirs) {
+            for (i, (part, dir)) in parts.into_iter().zip(dirs).enumerate() {
                 let stats = match part.is_file() {
                     true => restore_file(chunks, key, part.manifest, dir).await?,
                     false => {
-                        restore_manifest(chunks, key, part.manifest, dir, mirror, started).await?
+                        let m = part.manifest;
+                        restore_manifest(chunks, key, m, Some(i), dir, mirror, started).await?
                     }
                 };
                 total.add(&stats);
@@ -529,6 +586,7 @@ async fn restore_manifest(
     chunks: &ChunkStore,
     key: &str,
     manifest: Manifest,
+    part: Option<usize>,
     dir: &Path,
     mirror: bool,
     started: Instant,
@@ -557,8 +615,16 @@ async fn restore_manifest(
                     // Read again rather than kept: a copy held through the update
                     // would cost as much memory as the manifest (90 MB for 10^6 files).
                     let why = || format!("could not update {} in place ({e:#})", dir.display());
-                    let manifest = match chunks.fetch(key).await.with_context(why)? {
-                        Some(Stored::Manifest(m)) if m.kind == ManifestKind::Dir => *m,
+                    let fetched = chunks.fetch(key).await.with_context(why)?;
+                    let manifest = match (fetched, part) {
+                        (Some(Stored::Manifest(m)), None) if m.kind == ManifestKind::Dir => *m,
+                        (Some(Stored::Manifest(m)), Some(i)) if m.kind == ManifestKind::Paths => {
+                            let mut parts = paths::split(key, &m).with_context(why)?;
+                            match i < parts.len() {
+                                true => parts.swap_remove(i).manifest,
+                                false => bail!("{}, and {key} changed meanwhile", why()),
+                            }
+                        }
                         _ => bail!("{}, and {key} changed meanwhile", why()),
                     };
                     let whole = restore_whole(chunks, key, manifest, dir, mirror).await;
@@ -786,12 +852,7 @@ async fn restore_fallback(
     args: &DirDownloadArgs,
     started: Instant,
 ) -> anyhow::Result<Option<(String, Option<Stats>)>> {
-    let source = args
-        .dirs
-        .iter()
-        .map(|d| archive::source_label(d))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let source = source_labels(&args.dirs);
     let several = args.dirs.len() > 1;
     let base = join_prefix(&config.prefix.value, "");
     for prefix in &args.fallback {
@@ -834,15 +895,26 @@ async fn fallback_fits(
     let paths_of = |label: &str| label.split('\n').count();
     match stored {
         Stored::Manifest(m) if m.kind == ManifestKind::Docker => Err("a docker image".into()),
-        Stored::Manifest(m) if several != (m.kind == ManifestKind::Paths) => Err(match several {
-            true => "an entry of one directory".into(),
-            false => "an entry of several paths".into(),
-        }),
-        Stored::Manifest(m) if several && paths_of(&m.label) != paths_of(source) => Err(format!(
-            "made from {} paths, not {}",
-            paths_of(&m.label),
-            paths_of(source)
-        )),
+        Stored::Manifest(m) if several && m.kind == ManifestKind::Dir => {
+            Err("an entry of one directory".into())
+        }
+        // Paths map to places by position, so their labels must match (see
+        // `restore_entry`); with --fallback-any-path only their number.
+        Stored::Manifest(m) if m.kind == ManifestKind::Paths && m.label != source => {
+            match (any_path, paths_of(&m.label) == paths_of(source)) {
+                (true, true) => Ok(()),
+                (true, false) => Err(format!(
+                    "made from {} paths, not {}",
+                    paths_of(&m.label),
+                    paths_of(source)
+                )),
+                (false, _) => Err(format!(
+                    "made from ({}), not ({})",
+                    m.label.replace('\n', ", "),
+                    source.replace('\n', ", ")
+                )),
+            }
+        }
         Stored::Manifest(m) if any_path || m.label == source => Ok(()),
         Stored::Manifest(m) if m.label.is_empty() => {
             Err("made by an older cacher that did not record its directory".into())
@@ -858,6 +930,14 @@ async fn fallback_fits(
             false => Err("a zstd object that is not a tar archive".into()),
         },
     }
+}
+
+/// The label an entry made from `dirs` carries: each path's source label, one per line.
+fn source_labels(dirs: &[PathBuf]) -> String {
+    dirs.iter()
+        .map(|d| archive::source_label(d))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Whether the zstd object `info` decompresses to something starting like a tar (its

@@ -16,10 +16,13 @@ use time::{OffsetDateTime, UtcOffset};
 use serde_json::json;
 
 use super::Outcome;
+use crate::chunk::format::{HEADER_LEN, ManifestKind, peek_manifest};
 use crate::cli::ListArgs;
 use crate::config::Config;
-use crate::store::Listing;
+use crate::store::{Listing, ObjectInfo};
+use crate::transfer::Transfer;
 use crate::ui;
+use futures::StreamExt;
 
 pub async fn run(config: &Config, args: &ListArgs) -> anyhow::Result<Outcome> {
     let base = if args.root || config.prefix.value.is_empty() {
@@ -29,7 +32,8 @@ pub async fn run(config: &Config, args: &ListArgs) -> anyhow::Result<Outcome> {
     };
     let wanted = args.prefix.as_deref().unwrap_or("").trim_start_matches('/');
     let full = format!("{base}{wanted}");
-    let store = crate::store::open(config).await?;
+    let chunks = super::dir::chunk_store(config).await?;
+    let store = chunks.transfer().store().clone();
     let delimiter = (!args.recursive).then_some('/');
 
     // Names are shown relative to the last `/` of the listed prefix, as `aws s3 ls` does.
@@ -47,7 +51,8 @@ pub async fn run(config: &Config, args: &ListArgs) -> anyhow::Result<Outcome> {
         let (mut page, next) = store.list_page(&full, delimiter, token).await?;
         page.prefixes.retain(|p| !hidden(p));
         page.objects.retain(|o| !hidden(&o.key));
-        print_page(&page, shown_from)?;
+        let kinds = peek_entries(chunks.transfer(), &page.objects).await;
+        print_page(&page, &kinds, shown_from)?;
         match next {
             Some(next) => token = Some(next),
             None => break,
@@ -63,8 +68,42 @@ fn is_internal(key: &str) -> bool {
         .any(crate::chunk::layout::is_reserved_segment)
 }
 
-/// Prints one page of a listing: its common prefixes, then its objects.
-fn print_page(listing: &Listing, shown_from: usize) -> anyhow::Result<()> {
+/// For each object, whether it is a directory or docker entry, and what its content
+/// holds: a manifest's size says nothing of the tree or image it describes. One
+/// ranged read of its first bytes each, several at once; an object that cannot be
+/// read is shown as it is listed.
+async fn peek_entries(
+    transfer: &Transfer,
+    objects: &[ObjectInfo],
+) -> Vec<Option<(ManifestKind, u64)>> {
+    futures::stream::iter(objects)
+        .map(|o| async move {
+            if is_internal(&o.key) || o.size < HEADER_LEN as u64 {
+                return None;
+            }
+            let mut head = Vec::new();
+            let range = 0..o.size.min(PEEK_BYTES);
+            transfer
+                .read_range(&o.key, o.etag.as_deref(), range, &mut head)
+                .await
+                .ok()?;
+            peek_manifest(&head)
+        })
+        .buffered(transfer.jobs())
+        .collect()
+        .await
+}
+
+/// Bytes read from each listed object to tell a manifest and its content length.
+const PEEK_BYTES: u64 = 4096;
+
+/// Prints one page of a listing: its common prefixes, then its objects (with what
+/// `kinds` says of each).
+fn print_page(
+    listing: &Listing,
+    kinds: &[Option<(ManifestKind, u64)>],
+    shown_from: usize,
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     for prefix in &listing.prefixes {
         if ui::json_enabled() {
@@ -77,18 +116,31 @@ fn print_page(listing: &Listing, shown_from: usize) -> anyhow::Result<()> {
             writeln!(out, "{:>30} {}", "PRE", &prefix[shown_from..])?;
         }
     }
-    for object in &listing.objects {
+    for (object, kind) in listing.objects.iter().zip(kinds) {
         let name = &object.key[shown_from..];
+        let (entry, bytes) = match kind {
+            Some((ManifestKind::Dir, len)) => ("tree", *len),
+            Some((ManifestKind::Paths, len)) => ("paths", *len),
+            Some((ManifestKind::Docker, len)) => ("image", *len),
+            None => ("file", object.size),
+        };
         if ui::json_enabled() {
             let modified = object
                 .modified
                 .map(OffsetDateTime::from)
                 .and_then(|t| t.format(&Rfc3339).ok());
-            let record = json!({ "key": object.key, "name": name, "size": object.size, "modified": modified });
+            let record = json!({
+                "key": object.key, "name": name, "size": object.size, "modified": modified,
+                "entry": entry, "bytes": bytes,
+            });
             writeln!(out, "{record}")?;
         } else {
             let modified = format_time(object.modified);
-            writeln!(out, "{modified} {:>10} {name}", object.size)?;
+            let tag = match kind {
+                Some(_) => format!(" ({entry})"),
+                None => String::new(),
+            };
+            writeln!(out, "{modified} {bytes:>10} {name}{tag}")?;
         }
     }
     out.flush()?;
