@@ -78,10 +78,13 @@ fn wrong_kinds_of_paths_exit_2() {
         "not a regular file",
     );
     fails_with_one_line(&env.run(["upload", "k", "missing-file"]), "missing-file");
+    // A regular file is an entry of one path; a device or a symlink to a file is not.
     fails_with_one_line(
-        &env.run(["dir", "upload", "k", file.to_str().unwrap()]),
-        "not a directory",
+        &env.run(["dir", "upload", "k", "/dev/null"]),
+        "not a directory or a regular file",
     );
+    std::os::unix::fs::symlink(&file, env.path("link")).unwrap();
+    fails_with_one_line(&env.run(["dir", "upload", "k", "link"]), "not a symlink");
     fails_with_one_line(
         &env.run(["dir", "upload", "k", "missing-dir"]),
         "missing-dir",
