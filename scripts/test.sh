@@ -4,9 +4,10 @@
 # qemu-user-static and file. Builds the release binaries (scripts/release.sh; CACHER_SKIP_RELEASE=1 skips
 # it), starts dockerd and a registry on 127.0.0.1:5000 when they are not running, runs
 # the whole suite against Garage, then the plain, dir, warm-path, docker, fault, crash,
-# concurrency, gc, bad-input, soak and TLS tests again against moto, and stops what it
-# started. The test harness (tests/util/server.rs) starts its own S3 server on loopback
-# with random ports and a temp dir. Arguments go to the Garage run.
+# concurrency, gc, bad-input, soak, TLS, soft-failure and GitHub-action tests again
+# against moto, and stops what it started. The test harness (tests/util/server.rs)
+# starts its own S3 server on loopback with random ports and a temp dir. Arguments go
+# to the Garage run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -82,4 +83,5 @@ cargo test "$@"
 # Modules whose tests hold on any S3 server; config and shipping need Garage's
 # credential checks (moto accepts any secret), keys and file_store need no server.
 CACHER_TEST_SERVER=moto cargo test --test tests -- \
-  plain:: dir:: warm:: docker:: concurrency:: crash:: faults:: gc:: bad_input:: soak:: tls::
+  plain:: dir:: warm:: docker:: concurrency:: crash:: faults:: gc:: bad_input:: soak:: tls:: \
+  soft:: actions::
