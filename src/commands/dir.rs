@@ -200,12 +200,15 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         .sum();
     let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), total));
     let mut parts = Vec::with_capacity(trees.len());
-    for (dir, tree, state) in trees {
+    let last = trees.len() - 1;
+    for (i, (dir, tree, state)) in trees.into_iter().enumerate() {
         let sent = send_with_retry(&chunks, &tree, state, &known, &progress).await;
         let (sent, read) = sent
             .inspect_err(|_| progress.clear())
             .with_context(|| format!("upload of {} to {key} failed", dir.display()))?;
-        known.learn(&sent.table);
+        if i < last {
+            known.learn(&sent.table);
+        }
         // The cutter is done with the tree (its batches ended), so this moves it.
         let Tree {
             entries,
@@ -223,7 +226,7 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         });
     }
     let failed = |e: anyhow::Error| e.context(format!("upload to {key} failed"));
-    let (manifest, sent, reads) = entry_of(parts, &args.dirs)?;
+    let (manifest, sent, reads) = entry_of(parts)?;
     let published = chunks.publish(manifest, sent, &key).await;
     progress.clear();
     let (mut stats, manifest) = published.map_err(failed)?;
@@ -263,7 +266,6 @@ struct SentPart {
 #[allow(clippy::type_complexity)]
 fn entry_of(
     parts: Vec<SentPart>,
-    dirs: &[PathBuf],
 ) -> anyhow::Result<(Manifest, Sent, Vec<(PathBuf, Vec<ScannedFile>, ReadReport)>)> {
     let mut parts = parts;
     if let [only] = &parts[..]
@@ -290,16 +292,16 @@ fn entry_of(
     let mut stats = Stats::default();
     let mut sub = Vec::with_capacity(parts.len());
     let mut reads = Vec::with_capacity(parts.len());
-    for (part, dir) in parts.into_iter().zip(dirs) {
+    for part in parts {
         stats.add(&part.sent.stats);
         // A file is scanned as a tree of itself: its one entry is the path's.
         let entries = part.entries;
         let root = match (part.file, entries.first()) {
             (true, Some(only)) => only.clone(),
-            _ => archive::root_entry(dir)?,
+            _ => archive::root_entry(&part.dir)?,
         };
         sub.push(paths::Part {
-            label: archive::source_label(dir),
+            label: archive::source_label(&part.dir),
             root,
             manifest: Manifest {
                 kind: ManifestKind::Dir,
