@@ -17,6 +17,7 @@ use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::chunk::format::{Entry, EntryKind, MAX_DEPTH, MAX_PATH, show};
+use crate::exclude::Exclude;
 use crate::restore::join_path;
 use crate::state::Stamp;
 use crate::ui;
@@ -62,12 +63,13 @@ pub struct ScannedFile {
 /// Walks `root` depth-first in byte order of names. Fifos, sockets and device nodes are
 /// skipped with a warning; symlinks are recorded, never followed; cacher's own temp
 /// entries (`.cacher-restore-*`, `.cacher-old-*`, `.cacher-new-*`: a restore running
-/// into the same directory, or one killed there) are left out.
+/// into the same directory, or one killed there) are left out, and so is what
+/// `exclude` matches (nothing below an excluded directory is looked at).
 ///
 /// Every node is looked at relative to its parent's open handle (no path is resolved
 /// twice), and subdirectories are scanned in parallel: with a tree state, this stat of
 /// every file is most of what a warm upload costs.
-pub fn scan(root: &Path) -> anyhow::Result<Tree> {
+pub fn scan(root: &Path, exclude: &Exclude) -> anyhow::Result<Tree> {
     let fd = rustix::fs::open(
         root,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -78,7 +80,7 @@ pub fn scan(root: &Path) -> anyhow::Result<Tree> {
         e => anyhow::Error::new(std::io::Error::from(e))
             .context(format!("cannot read {}", root.display())),
     })?;
-    let (entries, files) = scan_dir(root, &fd, &[], 1)?;
+    let (entries, files) = scan_dir(root, &fd, &[], 1, exclude)?;
     Ok(Tree {
         root: root.to_path_buf(),
         entries,
@@ -88,10 +90,11 @@ pub fn scan(root: &Path) -> anyhow::Result<Tree> {
 }
 
 /// A path to upload as (part of) an entry: a directory's tree ([`scan`]), or a regular
-/// file as a tree of itself, rooted at its parent.
-pub fn scan_path(path: &Path) -> anyhow::Result<Tree> {
+/// file as a tree of itself, rooted at its parent (`exclude` applies below a
+/// directory only).
+pub fn scan_path(path: &Path, exclude: &Exclude) -> anyhow::Result<Tree> {
     if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
-        return scan(path);
+        return scan(path, exclude);
     }
     let meta = std::fs::symlink_metadata(path)
         .with_context(|| format!("cannot read {}", path.display()))?;
@@ -139,6 +142,7 @@ fn scan_dir(
     fd: &OwnedFd,
     rel: &[u8],
     depth: usize,
+    exclude: &Exclude,
 ) -> anyhow::Result<(Vec<Entry>, Vec<ScannedFile>)> {
     let shown = |name: &[u8]| {
         root.join(OsStr::from_bytes(&join_path(rel, name)))
@@ -164,6 +168,14 @@ fn scan_dir(
         Vec::with_capacity(names.len());
     for name in names {
         let path = join_path(rel, &name);
+        let c_name = std::ffi::CString::new(name.clone()).expect("names hold no NUL");
+        let st = rustix::fs::statat(fd, &c_name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(std::io::Error::from)
+            .with_context(|| format!("cannot stat {}", shown(&name)))?;
+        let file_type = rustix::fs::FileType::from_raw_mode(st.st_mode as rustix::fs::RawMode);
+        if exclude.excludes(&path, file_type == rustix::fs::FileType::Directory) {
+            continue;
+        }
         if depth > MAX_DEPTH {
             bail!(
                 "{} is deeper than {MAX_DEPTH} directories, more than cacher restores",
@@ -177,11 +189,6 @@ fn scan_dir(
                 path.len()
             );
         }
-        let c_name = std::ffi::CString::new(name.clone()).expect("names hold no NUL");
-        let st = rustix::fs::statat(fd, &c_name, AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(std::io::Error::from)
-            .with_context(|| format!("cannot stat {}", shown(&name)))?;
-        let file_type = rustix::fs::FileType::from_raw_mode(st.st_mode as rustix::fs::RawMode);
         let mut file = None;
         let kind = match file_type {
             rustix::fs::FileType::Directory => EntryKind::Dir,
@@ -240,7 +247,7 @@ fn scan_dir(
             )
             .map_err(std::io::Error::from)
             .with_context(|| format!("cannot walk {}", shown(name.as_bytes())))?;
-            scan_dir(root, &sub, &entry.path, depth + 1).map(Some)
+            scan_dir(root, &sub, &entry.path, depth + 1, exclude).map(Some)
         })
         .collect::<anyhow::Result<_>>()?;
     // Sized exactly, and the entries joined before the files: at the top this holds
@@ -342,7 +349,7 @@ mod tests {
         fs::create_dir_all(dir.path().join("b/c")).unwrap();
         fs::write(dir.path().join("b/c/f"), "x").unwrap();
         fs::write(dir.path().join("a.txt"), "y").unwrap();
-        let tree = scan(dir.path()).unwrap();
+        let tree = scan(dir.path(), &Exclude::default()).unwrap();
         let paths: Vec<_> = tree.entries.iter().map(|e| e.path.clone()).collect();
         assert_eq!(paths, [&b"a.txt"[..], b"b", b"b/c", b"b/c/f"]);
     }
@@ -456,7 +463,7 @@ mod properties {
             fs::create_dir(&src).unwrap();
             build(&src, &nodes);
 
-            let tree = scan(&src).unwrap();
+            let tree = scan(&src, &Exclude::default()).unwrap();
             let stream = crate::tree_stream::content(tree.clone()).unwrap();
             let out = work.path().join("out");
             let mut restorer = Restorer::create(&out, tree.entries, 0).unwrap();

@@ -243,6 +243,10 @@ pub struct DirUploadArgs {
     /// Directory to store; several (files too) make one entry, each restored to its place
     #[arg(required = true, value_name = "DIR")]
     pub dirs: Vec<PathBuf>,
+    /// Leave out what matches, gitignore-style, relative to each DIR (repeatable:
+    /// `incremental`, `registry/src`, `*.o`, `!keep.o`); a restore leaves it alone
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
     /// Overwrite the key when it exists (only new chunks are sent)
     #[arg(long)]
     pub force: bool,

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod docker;
+pub mod exclude;
 pub mod http;
 pub mod image_archive;
 pub mod key;

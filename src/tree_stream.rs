@@ -559,7 +559,7 @@ mod tests {
     /// Cuts a tree as an upload would into a bucket holding the chunks of `state`;
     /// every chunk id and length, and what was read.
     fn cut(root: &Path, state: Option<&TreeState>) -> (Vec<(Id, u32)>, ReadReport) {
-        let tree = scan(root).unwrap();
+        let tree = scan(root, &Default::default()).unwrap();
         let progress = Arc::new(Progress::new("test", 0));
         let stored = state.iter().flat_map(|s| &s.manifest.table.chunks);
         let pack = crate::chunk::store::PackInfo {
@@ -587,7 +587,7 @@ mod tests {
     /// The tree state an upload of `root` would record now, with `taken` an hour
     /// after the files were written (so no stamp is racy).
     fn state_of(root: &Path, chunks: &[(Id, u32)]) -> TreeState {
-        let tree = scan(root).unwrap();
+        let tree = scan(root, &Default::default()).unwrap();
         let stamps = tree.files.iter().map(|f| Some(f.stamp)).collect();
         let table = table_of(chunks.iter().map(|(id, len)| (*id, fake_location(*len))));
         let manifest = Manifest {
@@ -618,7 +618,7 @@ mod tests {
             .unwrap();
         }
         let (chunks, report) = cut(dir.path(), None);
-        let stream = content(scan(dir.path()).unwrap()).unwrap();
+        let stream = content(scan(dir.path(), &Default::default()).unwrap()).unwrap();
         assert_eq!(report.bytes_read, stream.len() as u64);
         let want: Vec<(Id, u32)> = fastcdc::v2020::StreamCDC::new(
             &stream[..],
@@ -677,7 +677,7 @@ mod tests {
             report.bytes_read
         );
         let mut all = Vec::new();
-        let tree = scan(root).unwrap();
+        let tree = scan(root, &Default::default()).unwrap();
         for i in 0..tree.files.len() {
             fs::File::open(tree.path(i))
                 .unwrap()
@@ -719,7 +719,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("a"), "first").unwrap();
         fs::write(dir.path().join("b"), "second").unwrap();
-        let tree = scan(dir.path()).unwrap();
+        let tree = scan(dir.path(), &Default::default()).unwrap();
         assert_eq!(content(tree.clone()).unwrap(), b"firstsecond");
 
         fs::write(dir.path().join("b"), "second and more").unwrap();

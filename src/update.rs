@@ -31,9 +31,10 @@ use rustix::io::Errno;
 
 use crate::chunk::format::{ChunkRef, ChunkTable, Entry, EntryKind, Manifest, show, tree_order};
 use crate::chunk::store::{location, table_of};
+use crate::exclude::Exclude;
 use crate::restore::{
-    MODE_MASK, check_space, complete_file, finalize, join_path, list_names, open_dir, permissions,
-    split_path, timestamps,
+    MODE_MASK, check_space, complete_file, finalize, is_dir, join_path, list_names, open_dir,
+    permissions, split_path, timestamps,
 };
 use crate::state::{Stamp, TreeState};
 use crate::temp::{self, ASIDE_PREFIX, NEW_PREFIX};
@@ -458,6 +459,8 @@ pub struct TreeUpdate {
     file: Option<OpenFile>,
     /// Remove top-level entries the new tree lacks (`--delete`).
     mirror: bool,
+    /// Paths the new tree was uploaded without: never removed.
+    keep: Exclude,
     root_unseen: HashSet<OsString>,
     root_seen: Vec<OsString>,
     /// Staged entries (new tree entry, temp name beside it), in tree order, and how
@@ -486,6 +489,7 @@ impl TreeUpdate {
         entries: Vec<Entry>,
         plan: Plan,
         mirror: bool,
+        keep: Exclude,
     ) -> anyhow::Result<TreeUpdate> {
         temp::remove_stale_leftovers(dest);
         check_space(dest, plan.write_bytes)?;
@@ -512,6 +516,7 @@ impl TreeUpdate {
             open_dirs: Vec::new(),
             file: None,
             mirror,
+            keep,
             root_unseen,
             root_seen: Vec::new(),
             staged: Vec::new(),
@@ -749,6 +754,7 @@ impl TreeUpdate {
         }
         let mut unseen = d.unseen;
         retain_extras(d.fd.as_fd(), &mut unseen, &d.seen);
+        self.retain_included(d.fd.as_fd(), &e.path, &mut unseen);
         if d.dirty || !unseen.is_empty() {
             self.existing_dirs.push(d.entry);
         }
@@ -757,6 +763,21 @@ impl TreeUpdate {
             self.extras.push((path.clone(), name));
         }
         Ok(())
+    }
+
+    /// Keeps in `unseen` (names in the directory `dir` at `path` that the new tree
+    /// lacks) only those its upload did not exclude: the others are left alone.
+    fn retain_included(&self, dir: BorrowedFd<'_>, path: &[u8], unseen: &mut HashSet<OsString>) {
+        if self.keep.is_empty() {
+            return;
+        }
+        unseen.retain(|name| {
+            let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW);
+            let is_dir = st.is_ok_and(|st| is_dir(&st));
+            !self
+                .keep
+                .excludes(&join_path(path, name.as_bytes()), is_dir)
+        });
     }
 
     /// Visits the entries left, then puts every staged entry in place, removes what
@@ -783,6 +804,7 @@ impl TreeUpdate {
         if self.mirror {
             let mut unseen = std::mem::take(&mut self.root_unseen);
             retain_extras(self.root.as_fd(), &mut unseen, &self.root_seen);
+            self.retain_included(self.root.as_fd(), &[], &mut unseen);
             self.extras
                 .extend(unseen.into_iter().map(|n| (Vec::new(), n)));
         }

@@ -176,6 +176,8 @@ fn restore_and_save_behave_as_actions_cache_does() {
     let env = TestEnv::s3("actions");
     let paths = tree(&env);
     let want = snapshot(&env.path("registry"));
+    // Sources the build unpacks: left out by the save's `exclude`.
+    env.write("registry/src/serde/lib.rs", "pub fn f() {}\n");
     let restore = |key: &str, extra: &[(&str, &str)]| {
         let mut inputs = vec![("path", PATHS), ("key", key), ("release-url", url.as_str())];
         inputs.extend_from_slice(extra);
@@ -185,7 +187,12 @@ fn restore_and_save_behave_as_actions_cache_does() {
         run_action(
             &env,
             "save",
-            &[("path", PATHS), ("key", key), ("release-url", url.as_str())],
+            &[
+                ("path", PATHS),
+                ("key", key),
+                ("release-url", url.as_str()),
+                ("exclude", "  src/\n*.tmp\n"),
+            ],
         )
     };
 
@@ -212,6 +219,15 @@ fn restore_and_save_behave_as_actions_cache_does() {
     assert_eq!(warm.outputs["cache-matched-key"], "deps-1");
     assert_eq!(snapshot(&env.path("registry")), want);
     assert!(env.path("Cargo.lock").is_file());
+    // What the save excluded is left alone by a restore over it, also inside the
+    // directories it restores (where other strays are removed).
+    env.write("registry/cache/serde.crate.tmp", "partial download\n");
+    env.write("registry/cache/stray", "stray\n");
+    let again = restore("deps-1", &[]);
+    assert_eq!(again.outputs["cache-hit"], "true", "{}", again.stderr);
+    let tmp = std::fs::read(env.path("registry/cache/serde.crate.tmp")).unwrap();
+    assert_eq!(tmp, b"partial download\n");
+    assert!(!env.path("registry/cache/stray").exists());
 
     // restore-keys: the newest entry under a prefix, not an exact hit.
     let fallback = restore("deps-2", &[("restore-keys", "other-\ndeps-\n")]);

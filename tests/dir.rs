@@ -755,3 +755,220 @@ fn an_entry_of_several_paths_restores_only_into_the_same_paths() {
     env.run(["dir", "download", "lock", "Cargo.lock"]).ok();
     assert_eq!(std::fs::read(env.path("Cargo.lock")).unwrap(), b"lock");
 }
+
+/// A Rust `target/` as a job leaves it: build outputs, incremental state and logs.
+fn make_target(env: &TestEnv) -> PathBuf {
+    let target = make_tree(env, "target", 70);
+    env.write(
+        "target/debug/incremental/app-1/dep-graph.bin",
+        random_bytes(200_000, 71),
+    );
+    env.write("target/debug/incremental/app-1/query-cache.bin", "q");
+    env.write("target/release/incremental/x.bin", "x");
+    env.write("target/debug/build.log", "log");
+    env.write("target/top.log", "top");
+    env.write("target/pkg/keep.log", "keep");
+    env.write("target/debug/app", "app v1");
+    target
+}
+
+const EXCLUDES: [&str; 6] = [
+    "--exclude",
+    "incremental/",
+    "--exclude",
+    "*.log",
+    "--exclude",
+    "!keep.log",
+];
+
+/// `snapshot` without the paths [`EXCLUDES`] matches.
+fn included(snap: Vec<(String, String)>) -> Vec<(String, String)> {
+    snap.into_iter()
+        .filter(|(p, _)| {
+            let in_incremental = p.split('/').any(|s| s == "incremental");
+            let log = p.ends_with(".log") && !p.ends_with("keep.log");
+            !in_incremental && !log
+        })
+        .collect()
+}
+
+#[test]
+fn excluded_paths_stay_out_of_the_entry_and_are_left_alone_by_restores() {
+    let mut env = TestEnv::s3("exclude");
+    let target = make_target(&env);
+    let t = target.to_str().unwrap();
+    let mut up = vec!["dir", "upload", "rust/1", "target"];
+    up.extend(EXCLUDES);
+    env.run(&up).ok();
+    let m = crate::util::manifest(&env, "rust/1");
+    assert_eq!(m.sources(), "target");
+    assert_eq!(m.exclusions(), ["incremental/", "*.log", "!keep.log"]);
+    let paths: Vec<String> = m
+        .entries
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.path).into_owned())
+        .collect();
+    assert!(paths.iter().any(|p| p == "pkg/keep.log"), "{paths:?}");
+    assert!(paths.iter().any(|p| p == "debug/app"), "{paths:?}");
+    assert!(
+        !paths
+            .iter()
+            .any(|p| p.contains("incremental") || p.ends_with("build.log") || p == "top.log"),
+        "{paths:?}"
+    );
+
+    // Into an empty place: the tree without what was excluded.
+    let want = included(snapshot(&target));
+    env.run(["dir", "download", "rust/1", "fresh"]).ok();
+    assert_eq!(snapshot(&env.path("fresh")), want);
+
+    // In place (the upload recorded the tree): the build changed a tracked file, its
+    // incremental state and its logs, and left a stray file. The restore puts the
+    // tracked file back and removes the stray one, and leaves the excluded paths as
+    // the build left them.
+    env.write("target/debug/app", "app v2, rebuilt");
+    env.write("target/debug/incremental/app-2/new.bin", "new");
+    env.write("target/debug/build.log", "log 2");
+    env.write("target/debug/stray.txt", "stray");
+    let kept = |snap: Vec<(String, String)>| -> Vec<(String, String)> {
+        let included = included(snap.clone());
+        snap.into_iter().filter(|p| !included.contains(p)).collect()
+    };
+    let excluded_before = kept(snapshot(&target));
+    assert!(excluded_before.len() >= 8, "{excluded_before:?}");
+    let run = env.run(["-v", "dir", "download", "rust/1", t]);
+    assert!(
+        run.ok().stderr.contains("files of"),
+        "in place: {}",
+        run.stderr
+    );
+    assert_eq!(
+        std::fs::read(env.path("target/debug/app")).unwrap(),
+        b"app v1"
+    );
+    assert!(!env.path("target/debug/stray.txt").exists());
+    assert_eq!(kept(snapshot(&target)), excluded_before);
+    assert_eq!(included(snapshot(&target)), want);
+
+    // Built whole (no record, and DIR holds far more than the entry): the directories
+    // it replaces keep their excluded paths, moved over from the old ones.
+    env.write("target/debug/app", "app v3");
+    env.write("target/debug/stray.txt", "stray");
+    std::fs::File::create(env.path("target/huge.bin"))
+        .unwrap()
+        .set_len(200 << 20)
+        .unwrap();
+    let excluded_before = kept(snapshot(&target));
+    let state = env.path("state-2");
+    env.set("CACHER_STATE_DIR", state.to_str().unwrap());
+    let run = env.run(["-v", "dir", "download", "rust/1", t]);
+    assert!(
+        run.ok().stderr.contains("far more than the entry"),
+        "whole: {}",
+        run.stderr
+    );
+    assert_eq!(
+        std::fs::read(env.path("target/debug/app")).unwrap(),
+        b"app v1"
+    );
+    assert!(!env.path("target/debug/stray.txt").exists());
+    assert_eq!(kept(snapshot(&target)), excluded_before);
+    assert!(
+        env.path("target/huge.bin").exists(),
+        "top-level extras stay"
+    );
+    assert!(
+        temp_leftovers(&target).is_empty(),
+        "{:?}",
+        temp_leftovers(&target)
+    );
+
+    // --delete mirrors the entry at the top too, excluded paths aside.
+    let state = env.path("state-3");
+    env.set("CACHER_STATE_DIR", state.to_str().unwrap());
+    env.run(["dir", "download", "rust/1", t, "--delete"]).ok();
+    assert!(!env.path("target/huge.bin").exists());
+    assert_eq!(kept(snapshot(&target)), excluded_before);
+    assert_eq!(included(snapshot(&target)), want);
+    // In place too.
+    std::fs::write(env.path("target/extra-top"), "x").unwrap();
+    let run = env.run(["-v", "dir", "download", "rust/1", t, "--delete"]);
+    assert!(
+        run.ok().stderr.contains("files of"),
+        "in place: {}",
+        run.stderr
+    );
+    assert!(!env.path("target/extra-top").exists());
+    assert_eq!(kept(snapshot(&target)), excluded_before);
+
+    // A pattern that names nothing is the job's mistake: exit 2, nothing written.
+    let bad = env.run(["dir", "upload", "rust/bad", "target", "--exclude", "a//b"]);
+    assert!(
+        bad.code(2).stderr.contains("--exclude 'a//b'"),
+        "{}",
+        bad.stderr
+    );
+    env.run(["dir", "exists", "rust/bad"]).code(1);
+
+    // The patterns do not change what --fallback takes: the same directory.
+    let run = env.run(["dir", "download", "rust/2", "fresh", "--fallback", "rust/"]);
+    run.code(1);
+    let run = env.run(["dir", "download", "rust/2", "target", "--fallback", "rust/"]);
+    assert_eq!(run.ok().stdout.trim(), "rust/1", "{}", run.stderr);
+}
+
+#[test]
+fn exclusions_hold_for_an_unprivileged_user_over_read_only_dirs_and_several_paths() {
+    let mut env = TestEnv::s3("exclude-ro");
+    if !crate::util::can_switch_users("exclusions_hold_for_an_unprivileged_user") {
+        return;
+    }
+    let target = make_target(&env);
+    env.write("index/config.json", "{}");
+    env.write("index/.cache/big.bin", random_bytes(100_000, 72));
+    let ro = ["target/debug/incremental", "target/debug", "target/release"];
+    let mut up = vec!["dir", "upload", "rust/ro", "target", "index"];
+    up.extend(EXCLUDES);
+    up.extend(["--exclude", ".cache"]);
+    env.give_to_nobody(&target);
+    env.give_to_nobody(&env.path("index"));
+    for dir in ro {
+        std::fs::set_permissions(env.path(dir), std::fs::Permissions::from_mode(0o555)).unwrap();
+    }
+    env.run_unprivileged(&up).ok();
+    let m = crate::util::manifest(&env, "rust/ro");
+    assert_eq!(m.sources(), "target\nindex");
+    assert_eq!(m.exclusions().len(), 4);
+
+    let snap_all = (snapshot(&target), snapshot(&env.path("index")));
+    std::fs::write(env.path("target/debug/app"), "changed").unwrap();
+    // Whole: no record, and more than the entry on disk.
+    std::fs::File::create(env.path("target/huge.bin"))
+        .unwrap()
+        .set_len(200 << 20)
+        .unwrap();
+    env.give_to_nobody(&env.path("target/huge.bin"));
+    let state = env.path("state-ro");
+    std::fs::create_dir_all(&state).unwrap();
+    env.give_to_nobody(&state);
+    env.set("CACHER_STATE_DIR", state.to_str().unwrap());
+    let run = env.run_unprivileged(["-v", "dir", "download", "rust/ro", "target", "index"]);
+    assert!(
+        run.ok().stderr.contains("far more than the entry"),
+        "{}",
+        run.stderr
+    );
+    std::fs::remove_file(env.path("target/huge.bin")).unwrap();
+    assert_eq!((snapshot(&target), snapshot(&env.path("index"))), snap_all);
+    assert!(
+        temp_leftovers(&target).is_empty(),
+        "{:?}",
+        temp_leftovers(&target)
+    );
+
+    // In place, from the record the restore left.
+    std::fs::write(env.path("target/debug/app"), "changed again").unwrap();
+    let run = env.run_unprivileged(["-v", "dir", "download", "rust/ro", "target", "index"]);
+    assert!(run.ok().stderr.contains("files of"), "{}", run.stderr);
+    assert_eq!((snapshot(&target), snapshot(&env.path("index"))), snap_all);
+}

@@ -15,17 +15,25 @@ fi
 # Writes output NAME=VALUE for the action.
 out() { echo "$1=$2" >> "${GITHUB_OUTPUT:-/dev/null}"; }
 
-# The non-empty lines of $1, trimmed, a leading ~ expanded, one per line (read them
-# with `while read`: bash 3.2, macOS's, has no mapfile or namerefs).
+# The non-empty lines of $1, trimmed, one per line (read them with `while read`: bash
+# 3.2, macOS's, has no mapfile or namerefs).
 lines() {
   local line
   while IFS= read -r line; do
     line="${line#"${line%%[![:space:]]*}"}"
     line="${line%"${line##*[![:space:]]}"}"
     [ -n "$line" ] || continue
-    case $line in "~") line=$HOME ;; "~/"*) line="$HOME/${line#"~/"}" ;; esac
     printf '%s\n' "$line"
   done <<< "$1"
+}
+
+# The lines of $1 as paths: as `lines`, with a leading ~ expanded.
+path_lines() {
+  local line
+  while IFS= read -r line; do
+    case $line in "~") line=$HOME ;; "~/"*) line="$HOME/${line#"~/"}" ;; esac
+    printf '%s\n' "$line"
+  done < <(lines "$1")
 }
 
 # Sets $cacher to the installed binary; a failed download is a warning unless

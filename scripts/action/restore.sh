@@ -11,7 +11,7 @@ out cache-hit false
 out cache-matched-key ""
 install || exit $?
 paths=()
-while IFS= read -r p; do paths+=("$p"); done < <(lines "$INPUT_PATH")
+while IFS= read -r p; do paths+=("$p"); done < <(path_lines "$INPUT_PATH")
 [ ${#paths[@]} -gt 0 ] || { echo "::error::path is required" >&2; exit 2; }
 fallbacks=()
 while IFS= read -r k; do fallbacks+=("--fallback=$k"); done < <(lines "${INPUT_RESTORE_KEYS:-}")

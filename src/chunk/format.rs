@@ -105,7 +105,9 @@ pub struct Manifest {
     pub kind: ManifestKind,
     /// Creation time, seconds since the epoch.
     pub created: u64,
-    /// Free text recorded by the writer (the image reference for docker entries).
+    /// What the entry was made from: the image reference for docker entries; for trees
+    /// the source labels (one per line), then, after a NUL each, the `--exclude`
+    /// patterns (see [`Manifest::sources`] and [`Manifest::exclusions`]).
     pub label: String,
     /// Total length of the content stream.
     pub stream_len: u64,
@@ -131,6 +133,24 @@ pub(crate) fn bad(what: &str, why: impl Into<String>) -> FormatError {
 }
 
 impl Manifest {
+    /// A tree's label without its exclusions: what `--fallback` compares.
+    pub fn sources(&self) -> &str {
+        self.label.split('\0').next().unwrap_or_default()
+    }
+
+    /// The `--exclude` patterns the tree was uploaded with, as given.
+    pub fn exclusions(&self) -> Vec<String> {
+        self.label.split('\0').skip(1).map(str::to_string).collect()
+    }
+
+    /// Sets the label to `sources`, then each of `exclusions` after a NUL.
+    pub fn set_label(&mut self, sources: &str, exclusions: &[String]) {
+        self.label = std::iter::once(sources)
+            .chain(exclusions.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join("\0");
+    }
+
     /// Encodes the manifest: header, then a zstd-compressed body. Entries are stored
     /// column by column, paths as (shared prefix, suffix) with the previous one, so
     /// zstd finds the repetition (a 22k-file cargo registry takes about 10 bytes a file).

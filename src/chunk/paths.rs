@@ -86,7 +86,7 @@ pub fn combine(parts: &[Part], created: u64) -> Manifest {
 /// path's bytes do not start a chunk (cacher never writes such an entry).
 pub fn split(what: &str, m: &Manifest) -> Result<Vec<Part>, FormatError> {
     let bad = |why: String| bad(what, why);
-    let labels: Vec<&str> = m.label.split('\n').collect();
+    let labels: Vec<&str> = m.sources().split('\n').collect();
     let mut parts: Vec<Part> = Vec::new();
     for e in &m.entries {
         let (top, below) = match e.path.iter().position(|&b| b == b'/') {

@@ -23,6 +23,7 @@ use crate::chunk::store::{
 };
 use crate::cli::{DirCommand, DirDownloadArgs, DirUploadArgs, input_error};
 use crate::config::Config;
+use crate::exclude::Exclude;
 use crate::key::{full_key, has_arch_suffix, join_prefix};
 use crate::restore::Restorer;
 use crate::state::TreeState;
@@ -104,7 +105,6 @@ const SKIP_CHECK_HEADS: usize = 16;
 
 async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
-    let several = args.dirs.len() > 1;
     if args.dirs.len() > paths::MAX_PATHS {
         return Err(input_error(format!(
             "{} paths; one entry holds at most {}",
@@ -147,15 +147,17 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         }
         canonical.push((real, dir));
     }
+    let exclude = Arc::new(Exclude::new(&args.exclude).map_err(input_error)?);
+    // The label holds the paths and the patterns, within what readers accept.
     let label_len: usize = args
         .dirs
         .iter()
         .map(|d| archive::source_label(d).len() + 1)
+        .chain(args.exclude.iter().map(|p| p.len() + 1))
         .sum();
-    if several && label_len > crate::chunk::format::MAX_PATH {
+    if label_len > crate::chunk::format::MAX_PATH + 1 {
         return Err(input_error(format!(
-            "the {} paths take {label_len} bytes; one entry's paths take at most {}",
-            args.dirs.len(),
+            "the paths and --exclude patterns take {label_len} bytes; one entry's take at most {}",
             crate::chunk::format::MAX_PATH
         )));
     }
@@ -169,8 +171,8 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         .dirs
         .iter()
         .map(|dir| {
-            let (scan_dir, state_dir) = (dir.clone(), dir.clone());
-            let scanning = on_thread(move || archive::scan_path(&scan_dir));
+            let (scan_dir, state_dir, exclude) = (dir.clone(), dir.clone(), exclude.clone());
+            let scanning = on_thread(move || archive::scan_path(&scan_dir, &exclude));
             let loading = on_thread(move || TreeState::load(&state_dir));
             (dir, scanning, loading)
         })
@@ -226,7 +228,7 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         });
     }
     let failed = |e: anyhow::Error| e.context(format!("upload to {key} failed"));
-    let (manifest, sent, reads) = entry_of(parts)?;
+    let (manifest, sent, reads) = entry_of(parts, exclude.patterns())?;
     let published = chunks.publish(manifest, sent, &key).await;
     progress.clear();
     let (mut stats, manifest) = published.map_err(failed)?;
@@ -261,13 +263,23 @@ struct SentPart {
 }
 
 /// The manifest to publish for `parts` (one directory: an ordinary one; several
-/// paths: [`paths::combine`]), what was sent for it, and per path what the tree
-/// states need.
+/// paths: [`paths::combine`]) made with the `--exclude` patterns `exclusions`, what was
+/// sent for it, and per path what the tree states need.
 #[allow(clippy::type_complexity)]
 fn entry_of(
     parts: Vec<SentPart>,
+    exclusions: &[String],
 ) -> anyhow::Result<(Manifest, Sent, Vec<(PathBuf, Vec<ScannedFile>, ReadReport)>)> {
-    let mut parts = parts;
+    let (mut manifest, sent, reads) = entry_of_parts(parts)?;
+    let sources = std::mem::take(&mut manifest.label);
+    manifest.set_label(&sources, exclusions);
+    Ok((manifest, sent, reads))
+}
+
+#[allow(clippy::type_complexity)]
+fn entry_of_parts(
+    mut parts: Vec<SentPart>,
+) -> anyhow::Result<(Manifest, Sent, Vec<(PathBuf, Vec<ScannedFile>, ReadReport)>)> {
     if let [only] = &parts[..]
         && !only.file
     {
@@ -509,9 +521,17 @@ async fn restore_entry(
     mirror: bool,
     started: Instant,
 ) -> anyhow::Result<Stats> {
+    // What the upload left out is the job's, not the entry's: a restore leaves it alone.
+    let keep = Exclude::new(&manifest.exclusions())
+        .map_err(|why| crate::chunk::store::broken(format!("{key}: {why}")))?;
+    let to = |dir| Destination {
+        dir,
+        mirror,
+        keep: &keep,
+    };
     match (manifest.kind, dirs) {
         (ManifestKind::Dir, [dir]) => {
-            restore_manifest(chunks, key, manifest, None, dir, mirror, started).await
+            restore_manifest(chunks, key, manifest, None, to(dir), started).await
         }
         (ManifestKind::Dir, _) => {
             bail!("{key} holds one directory, not {} paths", dirs.len())
@@ -521,10 +541,10 @@ async fn restore_entry(
             // the label spells them) may take it, or a file could land where a
             // directory is. Any other is a miss, as a changed `path:` is for actions/cache.
             let given = source_labels(dirs);
-            if manifest.label != given {
+            if manifest.sources() != given {
                 return Err(crate::chunk::store::broken(format!(
                     "{key} was made from the paths ({}), not ({})",
-                    manifest.label.replace('\n', ", "),
+                    manifest.sources().replace('\n', ", "),
                     given.replace('\n', ", ")
                 )));
             }
@@ -547,7 +567,7 @@ async fn restore_entry(
                     true => restore_file(chunks, key, part.manifest, dir).await?,
                     false => {
                         let m = part.manifest;
-                        restore_manifest(chunks, key, m, Some(i), dir, mirror, started).await?
+                        restore_manifest(chunks, key, m, Some(i), to(dir), started).await?
                     }
                 };
                 total.add(&stats);
@@ -574,38 +594,53 @@ async fn restore_file(
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let (stats, _) = restore_whole(chunks, key, manifest, parent, false)
+    let to = Destination {
+        dir: parent,
+        mirror: false,
+        keep: &Exclude::default(),
+    };
+    let (stats, _) = restore_whole(chunks, key, manifest, to)
         .await
         .with_context(|| format!("cannot restore {}", dest.display()))?;
     Ok(stats)
 }
 
-/// Restores a chunked entry into `dir`: in place when `dir` holds a tree cacher
+/// Where and how a directory is restored.
+#[derive(Clone, Copy)]
+struct Destination<'a> {
+    dir: &'a Path,
+    /// Remove what the entry lacks at the top of `dir` too (`--delete`).
+    mirror: bool,
+    /// Paths the entry was uploaded without, left as they are in `dir`.
+    keep: &'a Exclude,
+}
+
+/// Restores a chunked entry into `to.dir`: in place when it holds a tree cacher
 /// recorded (only what differs is fetched and written), else built whole beside what
-/// is there and swapped in. Either way `dir` ends the same, and its new tree state is
-/// recorded.
+/// is there and swapped in. Either way the directory ends the same, and its new tree
+/// state is recorded.
 async fn restore_manifest(
     chunks: &ChunkStore,
     key: &str,
     manifest: Manifest,
     part: Option<usize>,
-    dir: &Path,
-    mirror: bool,
+    to: Destination<'_>,
     started: Instant,
 ) -> anyhow::Result<Stats> {
+    let dir = to.dir;
     let files = manifest
         .entries
         .iter()
         .filter(|e| matches!(e.kind, EntryKind::File { .. }))
         .count();
-    let (dest, stream_len) = (dir.to_path_buf(), manifest.stream_len);
+    let (dest, stream_len, keep) = (dir.to_path_buf(), manifest.stream_len, to.keep.clone());
     let state = tokio::task::spawn_blocking(move || {
-        TreeState::load(&dest).or_else(|| seed_state(&dest, stream_len))
+        TreeState::load(&dest).or_else(|| seed_state(&dest, stream_len, &keep))
     })
     .await?;
     let restored = match state.filter(|s| s.manifest.kind == ManifestKind::Dir) {
         Some(state) => {
-            let updated = restore_in_place(chunks, key, manifest, state, dir, mirror).await;
+            let updated = restore_in_place(chunks, key, manifest, state, to).await;
             match updated {
                 // Unless the entry itself is at fault (or the job was cancelled), the
                 // record or DIR may be: files someone else owns, a record gone stale.
@@ -629,7 +664,7 @@ async fn restore_manifest(
                         }
                         _ => bail!("{}, and {key} changed meanwhile", why()),
                     };
-                    let whole = restore_whole(chunks, key, manifest, dir, mirror).await;
+                    let whole = restore_whole(chunks, key, manifest, to).await;
                     if whole.is_ok() {
                         ui::warn(format!(
                             "could not update {} in place ({e:#}); restored it whole",
@@ -641,7 +676,7 @@ async fn restore_manifest(
                 other => other,
             }
         }
-        None => restore_whole(chunks, key, manifest, dir, mirror).await,
+        None => restore_whole(chunks, key, manifest, to).await,
     };
     let (stats, state) = restored.with_context(|| format!("cannot restore {key}"))?;
     if let Some(state) = state {
@@ -662,7 +697,7 @@ async fn restore_manifest(
 /// writes only what differs. Not for a DIR holding far more than the entry (then
 /// probably something else), and `None` when anything fails: the restore then builds
 /// the tree whole.
-fn seed_state(dir: &Path, stream_len: u64) -> Option<TreeState> {
+fn seed_state(dir: &Path, stream_len: u64, exclude: &Exclude) -> Option<TreeState> {
     let non_empty = std::fs::read_dir(dir)
         .ok()?
         .flatten()
@@ -671,7 +706,7 @@ fn seed_state(dir: &Path, stream_len: u64) -> Option<TreeState> {
         return None;
     }
     let taken = SystemTime::now();
-    let tree = archive::scan(dir).ok()?;
+    let tree = archive::scan(dir, exclude).ok()?;
     let held: u64 = tree.files.iter().map(|f| f.size).sum();
     if held > stream_len.saturating_mul(2).max(64 * 1024 * 1024) {
         ui::verbose(format!(
@@ -737,19 +772,21 @@ async fn restore_whole(
     chunks: &ChunkStore,
     key: &str,
     manifest: Manifest,
-    dir: &Path,
-    mirror: bool,
+    to: Destination<'_>,
 ) -> anyhow::Result<(Stats, Option<TreeState>)> {
+    let dir = to.dir;
     let (dest, entries, needed) = (dir.to_path_buf(), manifest.entries, manifest.stream_len);
     let manifest = Manifest {
         entries: Vec::new(),
         ..manifest
     };
+    let (mirror, keep) = (to.mirror, to.keep.clone());
     let restorer = tokio::task::spawn_blocking(move || {
         let mut restorer = Restorer::create(&dest, entries, needed)?;
         if mirror {
             restorer.mirror();
         }
+        restorer.keep(keep);
         anyhow::Ok(restorer)
     })
     .await??;
@@ -787,9 +824,9 @@ async fn restore_in_place(
     key: &str,
     manifest: Manifest,
     state: TreeState,
-    dir: &Path,
-    mirror: bool,
+    to: Destination<'_>,
 ) -> anyhow::Result<(Stats, Option<TreeState>)> {
+    let dir = to.dir;
     let dest = dir.to_path_buf();
     let (plan, mut manifest) = tokio::task::spawn_blocking(move || {
         let plan = update::plan(&dest, state, &manifest);
@@ -811,8 +848,9 @@ async fn restore_in_place(
         manifest.table.chunks.len()
     ));
     let (dest, entries) = (dir.to_path_buf(), std::mem::take(&mut manifest.entries));
+    let (mirror, keep) = (to.mirror, to.keep.clone());
     let updater =
-        tokio::task::spawn_blocking(move || TreeUpdate::create(&dest, entries, plan, mirror))
+        tokio::task::spawn_blocking(move || TreeUpdate::create(&dest, entries, plan, mirror, keep))
             .await??;
     let progress = Arc::new(ui::Progress::new(
         format!("restoring {key}"),
@@ -902,26 +940,26 @@ async fn fallback_fits(
         }
         // Paths map to places by position, so their labels must match (see
         // `restore_entry`); with --fallback-any-path only their number.
-        Stored::Manifest(m) if m.kind == ManifestKind::Paths && m.label != source => {
-            match (any_path, paths_of(&m.label) == paths_of(source)) {
+        Stored::Manifest(m) if m.kind == ManifestKind::Paths && m.sources() != source => {
+            match (any_path, paths_of(m.sources()) == paths_of(source)) {
                 (true, true) => Ok(()),
                 (true, false) => Err(format!(
                     "made from {} paths, not {}",
-                    paths_of(&m.label),
+                    paths_of(m.sources()),
                     paths_of(source)
                 )),
                 (false, _) => Err(format!(
                     "made from ({}), not ({})",
-                    m.label.replace('\n', ", "),
+                    m.sources().replace('\n', ", "),
                     source.replace('\n', ", ")
                 )),
             }
         }
-        Stored::Manifest(m) if any_path || m.label == source => Ok(()),
-        Stored::Manifest(m) if m.label.is_empty() => {
+        Stored::Manifest(m) if any_path || m.sources() == source => Ok(()),
+        Stored::Manifest(m) if m.sources().is_empty() => {
             Err("made by an older cacher that did not record its directory".into())
         }
-        Stored::Manifest(m) => Err(format!("made from {}, not {source}", m.label)),
+        Stored::Manifest(m) => Err(format!("made from {}, not {source}", m.sources())),
         Stored::Plain(_) => Err("a plain file".into()),
         Stored::Legacy(_) if several => Err("a tar.zst of one directory".into()),
         Stored::Legacy(_) if !any_path => {
