@@ -7,10 +7,13 @@
 //! `target/*/incremental`); a trailing `/` matches directories only; `*` and `?` stay
 //! within one name and `**` crosses directories; `!` re-includes what an earlier
 //! pattern excluded, the last matching pattern deciding. As in git, nothing below an
-//! excluded directory is looked at, so it cannot be re-included.
+//! excluded directory is looked at, so it cannot be re-included; braces are literal
+//! and trailing spaces are dropped (unless escaped with `\`).
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
@@ -20,6 +23,9 @@ pub struct Exclude {
     patterns: Vec<String>,
     set: GlobSet,
     rules: Vec<Rule>,
+    /// Which patterns decided a match so far, to name those that never did (they are
+    /// probably written relative to the wrong directory).
+    used: Arc<[AtomicBool]>,
 }
 
 /// How one pattern applies once its glob matches.
@@ -38,11 +44,17 @@ impl Exclude {
         for pattern in patterns {
             let invalid = |why: &str| format!("--exclude '{pattern}': {why}");
             if pattern.contains(['\0', '\n']) {
-                return Err(invalid("a pattern cannot hold a newline"));
+                return Err(invalid("a pattern is one line, without NUL bytes"));
             }
+            if pattern.starts_with('~') {
+                return Err(invalid(
+                    "patterns are relative to each DIR; `~` is not expanded",
+                ));
+            }
+            let pattern = trim_trailing_spaces(pattern);
             let (negated, rest) = match pattern.strip_prefix('!') {
                 Some(rest) => (true, rest),
-                None => (false, pattern.as_str()),
+                None => (false, pattern),
             };
             let (dir_only, rest) = match rest.strip_suffix('/') {
                 Some(rest) => (true, rest),
@@ -56,11 +68,12 @@ impl Exclude {
                     .any(|s| s.is_empty() || s == "." || s == "..")
             {
                 return Err(invalid(
-                    "it names no path (empty, `.` or `..` segments are not patterns)",
+                    "it names no path (write `x`, not `./x`; empty and `..` segments match nothing)",
                 ));
             }
+            let rest = literal_braces(rest);
             let glob = match anchored {
-                true => rest.to_string(),
+                true => rest,
                 false => format!("**/{rest}"),
             };
             let glob = GlobBuilder::new(&glob)
@@ -75,8 +88,20 @@ impl Exclude {
         Ok(Exclude {
             patterns: patterns.to_vec(),
             set,
+            used: rules.iter().map(|_| AtomicBool::new(false)).collect(),
             rules,
         })
+    }
+
+    /// The patterns that excluded nothing (nor took anything back) in what was
+    /// matched so far.
+    pub fn unused(&self) -> Vec<&str> {
+        self.patterns
+            .iter()
+            .zip(self.used.iter())
+            .filter(|(_, used)| !used.load(Ordering::Relaxed))
+            .map(|(p, _)| p.as_str())
+            .collect()
     }
 
     /// Whether no pattern is given, so nothing is excluded.
@@ -100,10 +125,54 @@ impl Exclude {
         let last = matched
             .into_iter()
             .rev()
-            .map(|i| self.rules[i])
-            .find(|rule| is_dir || !rule.dir_only);
-        last.is_some_and(|rule| !rule.negated)
+            .find(|&i| is_dir || !self.rules[i].dir_only);
+        last.is_some_and(|i| {
+            self.used[i].store(true, Ordering::Relaxed);
+            !self.rules[i].negated
+        })
     }
+
+    /// Whether `name`, a child of the open directory `dir` at `rel`, is excluded,
+    /// looking at it (without following a symlink) to tell a directory.
+    pub fn excludes_at(&self, dir: std::os::fd::BorrowedFd<'_>, name: &OsStr, rel: &[u8]) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        let st = rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW);
+        let is_dir = st.is_ok_and(|st| {
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+        });
+        self.excludes(rel, is_dir)
+    }
+}
+
+/// `pattern` without its trailing spaces, as git reads a pattern, but for one escaped
+/// with a backslash.
+fn trim_trailing_spaces(pattern: &str) -> &str {
+    let mut end = pattern.trim_end_matches(' ').len();
+    if end < pattern.len() && pattern[..end].ends_with('\\') {
+        end += 1;
+    }
+    &pattern[..end]
+}
+
+/// `glob` with its braces escaped: in gitignore patterns they are literal, where
+/// globset would read `{a,b}` as alternatives.
+fn literal_braces(glob: &str) -> String {
+    let mut out = String::with_capacity(glob.len());
+    let mut escaped = false;
+    let mut in_class = false;
+    for c in glob.chars() {
+        match c {
+            '{' | '}' if !escaped && !in_class => out.push('\\'),
+            '[' if !escaped => in_class = true,
+            ']' if !escaped => in_class = false,
+            _ => {}
+        }
+        escaped = c == '\\' && !escaped;
+        out.push(c);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -153,8 +222,31 @@ mod tests {
     }
 
     #[test]
+    fn braces_are_literal_and_trailing_spaces_dropped_as_in_git() {
+        let e = exclude(&["a{1,2}", "sp ace  ", "keep\\ ", "[{]x"]);
+        assert!(e.excludes(b"a{1,2}", false));
+        assert!(!e.excludes(b"a1", false));
+        assert!(e.excludes(b"sp ace", false));
+        assert!(!e.excludes(b"sp ace ", false));
+        assert!(e.excludes(b"keep ", false));
+        assert!(e.excludes(b"{x", false));
+    }
+
+    #[test]
+    fn patterns_that_never_decided_are_reported() {
+        let e = exclude(&["*.o", "registry/src", "!keep.o"]);
+        assert!(e.excludes(b"a.o", false));
+        assert!(!e.excludes(b"src", true));
+        assert_eq!(e.unused(), ["registry/src", "!keep.o"]);
+        assert!(!e.excludes(b"d/keep.o", false));
+        assert_eq!(e.unused(), ["registry/src"]);
+    }
+
+    #[test]
     fn patterns_that_name_no_path_are_refused() {
-        for bad in ["", "/", "!", "a//b", "../x", "a/./b", "a\nb", "[z-a"] {
+        for bad in [
+            "", "/", "!", "a//b", "../x", "./x", "a\nb", "[z-a", "~/x", "  ",
+        ] {
             assert!(
                 Exclude::new(&[bad.to_string()]).is_err(),
                 "{bad:?} was accepted"

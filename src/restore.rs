@@ -11,8 +11,6 @@
 //!   moved aside first and deleted once the whole new tree is in place; a failure part
 //!   way moves everything back. Any failure before that removes the temp dir and leaves
 //!   DIR as it was.
-//! - Paths the entry was uploaded without (`--exclude`) stay as they are, also inside
-//!   the directories the swap replaces.
 //! - setuid, setgid and sticky bits are never restored.
 
 use std::ffi::{OsStr, OsString};
@@ -27,7 +25,6 @@ use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
 use rustix::io::Errno;
 
 use crate::chunk::format::{Entry, EntryKind, show};
-use crate::exclude::Exclude;
 use crate::state::Stamp;
 use crate::temp::{self, ASIDE_PREFIX, RESTORE_PREFIX};
 use crate::ui;
@@ -82,8 +79,6 @@ pub struct Restorer {
     stamps: Vec<Option<Stamp>>,
     /// Remove top-level entries of DIR that the tree lacks (`--delete`).
     mirror: bool,
-    /// Paths of DIR the tree was uploaded without, left where they are.
-    keep: Exclude,
 }
 
 impl Restorer {
@@ -138,7 +133,6 @@ impl Restorer {
             file: None,
             stamps: Vec::new(),
             mirror: false,
-            keep: Exclude::default(),
         };
         temp::remove_stale_leftovers(&temp::parent_of(dest));
         let name = OsString::from(format!("{RESTORE_PREFIX}{:016x}", fastrand::u64(..)));
@@ -165,12 +159,6 @@ impl Restorer {
     /// place, so DIR mirrors it (`--delete`).
     pub fn mirror(&mut self) {
         self.mirror = true;
-    }
-
-    /// Leaves what `keep` matches in DIR as it is: the paths the entry was uploaded
-    /// without (`--exclude`), also inside the directories the swap replaces.
-    pub fn keep(&mut self, keep: Exclude) {
-        self.keep = keep;
     }
 
     /// Where a legacy archive may be unpacked by path (it is then swapped in as usual).
@@ -414,12 +402,7 @@ impl Restorer {
             .with_context(|| format!("cannot list {}", self.dest.display()))?;
         for name in names {
             let bytes = name.as_bytes();
-            let excluded = || {
-                let st = rustix::fs::statat(self.root.as_fd(), &name, AtFlags::SYMLINK_NOFOLLOW);
-                let is_dir = st.is_ok_and(|st| is_dir(&st));
-                self.keep.excludes(bytes, is_dir)
-            };
-            if !ours.contains(bytes) && !temp::is_temp_name(bytes) && !excluded() {
+            if !ours.contains(bytes) && !temp::is_temp_name(bytes) {
                 temp::remove_tree(self.root.as_fd(), &name)
                     .with_context(|| format!("cannot remove {}", self.shown(&name)))?;
             }
@@ -496,24 +479,27 @@ impl Restorer {
         }
         for (name, _, dir) in moved {
             if let Some((fd, stat)) = dir {
+                // `time_t` is i64 here but not on every target rustix builds for.
+                #[allow(clippy::unnecessary_cast)]
+                let times = Timestamps {
+                    last_access: Timespec {
+                        tv_sec: stat.st_atime as i64,
+                        tv_nsec: stat.st_atime_nsec as _,
+                    },
+                    last_modification: Timespec {
+                        tv_sec: stat.st_mtime as i64,
+                        tv_nsec: stat.st_mtime_nsec as _,
+                    },
+                };
                 // The new tree is in place: a failure here costs a mode, not the restore.
                 if let Err(e) = rustix::fs::fchmod(&fd, Mode::from_raw_mode(stat.st_mode & 0o777))
-                    .and_then(|()| rustix::fs::futimens(&fd, &times_of(&stat)))
+                    .and_then(|()| rustix::fs::futimens(&fd, &times))
                 {
                     ui::warn(format!("cannot set the mode of {}: {e}", self.shown(name)));
                 }
             }
         }
         for (name, to) in aside {
-            if let Err(e) = self.carry_excluded(name, &to) {
-                ui::warn(format!(
-                    "restored, but could not keep what the entry excludes in {} (the old \
-                     one is left as {}): {e}",
-                    self.shown(name),
-                    self.shown(&to)
-                ));
-                continue;
-            }
             if let Err(e) = temp::remove_tree(self.root.as_fd(), &to) {
                 ui::warn(format!(
                     "restored, but could not delete the old {} (left as {}): {e}",
@@ -523,23 +509,6 @@ impl Restorer {
             }
         }
         Ok(())
-    }
-
-    /// Moves the excluded paths of the old top-level entry `name`, now aside as
-    /// `aside`, into the new one (see [`carry_excluded`]).
-    fn carry_excluded(&self, name: &OsStr, aside: &OsStr) -> io::Result<()> {
-        if self.keep.is_empty() {
-            return Ok(());
-        }
-        let root = self.root.as_fd();
-        let dir_at =
-            |name| rustix::fs::statat(root, name, AtFlags::SYMLINK_NOFOLLOW).map(|st| is_dir(&st));
-        if !(dir_at(aside)? && dir_at(name)?) {
-            // Nothing can sit below both.
-            return Ok(());
-        }
-        let (old, new) = (open_dir(root, aside)?, open_dir(root, name)?);
-        carry_excluded(old.as_fd(), new.as_fd(), name.as_bytes(), &self.keep)
     }
 
     fn shown(&self, name: &OsStr) -> String {
@@ -636,87 +605,6 @@ pub(crate) fn complete_file(fd: BorrowedFd<'_>, e: &Entry) -> anyhow::Result<()>
         false => finalize(fd, e),
     }
     .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)))
-}
-
-/// Moves what `keep` excludes from `old` (a directory of DIR moved aside) to the same
-/// place in `new` (the restored directory replacing it), when `new` holds nothing by
-/// that name: the entry was uploaded without those paths, so they stay where they
-/// were. `rel` is the directory's path in DIR. Excluded paths below a directory the new
-/// tree lacks go with it. A directory of `new` that gains a child keeps its mode and
-/// times; write permission is granted where a move needs it (a read-only tree, as Go's
-/// module cache is).
-fn carry_excluded(
-    old: BorrowedFd<'_>,
-    new: BorrowedFd<'_>,
-    rel: &[u8],
-    keep: &Exclude,
-) -> io::Result<()> {
-    let mut new_before = None;
-    for name in list_names(old)? {
-        let path = join_path(rel, name.as_bytes());
-        let st = rustix::fs::statat(old, &name, AtFlags::SYMLINK_NOFOLLOW)?;
-        if !keep.excludes(&path, is_dir(&st)) {
-            if is_dir(&st)
-                && let Ok(new_sub) = open_dir(new, &name)
-            {
-                carry_excluded(open_dir(old, &name)?.as_fd(), new_sub.as_fd(), &path, keep)?;
-            }
-            continue;
-        }
-        match rustix::fs::statat(new, &name, AtFlags::SYMLINK_NOFOLLOW) {
-            Err(Errno::NOENT) => {}
-            Err(e) => return Err(e.into()),
-            Ok(_) => continue,
-        }
-        if new_before.is_none() {
-            let before = rustix::fs::fstat(new)?;
-            rustix::fs::fchmod(new, Mode::from_raw_mode(before.st_mode & 0o7777 | 0o700))?;
-            let old_mode = rustix::fs::fstat(old)?.st_mode & 0o7777;
-            rustix::fs::fchmod(old, Mode::from_raw_mode(old_mode | 0o700))?;
-            new_before = Some(before);
-        }
-        // A directory changing parents needs owner write permission on itself.
-        let mode = st.st_mode & 0o7777;
-        let opened = is_dir(&st) && mode & 0o200 == 0;
-        if opened {
-            rustix::fs::chmodat(
-                old,
-                &name,
-                Mode::from_raw_mode(mode | 0o200),
-                AtFlags::empty(),
-            )?;
-        }
-        rename_noreplace(old, &name, new, &name)?;
-        if opened {
-            rustix::fs::chmodat(new, &name, Mode::from_raw_mode(mode), AtFlags::empty())?;
-        }
-    }
-    if let Some(before) = new_before {
-        rustix::fs::fchmod(new, Mode::from_raw_mode(before.st_mode & 0o7777))?;
-        rustix::fs::futimens(new, &times_of(&before))?;
-    }
-    Ok(())
-}
-
-/// Whether `st` is of a directory (not a symlink to one).
-pub(crate) fn is_dir(st: &rustix::fs::Stat) -> bool {
-    rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
-}
-
-/// The access and modification times of `stat`, to set them back.
-// `time_t` is i64 here but not on every target rustix builds for.
-#[allow(clippy::unnecessary_cast)]
-fn times_of(stat: &rustix::fs::Stat) -> Timestamps {
-    Timestamps {
-        last_access: Timespec {
-            tv_sec: stat.st_atime as i64,
-            tv_nsec: stat.st_atime_nsec as _,
-        },
-        last_modification: Timespec {
-            tv_sec: stat.st_mtime as i64,
-            tv_nsec: stat.st_mtime_nsec as _,
-        },
-    }
 }
 
 /// `parent/name` as a relative tree path (`name` at the top).

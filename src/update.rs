@@ -33,8 +33,8 @@ use crate::chunk::format::{ChunkRef, ChunkTable, Entry, EntryKind, Manifest, sho
 use crate::chunk::store::{location, table_of};
 use crate::exclude::Exclude;
 use crate::restore::{
-    MODE_MASK, check_space, complete_file, finalize, is_dir, join_path, list_names, open_dir,
-    permissions, split_path, timestamps,
+    MODE_MASK, check_space, complete_file, finalize, join_path, list_names, open_dir, permissions,
+    split_path, timestamps,
 };
 use crate::state::{Stamp, TreeState};
 use crate::temp::{self, ASIDE_PREFIX, NEW_PREFIX};
@@ -772,11 +772,9 @@ impl TreeUpdate {
             return;
         }
         unseen.retain(|name| {
-            let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW);
-            let is_dir = st.is_ok_and(|st| is_dir(&st));
             !self
                 .keep
-                .excludes(&join_path(path, name.as_bytes()), is_dir)
+                .excludes_at(dir, name, &join_path(path, name.as_bytes()))
         });
     }
 
@@ -875,7 +873,8 @@ impl TreeUpdate {
         }
         for (parent, name) in &self.extras {
             let fd = dirs.open(parent)?;
-            temp::remove_tree(fd, name).with_context(|| {
+            let path = join_path(parent, name.as_bytes());
+            remove_keeping(fd, name, &path, &self.keep).with_context(|| {
                 format!(
                     "cannot remove {}",
                     show(&join_path(parent, name.as_bytes()))
@@ -1095,6 +1094,43 @@ fn retain_extras(dir: BorrowedFd<'_>, unseen: &mut HashSet<OsString>, seen: &[Os
     };
     let ours: HashSet<_> = seen.iter().filter_map(|n| identity(n)).collect();
     unseen.retain(|n| identity(n).is_none_or(|id| !ours.contains(&id)));
+}
+
+/// Removes `name` in `parent` (at `path` in the tree), but for what `keep` excludes
+/// below it: a directory holding such paths stays, with them and its mode, and only
+/// the rest goes. Whether anything stayed.
+fn remove_keeping(
+    parent: BorrowedFd<'_>,
+    name: &OsStr,
+    path: &[u8],
+    keep: &Exclude,
+) -> io::Result<bool> {
+    let st = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    let is_dir = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory;
+    if keep.is_empty() || !is_dir {
+        temp::remove_tree(parent, name)?;
+        return Ok(false);
+    }
+    let mode = st.st_mode & 0o7777;
+    if mode & 0o700 != 0o700 {
+        // Not through a handle: a directory without owner read cannot be opened first.
+        rustix::fs::chmodat(parent, name, Mode::from_raw_mode(0o700), AtFlags::empty())?;
+    }
+    let dir = open_dir(parent, name)?;
+    let mut kept = false;
+    for child in list_names(dir.as_fd())? {
+        let child_path = join_path(path, child.as_bytes());
+        if keep.excludes_at(dir.as_fd(), &child, &child_path) {
+            kept = true;
+        } else {
+            kept |= remove_keeping(dir.as_fd(), &child, &child_path, keep)?;
+        }
+    }
+    match kept {
+        true => rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode))?,
+        false => rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)?,
+    }
+    Ok(kept)
 }
 
 /// Moves the staged `at` over `name` in `parent`. A file replaces a file or symlink in

@@ -7,7 +7,7 @@ use cacher::chunk::Id;
 use cacher::chunk::format::{ChunkTable, Entry, EntryKind, Manifest, ManifestKind};
 
 use crate::util::{
-    TestEnv, bucket, put_object, random_bytes, rt, sh, snapshot, stored, temp_leftovers,
+    TestEnv, bucket, put_object, random_bytes, read, rt, sh, snapshot, stored, temp_leftovers,
     upload_stats,
 };
 
@@ -801,6 +801,10 @@ fn excluded_paths_stay_out_of_the_entry_and_are_left_alone_by_restores() {
     up.extend(EXCLUDES);
     env.run(&up).ok();
     let m = crate::util::manifest(&env, "rust/1");
+    // A newer format version: older readers refuse the entry (a miss) instead of
+    // restoring it without leaving the excluded paths alone.
+    let raw = stored(&format!("{}/rust/1", env.prefix)).unwrap();
+    assert_eq!(&raw[8..10], &[2, 0]);
     assert_eq!(m.sources(), "target");
     assert_eq!(m.exclusions(), ["incremental/", "*.log", "!keep.log"]);
     let paths: Vec<String> = m
@@ -850,8 +854,9 @@ fn excluded_paths_stay_out_of_the_entry_and_are_left_alone_by_restores() {
     assert_eq!(kept(snapshot(&target)), excluded_before);
     assert_eq!(included(snapshot(&target)), want);
 
-    // Built whole (no record, and DIR holds far more than the entry): the directories
-    // it replaces keep their excluded paths, moved over from the old ones.
+    // No record, and DIR holds far more than the entry, so it is not read: still
+    // updated in place (never swapped whole, which would take the excluded paths with
+    // the directories it replaces), every file written.
     env.write("target/debug/app", "app v3");
     env.write("target/debug/stray.txt", "stray");
     std::fs::File::create(env.path("target/huge.bin"))
@@ -863,8 +868,9 @@ fn excluded_paths_stay_out_of_the_entry_and_are_left_alone_by_restores() {
     env.set("CACHER_STATE_DIR", state.to_str().unwrap());
     let run = env.run(["-v", "dir", "download", "rust/1", t]);
     assert!(
-        run.ok().stderr.contains("far more than the entry"),
-        "whole: {}",
+        run.ok().stderr.contains("far more than the entry")
+            && run.stderr.contains("holds 0 files of"),
+        "in place from nothing: {}",
         run.stderr
     );
     assert_eq!(
@@ -901,6 +907,39 @@ fn excluded_paths_stay_out_of_the_entry_and_are_left_alone_by_restores() {
     assert!(!env.path("target/extra-top").exists());
     assert_eq!(kept(snapshot(&target)), excluded_before);
 
+    // A directory the entry lacks goes, but for the excluded paths it holds; so does
+    // one at the top with --delete.
+    for dir in ["target/debug/examples", "target/newtop"] {
+        env.write(&format!("{dir}/incremental/s.bin"), "s");
+        env.write(&format!("{dir}/junk.rlib"), "j");
+        env.write(&format!("{dir}/sub/junk.rlib"), "j");
+    }
+    env.run(["dir", "download", "rust/1", t, "--delete"]).ok();
+    for dir in ["target/debug/examples", "target/newtop"] {
+        assert_eq!(read(env.path(&format!("{dir}/incremental/s.bin"))), b"s");
+        assert!(!env.path(&format!("{dir}/junk.rlib")).exists());
+        assert!(!env.path(&format!("{dir}/sub")).exists());
+    }
+    std::fs::remove_dir_all(env.path("target/newtop")).unwrap();
+    std::fs::remove_dir_all(env.path("target/debug/examples")).unwrap();
+    assert_eq!(kept(snapshot(&target)), excluded_before);
+
+    // A pattern that matches nothing is probably written from the wrong directory.
+    let up = env.run([
+        "dir",
+        "upload",
+        "rust/3",
+        "target",
+        "--exclude",
+        "target/debug",
+    ]);
+    assert!(
+        up.ok()
+            .stderr
+            .contains("--exclude 'target/debug' matched nothing in target"),
+        "{}",
+        up.stderr
+    );
     // A pattern that names nothing is the job's mistake: exit 2, nothing written.
     let bad = env.run(["dir", "upload", "rust/bad", "target", "--exclude", "a//b"]);
     assert!(
@@ -914,7 +953,7 @@ fn excluded_paths_stay_out_of_the_entry_and_are_left_alone_by_restores() {
     let run = env.run(["dir", "download", "rust/2", "fresh", "--fallback", "rust/"]);
     run.code(1);
     let run = env.run(["dir", "download", "rust/2", "target", "--fallback", "rust/"]);
-    assert_eq!(run.ok().stdout.trim(), "rust/1", "{}", run.stderr);
+    assert_eq!(run.ok().stdout.trim(), "rust/3", "{}", run.stderr);
 }
 
 #[test]
@@ -971,4 +1010,17 @@ fn exclusions_hold_for_an_unprivileged_user_over_read_only_dirs_and_several_path
     let run = env.run_unprivileged(["-v", "dir", "download", "rust/ro", "target", "index"]);
     assert!(run.ok().stderr.contains("files of"), "{}", run.stderr);
     assert_eq!((snapshot(&target), snapshot(&env.path("index"))), snap_all);
+
+    // A read-only directory the entry lacks: its excluded paths stay, with its mode.
+    env.write("target/debug/examples/incremental/s.bin", "s");
+    env.write("target/debug/examples/junk.rlib", "j");
+    env.give_to_nobody(&env.path("target/debug/examples"));
+    let examples = env.path("target/debug/examples");
+    std::fs::set_permissions(&examples, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let run = env.run_unprivileged(["dir", "download", "rust/ro", "target", "index"]);
+    run.ok();
+    assert!(env.path("target/debug/examples/incremental/s.bin").exists());
+    assert!(!env.path("target/debug/examples/junk.rlib").exists());
+    let mode = std::fs::metadata(&examples).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o555);
 }

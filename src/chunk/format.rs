@@ -13,6 +13,9 @@ pub const MANIFEST_MAGIC: &[u8; 8] = b"CACHERMF";
 pub const INDEX_MAGIC: &[u8; 8] = b"CACHERIX";
 /// Format version written and understood.
 pub const VERSION: u16 = 1;
+/// The version of a manifest whose label carries `--exclude` patterns (see
+/// [`Manifest::exclusions`]), so that readers that would not honour them refuse it.
+pub const EXCLUDING_VERSION: u16 = 2;
 /// Bytes before the compressed body: magic, version, kind, reserved, body length.
 pub const HEADER_LEN: usize = 8 + 2 + 1 + 1 + 8;
 /// Largest decompressed body accepted (a 100k-file tree needs about 10 MiB).
@@ -143,12 +146,12 @@ impl Manifest {
         self.label.split('\0').skip(1).map(str::to_string).collect()
     }
 
-    /// Sets the label to `sources`, then each of `exclusions` after a NUL.
-    pub fn set_label(&mut self, sources: &str, exclusions: &[String]) {
-        self.label = std::iter::once(sources)
-            .chain(exclusions.iter().map(String::as_str))
-            .collect::<Vec<_>>()
-            .join("\0");
+    /// Records `patterns` as the tree's exclusions: each after a NUL in the label.
+    pub fn add_exclusions(&mut self, patterns: &[String]) {
+        for p in patterns {
+            self.label.push('\0');
+            self.label.push_str(p);
+        }
     }
 
     /// Encodes the manifest: header, then a zstd-compressed body. Entries are stored
@@ -198,12 +201,18 @@ impl Manifest {
                 EntryKind::Dir => {}
             }
         }
-        wrap(MANIFEST_MAGIC, self.kind as u8, &body)
+        // Older readers would restore a tree without leaving its excluded paths alone:
+        // the next version makes them refuse it (a miss) instead.
+        let version = match self.label.contains('\0') {
+            true => EXCLUDING_VERSION,
+            false => VERSION,
+        };
+        wrap_as(MANIFEST_MAGIC, version, self.kind as u8, &body)
     }
 
     /// Decodes and validates a manifest; `what` names it in errors.
     pub fn decode(what: &str, data: &[u8]) -> Result<Manifest, FormatError> {
-        let (kind, body) = unwrap(what, MANIFEST_MAGIC, data)?;
+        let (_, kind, body) = unwrap_as(what, MANIFEST_MAGIC, EXCLUDING_VERSION, data)?;
         let kind = match kind {
             1 => ManifestKind::Dir,
             2 => ManifestKind::Docker,
@@ -501,7 +510,7 @@ pub fn peek_manifest(head: &[u8]) -> Option<(ManifestKind, u64)> {
     if !is_manifest(head) || head.len() < HEADER_LEN {
         return None;
     }
-    if u16::from_le_bytes([head[8], head[9]]) != VERSION {
+    if !(VERSION..=EXCLUDING_VERSION).contains(&u16::from_le_bytes([head[8], head[9]])) {
         return None;
     }
     let kind = match head[10] {
@@ -630,10 +639,15 @@ fn decode_table(r: &mut Reader<'_>) -> Result<ChunkTable, FormatError> {
 }
 
 pub(crate) fn wrap(magic: &[u8; 8], kind: u8, body: &[u8]) -> Vec<u8> {
+    wrap_as(magic, VERSION, kind, body)
+}
+
+/// [`wrap`] with another format version in the header.
+fn wrap_as(magic: &[u8; 8], version: u16, kind: u8, body: &[u8]) -> Vec<u8> {
     let compressed = zstd::bulk::compress(body, 3).expect("zstd compression of a buffer");
     let mut out = Vec::with_capacity(HEADER_LEN + compressed.len());
     out.extend_from_slice(magic);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.push(kind);
     out.push(0);
     put_u64(&mut out, body.len() as u64);
@@ -646,14 +660,24 @@ pub(crate) fn unwrap(
     magic: &[u8; 8],
     data: &[u8],
 ) -> Result<(u8, Vec<u8>), FormatError> {
+    unwrap_as(what, magic, VERSION, data).map(|(_, kind, body)| (kind, body))
+}
+
+/// [`unwrap`] for an object whose format versions go up to `latest`; its version too.
+fn unwrap_as(
+    what: &str,
+    magic: &[u8; 8],
+    latest: u16,
+    data: &[u8],
+) -> Result<(u16, u8, Vec<u8>), FormatError> {
     if data.len() < HEADER_LEN || &data[..8] != magic {
         return Err(bad(what, "wrong magic bytes"));
     }
     let version = u16::from_le_bytes([data[8], data[9]]);
-    if version != VERSION {
+    if !(VERSION..=latest).contains(&version) {
         return Err(bad(
             what,
-            format!("format version {version}; this cacher reads version {VERSION}"),
+            format!("format version {version}; this cacher reads versions {VERSION} to {latest}"),
         ));
     }
     let kind = data[10];
@@ -677,7 +701,7 @@ pub(crate) fn unwrap(
             format!("body is {} bytes, header says {body_len}", body.len()),
         ));
     }
-    Ok((kind, body))
+    Ok((version, kind, body))
 }
 
 pub(crate) fn put_u64(out: &mut Vec<u8>, v: u64) {

@@ -148,14 +148,17 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         canonical.push((real, dir));
     }
     let exclude = Arc::new(Exclude::new(&args.exclude).map_err(input_error)?);
-    // The label holds the paths and the patterns, within what readers accept.
+    // The label holds the paths and the patterns, each after a separator but the
+    // first, within what readers accept.
     let label_len: usize = args
         .dirs
         .iter()
-        .map(|d| archive::source_label(d).len() + 1)
-        .chain(args.exclude.iter().map(|p| p.len() + 1))
-        .sum();
-    if label_len > crate::chunk::format::MAX_PATH + 1 {
+        .map(|d| archive::source_label(d).len())
+        .chain(args.exclude.iter().map(|p| p.len()))
+        .map(|len| len + 1)
+        .sum::<usize>()
+        - 1;
+    if label_len > crate::chunk::format::MAX_PATH {
         return Err(input_error(format!(
             "the paths and --exclude patterns take {label_len} bytes; one entry's take at most {}",
             crate::chunk::format::MAX_PATH
@@ -195,6 +198,12 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     for (dir, scanning, state) in scans {
         trees.push((dir, Arc::new(scanning.await??), state));
     }
+    for pattern in exclude.unused() {
+        ui::warn(format!(
+            "--exclude '{pattern}' matched nothing in {} (patterns are relative to each DIR)",
+            source_labels(&args.dirs).replace('\n', ", ")
+        ));
+    }
     let total = trees
         .iter()
         .flat_map(|(_, tree, _)| &tree.files)
@@ -228,7 +237,8 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         });
     }
     let failed = |e: anyhow::Error| e.context(format!("upload to {key} failed"));
-    let (manifest, sent, reads) = entry_of(parts, exclude.patterns())?;
+    let (mut manifest, sent, reads) = entry_of(parts)?;
+    manifest.add_exclusions(exclude.patterns());
     let published = chunks.publish(manifest, sent, &key).await;
     progress.clear();
     let (mut stats, manifest) = published.map_err(failed)?;
@@ -263,21 +273,10 @@ struct SentPart {
 }
 
 /// The manifest to publish for `parts` (one directory: an ordinary one; several
-/// paths: [`paths::combine`]) made with the `--exclude` patterns `exclusions`, what was
-/// sent for it, and per path what the tree states need.
+/// paths: [`paths::combine`]), what was sent for it, and per path what the tree
+/// states need.
 #[allow(clippy::type_complexity)]
 fn entry_of(
-    parts: Vec<SentPart>,
-    exclusions: &[String],
-) -> anyhow::Result<(Manifest, Sent, Vec<(PathBuf, Vec<ScannedFile>, ReadReport)>)> {
-    let (mut manifest, sent, reads) = entry_of_parts(parts)?;
-    let sources = std::mem::take(&mut manifest.label);
-    manifest.set_label(&sources, exclusions);
-    Ok((manifest, sent, reads))
-}
-
-#[allow(clippy::type_complexity)]
-fn entry_of_parts(
     mut parts: Vec<SentPart>,
 ) -> anyhow::Result<(Manifest, Sent, Vec<(PathBuf, Vec<ScannedFile>, ReadReport)>)> {
     if let [only] = &parts[..]
@@ -647,7 +646,9 @@ async fn restore_manifest(
                 // The tree is then built whole, as without a record.
                 // A failure the whole restore shares (no room, names the filesystem
                 // folds) is reported once, by it.
-                Err(e) if !is_broken(&e) && !ui::cancelled() => {
+                // Not when the entry excludes paths: a whole restore would take them
+                // with the directories it replaces.
+                Err(e) if !is_broken(&e) && !ui::cancelled() && to.keep.is_empty() => {
                     TreeState::forget(dir);
                     // Read again rather than kept: a copy held through the update
                     // would cost as much memory as the manifest (90 MB for 10^6 files).
@@ -696,8 +697,10 @@ async fn restore_manifest(
 /// as an upload would cut them, nothing sent, so that a restore over them fetches and
 /// writes only what differs. Not for a DIR holding far more than the entry (then
 /// probably something else), and `None` when anything fails: the restore then builds
-/// the tree whole.
-fn seed_state(dir: &Path, stream_len: u64, exclude: &Exclude) -> Option<TreeState> {
+/// the tree whole. But for an entry that excludes paths (`keep`) DIR is always
+/// updated in place, which leaves them alone: without a usable read, from a record of
+/// nothing, so every file is written.
+fn seed_state(dir: &Path, stream_len: u64, keep: &Exclude) -> Option<TreeState> {
     let non_empty = std::fs::read_dir(dir)
         .ok()?
         .flatten()
@@ -706,7 +709,32 @@ fn seed_state(dir: &Path, stream_len: u64, exclude: &Exclude) -> Option<TreeStat
         return None;
     }
     let taken = SystemTime::now();
-    let tree = archive::scan(dir, exclude).ok()?;
+    let read = read_state(dir, stream_len, keep, taken);
+    if read.is_some() || keep.is_empty() {
+        return read;
+    }
+    let nothing = Manifest {
+        kind: ManifestKind::Dir,
+        created: 0,
+        label: String::new(),
+        stream_len: 0,
+        table: Default::default(),
+        entries: Vec::new(),
+    };
+    let dir = dir.canonicalize().ok()?;
+    Some(TreeState::new(
+        dir,
+        String::new(),
+        nothing,
+        Vec::new(),
+        taken,
+    ))
+}
+
+/// The record [`seed_state`] makes by reading DIR, when it holds at most about as
+/// much as the entry.
+fn read_state(dir: &Path, stream_len: u64, keep: &Exclude, taken: SystemTime) -> Option<TreeState> {
+    let tree = archive::scan(dir, keep).ok()?;
     let held: u64 = tree.files.iter().map(|f| f.size).sum();
     if held > stream_len.saturating_mul(2).max(64 * 1024 * 1024) {
         ui::verbose(format!(
@@ -767,7 +795,9 @@ fn seed_state(dir: &Path, stream_len: u64, exclude: &Exclude) -> Option<TreeStat
     ))
 }
 
-/// Builds the tree in a temp dir inside `dir` and swaps it in ([`Restorer`]).
+/// Builds the tree in a temp dir inside `dir` and swaps it in ([`Restorer`]). Its
+/// top-level entries replace same-named ones whole, so an entry that excludes paths is
+/// only restored this way into an empty `dir` (see [`seed_state`]).
 async fn restore_whole(
     chunks: &ChunkStore,
     key: &str,
@@ -780,13 +810,12 @@ async fn restore_whole(
         entries: Vec::new(),
         ..manifest
     };
-    let (mirror, keep) = (to.mirror, to.keep.clone());
+    let mirror = to.mirror;
     let restorer = tokio::task::spawn_blocking(move || {
         let mut restorer = Restorer::create(&dest, entries, needed)?;
         if mirror {
             restorer.mirror();
         }
-        restorer.keep(keep);
         anyhow::Ok(restorer)
     })
     .await??;
