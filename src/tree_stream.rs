@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::archive::Tree;
-use crate::chunk::format::{EntryKind, tree_order};
+use crate::chunk::format::tree_order;
 use crate::chunk::store::{Known, Location, Piece, location};
 use crate::chunk::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Id};
 use crate::state::{Stamp, TreeState};
@@ -152,35 +152,25 @@ fn plan(
 ) -> (Vec<Span>, Option<Recorded>, Vec<bool>) {
     let files = &tree.files;
     let mut vouched = Vec::with_capacity(files.len());
-    // Both lists are in tree order (the scan walks it; a manifest that is not is
-    // refused when decoded), so one pass pairs them, with no map of a million paths.
-    let mut stamps = state.stamps.iter();
-    let mut offset = 0u64;
-    let mut recorded_files = state
-        .manifest
-        .entries
-        .iter()
-        .filter_map(|e| match e.kind {
-            EntryKind::File { size } => {
-                let start = offset;
-                offset += size;
-                Some((&e.path[..], start, stamps.next().copied().flatten()))
-            }
-            _ => None,
-        })
-        .peekable();
+    // Both lists are in tree order (the scan walks it; a record that is not is refused
+    // when decoded), so one pass pairs them, with no map of a million paths.
+    let old = &state.files;
+    let mut k = 0;
     let mut spans: Vec<Span> = Vec::new();
     let mut new_start = 0u64;
     let (mut new, mut changed) = (0usize, 0usize);
     for (i, f) in files.iter().enumerate() {
         let rel = tree.rel(i);
-        while recorded_files
-            .next_if(|(path, _, _)| tree_order(path, rel) == Ordering::Less)
-            .is_some()
-        {}
-        let recorded = recorded_files
-            .next_if(|(path, _, _)| *path == rel)
-            .and_then(|(_, start, stamp)| Some((start, stamp?)));
+        while k < old.len() && tree_order(old.path(k), rel) == Ordering::Less {
+            k += 1;
+        }
+        let recorded = match k < old.len() && old.path(k) == rel {
+            true => {
+                k += 1;
+                old.stamp(k - 1).map(|stamp| (old.start(k - 1), stamp))
+            }
+            false => None,
+        };
         let recorded = recorded.as_ref();
         match recorded {
             None => new += 1,
@@ -214,17 +204,16 @@ fn plan(
         report.unchanged_files,
         files.len()
     ));
-    let mut starts = Vec::with_capacity(state.manifest.table.chunks.len());
+    let mut starts = Vec::with_capacity(state.table.chunks.len());
     let mut at = 0u64;
     let chunks = state
-        .manifest
         .table
         .chunks
         .iter()
         .map(|c| {
             starts.push(at);
             at += u64::from(c.len);
-            let pack = state.manifest.table.packs[c.pack as usize];
+            let pack = state.table.packs[c.pack as usize];
             (c.id, location(pack, c))
         })
         .collect();
@@ -561,7 +550,7 @@ mod tests {
     fn cut(root: &Path, state: Option<&TreeState>) -> (Vec<(Id, u32)>, ReadReport) {
         let tree = scan(root, &Default::default()).unwrap();
         let progress = Arc::new(Progress::new("test", 0));
-        let stored = state.iter().flat_map(|s| &s.manifest.table.chunks);
+        let stored = state.iter().flat_map(|s| &s.table.chunks);
         let pack = crate::chunk::store::PackInfo {
             modified: SystemTime::now(),
             size: 1 << 40,
@@ -599,7 +588,7 @@ mod tests {
             entries: tree.entries,
         };
         let later = SystemTime::now() + Duration::from_secs(3600);
-        TreeState::new(root.to_path_buf(), "k".into(), manifest, stamps, later)
+        TreeState::new(root.to_path_buf(), "k".into(), &manifest, stamps, later)
     }
 
     fn noise(seed: u64, len: usize) -> Vec<u8> {

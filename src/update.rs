@@ -36,7 +36,7 @@ use crate::restore::{
     MODE_MASK, check_space, complete_file, finalize, join_path, list_names, open_dir, permissions,
     split_path, timestamps,
 };
-use crate::state::{Stamp, TreeState};
+use crate::state::{RecordedFiles, Stamp, TreeState};
 use crate::temp::{self, ASIDE_PREFIX, NEW_PREFIX};
 use crate::tree_stream::open_regular;
 
@@ -125,36 +125,24 @@ impl Plan {
 /// from: a file still holding the recorded bytes, or the bucket.
 pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
     let TreeState {
-        manifest: recorded_manifest,
-        stamps: recorded_stamps,
+        table: recorded_table,
+        files: mut recorded,
         ..
     } = state;
-    let old = Stream::of(&recorded_manifest.table);
+    let old = Stream::of(&recorded_table);
     let fresh = Stream::of(&new.table);
-    // The recorded files, and which of them still hold the recorded bytes (with their
-    // mode and mtime now).
-    let mut recorded = Vec::with_capacity(recorded_stamps.len());
-    let mut at = 0u64;
-    for e in &recorded_manifest.entries {
-        if let EntryKind::File { size } = e.kind {
-            recorded.push(RecordedFile {
-                path: &e.path,
-                at,
-                size,
-            });
-            at += size;
-        }
-    }
-    // A path is looked up through its directories; the update opens them refusing
-    // symlinks, so a file is only taken as intact when none of them is one.
+    // Which recorded files still hold the recorded bytes (with their mode and mtime
+    // now). A path is looked up through its directories; the update opens them
+    // refusing symlinks, so a file is only taken as intact when none of them is one.
     // Files of one directory mostly come one after another: their ancestors are taken
     // once per run, not once per file.
     let mut parents: Vec<&[u8]> = Vec::new();
     let mut last_parent = None;
-    for f in &recorded {
-        let parent = ancestors(f.path).last();
+    for k in 0..recorded.len() {
+        let path = recorded.path(k);
+        let parent = ancestors(path).last();
         if parent != last_parent {
-            parents.extend(ancestors(f.path));
+            parents.extend(ancestors(path));
             last_parent = parent;
         }
     }
@@ -169,16 +157,15 @@ pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
         .collect();
     // SAFETY: geteuid cannot fail and touches no memory.
     let euid = unsafe { libc::geteuid() };
-    let intact: Vec<Option<Intact>> = recorded
-        .par_iter()
-        .zip(&recorded_stamps)
-        .map(|(f, stamp)| {
-            let stamp = stamp.as_ref()?;
-            if !ancestors(f.path).all(|p| real_dirs.contains(p)) {
+    let intact: Vec<Option<Intact>> = (0..recorded.len())
+        .into_par_iter()
+        .map(|k| {
+            let (path, stamp) = (recorded.path(k), recorded.stamp(k)?);
+            if !ancestors(path).all(|p| real_dirs.contains(p)) {
                 return None;
             }
-            let meta = std::fs::symlink_metadata(dir.join(OsStr::from_bytes(f.path))).ok()?;
-            (Stamp::of(&meta) == *stamp && meta.file_type().is_file()).then(|| Intact {
+            let meta = std::fs::symlink_metadata(dir.join(OsStr::from_bytes(path))).ok()?;
+            (Stamp::of(&meta) == stamp && meta.file_type().is_file()).then(|| Intact {
                 mode: meta.mode(),
                 mtime: (meta.mtime(), meta.mtime_nsec() as u32),
                 // Setting a mode and mtime needs the owner's handle (readable), and must
@@ -213,15 +200,17 @@ pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
             continue;
         };
         plan.offsets[i] = at;
-        while k < recorded.len() && tree_order(recorded[k].path, &e.path) == Ordering::Less {
+        while k < recorded.len() && tree_order(recorded.path(k), &e.path) == Ordering::Less {
             k += 1;
         }
-        let here = recorded
-            .get(k)
-            .filter(|f| f.path == &e.path[..])
-            .and_then(|f| Some((f, intact[k]?)));
+        let here = (k < recorded.len() && recorded.path(k) == &e.path[..])
+            .then_some(k)
+            .and_then(|k| Some((k, intact[k]?)));
         let action = match here {
-            Some((f, now)) if f.size == size && old.same_bytes(f.at, &fresh, at, size) => {
+            Some((k, now))
+                if recorded.size(k) == size
+                    && old.same_bytes(recorded.start(k), &fresh, at, size) =>
+            {
                 // Setuid, setgid and sticky bits on disk differ from any restored mode.
                 let same_meta =
                     now.mode & 0o7777 == e.mode & MODE_MASK && now.mtime == (e.mtime, e.mtime_nsec);
@@ -282,11 +271,10 @@ pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
         let Source::Local(old_at) = needed.source else {
             continue;
         };
-        let mut k = recorded
-            .partition_point(|f| f.at <= old_at)
-            .saturating_sub(1);
-        while k < recorded.len() && recorded[k].at < old_at + needed.len {
-            if recorded[k].size > 0 && recorded[k].at + recorded[k].size > old_at {
+        let mut k = recorded.file_at(old_at);
+        while k < recorded.len() && recorded.start(k) < old_at + needed.len {
+            let (start, size) = (recorded.start(k), recorded.size(k));
+            if size > 0 && start + size > old_at {
                 sources.push(k);
             }
             k += 1;
@@ -296,11 +284,12 @@ pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
     sources.dedup();
     plan.local_files = sources
         .into_iter()
-        .map(|k| &recorded[k])
-        .map(|f| (dir.join(OsStr::from_bytes(f.path)), f.at, f.size))
+        .map(|k| {
+            let path = dir.join(OsStr::from_bytes(recorded.path(k)));
+            (path, recorded.start(k), recorded.size(k))
+        })
         .collect();
-    drop(recorded);
-    plan.recorded_stamps = recorded_stamps;
+    plan.recorded_stamps = recorded.take_stamps();
     plan
 }
 
@@ -326,32 +315,20 @@ struct Intact {
     touchable: bool,
 }
 
-/// A file of the recorded tree and where its bytes were in the recorded stream (its
-/// stamp is the one of the same index in the record).
-struct RecordedFile<'a> {
-    path: &'a [u8],
-    at: u64,
-    size: u64,
-}
-
 /// The recorded chunks whose bytes all lie in files that still hold them: where each
 /// starts in the recorded stream, by id.
 fn local_chunks(
     old: &Stream<'_>,
-    files: &[RecordedFile<'_>],
+    files: &RecordedFiles,
     intact: &[Option<Intact>],
 ) -> HashMap<crate::chunk::Id, u64> {
-    let starts: Vec<u64> = files.iter().map(|f| f.at).collect();
     let mut local = HashMap::new();
     for (k, c) in old.chunks.iter().enumerate() {
         let (from, to) = (old.starts[k], old.starts[k] + u64::from(c.len));
-        let first = starts.partition_point(|&s| s <= from).saturating_sub(1);
-        let all_intact = files[first..]
-            .iter()
-            .zip(&intact[first..])
-            .take_while(|(f, _)| f.at < to)
-            .filter(|(f, _)| f.size > 0 && f.at + f.size > from)
-            .all(|(_, ok)| ok.is_some());
+        let all_intact = (files.file_at(from)..files.len())
+            .take_while(|&f| files.start(f) < to)
+            .filter(|&f| files.size(f) > 0 && files.start(f) + files.size(f) > from)
+            .all(|f| intact[f].is_some());
         if all_intact {
             local.entry(c.id).or_insert(from);
         }

@@ -554,7 +554,7 @@ pub fn show(path: &[u8]) -> String {
     format!("`{head}…` ({} bytes)", path.len())
 }
 
-fn check_relative_path(what: &str, path: &[u8]) -> Result<(), FormatError> {
+pub(crate) fn check_relative_path(what: &str, path: &[u8]) -> Result<(), FormatError> {
     let ok = !path.is_empty()
         && !path.contains(&0)
         && path
@@ -569,7 +569,7 @@ fn check_relative_path(what: &str, path: &[u8]) -> Result<(), FormatError> {
 
 /// Packs, then chunks column by column: ids, pack indexes, offsets, stored lengths,
 /// lengths (small integers as varints, which zstd then squeezes further).
-fn encode_table(out: &mut Vec<u8>, table: &ChunkTable) {
+pub(crate) fn encode_table(out: &mut Vec<u8>, table: &ChunkTable) {
     put_varint(out, table.packs.len() as u64);
     for p in &table.packs {
         out.extend_from_slice(&p.0);
@@ -592,7 +592,7 @@ fn encode_table(out: &mut Vec<u8>, table: &ChunkTable) {
     }
 }
 
-fn decode_table(r: &mut Reader<'_>) -> Result<ChunkTable, FormatError> {
+pub(crate) fn decode_table(r: &mut Reader<'_>) -> Result<ChunkTable, FormatError> {
     let n = r.varint_count(32)?;
     let mut packs = Vec::with_capacity(n);
     for _ in 0..n {

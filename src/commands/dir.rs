@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::exclude::Exclude;
 use crate::key::{full_key, has_arch_suffix, join_prefix};
 use crate::restore::Restorer;
-use crate::state::TreeState;
+use crate::state::{self, TreeState};
 use crate::transfer::Transfer;
 use crate::tree_stream::{ReadReport, StaleState, cut_tree};
 use crate::ui;
@@ -191,7 +191,7 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     let likely: Vec<crate::chunk::Id> = scans
         .iter()
         .filter_map(|(_, _, state)| state.as_ref())
-        .flat_map(|s| s.manifest.table.packs.iter().copied())
+        .flat_map(|s| s.table.packs.iter().copied())
         .collect();
     let known = Arc::new(chunks.known(&likely).await?);
     let mut trees = Vec::with_capacity(scans.len());
@@ -354,7 +354,7 @@ fn record_states(
             .zip(&read.trusted)
             .map(|(f, trusted)| trusted.then_some(f.stamp))
             .collect();
-        TreeState::new(canonical, key.to_string(), manifest, stamps, taken).save();
+        state::record(&canonical, key, &manifest, stamps, taken);
     }
     Ok(())
 }
@@ -527,6 +527,7 @@ async fn restore_entry(
         dir,
         mirror,
         keep: &keep,
+        record: true,
     };
     match (manifest.kind, dirs) {
         (ManifestKind::Dir, [dir]) => {
@@ -597,8 +598,9 @@ async fn restore_file(
         dir: parent,
         mirror: false,
         keep: &Exclude::default(),
+        record: false,
     };
-    let (stats, _) = restore_whole(chunks, key, manifest, to)
+    let stats = restore_whole(chunks, key, manifest, to)
         .await
         .with_context(|| format!("cannot restore {}", dest.display()))?;
     Ok(stats)
@@ -612,6 +614,8 @@ struct Destination<'a> {
     mirror: bool,
     /// Paths the entry was uploaded without, left as they are in `dir`.
     keep: &'a Exclude,
+    /// Record a tree state of `dir` (not when it only receives a single file).
+    record: bool,
 }
 
 /// Restores a chunked entry into `to.dir`: in place when it holds a tree cacher
@@ -637,7 +641,7 @@ async fn restore_manifest(
         TreeState::load(&dest).or_else(|| seed_state(&dest, stream_len, &keep))
     })
     .await?;
-    let restored = match state.filter(|s| s.manifest.kind == ManifestKind::Dir) {
+    let restored = match state {
         Some(state) => {
             let updated = restore_in_place(chunks, key, manifest, state, to).await;
             match updated {
@@ -679,10 +683,7 @@ async fn restore_manifest(
         }
         None => restore_whole(chunks, key, manifest, to).await,
     };
-    let (stats, state) = restored.with_context(|| format!("cannot restore {key}"))?;
-    if let Some(state) = state {
-        tokio::task::spawn_blocking(move || state.save()).await?;
-    }
+    let stats = restored.with_context(|| format!("cannot restore {key}"))?;
     ui::status(download_stats_line(
         key,
         Some(files),
@@ -713,22 +714,7 @@ fn seed_state(dir: &Path, stream_len: u64, keep: &Exclude) -> Option<TreeState> 
     if read.is_some() || keep.is_empty() {
         return read;
     }
-    let nothing = Manifest {
-        kind: ManifestKind::Dir,
-        created: 0,
-        label: String::new(),
-        stream_len: 0,
-        table: Default::default(),
-        entries: Vec::new(),
-    };
-    let dir = dir.canonicalize().ok()?;
-    Some(TreeState::new(
-        dir,
-        String::new(),
-        nothing,
-        Vec::new(),
-        taken,
-    ))
+    Some(TreeState::of_nothing(dir.canonicalize().ok()?))
 }
 
 /// The record [`seed_state`] makes by reading DIR, when it holds at most about as
@@ -789,28 +775,29 @@ fn read_state(dir: &Path, stream_len: u64, keep: &Exclude, taken: SystemTime) ->
     Some(TreeState::new(
         dir.canonicalize().ok()?,
         String::new(),
-        manifest,
+        &manifest,
         stamps,
         taken,
     ))
 }
 
-/// Builds the tree in a temp dir inside `dir` and swaps it in ([`Restorer`]). Its
-/// top-level entries replace same-named ones whole, so an entry that excludes paths is
-/// only restored this way into an empty `dir` (see [`seed_state`]).
+/// Builds the tree in a temp dir inside `dir` and swaps it in ([`Restorer`]), then
+/// records its tree state. Its top-level entries replace same-named ones whole, so an
+/// entry that excludes paths is only restored this way into an empty `dir` (see
+/// [`seed_state`]).
 async fn restore_whole(
     chunks: &ChunkStore,
     key: &str,
     manifest: Manifest,
     to: Destination<'_>,
-) -> anyhow::Result<(Stats, Option<TreeState>)> {
+) -> anyhow::Result<Stats> {
     let dir = to.dir;
     let (dest, entries, needed) = (dir.to_path_buf(), manifest.entries, manifest.stream_len);
     let manifest = Manifest {
         entries: Vec::new(),
         ..manifest
     };
-    let mirror = to.mirror;
+    let (mirror, record) = (to.mirror, to.record);
     let restorer = tokio::task::spawn_blocking(move || {
         let mut restorer = Restorer::create(&dest, entries, needed)?;
         if mirror {
@@ -838,23 +825,29 @@ async fn restore_whole(
             entries: finished.entries,
             ..manifest
         };
-        let state = dest
-            .canonicalize()
-            .ok()
-            .map(|dir| TreeState::new(dir, key, restored, finished.stamps, finished.visible_from));
-        Ok((stats, state))
+        if let (true, Ok(dir)) = (record, dest.canonicalize()) {
+            state::record(
+                &dir,
+                &key,
+                &restored,
+                finished.stamps,
+                finished.visible_from,
+            );
+        }
+        Ok(stats)
     })
     .await?
 }
 
-/// Updates the tree `state` records in `dir` to the entry ([`TreeUpdate`]).
+/// Updates the tree `state` records in `dir` to the entry ([`TreeUpdate`]), then
+/// records the new tree state.
 async fn restore_in_place(
     chunks: &ChunkStore,
     key: &str,
     manifest: Manifest,
     state: TreeState,
     to: Destination<'_>,
-) -> anyhow::Result<(Stats, Option<TreeState>)> {
+) -> anyhow::Result<Stats> {
     let dir = to.dir;
     let dest = dir.to_path_buf();
     let (plan, mut manifest) = tokio::task::spawn_blocking(move || {
@@ -902,11 +895,10 @@ async fn restore_in_place(
     tokio::task::spawn_blocking(move || {
         let (entries, stamps) = updater.finish()?;
         manifest.entries = entries;
-        let state = dest
-            .canonicalize()
-            .ok()
-            .map(|dir| TreeState::new(dir, key, manifest, stamps, SystemTime::now()));
-        Ok((stats, state))
+        if let Ok(dir) = dest.canonicalize() {
+            state::record(&dir, &key, &manifest, stamps, SystemTime::now());
+        }
+        Ok(stats)
     })
     .await?
 }
