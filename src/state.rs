@@ -482,7 +482,7 @@ fn decode(what: &str, data: &[u8]) -> Result<TreeState, FormatError> {
         path.extend_from_slice(suffix);
         check_relative_path(what, &path)?;
         // Paired with the scan and the entry in one merge, which needs tree order.
-        if files.len() > 0 && tree_order(files.path(files.len() - 1), &path) != Ordering::Less {
+        if !files.is_empty() && tree_order(files.path(files.len() - 1), &path) != Ordering::Less {
             return Err(bad(what, "files out of order"));
         }
         let stamp = match r.u8()? {
