@@ -12,6 +12,7 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -46,16 +47,16 @@ impl Exclude {
             if pattern.contains(['\0', '\n']) {
                 return Err(invalid("a pattern is one line, without NUL bytes"));
             }
-            if pattern.starts_with('~') {
-                return Err(invalid(
-                    "patterns are relative to each DIR; `~` is not expanded",
-                ));
-            }
             let pattern = trim_trailing_spaces(pattern);
             let (negated, rest) = match pattern.strip_prefix('!') {
                 Some(rest) => (true, rest),
                 None => (false, pattern),
             };
+            if rest.starts_with('~') {
+                return Err(invalid(
+                    "patterns are relative to each DIR and `~` is not expanded (`\\~x` matches a name starting with ~)",
+                ));
+            }
             let (dir_only, rest) = match rest.strip_suffix('/') {
                 Some(rest) => (true, rest),
                 None => (false, rest),
@@ -121,15 +122,30 @@ impl Exclude {
         if self.is_empty() {
             return false;
         }
-        let matched = self.set.matches(OsStr::from_bytes(rel));
-        let last = matched
-            .into_iter()
-            .rev()
-            .find(|&i| is_dir || !self.rules[i].dir_only);
-        last.is_some_and(|i| {
+        let mut matched = self.set.matches(OsStr::from_bytes(rel));
+        matched.retain(|&i| is_dir || !self.rules[i].dir_only);
+        for &i in &matched {
             self.used[i].store(true, Ordering::Relaxed);
-            !self.rules[i].negated
-        })
+        }
+        matched.last().is_some_and(|&i| !self.rules[i].negated)
+    }
+
+    /// Whether anything below `root` is excluded, or it cannot tell (an unreadable
+    /// directory): whether replacing `root`'s contents whole could lose such paths.
+    pub fn holds_excluded(&self, root: &Path) -> bool {
+        fn walk(e: &Exclude, dir: &Path, rel: &[u8]) -> std::io::Result<bool> {
+            for item in std::fs::read_dir(dir)? {
+                let item = item?;
+                let name = item.file_name();
+                let path = crate::restore::join_path(rel, name.as_bytes());
+                let is_dir = item.file_type()?.is_dir();
+                if e.excludes(&path, is_dir) || (is_dir && walk(e, &item.path(), &path)?) {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }
+        !self.is_empty() && walk(self, root, &[]).unwrap_or(true)
     }
 
     /// Whether `name`, a child of the open directory `dir` at `rel`, is excluded,
@@ -240,12 +256,16 @@ mod tests {
         assert_eq!(e.unused(), ["registry/src", "!keep.o"]);
         assert!(!e.excludes(b"d/keep.o", false));
         assert_eq!(e.unused(), ["registry/src"]);
+        // A pattern that matched counts, even where a later one took the path back.
+        let e = exclude(&["*.log", "!keep.log"]);
+        assert!(!e.excludes(b"keep.log", false));
+        assert!(e.unused().is_empty());
     }
 
     #[test]
     fn patterns_that_name_no_path_are_refused() {
         for bad in [
-            "", "/", "!", "a//b", "../x", "./x", "a\nb", "[z-a", "~/x", "  ",
+            "", "/", "!", "a//b", "../x", "./x", "a\nb", "[z-a", "~/x", "!~/x", "  ",
         ] {
             assert!(
                 Exclude::new(&[bad.to_string()]).is_err(),

@@ -851,12 +851,11 @@ impl TreeUpdate {
         for (parent, name) in &self.extras {
             let fd = dirs.open(parent)?;
             let path = join_path(parent, name.as_bytes());
-            remove_keeping(fd, name, &path, &self.keep).with_context(|| {
-                format!(
-                    "cannot remove {}",
-                    show(&join_path(parent, name.as_bytes()))
-                )
-            })?;
+            // The new tree is in place: what cannot be removed (another user's file)
+            // stays, and the restore stands.
+            if let Err(e) = remove_keeping(fd, name, &path, &self.keep) {
+                crate::ui::warn(format!("restored, but {e:#}"));
+            }
         }
         // Deepest first: `existing_dirs` lists directories as they were closed, so
         // children come before parents already.
@@ -1075,39 +1074,48 @@ fn retain_extras(dir: BorrowedFd<'_>, unseen: &mut HashSet<OsString>, seen: &[Os
 
 /// Removes `name` in `parent` (at `path` in the tree), but for what `keep` excludes
 /// below it: a directory holding such paths stays, with them and its mode, and only
-/// the rest goes. Whether anything stayed.
+/// the rest goes. Whether anything stayed. On an error, what could not be removed
+/// stays as it was, and its directories keep their modes.
 fn remove_keeping(
     parent: BorrowedFd<'_>,
     name: &OsStr,
     path: &[u8],
     keep: &Exclude,
-) -> io::Result<bool> {
-    let st = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
+) -> anyhow::Result<bool> {
+    let cannot = || format!("cannot remove {}", show(path));
+    let st = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW).with_context(cannot)?;
     let is_dir = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory;
     if keep.is_empty() || !is_dir {
-        temp::remove_tree(parent, name)?;
+        temp::remove_tree(parent, name).with_context(cannot)?;
         return Ok(false);
     }
     let mode = st.st_mode & 0o7777;
     if mode & 0o700 != 0o700 {
         // Not through a handle: a directory without owner read cannot be opened first.
-        rustix::fs::chmodat(parent, name, Mode::from_raw_mode(0o700), AtFlags::empty())?;
+        rustix::fs::chmodat(parent, name, Mode::from_raw_mode(0o700), AtFlags::empty())
+            .with_context(cannot)?;
     }
-    let dir = open_dir(parent, name)?;
-    let mut kept = false;
-    for child in list_names(dir.as_fd())? {
-        let child_path = join_path(path, child.as_bytes());
-        if keep.excludes_at(dir.as_fd(), &child, &child_path) {
-            kept = true;
-        } else {
-            kept |= remove_keeping(dir.as_fd(), &child, &child_path, keep)?;
+    let dir = open_dir(parent, name).with_context(cannot)?;
+    let removed = (|| {
+        let mut kept = false;
+        for child in list_names(dir.as_fd()).with_context(cannot)? {
+            let child_path = join_path(path, child.as_bytes());
+            if keep.excludes_at(dir.as_fd(), &child, &child_path) {
+                kept = true;
+            } else {
+                kept |= remove_keeping(dir.as_fd(), &child, &child_path, keep)?;
+            }
+        }
+        anyhow::Ok(kept)
+    })();
+    match removed {
+        Ok(false) => rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR).with_context(cannot)?,
+        // The directory stays: with its mode, and no mtime to keep (it lost entries).
+        _ => {
+            let _ = rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode));
         }
     }
-    match kept {
-        true => rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode))?,
-        false => rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)?,
-    }
-    Ok(kept)
+    removed
 }
 
 /// Moves the staged `at` over `name` in `parent`. A file replaces a file or symlink in

@@ -1023,4 +1023,33 @@ fn exclusions_hold_for_an_unprivileged_user_over_read_only_dirs_and_several_path
     assert!(!env.path("target/debug/examples/junk.rlib").exists());
     let mode = std::fs::metadata(&examples).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o555);
+
+    // What another user owns cannot be removed: it stays, with a warning, and the
+    // restore stands (the new tree is in place by then).
+    env.write("target/debug/rootjunk/sub/j", "j");
+    std::fs::write(env.path("target/debug/app"), "changed once more").unwrap();
+    let run = env.run_unprivileged(["dir", "download", "rust/ro", "target", "index"]);
+    assert!(
+        run.ok().stderr.contains("restored, but cannot remove `debug/rootjunk/sub/j`"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(read(env.path("target/debug/app")), b"app v1");
+    assert!(env.path("target/debug/rootjunk/sub/j").exists());
+
+    // An update that cannot write (a directory another user owns) is not followed by
+    // a whole restore, which would take the excluded paths with it: exit 2, DIR as it
+    // was.
+    std::fs::remove_dir_all(env.path("target/debug/rootjunk")).unwrap();
+    let owned_by_root = env.path("target/pkg/mod01");
+    std::os::unix::fs::chown(&owned_by_root, Some(0), Some(0)).unwrap();
+    std::fs::write(env.path("target/pkg/mod01/lib.rs"), "edited").unwrap();
+    let before = snapshot(&target);
+    let run = env.run_unprivileged(["dir", "download", "rust/ro", "target", "index"]);
+    assert!(
+        run.code(2).stderr.contains("holds paths it excludes"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(snapshot(&target), before);
 }

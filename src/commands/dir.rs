@@ -61,7 +61,10 @@ pub(super) async fn chunk_store_for_upload(
         return Ok(Some(chunks));
     }
     let unrestorable = match chunks.fetch(key).await {
-        Ok(Some(Stored::Manifest(m))) => missing_pack(&chunks, &m.table.packs).await?,
+        Ok(Some(Stored::Manifest(m))) => match Exclude::new(&m.exclusions()) {
+            Err(why) => Some(why),
+            Ok(_) => missing_pack(&chunks, &m.table.packs).await?,
+        },
         Ok(_) => None,
         Err(e) if is_broken(&e) => Some(format!("{e:#}")),
         Err(e) => return Err(e),
@@ -650,10 +653,16 @@ async fn restore_manifest(
                 // The tree is then built whole, as without a record.
                 // A failure the whole restore shares (no room, names the filesystem
                 // folds) is reported once, by it.
-                // Not when the entry excludes paths: a whole restore would take them
-                // with the directories it replaces.
-                Err(e) if !is_broken(&e) && !ui::cancelled() && to.keep.is_empty() => {
+                // Not when DIR holds paths the entry excludes: a whole restore would
+                // take them with the directories it replaces.
+                Err(e) if !is_broken(&e) && !ui::cancelled() => {
                     TreeState::forget(dir);
+                    if to.keep.holds_excluded(dir) {
+                        return Err(e.context(format!(
+                            "cannot restore {key}; {} holds paths it excludes, so it cannot be built whole either",
+                            dir.display()
+                        )));
+                    }
                     // Read again rather than kept: a copy held through the update
                     // would cost as much memory as the manifest (90 MB for 10^6 files).
                     let why = || format!("could not update {} in place ({e:#})", dir.display());
