@@ -53,11 +53,16 @@ pub struct ScannedFile {
     /// Its entry in [`Tree::entries`], which holds its path: a copy of the paths would
     /// cost about 60 MB on a 10^6-file tree.
     pub entry: u32,
-    /// Size at scan time; exactly this many bytes go into the stream.
-    pub size: u64,
     /// The file's stamp at scan time: to detect it changing while it is read, and to
     /// compare with a tree state.
     pub stamp: Stamp,
+}
+
+impl ScannedFile {
+    /// Size at scan time; exactly this many bytes go into the stream.
+    pub fn size(&self) -> u64 {
+        self.stamp.size
+    }
 }
 
 /// Walks `root` depth-first in byte order of names. Fifos, sockets and device nodes are
@@ -108,11 +113,7 @@ pub fn scan_path(path: &Path, exclude: &Exclude) -> anyhow::Result<Tree> {
     Ok(Tree {
         root: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
         entries: vec![entry],
-        files: vec![ScannedFile {
-            entry: 0,
-            size: stamp.size,
-            stamp,
-        }],
+        files: vec![ScannedFile { entry: 0, stamp }],
         single_file: true,
     })
 }
@@ -196,7 +197,6 @@ fn scan_dir(
                 let stamp = Stamp::of_stat(&st);
                 file = Some(ScannedFile {
                     entry: 0, // set when the lists are joined below
-                    size: stamp.size,
                     stamp,
                 });
                 EntryKind::File { size: stamp.size }

@@ -38,13 +38,15 @@ const FINE_GRANULARITY: Duration = Duration::from_millis(20);
 const COARSE_GRANULARITY: Duration = Duration::from_secs(2);
 
 /// What identifies the state of a file's content: if any byte changed, one of these did.
+/// Times are in nanoseconds since the epoch (40 bytes a stamp, where seconds and
+/// nanoseconds apart took 56: a scan holds one per file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stamp {
     pub dev: u64,
     pub ino: u64,
     pub size: u64,
-    pub mtime: (i64, u32),
-    pub ctime: (i64, u32),
+    pub mtime: i64,
+    pub ctime: i64,
 }
 
 impl Stamp {
@@ -54,8 +56,8 @@ impl Stamp {
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.size(),
-            mtime: (meta.mtime(), meta.mtime_nsec() as u32),
-            ctime: (meta.ctime(), meta.ctime_nsec() as u32),
+            mtime: nanos(meta.mtime(), meta.mtime_nsec()),
+            ctime: nanos(meta.ctime(), meta.ctime_nsec()),
         }
     }
 
@@ -67,14 +69,14 @@ impl Stamp {
             dev: st.st_dev as u64,
             ino: st.st_ino as u64,
             size: st.st_size as u64,
-            mtime: (st.st_mtime as i64, st.st_mtime_nsec as u32),
-            ctime: (st.st_ctime as i64, st.st_ctime_nsec as u32),
+            mtime: nanos(st.st_mtime as i64, st.st_mtime_nsec as i64),
+            ctime: nanos(st.st_ctime as i64, st.st_ctime_nsec as i64),
         }
     }
 
-    /// The latest of its two times, in nanoseconds since the epoch.
-    fn latest_ns(&self) -> i128 {
-        nanos(self.mtime).max(nanos(self.ctime))
+    /// The latest of its two times.
+    fn latest_ns(&self) -> i64 {
+        self.mtime.max(self.ctime)
     }
 }
 
@@ -316,7 +318,7 @@ fn drop_racy(dir: &Path, stamps: &mut [Option<Stamp>], taken: SystemTime) {
     let limit = taken.as_nanos() as i128 - granularity.as_nanos() as i128;
     let mut racy = 0;
     for stamp in stamps.iter_mut() {
-        if stamp.is_some_and(|s| nanos(s.mtime) >= limit) {
+        if stamp.is_some_and(|s| i128::from(s.mtime) >= limit) {
             *stamp = None;
             racy += 1;
         }
@@ -329,9 +331,10 @@ fn drop_racy(dir: &Path, stamps: &mut [Option<Stamp>], taken: SystemTime) {
     }
 }
 
-/// A file time in nanoseconds since the epoch.
-fn nanos((secs, nsec): (i64, u32)) -> i128 {
-    i128::from(secs) * 1_000_000_000 + i128::from(nsec)
+/// A file time in nanoseconds since the epoch. Times past 2262 saturate: the ctime,
+/// which the kernel sets, still tells such files apart.
+fn nanos(secs: i64, nsec: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
 }
 
 /// How far apart two moments must be for the filesystem that gave `stamps` to tell
@@ -340,7 +343,7 @@ fn granularity(stamps: &[Option<Stamp>]) -> Duration {
     let fine = stamps
         .iter()
         .flatten()
-        .any(|s| s.ctime.1 % 1_000_000 != 0 || s.mtime.1 % 1_000_000 != 0);
+        .any(|s| s.ctime.rem_euclid(1_000_000) != 0 || s.mtime.rem_euclid(1_000_000) != 0);
     match fine {
         true => FINE_GRANULARITY,
         false => COARSE_GRANULARITY,
@@ -363,7 +366,7 @@ pub fn settle(stamps: &[Option<Stamp>]) {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos() as i128;
-    let wait = latest + granularity.as_nanos() as i128 - now;
+    let wait = i128::from(latest) + granularity.as_nanos() as i128 - now;
     if wait > 0 {
         std::thread::sleep(Duration::from_nanos(
             wait.min(granularity.as_nanos() as i128) as u64 + 1_000_000,
@@ -402,9 +405,15 @@ fn encode(dir: &Path, key: &str, manifest: &Manifest, stamps: &[Option<Stamp>]) 
     put_bytes(&mut body, dir.as_os_str().as_bytes());
     put_bytes(&mut body, key.as_bytes());
     encode_table(&mut body, &manifest.table);
+    // File by file, so that a reader builds its lists in one pass with nothing
+    // in between; the paths' total first, so that it sizes their buffer exactly.
     put_varint(&mut body, stamps.len() as u64);
+    put_varint(
+        &mut body,
+        files_of(manifest).map(|(p, _)| p.len() as u64).sum(),
+    );
     let mut previous: &[u8] = &[];
-    for (path, _) in files_of(manifest) {
+    for ((path, size), stamp) in files_of(manifest).zip(stamps) {
         let shared = previous
             .iter()
             .zip(path)
@@ -413,11 +422,7 @@ fn encode(dir: &Path, key: &str, manifest: &Manifest, stamps: &[Option<Stamp>]) 
         put_varint(&mut body, shared as u64);
         put_bytes(&mut body, &path[shared..]);
         previous = path;
-    }
-    for (_, size) in files_of(manifest) {
         put_varint(&mut body, size);
-    }
-    for stamp in stamps {
         let Some(s) = stamp else {
             body.push(0);
             continue;
@@ -425,10 +430,10 @@ fn encode(dir: &Path, key: &str, manifest: &Manifest, stamps: &[Option<Stamp>]) 
         body.push(1);
         put_varint(&mut body, s.dev);
         put_varint(&mut body, s.ino);
-        put_varint(&mut body, zigzag(s.mtime.0));
-        put_varint(&mut body, u64::from(s.mtime.1));
-        put_varint(&mut body, zigzag(s.ctime.0));
-        put_varint(&mut body, u64::from(s.ctime.1));
+        for time in [s.mtime, s.ctime] {
+            put_varint(&mut body, zigzag(time.div_euclid(1_000_000_000)));
+            put_varint(&mut body, time.rem_euclid(1_000_000_000) as u64);
+        }
     }
     let mut out = wrap(STATE_MAGIC, RECORD_KIND, &body);
     let sum = blake3::hash(&out);
@@ -455,26 +460,15 @@ fn decode(what: &str, data: &[u8]) -> Result<TreeState, FormatError> {
     let table = decode_table(&mut r)?;
     // Each file takes at least 4 bytes: two path varints, a size and a stamp flag.
     let count = r.varint_count(4)?;
-    let mut paths: Vec<(usize, &[u8])> = Vec::with_capacity(count);
-    let mut path_bytes = 0usize;
-    for _ in 0..count {
-        let shared = usize::try_from(r.varint()?).unwrap_or(usize::MAX);
-        let suffix = r.bytes(MAX_PATH)?;
-        path_bytes = path_bytes
-            .saturating_add(shared)
-            .saturating_add(suffix.len());
-        paths.push((shared, suffix));
-    }
+    let path_bytes = usize::try_from(r.varint()?).unwrap_or(usize::MAX);
     if path_bytes > 64 * body.len() {
         return Err(bad(what, "paths too long for the record"));
     }
-    let mut sizes = Vec::with_capacity(count);
-    for _ in 0..count {
-        sizes.push(r.varint()?);
-    }
     let mut files = RecordedFiles::with_capacity(count, path_bytes);
     let mut path = Vec::new();
-    for ((shared, suffix), size) in paths.into_iter().zip(sizes) {
+    for _ in 0..count {
+        let shared = usize::try_from(r.varint()?).unwrap_or(usize::MAX);
+        let suffix = r.bytes(MAX_PATH)?;
         if shared > path.len() || shared + suffix.len() > MAX_PATH {
             return Err(bad(what, "path prefix out of range"));
         }
@@ -485,16 +479,18 @@ fn decode(what: &str, data: &[u8]) -> Result<TreeState, FormatError> {
         if !files.is_empty() && tree_order(files.path(files.len() - 1), &path) != Ordering::Less {
             return Err(bad(what, "files out of order"));
         }
+        let size = r.varint()?;
         let stamp = match r.u8()? {
             0 => None,
             _ => {
                 let dev = r.varint()?;
                 let ino = r.varint()?;
-                let mut time = || -> Result<(i64, u32), FormatError> {
+                let mut time = || -> Result<i64, FormatError> {
                     let secs = unzigzag(r.varint()?);
-                    let nsec =
-                        u32::try_from(r.varint()?).map_err(|_| bad(what, "bad nanoseconds"))?;
-                    Ok((secs, nsec))
+                    match r.varint()? {
+                        nsec @ 0..1_000_000_000 => Ok(nanos(secs, nsec as i64)),
+                        _ => Err(bad(what, "bad nanoseconds")),
+                    }
                 };
                 let mtime = time()?;
                 let ctime = time()?;
@@ -510,6 +506,9 @@ fn decode(what: &str, data: &[u8]) -> Result<TreeState, FormatError> {
         files.push(&path, size, stamp);
     }
     r.finish()?;
+    if files.paths.len() != path_bytes {
+        return Err(bad(what, "paths do not add up to their total"));
+    }
     let chunk_total: u64 = table.chunks.iter().map(|c| u64::from(c.len)).sum();
     if chunk_total != files.stream_len() {
         return Err(bad(what, "the files' sizes do not add up to the chunks'"));
@@ -530,7 +529,7 @@ mod tests {
     /// A tree of a directory and two files, the first modified and changed at `mtime`.
     fn manifest_and_stamps(mtime: SystemTime) -> (Manifest, Vec<Option<Stamp>>) {
         let mtime = mtime.duration_since(SystemTime::UNIX_EPOCH).unwrap();
-        let mtime = (mtime.as_secs() as i64, mtime.subsec_nanos() | 1);
+        let mtime = nanos(mtime.as_secs() as i64, i64::from(mtime.subsec_nanos() | 1));
         let entry = |name: &str, kind| Entry {
             path: name.as_bytes().to_vec(),
             kind,

@@ -181,22 +181,22 @@ fn plan(
         vouched.push(unchanged.is_some());
         if let Some((old_start, _)) = unchanged {
             report.unchanged_files += 1;
-            report.unchanged_bytes += f.size;
+            report.unchanged_bytes += f.size();
             match spans.last_mut() {
                 Some(s)
                     if s.new_start + s.len == new_start && s.old_start + s.len == *old_start =>
                 {
-                    s.len += f.size
+                    s.len += f.size()
                 }
-                _ if f.size == 0 => {}
+                _ if f.size() == 0 => {}
                 _ => spans.push(Span {
                     new_start,
                     old_start: *old_start,
-                    len: f.size,
+                    len: f.size(),
                 }),
             }
         }
-        new_start += f.size;
+        new_start += f.size();
     }
     ui::verbose(format!(
         "tree state of {}: {} of {} files unchanged; {new} new or not vouched for, {changed} changed",
@@ -408,7 +408,7 @@ impl StreamFiles {
         let mut len = 0u64;
         for f in &tree.files {
             starts.push(len);
-            len += f.size;
+            len += f.size();
         }
         StreamFiles {
             tree,
@@ -443,7 +443,7 @@ impl StreamFiles {
             let file = &self.open.as_ref().expect("opened above").1;
             let scanned = &self.tree.files[i];
             let within = at - self.starts[i];
-            let n = out.len().min((scanned.size - within) as usize);
+            let n = out.len().min((scanned.size() - within) as usize);
             let mut done = 0;
             while done < n {
                 let got = file.read_at(&mut out[done..n], within + done as u64)?;
@@ -452,7 +452,8 @@ impl StreamFiles {
                 }
                 done += got;
             }
-            if within + n as u64 == scanned.size && file.read_at(&mut [0u8], scanned.size)? != 0 {
+            if within + n as u64 == scanned.size() && file.read_at(&mut [0u8], scanned.size())? != 0
+            {
                 return Err(changed(&self.path(i), "grew"));
             }
             self.bytes_read += n as u64;

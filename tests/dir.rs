@@ -1030,7 +1030,9 @@ fn exclusions_hold_for_an_unprivileged_user_over_read_only_dirs_and_several_path
     std::fs::write(env.path("target/debug/app"), "changed once more").unwrap();
     let run = env.run_unprivileged(["dir", "download", "rust/ro", "target", "index"]);
     assert!(
-        run.ok().stderr.contains("restored, but cannot remove `debug/rootjunk/sub/j`"),
+        run.ok()
+            .stderr
+            .contains("restored, but cannot remove `debug/rootjunk/sub/j`"),
         "{}",
         run.stderr
     );

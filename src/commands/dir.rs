@@ -210,7 +210,7 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     let total = trees
         .iter()
         .flat_map(|(_, tree, _)| &tree.files)
-        .map(|f| f.size)
+        .map(|f| f.size())
         .sum();
     let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), total));
     let mut parts = Vec::with_capacity(trees.len());
@@ -730,7 +730,7 @@ fn seed_state(dir: &Path, stream_len: u64, keep: &Exclude) -> Option<TreeState> 
 /// much as the entry.
 fn read_state(dir: &Path, stream_len: u64, keep: &Exclude, taken: SystemTime) -> Option<TreeState> {
     let tree = archive::scan(dir, keep).ok()?;
-    let held: u64 = tree.files.iter().map(|f| f.size).sum();
+    let held: u64 = tree.files.iter().map(|f| f.size()).sum();
     if held > stream_len.saturating_mul(2).max(64 * 1024 * 1024) {
         ui::verbose(format!(
             "{} holds {} in files, far more than the entry: not reading it",
