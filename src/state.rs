@@ -95,16 +95,27 @@ pub struct TreeState {
 
 /// The regular files of a recorded tree in stream order (which is tree order): path,
 /// where the file's bytes start in the stream, and its stamp when its content was
-/// exactly the entry's (`None` when that is not known). Paths share one buffer: a
-/// 10^6-file tree takes about 100 MB here, where the entry's decoded manifest and
-/// stamps took 190 MB.
+/// exactly the entry's (`None` when that is not known). Paths share one buffer, and a
+/// stamp's size is the file's: a 10^6-file tree takes about 80 MB here, where the
+/// entry's decoded manifest and stamps took 190 MB.
 pub struct RecordedFiles {
     paths: Vec<u8>,
     /// Where each path ends in `paths`.
-    path_ends: Vec<usize>,
+    path_ends: Vec<u32>,
     /// Where each file starts in the stream, then where the last one ends.
     starts: Vec<u64>,
-    stamps: Vec<Option<Stamp>>,
+    /// Each file's stamp but its size; meaningful where `vouched`.
+    stamps: Vec<StampTimes>,
+    vouched: Vec<bool>,
+}
+
+/// A [`Stamp`] without its size.
+#[derive(Clone, Copy, Default)]
+struct StampTimes {
+    dev: u64,
+    ino: u64,
+    mtime: i64,
+    ctime: i64,
 }
 
 impl Default for RecordedFiles {
@@ -122,15 +133,26 @@ impl RecordedFiles {
             path_ends: Vec::with_capacity(files),
             starts,
             stamps: Vec::with_capacity(files),
+            vouched: Vec::with_capacity(files),
         }
     }
 
-    fn push(&mut self, path: &[u8], size: u64, stamp: Option<Stamp>) {
+    /// Adds a file; `None` when its path would not fit in the buffer's 4 GiB.
+    #[must_use]
+    fn push(&mut self, path: &[u8], size: u64, stamp: Option<Stamp>) -> Option<()> {
         self.paths.extend_from_slice(path);
-        self.path_ends.push(self.paths.len());
+        self.path_ends.push(u32::try_from(self.paths.len()).ok()?);
         let end = self.stream_len() + size;
         self.starts.push(end);
-        self.stamps.push(stamp);
+        self.vouched.push(stamp.is_some());
+        self.stamps
+            .push(stamp.map_or_else(StampTimes::default, |s| StampTimes {
+                dev: s.dev,
+                ino: s.ino,
+                mtime: s.mtime,
+                ctime: s.ctime,
+            }));
+        Some(())
     }
 
     /// How many files.
@@ -147,9 +169,9 @@ impl RecordedFiles {
     pub fn path(&self, k: usize) -> &[u8] {
         let start = match k {
             0 => 0,
-            k => self.path_ends[k - 1],
+            k => self.path_ends[k - 1] as usize,
         };
-        &self.paths[start..self.path_ends[k]]
+        &self.paths[start..self.path_ends[k] as usize]
     }
 
     /// Where file `k`'s bytes start in the stream.
@@ -164,7 +186,14 @@ impl RecordedFiles {
 
     /// File `k`'s stamp, if it vouches for the file.
     pub fn stamp(&self, k: usize) -> Option<Stamp> {
-        self.stamps[k]
+        let t = self.stamps[k];
+        self.vouched[k].then_some(Stamp {
+            dev: t.dev,
+            ino: t.ino,
+            size: self.size(k),
+            mtime: t.mtime,
+            ctime: t.ctime,
+        })
     }
 
     /// The index of the file whose bytes hold stream offset `at` (the last of those
@@ -180,9 +209,10 @@ impl RecordedFiles {
         *self.starts.last().expect("starts holds at least 0")
     }
 
-    /// The stamps, in file order, leaving none.
-    pub fn take_stamps(&mut self) -> Vec<Option<Stamp>> {
-        std::mem::take(&mut self.stamps)
+    /// Frees the paths, when only sizes and stamps are needed any more.
+    pub fn drop_paths(&mut self) {
+        self.paths = Vec::new();
+        self.path_ends = Vec::new();
     }
 }
 
@@ -211,7 +241,10 @@ impl TreeState {
         let path_bytes = files_of(manifest).map(|(path, _)| path.len()).sum();
         let mut files = RecordedFiles::with_capacity(stamps.len(), path_bytes);
         for ((path, size), stamp) in files_of(manifest).zip(stamps) {
-            files.push(path, size, stamp);
+            // Past 4 GiB of paths, the rest are not vouched for: they are read.
+            if files.push(path, size, stamp).is_none() {
+                return TreeState::of_nothing(dir);
+            }
         }
         TreeState {
             dir,
@@ -503,7 +536,9 @@ fn decode(what: &str, data: &[u8]) -> Result<TreeState, FormatError> {
                 })
             }
         };
-        files.push(&path, size, stamp);
+        files
+            .push(&path, size, stamp)
+            .ok_or_else(|| bad(what, "its paths take more than 4 GiB"))?;
     }
     r.finish()?;
     if files.paths.len() != path_bytes {
@@ -569,7 +604,10 @@ mod tests {
         let (manifest, stamps) = manifest_and_stamps(SystemTime::UNIX_EPOCH);
         let data = encode(Path::new("/d"), "k", &manifest, &stamps);
         let back = decode("t", &data).unwrap();
-        assert_eq!(back.files.stamps, stamps);
+        assert_eq!(
+            (back.files.stamp(0), back.files.stamp(1)),
+            (stamps[0], stamps[1])
+        );
         assert_eq!(
             (back.files.path(0), back.files.path(1)),
             (&b"a"[..], &b"d/b"[..])

@@ -70,11 +70,11 @@ pub struct Plan {
     /// Bytes of the files to write.
     pub write_bytes: u64,
     /// Each kept or touched file (entry of the new tree, in order) with the recorded
-    /// file it is, whose stamp in `recorded_stamps` it has now. Not a map of stamps:
-    /// on a 10^6-file tree that cost 136 MB.
+    /// file it is, whose stamp in `recorded` it has now. Not a map of stamps: on a
+    /// 10^6-file tree that cost 136 MB.
     kept: Vec<(u32, u32)>,
-    /// The stamps of the recorded files, in stream order.
-    recorded_stamps: Vec<Option<Stamp>>,
+    /// The recorded files (without their paths), for their stamps.
+    recorded: RecordedFiles,
 }
 
 /// A chunk the update needs, where it goes in the new stream and where it comes from.
@@ -116,7 +116,7 @@ impl Plan {
             .kept
             .binary_search_by_key(&i, |&(entry, _)| entry as usize)
             .ok()?;
-        self.recorded_stamps[self.kept[k].1 as usize]
+        self.recorded.stamp(self.kept[k].1 as usize)
     }
 }
 
@@ -188,7 +188,7 @@ pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
         kept_bytes: 0,
         write_bytes: 0,
         kept: Vec::new(),
-        recorded_stamps: Vec::new(),
+        recorded: RecordedFiles::default(),
     };
     let mut needed_chunk = vec![false; new.table.chunks.len()];
     let mut at = 0u64;
@@ -289,7 +289,8 @@ pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
             (path, recorded.start(k), recorded.size(k))
         })
         .collect();
-    plan.recorded_stamps = recorded.take_stamps();
+    recorded.drop_paths();
+    plan.recorded = recorded;
     plan
 }
 
