@@ -14,7 +14,8 @@
 //! `-- --files 1000000` measures a tree of that many small files instead (100 files of
 //! 20 to 70 bytes per directory, as a node_modules holds): its cold upload, a warm
 //! upload after five files changed, a restore into an empty directory and one in place
-//! over the changed tree, each with its peak RSS.
+//! over the changed tree, each with its peak RSS. Peak RSS depends on the allocator:
+//! `CACHER_BENCH_BIN=<static musl release build>` measures the binary users run.
 
 mod common;
 

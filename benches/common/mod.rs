@@ -107,9 +107,12 @@ pub fn aws_env(cmd: &mut Command, g: &Server, config_dir: &Path) {
         .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
 }
 
-/// `cacher ARGS -q` against `g`, with a clean environment.
+/// `cacher ARGS -q` against `g`, with a clean environment: the binary this bench was
+/// built with, or `$CACHER_BENCH_BIN` (a release build for another libc: its
+/// allocator decides how much freed memory stays resident).
 pub fn cacher(g: &Server, home: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cacher"));
+    let bin = std::env::var_os("CACHER_BENCH_BIN");
+    let mut c = Command::new(bin.as_deref().unwrap_or(env!("CARGO_BIN_EXE_cacher").as_ref()));
     c.args(args)
         .env_clear()
         .env("HOME", home)
