@@ -840,18 +840,19 @@ fn excluded_paths_stay_out_of_the_entry_and_are_left_alone_by_restores() {
     };
     let excluded_before = kept(snapshot(&target));
     assert!(excluded_before.len() >= 8, "{excluded_before:?}");
+    // The tracked file is back, the stray one gone, the excluded ones as they were.
+    let restored_keeping = |env: &TestEnv, excluded: &[(String, String)]| {
+        assert_eq!(read(env.path("target/debug/app")), b"app v1");
+        assert!(!env.path("target/debug/stray.txt").exists());
+        assert_eq!(kept(snapshot(&env.path("target"))), excluded);
+    };
     let run = env.run(["-v", "dir", "download", "rust/1", t]);
     assert!(
         run.ok().stderr.contains("files of"),
         "in place: {}",
         run.stderr
     );
-    assert_eq!(
-        std::fs::read(env.path("target/debug/app")).unwrap(),
-        b"app v1"
-    );
-    assert!(!env.path("target/debug/stray.txt").exists());
-    assert_eq!(kept(snapshot(&target)), excluded_before);
+    restored_keeping(&env, &excluded_before);
     assert_eq!(included(snapshot(&target)), want);
 
     // No record, and DIR holds far more than the entry, so it is not read: still
@@ -873,12 +874,7 @@ fn excluded_paths_stay_out_of_the_entry_and_are_left_alone_by_restores() {
         "in place from nothing: {}",
         run.stderr
     );
-    assert_eq!(
-        std::fs::read(env.path("target/debug/app")).unwrap(),
-        b"app v1"
-    );
-    assert!(!env.path("target/debug/stray.txt").exists());
-    assert_eq!(kept(snapshot(&target)), excluded_before);
+    restored_keeping(&env, &excluded_before);
     assert!(
         env.path("target/huge.bin").exists(),
         "top-level extras stay"

@@ -112,7 +112,10 @@ pub fn aws_env(cmd: &mut Command, g: &Server, config_dir: &Path) {
 /// allocator decides how much freed memory stays resident).
 pub fn cacher(g: &Server, home: &Path, args: &[&str]) -> Command {
     let bin = std::env::var_os("CACHER_BENCH_BIN");
-    let mut c = Command::new(bin.as_deref().unwrap_or(env!("CARGO_BIN_EXE_cacher").as_ref()));
+    let mut c = Command::new(
+        bin.as_deref()
+            .unwrap_or(env!("CARGO_BIN_EXE_cacher").as_ref()),
+    );
     c.args(args)
         .env_clear()
         .env("HOME", home)
