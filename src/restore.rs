@@ -305,7 +305,7 @@ impl Restorer {
             bail!("cancelled; {} left as it was", self.dest.display());
         }
         // Nothing but this restore can touch the new files before the swap (see
-        // `TreeState::new` for why that moment matters); a few milliseconds' wait
+        // `state::record` for why that moment matters); a few milliseconds' wait
         // makes the last ones written old enough to be vouched for.
         crate::state::settle(&self.stamps);
         let visible_from = std::time::SystemTime::now();

@@ -20,8 +20,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use crate::chunk::format::{
-    ChunkTable, EntryKind, FormatError, MAX_PATH, Manifest, Reader, bad, check_relative_path,
-    decode_table, encode_table, put_bytes, put_varint, tree_order, unwrap, unzigzag, wrap, zigzag,
+    ChunkTable, EntryKind, FormatError, MAX_BODY, MAX_ENTRIES, MAX_PATH, Manifest, Reader, bad,
+    check_relative_path, decode_table, encode_table, path_budget, put_bytes, put_varint,
+    tree_order, unwrap, unzigzag, wrap, zigzag,
 };
 use crate::ui;
 
@@ -85,9 +86,7 @@ impl Stamp {
 pub struct TreeState {
     /// The directory, canonical.
     pub dir: PathBuf,
-    /// The key of the entry restored or uploaded.
-    pub key: String,
-    /// That entry's chunks, in stream order.
+    /// The chunks of the entry restored or uploaded, in stream order.
     pub table: ChunkTable,
     /// That entry's regular files, in stream order.
     pub files: RecordedFiles,
@@ -137,12 +136,13 @@ impl RecordedFiles {
         }
     }
 
-    /// Adds a file; `None` when its path would not fit in the buffer's 4 GiB.
+    /// Adds a file; `None` when its path would not fit in the buffer's 4 GiB or the
+    /// sizes overflow (then the whole list is unusable).
     #[must_use]
     fn push(&mut self, path: &[u8], size: u64, stamp: Option<Stamp>) -> Option<()> {
         self.paths.extend_from_slice(path);
         self.path_ends.push(u32::try_from(self.paths.len()).ok()?);
-        let end = self.stream_len() + size;
+        let end = self.stream_len().checked_add(size)?;
         self.starts.push(end);
         self.vouched.push(stamp.is_some());
         self.stamps
@@ -157,12 +157,12 @@ impl RecordedFiles {
 
     /// How many files.
     pub fn len(&self) -> usize {
-        self.path_ends.len()
+        self.vouched.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.path_ends.is_empty()
+        self.vouched.is_empty()
     }
 
     /// File `k`'s path, relative to the directory.
@@ -209,7 +209,10 @@ impl RecordedFiles {
         *self.starts.last().expect("starts holds at least 0")
     }
 
-    /// Frees the paths, when only sizes and stamps are needed any more.
+    /// Frees the paths, when only sizes and stamps are needed any more ([`path`]
+    /// must not be called after).
+    ///
+    /// [`path`]: RecordedFiles::path
     pub fn drop_paths(&mut self) {
         self.paths = Vec::new();
         self.path_ends = Vec::new();
@@ -222,7 +225,6 @@ impl TreeState {
     pub fn of_nothing(dir: PathBuf) -> TreeState {
         TreeState {
             dir,
-            key: String::new(),
             table: ChunkTable::default(),
             files: RecordedFiles::default(),
         }
@@ -232,23 +234,26 @@ impl TreeState {
     /// file, in stream order); see [`record`] for `taken`.
     pub fn new(
         dir: PathBuf,
-        key: String,
         manifest: &Manifest,
         mut stamps: Vec<Option<Stamp>>,
         taken: SystemTime,
     ) -> TreeState {
-        drop_racy(&dir, &mut stamps, taken);
         let path_bytes = files_of(manifest).map(|(path, _)| path.len()).sum();
+        if stamps.len() != files_of(manifest).count() {
+            debug_assert!(false, "one stamp per file");
+            return TreeState::of_nothing(dir);
+        }
+        drop_racy(&dir, &mut stamps, taken);
         let mut files = RecordedFiles::with_capacity(stamps.len(), path_bytes);
         for ((path, size), stamp) in files_of(manifest).zip(stamps) {
-            // Past 4 GiB of paths, the rest are not vouched for: they are read.
+            // Past 4 GiB of paths nothing is vouched for: every file is written or
+            // read, as without a record.
             if files.push(path, size, stamp).is_none() {
                 return TreeState::of_nothing(dir);
             }
         }
         TreeState {
             dir,
-            key,
             table: manifest.table.clone(),
             files,
         }
@@ -314,7 +319,19 @@ pub fn record(
     let Some(path) = record_path(dir) else {
         return;
     };
+    if stamps.len() != files_of(manifest).count() {
+        debug_assert!(false, "one stamp per file");
+        return;
+    }
     drop_racy(dir, &mut stamps, taken);
+    let Some(record) = encode(dir, key, manifest, &stamps) else {
+        ui::verbose(format!(
+            "not recording the tree state of {}: too large for a record",
+            dir.display()
+        ));
+        TreeState::forget(dir);
+        return;
+    };
     let written = (|| {
         let parent = crate::temp::parent_of(&path);
         std::fs::create_dir_all(&parent)?;
@@ -322,7 +339,7 @@ pub fn record(
             .prefix(".cacher-")
             .suffix(".part")
             .tempfile_in(&parent)?;
-        std::io::Write::write_all(&mut tmp, &encode(dir, key, manifest, &stamps))?;
+        std::io::Write::write_all(&mut tmp, &record)?;
         tmp.persist(&path)?;
         Ok::<_, std::io::Error>(())
     })();
@@ -364,10 +381,12 @@ fn drop_racy(dir: &Path, stamps: &mut [Option<Stamp>], taken: SystemTime) {
     }
 }
 
-/// A file time in nanoseconds since the epoch. Times past 2262 saturate: the ctime,
-/// which the kernel sets, still tells such files apart.
+/// A file time in nanoseconds since the epoch. Times before 1678 or after 2262
+/// saturate (such stamps then never match, and the file is read): the ctime, which
+/// the kernel sets, is never there.
 fn nanos(secs: i64, nsec: i64) -> i64 {
-    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
+    let ns = i128::from(secs) * 1_000_000_000 + i128::from(nsec);
+    ns.clamp(i64::MIN.into(), i64::MAX.into()) as i64
 }
 
 /// How far apart two moments must be for the filesystem that gave `stamps` to tell
@@ -433,18 +452,17 @@ fn record_path(dir: &Path) -> Option<PathBuf> {
 
 /// The record's bytes: a wrapped body (as manifests are, kind 1) followed by the
 /// blake3 of everything before it, so a torn or flipped record is refused whole.
-fn encode(dir: &Path, key: &str, manifest: &Manifest, stamps: &[Option<Stamp>]) -> Vec<u8> {
+/// `None` when [`decode`] would refuse it for its size.
+fn encode(dir: &Path, key: &str, manifest: &Manifest, stamps: &[Option<Stamp>]) -> Option<Vec<u8>> {
     let mut body = Vec::new();
     put_bytes(&mut body, dir.as_os_str().as_bytes());
     put_bytes(&mut body, key.as_bytes());
     encode_table(&mut body, &manifest.table);
     // File by file, so that a reader builds its lists in one pass with nothing
     // in between; the paths' total first, so that it sizes their buffer exactly.
+    let path_bytes: usize = files_of(manifest).map(|(p, _)| p.len()).sum();
     put_varint(&mut body, stamps.len() as u64);
-    put_varint(
-        &mut body,
-        files_of(manifest).map(|(p, _)| p.len() as u64).sum(),
-    );
+    put_varint(&mut body, path_bytes as u64);
     let mut previous: &[u8] = &[];
     for ((path, size), stamp) in files_of(manifest).zip(stamps) {
         let shared = previous
@@ -468,10 +486,13 @@ fn encode(dir: &Path, key: &str, manifest: &Manifest, stamps: &[Option<Stamp>]) 
             put_varint(&mut body, time.rem_euclid(1_000_000_000) as u64);
         }
     }
+    if body.len() as u64 > MAX_BODY || path_bytes > path_budget(body.len()) {
+        return None;
+    }
     let mut out = wrap(STATE_MAGIC, RECORD_KIND, &body);
     let sum = blake3::hash(&out);
     out.extend_from_slice(sum.as_bytes());
-    out
+    Some(out)
 }
 
 fn decode(what: &str, data: &[u8]) -> Result<TreeState, FormatError> {
@@ -484,18 +505,19 @@ fn decode(what: &str, data: &[u8]) -> Result<TreeState, FormatError> {
     }
     let (kind, body) = unwrap(what, STATE_MAGIC, data)?;
     if kind != RECORD_KIND {
-        return Err(bad(what, "written by an older cacher"));
+        return Err(bad(what, "written by another version of cacher"));
     }
     let mut r = Reader::new(what, &body);
     let dir = PathBuf::from(std::ffi::OsStr::from_bytes(r.bytes(MAX_PATH)?));
-    let key = String::from_utf8(r.bytes(MAX_PATH)?.to_vec())
-        .map_err(|_| bad(what, "key is not UTF-8"))?;
+    // The key, for a person reading the record.
+    r.bytes(MAX_PATH)?;
     let table = decode_table(&mut r)?;
     // Each file takes at least 4 bytes: two path varints, a size and a stamp flag.
     let count = r.varint_count(4)?;
     let path_bytes = usize::try_from(r.varint()?).unwrap_or(usize::MAX);
-    if path_bytes > 64 * body.len() {
-        return Err(bad(what, "paths too long for the record"));
+    // Bounded as a manifest's paths are, before anything is reserved for them.
+    if count > MAX_ENTRIES || path_bytes > path_budget(body.len()) {
+        return Err(bad(what, "more files or path bytes than a record holds"));
     }
     let mut files = RecordedFiles::with_capacity(count, path_bytes);
     let mut path = Vec::new();
@@ -538,7 +560,7 @@ fn decode(what: &str, data: &[u8]) -> Result<TreeState, FormatError> {
         };
         files
             .push(&path, size, stamp)
-            .ok_or_else(|| bad(what, "its paths take more than 4 GiB"))?;
+            .ok_or_else(|| bad(what, "its sizes overflow"))?;
     }
     r.finish()?;
     if files.paths.len() != path_bytes {
@@ -548,12 +570,7 @@ fn decode(what: &str, data: &[u8]) -> Result<TreeState, FormatError> {
     if chunk_total != files.stream_len() {
         return Err(bad(what, "the files' sizes do not add up to the chunks'"));
     }
-    Ok(TreeState {
-        dir,
-        key,
-        table,
-        files,
-    })
+    Ok(TreeState { dir, table, files })
 }
 
 #[cfg(test)]
@@ -596,13 +613,13 @@ mod tests {
 
     fn state(taken: SystemTime, mtime: SystemTime) -> TreeState {
         let (manifest, stamps) = manifest_and_stamps(mtime);
-        TreeState::new("/d".into(), "k".into(), &manifest, stamps, taken)
+        TreeState::new("/d".into(), &manifest, stamps, taken)
     }
 
     #[test]
     fn records_round_trip_and_refuse_any_flipped_byte() {
         let (manifest, stamps) = manifest_and_stamps(SystemTime::UNIX_EPOCH);
-        let data = encode(Path::new("/d"), "k", &manifest, &stamps);
+        let data = encode(Path::new("/d"), "k", &manifest, &stamps).unwrap();
         let back = decode("t", &data).unwrap();
         assert_eq!(
             (back.files.stamp(0), back.files.stamp(1)),
@@ -613,13 +630,85 @@ mod tests {
             (&b"a"[..], &b"d/b"[..])
         );
         assert_eq!(back.table, manifest.table);
-        assert_eq!((back.dir, back.key), (PathBuf::from("/d"), "k".to_string()));
+        assert_eq!(back.dir, PathBuf::from("/d"));
         for at in [0, data.len() / 2, data.len() - 1] {
             let mut bad = data.clone();
             bad[at] ^= 1;
             assert!(decode("t", &bad).is_err(), "flip at {at}");
         }
         assert!(decode("t", &data[..data.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn times_round_trip_before_1970_and_at_the_extremes() {
+        let (manifest, _) = manifest_and_stamps(SystemTime::UNIX_EPOCH);
+        for time in [
+            i64::MIN,
+            -1_000_000_001,
+            -1,
+            0,
+            1_600_000_000_123_456_789,
+            i64::MAX,
+        ] {
+            let stamp = Stamp {
+                dev: 1,
+                ino: 2,
+                size: 0,
+                mtime: time,
+                ctime: time,
+            };
+            let data = encode(Path::new("/d"), "k", &manifest, &[Some(stamp), None]).unwrap();
+            assert_eq!(decode("t", &data).unwrap().files.stamp(0), Some(stamp));
+        }
+        assert_eq!(nanos(-2, 999_999_999), -1_000_000_001);
+        assert_eq!(nanos(i64::MIN / 2, 0), i64::MIN);
+    }
+
+    /// A sealed record of kind `kind` with no chunks and `files` (path, size, no
+    /// stamp), declaring `path_total` path bytes.
+    fn craft(kind: u8, files: &[(&[u8], u64)], path_total: u64) -> Vec<u8> {
+        let mut body = Vec::new();
+        put_bytes(&mut body, b"/d");
+        put_bytes(&mut body, b"k");
+        encode_table(&mut body, &ChunkTable::default());
+        put_varint(&mut body, files.len() as u64);
+        put_varint(&mut body, path_total);
+        for (path, size) in files {
+            put_varint(&mut body, 0);
+            put_bytes(&mut body, path);
+            put_varint(&mut body, *size);
+            body.push(0);
+        }
+        let mut out = wrap(STATE_MAGIC, kind, &body);
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+
+    #[test]
+    fn malformed_records_are_refused() {
+        let ok: &[(&[u8], u64)] = &[(b"a", 0), (b"b", 0)];
+        assert!(decode("t", &craft(RECORD_KIND, ok, 2)).is_ok());
+        let refused = [
+            ("another kind", craft(0, ok, 2)),
+            (
+                "out of order",
+                craft(RECORD_KIND, &[(b"b", 0), (b"a", 0)], 2),
+            ),
+            ("duplicate", craft(RECORD_KIND, &[(b"a", 0), (b"a", 0)], 2)),
+            ("unsafe path", craft(RECORD_KIND, &[(b"../a", 0)], 4)),
+            (
+                "sizes wrap to 0",
+                craft(RECORD_KIND, &[(b"a", u64::MAX), (b"b", 1)], 2),
+            ),
+            ("sizes without chunks", craft(RECORD_KIND, &[(b"a", 5)], 1)),
+            ("wrong path total", craft(RECORD_KIND, ok, 3)),
+            // Refused before anything is reserved for them.
+            ("huge path total", craft(RECORD_KIND, ok, 1 << 40)),
+        ];
+        for (what, data) in refused {
+            assert!(decode("t", &data).is_err(), "{what} accepted");
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! A tree's content stream, cut into chunks, reading only what its tree state cannot
 //! vouch for: the warm path of `dir upload`.
 //!
-//! A file whose stamp matches the [`TreeState`] holds the bytes the state's manifest
+//! A file whose stamp matches the [`TreeState`] holds the bytes the recorded entry
 //! says, so the new stream is made of *spans* already known (runs of unchanged files
 //! that were also consecutive in the recorded stream) and bytes that must be read.
 //! FastCDC decides a cut from the bytes since the previous cut, the one byte after it,
@@ -589,7 +589,7 @@ mod tests {
             entries: tree.entries,
         };
         let later = SystemTime::now() + Duration::from_secs(3600);
-        TreeState::new(root.to_path_buf(), "k".into(), &manifest, stamps, later)
+        TreeState::new(root.to_path_buf(), &manifest, stamps, later)
     }
 
     fn noise(seed: u64, len: usize) -> Vec<u8> {

@@ -192,8 +192,8 @@ pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
     };
     let mut needed_chunk = vec![false; new.table.chunks.len()];
     let mut at = 0u64;
-    // Both lists are in tree order (a manifest that is not is refused when decoded), so
-    // one pass pairs each new file with the recorded file of the same path.
+    // Both lists are in tree order (a manifest or record that is not is refused when
+    // decoded), so one pass pairs each new file with the recorded file of the same path.
     let mut k = 0;
     for (i, e) in new.entries.iter().enumerate() {
         let EntryKind::File { size } = e.kind else {

@@ -413,7 +413,7 @@ impl Manifest {
 }
 
 /// The path bytes a manifest body of `body_len` bytes may hold.
-fn path_budget(body_len: usize) -> usize {
+pub(crate) fn path_budget(body_len: usize) -> usize {
     body_len
         .saturating_mul(PATH_BYTES_PER_BODY_BYTE)
         .saturating_add(PATH_BYTES_FLOOR)

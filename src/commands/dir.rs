@@ -168,7 +168,7 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         )));
     }
     let started = Instant::now();
-    // Stamps taken after this moment may be recorded (see `TreeState::new`).
+    // Stamps taken after this moment may be recorded (see `state::record`).
     let taken = SystemTime::now();
     // The trees are scanned and their states read while the bucket is asked whether the
     // key is cached and what it holds: on a warm tree the scan is most of the upload.
@@ -783,7 +783,6 @@ fn read_state(dir: &Path, stream_len: u64, keep: &Exclude, taken: SystemTime) ->
     ));
     Some(TreeState::new(
         dir.canonicalize().ok()?,
-        String::new(),
         &manifest,
         stamps,
         taken,
