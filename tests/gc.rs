@@ -717,3 +717,116 @@ fn after_gc_uploads_dedup_through_the_summary_and_survive_a_broken_one() {
         random_bytes(2 * 1024 * 1024, 41)
     );
 }
+
+/// Chunk ids drawn from `rng`.
+fn random_ids(rng: &mut fastrand::Rng, n: usize) -> Vec<cacher::chunk::Id> {
+    (0..n)
+        .map(|_| {
+            let mut bytes = [0u8; 32];
+            rng.fill(&mut bytes);
+            cacher::chunk::Id(bytes)
+        })
+        .collect()
+}
+
+/// Writes `segments` (chunks and their packs) as index segments, named as the format
+/// says, the way uploads leave them before a gc.
+fn put_segments(
+    layout: &cacher::chunk::layout::Layout,
+    segments: &[Vec<(cacher::chunk::Id, cacher::chunk::store::Location)>],
+) {
+    for segment in segments {
+        let data = cacher::chunk::store::table_of(segment.iter().copied()).encode_index();
+        put_object(&layout.segment_key(&cacher::chunk::Id::of(&data)), data);
+    }
+}
+
+/// Where crafted chunks are: `pack`, at offset `n`.
+fn crafted_location(pack: cacher::chunk::Id, n: usize) -> cacher::chunk::store::Location {
+    cacher::chunk::store::Location {
+        pack,
+        offset: n as u32,
+        stored_len: 10,
+        len: 20,
+    }
+}
+
+#[test]
+fn gc_sorts_dedups_and_splits_an_index_crafted_from_the_format() {
+    use cacher::chunk::Id;
+    use cacher::chunk::layout::Layout;
+    let env = TestEnv::s3("gcsplit");
+    let layout = Layout::new(&env.prefix);
+    let mut rng = fastrand::Rng::with_seed(7);
+    let packs = random_ids(&mut rng, 3);
+    for pack in &packs {
+        put_object(&layout.pack_key(pack), b"a pack");
+    }
+    let gone = random_ids(&mut rng, 1)[0];
+    let live = random_ids(&mut rng, 250_000);
+    // Five segments of random ids (so their ranges overlap), as uploads write them;
+    // 2,000 chunks listed twice, and 500 in a pack that is gone.
+    let mut segments: Vec<Vec<_>> = live
+        .chunks(50_000)
+        .map(|part| {
+            let located = part.iter().enumerate();
+            located
+                .map(|(n, id)| (*id, crafted_location(packs[n % 3], n)))
+                .collect()
+        })
+        .collect();
+    let twice = segments[0][..2_000].to_vec();
+    segments[4].extend(twice);
+    let in_gone = random_ids(&mut rng, 500).into_iter().enumerate();
+    segments[3].extend(in_gone.map(|(n, id)| (id, crafted_location(gone, n))));
+    put_segments(&layout, &segments);
+
+    env.run(["gc"]).ok();
+    let keys = keys_under(&layout.index_prefix());
+    let mut tables: Vec<ChunkTable> = keys
+        .iter()
+        .map(|k| ChunkTable::decode_index(k, &stored(k).unwrap()).unwrap())
+        .collect();
+    tables.sort_by_key(|t| t.chunks[0].id);
+    // Full segments of 100,000 in id order, the last one smaller, ranges disjoint.
+    let sizes: Vec<usize> = tables.iter().map(|t| t.chunks.len()).collect();
+    assert_eq!(sizes, [100_000, 100_000, 50_000]);
+    let ids: Vec<Id> = tables
+        .iter()
+        .flat_map(|t| t.chunks.iter().map(|c| c.id))
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicate");
+    let mut want = live.clone();
+    want.sort_unstable();
+    assert_eq!(ids, want, "every live chunk once, none of the pack gone");
+    assert_eq!(keys_under(&layout.summary_prefix()).len(), 1);
+    // Already in shape: a second gc rewrites nothing.
+    env.run(["gc"]).ok();
+    assert_eq!(keys_under(&layout.index_prefix()), keys);
+}
+
+#[test]
+fn uploads_ask_for_a_gc_when_the_unsummarised_index_grows_large() {
+    let env = TestEnv::s3("gcnudge");
+    let layout = cacher::chunk::layout::Layout::new(&env.prefix);
+    let mut rng = fastrand::Rng::with_seed(8);
+    let pack = random_ids(&mut rng, 1)[0];
+    put_object(&layout.pack_key(&pack), b"a pack");
+    let ids = random_ids(&mut rng, 1_000_001);
+    let segments: Vec<Vec<_>> = ids
+        .chunks(100_000)
+        .map(|part| {
+            let located = part.iter().enumerate();
+            located
+                .map(|(n, id)| (*id, crafted_location(pack, n)))
+                .collect()
+        })
+        .collect();
+    put_segments(&layout, &segments);
+    let t = tree(&env, "t", 21);
+    let up = env.run(["dir", "upload", "k1", &t]);
+    assert!(up.ok().stderr.contains("run `cacher gc`"), "{}", up.stderr);
+    env.run(["gc"]).ok();
+    let up = env.run(["dir", "upload", "k2", &t, "--force"]);
+    assert!(!up.ok().stderr.contains("cacher gc"), "{}", up.stderr);
+}
