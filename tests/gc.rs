@@ -830,3 +830,49 @@ fn uploads_ask_for_a_gc_when_the_unsummarised_index_grows_large() {
     let up = env.run(["dir", "upload", "k2", &t, "--force"]);
     assert!(!up.ok().stderr.contains("cacher gc"), "{}", up.stderr);
 }
+
+#[test]
+fn uploads_between_gcs_read_segment_filters_and_fetch_a_segment_only_on_a_match() {
+    let env = TestEnv::s3("filters");
+    let layout = cacher::chunk::layout::Layout::new(&env.prefix);
+    let (t1, t2) = (tree(&env, "t1", 31), tree(&env, "t2", 32));
+    env.run(["dir", "upload", "k1", &t1]).ok();
+    // Each segment an upload writes gets a filter named after it.
+    let segments = keys_under(&layout.index_prefix());
+    let filters = keys_under(&layout.filter_prefix());
+    assert_eq!(segments.len(), 1);
+    let segment_id = layout.segment_id(&segments[0]).unwrap();
+    assert_eq!(filters, [layout.filter_key(&segment_id)]);
+    let fetched = |stderr: &str, prefix: &str| {
+        stderr
+            .lines()
+            .filter(|l| l.contains("GET ") && l.contains(prefix))
+            .count()
+    };
+
+    // New data: the filter is read, the segment is not.
+    let up = env.run(["-v", "dir", "upload", "k2", &t2]);
+    let log = up.ok().stderr.clone();
+    assert_eq!(fetched(&log, &layout.filter_prefix()), 1, "{log}");
+    assert_eq!(fetched(&log, &layout.index_prefix()), 0, "{log}");
+    // Known data in copies (no tree state vouches for them, so the index is asked):
+    // the filter matches, the segment is fetched, and nothing is sent.
+    sh("cp -a t1 t1b && cp -a t1 t1c", env.dir.path());
+    let up = env.run(["-v", "dir", "upload", "k3", "t1b"]);
+    let log = up.ok().stderr.clone();
+    assert!(log.contains(" 0 new"), "{log}");
+    assert_eq!(fetched(&log, &segments[0]), 1, "{log}");
+
+    // A damaged filter: its segment is read whole, and dedup still works.
+    put_object(&filters[0], b"CACHERFL garbage");
+    let up = env.run(["-v", "dir", "upload", "k4", "t1c"]);
+    let log = up.ok().stderr.clone();
+    assert!(log.contains(" 0 new"), "{log}");
+    assert!(log.contains("ignoring a segment filter"), "{log}");
+
+    // gc summarises the segments and deletes them with their filters.
+    env.run(["gc"]).ok();
+    assert!(keys_under(&layout.filter_prefix()).is_empty());
+    let up = env.run(["dir", "upload", "k5", &t2]);
+    assert!(up.ok().stderr.contains(" 0 new"), "{}", up.stderr);
+}

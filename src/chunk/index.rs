@@ -1,6 +1,7 @@
 //! The index as gc leaves it: segments sorted by chunk id, described by a summary.
 //! Uploads read the summary and fetch only the segments that may hold a chunk they
-//! cut ([`SummaryIndex`]); gc rewrites the index into that shape in bounded memory
+//! cut ([`SummaryIndex`]); the segments written since, each through its filter
+//! ([`FilterIndex`]); gc rewrites the index into that shape in bounded memory
 //! ([`compact`]). docs/format.md, "Index summary", has the layout and the figures.
 
 use std::collections::{HashMap, HashSet};
@@ -11,7 +12,7 @@ use std::sync::OnceLock;
 
 use anyhow::Context;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 use super::Id;
 use super::format::ChunkTable;
@@ -52,20 +53,151 @@ impl SummaryIndex {
     }
 
     fn fetch(&self, i: usize) -> Option<ChunkTable> {
-        let object = self.objects[i].as_ref()?;
-        match self.handle.block_on(self.chunks.read_segment(object)) {
-            Ok(SegmentRead::Table(mut table)) => {
-                table.chunks.sort_unstable_by_key(|c| c.id);
-                Some(table)
+        fetch_sorted(&self.chunks, &self.handle, self.objects[i].as_ref()?)
+    }
+}
+
+/// Reads the index segment `object`, blocking, its chunks sorted by id for lookups;
+/// `None` when it cannot be read (its chunks are then sent again if needed).
+fn fetch_sorted(
+    chunks: &ChunkStore,
+    handle: &tokio::runtime::Handle,
+    object: &ObjectInfo,
+) -> Option<ChunkTable> {
+    match handle.block_on(chunks.read_segment(object)) {
+        Ok(SegmentRead::Table(mut table)) => {
+            table.chunks.sort_unstable_by_key(|c| c.id);
+            Some(table)
+        }
+        Ok(_) => None,
+        Err(e) => {
+            ui::warn(format!(
+                "cannot read index segment {}: {e}; chunks it lists may be sent again",
+                object.key
+            ));
+            None
+        }
+    }
+}
+
+/// Largest segment filter read: a segment holds at most 100,000 chunks, 4 bytes each.
+const MAX_FILTER_OBJECT: u64 = 1024 * 1024;
+
+/// The segments no summary describes, each known by its filter (the fingerprints of
+/// its chunks) and fetched only for a chunk whose fingerprint is there: 4 bytes a
+/// chunk read and held instead of the segment's 40.
+pub struct FilterIndex {
+    chunks: ChunkStore,
+    handle: tokio::runtime::Handle,
+    segments: Vec<FilteredSegment>,
+}
+
+struct FilteredSegment {
+    object: ObjectInfo,
+    fingerprints: Vec<u32>,
+    /// The segment's table once fetched, chunks sorted by id; `None` if unreadable.
+    loaded: OnceLock<Option<ChunkTable>>,
+}
+
+impl FilterIndex {
+    /// Where a filtered segment says `id` is stored. The first lookup that needs a
+    /// segment fetches it, blocking: call from a blocking thread, not async code.
+    pub fn lookup(&self, id: &Id) -> Option<Location> {
+        let fingerprint = summary::fingerprint(id);
+        self.segments
+            .iter()
+            .filter(|s| s.fingerprints.binary_search(&fingerprint).is_ok())
+            .find_map(|s| {
+                let load = || fetch_sorted(&self.chunks, &self.handle, &s.object);
+                let table = s.loaded.get_or_init(load).as_ref()?;
+                let at = table.chunks.binary_search_by(|c| c.id.cmp(id)).ok()?;
+                let c = &table.chunks[at];
+                Some(location(table.packs[c.pack as usize], c))
+            })
+    }
+}
+
+/// The filters of the index segments `listed`, as an index, and the segments without
+/// a usable one (written by cacher before filters, or whose filter is gone or
+/// damaged), which are read whole.
+pub async fn load_filters(
+    chunks: &ChunkStore,
+    listed: Vec<ObjectInfo>,
+) -> anyhow::Result<(Option<FilterIndex>, Vec<ObjectInfo>)> {
+    if listed.is_empty() {
+        return Ok((None, listed));
+    }
+    let layout = chunks.layout();
+    let filters: HashMap<Id, ObjectInfo> = chunks
+        .transfer()
+        .store()
+        .list(&layout.filter_prefix(), None)
+        .await
+        .context("cannot list index segment filters")?
+        .objects
+        .into_iter()
+        .filter_map(|o| Some((layout.filter_segment(&o.key)?, o)))
+        .collect();
+    let read = futures::stream::iter(listed)
+        .map(|segment| {
+            let filter = layout
+                .segment_id(&segment.key)
+                .and_then(|id| filters.get(&id));
+            async move {
+                let fingerprints = match filter {
+                    Some(filter) => read_filter(chunks, filter).await?,
+                    None => None,
+                };
+                anyhow::Ok((segment, fingerprints))
             }
-            Ok(_) => None,
-            Err(e) => {
-                ui::warn(format!(
-                    "cannot read index segment {}: {e}; chunks it lists may be sent again",
-                    object.key
-                ));
-                None
-            }
+        })
+        .buffer_unordered(chunks.transfer().jobs())
+        .try_collect::<Vec<_>>()
+        .await?;
+    let (mut segments, mut whole) = (Vec::new(), Vec::new());
+    for (object, fingerprints) in read {
+        match fingerprints {
+            Some(fingerprints) => segments.push(FilteredSegment {
+                object,
+                fingerprints,
+                loaded: OnceLock::new(),
+            }),
+            None => whole.push(object),
+        }
+    }
+    let index = (!segments.is_empty()).then(|| FilterIndex {
+        chunks: chunks.clone(),
+        handle: tokio::runtime::Handle::current(),
+        segments,
+    });
+    Ok((index, whole))
+}
+
+/// One segment's filter; `None` (said with `-v`) when it is gone, too large or does
+/// not decode: the segment is then read whole.
+async fn read_filter(chunks: &ChunkStore, filter: &ObjectInfo) -> anyhow::Result<Option<Vec<u32>>> {
+    if filter.size > MAX_FILTER_OBJECT {
+        ui::verbose(format!(
+            "ignoring the filter {}: {} bytes",
+            filter.key, filter.size
+        ));
+        return Ok(None);
+    }
+    let mut data = Vec::new();
+    let read = chunks
+        .transfer()
+        .read_range(&filter.key, None, 0..filter.size, &mut data)
+        .await;
+    match read {
+        Ok(()) => {}
+        Err(crate::store::StoreError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e).context("cannot read an index segment filter"),
+    }
+    match summary::decode_filter(&filter.key, &data) {
+        Ok(fingerprints) => Ok(Some(fingerprints)),
+        Err(e) => {
+            ui::verbose(format!("ignoring a segment filter: {e}"));
+            Ok(None)
         }
     }
 }
@@ -238,6 +370,18 @@ pub async fn compact(chunks: &ChunkStore) -> anyhow::Result<usize> {
         .delete_many(&replaced)
         .await
         .context("cannot delete replaced index segments")?;
+    // Only the filters of segments deleted: one written since belongs to a segment
+    // this gc did not read.
+    let filters: Vec<String> = replaced
+        .iter()
+        .filter_map(|key| layout.segment_id(key))
+        .map(|id| layout.filter_key(&id))
+        .collect();
+    chunks
+        .transfer()
+        .delete_many(&filters)
+        .await
+        .context("cannot delete the filters of replaced index segments")?;
     chunks
         .transfer()
         .delete_many(&old_summaries)

@@ -94,6 +94,21 @@ impl Layout {
         Id::from_hex(key.strip_prefix(&self.index_prefix())?)
     }
 
+    /// Key prefix of index segment filters.
+    pub fn filter_prefix(&self) -> String {
+        format!("{}filter/", self.internal_prefix())
+    }
+
+    /// Key of the filter of the index segment `segment` (named by the segment's id).
+    pub fn filter_key(&self, segment: &Id) -> String {
+        format!("{}{segment}", self.filter_prefix())
+    }
+
+    /// The segment id a filter's key names, if the key is one.
+    pub fn filter_segment(&self, key: &str) -> Option<Id> {
+        Id::from_hex(key.strip_prefix(&self.filter_prefix())?)
+    }
+
     /// Key prefix of index summaries.
     pub fn summary_prefix(&self) -> String {
         format!("{}summary/", self.internal_prefix())

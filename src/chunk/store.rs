@@ -17,8 +17,9 @@ use futures::{StreamExt, TryStreamExt};
 use rayon::prelude::*;
 
 use super::format::{ChunkRef, ChunkTable, MAX_CHUNK_STORED, Manifest};
-use super::index::SummaryIndex;
+use super::index::{FilterIndex, SummaryIndex};
 use super::layout::Layout;
+use super::summary;
 use super::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Id, PACK_TARGET, ZSTD_LEVEL};
 use crate::store::{ObjectInfo, StoreError, is_changed};
 use crate::transfer::{Transfer, retry_note};
@@ -190,6 +191,9 @@ pub struct Known {
     packs: PackCheck,
     /// The segments gc's summary describes, read only where a lookup needs them.
     summarized: Option<SummaryIndex>,
+    /// The segments written since, through their filters, read only where a lookup
+    /// needs them.
+    filtered: Option<FilterIndex>,
 }
 
 impl Known {
@@ -208,8 +212,10 @@ impl Known {
             let loc = *self.sent.lock().expect("sent lock").get(id)?;
             self.plausible(loc, len)
         };
+        let filtered = || self.plausible(self.filtered.as_ref()?.lookup(id)?, len);
         recent
             .or_else(sent)
+            .or_else(filtered)
             .or_else(|| self.plausible(self.summarized.as_ref()?.lookup(id)?, len))
     }
 
@@ -238,6 +244,7 @@ impl Known {
             sent: Mutex::default(),
             packs: PackCheck::listed(packs),
             summarized: None,
+            filtered: None,
         }
     }
 
@@ -485,6 +492,7 @@ impl ChunkStore {
             sent: Mutex::default(),
             packs: PackCheck::lazy(self),
             summarized: None,
+            filtered: None,
         };
         let summaries = super::index::list_summaries(self).await?;
         let mut listed = self.list_segments().await?;
@@ -499,6 +507,8 @@ impl ChunkStore {
             listed.retain(|o| !covered.contains(&o.key));
             known.summarized = Some(summarized);
         }
+        let (filtered, listed) = super::index::load_filters(self, listed).await?;
+        known.filtered = filtered;
         let segments = self.read_listed_segments(listed).await?;
         let unsummarized: usize = segments.tables.iter().map(|(_, t)| t.chunks.len()).sum();
         if unsummarized > NUDGE_GC_CHUNKS {
@@ -742,12 +752,19 @@ impl ChunkStore {
         futures::stream::iter(split_table(table, max_chunks))
             .map(|part| async move {
                 let data = Bytes::from(part.encode_index());
-                let len = data.len() as u64;
-                let key = self.layout.segment_key(&Id::of(&data));
+                let id = Id::of(&data);
+                let key = self.layout.segment_key(&id);
+                let filter = Bytes::from(summary::encode_filter(part.chunks.iter().map(|c| &c.id)));
+                let len = (data.len() + filter.len()) as u64;
                 self.transfer
                     .put_bytes(&key, data)
                     .await
                     .context("cannot write an index segment")?;
+                // After its segment: a filter without one only costs a failed fetch.
+                self.transfer
+                    .put_bytes(&self.layout.filter_key(&id), filter)
+                    .await
+                    .context("cannot write an index segment's filter")?;
                 Ok::<_, anyhow::Error>((key, len))
             })
             .buffer_unordered(self.transfer.jobs())

@@ -9,6 +9,8 @@ use super::format::{FormatError, Reader, bad, put_varint, unwrap, wrap};
 
 /// First bytes of a summary object.
 pub const SUMMARY_MAGIC: &[u8; 8] = b"CACHERSM";
+/// First bytes of an index segment's filter.
+pub const FILTER_MAGIC: &[u8; 8] = b"CACHERFL";
 
 /// Bytes of one segment's description before its fingerprints: segment id, first and
 /// last chunk id, and a count of at least one byte.
@@ -40,6 +42,38 @@ pub struct Summary {
 /// The fingerprint of a chunk id: four of its bytes that sorting by id leaves random.
 pub fn fingerprint(id: &Id) -> u32 {
     u32::from_le_bytes(id.0[28..32].try_into().expect("4 bytes"))
+}
+
+/// Encodes the filter of an index segment holding the chunks `ids`: their
+/// fingerprints, sorted. An upload reads the filters of the segments no summary
+/// describes instead of the segments, and fetches a segment only for a chunk whose
+/// fingerprint its filter holds.
+pub fn encode_filter<'a>(ids: impl Iterator<Item = &'a Id>) -> Vec<u8> {
+    let mut fingerprints: Vec<u32> = ids.map(fingerprint).collect();
+    fingerprints.sort_unstable();
+    let mut body = Vec::with_capacity(10 + 4 * fingerprints.len());
+    put_varint(&mut body, fingerprints.len() as u64);
+    for f in fingerprints {
+        body.extend_from_slice(&f.to_le_bytes());
+    }
+    wrap(FILTER_MAGIC, 0, &body)
+}
+
+/// Decodes a segment's filter: its fingerprints, refused unless sorted.
+pub fn decode_filter(what: &str, data: &[u8]) -> Result<Vec<u32>, FormatError> {
+    let (_, body) = unwrap(what, FILTER_MAGIC, data)?;
+    let mut r = Reader::new(what, &body);
+    let count = r.varint_count(4)?;
+    let raw = r.take(4 * count)?;
+    r.finish()?;
+    let fingerprints: Vec<u32> = raw
+        .chunks_exact(4)
+        .map(|f| u32::from_le_bytes(f.try_into().expect("4 bytes")))
+        .collect();
+    if !fingerprints.is_sorted() {
+        return Err(bad(what, "fingerprints out of order"));
+    }
+    Ok(fingerprints)
 }
 
 /// Encodes a summary of `segments` (in increasing, disjoint id order) with the
