@@ -864,11 +864,14 @@ fn uploads_between_gcs_read_segment_filters_and_fetch_a_segment_only_on_a_match(
     assert_eq!(fetched(&log, &segments[0]), 1, "{log}");
 
     // A damaged filter: its segment is read whole, and dedup still works.
-    put_object(&filters[0], b"CACHERFL garbage");
+    let mut damaged = stored(&filters[0]).unwrap();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0x55;
+    put_object(&filters[0], damaged);
     let up = env.run(["-v", "dir", "upload", "k4", "t1c"]);
     let log = up.ok().stderr.clone();
     assert!(log.contains(" 0 new"), "{log}");
-    assert!(log.contains("ignoring a segment filter"), "{log}");
+    assert!(log.contains("ignoring the segment filter"), "{log}");
 
     // gc summarises the segments and deletes them with their filters.
     env.run(["gc"]).ok();

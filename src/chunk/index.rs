@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 
 use anyhow::Context;
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 
 use super::Id;
 use super::format::ChunkTable;
@@ -22,6 +22,10 @@ use super::store::{
 use super::summary::{self, Summary, SummarySegment};
 use crate::store::ObjectInfo;
 use crate::ui;
+
+/// How old a filter without its segment must be before gc deletes it: an upload writes
+/// a filter, then its segment, within seconds.
+const ORPHAN_FILTER_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Largest summary object read: zstd cannot grow a 256 MiB body much.
 pub const MAX_SUMMARY_OBJECT: u64 = 260 * 1024 * 1024;
@@ -80,40 +84,48 @@ fn fetch_sorted(
     }
 }
 
-/// Largest segment filter read: a segment holds at most 100,000 chunks, 4 bytes each.
-const MAX_FILTER_OBJECT: u64 = 1024 * 1024;
-
 /// The segments no summary describes, each known by its filter (the fingerprints of
-/// its chunks) and fetched only for a chunk whose fingerprint is there: 4 bytes a
-/// chunk read and held instead of the segment's 40.
+/// its chunks) and fetched only for a chunk whose fingerprint is there: 8 bytes a
+/// chunk held instead of about 60 for a segment read whole.
 pub struct FilterIndex {
     chunks: ChunkStore,
     handle: tokio::runtime::Handle,
-    segments: Vec<FilteredSegment>,
-}
-
-struct FilteredSegment {
-    object: ObjectInfo,
-    fingerprints: Vec<u32>,
-    /// The segment's table once fetched, chunks sorted by id; `None` if unreadable.
-    loaded: OnceLock<Option<ChunkTable>>,
+    objects: Vec<ObjectInfo>,
+    /// Each segment's table once fetched, chunks sorted by id; `None` if unreadable.
+    loaded: Vec<OnceLock<Option<ChunkTable>>>,
+    /// Every segment's fingerprints, each with the segment's index, sorted: one search
+    /// a lookup, however many segments were written since the last gc.
+    fingerprints: Vec<(u32, u32)>,
 }
 
 impl FilterIndex {
-    /// Where a filtered segment says `id` is stored. The first lookup that needs a
-    /// segment fetches it, blocking: call from a blocking thread, not async code.
-    pub fn lookup(&self, id: &Id) -> Option<Location> {
+    /// Where a filtered segment says `id` is stored, the first such place that
+    /// `usable` accepts. The first lookup that needs a segment fetches it, blocking:
+    /// call from a blocking thread, not async code.
+    pub fn lookup(&self, id: &Id, usable: impl Fn(Location) -> bool) -> Option<Location> {
         let fingerprint = summary::fingerprint(id);
-        self.segments
+        let first = self.fingerprints.partition_point(|&(f, _)| f < fingerprint);
+        self.fingerprints[first..]
             .iter()
-            .filter(|s| s.fingerprints.binary_search(&fingerprint).is_ok())
-            .find_map(|s| {
-                let load = || fetch_sorted(&self.chunks, &self.handle, &s.object);
-                let table = s.loaded.get_or_init(load).as_ref()?;
+            .take_while(|&&(f, _)| f == fingerprint)
+            .find_map(|&(_, i)| {
+                let i = i as usize;
+                let load = || fetch_sorted(&self.chunks, &self.handle, &self.objects[i]);
+                let table = self.loaded[i].get_or_init(load).as_ref()?;
                 let at = table.chunks.binary_search_by(|c| c.id.cmp(id)).ok()?;
                 let c = &table.chunks[at];
-                Some(location(table.packs[c.pack as usize], c))
+                Some(location(table.packs[c.pack as usize], c)).filter(|loc| usable(*loc))
             })
+    }
+
+    /// How many chunks the filters describe.
+    pub fn len(&self) -> usize {
+        self.fingerprints.len()
+    }
+
+    /// Whether they describe none.
+    pub fn is_empty(&self) -> bool {
+        self.fingerprints.is_empty()
     }
 }
 
@@ -145,60 +157,57 @@ pub async fn load_filters(
                 .and_then(|id| filters.get(&id));
             async move {
                 let fingerprints = match filter {
-                    Some(filter) => read_filter(chunks, filter).await?,
+                    Some(filter) => read_filter(chunks, filter).await,
                     None => None,
                 };
-                anyhow::Ok((segment, fingerprints))
+                (segment, fingerprints)
             }
         })
         .buffer_unordered(chunks.transfer().jobs())
-        .try_collect::<Vec<_>>()
-        .await?;
-    let (mut segments, mut whole) = (Vec::new(), Vec::new());
+        .collect::<Vec<_>>()
+        .await;
+    let (mut objects, mut merged, mut whole) = (Vec::new(), Vec::new(), Vec::new());
     for (object, fingerprints) in read {
-        match fingerprints {
-            Some(fingerprints) => segments.push(FilteredSegment {
-                object,
-                fingerprints,
-                loaded: OnceLock::new(),
-            }),
-            None => whole.push(object),
+        match (fingerprints, u32::try_from(objects.len())) {
+            (Some(fingerprints), Ok(i)) => {
+                merged.extend(fingerprints.into_iter().map(|f| (f, i)));
+                objects.push(object);
+            }
+            _ => whole.push(object),
         }
     }
-    let index = (!segments.is_empty()).then(|| FilterIndex {
+    merged.sort_unstable();
+    let index = (!objects.is_empty()).then(|| FilterIndex {
         chunks: chunks.clone(),
         handle: tokio::runtime::Handle::current(),
-        segments,
+        loaded: objects.iter().map(|_| OnceLock::new()).collect(),
+        objects,
+        fingerprints: merged,
     });
     Ok((index, whole))
 }
 
-/// One segment's filter; `None` (said with `-v`) when it is gone, too large or does
-/// not decode: the segment is then read whole.
-async fn read_filter(chunks: &ChunkStore, filter: &ObjectInfo) -> anyhow::Result<Option<Vec<u32>>> {
-    if filter.size > MAX_FILTER_OBJECT {
-        ui::verbose(format!(
-            "ignoring the filter {}: {} bytes",
-            filter.key, filter.size
-        ));
-        return Ok(None);
+/// One segment's filter; `None` (said with `-v`) when it cannot be read, is too large
+/// or does not decode: the segment is then read whole, as without a filter.
+async fn read_filter(chunks: &ChunkStore, filter: &ObjectInfo) -> Option<Vec<u32>> {
+    let ignoring = |why: String| {
+        ui::verbose(format!("ignoring the segment filter {}: {why}", filter.key));
+        None
+    };
+    if filter.size > summary::MAX_FILTER_OBJECT {
+        return ignoring(format!("{} bytes", filter.size));
     }
     let mut data = Vec::new();
     let read = chunks
         .transfer()
         .read_range(&filter.key, None, 0..filter.size, &mut data)
         .await;
-    match read {
-        Ok(()) => {}
-        Err(crate::store::StoreError::NotFound(_)) => return Ok(None),
-        Err(e) => return Err(e).context("cannot read an index segment filter"),
+    if let Err(e) = read {
+        return ignoring(e.to_string());
     }
     match summary::decode_filter(&filter.key, &data) {
-        Ok(fingerprints) => Ok(Some(fingerprints)),
-        Err(e) => {
-            ui::verbose(format!("ignoring a segment filter: {e}"));
-            Ok(None)
-        }
+        Ok(fingerprints) => Some(fingerprints),
+        Err(e) => ignoring(e.to_string()),
     }
 }
 
@@ -295,6 +304,14 @@ const RECORD: usize = 32 + 4 * 4;
 pub async fn compact(chunks: &ChunkStore) -> anyhow::Result<usize> {
     let layout = chunks.layout();
     let summaries = list_summaries(chunks).await?;
+    // Before the segments: a filter is written before its segment (see below).
+    let filters = chunks
+        .transfer()
+        .store()
+        .list(&layout.filter_prefix(), None)
+        .await
+        .context("cannot list index segment filters")?
+        .objects;
     let listed = chunks.list_segments().await?;
     let left: HashSet<Id> = chunks.list_packs().await?.into_keys().collect();
     let spill_dir = tempfile::tempdir().context("cannot create a temp dir to compact the index")?;
@@ -370,23 +387,43 @@ pub async fn compact(chunks: &ChunkStore) -> anyhow::Result<usize> {
         .delete_many(&replaced)
         .await
         .context("cannot delete replaced index segments")?;
-    // Only the filters of segments deleted: one written since belongs to a segment
-    // this gc did not read.
-    let filters: Vec<String> = replaced
-        .iter()
-        .filter_map(|key| layout.segment_id(key))
-        .map(|id| layout.filter_key(&id))
-        .collect();
-    chunks
-        .transfer()
-        .delete_many(&filters)
-        .await
-        .context("cannot delete the filters of replaced index segments")?;
     chunks
         .transfer()
         .delete_many(&old_summaries)
         .await
         .context("cannot delete replaced index summaries")?;
+    // The filters of the segments deleted, and those whose segment is gone (a killed
+    // upload, an older gc): not one whose segment may still be on its way (an upload
+    // writes the filter first), and only as a courtesy, since uploads ask for the
+    // filters of the segments they list.
+    let deleted: HashSet<Id> = replaced
+        .iter()
+        .filter_map(|k| layout.segment_id(k))
+        .collect();
+    let present: HashSet<Id> = listed
+        .iter()
+        .filter_map(|o| layout.segment_id(&o.key))
+        .collect();
+    let now = std::time::SystemTime::now();
+    let stale: Vec<String> = filters
+        .into_iter()
+        .filter(|f| {
+            let Some(segment) = layout.filter_segment(&f.key) else {
+                return false;
+            };
+            let old = f
+                .modified
+                .is_some_and(|m| now.duration_since(m).unwrap_or_default() > ORPHAN_FILTER_AGE);
+            deleted.contains(&segment) || (!present.contains(&segment) && old)
+        })
+        .map(|f| f.key)
+        .collect();
+    if let Err(e) = chunks.transfer().delete_many(&stale).await {
+        ui::warn(format!(
+            "cannot delete {} index segment filters: {e}",
+            stale.len()
+        ));
+    }
     Ok(replaced.len())
 }
 

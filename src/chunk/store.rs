@@ -62,8 +62,8 @@ pub struct Segments {
     pub skipped: Vec<String>,
 }
 
-/// Chunks of unsummarised index segments past which an upload asks for a gc: reading
-/// them costs about 0.5 s and 250 MB at 10^6 (README, "Scale").
+/// Chunks of index segments no summary describes (read whole or through their
+/// filters) past which an upload asks for a gc (README, "Scale").
 const NUDGE_GC_CHUNKS: usize = 1_000_000;
 
 /// What reading one index segment gave.
@@ -184,7 +184,8 @@ const PACK_HEADS_IN_FLIGHT: usize = 32;
 /// Chunks known to be in the bucket, from index segments, in packs that still exist.
 #[derive(Default)]
 pub struct Known {
-    /// Chunks of the segments read whole: those gc's summary does not describe.
+    /// Chunks of the segments read whole: those neither gc's summary describes nor a
+    /// filter stands for.
     chunks: HashMap<Id, Location>,
     /// Chunks this command sent already (an earlier path of an entry of several).
     sent: Mutex<HashMap<Id, Location>>,
@@ -212,11 +213,12 @@ impl Known {
             let loc = *self.sent.lock().expect("sent lock").get(id)?;
             self.plausible(loc, len)
         };
-        let filtered = || self.plausible(self.filtered.as_ref()?.lookup(id)?, len);
-        recent
-            .or_else(sent)
-            .or_else(filtered)
-            .or_else(|| self.plausible(self.summarized.as_ref()?.lookup(id)?, len))
+        let summarized = || self.plausible(self.summarized.as_ref()?.lookup(id)?, len);
+        let filtered = || {
+            let usable = |loc| self.plausible(loc, len).is_some();
+            self.filtered.as_ref()?.lookup(id, usable)
+        };
+        recent.or_else(sent).or_else(summarized).or_else(filtered)
     }
 
     /// Learns the chunks of `table`, just sent: a later part of the same upload reuses
@@ -508,9 +510,14 @@ impl ChunkStore {
             known.summarized = Some(summarized);
         }
         let (filtered, listed) = super::index::load_filters(self, listed).await?;
-        known.filtered = filtered;
         let segments = self.read_listed_segments(listed).await?;
-        let unsummarized: usize = segments.tables.iter().map(|(_, t)| t.chunks.len()).sum();
+        let unsummarized = segments
+            .tables
+            .iter()
+            .map(|(_, t)| t.chunks.len())
+            .sum::<usize>()
+            + filtered.as_ref().map_or(0, FilterIndex::len);
+        known.filtered = filtered;
         if unsummarized > NUDGE_GC_CHUNKS {
             ui::warn(format!(
                 "read {unsummarized} chunks of index segments no gc has summarised yet; run `cacher gc` (on a schedule) to keep uploads small"
@@ -754,17 +761,19 @@ impl ChunkStore {
                 let data = Bytes::from(part.encode_index());
                 let id = Id::of(&data);
                 let key = self.layout.segment_key(&id);
-                let filter = Bytes::from(summary::encode_filter(part.chunks.iter().map(|c| &c.id)));
+                let ids = part.chunks.iter().map(|c| &c.id);
+                let filter = Bytes::from(summary::encode_filter(ids));
                 let len = (data.len() + filter.len()) as u64;
+                // Before its segment, so a segment listed has its filter; a filter is
+                // only a shortcut: without one, the segment is read whole.
+                let filter_key = self.layout.filter_key(&id);
+                if let Err(e) = self.transfer.put_bytes(&filter_key, filter).await {
+                    ui::warn(format!("cannot write the index filter {filter_key}: {e}"));
+                }
                 self.transfer
                     .put_bytes(&key, data)
                     .await
                     .context("cannot write an index segment")?;
-                // After its segment: a filter without one only costs a failed fetch.
-                self.transfer
-                    .put_bytes(&self.layout.filter_key(&id), filter)
-                    .await
-                    .context("cannot write an index segment's filter")?;
                 Ok::<_, anyhow::Error>((key, len))
             })
             .buffer_unordered(self.transfer.jobs())

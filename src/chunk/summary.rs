@@ -6,11 +6,16 @@
 
 use super::Id;
 use super::format::{FormatError, Reader, bad, put_varint, unwrap, wrap};
+use super::store::MAX_SEGMENT_CHUNKS;
 
 /// First bytes of a summary object.
 pub const SUMMARY_MAGIC: &[u8; 8] = b"CACHERSM";
 /// First bytes of an index segment's filter.
 pub const FILTER_MAGIC: &[u8; 8] = b"CACHERFL";
+/// Largest body of a filter: a segment holds at most [`MAX_SEGMENT_CHUNKS`] chunks.
+const MAX_FILTER_BODY: u64 = 10 + 4 * MAX_SEGMENT_CHUNKS as u64;
+/// Largest filter object read (its fingerprints are random: zstd cannot shrink them).
+pub const MAX_FILTER_OBJECT: u64 = MAX_FILTER_BODY + 1024;
 
 /// Bytes of one segment's description before its fingerprints: segment id, first and
 /// last chunk id, and a count of at least one byte.
@@ -59,8 +64,15 @@ pub fn encode_filter<'a>(ids: impl Iterator<Item = &'a Id>) -> Vec<u8> {
     wrap(FILTER_MAGIC, 0, &body)
 }
 
-/// Decodes a segment's filter: its fingerprints, refused unless sorted.
+/// Decodes a segment's filter: its fingerprints, refused unless sorted and as many as a
+/// segment may hold (a body declared larger is refused before it is inflated).
 pub fn decode_filter(what: &str, data: &[u8]) -> Result<Vec<u32>, FormatError> {
+    let declared = data
+        .get(12..20)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8")));
+    if declared.is_some_and(|len| len > MAX_FILTER_BODY) {
+        return Err(bad(what, "a filter larger than a segment's"));
+    }
     let (_, body) = unwrap(what, FILTER_MAGIC, data)?;
     let mut r = Reader::new(what, &body);
     let count = r.varint_count(4)?;
@@ -291,5 +303,29 @@ mod tests {
         data[end] ^= 1;
         assert!(Summary::decode("s", &data).is_err());
         assert!(Summary::decode("s", b"CACHERSM").is_err());
+    }
+
+    #[test]
+    fn filters_round_trip_and_refuse_unsorted_or_oversized_ones() {
+        let ids: Vec<Id> = (0..1000).map(|n| id((n % 256) as u8, n)).collect();
+        let data = encode_filter(ids.iter());
+        let mut want: Vec<u32> = ids.iter().map(fingerprint).collect();
+        want.sort_unstable();
+        assert_eq!(decode_filter("f", &data).unwrap(), want);
+        let unsorted = {
+            let mut body = Vec::new();
+            put_varint(&mut body, 2);
+            body.extend_from_slice(&2u32.to_le_bytes());
+            body.extend_from_slice(&1u32.to_le_bytes());
+            wrap(FILTER_MAGIC, 0, &body)
+        };
+        assert!(decode_filter("f", &unsorted).is_err());
+        // A body declared past a segment's worth is refused before it is inflated.
+        let mut bomb = data.clone();
+        bomb[12..20].copy_from_slice(&(MAX_FILTER_BODY + 1).to_le_bytes());
+        assert!(decode_filter("f", &bomb).is_err());
+        let mut trailing = data[..12].to_vec();
+        trailing.extend_from_slice(&0u64.to_le_bytes());
+        assert!(decode_filter("f", &trailing).is_err());
     }
 }
