@@ -87,6 +87,9 @@ fn fetch_sorted(
 /// The segments no summary describes, each known by its filter (the fingerprints of
 /// its chunks) and fetched only for a chunk whose fingerprint is there: 8 bytes a
 /// chunk held instead of about 60 for a segment read whole.
+///
+/// Fingerprints are 40 bits, each stored with its segment's index in the low 24 bits
+/// of one `u64`.
 pub struct FilterIndex {
     chunks: ChunkStore,
     handle: tokio::runtime::Handle,
@@ -95,21 +98,26 @@ pub struct FilterIndex {
     loaded: Vec<OnceLock<Option<ChunkTable>>>,
     /// Every segment's fingerprints, each with the segment's index, sorted: one search
     /// a lookup, however many segments were written since the last gc.
-    fingerprints: Vec<(u32, u32)>,
+    fingerprints: Vec<u64>,
 }
+
+/// Bits of a merged fingerprint that hold the segment's index.
+const SEGMENT_BITS: u32 = 24;
 
 impl FilterIndex {
     /// Where a filtered segment says `id` is stored, the first such place that
     /// `usable` accepts. The first lookup that needs a segment fetches it, blocking:
     /// call from a blocking thread, not async code.
     pub fn lookup(&self, id: &Id, usable: impl Fn(Location) -> bool) -> Option<Location> {
-        let fingerprint = summary::fingerprint(id);
-        let first = self.fingerprints.partition_point(|&(f, _)| f < fingerprint);
+        let fingerprint = summary::filter_fingerprint(id);
+        let first = self
+            .fingerprints
+            .partition_point(|&m| m >> SEGMENT_BITS < fingerprint);
         self.fingerprints[first..]
             .iter()
-            .take_while(|&&(f, _)| f == fingerprint)
-            .find_map(|&(_, i)| {
-                let i = i as usize;
+            .take_while(|&&m| m >> SEGMENT_BITS == fingerprint)
+            .find_map(|&m| {
+                let i = (m & ((1 << SEGMENT_BITS) - 1)) as usize;
                 let load = || fetch_sorted(&self.chunks, &self.handle, &self.objects[i]);
                 let table = self.loaded[i].get_or_init(load).as_ref()?;
                 let at = table.chunks.binary_search_by(|c| c.id.cmp(id)).ok()?;
@@ -168,9 +176,10 @@ pub async fn load_filters(
         .await;
     let (mut objects, mut merged, mut whole) = (Vec::new(), Vec::new(), Vec::new());
     for (object, fingerprints) in read {
-        match (fingerprints, u32::try_from(objects.len())) {
-            (Some(fingerprints), Ok(i)) => {
-                merged.extend(fingerprints.into_iter().map(|f| (f, i)));
+        let i = objects.len() as u64;
+        match fingerprints {
+            Some(fingerprints) if i < 1 << SEGMENT_BITS => {
+                merged.extend(fingerprints.into_iter().map(|f| f << SEGMENT_BITS | i));
                 objects.push(object);
             }
             _ => whole.push(object),
@@ -189,7 +198,7 @@ pub async fn load_filters(
 
 /// One segment's filter; `None` (said with `-v`) when it cannot be read, is too large
 /// or does not decode: the segment is then read whole, as without a filter.
-async fn read_filter(chunks: &ChunkStore, filter: &ObjectInfo) -> Option<Vec<u32>> {
+async fn read_filter(chunks: &ChunkStore, filter: &ObjectInfo) -> Option<Vec<u64>> {
     let ignoring = |why: String| {
         ui::verbose(format!("ignoring the segment filter {}: {why}", filter.key));
         None

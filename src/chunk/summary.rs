@@ -12,8 +12,10 @@ use super::store::MAX_SEGMENT_CHUNKS;
 pub const SUMMARY_MAGIC: &[u8; 8] = b"CACHERSM";
 /// First bytes of an index segment's filter.
 pub const FILTER_MAGIC: &[u8; 8] = b"CACHERFL";
+/// Bytes of a fingerprint in a segment filter.
+const FILTER_FINGERPRINT: usize = 5;
 /// Largest body of a filter: a segment holds at most [`MAX_SEGMENT_CHUNKS`] chunks.
-const MAX_FILTER_BODY: u64 = 10 + 4 * MAX_SEGMENT_CHUNKS as u64;
+const MAX_FILTER_BODY: u64 = 10 + (FILTER_FINGERPRINT * MAX_SEGMENT_CHUNKS) as u64;
 /// Largest filter object read (its fingerprints are random: zstd cannot shrink them).
 pub const MAX_FILTER_OBJECT: u64 = MAX_FILTER_BODY + 1024;
 
@@ -49,24 +51,33 @@ pub fn fingerprint(id: &Id) -> u32 {
     u32::from_le_bytes(id.0[28..32].try_into().expect("4 bytes"))
 }
 
+/// The 40-bit fingerprint a segment filter keeps of a chunk id: bytes 27..32. Filters
+/// are searched all at once, not one id range at a time as the summary is, so they
+/// need more bits to keep chance matches rare: 1 in 110,000 lookups at 10^7 chunks.
+pub fn filter_fingerprint(id: &Id) -> u64 {
+    let mut bytes = [0u8; 8];
+    bytes[..FILTER_FINGERPRINT].copy_from_slice(&id.0[32 - FILTER_FINGERPRINT..]);
+    u64::from_le_bytes(bytes)
+}
+
 /// Encodes the filter of an index segment holding the chunks `ids`: their
-/// fingerprints, sorted. An upload reads the filters of the segments no summary
-/// describes instead of the segments, and fetches a segment only for a chunk whose
-/// fingerprint its filter holds.
+/// [`filter_fingerprint`]s, sorted. An upload reads the filters of the segments no
+/// summary describes instead of the segments, and fetches a segment only for a chunk
+/// whose fingerprint its filter holds.
 pub fn encode_filter<'a>(ids: impl Iterator<Item = &'a Id>) -> Vec<u8> {
-    let mut fingerprints: Vec<u32> = ids.map(fingerprint).collect();
+    let mut fingerprints: Vec<u64> = ids.map(filter_fingerprint).collect();
     fingerprints.sort_unstable();
-    let mut body = Vec::with_capacity(10 + 4 * fingerprints.len());
+    let mut body = Vec::with_capacity(10 + FILTER_FINGERPRINT * fingerprints.len());
     put_varint(&mut body, fingerprints.len() as u64);
     for f in fingerprints {
-        body.extend_from_slice(&f.to_le_bytes());
+        body.extend_from_slice(&f.to_le_bytes()[..FILTER_FINGERPRINT]);
     }
     wrap(FILTER_MAGIC, 0, &body)
 }
 
 /// Decodes a segment's filter: its fingerprints, refused unless sorted and as many as a
 /// segment may hold (a body declared larger is refused before it is inflated).
-pub fn decode_filter(what: &str, data: &[u8]) -> Result<Vec<u32>, FormatError> {
+pub fn decode_filter(what: &str, data: &[u8]) -> Result<Vec<u64>, FormatError> {
     let declared = data
         .get(12..20)
         .map(|b| u64::from_le_bytes(b.try_into().expect("8")));
@@ -75,12 +86,16 @@ pub fn decode_filter(what: &str, data: &[u8]) -> Result<Vec<u32>, FormatError> {
     }
     let (_, body) = unwrap(what, FILTER_MAGIC, data)?;
     let mut r = Reader::new(what, &body);
-    let count = r.varint_count(4)?;
-    let raw = r.take(4 * count)?;
+    let count = r.varint_count(FILTER_FINGERPRINT)?;
+    let raw = r.take(FILTER_FINGERPRINT * count)?;
     r.finish()?;
-    let fingerprints: Vec<u32> = raw
-        .chunks_exact(4)
-        .map(|f| u32::from_le_bytes(f.try_into().expect("4 bytes")))
+    let fingerprints: Vec<u64> = raw
+        .chunks_exact(FILTER_FINGERPRINT)
+        .map(|f| {
+            let mut bytes = [0u8; 8];
+            bytes[..FILTER_FINGERPRINT].copy_from_slice(f);
+            u64::from_le_bytes(bytes)
+        })
         .collect();
     if !fingerprints.is_sorted() {
         return Err(bad(what, "fingerprints out of order"));
@@ -309,14 +324,15 @@ mod tests {
     fn filters_round_trip_and_refuse_unsorted_or_oversized_ones() {
         let ids: Vec<Id> = (0..1000).map(|n| id((n % 256) as u8, n)).collect();
         let data = encode_filter(ids.iter());
-        let mut want: Vec<u32> = ids.iter().map(fingerprint).collect();
+        let mut want: Vec<u64> = ids.iter().map(filter_fingerprint).collect();
         want.sort_unstable();
         assert_eq!(decode_filter("f", &data).unwrap(), want);
+        assert!(want.iter().all(|&f| f < 1 << 40));
         let unsorted = {
             let mut body = Vec::new();
             put_varint(&mut body, 2);
-            body.extend_from_slice(&2u32.to_le_bytes());
-            body.extend_from_slice(&1u32.to_le_bytes());
+            body.extend_from_slice(&[2, 0, 0, 0, 0]);
+            body.extend_from_slice(&[1, 0, 0, 0, 0]);
             wrap(FILTER_MAGIC, 0, &body)
         };
         assert!(decode_filter("f", &unsorted).is_err());
