@@ -3,6 +3,10 @@
 //! An upload reads the summary instead of every segment, and fetches a segment only
 //! for a chunk whose fingerprint it holds: a few segments for a small upload, almost
 //! none for new data, whatever the prefix holds (docs/format.md, "Index summary").
+//!
+//! Also the filter an upload writes before each segment: the 40-bit fingerprints of
+//! its chunks, which later uploads read instead of the segments no summary describes
+//! yet (docs/format.md, "Index segments").
 
 use super::Id;
 use super::format::{FormatError, Reader, bad, put_varint, unwrap, wrap};
