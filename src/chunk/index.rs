@@ -148,13 +148,8 @@ pub async fn load_filters(
         return Ok((None, listed));
     }
     let layout = chunks.layout();
-    let filters: HashMap<Id, ObjectInfo> = chunks
-        .transfer()
-        .store()
-        .list(&layout.filter_prefix(), None)
-        .await
-        .context("cannot list index segment filters")?
-        .objects
+    let filters: HashMap<Id, ObjectInfo> = list_filters(chunks)
+        .await?
         .into_iter()
         .filter_map(|o| Some((layout.filter_segment(&o.key)?, o)))
         .collect();
@@ -269,6 +264,17 @@ pub async fn list_summaries(chunks: &ChunkStore) -> anyhow::Result<Vec<ObjectInf
         .objects)
 }
 
+/// The index segment filter objects listed now.
+async fn list_filters(chunks: &ChunkStore) -> anyhow::Result<Vec<ObjectInfo>> {
+    Ok(chunks
+        .transfer()
+        .store()
+        .list(&chunks.layout().filter_prefix(), None)
+        .await
+        .context("cannot list index segment filters")?
+        .objects)
+}
+
 /// Reads and checks one summary; `None` (with a warning) when it cannot be trusted or
 /// vanished.
 async fn read_summary(chunks: &ChunkStore, object: &ObjectInfo) -> anyhow::Result<Option<Summary>> {
@@ -314,13 +320,7 @@ pub async fn compact(chunks: &ChunkStore) -> anyhow::Result<usize> {
     let layout = chunks.layout();
     let summaries = list_summaries(chunks).await?;
     // Before the segments: a filter is written before its segment (see below).
-    let filters = chunks
-        .transfer()
-        .store()
-        .list(&layout.filter_prefix(), None)
-        .await
-        .context("cannot list index segment filters")?
-        .objects;
+    let filters = list_filters(chunks).await?;
     let listed = chunks.list_segments().await?;
     let left: HashSet<Id> = chunks.list_packs().await?.into_keys().collect();
     let spill_dir = tempfile::tempdir().context("cannot create a temp dir to compact the index")?;

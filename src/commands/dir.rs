@@ -657,7 +657,9 @@ async fn restore_manifest(
                 // take them with the directories it replaces.
                 Err(e) if !is_broken(&e) && !ui::cancelled() => {
                     TreeState::forget(dir);
-                    if to.keep.holds_excluded(dir) {
+                    let (keep, walked) = (to.keep.clone(), dir.to_path_buf());
+                    let held = tokio::task::spawn_blocking(move || keep.holds_excluded(&walked));
+                    if held.await? {
                         return Err(e.context(format!(
                             "cannot restore {key}; {} holds paths it excludes, so it cannot be built whole either",
                             dir.display()
