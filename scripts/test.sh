@@ -84,4 +84,4 @@ cargo test "$@"
 # credential checks (moto accepts any secret), keys and file_store need no server.
 CACHER_TEST_SERVER=moto cargo test --test tests -- \
   plain:: dir:: warm:: docker:: concurrency:: crash:: faults:: gc:: bad_input:: soak:: tls:: \
-  soft:: actions::
+  soft:: actions:: signed::

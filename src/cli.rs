@@ -86,6 +86,22 @@ pub struct GlobalArgs {
     /// warns and goes on as a miss or a skipped upload [env: CACHER_ON_ERROR] [default: strict]
     #[arg(long, global = true, value_name = "MODE")]
     pub on_error: Option<crate::config::OnError>,
+    /// ed25519 private key file (see `cacher keygen`): uploads sign what they write [env: CACHER_SIGNING_KEY]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub signing_key: Option<String>,
+    /// Comma-separated public key files whose signatures restores accept [env: CACHER_TRUSTED_KEYS]
+    #[arg(long, global = true, value_name = "PATH,...", value_delimiter = ',')]
+    pub trusted_keys: Option<Vec<String>>,
+    /// Restore only entries signed by a trusted key; others are a miss [env: CACHER_REQUIRE_SIGNATURE] [default: false]
+    #[arg(
+        long,
+        global = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub require_signature: Option<bool>,
     /// Print results as JSON, one object per line on stdout (see docs/json.md)
     #[arg(long, global = true)]
     pub json: bool,
@@ -118,6 +134,8 @@ pub enum Command {
     Delete(KeyArg),
     /// Print a cache key built from a template and file hashes
     Key(KeyTemplateArgs),
+    /// Write a new ed25519 key pair for signed entries: FILE (private) and FILE.pub
+    Keygen(KeygenArgs),
     /// Cache directory trees as deduplicated chunks
     #[command(subcommand)]
     Dir(DirCommand),
@@ -340,6 +358,13 @@ pub struct ListArgs {
 }
 
 /// Arguments of `key`.
+/// Arguments of `cacher keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Where to write the private key (mode 0600); the public key goes to FILE.pub
+    pub file: std::path::PathBuf,
+}
+
 #[derive(Debug, Args)]
 pub struct KeyTemplateArgs {
     /// Key template; {hash} is replaced by the digest of --hash-from

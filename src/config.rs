@@ -90,6 +90,12 @@ pub struct ConfigFile {
     pub part_size: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub on_error: Option<OnError>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signing_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trusted_keys: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub require_signature: Option<bool>,
 }
 
 /// What an error of the cache itself (no credentials, server down, a broken entry)
@@ -156,6 +162,12 @@ pub struct Config {
     pub part_size: Setting<u64>,
     /// Whether errors of the cache fail downloads and uploads or only warn.
     pub on_error: Setting<OnError>,
+    /// ed25519 private key (PEM) uploads sign with; see [`crate::sign`].
+    pub signing_key: Setting<Option<PathBuf>>,
+    /// Public keys (PEM) whose signatures restores accept, besides the signing key's.
+    pub trusted_keys: Setting<Vec<PathBuf>>,
+    /// Whether restores take only entries signed by a trusted key.
+    pub require_signature: Setting<bool>,
 }
 
 /// A secret string that never prints itself.
@@ -308,6 +320,26 @@ impl Config {
             parse_on_error,
             || OnError::Strict,
         )?;
+        let signing_key = pick(
+            args.signing_key.clone().map(Some),
+            "CACHER_SIGNING_KEY",
+            file.signing_key.clone().map(Some),
+            || None,
+        );
+        let trusted_keys = pick_parsed(
+            args.trusted_keys.clone(),
+            "CACHER_TRUSTED_KEYS",
+            file.trusted_keys.clone(),
+            |raw| Ok(split_list(raw)),
+            Vec::new,
+        )?;
+        let require_signature = pick_parsed(
+            args.require_signature,
+            "CACHER_REQUIRE_SIGNATURE",
+            file.require_signature,
+            parse_bool,
+            || false,
+        )?;
 
         let to_path = |s: Setting<Option<String>>| Setting {
             value: s.value.as_deref().map(expand_tilde),
@@ -331,6 +363,17 @@ impl Config {
             multipart_threshold,
             part_size,
             on_error,
+            signing_key: to_path(signing_key),
+            trusted_keys: Setting {
+                value: trusted_keys
+                    .value
+                    .iter()
+                    .filter(|p| !p.trim().is_empty())
+                    .map(|p| expand_tilde(p.trim()))
+                    .collect(),
+                source: trusted_keys.source,
+            },
+            require_signature,
         })
     }
 
@@ -362,6 +405,11 @@ impl Config {
             multipart_threshold: kept(&self.multipart_threshold),
             part_size: kept(&self.part_size),
             on_error: kept(&self.on_error),
+            signing_key: path_str(&self.signing_key),
+            trusted_keys: kept(&self.trusted_keys)
+                .filter(|keys| !keys.is_empty())
+                .map(|keys| keys.iter().map(|p| p.display().to_string()).collect()),
+            require_signature: kept(&self.require_signature),
         }
     }
 
@@ -493,6 +541,9 @@ impl ConfigFile {
             multipart_threshold: Some(0),
             part_size: Some(0),
             on_error: Some(OnError::Strict),
+            signing_key: Some(String::new()),
+            trusted_keys: Some(Vec::new()),
+            require_signature: Some(false),
         }
     }
 }
@@ -582,6 +633,15 @@ fn parse_bool(s: &str) -> Result<bool, String> {
         "0" | "false" | "no" | "off" => Ok(false),
         _ => Err("expected true or false".into()),
     }
+}
+
+/// The items of a comma-separated list, trimmed, empty ones dropped.
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {

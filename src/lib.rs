@@ -16,6 +16,7 @@ pub mod http;
 pub mod image_archive;
 pub mod key;
 pub mod restore;
+pub mod sign;
 pub mod state;
 pub mod store;
 pub mod temp;

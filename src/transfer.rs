@@ -5,7 +5,8 @@
 //! the whole file as metadata where it costs no extra pass; downloads pin every range to
 //! one object version, verify size and any recorded or pinned sha256, and only then
 //! rename the temp file over the destination. The chunk store sends its packs and
-//! reads its ranges through the same engine.
+//! reads its ranges through the same engine. With a signing key, the entries it writes
+//! are signed, and a download takes only what the configured [`Trust`] accepts.
 
 use std::fs::File;
 use std::ops::Range;
@@ -21,6 +22,7 @@ use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
+use crate::sign::Trust;
 use crate::store::{Body, ObjectInfo, PutOptions, Store, StoreError, StoreResult};
 use crate::temp::{persist, temp_beside};
 use crate::ui::{self, Progress};
@@ -100,6 +102,7 @@ pub struct Transfer {
     part_size: u64,
     multipart_threshold: u64,
     retries: AtomicU64,
+    trust: Trust,
 }
 
 /// What one transfer did, for the summary line and `--json`.
@@ -116,7 +119,8 @@ pub struct Report {
 }
 
 impl Transfer {
-    /// A transfer engine using the configured concurrency and part sizes.
+    /// A transfer engine using the configured concurrency and part sizes, that neither
+    /// signs nor checks signatures (see [`Transfer::open`]).
     pub fn new(store: Arc<dyn Store>, config: &Config) -> Transfer {
         Transfer {
             store,
@@ -124,7 +128,22 @@ impl Transfer {
             part_size: config.part_size.value,
             multipart_threshold: config.multipart_threshold.value,
             retries: AtomicU64::new(0),
+            trust: Trust::default(),
         }
+    }
+
+    /// The transfer engine of the configured store, signing and checking signatures
+    /// with the configured keys.
+    pub async fn open(config: &Config) -> anyhow::Result<Transfer> {
+        let trust = Trust::from_config(config)?;
+        let mut transfer = Transfer::new(crate::store::open(config).await?, config);
+        transfer.trust = trust;
+        Ok(transfer)
+    }
+
+    /// Which signatures this engine writes and accepts.
+    pub fn trust(&self) -> &Trust {
+        &self.trust
     }
 
     /// The store this engine writes to.
@@ -214,9 +233,26 @@ impl Transfer {
         .await
     }
 
+    /// Writes the entry `data` (a manifest) to `key` as [`Transfer::put_bytes`] does,
+    /// with its sha256 and, with a signing key, its signature.
+    pub async fn put_entry(&self, key: &str, data: Bytes) -> StoreResult<()> {
+        let sha256 = hex::encode(Sha256::digest(&data));
+        let opts = PutOptions {
+            crc32: Some(crc32fast::hash(&data)),
+            signature: self.trust.sign(key, data.len() as u64, &sha256),
+            sha256: Some(sha256),
+            ..PutOptions::default()
+        };
+        self.retry("PUT", || {
+            self.store.put(key, Body::Bytes(data.clone()), &opts)
+        })
+        .await
+    }
+
     /// Uploads the file at `path` to `key`. Every body carries a CRC32 the server
-    /// checks; the sha256 is recorded with the object when the caller knows it or the
-    /// file is small enough to go up in one request (hashing is then nearly free).
+    /// checks; the sha256 is recorded with the object when the caller knows it, the
+    /// file is small enough to go up in one request (hashing is then nearly free), or
+    /// the upload is signed (the signature covers it: one more pass over a big file).
     /// With `if_absent`, returns `None` when another writer created the key first.
     pub async fn upload_file(
         &self,
@@ -231,11 +267,18 @@ impl Transfer {
             bail!("{} is not a regular file", path.display());
         }
         let size = meta.len();
+        let sha256 = match sha256 {
+            None if self.trust.can_sign() && size > self.multipart_threshold => {
+                FileSlice::new(path, 0, size).checksums(true).await?.1
+            }
+            sha256 => sha256,
+        };
         let progress = Progress::new(format!("uploading {key}"), size);
 
         let written = if size > self.multipart_threshold {
             let opts = PutOptions {
                 crc32: None,
+                signature: sha256.as_ref().and_then(|s| self.trust.sign(key, size, s)),
                 sha256: sha256.clone(),
                 if_absent,
             };
@@ -246,9 +289,11 @@ impl Transfer {
             let slice = FileSlice::new(path, 0, size);
             let want_sha = sha256.is_none();
             let (crc32, file_sha) = slice.clone().checksums(want_sha).await?;
+            let sha256 = sha256.or(file_sha);
             let opts = PutOptions {
                 crc32: Some(crc32),
-                sha256: sha256.or(file_sha),
+                signature: sha256.as_ref().and_then(|s| self.trust.sign(key, size, s)),
+                sha256,
                 if_absent,
             };
             self.retry("PUT", || self.store.put(key, slice.body(), &opts))
@@ -362,9 +407,10 @@ impl Transfer {
         Ok(())
     }
 
-    /// Downloads the object `info` to `dest` through a temp file beside it. The content
-    /// must match the sha256 recorded with the object and `expect_sha256` when given;
-    /// otherwise `dest` is left as it was.
+    /// Downloads the object `info` to `dest` through a temp file beside it. The object
+    /// must be one [`Trust::check`] accepts, and its content must match the sha256
+    /// recorded with it and `expect_sha256` when given; otherwise `dest` is left as it
+    /// was.
     pub async fn download_file(
         &self,
         info: &ObjectInfo,
@@ -372,6 +418,7 @@ impl Transfer {
         expect_sha256: Option<&str>,
     ) -> anyhow::Result<Report> {
         let key = info.key.as_str();
+        self.trust.check(info)?;
         let tmp = temp_beside(dest)?;
         let file = Arc::new(tmp.as_file().try_clone()?);
         file.set_len(info.size)

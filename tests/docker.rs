@@ -576,3 +576,45 @@ fn entries_without_a_member_map_restore_whole() {
     rmi(&next);
     rmi(&base);
 }
+
+#[test]
+fn signed_images_load_and_an_unsigned_replacement_is_refused_where_signatures_are_required() {
+    if !daemon_ready(
+        "signed_images_load_and_an_unsigned_replacement_is_refused_where_signatures_are_required",
+    ) {
+        return;
+    }
+    let mut env = TestEnv::s3("dockersigned");
+    let private = env.path("main.key");
+    env.run(["keygen", private.to_str().unwrap()]).ok();
+    let tag = format!("cacher-test/{}:v1", unique("signed"));
+    let planted = format!("cacher-test/{}:v1", unique("planted"));
+    let id = build(
+        &env,
+        &tag,
+        None,
+        &[("app.bin", random_bytes(512 * 1024, 31))],
+    );
+    build(&env, &planted, None, &[("app.bin", b"planted".to_vec())]);
+
+    env.set("CACHER_SIGNING_KEY", private.to_str().unwrap());
+    env.set("CACHER_REQUIRE_SIGNATURE", "true");
+    env.run(["docker", "upload", "img", &tag]).ok();
+    rmi(&tag);
+    env.run(["docker", "download", "img", &tag]).ok();
+    assert_eq!(image_id(&tag).as_deref(), Some(id.as_str()));
+    rmi(&tag);
+
+    // A job without the private key overwrites the entry with another image.
+    env.unset("CACHER_SIGNING_KEY");
+    env.unset("CACHER_REQUIRE_SIGNATURE");
+    env.run(["docker", "upload", "img", &planted, "--force"])
+        .ok();
+    env.set("CACHER_SIGNING_KEY", private.to_str().unwrap());
+    env.set("CACHER_REQUIRE_SIGNATURE", "true");
+    let run = env.run(["docker", "download", "img", &tag]);
+    run.code(1);
+    assert!(run.stderr.contains("is not trusted"), "{}", run.stderr);
+    assert!(image_id(&tag).is_none(), "nothing loaded");
+    rmi(&planted);
+}

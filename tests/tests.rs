@@ -20,6 +20,7 @@ mod recipes;
 mod release;
 mod restore;
 mod shipping;
+mod signed;
 mod soak;
 mod soft;
 mod tls;

@@ -634,6 +634,7 @@ mod tests {
             modified: Some(now - age),
             etag: None,
             sha256: None,
+            signature: None,
         }
     }
 

@@ -15,12 +15,14 @@ use anyhow::Context;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use rayon::prelude::*;
+use sha2::{Digest, Sha256};
 
 use super::format::{ChunkRef, ChunkTable, MAX_CHUNK_STORED, Manifest};
 use super::index::{FilterIndex, SummaryIndex};
 use super::layout::Layout;
 use super::summary;
 use super::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Id, PACK_TARGET, ZSTD_LEVEL};
+use crate::sign::{Untrusted, Verdict};
 use crate::store::{ObjectInfo, StoreError, is_changed};
 use crate::transfer::{Transfer, retry_note};
 use crate::ui;
@@ -643,7 +645,7 @@ impl ChunkStore {
         let data = Bytes::from(data);
         stats.wire_bytes += data.len() as u64;
         self.transfer
-            .put_bytes(key, data)
+            .put_entry(key, data)
             .await
             .with_context(|| format!("cannot write the manifest {key}"))?;
         stats.retries = self.transfer.retries();
@@ -845,12 +847,26 @@ impl ChunkStore {
         }
     }
 
+    /// One HEAD and read of `key`; an entry the configured trust refuses is an
+    /// [`Untrusted`] error.
     async fn fetch_once(&self, key: &str) -> anyhow::Result<Option<(ObjectInfo, Stored)>> {
         let store = self.transfer.store();
         let Some(info) = store.head(key).await? else {
             return Ok(None);
         };
+        let verdict = self.transfer.trust().check(&info)?;
         let stored = self.read_entry(key, &info).await?;
+        // A tar.zst is streamed as it is restored, unhashed; cacher never signs one, so
+        // a signature on it was put there by something else.
+        if let (Stored::Legacy(_), Verdict::Signed(id)) = (&stored, verdict) {
+            return Err(Untrusted {
+                key: key.to_string(),
+                reason: format!(
+                    "it is a tar.zst entry, which cacher never signs, carrying a signature by {id}"
+                ),
+            }
+            .into());
+        }
         Ok(Some((info, stored)))
     }
 
@@ -890,6 +906,14 @@ impl ChunkStore {
                 )
                 .await?;
             data.extend_from_slice(&rest);
+        }
+        // The sha256 recorded with a manifest is what its signature covers.
+        if let Some(recorded) = &info.sha256
+            && hex::encode(Sha256::digest(&data)) != *recorded
+        {
+            return Err(broken(format!(
+                "{key} does not hash to the sha256 recorded with it (tampered, or corrupt)"
+            )));
         }
         let manifest = Manifest::decode(key, &data).map_err(|e| broken(e.to_string()))?;
         Ok(Stored::Manifest(Box::new(manifest)))

@@ -42,14 +42,15 @@ pub async fn run(config: &Config, cmd: &DirCommand) -> anyhow::Result<Outcome> {
 
 /// The chunk store under the configured prefix.
 pub(super) async fn chunk_store(config: &Config) -> anyhow::Result<ChunkStore> {
-    let transfer = Arc::new(Transfer::new(crate::store::open(config).await?, config));
+    let transfer = Arc::new(Transfer::open(config).await?);
     Ok(ChunkStore::new(transfer, &config.prefix.value))
 }
 
 /// The chunk store to upload `key` into, or `None` when `key` is already cached and
 /// `force` is off (said as `command` would say it). An entry that cannot be restored
 /// (its manifest does not decode, or a pack it references is gone) does not count as
-/// cached: it is replaced, and the user is told.
+/// cached: it is replaced, and the user is told; so is an entry the configured trust
+/// refuses, when this upload signs.
 pub(super) async fn chunk_store_for_upload(
     config: &Config,
     key: &str,
@@ -67,6 +68,11 @@ pub(super) async fn chunk_store_for_upload(
         },
         Ok(_) => None,
         Err(e) if is_broken(&e) => Some(format!("{e:#}")),
+        Err(e) if crate::sign::is_untrusted(&e) && chunks.transfer().trust().can_sign() => {
+            super::say_replacing(&e);
+            return Ok(Some(chunks));
+        }
+        Err(e) if crate::sign::is_untrusted(&e) => None,
         Err(e) => return Err(e),
     };
     if let Some(why) = unrestorable {

@@ -104,13 +104,13 @@ async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<
     let key = full_key(config, &args.key)?;
     let docker = Docker::new(&config.docker_bin.value);
     let started = Instant::now();
-    let chunks = match from_cache(config, &docker, &key, args, started).await {
+    let (chunks, refused) = match from_cache(config, &docker, &key, args, started).await {
         Ok(Cached::Loaded(outcome)) => return Ok(outcome),
-        Ok(Cached::Miss(chunks)) => Some(chunks),
+        Ok(Cached::Miss(chunks, refused)) => (Some(chunks), refused),
         // The image can still come from its registry; only the cache is left out.
         Err(e) if args.pull && config.on_error.value == OnError::Warn => {
             super::warn_soft(&e, "miss");
-            None
+            (None, false)
         }
         Err(e) => return Err(e),
     };
@@ -125,6 +125,7 @@ async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<
         .with_context(|| format!("{key} is not cached and the pull of {} failed", args.image))?;
     ui::status(format!("{key} was not cached; pulled {}", args.image));
     // The image is here, which is what the job needs; seeding is a bonus.
+    let chunks = chunks.filter(|c| super::may_seed(c.transfer(), &key, refused));
     let seeded = match &chunks {
         Some(chunks) => seed(chunks, &docker, &key, &args.image).await,
         None => Err(anyhow::anyhow!("the cache cannot be used")),
@@ -146,8 +147,9 @@ async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<
 enum Cached {
     /// The image was loaded from it.
     Loaded(Outcome),
-    /// It lacks the image (or holds a broken entry): the store to seed.
-    Miss(ChunkStore),
+    /// It lacks the image (or holds a broken entry): the store to seed, and whether
+    /// the entry it holds was refused as not trusted.
+    Miss(ChunkStore, bool),
 }
 
 /// Loads `key` into docker if the cache holds it; a broken entry is a miss (nothing
@@ -160,13 +162,15 @@ async fn from_cache(
     started: Instant,
 ) -> anyhow::Result<Cached> {
     let chunks = super::dir::chunk_store(config).await?;
-    if let Some((info, stored)) = heal(key, chunks.fetch_with_info(key).await)?.flatten()
+    let fetched = chunks.fetch_with_info(key).await;
+    let refused = matches!(&fetched, Err(e) if crate::sign::is_untrusted(e));
+    if let Some((info, stored)) = heal(key, fetched)?.flatten()
         && let Some(outcome) = heal(key, load(&chunks, docker, key, stored, args, started).await)?
     {
         crate::chunk::gc::mark_used(chunks.transfer(), chunks.layout(), &info).await;
         return Ok(Cached::Loaded(outcome));
     }
-    Ok(Cached::Miss(chunks))
+    Ok(Cached::Miss(chunks, refused))
 }
 
 /// Streams the entry `stored` into `docker load` and names the image `args.image`.

@@ -7,13 +7,41 @@ use bytes::Bytes;
 use super::Outcome;
 use crate::config::{Config, Secret};
 use crate::key::join_prefix;
+use crate::sign::Trust;
 use crate::store::{Body, PutOptions, Store};
 
 pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
     print_settings(config);
+    let trust = print_keys(config);
     smoke_test(config).await?;
+    trust?;
     println!("ok: the cache is usable");
     Ok(Outcome::Success)
+}
+
+/// The signing and trusted keys by key id (never their contents); an error when a
+/// key file cannot be used.
+fn print_keys(config: &Config) -> anyhow::Result<()> {
+    let trust = match Trust::from_config(config) {
+        Ok(trust) => trust,
+        Err(e) => {
+            println!("signatures:    ERROR: {}", crate::ui::one_line(&e));
+            return Err(e);
+        }
+    };
+    if let Some(key) = trust.signing_public_key() {
+        println!("signs as:      key id {} ({})", key.id, key.path.display());
+    }
+    for key in trust.trusted() {
+        println!("trusts:        key id {} ({})", key.id, key.path.display());
+    }
+    let restores = match (config.require_signature.value, trust.checks()) {
+        (true, _) => "only entries signed by a trusted key",
+        (false, true) => "unsigned entries, and signed ones whose signature is trusted",
+        (false, false) => "any entry (no key configured: signatures are not checked)",
+    };
+    println!("restores:      {restores}");
+    Ok(())
 }
 
 fn print_settings(config: &Config) {
@@ -22,7 +50,13 @@ fn print_settings(config: &Config) {
     for warning in &config.warnings {
         println!("  warning: {warning}");
     }
-    let rows: [(&str, String, &crate::config::Source); 11] = [
+    let trusted = config
+        .trusted_keys
+        .value
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>();
+    let rows: [(&str, String, &crate::config::Source); 14] = [
         (
             "endpoint",
             config.endpoint.value.clone(),
@@ -61,6 +95,24 @@ fn print_settings(config: &Config) {
             "on_error",
             config.on_error.value.to_string(),
             &config.on_error.source,
+        ),
+        (
+            "signing_key",
+            show_path(&config.signing_key.value),
+            &config.signing_key.source,
+        ),
+        (
+            "trusted_keys",
+            match trusted.is_empty() {
+                true => "-".into(),
+                false => trusted.join(","),
+            },
+            &config.trusted_keys.source,
+        ),
+        (
+            "require_signature",
+            config.require_signature.value.to_string(),
+            &config.require_signature.source,
         ),
     ];
     for (name, value, source) in rows {

@@ -17,13 +17,13 @@ use crate::ui;
 pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
     let expected = args.sha256.as_deref().map(parse_sha256).transpose()?;
-    let transfer = match from_cache(config, args, &key, expected.as_deref()).await {
+    let (transfer, refused) = match from_cache(config, args, &key, expected.as_deref()).await {
         Ok(Cached::Hit) => return Ok(Outcome::Success),
-        Ok(Cached::Miss(transfer)) => Some(transfer),
+        Ok(Cached::Miss(transfer, refused)) => (Some(transfer), refused),
         // The file can still come from the URL; only the cache is left out.
         Err(e) if args.url.is_some() && config.on_error.value == OnError::Warn => {
             super::warn_soft(&e, "miss");
-            None
+            (None, false)
         }
         Err(e) => return Err(e),
     };
@@ -49,7 +49,7 @@ pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome
     }
     // Seeding the cache is a bonus: the file the job needs is already here.
     let mut seeded = false;
-    if let Some(transfer) = transfer {
+    if let Some(transfer) = transfer.filter(|t| super::may_seed(t, &key, refused)) {
         match transfer
             .upload_file(
                 &key,
@@ -83,8 +83,9 @@ pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome
 enum Cached {
     /// The file was restored from it.
     Hit,
-    /// It lacks the file (or holds a stale one): the transfer to seed it with.
-    Miss(Transfer),
+    /// It lacks the file (or holds a stale one): the transfer to seed it with, and
+    /// whether the file it holds was refused as not trusted.
+    Miss(Box<Transfer>, bool),
 }
 
 /// Restores `key` to the destination if the cache holds it (a version matching
@@ -95,7 +96,7 @@ async fn from_cache(
     key: &str,
     expected: Option<&str>,
 ) -> anyhow::Result<Cached> {
-    let transfer = Transfer::new(crate::store::open(config).await?, config);
+    let transfer = Transfer::open(config).await?;
     let mut attempts = 0;
     while let Some(info) = transfer.store().head(key).await? {
         match transfer.download_file(&info, &args.dest, expected).await {
@@ -120,10 +121,27 @@ async fn from_cache(
                 ui::warn(format!("{e:#}; fetching from --url instead"));
                 break;
             }
+            Err(e) if crate::sign::is_untrusted(&e) => {
+                super::heal::<()>(key, Err(e))?;
+                return Ok(Cached::Miss(Box::new(transfer), true));
+            }
+            // Bytes that do not hash to what was recorded (and maybe signed) with
+            // them: a miss, as for a broken chunked entry; replaced by a job that
+            // checks no signatures or signs what it writes.
+            Err(e)
+                if matches!(
+                    e.downcast_ref::<IntegrityError>(),
+                    Some(IntegrityError::Corrupt { .. })
+                ) =>
+            {
+                ui::warn(format!("{e:#}; treating it as a miss"));
+                let refused = transfer.trust().checks();
+                return Ok(Cached::Miss(Box::new(transfer), refused));
+            }
             Err(e) => return Err(e),
         }
     }
-    Ok(Cached::Miss(transfer))
+    Ok(Cached::Miss(Box::new(transfer), false))
 }
 
 fn report(key: &str, result: &str, transfer: Option<&crate::transfer::Report>) {

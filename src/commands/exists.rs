@@ -10,7 +10,15 @@ use serde_json::json;
 pub async fn run(config: &Config, key: &crate::cli::KeySpec) -> anyhow::Result<Outcome> {
     let key = full_key(config, key)?;
     let chunks = super::dir::chunk_store(config).await?;
-    let info = chunks.transfer().store().head(&key).await?;
+    let info = match chunks.transfer().store().head(&key).await? {
+        // What a restore would refuse is not cached for this job.
+        Some(info) => super::heal(
+            &key,
+            chunks.transfer().trust().check(&info).map_err(Into::into),
+        )?
+        .map(|_| info),
+        None => None,
+    };
     if ui::json_enabled() {
         // What the entry holds, not the few hundred bytes of a manifest: read only for
         // --json, so a plain `exists` stays one HEAD.

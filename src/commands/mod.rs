@@ -10,6 +10,7 @@ mod exists;
 mod gc;
 mod init;
 mod key;
+mod keygen;
 mod list;
 mod stats;
 mod upload;
@@ -49,6 +50,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
             return Ok(Outcome::Success);
         }
+        Command::Keygen(args) => return keygen::run(args),
         _ => {}
     }
     // A config that cannot be read is a mistake to fix, not an error of the cache.
@@ -110,7 +112,7 @@ pub(crate) fn warn_soft(e: &anyhow::Error, result: &str) {
 
 async fn run_command(config: &Config, command: &Command) -> anyhow::Result<Outcome> {
     match command {
-        Command::Version | Command::Completions { .. } | Command::Man => {
+        Command::Version | Command::Completions { .. } | Command::Man | Command::Keygen(_) => {
             unreachable!("handled above")
         }
         Command::Init => init::run(config).await,
@@ -129,19 +131,68 @@ async fn run_command(config: &Config, command: &Command) -> anyhow::Result<Outco
     }
 }
 
-/// Whether an upload to `key` should be skipped because the key exists and `force` is
-/// off; says so on stderr (and on stdout with `--json`).
-async fn skip_existing(
-    store: &dyn crate::store::Store,
+/// What an upload does with its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// Nothing: the key is cached (said on stderr, and on stdout with `--json`).
+    Skip,
+    /// Create it; a concurrent writer that creates it first wins.
+    Create,
+    /// Replace what is there (`--force`, or an entry not trusted when this job signs).
+    Replace,
+}
+
+/// Whether an upload to `key` writes it: not when the key exists and `force` is off,
+/// unless this job signs and its trust refuses the entry there.
+async fn write_mode(
+    transfer: &crate::transfer::Transfer,
     key: &str,
     force: bool,
     command: &str,
-) -> anyhow::Result<bool> {
-    if force || store.head(key).await?.is_none() {
-        return Ok(false);
+) -> anyhow::Result<Write> {
+    if force {
+        return Ok(Write::Replace);
+    }
+    let Some(info) = transfer.store().head(key).await? else {
+        return Ok(Write::Create);
+    };
+    if let Err(refused) = transfer.trust().check(&info)
+        && transfer.trust().can_sign()
+    {
+        say_replacing(&refused.into());
+        return Ok(Write::Replace);
     }
     say_skipped(key, command);
-    Ok(true)
+    Ok(Write::Skip)
+}
+
+/// Whether a download that missed may seed `key` with what it fetched elsewhere: not
+/// over an entry it refused as not trusted, unless it signs what it writes (a job
+/// that only holds the public key must not replace main's entries).
+fn may_seed(transfer: &crate::transfer::Transfer, key: &str, refused: bool) -> bool {
+    let may = !refused || transfer.trust().can_sign();
+    if !may {
+        crate::ui::status(format!(
+            "{key} holds an entry this job does not trust; not replaced (no signing_key)"
+        ));
+    }
+    may
+}
+
+/// Says that an upload replaces the entry refused with `e`, which it signs.
+fn say_replacing(e: &anyhow::Error) {
+    crate::ui::status(format!(
+        "{}; replacing it with a signed entry",
+        untrusted_reason(e)
+    ));
+}
+
+/// The one line saying why an entry is not trusted: the [`crate::sign::Untrusted`] in
+/// `e`'s chain (which names the key), else `e` itself.
+fn untrusted_reason(e: &anyhow::Error) -> String {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<crate::sign::Untrusted>())
+        .map_or_else(|| crate::ui::one_line(e), ToString::to_string)
 }
 
 /// Says that an upload to `key` was skipped because the key is cached.
@@ -154,11 +205,16 @@ fn say_skipped(key: &str, command: &str) {
     }
 }
 
-/// Turns an error saying the entry itself is broken into a miss, with one warning:
-/// the job goes on without the cache, and the next upload replaces the entry.
+/// Turns an error saying the entry itself is broken, or not trusted, into a miss,
+/// with one warning: the job goes on without the cache, and the next upload (a signed
+/// one, for an entry not trusted) replaces the entry.
 pub(crate) fn heal<T>(key: &str, result: anyhow::Result<T>) -> anyhow::Result<Option<T>> {
     match result {
         Ok(value) => Ok(Some(value)),
+        Err(e) if crate::sign::is_untrusted(&e) => {
+            crate::ui::warn(format!("{}; treating it as a miss", untrusted_reason(&e)));
+            Ok(None)
+        }
         Err(e) if crate::chunk::store::is_broken(&e) => {
             crate::ui::warn(format!(
                 "{key} cannot be restored ({e:#}); treating it as a miss"

@@ -4,6 +4,8 @@
 //! to a temp file under `DIR/.cacher-tmp/` and are renamed into place, so readers
 //! see the old or the new object, never a partial one, as on S3. Runners sharing a
 //! disk can share a cache this way; tests of logic that needs no S3 run against it.
+//! What S3 keeps as an object's metadata (its sha256 and signature) is the file
+//! `DIR/.cacher-meta/a/b`, written after the object and removed with it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -21,6 +23,9 @@ use crate::ui;
 
 /// Directory (below the root) holding writes in progress; never listed.
 const TMP_DIR: &str = ".cacher-tmp";
+/// Directory (below the root) holding each object's metadata at the object's key;
+/// never listed.
+const META_DIR: &str = ".cacher-meta";
 
 /// A bucket stored as a local directory.
 pub struct FileStore {
@@ -40,9 +45,9 @@ impl FileStore {
     fn object_path(&self, key: &str) -> StoreResult<PathBuf> {
         if key.is_empty()
             || key.starts_with('/')
-            || key
-                .split('/')
-                .any(|seg| seg.is_empty() || seg == "." || seg == ".." || seg == TMP_DIR)
+            || key.split('/').any(|seg| {
+                seg.is_empty() || seg == "." || seg == ".." || seg == TMP_DIR || seg == META_DIR
+            })
         {
             return Err(StoreError::Permanent(format!(
                 "key `{key}` cannot be stored in a file:// store"
@@ -53,6 +58,53 @@ impl FileStore {
 
     fn tmp_path(&self, name: &str) -> PathBuf {
         self.root.join(TMP_DIR).join(name)
+    }
+
+    /// The file holding the metadata of the object `key` (already checked).
+    fn meta_path(&self, key: &str) -> PathBuf {
+        self.root.join(META_DIR).join(key)
+    }
+
+    /// Records `meta` (see [`encode_meta`]) as the metadata of `key`, replacing what
+    /// was there; `None` removes it, so an object written without metadata never
+    /// shows an older object's.
+    fn record_meta(&self, key: &str, meta: Option<String>) -> StoreResult<()> {
+        let path = self.meta_path(key);
+        let Some(meta) = meta else {
+            return match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_error("remove", &path, e)),
+                _ => Ok(()),
+            };
+        };
+        let (tmp, mut file) = self.new_tmp_file()?;
+        let written = io::Write::write_all(&mut file, meta.as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(|e| io_error("write", &tmp, e))
+            .and_then(|()| match path.parent() {
+                Some(parent) => {
+                    fs::create_dir_all(parent).map_err(|e| io_error("create", parent, e))
+                }
+                None => Ok(()),
+            })
+            .and_then(|()| fs::rename(&tmp, &path).map_err(|e| io_error("rename into", &path, e)));
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written
+    }
+
+    /// The metadata recorded for `key` as (sha256, signature).
+    fn read_meta(&self, key: &str) -> (Option<String>, Option<String>) {
+        let text = fs::read_to_string(self.meta_path(key)).unwrap_or_default();
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+                .map(str::to_string)
+        };
+        (
+            field(super::META_SHA256).map(|s| s.to_ascii_lowercase()),
+            field(super::META_SIGNATURE),
+        )
     }
 
     fn new_tmp_file(&self) -> StoreResult<(PathBuf, File)> {
@@ -91,6 +143,16 @@ impl FileStore {
     }
 }
 
+/// The metadata file's text for `opts`: one `name value` line per field; `None` when
+/// there is nothing to record.
+fn encode_meta(opts: &PutOptions) -> Option<String> {
+    let text: String = opts
+        .metadata()
+        .map(|(name, value)| format!("{name} {value}\n"))
+        .collect();
+    (!text.is_empty()).then_some(text)
+}
+
 fn io_error(what: &str, path: &Path, e: io::Error) -> StoreError {
     StoreError::Permanent(format!("cannot {what} {}: {e}", path.display()))
 }
@@ -107,6 +169,7 @@ fn info(key: &str, meta: &fs::Metadata) -> ObjectInfo {
             meta.mtime_nsec() as u64 ^ (meta.mtime() as u64).rotate_left(32)
         )),
         sha256: None,
+        signature: None,
     }
 }
 
@@ -184,13 +247,17 @@ impl Store for FileStore {
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectInfo>> {
         let path = self.object_path(key)?;
         let key = key.to_string();
-        blocking(move || match fs::metadata(&path) {
+        let found = blocking(move || match fs::metadata(&path) {
             Ok(meta) if meta.is_file() => Ok(Some(info(&key, &meta))),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_error("stat", &path, e)),
         })
-        .await
+        .await?;
+        Ok(found.map(|mut info| {
+            (info.sha256, info.signature) = self.read_meta(&info.key);
+            info
+        }))
     }
 
     async fn read_range(
@@ -227,7 +294,8 @@ impl Store for FileStore {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        self.publish(&tmp, key, opts.if_absent)
+        self.publish(&tmp, key, opts.if_absent)?;
+        self.record_meta(key, encode_meta(opts))
     }
 
     async fn multipart_start(
@@ -243,6 +311,10 @@ impl Store for FileStore {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // Kept until the upload completes, when it becomes the object's metadata.
+        let meta = self.tmp_path(&format!("{upload_id}.meta"));
+        fs::write(&meta, encode_meta(opts).unwrap_or_default())
+            .map_err(|e| io_error("write", &meta, e))?;
         Ok(MultipartId {
             key: key.to_string(),
             upload_id,
@@ -287,10 +359,16 @@ impl Store for FileStore {
                 .map_err(|e| io_error("sync", &synced, e))
         })
         .await?;
-        self.publish(&tmp, &upload.key, upload.if_absent)
+        let meta_tmp = self.tmp_path(&format!("{}.meta", upload.upload_id));
+        let meta = fs::read_to_string(&meta_tmp).map_err(|e| io_error("read", &meta_tmp, e))?;
+        let published = self.publish(&tmp, &upload.key, upload.if_absent);
+        let _ = fs::remove_file(&meta_tmp);
+        published?;
+        self.record_meta(&upload.key, (!meta.is_empty()).then_some(meta))
     }
 
     async fn multipart_abort(&self, upload: &MultipartId) -> StoreResult<()> {
+        let _ = fs::remove_file(self.tmp_path(&format!("{}.meta", upload.upload_id)));
         let tmp = self.tmp_path(&upload.upload_id);
         match fs::remove_file(&tmp) {
             Ok(()) => Ok(()),
@@ -347,7 +425,9 @@ impl Store for FileStore {
             let walker = walkdir::WalkDir::new(&root)
                 .min_depth(1)
                 .into_iter()
-                .filter_entry(|e| e.depth() != 1 || e.file_name() != TMP_DIR);
+                .filter_entry(|e| {
+                    e.depth() != 1 || (e.file_name() != TMP_DIR && e.file_name() != META_DIR)
+                });
             for entry in walker {
                 let entry = entry.map_err(|e| StoreError::Permanent(format!("list: {e}")))?;
                 if !entry.file_type().is_file() {
@@ -395,8 +475,8 @@ impl Store for FileStore {
         ui::verbose(format!("DELETE {key}"));
         let path = self.object_path(key)?;
         match fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Ok(()) => self.record_meta(key, None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => self.record_meta(key, None),
             Err(e) => Err(io_error("remove", &path, e)),
         }
     }

@@ -21,6 +21,7 @@ use crate::config::Config;
 
 /// Metadata key (without the `x-amz-meta-` prefix) holding the sha256 of a plain object.
 pub const META_SHA256: &str = "cacher-sha256";
+pub use crate::sign::META_SIGNATURE;
 
 /// What a HEAD or a listing says about one object.
 #[derive(Debug, Clone)]
@@ -35,6 +36,9 @@ pub struct ObjectInfo {
     pub etag: Option<String>,
     /// Lowercase hex sha256 of the content, when the writer recorded it.
     pub sha256: Option<String>,
+    /// The writer's signature of key, size and sha256 (see [`crate::sign`]), when a
+    /// HEAD returned it; listings leave it out.
+    pub signature: Option<String>,
 }
 
 /// One page-independent listing result: objects, and common prefixes when delimited.
@@ -81,10 +85,24 @@ pub struct PutOptions {
     pub crc32: Option<u32>,
     /// sha256 of the whole object, stored as metadata for later verification.
     pub sha256: Option<String>,
+    /// Signature of key, size and sha256 (see [`crate::sign`]), stored as metadata.
+    pub signature: Option<String>,
     /// Write only if no object exists yet (`If-None-Match: *`); fails with
     /// [`StoreError::Exists`] otherwise. Servers that ignore the header (Garage 2.5)
     /// overwrite instead, which is still atomic.
     pub if_absent: bool,
+}
+
+impl PutOptions {
+    /// The metadata these options record with the object, as (name, value) pairs.
+    pub fn metadata(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            (META_SHA256, self.sha256.as_deref()),
+            (META_SIGNATURE, self.signature.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value?)))
+    }
 }
 
 /// A multipart upload in progress.

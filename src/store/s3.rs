@@ -30,8 +30,8 @@ use aws_smithy_types::byte_stream::Length;
 use base64::Engine;
 
 use super::{
-    Body, CompletedPart, Listing, META_SHA256, MultipartId, ObjectInfo, PutOptions, Store,
-    StoreError, StoreResult,
+    Body, CompletedPart, Listing, META_SHA256, META_SIGNATURE, MultipartId, ObjectInfo, PutOptions,
+    Store, StoreError, StoreResult,
 };
 use crate::config::Config;
 use crate::ui;
@@ -349,6 +349,7 @@ impl Store for S3Store {
                     .metadata()
                     .and_then(|m| m.get(META_SHA256))
                     .map(|s| s.to_ascii_lowercase()),
+                signature: out.metadata().and_then(|m| m.get(META_SIGNATURE)).cloned(),
             })),
             Err(StoreError::NotFound(_)) => {
                 // HEAD replies have no body, so a missing bucket is a bare 404 too: a
@@ -414,8 +415,8 @@ impl Store for S3Store {
             .content_length(len as i64)
             .body(byte_stream(body).await?)
             .set_checksum_crc32(opts.crc32.map(crc32_header));
-        if let Some(sha) = &opts.sha256 {
-            req = req.metadata(META_SHA256, sha);
+        for (name, value) in opts.metadata() {
+            req = req.metadata(name, value);
         }
         // The CRC32 header (signed) protects the body; signing the payload as well would
         // hash every byte twice more, here and on the server.
@@ -441,8 +442,8 @@ impl Store for S3Store {
             .bucket(&self.bucket)
             .key(key)
             .checksum_algorithm(ChecksumAlgorithm::Crc32);
-        if let Some(sha) = &opts.sha256 {
-            req = req.metadata(META_SHA256, sha);
+        for (name, value) in opts.metadata() {
+            req = req.metadata(name, value);
         }
         let out = req
             .send()
@@ -639,6 +640,7 @@ impl Store for S3Store {
                         modified: o.last_modified().and_then(to_system_time),
                         etag: o.e_tag().map(str::to_string),
                         sha256: None,
+                        signature: None,
                     })
                 })
                 .collect(),
