@@ -7,6 +7,10 @@
 //! /dev/shm/cacher-bench-trees: a CARGO_HOME after `cargo fetch` of a project using
 //! common crates, with every crate unpacked as a build would; the bumped one adds a few
 //! dependencies to the same lockfile.
+//!
+//! `-- --signed` measures instead what signing costs a cold upload of the larger corpus
+//! (README "Signed entries"): uploads with and without a signing key, alternated, each
+//! into a fresh prefix.
 
 mod common;
 
@@ -383,6 +387,78 @@ fn cold_small_files(g: &Server, home: &Path, tree: &str) {
     );
 }
 
+/// What signing adds to a cold `dir upload` of `tree`: three uploads with a signing key
+/// and three without, alternated, each into its own prefix with no tree state (so
+/// every byte is read and every chunk sent), and the signature alone, timed in process
+/// over a manifest of the size the signed upload wrote.
+fn signed_upload(g: &Server, home: &Path, tree: &str) {
+    let key = home.join("bench.key");
+    cacher_run(g, home, &["keygen", key.to_str().unwrap()]);
+    println!();
+    println!("signed cold upload of {tree} ({} MiB)", du(tree) >> 20);
+    let upload = |i: usize, signed: bool| {
+        let state = tempfile::tempdir_in(home).unwrap();
+        let prefix = format!("signed-{signed}-{i}");
+        let mut cmd = common::cacher(g, home, &["dir", "upload", "tree", tree]);
+        cmd.env("CACHER_PREFIX", &prefix)
+            .env("CACHER_STATE_DIR", state.path())
+            .stderr(std::process::Stdio::null());
+        if signed {
+            cmd.env("CACHER_SIGNING_KEY", &key);
+        }
+        (measure(&mut cmd).secs, prefix)
+    };
+    let (mut plain, mut signed, mut prefix) = (Vec::new(), Vec::new(), String::new());
+    for i in 0..3 {
+        plain.push(upload(i, false).0);
+        let (secs, p) = upload(i, true);
+        signed.push(secs);
+        prefix = p;
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (p, s) = (median(&mut plain), median(&mut signed));
+    println!("  unsigned: {plain:.2?} s, median {p:.2} s");
+    println!(
+        "  signed:   {signed:.2?} s, median {s:.2} s ({:+.1}%)",
+        (s / p - 1.0) * 100.0
+    );
+    // The signature itself: sha256 of the manifest and one ed25519 signature.
+    let manifest_len = manifest_size(g, home, &prefix);
+    let signer = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let manifest = vec![0x5au8; manifest_len as usize];
+    let started = std::time::Instant::now();
+    for _ in 0..10 {
+        use ed25519_dalek::Signer;
+        use sha2::Digest;
+        let sha = hex::encode(sha2::Sha256::digest(&manifest));
+        let _ = signer.sign(&cacher::sign::statement("tree", manifest_len, &sha));
+    }
+    let sign_secs = started.elapsed().as_secs_f64() / 10.0;
+    println!(
+        "  the signature alone (sha256 of the {} KiB manifest, one ed25519 signature): {:.2} ms, {:.3}% of the unsigned upload",
+        manifest_len >> 10,
+        sign_secs * 1e3,
+        sign_secs / p * 100.0
+    );
+}
+
+/// The size of the manifest `tree` under `prefix`, as `cacher list --json` shows it.
+fn manifest_size(g: &Server, home: &Path, prefix: &str) -> u64 {
+    let out = common::cacher(g, home, &["list", "--json"])
+        .env("CACHER_PREFIX", prefix)
+        .output()
+        .expect("cacher list");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["name"] == "tree")
+        .and_then(|v| v["size"].as_u64())
+        .expect("the manifest is listed")
+}
+
 fn du(path: &str) -> u64 {
     let out = Command::new("du").args(["-sb", path]).output().expect("du");
     String::from_utf8_lossy(&out.stdout)
@@ -422,6 +498,10 @@ fn main() {
         size_c as i64 - size_b as i64
     );
     println!("baseline: tar | zstd -T0 -3 | {}", common::aws_version());
+    if std::env::args().any(|a| a == "--signed") {
+        let tree = large_trees(&scratch).map_or(tree_b.clone(), |(base, _)| base);
+        return signed_upload(g, home, &tree);
+    }
     let node_modules = node_modules(&scratch);
     if std::env::args().any(|a| a == "--warm-only") {
         warm_path(g, home, "registry", &tree_b, &tree_c);

@@ -616,5 +616,20 @@ fn signed_images_load_and_an_unsigned_replacement_is_refused_where_signatures_ar
     run.code(1);
     assert!(run.stderr.contains("is not trusted"), "{}", run.stderr);
     assert!(image_id(&tag).is_none(), "nothing loaded");
+
+    // A `docker save` archive stored as a signed plain file: docker load would take it
+    // in before its sha256 is checked, so its signature cannot be honoured.
+    let archive = env.path("planted.tar");
+    docker_ok(&["save", "-o", archive.to_str().unwrap(), &planted]);
+    env.run(["upload", "archive", archive.to_str().unwrap()])
+        .ok();
     rmi(&planted);
+    let run = env.run(["docker", "download", "archive", &planted]);
+    run.code(1);
+    assert!(
+        run.stderr.contains("signed plain docker archive"),
+        "{}",
+        run.stderr
+    );
+    assert!(image_id(&planted).is_none(), "nothing loaded");
 }

@@ -93,20 +93,6 @@ impl FileStore {
         written
     }
 
-    /// The metadata recorded for `key` as (sha256, signature).
-    fn read_meta(&self, key: &str) -> (Option<String>, Option<String>) {
-        let text = fs::read_to_string(self.meta_path(key)).unwrap_or_default();
-        let field = |name: &str| {
-            text.lines()
-                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-                .map(str::to_string)
-        };
-        (
-            field(super::META_SHA256).map(|s| s.to_ascii_lowercase()),
-            field(super::META_SIGNATURE),
-        )
-    }
-
     fn new_tmp_file(&self) -> StoreResult<(PathBuf, File)> {
         let dir = self.root.join(TMP_DIR);
         fs::create_dir_all(&dir).map_err(|e| io_error("create", &dir, e))?;
@@ -141,6 +127,19 @@ impl FileStore {
         }
         result
     }
+}
+
+/// `info` with the metadata recorded in the file `meta_path` (none when it is absent).
+fn with_meta(mut info: ObjectInfo, meta_path: &Path) -> ObjectInfo {
+    let text = fs::read_to_string(meta_path).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .map(str::to_string)
+    };
+    info.sha256 = field(super::META_SHA256).map(|s| s.to_ascii_lowercase());
+    info.signature = field(super::META_SIGNATURE);
+    info
 }
 
 /// The metadata file's text for `opts`: one `name value` line per field; `None` when
@@ -246,18 +245,15 @@ impl Store for FileStore {
 
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectInfo>> {
         let path = self.object_path(key)?;
+        let meta_path = self.meta_path(key);
         let key = key.to_string();
-        let found = blocking(move || match fs::metadata(&path) {
-            Ok(meta) if meta.is_file() => Ok(Some(info(&key, &meta))),
+        blocking(move || match fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => Ok(Some(with_meta(info(&key, &meta), &meta_path))),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_error("stat", &path, e)),
         })
-        .await?;
-        Ok(found.map(|mut info| {
-            (info.sha256, info.signature) = self.read_meta(&info.key);
-            info
-        }))
+        .await
     }
 
     async fn read_range(
