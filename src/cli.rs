@@ -357,7 +357,6 @@ pub struct ListArgs {
     pub all: bool,
 }
 
-/// Arguments of `key`.
 /// Arguments of `cacher keygen`.
 #[derive(Debug, Args)]
 pub struct KeygenArgs {
@@ -365,6 +364,7 @@ pub struct KeygenArgs {
     pub file: std::path::PathBuf,
 }
 
+/// Arguments of `key`.
 #[derive(Debug, Args)]
 pub struct KeyTemplateArgs {
     /// Key template; {hash} is replaced by the digest of --hash-from

@@ -333,13 +333,30 @@ impl Config {
             |raw| Ok(split_list(raw)),
             Vec::new,
         )?;
+        // A job that signs is one others trust: by default it restores only signed
+        // entries too, or an entry anyone wrote would end up in what it signs next.
+        let signs = signing_key.value.is_some();
         let require_signature = pick_parsed(
             args.require_signature,
             "CACHER_REQUIRE_SIGNATURE",
             file.require_signature,
             parse_bool,
-            || false,
+            || signs,
         )?;
+        // Key material where a path belongs (a secret pasted into the variable) must
+        // not be echoed by an error or by `doctor`.
+        let material = |v: &str| v.contains("-----BEGIN") || v.contains('\n');
+        let pasted = match (&signing_key.value, &trusted_keys.value) {
+            (Some(key), _) if material(key) => Some("signing_key"),
+            (_, keys) if keys.iter().any(|k| material(k)) => Some("trusted_keys"),
+            _ => None,
+        };
+        if let Some(name) = pasted {
+            return Err(crate::cli::InputError(format!(
+                "{name} holds key material, not a path: write the key to a file (mode 0600) and give its path"
+            ))
+            .into());
+        }
 
         let to_path = |s: Setting<Option<String>>| Setting {
             value: s.value.as_deref().map(expand_tilde),

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use base64::Engine;
-use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::pkcs8::{
+    DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, KeypairBytes,
+};
 use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
 use sha2::{Digest, Sha256};
 
@@ -135,6 +137,11 @@ impl Trust {
         &self.trusted
     }
 
+    /// Whether restores take only signed entries.
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
     /// The metadata value signing the object `key` of `size` bytes with sha256
     /// `sha256` (lowercase hex); `None` without a signing key.
     pub fn sign(&self, key: &str, size: u64, sha256: &str) -> Option<String> {
@@ -164,6 +171,10 @@ impl Trust {
             };
         };
         let (id, signature) = parse_signature(value).map_err(refuse)?;
+        // The id is the writer's text: named in messages only when it is one.
+        if id.len() != 16 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(refuse("its signature names a malformed key id".into()));
+        }
         let Some(signer) = self.trusted.iter().find(|k| k.id == id) else {
             return Err(refuse(format!(
                 "it is signed by key {id}, which is not among the trusted keys"
@@ -218,7 +229,7 @@ fn parse_signature(value: &str) -> Result<(&str, Signature), String> {
         .decode(encoded)
         .ok()
         .and_then(|b| <[u8; 64]>::try_from(b).ok())
-        .ok_or_else(|| format!("its signature by key {id} is not 64 bytes of base64"))?;
+        .ok_or_else(|| "its signature is not 64 bytes of base64".to_string())?;
     Ok((id, Signature::from_bytes(&bytes)))
 }
 
@@ -229,9 +240,14 @@ pub fn keygen(path: &Path) -> anyhow::Result<String> {
     getrandom::getrandom(&mut seed)
         .map_err(|e| anyhow::anyhow!("no randomness from the system: {e}"))?;
     let key = SigningKey::from_bytes(&seed);
-    let private = key
-        .to_pkcs8_pem(Default::default())
-        .context("cannot encode the private key")?;
+    // PKCS#8 v1 (the seed alone), as `openssl genpkey` writes it: OpenSSL 3.0 cannot
+    // read the v2 form that carries the public key too.
+    let private = KeypairBytes {
+        secret_key: seed,
+        public_key: None,
+    }
+    .to_pkcs8_pem(Default::default())
+    .context("cannot encode the private key")?;
     let public = key
         .verifying_key()
         .to_public_key_pem(Default::default())
@@ -277,13 +293,21 @@ fn read_key_file(path: &Path, what: &str) -> anyhow::Result<String> {
 
 fn read_private(path: &Path) -> anyhow::Result<SigningKey> {
     let pem = read_key_file(path, "signing_key")?;
-    SigningKey::from_pkcs8_pem(&pem).map_err(|_| {
+    let key = SigningKey::from_pkcs8_pem(&pem).map_err(|_| {
         InputError(format!(
             "signing_key {} is not an ed25519 private key in PEM (make one with `cacher keygen`)",
             path.display()
         ))
-        .into()
-    })
+    })?;
+    if let Ok(meta) = std::fs::metadata(path)
+        && std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0
+    {
+        crate::ui::warn(format!(
+            "the signing_key {} can be read by other users; chmod 600 it",
+            path.display()
+        ));
+    }
+    Ok(key)
 }
 
 fn read_public(path: &Path) -> anyhow::Result<VerifyingKey> {

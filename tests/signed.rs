@@ -245,6 +245,11 @@ fn plain_files_are_signed_in_metadata_and_a_replaced_body_is_refused() {
     run.code(3);
     assert!(run.stderr.contains("is corrupt"), "{}", run.stderr);
     assert_eq!(read(&dest), b"small file", "destination untouched");
+    // Deleted, so the next upload writes it again instead of skipping it as cached.
+    assert!(stored(&small_key).is_none());
+    env.run(["upload", "small", small.to_str().unwrap()]).ok();
+    env.run(["download", "small", dest.to_str().unwrap()]).ok();
+    assert_eq!(read(&dest), b"small file");
 
     // A pull-request job's unsigned file is a miss for main; with --url main fetches
     // the file, and (as it signs) replaces the entry.
@@ -276,6 +281,23 @@ fn plain_files_are_signed_in_metadata_and_a_replaced_body_is_refused() {
     let other = env.path("other.out");
     env.run(["download", "small", other.to_str().unwrap()]).ok();
     assert_eq!(read(&other), b"from the url", "seeded, signed");
+}
+
+#[test]
+fn a_job_that_signs_restores_only_signed_entries_unless_told_otherwise() {
+    let mut env = TestEnv::s3("signed-default");
+    let (private, _) = keygen(&env, "main.key");
+    let file = env.write("f", b"written by anyone");
+    env.run(["upload", "k", file.to_str().unwrap()]).ok();
+    env.set("CACHER_SIGNING_KEY", private.to_str().unwrap());
+    let dest = env.path("out");
+    let run = env.run(["download", "k", dest.to_str().unwrap()]);
+    run.code(3);
+    assert!(run.stderr.contains("it is not signed"), "{}", run.stderr);
+    assert!(!dest.exists());
+    env.set("CACHER_REQUIRE_SIGNATURE", "false");
+    env.run(["download", "k", dest.to_str().unwrap()]).ok();
+    assert_eq!(read(&dest), b"written by anyone");
 }
 
 #[test]
@@ -319,7 +341,7 @@ fn a_fallback_skips_candidates_no_trusted_key_signed() {
     );
     // Without require_signature, unsigned entries are fine but a foreign signature is
     // still refused.
-    env.unset("CACHER_REQUIRE_SIGNATURE");
+    env.set("CACHER_REQUIRE_SIGNATURE", "false");
     env.run([
         "dir",
         "download",
@@ -360,6 +382,43 @@ fn keygen_writes_a_private_key_only_its_owner_reads_and_doctor_shows_only_key_id
     assert!(output.contains(&format!("key id {id}")), "{output}");
     let secret_line = pem.lines().nth(1).unwrap();
     assert!(!output.contains(secret_line), "no key material: {output}");
+
+    // OpenSSL reads the key cacher wrote, and cacher uses one OpenSSL wrote.
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok()
+    {
+        let read_back = std::process::Command::new("openssl")
+            .args(["pkey", "-noout", "-in"])
+            .arg(&private)
+            .output()
+            .unwrap();
+        assert!(read_back.status.success(), "{read_back:?}");
+        let theirs = env.path("openssl.key");
+        let made = std::process::Command::new("openssl")
+            .args(["genpkey", "-algorithm", "ed25519", "-out"])
+            .arg(&theirs)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        env.set("CACHER_SIGNING_KEY", theirs.to_str().unwrap());
+        let file = env.write("signed.txt", b"signed with an openssl key");
+        env.run(["upload", "openssl", file.to_str().unwrap()]).ok();
+        env.run(["download", "openssl", env.path("o").to_str().unwrap()])
+            .ok();
+    }
+
+    // Key material pasted where a path belongs: refused without echoing it.
+    env.set("CACHER_SIGNING_KEY", &pem);
+    let run = env.run(["doctor"]);
+    run.code(2);
+    assert!(run.stderr.contains("holds key material"), "{}", run.stderr);
+    assert!(
+        !run.all_output().contains(secret_line),
+        "{}",
+        run.all_output()
+    );
 
     // Keys that cannot be used are a one-line error, exit 2, for any command.
     std::fs::write(env.path("junk.key"), "not a key").unwrap();

@@ -856,13 +856,14 @@ impl ChunkStore {
         };
         let verdict = self.transfer.trust().check(&info)?;
         let stored = self.read_entry(key, &info).await?;
-        // A tar.zst is streamed as it is restored, unhashed; cacher never signs one, so
-        // a signature on it was put there by something else.
-        if let (Stored::Legacy(_), Verdict::Signed(id)) = (&stored, verdict) {
+        // A tar.zst or a plain docker archive is used as it streams (extracted, or read
+        // by docker load) before its sha256 could be checked, so a signature on one
+        // cannot be honoured: images and trees are signed through their manifests.
+        if let (Stored::Legacy(_) | Stored::Plain(_), Verdict::Signed(id)) = (&stored, verdict) {
             return Err(Untrusted {
                 key: key.to_string(),
                 reason: format!(
-                    "it is a tar.zst entry, which cacher never signs, carrying a signature by {id}"
+                    "it is a whole archive signed by {id}, which `dir` and `docker download` cannot check before using it (store trees and images with `dir upload` and `docker upload`)"
                 ),
             }
             .into());

@@ -202,16 +202,6 @@ async fn load(
             format!("restored {key} (legacy tar.zst)"),
             None,
         ),
-        // docker load takes in the archive as it streams, before its sha256 could be
-        // checked: a signature on it cannot be honoured (images are signed through
-        // `docker upload`'s manifest).
-        Stored::Plain(info) if info.signature.is_some() && chunks.transfer().trust().checks() => {
-            return Err(crate::sign::Untrusted {
-                key: key.to_string(),
-                reason: "it is a signed plain docker archive, which docker load would read before its sha256 is checked; store images with `cacher docker upload`".into(),
-            }
-            .into());
-        }
         Stored::Plain(info) => (
             feed_object(chunks, docker, info, false).await?,
             format!("restored {key} (plain docker archive)"),

@@ -29,15 +29,21 @@ fn print_keys(config: &Config) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    if let Some(key) = trust.signing_public_key() {
+    let own = trust.signing_public_key();
+    if let Some(key) = own {
         println!("signs as:      key id {} ({})", key.id, key.path.display());
     }
     for key in trust.trusted() {
+        if own.is_some_and(|own| own.path == key.path) {
+            continue;
+        }
         println!("trusts:        key id {} ({})", key.id, key.path.display());
     }
-    let restores = match (config.require_signature.value, trust.checks()) {
+    let restores = match (trust.required(), trust.checks()) {
         (true, _) => "only entries signed by a trusted key",
-        (false, true) => "unsigned entries, and signed ones whose signature is trusted",
+        (false, true) => {
+            "unsigned entries (anyone's: set require_signature where that matters), and signed ones whose signature is trusted"
+        }
         (false, false) => "any entry (no key configured: signatures are not checked)",
     };
     println!("restores:      {restores}");
@@ -115,8 +121,13 @@ fn print_settings(config: &Config) {
             &config.require_signature.source,
         ),
     ];
+    let width = rows
+        .iter()
+        .map(|(name, ..)| name.len() + 1)
+        .max()
+        .unwrap_or(0);
     for (name, value, source) in rows {
-        println!("{:<14} {value:<40} ({source})", format!("{name}:"));
+        println!("{:<width$} {value:<40} ({source})", format!("{name}:"));
     }
     if config.is_file_store() {
         println!("credentials:   not needed for a file:// store");

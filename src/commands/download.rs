@@ -122,21 +122,25 @@ async fn from_cache(
                 break;
             }
             Err(e) if crate::sign::is_untrusted(&e) => {
-                super::heal::<()>(key, Err(e))?;
+                ui::warn(format!("{e}; treating it as a miss"));
                 return Ok(Cached::Miss(Box::new(transfer), true));
             }
-            // Bytes that do not hash to what was recorded (and maybe signed) with
-            // them: a miss, as for a broken chunked entry; replaced by a job that
-            // checks no signatures or signs what it writes.
+            // Bytes that do not hash to what was recorded (and maybe signed) with them
+            // help no one: a miss, as for a broken chunked entry, and the object is
+            // deleted so the next upload writes it again instead of skipping it.
             Err(e)
                 if matches!(
                     e.downcast_ref::<IntegrityError>(),
                     Some(IntegrityError::Corrupt { .. })
                 ) =>
             {
-                ui::warn(format!("{e:#}; treating it as a miss"));
-                let refused = transfer.trust().checks();
-                return Ok(Cached::Miss(Box::new(transfer), refused));
+                let deleted = transfer.store().delete(key).await;
+                let note = match &deleted {
+                    Ok(()) => "deleted it",
+                    Err(_) => "could not delete it",
+                };
+                ui::warn(format!("{e:#}; {note}, treating it as a miss"));
+                return Ok(Cached::Miss(Box::new(transfer), deleted.is_err()));
             }
             Err(e) => return Err(e),
         }

@@ -130,8 +130,14 @@ impl FileStore {
 }
 
 /// `info` with the metadata recorded in the file `meta_path` (none when it is absent).
-fn with_meta(mut info: ObjectInfo, meta_path: &Path) -> ObjectInfo {
-    let text = fs::read_to_string(meta_path).unwrap_or_default();
+/// A metadata file that exists but cannot be read is an error: taken as none, it
+/// would silently drop the sha256 check.
+fn with_meta(mut info: ObjectInfo, meta_path: &Path) -> StoreResult<ObjectInfo> {
+    let text = match fs::read_to_string(meta_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io_error("read", meta_path, e)),
+    };
     let field = |name: &str| {
         text.lines()
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
@@ -139,7 +145,7 @@ fn with_meta(mut info: ObjectInfo, meta_path: &Path) -> ObjectInfo {
     };
     info.sha256 = field(super::META_SHA256).map(|s| s.to_ascii_lowercase());
     info.signature = field(super::META_SIGNATURE);
-    info
+    Ok(info)
 }
 
 /// The metadata file's text for `opts`: one `name value` line per field; `None` when
@@ -248,7 +254,7 @@ impl Store for FileStore {
         let meta_path = self.meta_path(key);
         let key = key.to_string();
         blocking(move || match fs::metadata(&path) {
-            Ok(meta) if meta.is_file() => Ok(Some(with_meta(info(&key, &meta), &meta_path))),
+            Ok(meta) if meta.is_file() => with_meta(info(&key, &meta), &meta_path).map(Some),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_error("stat", &path, e)),

@@ -654,6 +654,8 @@ impl Store for S3Store {
 
     async fn touch(&self, key: &str) -> StoreResult<()> {
         ui::verbose(format!("COPY {key} onto itself"));
+        // REPLACE is what lets a copy onto itself through, and it drops the metadata:
+        // only packs, which carry none, are touched (never a signed entry).
         self.client
             .copy_object()
             .bucket(&self.bucket)
