@@ -359,6 +359,39 @@ fn a_fallback_skips_candidates_no_trusted_key_signed() {
 }
 
 #[test]
+fn a_fallback_takes_the_newest_entry_made_not_an_older_one_put_back() {
+    let mut env = TestEnv::s3("signed-rollback");
+    let (private, _) = keygen(&env, "main.key");
+    as_main(&mut env, &private);
+    let work = env.path("work");
+    write_tree(&work, &[("lib.rs", b"old, vulnerable")]);
+    env.run(["dir", "upload", "deps-aaa", work.to_str().unwrap()])
+        .ok();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    write_tree(&work, &[("lib.rs", b"new, fixed")]);
+    env.run(["dir", "upload", "deps-bbb", work.to_str().unwrap()])
+        .ok();
+    // The older signed manifest put back as it was: uploaded last, made first.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let old_key = format!("{}/deps-aaa", env.prefix);
+    let (manifest, opts) = object(&old_key);
+    put_with(&old_key, manifest, &opts);
+
+    std::fs::remove_dir_all(&work).unwrap();
+    let run = env.run([
+        "dir",
+        "download",
+        "deps-zzz",
+        work.to_str().unwrap(),
+        "--fallback",
+        "deps-",
+    ]);
+    run.ok();
+    assert!(run.stdout.contains("deps-bbb"), "{}", run.stdout);
+    assert_eq!(read(work.join("lib.rs")), b"new, fixed");
+}
+
+#[test]
 fn keygen_writes_a_private_key_only_its_owner_reads_and_doctor_shows_only_key_ids() {
     use std::os::unix::fs::PermissionsExt;
     let mut env = TestEnv::file_store();

@@ -922,7 +922,10 @@ async fn restore_in_place(
 /// Restores the newest usable entry under the first fallback prefix that has one.
 /// Usable: a directory entry made from the same directory as DIR (unless
 /// `--fallback-any-path`), carrying this platform's suffix when keys get one; a
-/// broken candidate is skipped with a warning.
+/// broken or untrusted candidate is skipped with a warning. Newest by when the entry
+/// was made (its manifest's creation time, which a signature covers, or its upload
+/// time when that is earlier): putting back an older signed manifest makes it look
+/// uploaded now, which must not make it the one restored.
 async fn restore_fallback(
     config: &Config,
     chunks: &ChunkStore,
@@ -932,16 +935,38 @@ async fn restore_fallback(
     let source = source_labels(&args.dirs);
     let several = args.dirs.len() > 1;
     let base = join_prefix(&config.prefix.value, "");
+    let uploaded = |o: &crate::store::ObjectInfo| o.modified.unwrap_or(SystemTime::UNIX_EPOCH);
     for prefix in &args.fallback {
         let full = join_prefix(&config.prefix.value, prefix);
         let mut candidates = chunks.list_entries(&full).await?;
-        candidates.sort_by_key(|o| std::cmp::Reverse(o.modified));
-        for candidate in candidates {
-            let key = candidate.key;
-            if config.arch_suffix.value && !has_arch_suffix(&key[base.len()..]) {
+        candidates.sort_by_key(|o| std::cmp::Reverse(uploaded(o)));
+        let mut unread = candidates
+            .into_iter()
+            .filter(|o| !config.arch_suffix.value || has_arch_suffix(&o.key[base.len()..]))
+            .peekable();
+        // Candidates read and usable, with when each was made. An entry is made before
+        // it is uploaded, so once the next unread one was uploaded before the newest
+        // of these was made, none left can be newer.
+        let mut usable: Vec<(SystemTime, crate::store::ObjectInfo, Stored)> = Vec::new();
+        loop {
+            let newest = (0..usable.len()).max_by_key(|&i| usable[i].0);
+            let bound = unread.peek().map(uploaded);
+            if let Some(i) = newest.filter(|&i| bound.is_none_or(|b| b <= usable[i].0)) {
+                let (_, info, stored) = usable.swap_remove(i);
+                let key = info.key.clone();
+                ui::status(format!("fallback: restoring {key}"));
+                if let Some(stats) = heal(&key, restore(chunks, &key, stored, args, started).await)?
+                {
+                    mark_used(chunks.transfer(), chunks.layout(), &info).await;
+                    return Ok(Some((key, stats)));
+                }
                 continue;
             }
-            let Some((info, stored)) = heal(&key, chunks.fetch_with_info(&key).await)?.flatten()
+            let Some(candidate) = unread.next() else {
+                break;
+            };
+            let key = &candidate.key;
+            let Some((info, stored)) = heal(key, chunks.fetch_with_info(key).await)?.flatten()
             else {
                 continue;
             };
@@ -950,11 +975,13 @@ async fn restore_fallback(
                 ui::verbose(format!("fallback: skipping {key}: {why}"));
                 continue;
             }
-            ui::status(format!("fallback: restoring {key}"));
-            if let Some(stats) = heal(&key, restore(chunks, &key, stored, args, started).await)? {
-                mark_used(chunks.transfer(), chunks.layout(), &info).await;
-                return Ok(Some((key, stats)));
-            }
+            let made = match &stored {
+                Stored::Manifest(m) => (SystemTime::UNIX_EPOCH
+                    + std::time::Duration::from_secs(m.created))
+                .min(uploaded(&candidate)),
+                _ => uploaded(&candidate),
+            };
+            usable.push((made, info, stored));
         }
     }
     Ok(None)
