@@ -80,6 +80,12 @@ impl FileStore {
         let written = io::Write::write_all(&mut file, meta.as_bytes())
             .and_then(|()| file.sync_all())
             .map_err(|e| io_error("write", &tmp, e))
+            // A directory there holds metadata of keys below this one, which cannot
+            // exist beside this object in a directory store: left over, so replaced.
+            .and_then(|()| match path.is_dir() {
+                true => fs::remove_dir_all(&path).map_err(|e| io_error("remove", &path, e)),
+                false => Ok(()),
+            })
             .and_then(|()| match path.parent() {
                 Some(parent) => {
                     fs::create_dir_all(parent).map_err(|e| io_error("create", parent, e))
