@@ -320,10 +320,12 @@ impl Config {
             parse_on_error,
             || OnError::Strict,
         )?;
+        // Empty counts as unset wherever it comes from, as an empty variable does: a
+        // secret that a fork's job does not get.
         let signing_key = pick(
-            args.signing_key.clone().map(Some),
+            args.signing_key.clone().filter(|p| !p.is_empty()).map(Some),
             "CACHER_SIGNING_KEY",
-            file.signing_key.clone().map(Some),
+            file.signing_key.clone().filter(|p| !p.is_empty()).map(Some),
             || None,
         );
         let trusted_keys = pick_parsed(

@@ -234,14 +234,15 @@ impl Transfer {
     }
 
     /// Writes the entry `data` (a manifest) to `key` as [`Transfer::put_bytes`] does,
-    /// with its sha256 and, with a signing key, its signature.
-    pub async fn put_entry(&self, key: &str, data: Bytes) -> StoreResult<()> {
+    /// with its sha256 and, with a signing key, its signature; with `if_absent`, only
+    /// if `key` does not exist (see [`PutOptions::if_absent`]).
+    pub async fn put_entry(&self, key: &str, data: Bytes, if_absent: bool) -> StoreResult<()> {
         let sha256 = hex::encode(Sha256::digest(&data));
         let opts = PutOptions {
             crc32: Some(crc32fast::hash(&data)),
             signature: self.trust.sign(key, data.len() as u64, &sha256),
             sha256: Some(sha256),
-            ..PutOptions::default()
+            if_absent,
         };
         self.retry("PUT", || {
             self.store.put(key, Body::Bytes(data.clone()), &opts)

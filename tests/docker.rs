@@ -617,6 +617,31 @@ fn signed_images_load_and_an_unsigned_replacement_is_refused_where_signatures_ar
     assert!(run.stderr.contains("is not trusted"), "{}", run.stderr);
     assert!(image_id(&tag).is_none(), "nothing loaded");
 
+    // A job holding only the public key and requiring signatures pulls on the
+    // refusal, and leaves the entry as it is: it cannot sign a replacement.
+    let remote = format!("{REGISTRY}/cacher-test/{}:v1", unique("signedpull"));
+    docker_ok(&["tag", &planted, &remote]);
+    if docker(&["push", &remote]).status.success() {
+        rmi(&remote);
+        let entry = format!("{}/img", env.prefix);
+        let before = crate::util::stored(&entry);
+        env.unset("CACHER_SIGNING_KEY");
+        env.set("CACHER_TRUSTED_KEYS", &format!("{}.pub", private.display()));
+        let run = env.run(["docker", "download", "img", &remote, "--pull"]);
+        assert!(run.ok().stderr.contains("not replaced"), "{}", run.stderr);
+        assert!(image_id(&remote).is_some(), "pulled");
+        assert_eq!(
+            crate::util::stored(&entry),
+            before,
+            "the entry left as it was"
+        );
+        rmi(&remote);
+        env.unset("CACHER_TRUSTED_KEYS");
+        env.set("CACHER_SIGNING_KEY", private.to_str().unwrap());
+    } else {
+        eprintln!("SKIPPED the --pull part: no registry at {REGISTRY}");
+    }
+
     // A `docker save` archive stored as a signed plain file: docker load would take it
     // in before its sha256 is checked, so its signature cannot be honoured.
     let archive = env.path("planted.tar");

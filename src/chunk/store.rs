@@ -572,7 +572,8 @@ impl ChunkStore {
         P: Iterator<Item = anyhow::Result<Vec<Piece>>> + Send + 'static,
     {
         let sent = self.send_pieces(pieces, known).await?;
-        self.publish(manifest, sent, key).await
+        let published = self.publish(manifest, sent, key, false).await?;
+        Ok(published.expect("a write that may replace always publishes"))
     }
 
     /// Cuts `content` and sends the chunks the bucket lacks (see
@@ -628,13 +629,16 @@ impl ChunkStore {
     }
 
     /// Writes `manifest`, with the table and stream length of `sent` filled in, under
-    /// `key`; returns the stats of the whole upload and the manifest published.
+    /// `key`; returns the stats of the whole upload and the manifest published. With
+    /// `if_absent`, `None` when another writer created `key` first (on servers that
+    /// honour `If-None-Match`; see [`crate::store::PutOptions::if_absent`]).
     pub async fn publish(
         &self,
         mut manifest: Manifest,
         sent: Sent,
         key: &str,
-    ) -> anyhow::Result<(Stats, Manifest)> {
+        if_absent: bool,
+    ) -> anyhow::Result<Option<(Stats, Manifest)>> {
         let Sent { mut stats, table } = sent;
         manifest.stream_len = stats.stream_bytes;
         manifest.table = table;
@@ -644,12 +648,12 @@ impl ChunkStore {
             .context("refusing to publish an entry no reader would accept")?;
         let data = Bytes::from(data);
         stats.wire_bytes += data.len() as u64;
-        self.transfer
-            .put_entry(key, data)
-            .await
-            .with_context(|| format!("cannot write the manifest {key}"))?;
+        match self.transfer.put_entry(key, data, if_absent).await {
+            Err(StoreError::Exists(_)) => return Ok(None),
+            written => written.with_context(|| format!("cannot write the manifest {key}"))?,
+        }
         stats.retries = self.transfer.retries();
-        Ok((stats, manifest))
+        Ok(Some((stats, manifest)))
     }
 
     /// The index segment objects listed now.
@@ -826,35 +830,56 @@ impl ChunkStore {
     /// Like [`ChunkStore::fetch`], with what the HEAD of `key` said (for
     /// [`super::gc::mark_used`] after a restore).
     pub async fn fetch_with_info(&self, key: &str) -> anyhow::Result<Option<(ObjectInfo, Stored)>> {
+        self.fetch_as(key, true).await
+    }
+
+    /// What the listed object `info` holds, read without a HEAD: the listing gave its
+    /// size and version. One that changed since the listing is read again; `None` when
+    /// it is gone. Signatures are not checked: gc and stats count every entry.
+    pub async fn read_listed(&self, info: &ObjectInfo) -> anyhow::Result<Option<Stored>> {
+        match self.read_entry(&info.key, info).await {
+            Ok(stored) => Ok(Some(stored)),
+            Err(e) if is_changed(&e) => {
+                let fetched = self.fetch_as(&info.key, false).await?;
+                Ok(fetched.map(|(_, stored)| stored))
+            }
+            Err(e) if matches!(e.downcast_ref(), Some(StoreError::NotFound(_))) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What `key` holds, with its HEAD, read again (a few times) when it is
+    /// overwritten meanwhile; `trusted`: as a restore may use it (see
+    /// [`ChunkStore::fetch_once`]).
+    async fn fetch_as(
+        &self,
+        key: &str,
+        trusted: bool,
+    ) -> anyhow::Result<Option<(ObjectInfo, Stored)>> {
         let mut attempts = 0;
         loop {
-            match self.fetch_once(key).await {
+            match self.fetch_once(key, trusted).await {
                 Err(e) if is_changed(&e) && attempts < 3 => attempts += 1,
                 other => return other,
             }
         }
     }
 
-    /// What the listed object `info` holds, read without a HEAD: the listing gave its
-    /// size and version. One that changed since the listing is read again as
-    /// [`ChunkStore::fetch`] reads; `None` when it is gone.
-    pub async fn read_listed(&self, info: &ObjectInfo) -> anyhow::Result<Option<Stored>> {
-        match self.read_entry(&info.key, info).await {
-            Ok(stored) => Ok(Some(stored)),
-            Err(e) if is_changed(&e) => self.fetch(&info.key).await,
-            Err(e) if matches!(e.downcast_ref(), Some(StoreError::NotFound(_))) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// One HEAD and read of `key`; an entry the configured trust refuses is an
-    /// [`Untrusted`] error.
-    async fn fetch_once(&self, key: &str) -> anyhow::Result<Option<(ObjectInfo, Stored)>> {
+    /// One HEAD and read of `key`; with `trusted`, an entry the configured trust
+    /// refuses is an [`Untrusted`] error.
+    async fn fetch_once(
+        &self,
+        key: &str,
+        trusted: bool,
+    ) -> anyhow::Result<Option<(ObjectInfo, Stored)>> {
         let store = self.transfer.store();
         let Some(info) = store.head(key).await? else {
             return Ok(None);
         };
-        let verdict = self.transfer.trust().check(&info)?;
+        let verdict = match trusted {
+            true => self.transfer.trust().check(&info)?,
+            false => Verdict::Unchecked,
+        };
         let stored = self.read_entry(key, &info).await?;
         // A tar.zst or a plain docker archive is used as it streams (extracted, or read
         // by docker load) before its sha256 could be checked, so a signature on one

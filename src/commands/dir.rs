@@ -11,7 +11,7 @@ use std::time::{Instant, SystemTime};
 use anyhow::{Context, bail};
 use rayon::prelude::*;
 
-use super::{Outcome, heal};
+use super::{Outcome, WriteMode, heal};
 use crate::archive::{self, ScannedFile, Tree};
 use crate::chunk::Id;
 use crate::chunk::format::{Entry, EntryKind, Manifest, ManifestKind};
@@ -46,20 +46,24 @@ pub(super) async fn chunk_store(config: &Config) -> anyhow::Result<ChunkStore> {
     Ok(ChunkStore::new(transfer, &config.prefix.value))
 }
 
-/// The chunk store to upload `key` into, or `None` when `key` is already cached and
-/// `force` is off (said as `command` would say it). An entry that cannot be restored
-/// (its manifest does not decode, or a pack it references is gone) does not count as
-/// cached: it is replaced, and the user is told; so is an entry the configured trust
-/// refuses, when this upload signs.
+/// The chunk store to upload `key` into and whether the upload creates the key or
+/// replaces it, or `None` when `key` is already cached and `force` is off (said as
+/// `command` would say it). An entry that cannot be restored (its manifest does not
+/// decode, or a pack it references is gone) does not count as cached: it is replaced,
+/// and the user is told; so is an entry the configured trust refuses, when this upload
+/// signs.
 pub(super) async fn chunk_store_for_upload(
     config: &Config,
     key: &str,
     force: bool,
     command: &str,
-) -> anyhow::Result<Option<ChunkStore>> {
+) -> anyhow::Result<Option<(ChunkStore, WriteMode)>> {
     let chunks = chunk_store(config).await?;
-    if force || chunks.transfer().store().head(key).await?.is_none() {
-        return Ok(Some(chunks));
+    if force {
+        return Ok(Some((chunks, WriteMode::Replace)));
+    }
+    if chunks.transfer().store().head(key).await?.is_none() {
+        return Ok(Some((chunks, WriteMode::Create)));
     }
     let unrestorable = match chunks.fetch(key).await {
         Ok(Some(Stored::Manifest(m))) => match Exclude::new(&m.exclusions()) {
@@ -70,14 +74,14 @@ pub(super) async fn chunk_store_for_upload(
         Err(e) if is_broken(&e) => Some(format!("{e:#}")),
         Err(e) if crate::sign::is_untrusted(&e) && chunks.transfer().trust().can_sign() => {
             super::say_replacing(&e);
-            return Ok(Some(chunks));
+            return Ok(Some((chunks, WriteMode::Replace)));
         }
         Err(e) if crate::sign::is_untrusted(&e) => None,
         Err(e) => return Err(e),
     };
     if let Some(why) = unrestorable {
         ui::status(format!("{key} cannot be restored ({why}); replacing it"));
-        return Ok(Some(chunks));
+        return Ok(Some((chunks, WriteMode::Replace)));
     }
     super::say_skipped(key, command);
     Ok(None)
@@ -108,6 +112,10 @@ async fn missing_pack(
     }
     Ok(None)
 }
+
+/// How far ahead of the store's clock a runner's may be for `--fallback` to order
+/// candidates by when they were made (see [`restore_fallback`]).
+const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Packs of an existing entry the skip check looks up one by one; beyond, it lists.
 const SKIP_CHECK_HEADS: usize = 16;
@@ -189,7 +197,9 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
             (dir, scanning, loading)
         })
         .collect();
-    let Some(chunks) = chunk_store_for_upload(config, &key, args.force, "dir upload").await? else {
+    let Some((chunks, mode)) =
+        chunk_store_for_upload(config, &key, args.force, "dir upload").await?
+    else {
         return Ok(Outcome::Success);
     };
     let mut scans = Vec::with_capacity(pending.len());
@@ -248,9 +258,14 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     let failed = |e: anyhow::Error| e.context(format!("upload to {key} failed"));
     let (mut manifest, sent, reads) = entry_of(parts)?;
     manifest.add_exclusions(exclude.patterns());
-    let published = chunks.publish(manifest, sent, &key).await;
+    let published = chunks
+        .publish(manifest, sent, &key, mode == WriteMode::Create)
+        .await;
     progress.clear();
-    let (mut stats, manifest) = published.map_err(failed)?;
+    let Some((mut stats, manifest)) = published.map_err(failed)? else {
+        super::say_concurrent(&key, "dir upload");
+        return Ok(Outcome::Success);
+    };
     let file_count = reads.iter().map(|(_, files, _)| files.len()).sum();
     for (_, _, read) in &reads {
         stats.unchanged_files += read.unchanged_files;
@@ -923,8 +938,8 @@ async fn restore_in_place(
 /// Usable: a directory entry made from the same directory as DIR (unless
 /// `--fallback-any-path`), carrying this platform's suffix when keys get one; a
 /// broken or untrusted candidate is skipped with a warning. Newest by when the entry
-/// was made (its manifest's creation time, which a signature covers, or its upload
-/// time when that is earlier): putting back an older signed manifest makes it look
+/// was made (its manifest's creation time, which a signature covers; the upload time
+/// of an object without one): putting back an older signed manifest makes it look
 /// uploaded now, which must not make it the one restored.
 async fn restore_fallback(
     config: &Config,
@@ -945,13 +960,16 @@ async fn restore_fallback(
             .filter(|o| !config.arch_suffix.value || has_arch_suffix(&o.key[base.len()..]))
             .peekable();
         // Candidates read and usable, with when each was made. An entry is made before
-        // it is uploaded, so once the next unread one was uploaded before the newest
-        // of these was made, none left can be newer.
-        let mut usable: Vec<(SystemTime, crate::store::ObjectInfo, Stored)> = Vec::new();
+        // it is uploaded (by the runner's clock, which may be ahead of the store's by
+        // up to CLOCK_SKEW), so once the next unread one was uploaded well before the
+        // newest of these was made, none left can be newer.
+        // (made, uploaded): entries made in the same second go by upload time.
+        let mut usable: Vec<((SystemTime, SystemTime), crate::store::ObjectInfo, Stored)> =
+            Vec::new();
         loop {
             let newest = (0..usable.len()).max_by_key(|&i| usable[i].0);
-            let bound = unread.peek().map(uploaded);
-            if let Some(i) = newest.filter(|&i| bound.is_none_or(|b| b <= usable[i].0)) {
+            let bound = unread.peek().map(|o| uploaded(o) + CLOCK_SKEW);
+            if let Some(i) = newest.filter(|&i| bound.is_none_or(|b| b < usable[i].0.0)) {
                 let (_, info, stored) = usable.swap_remove(i);
                 let key = info.key.clone();
                 ui::status(format!("fallback: restoring {key}"));
@@ -976,12 +994,12 @@ async fn restore_fallback(
                 continue;
             }
             let made = match &stored {
-                Stored::Manifest(m) => (SystemTime::UNIX_EPOCH
-                    + std::time::Duration::from_secs(m.created))
-                .min(uploaded(&candidate)),
+                Stored::Manifest(m) => {
+                    SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(m.created)
+                }
                 _ => uploaded(&candidate),
             };
-            usable.push((made, info, stored));
+            usable.push(((made, uploaded(&candidate)), info, stored));
         }
     }
     Ok(None)

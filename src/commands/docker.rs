@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 
 use super::dir::report;
-use super::{Outcome, heal};
+use super::{Outcome, WriteMode, heal};
 use crate::chunk::format::{Manifest, ManifestKind};
 use crate::chunk::store::{
     ChunkStore, LayerStats, Stats, Stored, download_stats_line, now_secs, upload_stats_line,
@@ -41,25 +41,29 @@ async fn blocking<T: Send + 'static>(
 
 async fn upload(config: &Config, args: &DockerUploadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
-    let Some(chunks) =
+    let Some((chunks, mode)) =
         super::dir::chunk_store_for_upload(config, &key, args.force, "docker upload").await?
     else {
         return Ok(Outcome::Success);
     };
     let docker = Docker::new(&config.docker_bin.value);
-    let stats = seed(&chunks, &docker, &key, &args.image).await?;
-    report("docker upload", &key, "uploaded", None, Some(&stats));
+    match seed(&chunks, &docker, &key, &args.image, mode).await? {
+        Some(stats) => report("docker upload", &key, "uploaded", None, Some(&stats)),
+        None => super::say_concurrent(&key, "docker upload"),
+    }
     Ok(Outcome::Success)
 }
 
 /// Streams `docker save IMAGE` into the chunk store under `key`, with a member map
-/// of the archive so a restore can leave out the layers a daemon already has.
+/// of the archive so a restore can leave out the layers a daemon already has; `None`
+/// when `mode` creates the key and another job created it first.
 async fn seed(
     chunks: &ChunkStore,
     docker: &Docker,
     key: &str,
     image: &str,
-) -> anyhow::Result<Stats> {
+    mode: WriteMode,
+) -> anyhow::Result<Option<Stats>> {
     let started = Instant::now();
     let (d, img) = (docker.clone(), image.to_string());
     let (image_id, diff_ids) = blocking(move || Ok(d.image_layers(&img)?))
@@ -86,10 +90,13 @@ async fn seed(
         table: Default::default(),
         entries: parts.as_deref().map(parts_to_entries).unwrap_or_default(),
     };
-    let (mut stats, _) = chunks
-        .publish(manifest, sent, key)
+    let published = chunks
+        .publish(manifest, sent, key, mode == WriteMode::Create)
         .await
         .with_context(failed)?;
+    let Some((mut stats, _)) = published else {
+        return Ok(None);
+    };
     let waited = waited.get();
     stats.docker_save_seconds = Some(waited.as_secs_f64());
     ui::status(format!(
@@ -97,20 +104,20 @@ async fn seed(
         upload_stats_line(key, None, &stats, started.elapsed()),
         waited.as_secs_f64()
     ));
-    Ok(stats)
+    Ok(Some(stats))
 }
 
 async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
     let docker = Docker::new(&config.docker_bin.value);
     let started = Instant::now();
-    let (chunks, refused) = match from_cache(config, &docker, &key, args, started).await {
+    let (chunks, seed_mode) = match from_cache(config, &docker, &key, args, started).await {
         Ok(Cached::Loaded(outcome)) => return Ok(outcome),
-        Ok(Cached::Miss(chunks, refused)) => (Some(chunks), refused),
+        Ok(Cached::Miss(chunks, seed_mode)) => (Some(chunks), seed_mode),
         // The image can still come from its registry; only the cache is left out.
         Err(e) if args.pull && config.on_error.value == OnError::Warn => {
             super::warn_soft(&e, "miss");
-            (None, false)
+            (None, WriteMode::Skip)
         }
         Err(e) => return Err(e),
     };
@@ -125,9 +132,9 @@ async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<
         .with_context(|| format!("{key} is not cached and the pull of {} failed", args.image))?;
     ui::status(format!("{key} was not cached; pulled {}", args.image));
     // The image is here, which is what the job needs; seeding is a bonus.
-    let chunks = chunks.filter(|c| super::may_seed(c.transfer(), &key, refused));
+    let chunks = chunks.filter(|_| super::may_seed(seed_mode, &key));
     let seeded = match &chunks {
-        Some(chunks) => seed(chunks, &docker, &key, &args.image).await,
+        Some(chunks) => seed(chunks, &docker, &key, &args.image, seed_mode).await,
         None => Err(anyhow::anyhow!("the cache cannot be used")),
     };
     if let (Err(e), Some(_)) = (&seeded, &chunks) {
@@ -138,7 +145,7 @@ async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<
         &key,
         "pulled",
         None,
-        seeded.ok().as_ref(),
+        seeded.ok().flatten().as_ref(),
     );
     Ok(Outcome::Success)
 }
@@ -147,9 +154,9 @@ async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<
 enum Cached {
     /// The image was loaded from it.
     Loaded(Outcome),
-    /// It lacks the image (or holds a broken entry): the store to seed, and whether
-    /// the entry it holds was refused as not trusted.
-    Miss(ChunkStore, bool),
+    /// It lacks the image (or holds an entry it could not use): the store to seed,
+    /// and how the seed may write the key.
+    Miss(ChunkStore, WriteMode),
 }
 
 /// Loads `key` into docker if the cache holds it; a broken entry is a miss (nothing
@@ -163,14 +170,17 @@ async fn from_cache(
 ) -> anyhow::Result<Cached> {
     let chunks = super::dir::chunk_store(config).await?;
     let fetched = chunks.fetch_with_info(key).await;
-    let refused = matches!(&fetched, Err(e) if crate::sign::is_untrusted(e));
+    let seed_mode = match &fetched {
+        Ok(None) => WriteMode::Create,
+        _ => super::replace_mode(chunks.transfer().trust()),
+    };
     if let Some((info, stored)) = heal(key, fetched)?.flatten()
         && let Some(outcome) = heal(key, load(&chunks, docker, key, stored, args, started).await)?
     {
         crate::chunk::gc::mark_used(chunks.transfer(), chunks.layout(), &info).await;
         return Ok(Cached::Loaded(outcome));
     }
-    Ok(Cached::Miss(chunks, refused))
+    Ok(Cached::Miss(chunks, seed_mode))
 }
 
 /// Streams the entry `stored` into `docker load` and names the image `args.image`.

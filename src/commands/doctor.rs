@@ -25,19 +25,25 @@ fn print_keys(config: &Config) -> anyhow::Result<()> {
     let trust = match Trust::from_config(config) {
         Ok(trust) => trust,
         Err(e) => {
-            println!("signatures:    ERROR: {}", crate::ui::one_line(&e));
+            row("signatures", format!("ERROR: {}", crate::ui::one_line(&e)));
             return Err(e);
         }
     };
     let own = trust.signing_public_key();
     if let Some(key) = own {
-        println!("signs as:      key id {} ({})", key.id, key.path.display());
+        row(
+            "signs as",
+            format!("key id {} ({})", key.id, key.path.display()),
+        );
     }
     for key in trust.trusted() {
         if own.is_some_and(|own| own.path == key.path) {
             continue;
         }
-        println!("trusts:        key id {} ({})", key.id, key.path.display());
+        row(
+            "trusts",
+            format!("key id {} ({})", key.id, key.path.display()),
+        );
     }
     let restores = match (trust.required(), trust.checks()) {
         (true, _) => "only entries signed by a trusted key",
@@ -46,13 +52,16 @@ fn print_keys(config: &Config) -> anyhow::Result<()> {
         }
         (false, false) => "any entry (no key configured: signatures are not checked)",
     };
-    println!("restores:      {restores}");
+    row("restores", restores);
     Ok(())
 }
 
 fn print_settings(config: &Config) {
     let file_note = if config.file_read { "" } else { " (not found)" };
-    println!("config file:   {}{file_note}", config.path.display());
+    row(
+        "config file",
+        format!("{}{file_note}", config.path.display()),
+    );
     for warning in &config.warnings {
         println!("  warning: {warning}");
     }
@@ -121,16 +130,11 @@ fn print_settings(config: &Config) {
             &config.require_signature.source,
         ),
     ];
-    let width = rows
-        .iter()
-        .map(|(name, ..)| name.len() + 1)
-        .max()
-        .unwrap_or(0);
     for (name, value, source) in rows {
-        println!("{:<width$} {value:<40} ({source})", format!("{name}:"));
+        row(name, format!("{value:<40} ({source})"));
     }
     if config.is_file_store() {
-        println!("credentials:   not needed for a file:// store");
+        row("credentials", "not needed for a file:// store");
         return;
     }
     match config.credentials() {
@@ -138,8 +142,14 @@ fn print_settings(config: &Config) {
             describe_credential("key id", &creds.key_id, &creds.key_id_source);
             describe_credential("secret", &creds.secret, &creds.secret_source);
         }
-        Err(e) => println!("credentials:   MISSING: {e:#}"),
+        Err(e) => row("credentials", format!("MISSING: {e:#}")),
     }
+}
+
+/// Prints one line of the report: `name:`, padded so that every value starts in the
+/// same column.
+fn row(name: &str, value: impl std::fmt::Display) {
+    println!("{:<19}{value}", format!("{name}:"));
 }
 
 fn show_path(p: &Option<std::path::PathBuf>) -> String {
@@ -150,11 +160,7 @@ fn show_path(p: &Option<std::path::PathBuf>) -> String {
 
 fn describe_credential(what: &str, value: &Secret, source: &str) {
     let v = value.expose();
-    println!(
-        "{:<14} {} chars from {source}",
-        format!("{what}:"),
-        v.chars().count()
-    );
+    row(what, format!("{} chars from {source}", v.chars().count()));
     if v.trim() != v {
         crate::ui::warn(format!(
             "the {what} has leading or trailing whitespace; S3 will reject it"
@@ -169,9 +175,9 @@ pub async fn smoke_test(config: &Config) -> anyhow::Result<()> {
         .check_bucket()
         .await
         .with_context(|| format!("{} is not reachable", store.describe()))?;
-    println!("bucket:        reachable ({})", store.describe());
+    row("bucket", format!("reachable ({})", store.describe()));
     canary(store.as_ref(), &config.prefix.value).await?;
-    println!("canary:        1-byte write, read back and delete succeeded");
+    row("canary", "1-byte write, read back and delete succeeded");
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 
 use anyhow::bail;
 
-use super::Outcome;
+use super::{Outcome, WriteMode};
 use crate::chunk::gc;
 use crate::chunk::layout::Layout;
 use crate::cli::{DownloadArgs, InputError};
@@ -17,13 +17,13 @@ use crate::ui;
 pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
     let expected = args.sha256.as_deref().map(parse_sha256).transpose()?;
-    let (transfer, refused) = match from_cache(config, args, &key, expected.as_deref()).await {
+    let (transfer, seed) = match from_cache(config, args, &key, expected.as_deref()).await {
         Ok(Cached::Hit) => return Ok(Outcome::Success),
-        Ok(Cached::Miss(transfer, refused)) => (Some(transfer), refused),
+        Ok(Cached::Miss(transfer, seed)) => (Some(transfer), seed),
         // The file can still come from the URL; only the cache is left out.
         Err(e) if args.url.is_some() && config.on_error.value == OnError::Warn => {
             super::warn_soft(&e, "miss");
-            (None, false)
+            (None, WriteMode::Skip)
         }
         Err(e) => return Err(e),
     };
@@ -49,17 +49,17 @@ pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome
     }
     // Seeding the cache is a bonus: the file the job needs is already here.
     let mut seeded = false;
-    if let Some(transfer) = transfer.filter(|t| super::may_seed(t, &key, refused)) {
+    if let Some(transfer) = transfer.filter(|_| super::may_seed(seed, &key)) {
         match transfer
             .upload_file(
                 &key,
                 fetched.file.path(),
                 Some(fetched.sha256.clone()),
-                false,
+                seed == WriteMode::Create,
             )
             .await
         {
-            Ok(_) => seeded = true,
+            Ok(written) => seeded = written.is_some(),
             Err(e) => ui::warn(format!("could not seed the cache: {e:#}")),
         }
     }
@@ -83,9 +83,9 @@ pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome
 enum Cached {
     /// The file was restored from it.
     Hit,
-    /// It lacks the file (or holds a stale one): the transfer to seed it with, and
-    /// whether the file it holds was refused as not trusted.
-    Miss(Box<Transfer>, bool),
+    /// It lacks the file (or holds one it could not use): the transfer to seed it
+    /// with, and how the seed may write the key.
+    Miss(Box<Transfer>, WriteMode),
 }
 
 /// Restores `key` to the destination if the cache holds it (a version matching
@@ -97,6 +97,7 @@ async fn from_cache(
     expected: Option<&str>,
 ) -> anyhow::Result<Cached> {
     let transfer = Transfer::open(config).await?;
+    let replace = super::replace_mode(transfer.trust());
     let mut attempts = 0;
     while let Some(info) = transfer.store().head(key).await? {
         match transfer.download_file(&info, &args.dest, expected).await {
@@ -119,33 +120,45 @@ async fn from_cache(
                     ) =>
             {
                 ui::warn(format!("{e:#}; fetching from --url instead"));
-                break;
+                return Ok(Cached::Miss(Box::new(transfer), replace));
             }
             Err(e) if crate::sign::is_untrusted(&e) => {
                 ui::warn(format!("{e}; treating it as a miss"));
-                return Ok(Cached::Miss(Box::new(transfer), true));
+                return Ok(Cached::Miss(Box::new(transfer), replace));
             }
             // Bytes that do not hash to what was recorded (and maybe signed) with them
-            // help no one: a miss, as for a broken chunked entry, and the object is
-            // deleted so the next upload writes it again instead of skipping it.
+            // help no one: a miss, as for a broken chunked entry, and that version is
+            // deleted, so the next upload writes the key again instead of skipping it.
             Err(e)
                 if matches!(
                     e.downcast_ref::<IntegrityError>(),
                     Some(IntegrityError::Corrupt { .. })
                 ) =>
             {
-                let deleted = transfer.store().delete(key).await;
-                let note = match &deleted {
-                    Ok(()) => "deleted it",
-                    Err(_) => "could not delete it",
+                let now = transfer.store().head(key).await?;
+                if info.etag.is_none() || now.as_ref().map(|n| &n.etag) != Some(&info.etag) {
+                    // Replaced meanwhile (or versions cannot be told apart): read again.
+                    if attempts < 3 {
+                        attempts += 1;
+                        continue;
+                    }
+                    ui::warn(format!("{e:#}; treating it as a miss"));
+                    return Ok(Cached::Miss(Box::new(transfer), replace));
+                }
+                let deleted = transfer.store().delete(key).await.is_ok();
+                let note = if deleted {
+                    "deleted it"
+                } else {
+                    "could not delete it"
                 };
                 ui::warn(format!("{e:#}; {note}, treating it as a miss"));
-                return Ok(Cached::Miss(Box::new(transfer), deleted.is_err()));
+                let seed = if deleted { WriteMode::Create } else { replace };
+                return Ok(Cached::Miss(Box::new(transfer), seed));
             }
             Err(e) => return Err(e),
         }
     }
-    Ok(Cached::Miss(Box::new(transfer), false))
+    Ok(Cached::Miss(Box::new(transfer), WriteMode::Create))
 }
 
 fn report(key: &str, result: &str, transfer: Option<&crate::transfer::Report>) {

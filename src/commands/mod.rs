@@ -131,15 +131,26 @@ async fn run_command(config: &Config, command: &Command) -> anyhow::Result<Outco
     }
 }
 
-/// What an upload does with its key.
+/// What an upload (or a download's seed) does with its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Write {
+pub(crate) enum WriteMode {
     /// Nothing: the key is cached (said on stderr, and on stdout with `--json`).
     Skip,
     /// Create it; a concurrent writer that creates it first wins.
     Create,
-    /// Replace what is there (`--force`, or an entry not trusted when this job signs).
+    /// Replace what is there (`--force`, an entry not trusted when this job signs, one
+    /// that cannot be used).
     Replace,
+}
+
+/// How a job may write over an entry it could not use (refused, broken, stale): it
+/// replaces it, unless it checks signatures but cannot sign, as a pull-request job
+/// holding only the public key (it must not overwrite main's entries).
+pub(crate) fn replace_mode(trust: &crate::sign::Trust) -> WriteMode {
+    match trust.checks() && !trust.can_sign() {
+        true => WriteMode::Skip,
+        false => WriteMode::Replace,
+    }
 }
 
 /// Whether an upload to `key` writes it: not when the key exists and `force` is off,
@@ -149,34 +160,32 @@ async fn write_mode(
     key: &str,
     force: bool,
     command: &str,
-) -> anyhow::Result<Write> {
+) -> anyhow::Result<WriteMode> {
     if force {
-        return Ok(Write::Replace);
+        return Ok(WriteMode::Replace);
     }
     let Some(info) = transfer.store().head(key).await? else {
-        return Ok(Write::Create);
+        return Ok(WriteMode::Create);
     };
     if let Err(refused) = transfer.trust().check(&info)
         && transfer.trust().can_sign()
     {
         say_replacing(&refused.into());
-        return Ok(Write::Replace);
+        return Ok(WriteMode::Replace);
     }
     say_skipped(key, command);
-    Ok(Write::Skip)
+    Ok(WriteMode::Skip)
 }
 
-/// Whether a download that missed may seed `key` with what it fetched elsewhere: not
-/// over an entry it refused as not trusted, unless it signs what it writes (a job
-/// that only holds the public key must not replace main's entries).
-fn may_seed(transfer: &crate::transfer::Transfer, key: &str, refused: bool) -> bool {
-    let may = !refused || transfer.trust().can_sign();
-    if !may {
+/// Whether a download that missed seeds `key` with what it fetched elsewhere, as
+/// `seed` says; says so when it does not.
+fn may_seed(seed: WriteMode, key: &str) -> bool {
+    if seed == WriteMode::Skip {
         crate::ui::status(format!(
-            "{key} holds an entry this job does not trust; not replaced (no signing_key)"
+            "{key} holds an entry this job could not use; not replaced (no signing_key)"
         ));
     }
-    may
+    seed != WriteMode::Skip
 }
 
 /// Says that an upload replaces the entry refused with `e`, which it signs.
@@ -193,6 +202,15 @@ fn untrusted_reason(e: &anyhow::Error) -> String {
     e.chain()
         .find_map(|c| c.downcast_ref::<crate::sign::Untrusted>())
         .map_or_else(|| crate::ui::one_line(e), ToString::to_string)
+}
+
+/// Says that an upload to `key` was skipped because another job created the key
+/// while it ran.
+fn say_concurrent(key: &str, command: &str) {
+    crate::ui::status(format!("{key} was written by a concurrent upload; skipped"));
+    if crate::ui::json_enabled() {
+        crate::ui::json(serde_json::json!({ "command": command, "key": key, "result": "skipped" }));
+    }
 }
 
 /// Says that an upload to `key` was skipped because the key is cached.

@@ -1,6 +1,6 @@
 //! `cacher upload KEY PATH [--force]`: store a file byte-for-byte under a key.
 
-use super::{Outcome, Write};
+use super::{Outcome, WriteMode};
 use crate::cli::{UploadArgs, input_error};
 use crate::config::Config;
 use crate::key::full_key;
@@ -26,14 +26,14 @@ pub async fn run(config: &Config, args: &UploadArgs) -> anyhow::Result<Outcome> 
     }
     let transfer = Transfer::open(config).await?;
     let write = super::write_mode(&transfer, &key, args.force, "upload").await?;
-    if write == Write::Skip {
+    if write == WriteMode::Skip {
         return Ok(Outcome::Success);
     }
     // Racing writers never corrupt a key: when creating it, the first to finish keeps it
     // where the server honours If-None-Match (elsewhere the last complete write wins);
     // a multipart upload the server cancelled because another finished is skipped too.
     let written = transfer
-        .upload_file(&key, &args.path, None, write == Write::Create)
+        .upload_file(&key, &args.path, None, write == WriteMode::Create)
         .await?;
     if written.is_none() {
         ui::status(format!("{key} was written by a concurrent upload; skipped"));

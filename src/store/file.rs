@@ -5,7 +5,8 @@
 //! see the old or the new object, never a partial one, as on S3. Runners sharing a
 //! disk can share a cache this way; tests of logic that needs no S3 run against it.
 //! What S3 keeps as an object's metadata (its sha256 and signature) is the file
-//! `DIR/.cacher-meta/a/b`, written after the object and removed with it.
+//! `DIR/.cacher-meta/a/b`, written after the object, naming the object version it
+//! describes (metadata of any other version is ignored), and removed with it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -26,6 +27,8 @@ const TMP_DIR: &str = ".cacher-tmp";
 /// Directory (below the root) holding each object's metadata at the object's key;
 /// never listed.
 const META_DIR: &str = ".cacher-meta";
+/// The field of a metadata file naming the object version it describes (its etag).
+const VERSION_FIELD: &str = "object";
 
 /// A bucket stored as a local directory.
 pub struct FileStore {
@@ -65,9 +68,30 @@ impl FileStore {
         self.root.join(META_DIR).join(key)
     }
 
-    /// Records `meta` (see [`encode_meta`]) as the metadata of `key`, replacing what
-    /// was there; `None` removes it, so an object written without metadata never
-    /// shows an older object's.
+    /// Publishes the finished temp file `tmp` as `key` (see [`FileStore::publish`]),
+    /// then records `meta` (see [`encode_meta`]) for it. The metadata names the version it
+    /// describes, the temp file's identity (a rename and a link keep it): two writers
+    /// finishing together, or a reader between the two steps, see a version without
+    /// metadata, never one with another version's.
+    fn publish_with_meta(
+        &self,
+        tmp: &Path,
+        key: &str,
+        if_absent: bool,
+        meta: Option<String>,
+    ) -> StoreResult<()> {
+        let version = fs::metadata(tmp)
+            .map(|m| info(key, &m).etag)
+            .map_err(|e| io_error("stat", tmp, e))?;
+        self.publish(tmp, key, if_absent)?;
+        let meta = meta
+            .zip(version)
+            .map(|(meta, version)| format!("{VERSION_FIELD} {version}\n{meta}"));
+        self.record_meta(key, meta)
+    }
+
+    /// Records `meta` as the metadata of `key`, replacing what was there; `None`
+    /// removes it.
     fn record_meta(&self, key: &str, meta: Option<String>) -> StoreResult<()> {
         let path = self.meta_path(key);
         let Some(meta) = meta else {
@@ -86,17 +110,31 @@ impl FileStore {
                 true => fs::remove_dir_all(&path).map_err(|e| io_error("remove", &path, e)),
                 false => Ok(()),
             })
-            .and_then(|()| match path.parent() {
-                Some(parent) => {
-                    fs::create_dir_all(parent).map_err(|e| io_error("create", parent, e))
-                }
-                None => Ok(()),
-            })
+            .and_then(|()| self.make_meta_dirs(&path))
             .and_then(|()| fs::rename(&tmp, &path).map_err(|e| io_error("rename into", &path, e)));
         if written.is_err() {
             let _ = fs::remove_file(&tmp);
         }
         written
+    }
+
+    /// Creates the directories above the metadata file `path`. A file where one of
+    /// them goes is the metadata of an object that cannot exist beside this one (a
+    /// directory store holds no `a` beside `a/b`): left over, so it is removed.
+    fn make_meta_dirs(&self, path: &Path) -> StoreResult<()> {
+        let root = self.root.join(META_DIR);
+        let Some(parent) = path.parent() else {
+            return Ok(());
+        };
+        for dir in parent
+            .ancestors()
+            .take_while(|d| d.starts_with(&root) && *d != root)
+        {
+            if dir.is_file() {
+                fs::remove_file(dir).map_err(|e| io_error("remove", dir, e))?;
+            }
+        }
+        fs::create_dir_all(parent).map_err(|e| io_error("create", parent, e))
     }
 
     fn new_tmp_file(&self) -> StoreResult<(PathBuf, File)> {
@@ -135,9 +173,10 @@ impl FileStore {
     }
 }
 
-/// `info` with the metadata recorded in the file `meta_path` (none when it is absent).
-/// A metadata file that exists but cannot be read is an error: taken as none, it
-/// would silently drop the sha256 check.
+/// `info` with the metadata recorded in the file `meta_path` for this version of the
+/// object (none when it is absent or describes another version). A metadata file that
+/// exists but cannot be read is an error: taken as none, it would silently drop the
+/// sha256 check.
 fn with_meta(mut info: ObjectInfo, meta_path: &Path) -> StoreResult<ObjectInfo> {
     let text = match fs::read_to_string(meta_path) {
         Ok(text) => text,
@@ -149,6 +188,9 @@ fn with_meta(mut info: ObjectInfo, meta_path: &Path) -> StoreResult<ObjectInfo> 
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
             .map(str::to_string)
     };
+    if field(VERSION_FIELD).is_none() || field(VERSION_FIELD) != info.etag {
+        return Ok(info);
+    }
     info.sha256 = field(super::META_SHA256).map(|s| s.to_ascii_lowercase());
     info.signature = field(super::META_SIGNATURE);
     Ok(info)
@@ -302,8 +344,7 @@ impl Store for FileStore {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        self.publish(&tmp, key, opts.if_absent)?;
-        self.record_meta(key, encode_meta(opts))
+        self.publish_with_meta(&tmp, key, opts.if_absent, encode_meta(opts))
     }
 
     async fn multipart_start(
@@ -369,10 +410,9 @@ impl Store for FileStore {
         .await?;
         let meta_tmp = self.tmp_path(&format!("{}.meta", upload.upload_id));
         let meta = fs::read_to_string(&meta_tmp).map_err(|e| io_error("read", &meta_tmp, e))?;
-        let published = self.publish(&tmp, &upload.key, upload.if_absent);
         let _ = fs::remove_file(&meta_tmp);
-        published?;
-        self.record_meta(&upload.key, (!meta.is_empty()).then_some(meta))
+        let meta = (!meta.is_empty()).then_some(meta);
+        self.publish_with_meta(&tmp, &upload.key, upload.if_absent, meta)
     }
 
     async fn multipart_abort(&self, upload: &MultipartId) -> StoreResult<()> {
