@@ -21,7 +21,7 @@ use super::format::{ChunkRef, ChunkTable, MAX_CHUNK_STORED, Manifest};
 use super::index::{FilterIndex, SummaryIndex};
 use super::layout::Layout;
 use super::summary;
-use super::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Id, PACK_TARGET, ZSTD_LEVEL};
+use super::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Id, PACK_TARGET};
 use crate::sign::{Untrusted, Verdict};
 use crate::store::{ObjectInfo, StoreError, is_changed};
 use crate::transfer::{Transfer, retry_note};
@@ -1220,7 +1220,7 @@ fn chunk_stream(
                 let id = Id::of(data);
                 let stored = match known.reusable(&id, data.len()) {
                     Some(loc) => Ok(loc),
-                    None => Err(zstd::bulk::compress(data, ZSTD_LEVEL)?),
+                    None => Err(super::format::encode_chunk(data)?),
                 };
                 Ok((id, data.len() as u32, stored))
             })
