@@ -92,7 +92,7 @@ pub struct GlobalArgs {
     /// Comma-separated public key files whose signatures restores accept [env: CACHER_TRUSTED_KEYS]
     #[arg(long, global = true, value_name = "PATH,...", value_delimiter = ',')]
     pub trusted_keys: Option<Vec<String>>,
-    /// Restore only entries signed by a trusted key; others are a miss [env: CACHER_REQUIRE_SIGNATURE] [default: false]
+    /// Restore only entries signed by a trusted key; others are a miss [env: CACHER_REQUIRE_SIGNATURE] [default: true with --signing-key, else false]
     #[arg(
         long,
         global = true,
