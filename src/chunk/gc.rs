@@ -227,11 +227,9 @@ pub async fn collect(
     let mut report = GcReport::default();
 
     // Packs first: anything written after this listing is not even a candidate.
-    let packs = store
-        .list(&layout.packs_prefix(), None)
-        .await
-        .context("cannot list packs")?
-        .objects;
+    let packs = chunks
+        .list_internal(&layout.packs_prefix(), "packs")
+        .await?;
     report.packs = packs.len();
 
     let all = entries(chunks, &layout.entries_prefix()).await?;
@@ -464,12 +462,8 @@ pub async fn usage(chunks: &ChunkStore, prefix: &str) -> anyhow::Result<Usage> {
         referenced.extend(packs);
     }
     let packs = chunks
-        .transfer()
-        .store()
-        .list(&layout.packs_prefix(), None)
-        .await
-        .context("cannot list packs")?
-        .objects;
+        .list_internal(&layout.packs_prefix(), "packs")
+        .await?;
     for pack in packs {
         if layout
             .pack_id(&pack.key)
@@ -484,13 +478,9 @@ pub async fn usage(chunks: &ChunkStore, prefix: &str) -> anyhow::Result<Usage> {
 
 /// Every last-use marker under the store's prefix.
 async fn list_markers(chunks: &ChunkStore) -> anyhow::Result<Vec<ObjectInfo>> {
-    Ok(chunks
-        .transfer()
-        .store()
-        .list(&chunks.layout().used_prefix(), None)
+    chunks
+        .list_internal(&chunks.layout().used_prefix(), "last-use markers")
         .await
-        .context("cannot list last-use markers")?
-        .objects)
 }
 
 /// Deletes the last-use markers of entries not among `live` (the entries listed at

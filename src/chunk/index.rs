@@ -255,24 +255,16 @@ pub async fn load_summary(
 
 /// The index summary objects listed now.
 pub async fn list_summaries(chunks: &ChunkStore) -> anyhow::Result<Vec<ObjectInfo>> {
-    Ok(chunks
-        .transfer()
-        .store()
-        .list(&chunks.layout().summary_prefix(), None)
+    chunks
+        .list_internal(&chunks.layout().summary_prefix(), "index summaries")
         .await
-        .context("cannot list index summaries")?
-        .objects)
 }
 
 /// The index segment filter objects listed now.
 async fn list_filters(chunks: &ChunkStore) -> anyhow::Result<Vec<ObjectInfo>> {
-    Ok(chunks
-        .transfer()
-        .store()
-        .list(&chunks.layout().filter_prefix(), None)
+    chunks
+        .list_internal(&chunks.layout().filter_prefix(), "index segment filters")
         .await
-        .context("cannot list index segment filters")?
-        .objects)
 }
 
 /// Reads and checks one summary; `None` (with a warning) when it cannot be trusted or

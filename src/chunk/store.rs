@@ -435,15 +435,23 @@ impl ChunkStore {
         self.layout.index_prefix()
     }
 
+    /// Every object under `prefix` (one of the layout's internal prefixes) listed now;
+    /// `what` names them in the error.
+    pub async fn list_internal(&self, prefix: &str, what: &str) -> anyhow::Result<Vec<ObjectInfo>> {
+        Ok(self
+            .transfer
+            .store()
+            .list(prefix, None)
+            .await
+            .with_context(|| format!("cannot list {what}"))?
+            .objects)
+    }
+
     /// The packs present in the bucket now.
     pub async fn list_packs(&self) -> anyhow::Result<Packs> {
         let listed = self
-            .transfer
-            .store()
-            .list(&self.layout.packs_prefix(), None)
-            .await
-            .context("cannot list packs")?
-            .objects;
+            .list_internal(&self.layout.packs_prefix(), "packs")
+            .await?;
         Ok(listed
             .into_iter()
             .filter_map(|pack| {
@@ -658,13 +666,8 @@ impl ChunkStore {
 
     /// The index segment objects listed now.
     pub async fn list_segments(&self) -> anyhow::Result<Vec<ObjectInfo>> {
-        Ok(self
-            .transfer
-            .store()
-            .list(&self.layout.index_prefix(), None)
+        self.list_internal(&self.layout.index_prefix(), "index segments")
             .await
-            .context("cannot list index segments")?
-            .objects)
     }
 
     /// Every index segment that can be trusted, with its key, and the keys of those
