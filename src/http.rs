@@ -67,10 +67,12 @@ fn system_roots() -> &'static [reqwest::Certificate] {
 }
 
 /// A reqwest client trusting the bundled webpki roots, the system's and
-/// `SSL_CERT_FILE`/`SSL_CERT_DIR` certificates ([`system_roots`]), and the PEM
-/// certificates `ca` (`ca_bundle`).
+/// `SSL_CERT_FILE`/`SSL_CERT_DIR` certificates ([`system_roots`]) unless `plain_http`
+/// (an endpoint that never speaks TLS need not read them: a few milliseconds of every
+/// command), and the PEM certificates `ca` (`ca_bundle`).
 pub fn client_builder(
     ca: Option<&[u8]>,
+    plain_http: bool,
     connect_timeout: Duration,
     read_timeout: Option<Duration>,
 ) -> anyhow::Result<reqwest::ClientBuilder> {
@@ -81,7 +83,8 @@ pub fn client_builder(
     if let Some(timeout) = read_timeout {
         builder = builder.read_timeout(timeout);
     }
-    for cert in system_roots() {
+    let system = if plain_http { &[][..] } else { system_roots() };
+    for cert in system {
         builder = builder.add_root_certificate(cert.clone());
     }
     if let Some(pem) = ca {
@@ -113,7 +116,8 @@ pub async fn fetch(
     ca: Option<&[u8]>,
     timeout: Duration,
 ) -> anyhow::Result<Fetched> {
-    let client = client_builder(ca, Duration::from_secs(15), Some(timeout))?
+    // Not plain: a server may redirect to https.
+    let client = client_builder(ca, false, Duration::from_secs(15), Some(timeout))?
         .build()
         .context("cannot set up the HTTP client")?;
     let resp = client

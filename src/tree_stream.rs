@@ -10,10 +10,18 @@
 //! in the span (and as much stream is left), the chunk that follows is the recorded one:
 //! its id is taken without reading. Everywhere else bytes are read and cut as a full
 //! read cuts them. The chunks are therefore exactly those of a full read.
+//!
+//! A file whose stamp changed but not its size (rewritten with the same bytes, as
+//! `cargo fetch` does to its index cache and `npm ci` to a whole tree) stays in its
+//! span, *unchecked*: a recorded chunk over it, and the byte after, count only once
+//! read and found equal to the record by their blake3 ids, which costs a read and a
+//! hash instead of FastCDC, a lookup and maybe compression. Where they differ, the
+//! chunk is cut from the bytes as anywhere else.
 
 use std::cmp::Ordering;
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -36,6 +44,9 @@ pub struct ReadReport {
     /// Files whose stamp matched the tree state, and their bytes.
     pub unchanged_files: u64,
     pub unchanged_bytes: u64,
+    /// Bytes read only to find them as recorded (files rewritten with the same
+    /// content), not cut.
+    pub checked_bytes: u64,
     /// Per file (stream order): whether its stamp from the scan still described it when
     /// it was last touched here, so a new tree state may vouch for it.
     pub trusted: Vec<bool>,
@@ -67,6 +78,16 @@ struct Span {
     len: u64,
 }
 
+/// A recorded chunk a cut may reproduce: the `k`th of the record, in the span that
+/// ends at `span_end` in the new stream.
+#[derive(Clone, Copy)]
+struct RecordedChunk {
+    k: usize,
+    id: Id,
+    loc: Location,
+    span_end: u64,
+}
+
 /// The recorded stream: its chunk ids and where they were stored, with their offsets.
 struct Recorded {
     starts: Vec<u64>,
@@ -89,9 +110,9 @@ pub fn cut_tree(
         trusted: vec![true; tree.files.len()],
         ..ReadReport::default()
     };
-    let (spans, recorded, vouched) = match state {
+    let (spans, recorded, vouched, unchecked) = match state {
         Some(state) => plan(&tree, state, &mut report),
-        None => (Vec::new(), None, vec![false; tree.files.len()]),
+        None => (Vec::new(), None, vec![false; tree.files.len()], Vec::new()),
     };
     let report = Arc::new(Mutex::new(report));
     let (tx, rx) = std::sync::mpsc::sync_channel(2);
@@ -102,12 +123,17 @@ pub fn cut_tree(
         recorded,
         known,
         progress,
+        unchecked,
+        next_unchecked: 0,
+        checked: 0..0,
+        checked_bytes: 0,
     };
     let shared = report.clone();
     let thread = std::thread::spawn(move || {
         let result = cutter.run(&tx);
         let mut report = shared.lock().expect("report lock");
         report.bytes_read = cutter.window.files.bytes_read;
+        report.checked_bytes = cutter.checked_bytes;
         for (i, trusted) in cutter.window.files.untrusted.drain(..) {
             report.trusted[i] = trusted;
         }
@@ -144,12 +170,15 @@ impl Iterator for Batches {
     }
 }
 
-/// The spans of the new stream that `state` vouches for, and the recorded chunks.
+/// The spans of the new stream that `state` vouches for or may (see the module doc),
+/// the recorded chunks, per file whether its stamp vouches for it, and the stream
+/// ranges of files whose bytes must be checked against the record.
+#[allow(clippy::type_complexity)]
 fn plan(
     tree: &Tree,
     state: &TreeState,
     report: &mut ReadReport,
-) -> (Vec<Span>, Option<Recorded>, Vec<bool>) {
+) -> (Vec<Span>, Option<Recorded>, Vec<bool>, Vec<Range<u64>>) {
     let files = &tree.files;
     let mut vouched = Vec::with_capacity(files.len());
     // Both lists are in tree order (the scan walks it; a record that is not is refused
@@ -157,6 +186,7 @@ fn plan(
     let old = &state.files;
     let mut k = 0;
     let mut spans: Vec<Span> = Vec::new();
+    let mut unchecked: Vec<Range<u64>> = Vec::new();
     let mut new_start = 0u64;
     let (mut new, mut changed) = (0usize, 0usize);
     for (i, f) in files.iter().enumerate() {
@@ -179,9 +209,15 @@ fn plan(
         }
         let unchanged = recorded.filter(|(_, stamp)| *stamp == f.stamp);
         vouched.push(unchanged.is_some());
-        if let Some((old_start, _)) = unchanged {
+        if unchanged.is_some() {
             report.unchanged_files += 1;
             report.unchanged_bytes += f.size();
+        }
+        let same_size = recorded.filter(|(_, stamp)| stamp.size == f.size());
+        if let Some((old_start, _)) = same_size {
+            if unchanged.is_none() && f.size() > 0 {
+                unchecked.push(new_start..new_start + f.size());
+            }
             match spans.last_mut() {
                 Some(s)
                     if s.new_start + s.len == new_start && s.old_start + s.len == *old_start =>
@@ -222,7 +258,7 @@ fn plan(
         chunks,
         len: at,
     };
-    (spans, Some(recorded), vouched)
+    (spans, Some(recorded), vouched, unchecked)
 }
 
 struct Cutter {
@@ -233,6 +269,13 @@ struct Cutter {
     recorded: Option<Recorded>,
     known: Arc<Known>,
     progress: Arc<Progress>,
+    /// Stream ranges of the files to check against the record (see the module doc).
+    unchecked: Vec<Range<u64>>,
+    /// The first of `unchecked` that does not end before the current position.
+    next_unchecked: usize,
+    /// Stream bytes found equal to the record, each under its span.
+    checked: Range<u64>,
+    checked_bytes: u64,
 }
 
 impl Cutter {
@@ -256,7 +299,11 @@ impl Cutter {
         let len = self.window.files.len;
         let (mut at, mut batch, mut batch_bytes) = (0u64, Vec::new(), 0u64);
         while at < len {
-            let piece = match self.recorded_chunk_at(at) {
+            let recorded = match self.recorded_chunk_at(at) {
+                Some(chunk) if self.matches_record(at, chunk)? => Some((chunk.id, chunk.loc)),
+                _ => None,
+            };
+            let piece = match recorded {
                 Some((id, recorded)) => {
                     match self.known.reusable_at(&id, recorded.len as usize, recorded) {
                         Some(loc) => Piece::Reused { id, loc },
@@ -316,8 +363,9 @@ impl Cutter {
         Ok(buf[..cut_len(buf)].to_vec())
     }
 
-    /// The recorded chunk that a cut at `at` reproduces, if any (see the module doc).
-    fn recorded_chunk_at(&mut self, at: u64) -> Option<(Id, Location)> {
+    /// The recorded chunk that a cut at `at` reproduces if the bytes are as recorded
+    /// (see the module doc).
+    fn recorded_chunk_at(&mut self, at: u64) -> Option<RecordedChunk> {
         let recorded = self.recorded.as_ref()?;
         while self
             .spans
@@ -336,7 +384,76 @@ impl Cutter {
         let left_new = (self.window.files.len - at).min(u64::from(CHUNK_MAX));
         let decided_alike =
             left_old == left_new && end <= span_end && (end == recorded.len || end < span_end);
-        decided_alike.then_some((id, loc))
+        decided_alike.then_some(RecordedChunk {
+            k,
+            id,
+            loc,
+            span_end: span.new_start + span.len,
+        })
+    }
+
+    /// Whether the bytes of `chunk` at `at`, and the byte after, which decide its cut,
+    /// are as recorded: always where stamps vouch for them; where they lie in a file
+    /// to check, once read and hashed (the byte after, with the recorded chunk it
+    /// starts).
+    fn matches_record(&mut self, at: u64, chunk: RecordedChunk) -> io::Result<bool> {
+        while self
+            .unchecked
+            .get(self.next_unchecked)
+            .is_some_and(|r| r.end <= at)
+        {
+            self.next_unchecked += 1;
+        }
+        let len = u64::from(chunk.loc.len);
+        let end = at + len;
+        let decides = (end + 1).min(self.window.files.len);
+        if self.needs_check(at, end) {
+            if Id::of(self.window.get(at, len as usize)?) != chunk.id {
+                return Ok(false);
+            }
+            self.mark_checked(at..end);
+        }
+        if !self.needs_check(end, decides) {
+            return Ok(true);
+        }
+        let recorded = self
+            .recorded
+            .as_ref()
+            .expect("a recorded chunk has a record");
+        let Some(&(next_id, next)) = recorded.chunks.get(chunk.k + 1) else {
+            return Ok(false);
+        };
+        let next_len = u64::from(next.len);
+        if end + next_len > self.window.files.len {
+            return Ok(false);
+        }
+        let both = self.window.get(at, (len + next_len) as usize)?;
+        if Id::of(&both[len as usize..]) != next_id {
+            return Ok(false);
+        }
+        self.mark_checked(end..(end + next_len).min(chunk.span_end));
+        Ok(true)
+    }
+
+    /// Whether some of the stream bytes `range` lie in a file to check and were not
+    /// found as recorded yet.
+    fn needs_check(&self, from: u64, to: u64) -> bool {
+        if self.checked.start <= from && to <= self.checked.end {
+            return false;
+        }
+        self.unchecked[self.next_unchecked..]
+            .iter()
+            .take_while(|r| r.start < to)
+            .any(|r| r.end > from)
+    }
+
+    fn mark_checked(&mut self, range: Range<u64>) {
+        self.checked_bytes += range.end - range.start.max(self.checked.end).min(range.end);
+        if self.checked.start <= range.start && range.start <= self.checked.end {
+            self.checked.end = self.checked.end.max(range.end);
+        } else {
+            self.checked = range;
+        }
     }
 }
 
@@ -675,6 +792,68 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(all, content(tree).unwrap());
+    }
+
+    #[test]
+    fn files_rewritten_with_their_size_are_checked_against_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let names: Vec<String> = (0..120).map(|i| format!("f{i:03}")).collect();
+        for (i, name) in names.iter().enumerate() {
+            let len = [0, 1, 700, 5_000, 40_000, 180_000][i % 6] + i * 13;
+            fs::write(root.join(name), noise(i as u64, len)).unwrap();
+        }
+        let (before, _) = cut(root, None);
+        let state = state_of(root, &before);
+        let tree = scan(root, &Default::default()).unwrap();
+        let starts: Vec<u64> = tree
+            .files
+            .iter()
+            .scan(0u64, |at, f| {
+                let start = *at;
+                *at += f.size();
+                Some(start)
+            })
+            .collect();
+        let total: u64 = before.iter().map(|c| u64::from(c.1)).sum();
+
+        // Every file rewritten with its own bytes: all stamps change, no chunk is cut.
+        for name in &names {
+            let path = root.join(name);
+            fs::write(&path, fs::read(&path).unwrap()).unwrap();
+        }
+        let (warm, report) = cut(root, Some(&state));
+        assert_eq!(warm, before);
+        assert_eq!(report.unchanged_files, 0);
+        assert_eq!((report.bytes_read, report.checked_bytes), (total, total));
+
+        // Same sizes, one byte changed: at recorded cut points (the byte after a
+        // chunk, which decides its cut), just before them, at file starts and ends.
+        let mut cuts: Vec<u64> = before
+            .iter()
+            .scan(0u64, |at, c| {
+                *at += u64::from(c.1);
+                Some(*at)
+            })
+            .collect();
+        cuts.pop();
+        let mut spots: Vec<u64> = cuts.iter().step_by(3).copied().collect();
+        spots.extend(cuts.iter().skip(1).step_by(5).map(|c| c - 1));
+        spots.extend(starts.iter().step_by(7));
+        for spot in spots {
+            let i = starts.partition_point(|&s| s <= spot) - 1;
+            let path = tree.path(i);
+            let mut bytes = fs::read(&path).unwrap();
+            let Some(byte) = bytes.get_mut((spot - starts[i]) as usize) else {
+                continue;
+            };
+            *byte ^= 0x55;
+            fs::write(&path, &bytes).unwrap();
+        }
+        let (warm, report) = cut(root, Some(&state));
+        let (cold, _) = cut(root, None);
+        assert_eq!(warm, cold, "the warm cut equals a full read");
+        assert!(report.checked_bytes > 0 && report.checked_bytes < total);
     }
 
     #[test]

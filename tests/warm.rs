@@ -106,6 +106,48 @@ fn an_upload_after_a_restore_reads_only_what_changed_and_writes_what_a_full_read
 }
 
 #[test]
+fn a_tree_rewritten_with_the_same_bytes_is_checked_against_the_record_not_cut() {
+    let env = TestEnv::s3("warmrewrite");
+    let src = make_tree(&env, "src", 40);
+    env.run(["dir", "upload", "npm/1", src.to_str().unwrap()])
+        .ok();
+    let work = env.path("work");
+    env.run(["dir", "download", "npm/1", work.to_str().unwrap()])
+        .ok();
+    // As `npm ci` does: every file written anew (new inodes and ctimes; `cp -a` keeps
+    // the mtimes), one with a byte changed in place and one grown.
+    sh(
+        "set -e
+         cp -a . ../rewritten && cd .. && rm -r work && mv rewritten work && cd work
+         printf 'Y' | dd of=pkg007/blob.bin bs=1 seek=5000 conv=notrunc status=none
+         printf 'more\n' >> pkg021/src/f3.rs",
+        &work,
+    );
+
+    let up = env.run(["dir", "upload", "npm/2", work.to_str().unwrap(), "--json"]);
+    let stats = json_stats(&up.ok().stdout);
+    let total = stats["stream_bytes"].as_u64().unwrap();
+    let checked = stats["checked_bytes"].as_u64().unwrap();
+    assert_eq!(stats["unchanged_files"].as_u64(), Some(0), "{stats}");
+    assert_eq!(stats["disk_bytes"].as_u64(), Some(total), "{stats}");
+    assert!(checked * 10 > total * 9, "{stats}");
+    assert!(stats["chunks_new"].as_u64().unwrap() <= 4, "{stats}");
+    assert!(up.stderr.contains("of it as recorded"), "{}", up.stderr);
+
+    // The entry a full read writes, and the tree back.
+    std::fs::remove_dir_all(state_dir(&env)).unwrap();
+    env.run(["dir", "upload", "npm/3", work.to_str().unwrap()])
+        .ok();
+    let (m2, m3) = (manifest(&env, "npm/2"), manifest(&env, "npm/3"));
+    assert_eq!(m2.table, m3.table);
+    assert_eq!(m2.entries, m3.entries);
+    let check = env.path("check");
+    env.run(["dir", "download", "npm/2", check.to_str().unwrap()])
+        .ok();
+    assert_eq!(snapshot(&check), snapshot(&work));
+}
+
+#[test]
 fn an_upload_after_an_upload_reads_nothing_unchanged() {
     let env = TestEnv::s3("warmtwice");
     let src = make_tree(&env, "src", 20);

@@ -183,20 +183,85 @@ impl PackCheck {
 /// HEADs of packs in flight when prefetching.
 const PACK_HEADS_IN_FLIGHT: usize = 32;
 
-/// Chunks known to be in the bucket, from index segments, in packs that still exist.
+/// Chunks known to be in the bucket, in packs that still exist: those of the entries
+/// the trees came from, those sent already, and what the index of the prefix says.
 #[derive(Default)]
 pub struct Known {
-    /// Chunks of the segments read whole: those neither gc's summary describes nor a
-    /// filter stands for.
-    chunks: HashMap<Id, Location>,
+    /// Chunks of the entries the trees came from (their tree states), sorted by id:
+    /// looked up first, so a chunk a tree had when it was restored needs no index.
+    likely: Vec<(Id, Location)>,
     /// Chunks this command sent already (an earlier path of an entry of several).
     sent: Mutex<HashMap<Id, Location>>,
     packs: PackCheck,
+    index: PendingIndex,
+}
+
+/// What the index of the prefix says, as an upload reads it.
+#[derive(Default)]
+struct Index {
+    /// Chunks of the segments read whole: those neither gc's summary describes nor a
+    /// filter stands for.
+    chunks: HashMap<Id, Location>,
     /// The segments gc's summary describes, read only where a lookup needs them.
     summarized: Option<SummaryIndex>,
     /// The segments written since, through their filters, read only where a lookup
     /// needs them.
     filtered: Option<FilterIndex>,
+}
+
+/// The index of the prefix, loading on a task of its own: reading it takes several
+/// requests in turn, which a warm upload would otherwise wait for before cutting its
+/// tree. The first lookup that needs it waits for it.
+#[derive(Default)]
+struct PendingIndex {
+    loading: Mutex<
+        Option<(
+            tokio::task::JoinHandle<anyhow::Result<Index>>,
+            tokio::runtime::Handle,
+        )>,
+    >,
+    /// The index, or why it could not be read (reported once the upload is sent).
+    loaded: std::sync::OnceLock<Result<Index, String>>,
+}
+
+impl PendingIndex {
+    fn ready(index: Index) -> PendingIndex {
+        PendingIndex {
+            loaded: std::sync::OnceLock::from(Ok(index)),
+            ..PendingIndex::default()
+        }
+    }
+
+    /// The index, waiting for it to load; `None` when it could not be. Blocks: call
+    /// from a blocking thread, not async code.
+    fn get(&self) -> Option<&Index> {
+        let loaded = self.loaded.get_or_init(|| {
+            let Some((task, handle)) = self.loading.lock().expect("index lock").take() else {
+                return Ok(Index::default());
+            };
+            joined(handle.block_on(task))
+        });
+        loaded.as_ref().ok()
+    }
+
+    /// Waits for the index to load, failing if it could not be.
+    async fn finish(&self) -> anyhow::Result<()> {
+        let loading = self.loading.lock().expect("index lock").take();
+        if let Some((task, _)) = loading {
+            let _ = self.loaded.set(joined(task.await));
+        }
+        match self.loaded.get() {
+            Some(Err(why)) => Err(anyhow::anyhow!("{why}")),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn joined(result: Result<anyhow::Result<Index>, tokio::task::JoinError>) -> Result<Index, String> {
+    match result {
+        Ok(loaded) => loaded.map_err(|e| format!("{e:#}")),
+        Err(e) => Err(format!("the index reader stopped: {e}")),
+    }
 }
 
 impl Known {
@@ -206,21 +271,32 @@ impl Known {
     /// (the chunk is sent again), so it can never make an entry unrestorable. May
     /// fetch an index segment or look a pack up, blocking: call from a blocking thread.
     pub fn reusable(&self, id: &Id, len: usize) -> Option<Location> {
-        // A segment read whole may name a pack gc removed since; the summary may not.
-        let recent = self
-            .chunks
-            .get(id)
-            .and_then(|loc| self.plausible(*loc, len));
+        let likely = || {
+            let at = self.likely.binary_search_by(|(c, _)| c.cmp(id)).ok()?;
+            self.plausible(self.likely[at].1, len)
+        };
         let sent = || {
             let loc = *self.sent.lock().expect("sent lock").get(id)?;
             self.plausible(loc, len)
         };
-        let summarized = || self.plausible(self.summarized.as_ref()?.lookup(id)?, len);
+        // A segment read whole may name a pack gc removed since; the summary may not.
+        let recent = || self.plausible(*self.index.get()?.chunks.get(id)?, len);
+        let summarized = || self.plausible(self.index.get()?.summarized.as_ref()?.lookup(id)?, len);
         let filtered = || {
             let usable = |loc| self.plausible(loc, len).is_some();
-            self.filtered.as_ref()?.lookup(id, usable)
+            self.index.get()?.filtered.as_ref()?.lookup(id, usable)
         };
-        recent.or_else(sent).or_else(summarized).or_else(filtered)
+        likely()
+            .or_else(sent)
+            .or_else(recent)
+            .or_else(summarized)
+            .or_else(filtered)
+    }
+
+    /// Waits for the index of the prefix to be read (lookups may not have needed it),
+    /// failing if it could not be: an upload that could not dedup says so.
+    pub async fn finish(&self) -> anyhow::Result<()> {
+        self.index.finish().await
     }
 
     /// Learns the chunks of `table`, just sent: a later part of the same upload reuses
@@ -244,11 +320,12 @@ impl Known {
     /// Chunks known at `locations`, in the listed `packs`.
     pub fn new(locations: impl IntoIterator<Item = (Id, Location)>, packs: Packs) -> Known {
         Known {
-            chunks: locations.into_iter().collect(),
-            sent: Mutex::default(),
             packs: PackCheck::listed(packs),
-            summarized: None,
-            filtered: None,
+            index: PendingIndex::ready(Index {
+                chunks: locations.into_iter().collect(),
+                ..Index::default()
+            }),
+            ..Known::default()
         }
     }
 
@@ -303,6 +380,9 @@ pub struct Stats {
     pub unchanged_bytes: u64,
     /// Directory entries: bytes read from the tree (upload) or written to it (download).
     pub disk_bytes: u64,
+    /// Directory uploads: of `disk_bytes`, those read only to find them as the tree
+    /// state's entry recorded them (files rewritten with the same bytes), not cut.
+    pub checked_bytes: u64,
     /// Docker restores: the image's layers and those the daemon already had.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layers: Option<LayerStats>,
@@ -325,6 +405,7 @@ impl Stats {
         self.unchanged_files += other.unchanged_files;
         self.unchanged_bytes += other.unchanged_bytes;
         self.disk_bytes += other.disk_bytes;
+        self.checked_bytes += other.checked_bytes;
     }
 }
 
@@ -494,30 +575,53 @@ impl ChunkStore {
         Ok(entries)
     }
 
-    /// The chunks the bucket holds now, as its index says: gc's summary, and every
-    /// index segment it does not describe (written by uploads since). The packs
-    /// `likely` (those of the entry a tree was restored from, say) are looked up at
-    /// once; other packs when a chunk in them would be reused.
-    pub async fn known(&self, likely: &[Id]) -> anyhow::Result<Known> {
-        let mut known = Known {
-            chunks: HashMap::new(),
-            sent: Mutex::default(),
+    /// The chunks the bucket holds now: those of `likely`, the chunk tables of the
+    /// entries the trees came from (their packs are looked up at once), and what the
+    /// index says, gc's summary and every index segment it does not describe (written
+    /// by uploads since), read on a task of its own meanwhile. Other packs are looked
+    /// up when a chunk in them would be reused.
+    pub async fn known(&self, likely: &[&ChunkTable]) -> anyhow::Result<Known> {
+        let reader = self.clone();
+        let loading = tokio::spawn(async move { reader.read_index().await });
+        let mut chunks: Vec<(Id, Location)> = likely
+            .iter()
+            .flat_map(|t| {
+                t.chunks
+                    .iter()
+                    .map(|c| (c.id, location(t.packs[c.pack as usize], c)))
+            })
+            .collect();
+        chunks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        chunks.dedup_by(|a, b| a.0 == b.0);
+        let known = Known {
+            likely: chunks,
             packs: PackCheck::lazy(self),
-            summarized: None,
-            filtered: None,
+            index: PendingIndex {
+                loading: Mutex::new(Some((loading, tokio::runtime::Handle::current()))),
+                ..PendingIndex::default()
+            },
+            ..Known::default()
         };
+        let packs: Vec<Id> = likely
+            .iter()
+            .flat_map(|t| t.packs.iter().copied())
+            .collect();
+        known.packs.prefetch(&packs).await;
+        Ok(known)
+    }
+
+    /// The index of the prefix, for [`ChunkStore::known`].
+    async fn read_index(&self) -> anyhow::Result<Index> {
+        let mut index = Index::default();
         let summaries = super::index::list_summaries(self).await?;
         let mut listed = self.list_segments().await?;
         if listed.is_empty() {
-            return Ok(known);
+            return Ok(index);
         }
-        let (summary, ()) = tokio::join!(
-            super::index::load_summary(self, summaries, &listed),
-            known.packs.prefetch(likely)
-        );
-        if let Some((summarized, covered)) = summary? {
+        let summary = super::index::load_summary(self, summaries, &listed).await?;
+        if let Some((summarized, covered)) = summary {
             listed.retain(|o| !covered.contains(&o.key));
-            known.summarized = Some(summarized);
+            index.summarized = Some(summarized);
         }
         let (filtered, listed) = super::index::load_filters(self, listed).await?;
         let segments = self.read_listed_segments(listed).await?;
@@ -527,7 +631,7 @@ impl ChunkStore {
             .map(|(_, t)| t.chunks.len())
             .sum::<usize>()
             + filtered.as_ref().map_or(0, FilterIndex::len);
-        known.filtered = filtered;
+        index.filtered = filtered;
         if unsummarized > NUDGE_GC_CHUNKS {
             ui::warn(format!(
                 "read {unsummarized} chunks of index segments no gc has summarised yet; run `cacher gc` (on a schedule) to keep uploads small"
@@ -535,12 +639,12 @@ impl ChunkStore {
         }
         for (_, table) in segments.tables {
             for c in &table.chunks {
-                known
+                index
                     .chunks
                     .insert(c.id, location(table.packs[c.pack as usize], c));
             }
         }
-        Ok(known)
+        Ok(index)
     }
 
     /// A pack as the bucket has it now; `None` when it is gone.
@@ -621,6 +725,7 @@ impl ChunkStore {
         // the upload's error, the root cause.
         let sent = sent?;
         let mut chunked = chunked.context("the chunker stopped")??;
+        known.finish().await?;
         let mut stats = std::mem::take(&mut chunked.stats);
         stats.wire_bytes = sent;
 
@@ -1418,8 +1523,12 @@ fn files_note(files: Option<usize>, stats: &Stats, verb: &str) -> String {
     let Some(n) = files else {
         return String::new();
     };
+    let checked = match stats.checked_bytes {
+        0 => String::new(),
+        n => format!(", {} of it as recorded", ui::human_bytes(n)),
+    };
     format!(
-        "{n} files ({} unchanged, {} {verb}), ",
+        "{n} files ({} unchanged, {} {verb}{checked}), ",
         stats.unchanged_files,
         ui::human_bytes(stats.disk_bytes)
     )

@@ -206,11 +206,11 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     for (dir, scanning, loading) in pending {
         scans.push((dir, scanning, loading.await?));
     }
-    // The packs of the entries the trees came from hold most of what they reuse.
-    let likely: Vec<crate::chunk::Id> = scans
+    // The entries the trees came from hold most of what they reuse.
+    let likely: Vec<&crate::chunk::format::ChunkTable> = scans
         .iter()
         .filter_map(|(_, _, state)| state.as_ref())
-        .flat_map(|s| s.table.packs.iter().copied())
+        .map(|s| &s.table)
         .collect();
     let known = Arc::new(chunks.known(&likely).await?);
     let mut trees = Vec::with_capacity(scans.len());
@@ -271,6 +271,7 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         stats.unchanged_files += read.unchanged_files;
         stats.unchanged_bytes += read.unchanged_bytes;
         stats.disk_bytes += read.bytes_read;
+        stats.checked_bytes += read.checked_bytes;
     }
     let recorded_key = key.clone();
     tokio::task::spawn_blocking(move || record_states(manifest, reads, &recorded_key, taken))

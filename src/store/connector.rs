@@ -21,10 +21,13 @@ pub struct ReqwestConnector {
 }
 
 impl ReqwestConnector {
-    /// Wraps a built client; S3 needs HTTP/1.1 only (parallel requests, not streams).
+    /// Wraps a built client; S3 needs HTTP/1.1 only (parallel requests, not streams),
+    /// and the SDK sees redirects itself, as its own client would show them (an
+    /// `http://` endpoint is never quietly taken to `https://`).
     pub fn new(builder: reqwest::ClientBuilder) -> anyhow::Result<ReqwestConnector> {
         let client = builder
             .http1_only()
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| anyhow::anyhow!("cannot set up the HTTP client: {e}"))?;
         Ok(ReqwestConnector { client })
