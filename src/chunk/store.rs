@@ -591,7 +591,7 @@ impl ChunkStore {
                     .map(|c| (c.id, location(t.packs[c.pack as usize], c)))
             })
             .collect();
-        chunks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        chunks.sort_unstable_by_key(|c| c.0);
         chunks.dedup_by(|a, b| a.0 == b.0);
         let known = Known {
             likely: chunks,
