@@ -313,41 +313,73 @@ pub fn record(
     dir: &Path,
     key: &str,
     manifest: &Manifest,
-    mut stamps: Vec<Option<Stamp>>,
+    stamps: Vec<Option<Stamp>>,
     taken: SystemTime,
 ) {
-    let Some(path) = record_path(dir) else {
-        return;
-    };
-    if stamps.len() != files_of(manifest).count() {
-        debug_assert!(false, "one stamp per file");
-        return;
+    if let Some(record) = Record::prepare(dir, key, manifest, stamps, taken) {
+        record.write();
     }
-    drop_racy(dir, &mut stamps, taken);
-    let Some(record) = encode(dir, key, manifest, &stamps) else {
-        ui::verbose(format!(
-            "not recording the tree state of {}: too large for a record",
-            dir.display()
-        ));
-        TreeState::forget(dir);
-        return;
-    };
-    let written = (|| {
-        let parent = crate::temp::parent_of(&path);
-        std::fs::create_dir_all(&parent)?;
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".cacher-")
-            .suffix(".part")
-            .tempfile_in(&parent)?;
-        std::io::Write::write_all(&mut tmp, &record)?;
-        tmp.persist(&path)?;
-        Ok::<_, std::io::Error>(())
-    })();
-    if let Err(e) = written {
-        ui::verbose(format!(
-            "cannot record the tree state in {}: {e}",
-            path.display()
-        ));
+}
+
+/// A tree state encoded, to write once the entry it names exists: an upload prepares
+/// it while its manifest is being written.
+pub struct Record {
+    dir: PathBuf,
+    path: PathBuf,
+    data: Vec<u8>,
+}
+
+impl Record {
+    /// The record [`record`] writes; `None` when there is none to write (said with
+    /// `-v`; a record too large to write removes the old one now).
+    pub fn prepare(
+        dir: &Path,
+        key: &str,
+        manifest: &Manifest,
+        mut stamps: Vec<Option<Stamp>>,
+        taken: SystemTime,
+    ) -> Option<Record> {
+        let path = record_path(dir)?;
+        if stamps.len() != files_of(manifest).count() {
+            debug_assert!(false, "one stamp per file");
+            return None;
+        }
+        drop_racy(dir, &mut stamps, taken);
+        let Some(data) = encode(dir, key, manifest, &stamps) else {
+            ui::verbose(format!(
+                "not recording the tree state of {}: too large for a record",
+                dir.display()
+            ));
+            TreeState::forget(dir);
+            return None;
+        };
+        Some(Record {
+            dir: dir.to_path_buf(),
+            path,
+            data,
+        })
+    }
+
+    /// Writes the record in place of the directory's previous one.
+    pub fn write(self) {
+        let written = (|| {
+            let parent = crate::temp::parent_of(&self.path);
+            std::fs::create_dir_all(&parent)?;
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".cacher-")
+                .suffix(".part")
+                .tempfile_in(&parent)?;
+            std::io::Write::write_all(&mut tmp, &self.data)?;
+            tmp.persist(&self.path)?;
+            Ok::<_, std::io::Error>(())
+        })();
+        if let Err(e) = written {
+            ui::verbose(format!(
+                "cannot record the tree state of {} in {}: {e}",
+                self.dir.display(),
+                self.path.display()
+            ));
+        }
     }
 }
 

@@ -747,26 +747,33 @@ impl ChunkStore {
     /// honour `If-None-Match`; see [`crate::store::PutOptions::if_absent`]).
     pub async fn publish(
         &self,
-        mut manifest: Manifest,
+        manifest: Manifest,
         sent: Sent,
         key: &str,
         if_absent: bool,
     ) -> anyhow::Result<Option<(Stats, Manifest)>> {
-        let Sent { mut stats, table } = sent;
-        manifest.stream_len = stats.stream_bytes;
-        manifest.table = table;
-        let data = manifest.encode();
-        manifest
-            .check_readable(key, &data)
-            .context("refusing to publish an entry no reader would accept")?;
-        let data = Bytes::from(data);
-        stats.wire_bytes += data.len() as u64;
+        let (sealed, manifest) = seal(manifest, sent, key)?;
+        Ok(self
+            .put_sealed(sealed, key, if_absent)
+            .await?
+            .map(|stats| (stats, manifest)))
+    }
+
+    /// Writes the manifest `sealed` for `key` (see [`ChunkStore::publish`]); the stats
+    /// of the whole upload, or `None` when `if_absent` and another writer was first.
+    pub async fn put_sealed(
+        &self,
+        sealed: Sealed,
+        key: &str,
+        if_absent: bool,
+    ) -> anyhow::Result<Option<Stats>> {
+        let Sealed { data, mut stats } = sealed;
         match self.transfer.put_entry(key, data, if_absent).await {
             Err(StoreError::Exists(_)) => return Ok(None),
             written => written.with_context(|| format!("cannot write the manifest {key}"))?,
         }
         stats.retries = self.transfer.retries();
-        Ok(Some((stats, manifest)))
+        Ok(Some(stats))
     }
 
     /// The index segment objects listed now.
@@ -1532,6 +1539,27 @@ fn files_note(files: Option<usize>, stats: &Stats, verb: &str) -> String {
         stats.unchanged_files,
         ui::human_bytes(stats.disk_bytes)
     )
+}
+
+/// A manifest encoded and checked, ready to write, with the stats of its upload.
+pub struct Sealed {
+    data: Bytes,
+    stats: Stats,
+}
+
+/// `manifest` with the table and stream length of `sent` filled in, and its encoding
+/// for `key`, checked as a reader would check it.
+pub fn seal(mut manifest: Manifest, sent: Sent, key: &str) -> anyhow::Result<(Sealed, Manifest)> {
+    let Sent { mut stats, table } = sent;
+    manifest.stream_len = stats.stream_bytes;
+    manifest.table = table;
+    let data = manifest.encode();
+    manifest
+        .check_readable(key, &data)
+        .context("refusing to publish an entry no reader would accept")?;
+    stats.wire_bytes += data.len() as u64;
+    let data = Bytes::from(data);
+    Ok((Sealed { data, stats }, manifest))
 }
 
 /// Seconds since the epoch, for manifests.

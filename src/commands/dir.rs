@@ -19,7 +19,7 @@ use crate::chunk::gc::mark_used;
 use crate::chunk::paths;
 use crate::chunk::store::{
     ChunkStore, Known, Location, Piece, Sent, Stats, Stored, download_stats_line, is_broken,
-    now_secs, table_of, upload_stats_line,
+    now_secs, seal, table_of, upload_stats_line,
 };
 use crate::cli::{DirCommand, DirDownloadArgs, DirUploadArgs, input_error};
 use crate::config::Config;
@@ -258,24 +258,31 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     let failed = |e: anyhow::Error| e.context(format!("upload to {key} failed"));
     let (mut manifest, sent, reads) = entry_of(parts)?;
     manifest.add_exclusions(exclude.patterns());
+    let (sealed, manifest) = seal(manifest, sent, &key).map_err(failed)?;
+    let file_count = reads.iter().map(|(_, files, _)| files.len()).sum();
+    let mut read_stats = Stats::default();
+    for (_, _, read) in &reads {
+        read_stats.unchanged_files += read.unchanged_files;
+        read_stats.unchanged_bytes += read.unchanged_bytes;
+        read_stats.disk_bytes += read.bytes_read;
+        read_stats.checked_bytes += read.checked_bytes;
+    }
+    // The tree states are encoded while the manifest is written, and written once it is.
+    let recorded_key = key.clone();
+    let records =
+        tokio::task::spawn_blocking(move || prepare_states(manifest, reads, &recorded_key, taken));
     let published = chunks
-        .publish(manifest, sent, &key, mode == WriteMode::Create)
+        .put_sealed(sealed, &key, mode == WriteMode::Create)
         .await;
     progress.clear();
-    let Some((mut stats, manifest)) = published.map_err(failed)? else {
+    let Some(mut stats) = published.map_err(failed)? else {
         super::say_concurrent(&key, "dir upload");
         return Ok(Outcome::Success);
     };
-    let file_count = reads.iter().map(|(_, files, _)| files.len()).sum();
-    for (_, _, read) in &reads {
-        stats.unchanged_files += read.unchanged_files;
-        stats.unchanged_bytes += read.unchanged_bytes;
-        stats.disk_bytes += read.bytes_read;
-        stats.checked_bytes += read.checked_bytes;
+    for record in records.await?? {
+        record.write();
     }
-    let recorded_key = key.clone();
-    tokio::task::spawn_blocking(move || record_states(manifest, reads, &recorded_key, taken))
-        .await??;
+    stats.add(&read_stats);
     ui::status(upload_stats_line(
         &key,
         Some(file_count),
@@ -355,14 +362,13 @@ fn entry_of(
     Ok((manifest, Sent { stats, table }, reads))
 }
 
-/// Records the tree state of each directory uploaded as (part of) `manifest`; files
-/// get none.
-fn record_states(
+/// The tree state of each directory uploaded as (part of) `manifest`; files get none.
+fn prepare_states(
     manifest: Manifest,
     reads: Vec<(PathBuf, Vec<ScannedFile>, ReadReport)>,
     key: &str,
     taken: SystemTime,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<state::Record>> {
     let manifests = match manifest.kind {
         ManifestKind::Paths => paths::split(key, &manifest)?
             .into_iter()
@@ -370,6 +376,7 @@ fn record_states(
             .collect(),
         _ => vec![Some(manifest)],
     };
+    let mut records = Vec::new();
     for ((dir, files, read), manifest) in reads.into_iter().zip(manifests) {
         let (Some(manifest), Ok(canonical)) = (manifest, dir.canonicalize()) else {
             continue;
@@ -379,9 +386,11 @@ fn record_states(
             .zip(&read.trusted)
             .map(|(f, trusted)| trusted.then_some(f.stamp))
             .collect();
-        state::record(&canonical, key, &manifest, stamps, taken);
+        records.extend(state::Record::prepare(
+            &canonical, key, &manifest, stamps, taken,
+        ));
     }
-    Ok(())
+    Ok(records)
 }
 
 /// [`send_tree`], once more without `state` when a file the state vouched for turned
