@@ -579,6 +579,9 @@ fn a_corrupt_index_segment_is_skipped_and_the_upload_still_publishes_a_restorabl
     }
     put_object(&segments[0], table.encode_index());
 
+    // Without the tree state k1 left, which would reuse k1's chunks without the index.
+    let states = env.home().join(".local/state/cacher/trees");
+    std::fs::remove_dir_all(&states).unwrap();
     let run = env.run(["dir", "upload", "k2", &a]);
     let warnings: Vec<&str> = run
         .ok()
@@ -611,6 +614,7 @@ fn a_corrupt_index_segment_is_skipped_and_the_upload_still_publishes_a_restorabl
         cacher::chunk::Id::of(b"another segment")
     );
     put_object(&bogus, table.encode_index());
+    std::fs::remove_dir_all(&states).unwrap();
     let run = env.run(["dir", "upload", "k3", &a]);
     assert!(run.ok().stderr.contains(" 0 new"), "{}", run.stderr);
     assert!(
