@@ -32,6 +32,13 @@ pub fn json_enabled() -> bool {
     *JSON.get().unwrap_or(&false)
 }
 
+/// Writes one line of a command's output to stdout. A stdout closed early (`| head`)
+/// is an error for the caller to return: `main` then ends the command quietly.
+pub fn line(text: impl std::fmt::Display) -> std::io::Result<()> {
+    use std::io::Write;
+    writeln!(std::io::stdout().lock(), "{text}")
+}
+
 /// Prints one result as a line of JSON on stdout (`--json`); see docs/json.md.
 pub fn json(value: serde_json::Value) {
     println!("{value}");

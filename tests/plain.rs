@@ -599,6 +599,19 @@ fn stats_and_exists_say_what_entries_hold_and_cost() {
         text.stdout
     );
     assert!(text.stdout.contains("dedup ratio:"), "{}", text.stdout);
+
+    // `cacher stats | head -1`: a reader that goes away early ends it quietly.
+    let mut child = env
+        .cmd(["stats"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let closed = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&closed.stderr);
+    assert_eq!(closed.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
 }
 
 #[test]

@@ -295,7 +295,7 @@ pub async fn collect(
             continue;
         }
         if dry_run {
-            println!("would condemn {}", pack.key);
+            ui::line(format_args!("would condemn {}", pack.key))?;
         }
         report.condemned += 1;
         state.0.insert(id, condemned_at);
@@ -320,7 +320,7 @@ pub async fn collect(
             None => {}
             Some(fresh) if older_than(&fresh, grace, SystemTime::now()) => {
                 if dry_run {
-                    println!("would delete {}", pack.key);
+                    ui::line(format_args!("would delete {}", pack.key))?;
                 } else {
                     ui::verbose(format!("deleting {}", pack.key));
                 }
@@ -502,7 +502,7 @@ async fn collect_markers(
         .collect();
     if dry_run {
         for key in &stale {
-            println!("would delete {key}");
+            ui::line(format_args!("would delete {key}"))?;
         }
     } else {
         chunks

@@ -501,7 +501,7 @@ async fn download(config: &Config, args: &DirDownloadArgs) -> anyhow::Result<Out
             "" => 0,
             p => p.len() + 1,
         };
-        println!("{}", &restored_key[prefix_len..]);
+        ui::line(&restored_key[prefix_len..])?;
     }
     Ok(Outcome::Success)
 }

@@ -41,7 +41,7 @@ pub async fn run_prune(config: &Config, args: &PruneArgs) -> anyhow::Result<Outc
     let prefix = join_prefix(&config.prefix.value, args.prefix.as_deref().unwrap_or(""));
     let pruned = gc::prune(&chunks, &prefix, args.older_than, args.dry_run).await?;
     for entry in &pruned {
-        println!("{}", entry.key);
+        ui::line(&entry.key)?;
     }
     let verb = if args.dry_run {
         "would delete"

@@ -16,14 +16,14 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
         );
     }
     write_config(config)?;
-    println!("wrote {}", config.path.display());
+    crate::ui::line(format_args!("wrote {}", config.path.display()))?;
     super::doctor::smoke_test(config).await.with_context(|| {
         format!(
             "{} was written, but the smoke test failed",
             config.path.display()
         )
     })?;
-    println!("ok: the cache is usable");
+    crate::ui::line("ok: the cache is usable")?;
     Ok(Outcome::Success)
 }
 

@@ -14,7 +14,7 @@ pub fn run(config: &Config, args: &KeyTemplateArgs) -> anyhow::Result<Outcome> {
     if crate::ui::json_enabled() {
         crate::ui::json(serde_json::json!({ "command": "key", "key": key }));
     } else {
-        println!("{key}");
+        crate::ui::line(&key)?;
     }
     Ok(Outcome::Success)
 }

@@ -33,31 +33,31 @@ pub async fn run(config: &Config, args: &StatsArgs) -> anyhow::Result<Outcome> {
         return Ok(Outcome::Success);
     }
     let shown = if wanted.is_empty() { "(all)" } else { wanted };
-    println!(
+    ui::line(format_args!(
         "entries:      {} under {shown}: {} files, {} trees, {} images",
         usage.files + usage.trees + usage.images,
         usage.files,
         usage.trees,
         usage.images
-    );
-    println!(
+    ))?;
+    ui::line(format_args!(
         "logical:      {} (what restoring every entry writes)",
         human_bytes(usage.logical_bytes)
-    );
-    println!(
+    ))?;
+    ui::line(format_args!(
         "stored:       {} ({} in {} packs the trees and images use, {} of files and manifests)",
         human_bytes(usage.stored_bytes()),
         human_bytes(usage.pack_bytes),
         usage.packs,
         human_bytes(usage.entry_bytes)
-    );
-    println!("dedup ratio:  {:.2}x", usage.dedup_ratio());
+    ))?;
+    ui::line(format_args!("dedup ratio:  {:.2}x", usage.dedup_ratio()))?;
     if let (Some(newest), Some(oldest)) = (usage.newest_use, usage.oldest_use) {
-        println!(
+        ui::line(format_args!(
             "last use:     {} (the least recently used entry: {})",
             super::list::format_time(Some(newest)),
             super::list::format_time(Some(oldest))
-        );
+        ))?;
     }
     Ok(Outcome::Success)
 }
