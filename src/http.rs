@@ -66,6 +66,15 @@ fn system_roots() -> &'static [reqwest::Certificate] {
     })
 }
 
+/// Whether requests to `url` never speak TLS: an `http://` URL reached without a
+/// proxy (which may itself be an `https://` one).
+pub fn plain_http(url: &str) -> bool {
+    let proxied = ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|p| !p.is_empty()));
+    url.starts_with("http://") && !proxied
+}
+
 /// A reqwest client trusting the bundled webpki roots, the system's and
 /// `SSL_CERT_FILE`/`SSL_CERT_DIR` certificates ([`system_roots`]) unless `plain_http`
 /// (an endpoint that never speaks TLS need not read them: a few milliseconds of every

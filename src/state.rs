@@ -326,12 +326,12 @@ pub fn record(
 pub struct Record {
     dir: PathBuf,
     path: PathBuf,
-    data: Vec<u8>,
+    /// `None`: too large for a record; the directory's previous one goes.
+    data: Option<Vec<u8>>,
 }
 
 impl Record {
-    /// The record [`record`] writes; `None` when there is none to write (said with
-    /// `-v`; a record too large to write removes the old one now).
+    /// The record [`record`] writes; `None` when the directory has no place for one.
     pub fn prepare(
         dir: &Path,
         key: &str,
@@ -345,23 +345,24 @@ impl Record {
             return None;
         }
         drop_racy(dir, &mut stamps, taken);
-        let Some(data) = encode(dir, key, manifest, &stamps) else {
-            ui::verbose(format!(
-                "not recording the tree state of {}: too large for a record",
-                dir.display()
-            ));
-            TreeState::forget(dir);
-            return None;
-        };
         Some(Record {
             dir: dir.to_path_buf(),
             path,
-            data,
+            data: encode(dir, key, manifest, &stamps),
         })
     }
 
-    /// Writes the record in place of the directory's previous one.
+    /// Writes the record in place of the directory's previous one (a record too large
+    /// to write removes it, said with `-v`).
     pub fn write(self) {
+        let Some(data) = self.data else {
+            ui::verbose(format!(
+                "not recording the tree state of {}: too large for a record",
+                self.dir.display()
+            ));
+            TreeState::forget(&self.dir);
+            return;
+        };
         let written = (|| {
             let parent = crate::temp::parent_of(&self.path);
             std::fs::create_dir_all(&parent)?;
@@ -369,7 +370,7 @@ impl Record {
                 .prefix(".cacher-")
                 .suffix(".part")
                 .tempfile_in(&parent)?;
-            std::io::Write::write_all(&mut tmp, &self.data)?;
+            std::io::Write::write_all(&mut tmp, &data)?;
             tmp.persist(&self.path)?;
             Ok::<_, std::io::Error>(())
         })();

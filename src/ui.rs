@@ -41,7 +41,8 @@ pub fn line(text: impl std::fmt::Display) -> std::io::Result<()> {
 
 /// Prints one result as a line of JSON on stdout (`--json`); see docs/json.md.
 pub fn json(value: serde_json::Value) {
-    println!("{value}");
+    // The exit code says the result too: a reader gone early is not an error here.
+    let _ = line(value);
 }
 
 fn level() -> Level {

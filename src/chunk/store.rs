@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
@@ -214,53 +214,62 @@ struct Index {
 /// tree. The first lookup that needs it waits for it.
 #[derive(Default)]
 struct PendingIndex {
-    loading: Mutex<
-        Option<(
-            tokio::task::JoinHandle<anyhow::Result<Index>>,
-            tokio::runtime::Handle,
-        )>,
-    >,
-    /// The index, or why it could not be read (reported once the upload is sent).
-    loaded: std::sync::OnceLock<Result<Index, String>>,
+    /// The read under way, which every waiter shares, and the runtime it runs on.
+    reading: Option<(IndexRead, tokio::runtime::Handle)>,
+    /// The index, or why it could not be read, once a lookup waited for it.
+    loaded: std::sync::OnceLock<Result<Arc<Index>, String>>,
 }
 
+type IndexRead =
+    futures::future::Shared<futures::future::BoxFuture<'static, Result<Arc<Index>, String>>>;
+
 impl PendingIndex {
+    /// The index read by `task`.
+    fn reading(task: tokio::task::JoinHandle<anyhow::Result<Index>>) -> PendingIndex {
+        let read = async move {
+            match task.await {
+                Ok(read) => read.map(Arc::new).map_err(|e| format!("{e:#}")),
+                Err(e) => Err(format!("the index reader stopped: {e}")),
+            }
+        };
+        PendingIndex {
+            reading: Some((read.boxed().shared(), tokio::runtime::Handle::current())),
+            loaded: std::sync::OnceLock::new(),
+        }
+    }
+
     fn ready(index: Index) -> PendingIndex {
         PendingIndex {
-            loaded: std::sync::OnceLock::from(Ok(index)),
-            ..PendingIndex::default()
+            reading: None,
+            loaded: std::sync::OnceLock::from(Ok(Arc::new(index))),
         }
     }
 
     /// The index, waiting for it to load; `None` when it could not be. Blocks: call
     /// from a blocking thread, not async code.
     fn get(&self) -> Option<&Index> {
-        let loaded = self.loaded.get_or_init(|| {
-            let Some((task, handle)) = self.loading.lock().expect("index lock").take() else {
-                return Ok(Index::default());
-            };
-            joined(handle.block_on(task))
+        let loaded = self.loaded.get_or_init(|| match &self.reading {
+            Some((read, handle)) => handle.block_on(read.clone()),
+            None => Ok(Arc::default()),
         });
-        loaded.as_ref().ok()
+        loaded.as_ref().ok().map(|index| &**index)
+    }
+
+    /// Why the index could not be read, if it is known already that it could not.
+    fn failed(&self) -> Option<String> {
+        let read = self.reading.as_ref()?.0.peek()?;
+        read.as_ref().err().cloned()
     }
 
     /// Waits for the index to load, failing if it could not be.
     async fn finish(&self) -> anyhow::Result<()> {
-        let loading = self.loading.lock().expect("index lock").take();
-        if let Some((task, _)) = loading {
-            let _ = self.loaded.set(joined(task.await));
-        }
-        match self.loaded.get() {
-            Some(Err(why)) => Err(anyhow::anyhow!("{why}")),
-            _ => Ok(()),
-        }
-    }
-}
-
-fn joined(result: Result<anyhow::Result<Index>, tokio::task::JoinError>) -> Result<Index, String> {
-    match result {
-        Ok(loaded) => loaded.map_err(|e| format!("{e:#}")),
-        Err(e) => Err(format!("the index reader stopped: {e}")),
+        let Some((read, _)) = &self.reading else {
+            return Ok(());
+        };
+        read.clone()
+            .await
+            .map(drop)
+            .map_err(|why| anyhow::anyhow!(why))
     }
 }
 
@@ -297,6 +306,15 @@ impl Known {
     /// failing if it could not be: an upload that could not dedup says so.
     pub async fn finish(&self) -> anyhow::Result<()> {
         self.index.finish().await
+    }
+
+    /// Fails once the index of the prefix is known to be unreadable, so an upload
+    /// stops instead of sending what it could not dedup.
+    pub fn check(&self) -> anyhow::Result<()> {
+        match self.index.failed() {
+            Some(why) => Err(anyhow::anyhow!(why)),
+            None => Ok(()),
+        }
     }
 
     /// Learns the chunks of `table`, just sent: a later part of the same upload reuses
@@ -596,10 +614,7 @@ impl ChunkStore {
         let known = Known {
             likely: chunks,
             packs: PackCheck::lazy(self),
-            index: PendingIndex {
-                loading: Mutex::new(Some((loading, tokio::runtime::Handle::current()))),
-                ..PendingIndex::default()
-            },
+            index: PendingIndex::reading(loading),
             ..Known::default()
         };
         let packs: Vec<Id> = likely
@@ -1324,6 +1339,7 @@ fn chunk_stream(
     // compression of one batch overlap with cutting the next.
     for batch in pieces {
         let batch = batch?;
+        known.check()?;
         // Hash everything and compress what the bucket lacks, on all cores.
         let processed: Vec<(Id, u32, Result<Location, Vec<u8>>)> = batch
             .par_iter()

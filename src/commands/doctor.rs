@@ -15,7 +15,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
     let trust = print_keys(config);
     smoke_test(config).await?;
     trust?;
-    println!("ok: the cache is usable");
+    let _ = crate::ui::line("ok: the cache is usable");
     Ok(Outcome::Success)
 }
 
@@ -63,7 +63,7 @@ fn print_settings(config: &Config) {
         format!("{}{file_note}", config.path.display()),
     );
     for warning in &config.warnings {
-        println!("  warning: {warning}");
+        let _ = crate::ui::line(format_args!("  warning: {warning}"));
     }
     let trusted = config
         .trusted_keys
@@ -149,7 +149,8 @@ fn print_settings(config: &Config) {
 /// Prints one line of the report: `name:`, padded so that every value starts in the
 /// same column.
 fn row(name: &str, value: impl std::fmt::Display) {
-    println!("{:<19}{value}", format!("{name}:"));
+    // The exit code says whether the cache works, whoever reads this.
+    let _ = crate::ui::line(format_args!("{:<19}{value}", format!("{name}:")));
 }
 
 fn show_path(p: &Option<std::path::PathBuf>) -> String {

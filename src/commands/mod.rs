@@ -34,7 +34,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     // Commands that need no configuration.
     match &cli.command {
         Command::Version => {
-            println!("{}", crate::version::version_line());
+            let _ = crate::ui::line(crate::version::version_line());
             return Ok(Outcome::Success);
         }
         Command::Completions { shell } => {

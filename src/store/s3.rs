@@ -97,7 +97,7 @@ impl S3Store {
         let connect_timeout = Duration::from_secs(5).min(timeout);
         let http_client = ReqwestConnector::new(crate::http::client_builder(
             config.ca_certificates()?.as_deref(),
-            endpoint.starts_with("http://"),
+            crate::http::plain_http(&endpoint),
             connect_timeout,
             Some(timeout),
         )?)?;
