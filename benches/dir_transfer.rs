@@ -181,10 +181,11 @@ fn warm_path(g: &Server, home: &Path, name: &str, base: &str, bumped: &str) {
     table_header("tar+zstd+aws");
     time_row("upload after restore+bump", baseline_up.secs, warm_up.secs);
     println!(
-        "  read {:.2} MiB of {:.1} MiB ({:.2}%), {} files unchanged, sent {:.2} MiB",
+        "  read {:.2} MiB of {:.1} MiB ({:.2}%; {:.2} MiB of it only checked against the record), {} files unchanged, sent {:.2} MiB",
         mib(read),
         mib(stream),
         100.0 * read as f64 / stream as f64,
+        mib(stats["checked_bytes"].as_u64().unwrap_or(0)),
         stats["unchanged_files"],
         mib(stats["wire_bytes"].as_u64().unwrap_or(0))
     );
