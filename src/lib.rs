@@ -15,6 +15,7 @@ pub mod exclude;
 pub mod http;
 pub mod image_archive;
 pub mod key;
+pub mod memory;
 pub mod restore;
 pub mod sign;
 pub mod state;

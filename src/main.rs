@@ -26,6 +26,7 @@ enum Exit {
 }
 
 fn main() -> ExitCode {
+    cacher::memory::keep_large_buffers_mapped();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
