@@ -119,11 +119,26 @@ fn main() {
         before.print(&format!("{chunks} no gc"), Some((&empty, gc)));
         let after = Row::measure(g, home, &prefix, "after", cold_mib);
         after.print(&format!("{chunks} gc'd"), Some((&empty, gc)));
+        for (name, known) in before.known(g, home, &prefix, cold_mib) {
+            println!(
+                "{:>16} {:>12} {:>10} {:>10} {:>12.2} {:>10} {:>10.0}",
+                format!("{chunks} {name}"),
+                "",
+                "",
+                "",
+                known.secs,
+                format!("{:+.2}s", known.secs - empty.cold.secs),
+                known.max_rss_mib,
+            );
+        }
         let resent = probe_upload("probe-2");
         assert_eq!(resent, 0, "after gc, a tree the prefix holds sends nothing");
     }
     println!(
-        "(gc s/RSS: the gc run between the two rows; after it, a tree uploaded before sent 0 chunks)"
+        "(gc s/RSS: the gc run between the two rows; after it, a tree uploaded before sent 0 chunks;"
+    );
+    println!(
+        "known: the cold tree of the row before gc uploaded again after it, without a tree state)"
     );
 }
 
@@ -297,29 +312,46 @@ fn make_tree(dir: &Path, files: usize, size: usize, seed: u64) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// Uploads `tree` into `prefix` under `key` with an empty state directory (so no file
+/// is skipped as unchanged), once the server is idle: Garage works for seconds after a
+/// build or a gc, which must not be billed to the upload.
+fn upload_stateless(g: &Server, home: &Path, prefix: &str, tree: &Path, key: &str) -> Measure {
+    upload_stateless_with(cacher(g, home, &[]), g, home, prefix, tree, key)
+}
+
+/// [`upload_stateless`] through `command` (`cacher` without arguments yet).
+fn upload_stateless_with(
+    mut command: std::process::Command,
+    g: &Server,
+    home: &Path,
+    prefix: &str,
+    tree: &Path,
+    key: &str,
+) -> Measure {
+    let state = tempfile::tempdir_in(home).unwrap();
+    measure_against(
+        command
+            .args(["dir", "upload", key, tree.to_str().unwrap()])
+            .env("CACHER_PREFIX", prefix)
+            .env("CACHER_STATE_DIR", state.path())
+            .stderr(std::process::Stdio::null()),
+        g,
+    )
+}
+
 /// One prefix's figures.
 struct Row {
     small: Measure,
     cold: Measure,
+    /// What made the cold tree: [`Row::known`] uploads the same bytes again.
+    cold_seed: u64,
 }
 
 impl Row {
     /// Uploads into `prefix`: a fresh small tree three times (the median counts), and
-    /// one cold tree. Fresh trees and an empty state directory each time, so nothing
-    /// is skipped as unchanged or already stored.
+    /// one cold tree. Fresh trees each time, so nothing is already stored.
     fn measure(g: &Server, home: &Path, prefix: &str, tag: &str, cold_mib: usize) -> Row {
-        // Each upload starts with an idle server: Garage works for seconds after a
-        // build or a gc, which must not be billed to the upload.
-        let upload = |tree: &Path, key: &str| {
-            let state = tempfile::tempdir_in(home).unwrap();
-            measure_against(
-                cacher(g, home, &["dir", "upload", key, tree.to_str().unwrap()])
-                    .env("CACHER_PREFIX", prefix)
-                    .env("CACHER_STATE_DIR", state.path())
-                    .stderr(std::process::Stdio::null()),
-                g,
-            )
-        };
+        let upload = |tree: &Path, key: &str| upload_stateless(g, home, prefix, tree, key);
         let small = median(
             (0..3)
                 .map(|i| {
@@ -329,10 +361,40 @@ impl Row {
                 })
                 .collect(),
         );
-        let tree = make_tree(&home.join("cold"), cold_mib / 4, 4 << 20, fastrand::u64(..));
+        let cold_seed = fastrand::u64(..);
+        let tree = make_tree(&home.join("cold"), cold_mib / 4, 4 << 20, cold_seed);
         let cold = upload(&tree, &format!("cold-{tag}"));
         let _ = std::fs::remove_dir_all(&tree);
-        Row { small, cold }
+        Row {
+            small,
+            cold,
+            cold_seed,
+        }
+    }
+
+    /// Uploads this row's cold tree again, without a tree state: every chunk is known
+    /// to the prefix. After gc its chunks are spread over every segment's id range, the
+    /// most segments an upload can need. With `$CACHER_BENCH_BASELINE_BIN`, that binary
+    /// uploads it too, right after.
+    fn known(
+        &self,
+        g: &Server,
+        home: &Path,
+        prefix: &str,
+        cold_mib: usize,
+    ) -> Vec<(String, Measure)> {
+        let tree = make_tree(&home.join("cold"), cold_mib / 4, 4 << 20, self.cold_seed);
+        let mut runs = vec![(
+            "known".to_string(),
+            upload_stateless(g, home, prefix, &tree, "known-again"),
+        )];
+        if let Some(bin) = std::env::var_os("CACHER_BENCH_BASELINE_BIN") {
+            let command = common::cacher_at(&bin, g, home, &[]);
+            let baseline = upload_stateless_with(command, g, home, prefix, &tree, "known-base");
+            runs.push(("known, baseline".to_string(), baseline));
+        }
+        let _ = std::fs::remove_dir_all(&tree);
+        runs
     }
 
     fn print(&self, name: &str, against: Option<(&Row, Measure)>) {

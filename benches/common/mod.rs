@@ -112,10 +112,18 @@ pub fn aws_env(cmd: &mut Command, g: &Server, config_dir: &Path) {
 /// allocator decides how much freed memory stays resident).
 pub fn cacher(g: &Server, home: &Path, args: &[&str]) -> Command {
     let bin = std::env::var_os("CACHER_BENCH_BIN");
-    let mut c = Command::new(
+    cacher_at(
         bin.as_deref()
             .unwrap_or(env!("CARGO_BIN_EXE_cacher").as_ref()),
-    );
+        g,
+        home,
+        args,
+    )
+}
+
+/// The same with the binary at `bin` (a baseline build, to compare side by side).
+pub fn cacher_at(bin: &std::ffi::OsStr, g: &Server, home: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin);
     c.args(args)
         .env_clear()
         .env("HOME", home)

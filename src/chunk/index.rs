@@ -8,13 +8,13 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use anyhow::Context;
 use bytes::Bytes;
 use futures::StreamExt;
 
 use super::Id;
+use super::fetched::FetchedSegments;
 use super::format::ChunkTable;
 use super::store::{
     ChunkStore, Location, MAX_SEGMENT_CHUNKS, Named, SegmentRead, location, table_of,
@@ -41,8 +41,8 @@ pub struct SummaryIndex {
     /// The listed object of each segment the summary describes; `None` when it is not
     /// listed (deleted since), whose chunks are then unknown.
     objects: Vec<Option<ObjectInfo>>,
-    /// Each segment's table once fetched, chunks sorted by id; `None` if unreadable.
-    loaded: Vec<OnceLock<Option<ChunkTable>>>,
+    /// The segments fetched so far.
+    fetched: FetchedSegments,
 }
 
 impl SummaryIndex {
@@ -50,10 +50,7 @@ impl SummaryIndex {
     /// a segment fetches it, blocking: call from a blocking thread, not async code.
     pub fn lookup(&self, id: &Id) -> Option<Location> {
         let i = self.summary.candidate(id)?;
-        let table = self.loaded[i].get_or_init(|| self.fetch(i)).as_ref()?;
-        let at = table.chunks.binary_search_by(|c| c.id.cmp(id)).ok()?;
-        let c = &table.chunks[at];
-        Some(location(table.packs[c.pack as usize], c))
+        self.fetched.lookup(i, id, || self.fetch(i))
     }
 
     fn fetch(&self, i: usize) -> Option<ChunkTable> {
@@ -94,8 +91,8 @@ pub struct FilterIndex {
     chunks: ChunkStore,
     handle: tokio::runtime::Handle,
     objects: Vec<ObjectInfo>,
-    /// Each segment's table once fetched, chunks sorted by id; `None` if unreadable.
-    loaded: Vec<OnceLock<Option<ChunkTable>>>,
+    /// The segments fetched so far.
+    fetched: FetchedSegments,
     /// Every segment's fingerprints, each with the segment's index, sorted: one search
     /// a lookup, however many segments were written since the last gc.
     fingerprints: Vec<u64>,
@@ -118,11 +115,8 @@ impl FilterIndex {
             .take_while(|&&m| m >> SEGMENT_BITS == fingerprint)
             .find_map(|&m| {
                 let i = (m & ((1 << SEGMENT_BITS) - 1)) as usize;
-                let load = || fetch_sorted(&self.chunks, &self.handle, &self.objects[i]);
-                let table = self.loaded[i].get_or_init(load).as_ref()?;
-                let at = table.chunks.binary_search_by(|c| c.id.cmp(id)).ok()?;
-                let c = &table.chunks[at];
-                Some(location(table.packs[c.pack as usize], c)).filter(|loc| usable(*loc))
+                let fetch = || fetch_sorted(&self.chunks, &self.handle, &self.objects[i]);
+                self.fetched.lookup(i, id, fetch).filter(|loc| usable(*loc))
             })
     }
 
@@ -184,7 +178,7 @@ pub async fn load_filters(
     let index = (!objects.is_empty()).then(|| FilterIndex {
         chunks: chunks.clone(),
         handle: tokio::runtime::Handle::current(),
-        loaded: objects.iter().map(|_| OnceLock::new()).collect(),
+        fetched: FetchedSegments::new(objects.len()),
         objects,
         fingerprints: merged,
     });
@@ -242,13 +236,13 @@ pub async fn load_summary(
         })
         .collect();
     let covered = objects.iter().flatten().map(|o| o.key.clone()).collect();
-    let loaded = objects.iter().map(|_| OnceLock::new()).collect();
+    let fetched = FetchedSegments::new(objects.len());
     let index = SummaryIndex {
         chunks: chunks.clone(),
         handle: tokio::runtime::Handle::current(),
         summary,
         objects,
-        loaded,
+        fetched,
     };
     Ok(Some((index, covered)))
 }

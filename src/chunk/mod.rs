@@ -2,6 +2,7 @@
 //! their blake3 hash, compressed alone, grouped into pack objects, and described by a
 //! manifest written last under the user's key. docs/format.md describes the bytes.
 
+pub mod fetched;
 pub mod format;
 pub mod gc;
 pub mod index;

@@ -89,7 +89,7 @@ pub enum Named {
 }
 
 /// Where a chunk already stored can be found.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Location {
     pub pack: Id,
     pub offset: u32,
