@@ -26,7 +26,7 @@ enum Exit {
 }
 
 fn main() -> ExitCode {
-    cacher::memory::keep_large_buffers_mapped();
+    cacher::memory::map_large_tables();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {

@@ -1,15 +1,38 @@
 //! How cacher asks the C allocator to give memory back where it would not by itself.
+//!
+//! glibc raises its mmap threshold (up to 32 MiB) each time a large buffer is freed;
+//! from then on buffers of up to that size come from the heap. That suits the content
+//! stream, whose pack and chunk buffers are then reused without new page faults, but
+//! not the scan and the decoded tables before it: their growing lists leave holes in
+//! the heap that stay resident (a 10^6-file upload peaked at 337 MiB of RSS with 220
+//! MiB live). So tables are mapped on their own until the stream starts. musl's
+//! allocator gives memory back by itself; elsewhere these do nothing.
 
-/// Pins glibc's mmap threshold at its default, 128 KiB. Left to itself, glibc raises
-/// the threshold (up to 32 MiB) each time a large buffer is freed; from then on the
-/// scan's growing tables come from the heap, and the holes their growth leaves stay
-/// resident: a 10^6-file upload peaked at 337 MiB of RSS with 220 MiB live. Mapped on
-/// its own, a buffer grows with `mremap` and goes back to the system when freed.
-/// musl's allocator already works so; elsewhere this does nothing.
-pub fn keep_large_buffers_mapped() {
+/// Maps every buffer over 128 KiB on its own (glibc's default threshold, pinned), so
+/// it grows with `mremap` and goes back to the system when freed. Called first thing;
+/// a threshold the user set (`MALLOC_MMAP_THRESHOLD_`) is left as it is.
+pub fn map_large_tables() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets a tunable of the allocator; nothing else runs yet.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: mallopt only sets a tunable of the allocator.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        }
+    }
+}
+
+/// Lets buffers of up to 16 MiB come from the heap again, where freed ones are reused,
+/// and keeps up to 32 MiB free at its top (what glibc would choose itself once an 8 MiB
+/// pack is freed): called when a content stream starts, whose packs would otherwise
+/// each be mapped and faulted in afresh. Measured on a cold 1 GiB upload to a
+/// `file://` store: 1.3 s, against 2.2 to 2.7 s with the threshold left at 128 KiB.
+pub fn reuse_stream_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+        // SAFETY: as above.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+        }
     }
 }
