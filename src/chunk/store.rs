@@ -1552,8 +1552,9 @@ fn files_note(files: Option<usize>, stats: &Stats, verb: &str) -> String {
         0 => String::new(),
         n => format!(", {} of it as recorded", ui::human_bytes(n)),
     };
+    let noun = if n == 1 { "file" } else { "files" };
     format!(
-        "{n} files ({} unchanged, {} {verb}{checked}), ",
+        "{n} {noun} ({} unchanged, {} {verb}{checked}), ",
         stats.unchanged_files,
         ui::human_bytes(stats.disk_bytes)
     )
