@@ -21,7 +21,6 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -134,18 +133,22 @@ pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
     // Which recorded files still hold the recorded bytes (with their mode and mtime
     // now). A path is looked up through its directories; the update opens them
     // refusing symlinks, so a file is only taken as intact when none of them is one.
-    // Files of one directory mostly come one after another: their ancestors are taken
-    // once per run, not once per file.
-    let mut parents: Vec<&[u8]> = Vec::new();
-    let mut last_parent = None;
+    // Files of one directory come one after another (tree order): each run of them is
+    // looked at through its directory's handle, which resolves one name a file instead
+    // of its whole path.
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
     for k in 0..recorded.len() {
-        let path = recorded.path(k);
-        let parent = ancestors(path).last();
-        if parent != last_parent {
-            parents.extend(ancestors(path));
-            last_parent = parent;
+        match runs.last_mut() {
+            Some(run) if parent(recorded.path(run.start)) == parent(recorded.path(k)) => {
+                run.end = k + 1
+            }
+            _ => runs.push(k..k + 1),
         }
     }
+    let mut parents: Vec<&[u8]> = runs
+        .iter()
+        .flat_map(|run| ancestors(recorded.path(run.start)))
+        .collect();
     parents.sort_unstable();
     parents.dedup();
     let real_dirs: HashSet<&[u8]> = parents
@@ -157,22 +160,45 @@ pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
         .collect();
     // SAFETY: geteuid cannot fail and touches no memory.
     let euid = unsafe { libc::geteuid() };
-    let intact: Vec<Option<Intact>> = (0..recorded.len())
-        .into_par_iter()
-        .map(|k| {
-            let (path, stamp) = (recorded.path(k), recorded.stamp(k)?);
-            if !ancestors(path).all(|p| real_dirs.contains(p)) {
-                return None;
-            }
-            let meta = std::fs::symlink_metadata(dir.join(OsStr::from_bytes(path))).ok()?;
-            (Stamp::of(&meta) == stamp && meta.file_type().is_file()).then(|| Intact {
-                mode: meta.mode(),
-                mtime: (meta.mtime(), meta.mtime_nsec() as u32),
-                // Setting a mode and mtime needs the owner's handle (readable), and must
-                // not reach other names of the same file (hard links, a pnpm store).
-                touchable: meta.mode() & 0o400 != 0
-                    && meta.nlink() == 1
-                    && (meta.uid() == euid || euid == 0),
+    let intact: Vec<Option<Intact>> = runs
+        .par_iter()
+        .flat_map_iter(|run| {
+            let path = recorded.path(run.start);
+            let handle = ancestors(path)
+                .all(|p| real_dirs.contains(p))
+                .then(|| {
+                    rustix::fs::open(
+                        dir.join(OsStr::from_bytes(parent(path))),
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .ok()
+                })
+                .flatten();
+            let recorded = &recorded;
+            run.clone().map(move |k| {
+                let (path, stamp) = (recorded.path(k), recorded.stamp(k)?);
+                let name = path.rsplit(|b| *b == b'/').next().unwrap_or(path);
+                let st = rustix::fs::statat(
+                    handle.as_ref()?,
+                    OsStr::from_bytes(name),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .ok()?;
+                let file_type =
+                    rustix::fs::FileType::from_raw_mode(st.st_mode as rustix::fs::RawMode);
+                let mode = st.st_mode as u32;
+                (Stamp::of_stat(&st) == stamp && file_type == rustix::fs::FileType::RegularFile)
+                    .then(|| Intact {
+                        mode,
+                        mtime: (st.st_mtime as i64, st.st_mtime_nsec as u32),
+                        // Setting a mode and mtime needs the owner's handle (readable), and
+                        // must not reach other names of the same file (hard links, a pnpm
+                        // store).
+                        touchable: mode & 0o400 != 0
+                            && st.st_nlink == 1
+                            && (st.st_uid == euid || euid == 0),
+                    })
             })
         })
         .collect();
@@ -297,6 +323,13 @@ pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
 /// An index into a tree's entries or files, which are far fewer than 2^32.
 fn to_u32(i: usize) -> u32 {
     u32::try_from(i).expect("a tree has fewer than 2^32 entries")
+}
+
+/// The directory holding a relative path (`a/b` for `a/b/c`, empty for `c`).
+fn parent(path: &[u8]) -> &[u8] {
+    path.iter()
+        .rposition(|b| *b == b'/')
+        .map_or(&path[..0], |i| &path[..i])
 }
 
 /// The directories above a relative path, outermost first (`a`, `a/b` for `a/b/c`).

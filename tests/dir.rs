@@ -1057,9 +1057,17 @@ fn the_summary_line_counts_files_in_words() {
     let env = TestEnv::s3("dironefile");
     env.write("one/only.txt", "just one file");
     let one = env.run(["dir", "upload", "one", env.path("one").to_str().unwrap()]);
-    assert!(one.ok().stderr.contains(": 1 file (0 unchanged"), "{}", one.stderr);
+    assert!(
+        one.ok().stderr.contains(": 1 file (0 unchanged"),
+        "{}",
+        one.stderr
+    );
     env.write("two/a.txt", "a");
     env.write("two/b.txt", "b");
     let two = env.run(["dir", "upload", "two", env.path("two").to_str().unwrap()]);
-    assert!(two.ok().stderr.contains(": 2 files (0 unchanged"), "{}", two.stderr);
+    assert!(
+        two.ok().stderr.contains(": 2 files (0 unchanged"),
+        "{}",
+        two.stderr
+    );
 }

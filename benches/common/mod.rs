@@ -207,9 +207,13 @@ pub fn since(t: Instant) -> f64 {
 pub fn stored_bytes(g: &Server, home: &Path, prefix: &str) -> u64 {
     // `size` in the JSON lines is the object's; the text listing shows an entry's
     // content length instead.
-    let out = cacher(g, home, &["list", "--root", "--recursive", "--json", prefix])
-        .output()
-        .expect("list");
+    let out = cacher(
+        g,
+        home,
+        &["list", "--root", "--recursive", "--json", prefix],
+    )
+    .output()
+    .expect("list");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["size"].as_u64())
