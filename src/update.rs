@@ -189,7 +189,7 @@ pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
                     rustix::fs::FileType::from_raw_mode(st.st_mode as rustix::fs::RawMode);
                 let mode = st.st_mode as u32;
                 (Stamp::of_stat(&st) == stamp && file_type == rustix::fs::FileType::RegularFile)
-                    .then(|| Intact {
+                    .then_some(Intact {
                         mode,
                         mtime: (st.st_mtime as i64, st.st_mtime_nsec as u32),
                         // Setting a mode and mtime needs the owner's handle (readable), and
