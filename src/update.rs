@@ -120,7 +120,7 @@ impl Plan {
 }
 
 /// Decides which files of `new` that `dir` (holding the tree `state` records) already
-/// holds, by one `lstat` per recorded file, and where each chunk of the others comes
+/// holds, by one `stat` per recorded file (through its directory's handle), and where each chunk of the others comes
 /// from: a file still holding the recorded bytes, or the bucket.
 pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
     let TreeState {

@@ -178,7 +178,7 @@ impl FetchedSegments {
 fn find(table: &ChunkTable, id: &Id) -> Option<Location> {
     let at = table.chunks.binary_search_by(|c| c.id.cmp(id)).ok()?;
     let c = &table.chunks[at];
-    Some(location(table.packs[c.pack as usize], c))
+    Some(location(*table.packs.get(c.pack as usize)?, c))
 }
 
 #[cfg(test)]
