@@ -26,7 +26,6 @@ enum Exit {
 }
 
 fn main() -> ExitCode {
-    cacher::memory::map_large_tables();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {

@@ -5,12 +5,14 @@
 //! stream, whose pack and chunk buffers are then reused without new page faults, but
 //! not the scan and the decoded tables before it: their growing lists leave holes in
 //! the heap that stay resident (a 10^6-file upload peaked at 337 MiB of RSS with 220
-//! MiB live). So tables are mapped on their own until the stream starts. musl's
+//! MiB live). So a tree's tables are mapped on their own until its stream starts. musl's
 //! allocator gives memory back by itself; elsewhere these do nothing, and so they do
 //! when the user tuned glibc's allocator (`MALLOC_*_THRESHOLD_`, `GLIBC_TUNABLES`).
 
 /// Maps every buffer over 128 KiB on its own (glibc's default threshold, pinned), so
-/// it grows with `mremap` and goes back to the system when freed. Called first thing.
+/// it grows with `mremap` and goes back to the system when freed. Called when a `dir`
+/// command starts, whose scan and tree tables are what fill the heap; plain files and
+/// docker images keep glibc's own choice.
 pub fn map_large_tables() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if !user_tuned() {

@@ -33,6 +33,7 @@ use crate::ui;
 use crate::update::{self, TreeUpdate};
 
 pub async fn run(config: &Config, cmd: &DirCommand) -> anyhow::Result<Outcome> {
+    crate::memory::map_large_tables();
     match cmd {
         DirCommand::Upload(args) => upload(config, args).await,
         DirCommand::Download(args) => download(config, args).await,
