@@ -20,17 +20,23 @@ pub fn map_large_tables() {
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
         }
+        PINNED.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// Whether [`map_large_tables`] pinned the threshold, which the stream then undoes.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+static PINNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Lets buffers of up to 16 MiB come from the heap again, where freed ones are reused,
 /// and keeps up to 32 MiB free at its top (what glibc would choose itself once an 8 MiB
 /// pack is freed): called when a content stream starts, whose packs would otherwise
 /// each be mapped and faulted in afresh. Measured on a cold 1 GiB upload to a
 /// `file://` store: 1.3 s, against 2.2 to 2.7 s with the threshold left at 128 KiB.
+/// Does nothing unless the threshold was pinned (docker images keep glibc's choice).
 pub fn reuse_stream_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if !user_tuned() {
+    if PINNED.swap(false, std::sync::atomic::Ordering::Relaxed) {
         // SAFETY: mallopt sets its fields under the main arena's lock; other threads
         // read the thresholds only to choose where their next allocation comes from,
         // and every chunk records how it was allocated, so a stale read costs nothing.

@@ -484,3 +484,29 @@ fn restores_racing_into_the_same_new_dir_both_succeed() {
         assert!(!leftovers.contains(".cacher-"), "{leftovers}");
     }
 }
+
+#[test]
+fn a_recorded_directory_now_a_symlink_is_replaced_not_read_through() {
+    let env = TestEnv::s3("inplacelink");
+    let (v1, v2) = two_versions(&env, 20);
+    env.run(["dir", "upload", "t/1", v1.to_str().unwrap()]).ok();
+    env.run(["dir", "upload", "t/2", v2.to_str().unwrap()]).ok();
+    let work = env.path("work");
+    env.run(["dir", "download", "t/1", work.to_str().unwrap()])
+        .ok();
+    // The recorded files move outside DIR with their stamps (a rename keeps them), and
+    // a symlink takes their directory's place: through it every stamp still matches.
+    let moved = env.path("moved");
+    std::fs::rename(work.join("pkg010"), &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, work.join("pkg010")).unwrap();
+    let outside = snapshot(&moved);
+    let fresh = env.path("fresh");
+    env.run(["dir", "download", "t/2", fresh.to_str().unwrap()])
+        .ok();
+
+    env.run(["dir", "download", "t/2", work.to_str().unwrap(), "--delete"])
+        .ok();
+    assert_same(&snapshot(&work), &snapshot(&fresh));
+    assert!(work.join("pkg010").symlink_metadata().unwrap().is_dir());
+    assert_same(&snapshot(&moved), &outside);
+}
