@@ -85,7 +85,7 @@ pub fn scan(root: &Path, exclude: &Exclude) -> anyhow::Result<Tree> {
         e => anyhow::Error::new(std::io::Error::from(e))
             .context(format!("cannot read {}", root.display())),
     })?;
-    let (entries, files) = scan_dir(root, &fd, &[], 1, exclude)?;
+    let (entries, files) = scan_dir(root, fd, &[], 1, exclude)?;
     Ok(Tree {
         root: root.to_path_buf(),
         entries,
@@ -140,7 +140,7 @@ pub fn root_entry(path: &Path) -> anyhow::Result<Entry> {
 /// root is `rel`; each file's `entry` counts from the first of these entries.
 fn scan_dir(
     root: &Path,
-    fd: &OwnedFd,
+    fd: OwnedFd,
     rel: &[u8],
     depth: usize,
     exclude: &Exclude,
@@ -151,9 +151,11 @@ fn scan_dir(
             .to_string()
     };
     let mut names: Vec<Vec<u8>> = Vec::new();
-    let dir =
-        rustix::fs::Dir::read_from(fd).with_context(|| format!("cannot walk {}", shown(b"")))?;
-    for item in dir {
+    // Read through the handle itself: `Dir::read_from` would open the directory again
+    // and ask its flags, three more system calls per directory.
+    let walk_error = || format!("cannot walk {}", shown(b""));
+    let mut dir = rustix::fs::Dir::new(fd).with_context(walk_error)?;
+    for item in &mut dir {
         let item = item.with_context(|| format!("cannot walk {}", shown(b"")))?;
         let name = item.file_name().to_bytes();
         // cacher's own temp names, at any depth: an in-place restore stages beside
@@ -164,6 +166,7 @@ fn scan_dir(
         }
     }
     names.sort_unstable();
+    let fd = dir.fd().with_context(walk_error)?;
     // Each child as an entry, plus its open handle when it is a directory.
     let mut children: Vec<(Entry, Option<ScannedFile>, std::ffi::CString)> =
         Vec::with_capacity(names.len());
@@ -247,7 +250,7 @@ fn scan_dir(
             )
             .map_err(std::io::Error::from)
             .with_context(|| format!("cannot walk {}", shown(name.as_bytes())))?;
-            scan_dir(root, &sub, &entry.path, depth + 1, exclude).map(Some)
+            scan_dir(root, sub, &entry.path, depth + 1, exclude).map(Some)
         })
         .collect::<anyhow::Result<_>>()?;
     // Sized exactly, and the entries joined before the files: at the top this holds
