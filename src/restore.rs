@@ -19,6 +19,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
@@ -29,6 +30,10 @@ use crate::state::Stamp;
 use crate::temp::{self, ASIDE_PREFIX, RESTORE_PREFIX};
 use crate::ui;
 
+mod writers;
+
+use writers::{Failure, Parent, SmallFile, Writers};
+
 /// Permission bits a restore applies: never setuid, setgid or sticky.
 pub const MODE_MASK: u32 = 0o777;
 
@@ -36,15 +41,28 @@ pub const MODE_MASK: u32 = 0o777;
 /// its mode and times are set when they are done.
 struct OpenDir {
     entry: usize,
-    fd: OwnedFd,
+    dir: Arc<Parent>,
 }
 
 /// The regular file currently receiving content.
 struct OpenFile {
     entry: usize,
-    file: File,
+    /// Its number among the tree's files, in stream order.
+    ordinal: usize,
+    content: Content,
     left: u64,
 }
+
+enum Content {
+    /// A large file, created here and written as its content arrives.
+    Direct(File),
+    /// A small one, gathered whole for a writer thread to create in its directory.
+    Gathered(Vec<u8>, Arc<Parent>),
+}
+
+/// Directories left waiting for the writers at most: each holds a handle, and macOS
+/// gives a process 256 by default.
+const MAX_UNSETTLED: usize = 64;
 
 /// What a finished restore put in place.
 pub struct Finished {
@@ -71,10 +89,16 @@ pub struct Restorer {
     created_dest: bool,
     temp_name: Option<OsString>,
     temp: OwnedFd,
+    /// The temp dir again, as the directory top-level files are created in.
+    top: Arc<Parent>,
     entries: Vec<Entry>,
     next: usize,
     open_dirs: Vec<OpenDir>,
+    /// Directories complete but for files their writers are still on: their mode and
+    /// times are set once those are done.
+    unsettled: Vec<OpenDir>,
     file: Option<OpenFile>,
+    writers: Writers,
     /// Each file's stamp once complete (see [`Restorer::finish`]).
     stamps: Vec<Option<Stamp>>,
     /// Remove top-level entries of DIR that the tree lacks (`--delete`).
@@ -122,6 +146,7 @@ impl Restorer {
         let mut restorer = Restorer {
             dest: dest.to_path_buf(),
             temp: root.try_clone()?,
+            top: Parent::new(root.try_clone()?),
             root,
             root_path,
             new_name,
@@ -130,7 +155,9 @@ impl Restorer {
             entries,
             next: 0,
             open_dirs: Vec::new(),
+            unsettled: Vec::new(),
             file: None,
+            writers: Writers::start(),
             stamps: Vec::new(),
             mirror: false,
         };
@@ -151,6 +178,7 @@ impl Restorer {
                 restorer.root_path.display()
             )
         })?;
+        restorer.top = Parent::new(restorer.temp.try_clone()?);
         restorer.advance()?;
         Ok(restorer)
     }
@@ -178,6 +206,9 @@ impl Restorer {
     }
 
     fn create_entry(&mut self, i: usize) -> anyhow::Result<()> {
+        if self.unsettled.len() > MAX_UNSETTLED {
+            self.wait_for_writers()?;
+        }
         let entry = &self.entries[i];
         let (parent_path, name) = split_path(&entry.path);
         while let Some(top) = self.open_dirs.last() {
@@ -185,16 +216,34 @@ impl Restorer {
                 break;
             }
             let done = self.open_dirs.pop().expect("checked above");
-            self.close_dir(done)?;
+            close_dir(&self.entries, &mut self.unsettled, done)?;
         }
         if self.open_dirs.is_empty() && !parent_path.is_empty() {
             bail!("{} comes before its parent directory", show(&entry.path));
         }
-        let parent = match self.open_dirs.last() {
-            Some(d) => d.fd.as_fd(),
-            None => self.temp.as_fd(),
+        let parent_dir = match self.open_dirs.last() {
+            Some(d) => d.dir.clone(),
+            None => self.top.clone(),
         };
+        let parent = parent_dir.fd.as_fd();
         let name = OsStr::from_bytes(name);
+        if let EntryKind::File { size } = entry.kind
+            && size <= writers::HANDED_MAX
+        {
+            let file = OpenFile {
+                entry: i,
+                ordinal: self.new_file_ordinal(),
+                content: Content::Gathered(Vec::with_capacity(size as usize), parent_dir.clone()),
+                left: size,
+            };
+            return match size {
+                0 => self.close_file(file),
+                _ => {
+                    self.file = Some(file);
+                    Ok(())
+                }
+            };
+        }
         let created = match &entry.kind {
             EntryKind::Dir => rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700))
                 .and_then(|()| open_dir(parent, name).map_err(errno_of)),
@@ -218,18 +267,17 @@ impl Restorer {
         };
         let fd = created.map_err(|e| self.creation_error(i, e))?;
         match entry.kind {
-            EntryKind::Dir => self.open_dirs.push(OpenDir { entry: i, fd }),
+            EntryKind::Dir => self.open_dirs.push(OpenDir {
+                entry: i,
+                dir: Parent::new(fd),
+            }),
             EntryKind::File { size } => {
-                let file = OpenFile {
+                self.file = Some(OpenFile {
                     entry: i,
-                    file: File::from(fd),
+                    ordinal: self.new_file_ordinal(),
+                    content: Content::Direct(File::from(fd)),
                     left: size,
-                };
-                if size == 0 {
-                    self.close_file(file)?;
-                } else {
-                    self.file = Some(file);
-                }
+                });
             }
             EntryKind::Symlink { .. } => unreachable!("created above"),
         }
@@ -246,15 +294,16 @@ impl Restorer {
         }
         let (parent, name) = split_path(path);
         let folded = String::from_utf8_lossy(name).to_lowercase();
-        let other = self.entries[..i].iter().rev().find(|e| {
+        // Files are created on several threads, so the other may come later.
+        let other = self.entries.iter().enumerate().find(|(j, e)| {
             let (p, n) = split_path(&e.path);
-            p == parent && String::from_utf8_lossy(n).to_lowercase() == folded
+            *j != i && p == parent && String::from_utf8_lossy(n).to_lowercase() == folded
         });
         match other {
-            Some(other) => anyhow::anyhow!(
+            Some((j, _)) => anyhow::anyhow!(
                 "{} and {} name the same file on the filesystem of {} (it ignores case); this tree cannot be restored there",
-                show(&other.path),
-                show(path),
+                show(&self.entries[i.min(j)].path),
+                show(&self.entries[i.max(j)].path),
                 self.dest.display()
             ),
             None => anyhow::anyhow!(
@@ -265,24 +314,82 @@ impl Restorer {
         }
     }
 
+    /// A slot for the next file's stamp; its number.
+    fn new_file_ordinal(&mut self) -> usize {
+        self.stamps.push(None);
+        self.stamps.len() - 1
+    }
+
     fn close_file(&mut self, f: OpenFile) -> anyhow::Result<()> {
         let e = &self.entries[f.entry];
-        complete_file(f.file.as_fd(), e)?;
         // A top-level file is renamed into DIR by the swap, which changes its ctime
         // (not when the whole tree is renamed into a new DIR).
         let top_level = !e.path.contains(&b'/') && self.new_name.is_none();
-        let stamp = match top_level {
-            true => None,
-            false => f.file.metadata().ok().map(|m| Stamp::of(&m)),
-        };
-        self.stamps.push(stamp);
+        match f.content {
+            Content::Direct(file) => {
+                complete_file(file.as_fd(), e)?;
+                if !top_level {
+                    self.stamps[f.ordinal] = file.metadata().ok().map(|m| Stamp::of(&m));
+                }
+            }
+            Content::Gathered(data, parent) => {
+                let name = OsStr::from_bytes(split_path(&e.path).1).to_os_string();
+                self.writers.write(SmallFile {
+                    entry: f.entry,
+                    ordinal: f.ordinal,
+                    parent,
+                    name,
+                    meta: e.clone(),
+                    data,
+                    stamp: !top_level,
+                })?;
+                self.take_reports()?;
+            }
+        }
         Ok(())
     }
 
-    fn close_dir(&self, d: OpenDir) -> anyhow::Result<()> {
-        let e = &self.entries[d.entry];
-        finalize(d.fd.as_fd(), e)
-            .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)))
+    /// Takes what the writers finished: their stamps, their first failure, and the
+    /// directories that no file is being written in any more.
+    fn take_reports(&mut self) -> anyhow::Result<()> {
+        loop {
+            let report = self.writers.reports().next();
+            match report {
+                Some(report) => self.take_report(report)?,
+                None => break,
+            }
+        }
+        let mut i = 0;
+        while i < self.unsettled.len() {
+            match self.unsettled[i].dir.settled() {
+                true => finalize_dir(&self.entries, self.unsettled.swap_remove(i))?,
+                false => i += 1,
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for every file handed to the writers, then sets the times of the
+    /// directories that waited for them.
+    fn wait_for_writers(&mut self) -> anyhow::Result<()> {
+        for report in self.writers.drain()? {
+            self.take_report(report)?;
+        }
+        for d in std::mem::take(&mut self.unsettled) {
+            finalize_dir(&self.entries, d)?;
+        }
+        Ok(())
+    }
+
+    fn take_report(&mut self, (ordinal, result): writers::Done) -> anyhow::Result<()> {
+        match result {
+            Ok(stamp) => {
+                self.stamps[ordinal] = stamp;
+                Ok(())
+            }
+            Err(Failure::Create { entry, errno }) => Err(self.creation_error(entry, errno)),
+            Err(Failure::Other(e)) => Err(e),
+        }
     }
 
     /// Completes the tree (entries after the last file, directory modes and times) and
@@ -297,8 +404,9 @@ impl Restorer {
                 show(&self.entries[f.entry].path)
             );
         }
+        self.wait_for_writers()?;
         while let Some(d) = self.open_dirs.pop() {
-            self.close_dir(d)?;
+            close_dir(&self.entries, &mut self.unsettled, d)?;
         }
         // A job cancelled while the tree was completed leaves DIR as it was.
         if crate::ui::cancelled() {
@@ -530,9 +638,12 @@ impl Write for Restorer {
                 .len()
                 .min(usize::try_from(f.left).unwrap_or(usize::MAX));
             let path = &self.entries[f.entry].path;
-            f.file.write_all(&data[..n]).map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot write {}: {e}", show(path)))
-            })?;
+            match &mut f.content {
+                Content::Direct(file) => file.write_all(&data[..n]).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot write {}: {e}", show(path)))
+                })?,
+                Content::Gathered(gathered, _) => gathered.extend_from_slice(&data[..n]),
+            }
             f.left -= n as u64;
             data = &data[n..];
             if f.left == 0 {
@@ -554,8 +665,11 @@ impl Drop for Restorer {
     /// Removes what an unfinished restore built, and DIR itself when this restore
     /// created it (it is then empty again).
     fn drop(&mut self) {
+        // The writers finish with the temp tree before it is removed.
+        self.writers.stop();
         self.file = None;
         self.open_dirs.clear();
+        self.unsettled.clear();
         if let Some(name) = self.temp_name.take() {
             let _ = temp::remove_tree(self.root.as_fd(), &name);
         }
@@ -563,6 +677,24 @@ impl Drop for Restorer {
             let _ = std::fs::remove_dir(&self.dest);
         }
     }
+}
+
+/// Sets a complete directory's mode and times, now or, while files in it are still
+/// being written (which changes its times), once they are (see `unsettled`).
+fn close_dir(entries: &[Entry], unsettled: &mut Vec<OpenDir>, d: OpenDir) -> anyhow::Result<()> {
+    match d.dir.settled() {
+        true => finalize_dir(entries, d),
+        false => {
+            unsettled.push(d);
+            Ok(())
+        }
+    }
+}
+
+fn finalize_dir(entries: &[Entry], d: OpenDir) -> anyhow::Result<()> {
+    let e = &entries[d.entry];
+    finalize(d.dir.fd.as_fd(), e)
+        .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)))
 }
 
 /// Refuses a tree of `needed` bytes that the filesystem `dest` is (or would be) on has

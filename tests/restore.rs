@@ -463,3 +463,47 @@ fn on_a_case_insensitive_filesystem_names_differing_in_case_never_alias() {
     assert_eq!(std::fs::read(dir.join("d/x")).unwrap(), b"payload");
     assert!(dir.join("precious").exists());
 }
+
+/// Small files are written on several threads, and each directory waits, holding a
+/// handle, until the files in it are written before its times are set. A tree of many
+/// directories of one or two files each restores exactly (directory times too) with
+/// the 256 handles macOS gives a process by default; 128 here, with room for sockets.
+#[test]
+fn many_small_directories_restore_exactly_within_a_small_handle_limit() {
+    use std::os::unix::process::CommandExt;
+    let env = TestEnv::s3("handles");
+    for d in 0..400 {
+        env.write(&format!("src/d{d:03}/f"), format!("file {d}"));
+        if d % 3 == 0 {
+            env.write(&format!("src/d{d:03}/sub/g"), random_bytes(3000, d as u64));
+        }
+    }
+    let src = env.path("src");
+    sh(
+        &format!(
+            "find '{}' -exec touch -h -d '2021-02-03 04:05:06.789' {{}} +",
+            src.display()
+        ),
+        env.dir.path(),
+    );
+    env.run(["dir", "upload", "many", src.to_str().unwrap()])
+        .ok();
+    let out = env.path("out");
+    let mut cmd = env.cmd(["dir", "download", "many", out.to_str().unwrap()]);
+    // SAFETY: setrlimit is async-signal-safe and touches nothing of the parent's.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 128,
+                rlim_max: 128,
+            };
+            match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    let run = crate::util::Run::of(cmd.output().expect("run cacher"));
+    run.ok();
+    assert_eq!(snapshot(&out), snapshot(&src));
+}

@@ -35,7 +35,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn from(out: Output) -> Run {
+    pub fn of(out: Output) -> Run {
         Run {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -175,7 +175,7 @@ impl TestEnv {
         children
             .into_iter()
             .map(|child| {
-                let run = Run::from(child.wait_with_output().expect("wait for cacher"));
+                let run = Run::of(child.wait_with_output().expect("wait for cacher"));
                 run.ok();
                 run
             })
@@ -188,7 +188,7 @@ impl TestEnv {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        Run::from(self.cmd(args).output().expect("run cacher"))
+        Run::of(self.cmd(args).output().expect("run cacher"))
     }
 }
 
@@ -240,7 +240,7 @@ impl TestEnv {
         for (n, v) in &self.vars {
             cmd.env(n, v);
         }
-        Run::from(cmd.output().expect("run setpriv"))
+        Run::of(cmd.output().expect("run setpriv"))
     }
 
     /// Makes `path` (and everything below it) owned by [`NOBODY`].
