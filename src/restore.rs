@@ -834,14 +834,35 @@ pub(crate) fn errno_of(e: io::Error) -> Errno {
 /// The names in a directory, without `.` and `..`.
 pub(crate) fn list_names(dir: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
     let mut names = Vec::new();
-    for entry in rustix::fs::Dir::read_from(dir)? {
-        let name = entry?.file_name().to_bytes().to_vec();
+    for_each_name(dir, |name| {
         if name != b"." && name != b".." {
-            names.push(OsString::from(OsStr::from_bytes(&name)));
+            names.push(OsStr::from_bytes(name).to_os_string());
         }
-    }
+    })?;
     names.sort();
     Ok(names)
+}
+
+/// Calls `f` with each name in the directory `dir`, read from its start.
+// Through `dir` itself: `Dir::read_from` opens the directory again and asks its flags,
+// three more system calls per directory, a third of an in-place restore's walk.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn for_each_name(dir: BorrowedFd<'_>, mut f: impl FnMut(&[u8])) -> io::Result<()> {
+    rustix::fs::seek(dir, rustix::fs::SeekFrom::Start(0))?;
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
+    let mut entries = rustix::fs::RawDir::new(dir, &mut buf);
+    while let Some(entry) = entries.next() {
+        f(entry?.file_name().to_bytes());
+    }
+    Ok(())
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn for_each_name(dir: BorrowedFd<'_>, mut f: impl FnMut(&[u8])) -> io::Result<()> {
+    for entry in rustix::fs::Dir::read_from(dir)? {
+        f(entry?.file_name().to_bytes());
+    }
+    Ok(())
 }
 
 /// `(parent, name)` of a relative `/`-separated path; the parent of a top-level entry
