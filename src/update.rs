@@ -131,11 +131,10 @@ pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
     let old = Stream::of(&recorded_table);
     let fresh = Stream::of(&new.table);
     // Which recorded files still hold the recorded bytes (with their mode and mtime
-    // now). A path is looked up through its directories; the update opens them
-    // refusing symlinks, so a file is only taken as intact when none of them is one.
-    // Files of one directory come one after another (tree order): each run of them is
-    // looked at through its directory's handle, which resolves one name a file instead
-    // of its whole path.
+    // now). Files of one directory come one after another (tree order): each run of
+    // them is looked at through its directory's handle, opened a name at a time
+    // through its parent's, refusing symlinks as the update does, so a file is only
+    // taken as intact when no directory above it is one.
     let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
     for k in 0..recorded.len() {
         match runs.last_mut() {
@@ -145,61 +144,48 @@ pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
             _ => runs.push(k..k + 1),
         }
     }
-    let mut parents: Vec<&[u8]> = runs
-        .iter()
-        .flat_map(|run| ancestors(recorded.path(run.start)))
-        .collect();
-    parents.sort_unstable();
-    parents.dedup();
-    let real_dirs: HashSet<&[u8]> = parents
-        .par_iter()
-        .filter(|p| {
-            std::fs::symlink_metadata(dir.join(OsStr::from_bytes(p))).is_ok_and(|m| m.is_dir())
-        })
-        .copied()
-        .collect();
     // SAFETY: geteuid cannot fail and touches no memory.
     let euid = unsafe { libc::geteuid() };
+    let root = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok();
     let intact: Vec<Option<Intact>> = runs
-        .par_iter()
-        .flat_map_iter(|run| {
-            let path = recorded.path(run.start);
-            let handle = ancestors(path)
-                .all(|p| real_dirs.contains(p))
-                .then(|| {
-                    rustix::fs::open(
-                        dir.join(OsStr::from_bytes(parent(path))),
-                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
+        .par_chunks(RUNS_PER_WALKER)
+        .flat_map_iter(|group| {
+            let mut walker = root.as_ref().map(|root| DirWalker::new(root.as_fd()));
+            let mut intact = Vec::with_capacity(group.iter().map(|r| r.len()).sum());
+            for run in group {
+                let path = recorded.path(run.start);
+                let handle = walker.as_mut().and_then(|w| w.open(parent(path)).ok());
+                intact.extend(run.clone().map(|k| {
+                    let (path, stamp) = (recorded.path(k), recorded.stamp(k)?);
+                    let name = path.rsplit(|b| *b == b'/').next().unwrap_or(path);
+                    let st = rustix::fs::statat(
+                        handle?,
+                        OsStr::from_bytes(name),
+                        AtFlags::SYMLINK_NOFOLLOW,
                     )
-                    .ok()
-                })
-                .flatten();
-            let recorded = &recorded;
-            run.clone().map(move |k| {
-                let (path, stamp) = (recorded.path(k), recorded.stamp(k)?);
-                let name = path.rsplit(|b| *b == b'/').next().unwrap_or(path);
-                let st = rustix::fs::statat(
-                    handle.as_ref()?,
-                    OsStr::from_bytes(name),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .ok()?;
-                let file_type =
-                    rustix::fs::FileType::from_raw_mode(st.st_mode as rustix::fs::RawMode);
-                let mode = st.st_mode as u32;
-                (Stamp::of_stat(&st) == stamp && file_type == rustix::fs::FileType::RegularFile)
-                    .then_some(Intact {
-                        mode,
-                        mtime: (st.st_mtime as i64, st.st_mtime_nsec as u32),
-                        // Setting a mode and mtime needs the owner's handle (readable), and
-                        // must not reach other names of the same file (hard links, a pnpm
-                        // store).
-                        touchable: mode & 0o400 != 0
-                            && st.st_nlink == 1
-                            && (st.st_uid == euid || euid == 0),
-                    })
-            })
+                    .ok()?;
+                    let file_type =
+                        rustix::fs::FileType::from_raw_mode(st.st_mode as rustix::fs::RawMode);
+                    let mode = st.st_mode as u32;
+                    (Stamp::of_stat(&st) == stamp && file_type == rustix::fs::FileType::RegularFile)
+                        .then_some(Intact {
+                            mode,
+                            mtime: (st.st_mtime as i64, st.st_mtime_nsec as u32),
+                            // Setting a mode and mtime needs the owner's handle (readable),
+                            // and must not reach other names of the same file (hard links,
+                            // a pnpm store).
+                            touchable: mode & 0o400 != 0
+                                && st.st_nlink == 1
+                                && (st.st_uid == euid || euid == 0),
+                        })
+                }));
+            }
+            intact
         })
         .collect();
     let local = local_chunks(&old, &recorded, &intact);
@@ -320,6 +306,10 @@ pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
     plan
 }
 
+/// Runs of files (one directory each) a plan's walker takes in turn: each walker
+/// opens the directories above its first run afresh.
+const RUNS_PER_WALKER: usize = 64;
+
 /// An index into a tree's entries or files, which are far fewer than 2^32.
 fn to_u32(i: usize) -> u32 {
     u32::try_from(i).expect("a tree has fewer than 2^32 entries")
@@ -330,14 +320,6 @@ fn parent(path: &[u8]) -> &[u8] {
     path.iter()
         .rposition(|b| *b == b'/')
         .map_or(&path[..0], |i| &path[..i])
-}
-
-/// The directories above a relative path, outermost first (`a`, `a/b` for `a/b/c`).
-fn ancestors(path: &[u8]) -> impl Iterator<Item = &[u8]> {
-    path.iter()
-        .enumerate()
-        .filter(|(_, b)| **b == b'/')
-        .map(move |(i, _)| &path[..i])
 }
 
 /// A recorded file that still holds the recorded bytes, as it is now.

@@ -504,9 +504,28 @@ fn a_recorded_directory_now_a_symlink_is_replaced_not_read_through() {
     env.run(["dir", "download", "t/2", fresh.to_str().unwrap()])
         .ok();
 
-    env.run(["dir", "download", "t/2", work.to_str().unwrap(), "--delete"])
-        .ok();
+    let run = env.run([
+        "dir",
+        "download",
+        "t/2",
+        work.to_str().unwrap(),
+        "--delete",
+        "--json",
+    ]);
+    let stats = json_stats(&run.ok().stdout);
     assert_same(&snapshot(&work), &snapshot(&fresh));
     assert!(work.join("pkg010").symlink_metadata().unwrap().is_dir());
     assert_same(&snapshot(&moved), &outside);
+    // None of the files behind the symlink was taken as already in place: that would
+    // have vouched for files outside DIR.
+    let files = |dir: &std::path::Path| {
+        walkdir::WalkDir::new(dir)
+            .into_iter()
+            .filter(|e| e.as_ref().unwrap().file_type().is_file())
+            .count() as u64
+    };
+    let (all, behind) = (files(&work), files(&work.join("pkg010")));
+    assert!(behind > 0);
+    let unchanged = stats["unchanged_files"].as_u64().unwrap();
+    assert!(unchanged > 0 && unchanged <= all - behind, "{stats}");
 }
