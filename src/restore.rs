@@ -12,6 +12,9 @@
 //!   way moves everything back. Any failure before that removes the temp dir and leaves
 //!   DIR as it was.
 //! - setuid, setgid and sticky bits are never restored.
+//! - Small files are gathered whole and created by writer threads (`writers`), each
+//!   through its parent's handle as above; a directory's own mode and times are set
+//!   once the files in it are written, and the swap waits for all of them.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
