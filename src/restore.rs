@@ -63,8 +63,9 @@ enum Content {
     Gathered(Vec<u8>, Arc<Parent>),
 }
 
-/// Directories left waiting for the writers at most: each holds a handle, and macOS
-/// gives a process 256 by default.
+/// Directories left waiting for the writers before the restore waits for all of them
+/// (plus those one entry closes at once, at most the depth of the tree): each holds a
+/// handle, and macOS gives a process 256 by default.
 const MAX_UNSETTLED: usize = 64;
 
 /// What a finished restore put in place.
@@ -91,9 +92,8 @@ pub struct Restorer {
     new_name: Option<OsString>,
     created_dest: bool,
     temp_name: Option<OsString>,
-    temp: OwnedFd,
-    /// The temp dir again, as the directory top-level files are created in.
-    top: Arc<Parent>,
+    /// The temp dir, which top-level entries are created in.
+    temp: Arc<Parent>,
     entries: Vec<Entry>,
     next: usize,
     open_dirs: Vec<OpenDir>,
@@ -148,8 +148,7 @@ impl Restorer {
         };
         let mut restorer = Restorer {
             dest: dest.to_path_buf(),
-            temp: root.try_clone()?,
-            top: Parent::new(root.try_clone()?),
+            temp: Parent::new(root.try_clone()?),
             root,
             root_path,
             new_name,
@@ -160,7 +159,7 @@ impl Restorer {
             open_dirs: Vec::new(),
             unsettled: Vec::new(),
             file: None,
-            writers: Writers::start(),
+            writers: Writers::start()?,
             stamps: Vec::new(),
             mirror: false,
         };
@@ -175,13 +174,13 @@ impl Restorer {
             },
         )?;
         restorer.temp_name = Some(name.clone());
-        restorer.temp = open_dir(restorer.root.as_fd(), &name).with_context(|| {
+        let temp = open_dir(restorer.root.as_fd(), &name).with_context(|| {
             format!(
                 "cannot open the temp dir in {}",
                 restorer.root_path.display()
             )
         })?;
-        restorer.top = Parent::new(restorer.temp.try_clone()?);
+        restorer.temp = Parent::new(temp);
         restorer.advance()?;
         Ok(restorer)
     }
@@ -209,7 +208,7 @@ impl Restorer {
     }
 
     fn create_entry(&mut self, i: usize) -> anyhow::Result<()> {
-        if self.unsettled.len() > MAX_UNSETTLED {
+        if self.unsettled.len() >= MAX_UNSETTLED {
             self.wait_for_writers()?;
         }
         let entry = &self.entries[i];
@@ -226,7 +225,7 @@ impl Restorer {
         }
         let parent_dir = match self.open_dirs.last() {
             Some(d) => d.dir.clone(),
-            None => self.top.clone(),
+            None => self.temp.clone(),
         };
         let parent = parent_dir.fd.as_fd();
         let name = OsStr::from_bytes(name);
@@ -334,6 +333,8 @@ impl Restorer {
                 if !top_level {
                     self.stamps[f.ordinal] = file.metadata().ok().map(|m| Stamp::of(&m));
                 }
+                // A writer's failure ends the restore now, not after the stream.
+                self.take_reports()?;
             }
             Content::Gathered(data, parent) => {
                 let name = OsStr::from_bytes(split_path(&e.path).1).to_os_string();
@@ -355,12 +356,8 @@ impl Restorer {
     /// Takes what the writers finished: their stamps, their first failure, and the
     /// directories that no file is being written in any more.
     fn take_reports(&mut self) -> anyhow::Result<()> {
-        loop {
-            let report = self.writers.reports().next();
-            match report {
-                Some(report) => self.take_report(report)?,
-                None => break,
-            }
+        while let Some(report) = self.writers.try_report() {
+            self.take_report(report)?;
         }
         let mut i = 0;
         while i < self.unsettled.len() {
@@ -391,6 +388,10 @@ impl Restorer {
                 Ok(())
             }
             Err(Failure::Create { entry, errno }) => Err(self.creation_error(entry, errno)),
+            Err(Failure::Panicked { entry }) => Err(anyhow::anyhow!(
+                "cannot write {}: its writer thread panicked",
+                show(&self.entries[entry].path)
+            )),
             Err(Failure::Other(e)) => Err(e),
         }
     }
@@ -487,8 +488,9 @@ impl Restorer {
         let mode = rustix::fs::mkdirat(&self.root, &probe, Mode::from_raw_mode(0o777))
             .and_then(|()| rustix::fs::statat(&self.root, &probe, AtFlags::SYMLINK_NOFOLLOW));
         let _ = rustix::fs::unlinkat(&self.root, &probe, AtFlags::REMOVEDIR);
-        let set = mode
-            .and_then(|st| rustix::fs::fchmod(&self.temp, Mode::from_raw_mode(st.st_mode & 0o777)));
+        let set = mode.and_then(|st| {
+            rustix::fs::fchmod(&self.temp.fd, Mode::from_raw_mode(st.st_mode & 0o777))
+        });
         if let Err(e) = set {
             // The tree is in place: a mode is not worth failing the restore for.
             ui::warn(format!(
@@ -523,7 +525,7 @@ impl Restorer {
 
     /// Moves every top-level entry of the temp dir into DIR (see the module doc).
     fn swap_in(&self) -> anyhow::Result<()> {
-        let names = list_names(self.temp.as_fd())
+        let names = list_names(self.temp.fd.as_fd())
             .with_context(|| format!("cannot list the restored tree in {}", self.dest.display()))?;
         let tag = format!("{ASIDE_PREFIX}{:08x}-", fastrand::u32(..));
         let mut aside: Vec<(&OsString, OsString)> = Vec::new();
@@ -554,7 +556,7 @@ impl Restorer {
             for name in &names {
                 // A directory changing parents needs owner write permission on itself
                 // (its `..` entry changes): grant it for the move, restore it after.
-                let dir = open_dir(self.temp.as_fd(), name).ok();
+                let dir = open_dir(self.temp.fd.as_fd(), name).ok();
                 let dir = match dir {
                     Some(fd) => {
                         let stat = rustix::fs::fstat(&fd)?;
@@ -566,8 +568,8 @@ impl Restorer {
                     }
                     None => None,
                 };
-                let identity = identity_of(self.temp.as_fd(), name)?;
-                rename_noreplace(self.temp.as_fd(), name, self.root.as_fd(), name)
+                let identity = identity_of(self.temp.fd.as_fd(), name)?;
+                rename_noreplace(self.temp.fd.as_fd(), name, self.root.as_fd(), name)
                     .with_context(|| format!("cannot move {} into place", self.shown(name)))?;
                 moved.push((name, identity, dir));
             }
@@ -580,7 +582,7 @@ impl Restorer {
                 // Only what this restore moved in: a concurrent restore may have
                 // replaced it since.
                 if identity_of(self.root.as_fd(), name).ok() == Some(*identity) {
-                    let _ = rename_noreplace(self.root.as_fd(), name, self.temp.as_fd(), name);
+                    let _ = rename_noreplace(self.root.as_fd(), name, self.temp.fd.as_fd(), name);
                 }
             }
             for (name, to) in aside.iter().rev() {

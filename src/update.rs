@@ -134,7 +134,9 @@ pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
     // now). Files of one directory come one after another (tree order): each run of
     // them is looked at through its directory's handle, opened a name at a time
     // through its parent's, refusing symlinks as the update does, so a file is only
-    // taken as intact when no directory above it is one.
+    // taken as intact when no directory above it is one. (Opening needs read
+    // permission where a path lookup needs search only; the update opens every
+    // directory to read it anyway.)
     let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
     for k in 0..recorded.len() {
         match runs.last_mut() {

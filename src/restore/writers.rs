@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -72,6 +72,10 @@ pub(super) enum Failure {
         entry: usize,
         errno: Errno,
     },
+    /// Its writer panicked.
+    Panicked {
+        entry: usize,
+    },
     Other(anyhow::Error),
 }
 
@@ -90,9 +94,9 @@ pub(super) struct Writers {
 }
 
 impl Writers {
-    /// As many writers as cores, and at least two (the syscalls wait on the
-    /// filesystem, not only on the CPU).
-    pub fn start() -> Writers {
+    /// As many writers as cores, from two (the system calls wait on the filesystem,
+    /// not only on the CPU) to eight (the calls of one directory share its lock).
+    pub fn start() -> anyhow::Result<Writers> {
         let count = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .clamp(2, 8);
@@ -102,39 +106,20 @@ impl Writers {
         let threads = (0..count)
             .map(|_| {
                 let (queue, report) = (queue.clone(), report.clone());
-                std::thread::spawn(move || {
-                    loop {
-                        let batch = queue.lock().expect("queue lock").recv();
-                        let Ok(batch) = batch else { break };
-                        for job in batch {
-                            let ordinal = job.ordinal;
-                            let parent = job.parent.clone();
-                            // A panic is reported as a failure: a writer that vanished
-                            // would leave its file's directory waiting forever.
-                            let result =
-                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                    write_small(job)
-                                }))
-                                .unwrap_or_else(|_| {
-                                    Err(Failure::Other(anyhow::anyhow!("a file writer panicked")))
-                                });
-                            parent.pending.fetch_sub(1, Ordering::AcqRel);
-                            if report.send((ordinal, result)).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                })
+                std::thread::Builder::new()
+                    .name("cacher-writer".into())
+                    .spawn(move || work(&queue, &report))
             })
-            .collect();
-        Writers {
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| anyhow::anyhow!("cannot start the file writers: {e}"))?;
+        Ok(Writers {
             jobs: Some(jobs),
             batch: Vec::with_capacity(BATCH_FILES),
             batch_bytes: 0,
             done,
             threads,
             outstanding: 0,
-        }
+        })
     }
 
     /// Hands `file` to a writer (with the next ones, in a batch), waiting while the
@@ -167,15 +152,15 @@ impl Writers {
         Ok(())
     }
 
-    /// The reports of files written since the last call, without waiting.
-    pub fn reports(&mut self) -> impl Iterator<Item = Done> + '_ {
-        std::iter::from_fn(|| match self.done.try_recv() {
+    /// The report of a file written, if one is in, without waiting.
+    pub fn try_report(&mut self) -> Option<Done> {
+        match self.done.try_recv() {
             Ok(done) => {
                 self.outstanding -= 1;
                 Some(done)
             }
             Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
-        })
+        }
     }
 
     /// Waits for every file handed over and returns their reports.
@@ -190,6 +175,14 @@ impl Writers {
                 }
                 Err(_) => break, // every writer is gone
             }
+        }
+        // Only a writer killed outside a panic could leave files unreported: the tree
+        // would lack them.
+        if self.outstanding > 0 {
+            anyhow::bail!(
+                "the file writers stopped with {} files unwritten",
+                self.outstanding
+            );
         }
         Ok(all)
     }
@@ -208,6 +201,26 @@ impl Writers {
 impl Drop for Writers {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A writer thread: writes the batches of `queue` and reports each file.
+fn work(queue: &Mutex<Receiver<Vec<SmallFile>>>, report: &Sender<Done>) {
+    loop {
+        let batch = queue.lock().expect("queue lock").recv();
+        let Ok(batch) = batch else { return };
+        for job in batch {
+            let (ordinal, entry, parent) = (job.ordinal, job.entry, job.parent.clone());
+            // A panic is reported as a failure: a writer that vanished would leave its
+            // file's directory waiting forever.
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write_small(job)))
+                    .unwrap_or(Err(Failure::Panicked { entry }));
+            parent.pending.fetch_sub(1, Ordering::AcqRel);
+            if report.send((ordinal, result)).is_err() {
+                return;
+            }
+        }
     }
 }
 
