@@ -327,6 +327,14 @@ fn sigterm_during_a_restore_exits_143_and_leaves_dir_untouched() {
     for i in 0..6 {
         env.write(&format!("src/f{i}"), random_bytes(2 * 1024 * 1024, 70 + i));
     }
+    // Small files (written by the writer threads) before and after the large ones.
+    for i in 0..200 {
+        let dir = if i % 2 == 0 { "a" } else { "g" };
+        env.write(
+            &format!("src/{dir}{}/s{i}", i % 20),
+            random_bytes(3000, 100 + i),
+        );
+    }
     env.run(["dir", "upload", "k", env.path("src").to_str().unwrap()])
         .ok();
     let proxy = Proxy::start(&server().endpoint);
