@@ -209,7 +209,7 @@ impl Restorer {
 
     fn create_entry(&mut self, i: usize) -> anyhow::Result<()> {
         if self.unsettled.len() >= MAX_UNSETTLED {
-            self.wait_for_writers()?;
+            self.settle_some()?;
         }
         let entry = &self.entries[i];
         let (parent_path, name) = split_path(&entry.path);
@@ -359,12 +359,20 @@ impl Restorer {
         while let Some(report) = self.writers.try_report() {
             self.take_report(report)?;
         }
-        let mut i = 0;
-        while i < self.unsettled.len() {
-            match self.unsettled[i].dir.settled() {
-                true => finalize_dir(&self.entries, self.unsettled.swap_remove(i))?,
-                false => i += 1,
+        self.finalize_settled()
+    }
+
+    /// Waits for the writers until at most half of [`MAX_UNSETTLED`] directories wait
+    /// for them, setting the times of the others: half, not none, so the writers keep
+    /// busy with what is queued meanwhile.
+    fn settle_some(&mut self) -> anyhow::Result<()> {
+        self.writers.flush()?;
+        while self.unsettled.len() > MAX_UNSETTLED / 2 {
+            match self.writers.wait_report()? {
+                Some(report) => self.take_report(report)?,
+                None => break,
             }
+            self.finalize_settled()?;
         }
         Ok(())
     }
@@ -372,11 +380,20 @@ impl Restorer {
     /// Waits for every file handed to the writers, then sets the times of the
     /// directories that waited for them.
     fn wait_for_writers(&mut self) -> anyhow::Result<()> {
-        for report in self.writers.drain()? {
+        self.writers.flush()?;
+        while let Some(report) = self.writers.wait_report()? {
             self.take_report(report)?;
         }
-        for d in std::mem::take(&mut self.unsettled) {
-            finalize_dir(&self.entries, d)?;
+        self.finalize_settled()
+    }
+
+    fn finalize_settled(&mut self) -> anyhow::Result<()> {
+        let mut i = 0;
+        while i < self.unsettled.len() {
+            match self.unsettled[i].dir.settled() {
+                true => finalize_dir(&self.entries, self.unsettled.swap_remove(i))?,
+                false => i += 1,
+            }
         }
         Ok(())
     }

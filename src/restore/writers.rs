@@ -163,28 +163,29 @@ impl Writers {
         }
     }
 
-    /// Waits for every file handed over and returns their reports.
-    pub fn drain(&mut self) -> anyhow::Result<Vec<Done>> {
-        self.send_batch()?;
-        let mut all = Vec::with_capacity(self.outstanding);
-        while self.outstanding > 0 {
-            match self.done.recv() {
-                Ok(done) => {
-                    self.outstanding -= 1;
-                    all.push(done);
-                }
-                Err(_) => break, // every writer is gone
-            }
+    /// Hands over the files gathered so far, without waiting for a full batch.
+    pub fn flush(&mut self) -> anyhow::Result<()> {
+        self.send_batch()
+    }
+
+    /// The next report, waiting for it; `None` once every file handed over is
+    /// reported.
+    pub fn wait_report(&mut self) -> anyhow::Result<Option<Done>> {
+        if self.outstanding == 0 {
+            return Ok(None);
         }
-        // Only a writer killed outside a panic could leave files unreported: the tree
-        // would lack them.
-        if self.outstanding > 0 {
-            anyhow::bail!(
+        match self.done.recv() {
+            Ok(done) => {
+                self.outstanding -= 1;
+                Ok(Some(done))
+            }
+            // Only a writer killed outside a panic leaves files unreported: the tree
+            // would lack them.
+            Err(_) => anyhow::bail!(
                 "the file writers stopped with {} files unwritten",
                 self.outstanding
-            );
+            ),
         }
-        Ok(all)
     }
 
     /// Stops the writers once the queue is empty and waits for them; the files queued
