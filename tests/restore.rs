@@ -478,7 +478,6 @@ fn on_a_case_insensitive_filesystem_names_differing_in_case_never_alias() {
 /// the 256 handles macOS gives a process by default; 128 here, with room for sockets.
 #[test]
 fn many_small_directories_restore_exactly_within_a_small_handle_limit() {
-    use std::os::unix::process::CommandExt;
     let env = TestEnv::s3("handles");
     for d in 0..400 {
         env.write(&format!("src/d{d:03}/f"), format!("file {d}"));
@@ -498,19 +497,7 @@ fn many_small_directories_restore_exactly_within_a_small_handle_limit() {
         .ok();
     let out = env.path("out");
     let mut cmd = env.cmd(["dir", "download", "many", out.to_str().unwrap()]);
-    // SAFETY: setrlimit is async-signal-safe and touches nothing of the parent's.
-    unsafe {
-        cmd.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 128,
-                rlim_max: 128,
-            };
-            match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
-                0 => Ok(()),
-                _ => Err(std::io::Error::last_os_error()),
-            }
-        });
-    }
+    crate::util::limit_open_files(&mut cmd, 128);
     let run = crate::util::Run::of(cmd.output().expect("run cacher"));
     run.ok();
     assert_eq!(snapshot(&out), snapshot(&src));

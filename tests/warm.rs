@@ -343,7 +343,6 @@ fn bytes_that_move_across_a_file_boundary_are_written_not_kept() {
 
 #[test]
 fn a_wide_tree_is_scanned_and_updated_within_a_small_open_file_limit() {
-    use std::os::unix::process::CommandExt;
     let env = TestEnv::s3("wide");
     for d in 0..300 {
         env.write(&format!("wide/dir{d:03}/f"), format!("{d}\n"));
@@ -351,19 +350,7 @@ fn a_wide_tree_is_scanned_and_updated_within_a_small_open_file_limit() {
     let wide = env.path("wide");
     let limited = |args: &[&str]| {
         let mut cmd = env.cmd(args);
-        // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
-        unsafe {
-            cmd.pre_exec(|| {
-                let limit = libc::rlimit {
-                    rlim_cur: 128,
-                    rlim_max: 128,
-                };
-                match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
-                    0 => Ok(()),
-                    _ => Err(std::io::Error::last_os_error()),
-                }
-            });
-        }
+        crate::util::limit_open_files(&mut cmd, 128);
         let out = cmd.output().unwrap();
         assert!(
             out.status.success(),
