@@ -158,8 +158,9 @@ pub(super) fn format_time(t: Option<SystemTime>) -> String {
 
 /// The local UTC offset at `unix` seconds, from the C library (which reads `TZ` and
 /// /etc/localtime); UTC when it cannot tell.
-// `time_t` is i64 on every target cacher ships for.
-#[allow(clippy::unnecessary_cast)]
+// `time_t` is i64 on every target cacher ships for; the libc crate marks the alias
+// deprecated on musl only because its width there changed once (musl 1.2).
+#[allow(clippy::unnecessary_cast, deprecated)]
 fn local_offset(unix: i64) -> UtcOffset {
     let secs = unix as libc::time_t;
     // SAFETY: localtime_r only writes the `tm` it is given; a zeroed `tm` is valid.
