@@ -590,6 +590,33 @@ fn a_tree_past_the_readers_limits_is_refused_at_upload() {
 }
 
 #[test]
+fn a_scan_failing_deep_in_the_tree_publishes_nothing() {
+    let env = TestEnv::s3("dirlatefail");
+    // Cutting starts on the first parts of the tree while the scan walks on, so chunks
+    // may be on their way when it fails: 20 MiB come first in tree order, and only
+    // past them a directory too deep to store.
+    env.write("src/a/blob.bin", random_bytes(20 * 1024 * 1024, 3));
+    sh(
+        "cd src && mkdir -p z && cd z && for i in $(seq 130); do mkdir d && cd d; done && touch f",
+        env.dir.path(),
+    );
+    let src = env.path("src");
+    let run = env.run(["dir", "upload", "k", src.to_str().unwrap()]);
+    run.code(2);
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    assert!(run.stderr.contains("deeper than 128"), "{}", run.stderr);
+    env.run(["dir", "exists", "k"]).code(1);
+
+    // Without the deep directory the same tree uploads and restores.
+    std::fs::remove_dir_all(src.join("z")).unwrap();
+    env.run(["dir", "upload", "k", src.to_str().unwrap()]).ok();
+    let out = env.path("out");
+    env.run(["dir", "download", "k", out.to_str().unwrap()])
+        .ok();
+    assert_eq!(snapshot(&out), snapshot(&src));
+}
+
+#[test]
 fn a_fallback_over_the_whole_prefix_finds_nested_entries_without_listing_cachers_objects() {
     let env = TestEnv::s3("fallbackroot");
     let work = make_tree(&env, "work", 9);

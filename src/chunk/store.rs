@@ -438,12 +438,23 @@ pub struct LayerStats {
     pub present_bytes: u64,
 }
 
-/// A content stream whose chunks are all in the bucket, ready for a manifest.
+/// A content stream cut and placed, ready for a manifest: its chunks are all in the
+/// bucket (from [`ChunkStore::start_sending`], once its [`Landing`] is waited for).
 pub struct Sent {
     /// Figures of the upload so far.
     pub stats: Stats,
     /// The stream's chunks, in order.
     pub table: ChunkTable,
+}
+
+/// The packs and index segment of a [`ChunkStore::start_sending`] still on their way.
+pub struct Landing(tokio::task::JoinHandle<anyhow::Result<u64>>);
+
+impl Landing {
+    /// Waits until everything sent is in the bucket; the bytes that took.
+    pub async fn wait(self) -> anyhow::Result<u64> {
+        self.0.await.context("the pack uploads stopped")?
+    }
 }
 
 /// A piece of a content stream, as a cutter hands it to [`ChunkStore::upload`].
@@ -719,42 +730,73 @@ impl ChunkStore {
     where
         P: Iterator<Item = anyhow::Result<Vec<Piece>>> + Send + 'static,
     {
+        let (mut sent, landing) = self.start_sending(pieces, known).await?;
+        sent.stats.wire_bytes += landing.wait().await?;
+        Ok(sent)
+    }
+
+    /// Like [`ChunkStore::send_pieces`], but returns once every chunk has its place,
+    /// while the last packs may still be on their way: the manifest can be sealed
+    /// meanwhile, and published once the [`Landing`] is waited for.
+    pub async fn start_sending<P>(
+        &self,
+        pieces: P,
+        known: Arc<Known>,
+    ) -> anyhow::Result<(Sent, Landing)>
+    where
+        P: Iterator<Item = anyhow::Result<Vec<Piece>>> + Send + 'static,
+    {
         crate::memory::reuse_stream_buffers();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<SealedPack>(2);
         let chunker = {
             let known = known.clone();
             tokio::task::spawn_blocking(move || chunk_stream(pieces, &known, &tx))
         };
-        let sent = futures::stream::poll_fn(|cx| rx.poll_recv(cx))
-            .map(|pack| async move {
-                let len = pack.data.len() as u64;
-                self.transfer
-                    .put_bytes(&self.pack_key(&pack.id), pack.data)
-                    .await
-                    .with_context(|| format!("cannot upload pack {}", pack.id))?;
-                Ok::<u64, anyhow::Error>(len)
-            })
-            .buffer_unordered(self.transfer.jobs())
-            .try_fold(0u64, |acc, n| async move { Ok(acc + n) });
-        let (chunked, sent) = tokio::join!(chunker, sent);
-        // A failed upload closes the channel, which makes the chunker fail too: report
-        // the upload's error, the root cause.
-        let sent = sent?;
-        let mut chunked = chunked.context("the chunker stopped")??;
+        let store = self.clone();
+        let uploads = tokio::spawn(async move {
+            futures::stream::poll_fn(|cx| rx.poll_recv(cx))
+                .map(|pack| {
+                    let store = &store;
+                    async move {
+                        let len = pack.data.len() as u64;
+                        store
+                            .transfer
+                            .put_bytes(&store.pack_key(&pack.id), pack.data)
+                            .await
+                            .with_context(|| format!("cannot upload pack {}", pack.id))?;
+                        Ok::<u64, anyhow::Error>(len)
+                    }
+                })
+                .buffer_unordered(store.transfer.jobs())
+                .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
+                .await
+        });
+        let mut chunked = match chunker.await.context("the chunker stopped")? {
+            Ok(chunked) => chunked,
+            // A failed upload closes the channel, which makes the chunker fail too:
+            // report the upload's error, the root cause.
+            Err(e) => match uploads.await {
+                Ok(Err(upload)) => return Err(upload),
+                _ => return Err(e),
+            },
+        };
         known.finish().await?;
-        let mut stats = std::mem::take(&mut chunked.stats);
-        stats.wire_bytes = sent;
-
-        if !chunked.new_chunks.is_empty() {
-            let table = table_of(chunked.new_chunks.iter().map(|(id, loc)| (*id, *loc)));
-            let written = self.write_segments(&table, MAX_SEGMENT_CHUNKS).await?;
-            stats.wire_bytes += written.iter().map(|(_, len)| len).sum::<u64>();
-        }
-
-        self.refresh_reused_packs(&known, &chunked.locations)
-            .await?;
+        let stats = std::mem::take(&mut chunked.stats);
         let table = table_of(chunked.order.iter().map(|id| (*id, chunked.locations[id])));
-        Ok(Sent { stats, table })
+        let store = self.clone();
+        let landing = tokio::spawn(async move {
+            let mut wire_bytes = uploads.await.context("the pack uploads stopped")??;
+            if !chunked.new_chunks.is_empty() {
+                let table = table_of(chunked.new_chunks.iter().map(|(id, loc)| (*id, *loc)));
+                let written = store.write_segments(&table, MAX_SEGMENT_CHUNKS).await?;
+                wire_bytes += written.iter().map(|(_, len)| len).sum::<u64>();
+            }
+            store
+                .refresh_reused_packs(&known, &chunked.locations)
+                .await?;
+            Ok(wire_bytes)
+        });
+        Ok((Sent { stats, table }, Landing(landing)))
     }
 
     /// Writes `manifest`, with the table and stream length of `sent` filled in, under
@@ -1298,92 +1340,163 @@ pub fn table_of(chunks: impl Iterator<Item = (Id, Location)>) -> ChunkTable {
     table
 }
 
+/// Bytes of cut chunks being hashed and compressed at once, beyond which packing waits.
+const IN_FLIGHT_BYTES: usize = 8 * 1024 * 1024;
+
+/// A piece of the stream on its way into a pack: its id, length, and where the
+/// bucket holds it already or its compressed bytes.
+type Processed = (Id, u32, Result<Location, Vec<u8>>);
+
+/// A piece waiting its turn to be packed, in stream order.
+enum Waiting {
+    Ready(Processed),
+    /// Being hashed and compressed on the pool: its length, and where it arrives.
+    Running(usize, std::sync::mpsc::Receiver<std::io::Result<Processed>>),
+}
+
 /// Runs on a blocking thread: hashes, compresses and packs the cut stream.
+///
+/// Each chunk cut is hashed and compressed on the pool as soon as it arrives, whatever
+/// batch it came in (a warm upload's batch may hold one cut chunk among reused ones),
+/// and packed in stream order; at most [`IN_FLIGHT_BYTES`] are in flight.
 fn chunk_stream(
     pieces: impl Iterator<Item = anyhow::Result<Vec<Piece>>>,
-    known: &Known,
+    known: &Arc<Known>,
     packs: &tokio::sync::mpsc::Sender<SealedPack>,
 ) -> anyhow::Result<Chunked> {
-    let mut out = Chunked {
-        order: Vec::new(),
-        locations: HashMap::new(),
-        new_chunks: Vec::new(),
-        stats: Stats::default(),
-    };
-    let mut pack = Vec::with_capacity(PACK_TARGET + CHUNK_MAX as usize);
-    let mut open: Vec<(Id, u32, u32, u32)> = Vec::new();
-    let seal = |pack: &mut Vec<u8>, open: &mut Vec<(Id, u32, u32, u32)>, out: &mut Chunked| {
-        if pack.is_empty() {
+    let mut packer = Packer::new(packs);
+    let mut waiting = std::collections::VecDeque::new();
+    let mut in_flight = 0;
+    for batch in pieces {
+        let batch = batch?;
+        known.check()?;
+        for piece in batch {
+            waiting.push_back(match piece {
+                Piece::Reused { id, loc } => Waiting::Ready((id, loc.len, Ok(loc))),
+                Piece::Cut(data) => {
+                    in_flight += data.len();
+                    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                    let (len, known) = (data.len(), known.clone());
+                    rayon::spawn(move || {
+                        let id = Id::of(&data);
+                        let stored = match known.reusable(&id, data.len()) {
+                            Some(loc) => Ok(Ok(loc)),
+                            None => super::format::encode_chunk(&data).map(Err),
+                        };
+                        let _ = tx.send(stored.map(|stored| (id, data.len() as u32, stored)));
+                    });
+                    Waiting::Running(len, rx)
+                }
+            });
+            while let Some(front) = waiting.front() {
+                if matches!(front, Waiting::Running(..)) && in_flight <= IN_FLIGHT_BYTES {
+                    break;
+                }
+                let next = waiting.pop_front().expect("a front");
+                packer.add(take_turn(next, &mut in_flight)?)?;
+            }
+        }
+    }
+    for next in waiting {
+        packer.add(take_turn(next, &mut in_flight)?)?;
+    }
+    packer.finish()
+}
+
+/// The piece `waiting` once it is processed.
+fn take_turn(waiting: Waiting, in_flight: &mut usize) -> anyhow::Result<Processed> {
+    match waiting {
+        Waiting::Ready(processed) => Ok(processed),
+        Waiting::Running(len, rx) => {
+            *in_flight -= len;
+            let processed = rx.recv().context("a compression job stopped")?;
+            processed.context("zstd compression failed")
+        }
+    }
+}
+
+/// Gathers the chunks the bucket lacks into packs and hands each on to be uploaded
+/// once it holds [`PACK_TARGET`] bytes; records where every chunk of the stream is.
+struct Packer<'a> {
+    out: Chunked,
+    pack: Vec<u8>,
+    /// The chunks in `pack`: id, offset, stored and plain length.
+    open: Vec<(Id, u32, u32, u32)>,
+    packs: &'a tokio::sync::mpsc::Sender<SealedPack>,
+}
+
+impl<'a> Packer<'a> {
+    fn new(packs: &'a tokio::sync::mpsc::Sender<SealedPack>) -> Packer<'a> {
+        Packer {
+            out: Chunked {
+                order: Vec::new(),
+                locations: HashMap::new(),
+                new_chunks: Vec::new(),
+                stats: Stats::default(),
+            },
+            pack: Vec::with_capacity(PACK_TARGET + CHUNK_MAX as usize),
+            open: Vec::new(),
+            packs,
+        }
+    }
+
+    /// Adds the next chunk of the stream.
+    fn add(&mut self, (id, len, stored): Processed) -> anyhow::Result<()> {
+        let out = &mut self.out;
+        out.order.push(id);
+        out.stats.chunks += 1;
+        out.stats.stream_bytes += u64::from(len);
+        if out.locations.contains_key(&id) || self.open.iter().any(|o| o.0 == id) {
+            return Ok(());
+        }
+        let compressed = match stored {
+            Ok(loc) => {
+                out.locations.insert(id, loc);
+                return Ok(());
+            }
+            Err(compressed) => compressed,
+        };
+        self.open
+            .push((id, self.pack.len() as u32, compressed.len() as u32, len));
+        self.pack.extend_from_slice(&compressed);
+        out.stats.chunks_new += 1;
+        out.stats.new_bytes += u64::from(len);
+        if self.pack.len() >= PACK_TARGET {
+            self.seal()?;
+        }
+        Ok(())
+    }
+
+    /// Hands on the open pack, if it holds anything.
+    fn seal(&mut self) -> anyhow::Result<()> {
+        if self.pack.is_empty() {
             return Ok(());
         }
         let data = Bytes::from(std::mem::replace(
-            pack,
+            &mut self.pack,
             Vec::with_capacity(PACK_TARGET + CHUNK_MAX as usize),
         ));
         let id = Id::of(&data);
-        for (chunk, offset, stored_len, len) in open.drain(..) {
+        for (chunk, offset, stored_len, len) in self.open.drain(..) {
             let loc = Location {
                 pack: id,
                 offset,
                 stored_len,
                 len,
             };
-            out.locations.insert(chunk, loc);
-            out.new_chunks.push((chunk, loc));
+            self.out.locations.insert(chunk, loc);
+            self.out.new_chunks.push((chunk, loc));
         }
-        out.stats.packs += 1;
-        packs
+        self.out.stats.packs += 1;
+        self.packs
             .blocking_send(SealedPack { id, data })
             .map_err(|_| anyhow::anyhow!("pack upload stopped"))
-    };
-
-    // Cutting is sequential and runs on a thread of its own, so hashing and
-    // compression of one batch overlap with cutting the next.
-    for batch in pieces {
-        let batch = batch?;
-        known.check()?;
-        // Hash everything and compress what the bucket lacks, on all cores.
-        let processed: Vec<(Id, u32, Result<Location, Vec<u8>>)> = batch
-            .par_iter()
-            .map(|piece| {
-                let data = match piece {
-                    Piece::Cut(data) => data,
-                    Piece::Reused { id, loc } => return Ok((*id, loc.len, Ok(*loc))),
-                };
-                let id = Id::of(data);
-                let stored = match known.reusable(&id, data.len()) {
-                    Some(loc) => Ok(loc),
-                    None => Err(super::format::encode_chunk(data)?),
-                };
-                Ok((id, data.len() as u32, stored))
-            })
-            .collect::<std::io::Result<_>>()
-            .context("zstd compression failed")?;
-        for (id, len, stored) in processed {
-            out.order.push(id);
-            out.stats.chunks += 1;
-            out.stats.stream_bytes += u64::from(len);
-            if out.locations.contains_key(&id) || open.iter().any(|o| o.0 == id) {
-                continue;
-            }
-            let compressed = match stored {
-                Ok(loc) => {
-                    out.locations.insert(id, loc);
-                    continue;
-                }
-                Err(compressed) => compressed,
-            };
-            open.push((id, pack.len() as u32, compressed.len() as u32, len));
-            pack.extend_from_slice(&compressed);
-            out.stats.chunks_new += 1;
-            out.stats.new_bytes += u64::from(len);
-            if pack.len() >= PACK_TARGET {
-                seal(&mut pack, &mut open, &mut out)?;
-            }
-        }
     }
-    seal(&mut pack, &mut open, &mut out)?;
-    Ok(out)
+
+    fn finish(mut self) -> anyhow::Result<Chunked> {
+        self.seal()?;
+        Ok(self.out)
+    }
 }
 
 /// Cuts `content` with FastCDC on a thread of its own, yielding batches of about
