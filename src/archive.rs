@@ -3,18 +3,13 @@
 //! Upload side: [`scan`] walks a tree in a fixed order and records each node's metadata;
 //! the regular files' bytes, back to back, make the content stream
 //! ([`crate::tree_stream`] cuts it), so metadata changes (an `npm ci` that rewrote every
-//! mtime) leave the chunks untouched. An upload walks with [`scan_in_parts`], which
-//! hands the tree on as it goes, so cutting starts before the walk ends. The download
-//! side is [`crate::restore`].
+//! mtime) leave the chunks untouched. The download side is [`crate::restore`].
 
-use std::ffi::{CString, OsStr};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender};
 
 use anyhow::{Context, bail};
 use rayon::prelude::*;
@@ -80,19 +75,7 @@ impl ScannedFile {
 /// twice), and subdirectories are scanned in parallel: with a tree state, this stat of
 /// every file is most of what a warm upload costs.
 pub fn scan(root: &Path, exclude: &Exclude) -> anyhow::Result<Tree> {
-    let fd = open_root(root)?;
-    let (entries, files) = scan_dir(root, fd, &[], 1, exclude)?;
-    Ok(Tree {
-        root: root.to_path_buf(),
-        entries,
-        files,
-        single_file: false,
-    })
-}
-
-/// Opens the directory a scan starts from.
-fn open_root(root: &Path) -> anyhow::Result<OwnedFd> {
-    rustix::fs::open(
+    let fd = rustix::fs::open(
         root,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
@@ -101,6 +84,13 @@ fn open_root(root: &Path) -> anyhow::Result<OwnedFd> {
         Errno::NOTDIR => anyhow::anyhow!("{} is not a directory", root.display()),
         e => anyhow::Error::new(std::io::Error::from(e))
             .context(format!("cannot read {}", root.display())),
+    })?;
+    let (entries, files) = scan_dir(root, fd, &[], 1, exclude)?;
+    Ok(Tree {
+        root: root.to_path_buf(),
+        entries,
+        files,
+        single_file: false,
     })
 }
 
@@ -146,49 +136,43 @@ pub fn root_entry(path: &Path) -> anyhow::Result<Entry> {
     })
 }
 
-/// A directory's child as the scan records it: its entry, its stamp when it is a
-/// regular file (`entry` not set yet), and its name, to open it when it is a directory.
-struct Child {
-    entry: Entry,
-    file: Option<ScannedFile>,
-    name: CString,
-}
-
-impl Child {
-    fn is_dir(&self) -> bool {
-        self.entry.kind == EntryKind::Dir
-    }
-}
-
-/// The children of the open directory `fd` (path `rel` relative to the root, `depth`
-/// levels below it) that the scan records, in byte order of names.
-fn list_dir(
+/// The entries and files below the open directory `fd`, whose path relative to the
+/// root is `rel`; each file's `entry` counts from the first of these entries.
+fn scan_dir(
     root: &Path,
-    fd: BorrowedFd<'_>,
+    fd: OwnedFd,
     rel: &[u8],
     depth: usize,
     exclude: &Exclude,
-) -> anyhow::Result<Vec<Child>> {
+) -> anyhow::Result<(Vec<Entry>, Vec<ScannedFile>)> {
     let shown = |name: &[u8]| {
         root.join(OsStr::from_bytes(&join_path(rel, name)))
             .display()
             .to_string()
     };
     let mut names: Vec<Vec<u8>> = Vec::new();
-    crate::restore::for_each_name(fd, |name| {
+    // Read through the handle itself: `Dir::read_from` would open the directory again
+    // and ask its flags, three more system calls per directory.
+    let walk_error = || format!("cannot walk {}", shown(b""));
+    let mut dir = rustix::fs::Dir::new(fd).with_context(walk_error)?;
+    for item in &mut dir {
+        let item = item.with_context(|| format!("cannot walk {}", shown(b"")))?;
+        let name = item.file_name().to_bytes();
         // cacher's own temp names, at any depth: an in-place restore stages beside
         // the entries it replaces, and a killed one may leave them.
         let skip = name == b"." || name == b".." || crate::temp::is_temp_name(name);
         if !skip {
             names.push(name.to_vec());
         }
-    })
-    .with_context(|| format!("cannot walk {}", shown(b"")))?;
+    }
     names.sort_unstable();
-    let mut children = Vec::with_capacity(names.len());
+    let fd = dir.fd().with_context(walk_error)?;
+    // Each child as an entry, plus its open handle when it is a directory.
+    let mut children: Vec<(Entry, Option<ScannedFile>, std::ffi::CString)> =
+        Vec::with_capacity(names.len());
     for name in names {
         let path = join_path(rel, &name);
-        let c_name = CString::new(name.clone()).expect("names hold no NUL");
+        let c_name = std::ffi::CString::new(name.clone()).expect("names hold no NUL");
         let st = rustix::fs::statat(fd, &c_name, AtFlags::SYMLINK_NOFOLLOW)
             .map_err(std::io::Error::from)
             .with_context(|| format!("cannot stat {}", shown(&name)))?;
@@ -215,7 +199,7 @@ fn list_dir(
             rustix::fs::FileType::RegularFile => {
                 let stamp = Stamp::of_stat(&st);
                 file = Some(ScannedFile {
-                    entry: 0, // set once the entry has its place in the tree
+                    entry: 0, // set when the lists are joined below
                     stamp,
                 });
                 EntryKind::File { size: stamp.size }
@@ -248,57 +232,25 @@ fn list_dir(
             mtime: st.st_mtime as i64,
             mtime_nsec: st.st_mtime_nsec as u32,
         };
-        children.push(Child {
-            entry,
-            file,
-            name: c_name,
-        });
+        children.push((entry, file, c_name));
     }
-    Ok(children)
-}
-
-/// Opens the subdirectory `name` of `parent` for a scan, never through a symlink.
-fn open_subdir(
-    root: &Path,
-    parent: BorrowedFd<'_>,
-    name: &CString,
-    rel: &[u8],
-) -> anyhow::Result<OwnedFd> {
-    rustix::fs::openat(
-        parent,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(std::io::Error::from)
-    .with_context(|| {
-        format!(
-            "cannot walk {}",
-            root.join(OsStr::from_bytes(rel)).display()
-        )
-    })
-}
-
-/// The entries and files below the open directory `fd`, whose path relative to the
-/// root is `rel`; each file's `entry` counts from the first of these entries.
-fn scan_dir(
-    root: &Path,
-    fd: OwnedFd,
-    rel: &[u8],
-    depth: usize,
-    exclude: &Exclude,
-) -> anyhow::Result<(Vec<Entry>, Vec<ScannedFile>)> {
-    let children = list_dir(root, fd.as_fd(), rel, depth, exclude)?;
     // A subdirectory is opened by the task that scans it, so handles stay bounded by
     // the depth times the threads however wide the tree is.
     let subtrees: Vec<Option<(Vec<Entry>, Vec<ScannedFile>)>> = children
         .par_iter()
-        .map(|child| {
-            if !child.is_dir() {
+        .map(|(entry, _, name)| {
+            if entry.kind != EntryKind::Dir {
                 return Ok(None);
             }
-            let sub = open_subdir(root, fd.as_fd(), &child.name, &child.entry.path)?;
-            scan_dir(root, sub, &child.entry.path, depth + 1, exclude).map(Some)
+            let sub = rustix::fs::openat(
+                fd,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(std::io::Error::from)
+            .with_context(|| format!("cannot walk {}", shown(name.as_bytes())))?;
+            scan_dir(root, sub, &entry.path, depth + 1, exclude).map(Some)
         })
         .collect::<anyhow::Result<_>>()?;
     // Sized exactly, and the entries joined before the files: at the top this holds
@@ -310,7 +262,7 @@ fn scan_dir(
     let mut entries = Vec::with_capacity(children.len() + below(|t| t.0.len()));
     let file_count = children.len() + below(|t| t.1.len());
     let mut parts = Vec::with_capacity(children.len());
-    for (Child { entry, file, .. }, subtree) in children.into_iter().zip(subtrees) {
+    for ((entry, file, _), subtree) in children.into_iter().zip(subtrees) {
         let at = u32::try_from(entries.len()).expect("entries are far fewer than 2^32");
         entries.push(entry);
         let file = file.map(|f| ScannedFile { entry: at, ..f });
@@ -331,269 +283,6 @@ fn scan_dir(
         }
     }
     Ok((entries, files))
-}
-
-/// Entries a part holds before it is handed on; the walk also hands on what it has
-/// whenever it must wait for a listing.
-const PART_ENTRIES: usize = 4096;
-
-/// The next entries of a tree in scan order (parents first), with their regular files,
-/// as [`scan_in_parts`] hands them on. Each file's `entry` counts from the tree's first
-/// entry, not the part's.
-#[derive(Default)]
-pub struct TreePart {
-    pub entries: Vec<Entry>,
-    pub files: Vec<ScannedFile>,
-}
-
-/// A tree whose scan may still be running: its root, and its parts in order.
-pub struct ScanParts {
-    /// As [`Tree::root`].
-    pub root: PathBuf,
-    /// As [`Tree::single_file`].
-    pub single_file: bool,
-    parts: Receiver<anyhow::Result<Option<TreePart>>>,
-}
-
-impl ScanParts {
-    /// A tree scanned already, as one part.
-    pub fn of_tree(tree: Tree) -> ScanParts {
-        let (tx, parts) = std::sync::mpsc::channel();
-        let Tree {
-            root,
-            entries,
-            files,
-            single_file,
-        } = tree;
-        let _ = tx.send(Ok(Some(TreePart { entries, files })));
-        let _ = tx.send(Ok(None));
-        ScanParts {
-            root,
-            single_file,
-            parts,
-        }
-    }
-
-    /// A tree handed on in parts of `n` entries, for tests of what reads the parts.
-    #[cfg(test)]
-    pub fn of_tree_in_parts(tree: Tree, n: usize) -> ScanParts {
-        let (tx, parts) = std::sync::mpsc::channel();
-        let mut entries = tree.entries.into_iter();
-        let mut files = tree.files.into_iter().peekable();
-        let mut end = 0u32;
-        loop {
-            let part: Vec<Entry> = entries.by_ref().take(n).collect();
-            if part.is_empty() {
-                break;
-            }
-            end += part.len() as u32;
-            let mut part_files = Vec::new();
-            while let Some(f) = files.next_if(|f| f.entry < end) {
-                part_files.push(f);
-            }
-            let _ = tx.send(Ok(Some(TreePart {
-                entries: part,
-                files: part_files,
-            })));
-        }
-        let _ = tx.send(Ok(None));
-        ScanParts {
-            root: tree.root,
-            single_file: tree.single_file,
-            parts,
-        }
-    }
-
-    fn failed(root: &Path, e: anyhow::Error) -> ScanParts {
-        let (tx, parts) = std::sync::mpsc::channel();
-        let _ = tx.send(Err(e));
-        ScanParts {
-            root: root.to_path_buf(),
-            single_file: false,
-            parts,
-        }
-    }
-
-    /// The next part, once the walk has reached it; `None` once the tree is complete
-    /// (and not to be asked again).
-    pub fn next_part(&self) -> anyhow::Result<Option<TreePart>> {
-        self.parts.recv().unwrap_or_else(|_| {
-            Err(anyhow::anyhow!(
-                "the scan of {} stopped",
-                self.root.display()
-            ))
-        })
-    }
-}
-
-/// Scans `path` as [`scan_path`] does, handing the tree on in parts as the walk reaches
-/// them, so that cutting it can start before the walk ends. Directories are listed
-/// on all cores ahead of the walk, which takes their listings in tree order.
-pub fn scan_in_parts(path: &Path, exclude: Arc<Exclude>) -> ScanParts {
-    if !std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
-        return match scan_path(path, &exclude) {
-            Ok(tree) => ScanParts::of_tree(tree),
-            Err(e) => ScanParts::failed(path, e),
-        };
-    }
-    let (tx, parts) = std::sync::mpsc::channel();
-    let walker = Arc::new(Walker {
-        root: path.to_path_buf(),
-        exclude,
-        stop: AtomicBool::new(false),
-    });
-    let walking = std::thread::Builder::new()
-        .name("scan".into())
-        .spawn(move || {
-            let mut out = PartWriter {
-                tx: &tx,
-                part: TreePart::default(),
-                entries: 0,
-            };
-            let walked = walker.walk(&mut out).and_then(|()| out.flush());
-            // Listings queued ahead of a walk that failed have no reader.
-            walker.stop.store(true, Ordering::Relaxed);
-            let _ = tx.send(walked.map(|()| None));
-        });
-    match walking {
-        Ok(_) => ScanParts {
-            root: path.to_path_buf(),
-            single_file: false,
-            parts,
-        },
-        Err(e) => ScanParts::failed(path, anyhow::Error::new(e).context("cannot start the scan")),
-    }
-}
-
-/// The walk of [`scan_in_parts`].
-struct Walker {
-    root: PathBuf,
-    exclude: Arc<Exclude>,
-    stop: AtomicBool,
-}
-
-/// A directory's children, with the listing of each subdirectory, in order, as it
-/// arrives from the pool.
-struct Listing {
-    children: Vec<Child>,
-    subdirs: Vec<Receiver<anyhow::Result<Listing>>>,
-}
-
-impl Walker {
-    /// Hands on the whole tree in order.
-    fn walk(self: &Arc<Self>, out: &mut PartWriter<'_>) -> anyhow::Result<()> {
-        let fd = open_root(&self.root)?;
-        // Listed on the pool like every other directory, so that the listings it
-        // queues run in tree order (see `listing`).
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let walker = self.clone();
-        rayon::spawn(move || {
-            let listed = list_dir(&walker.root, fd.as_fd(), &[], 1, &walker.exclude)
-                .map(|children| walker.listing(fd, children, 1));
-            let _ = tx.send(listed);
-        });
-        let root = rx.recv().map_err(|_| self.stopped())??;
-        self.emit(root, out)
-    }
-
-    /// `children` of the directory `fd`, `depth` levels below the root, with the
-    /// listing of each subdirectory queued on the pool.
-    fn listing(self: &Arc<Self>, fd: OwnedFd, children: Vec<Child>, depth: usize) -> Listing {
-        let fd = Arc::new(fd);
-        // Queued last first: a pool thread runs its own newest job first, so the first
-        // subdirectory, the one the walk needs next, is listed first, and handles stay
-        // bounded by the depth times the threads, as in `scan`.
-        let mut subdirs: Vec<_> = children
-            .iter()
-            .rev()
-            .filter(|c| c.is_dir())
-            .map(|child| {
-                let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                let walker = self.clone();
-                let parent = fd.clone();
-                let (name, rel) = (child.name.clone(), child.entry.path.clone());
-                rayon::spawn(move || {
-                    if !walker.stop.load(Ordering::Relaxed) {
-                        let _ = tx.send(walker.list_subdir(parent, &name, &rel, depth + 1));
-                    }
-                });
-                rx
-            })
-            .collect();
-        subdirs.reverse();
-        Listing { children, subdirs }
-    }
-
-    fn list_subdir(
-        self: &Arc<Self>,
-        parent: Arc<OwnedFd>,
-        name: &CString,
-        rel: &[u8],
-        depth: usize,
-    ) -> anyhow::Result<Listing> {
-        let fd = open_subdir(&self.root, parent.as_fd(), name, rel)?;
-        drop(parent);
-        let children = list_dir(&self.root, fd.as_fd(), rel, depth, &self.exclude)?;
-        Ok(self.listing(fd, children, depth))
-    }
-
-    /// Hands on `listing` and everything below it, in tree order.
-    fn emit(&self, listing: Listing, out: &mut PartWriter<'_>) -> anyhow::Result<()> {
-        let mut subdirs = listing.subdirs.into_iter();
-        for child in listing.children {
-            let is_dir = child.is_dir();
-            out.push(child.entry, child.file)?;
-            if is_dir {
-                let next = subdirs.next().expect("a listing per subdirectory");
-                let sub = match next.try_recv() {
-                    Ok(sub) => sub,
-                    Err(_) => {
-                        // Hand on what is ready while the pool catches up.
-                        out.flush()?;
-                        next.recv().map_err(|_| self.stopped())?
-                    }
-                };
-                self.emit(sub?, out)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn stopped(&self) -> anyhow::Error {
-        anyhow::anyhow!("a listing below {} stopped", self.root.display())
-    }
-}
-
-/// Gathers a walk's entries into parts and hands them on.
-struct PartWriter<'a> {
-    tx: &'a Sender<anyhow::Result<Option<TreePart>>>,
-    part: TreePart,
-    /// Entries handed on or held, which is the next entry's place in the tree.
-    entries: usize,
-}
-
-impl PartWriter<'_> {
-    fn push(&mut self, entry: Entry, file: Option<ScannedFile>) -> anyhow::Result<()> {
-        let at = u32::try_from(self.entries).expect("entries are far fewer than 2^32");
-        self.part.entries.push(entry);
-        self.part
-            .files
-            .extend(file.map(|f| ScannedFile { entry: at, ..f }));
-        self.entries += 1;
-        if self.part.entries.len() >= PART_ENTRIES {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> anyhow::Result<()> {
-        if self.part.entries.is_empty() {
-            return Ok(());
-        }
-        self.tx
-            .send(Ok(Some(std::mem::take(&mut self.part))))
-            .map_err(|_| anyhow::anyhow!("nothing reads the scan any more"))
-    }
 }
 
 /// What a tree was made from, as `--fallback` compares it: DIR as given, lexically
@@ -666,66 +355,6 @@ mod tests {
         let tree = scan(dir.path(), &Exclude::default()).unwrap();
         let paths: Vec<_> = tree.entries.iter().map(|e| e.path.clone()).collect();
         assert_eq!(paths, [&b"a.txt"[..], b"b", b"b/c", b"b/c/f"]);
-    }
-
-    /// The tree [`scan_in_parts`] hands on, put together.
-    pub(super) fn collect(parts: ScanParts) -> anyhow::Result<Tree> {
-        let mut tree = Tree {
-            root: parts.root.clone(),
-            entries: Vec::new(),
-            files: Vec::new(),
-            single_file: parts.single_file,
-        };
-        let mut count = 0;
-        while let Some(part) = parts.next_part()? {
-            count += 1;
-            tree.entries.extend(part.entries);
-            tree.files.extend(part.files);
-        }
-        assert!(count > 0 || tree.entries.is_empty());
-        Ok(tree)
-    }
-
-    pub(super) fn same_tree(a: &Tree, b: &Tree) -> bool {
-        let files = |t: &Tree| -> Vec<(u32, Stamp)> {
-            t.files.iter().map(|f| (f.entry, f.stamp)).collect()
-        };
-        a.entries == b.entries && files(a) == files(b) && a.root == b.root
-    }
-
-    #[test]
-    fn a_tree_handed_on_in_parts_is_the_tree_scan_makes() {
-        // Wide and deep enough for many parts, and for the walk to wait on listings.
-        let dir = tempfile::tempdir().unwrap();
-        for d in 0..100 {
-            let sub = dir.path().join(format!("d{d:02}/e/f"));
-            fs::create_dir_all(&sub).unwrap();
-            for f in 0..90 {
-                fs::write(sub.join(format!("{f}")), format!("{d}/{f}")).unwrap();
-            }
-            fs::write(dir.path().join(format!("d{d:02}/top")), "t").unwrap();
-        }
-        fs::write(dir.path().join("z"), "last").unwrap();
-        let whole = scan(dir.path(), &Exclude::default()).unwrap();
-        assert!(whole.entries.len() > 2 * PART_ENTRIES);
-        let parts = scan_in_parts(dir.path(), Arc::default());
-        assert!(same_tree(&collect(parts).unwrap(), &whole));
-    }
-
-    #[test]
-    fn a_walk_that_fails_below_says_why_and_hands_on_no_end() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut deep = dir.path().to_path_buf();
-        for _ in 0..=MAX_DEPTH {
-            deep.push("d");
-        }
-        fs::create_dir_all(&deep).unwrap();
-        fs::write(dir.path().join("a"), "first").unwrap();
-        let whole = scan(dir.path(), &Exclude::default()).err().unwrap();
-        let parts = scan_in_parts(dir.path(), Arc::default());
-        let walked = collect(parts).err().unwrap();
-        assert_eq!(walked.to_string(), whole.to_string());
-        assert!(walked.to_string().contains("deeper than"), "{walked}");
     }
 }
 
@@ -847,15 +476,6 @@ mod properties {
             }
             restorer.finish().unwrap();
             prop_assert_eq!(snapshot(&out), snapshot(&src));
-        }
-
-        #[test]
-        fn a_tree_handed_on_in_parts_is_the_tree_scan_makes(nodes in tree()) {
-            let work = tempfile::tempdir().unwrap();
-            build(work.path(), &nodes);
-            let whole = scan(work.path(), &Exclude::default()).unwrap();
-            let walked = super::tests::collect(scan_in_parts(work.path(), Arc::default())).unwrap();
-            prop_assert!(super::tests::same_tree(&walked, &whole));
         }
     }
 }

@@ -869,7 +869,7 @@ pub(crate) fn list_names(dir: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
 // Through `dir` itself: `Dir::read_from` opens the directory again and asks its flags,
 // three more system calls per directory, a third of an in-place restore's walk.
 #[cfg(any(target_os = "linux", target_os = "android"))]
-pub(crate) fn for_each_name(dir: BorrowedFd<'_>, mut f: impl FnMut(&[u8])) -> io::Result<()> {
+fn for_each_name(dir: BorrowedFd<'_>, mut f: impl FnMut(&[u8])) -> io::Result<()> {
     rustix::fs::seek(dir, rustix::fs::SeekFrom::Start(0))?;
     let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
     let mut entries = rustix::fs::RawDir::new(dir, &mut buf);
@@ -880,7 +880,7 @@ pub(crate) fn for_each_name(dir: BorrowedFd<'_>, mut f: impl FnMut(&[u8])) -> io
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-pub(crate) fn for_each_name(dir: BorrowedFd<'_>, mut f: impl FnMut(&[u8])) -> io::Result<()> {
+fn for_each_name(dir: BorrowedFd<'_>, mut f: impl FnMut(&[u8])) -> io::Result<()> {
     for entry in rustix::fs::Dir::read_from(dir)? {
         f(entry?.file_name().to_bytes());
     }

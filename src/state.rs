@@ -83,7 +83,6 @@ impl Stamp {
 
 /// A directory's recorded tree, as the next upload or restore reads it: the chunk
 /// table of the entry it matched and its regular files, each with its stamp.
-#[derive(Clone)]
 pub struct TreeState {
     /// The directory, canonical.
     pub dir: PathBuf,
@@ -98,7 +97,6 @@ pub struct TreeState {
 /// exactly the entry's (`None` when that is not known). Paths share one buffer, and a
 /// stamp's size is the file's: a 10^6-file tree takes about 80 MB here, where the
 /// entry's decoded manifest and stamps took 190 MB.
-#[derive(Clone)]
 pub struct RecordedFiles {
     paths: Vec<u8>,
     /// Where each path ends in `paths`.

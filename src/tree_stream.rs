@@ -26,7 +26,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::archive::{ScanParts, ScannedFile, Tree, TreePart};
+use crate::archive::Tree;
 use crate::chunk::format::tree_order;
 use crate::chunk::store::{Known, Location, Piece, location};
 use crate::chunk::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Id};
@@ -95,67 +95,49 @@ struct Recorded {
     len: u64,
 }
 
-/// What a cut leaves once its batches end: the tree as scanned and what was read. Set
-/// when the cut completes, and when it stops on a [`StaleState`] (the tree then read
-/// to its end, to cut again without the state).
-#[derive(Clone, Default)]
-pub struct CutOutcome(Arc<Mutex<Option<(Tree, ReadReport)>>>);
-
-impl CutOutcome {
-    /// The tree and the report, once set.
-    pub fn take(&self) -> Option<(Tree, ReadReport)> {
-        self.0.lock().expect("outcome lock").take()
-    }
-}
-
-/// Starts cutting the files of `scan` on a thread of its own, as the scan hands them
-/// on. Files whose stamp matches `state` are read only where a cut must be found near
-/// them; chunks are handed on in batches, with a [`Piece::Reused`] for each recorded
-/// chunk `known` holds.
+/// Starts cutting the files of `tree` on a thread of its own. Files whose stamp
+/// matches `state` are read only where a cut must be found near them; chunks are
+/// handed on in batches, with a [`Piece::Reused`] for each recorded chunk `known`
+/// holds. The report is complete, and the thread done with `tree`, once the batches
+/// end.
 pub fn cut_tree(
-    scan: ScanParts,
-    state: Option<TreeState>,
+    tree: Arc<Tree>,
+    state: Option<&TreeState>,
     known: Arc<Known>,
     progress: Arc<Progress>,
-) -> (Batches, CutOutcome) {
-    let recorded = state.as_ref().map(recorded_stream);
-    let (tx, rx) = std::sync::mpsc::sync_channel(2);
-    let tree = Tree {
-        root: scan.root.clone(),
-        entries: Vec::new(),
-        files: Vec::new(),
-        single_file: scan.single_file,
+) -> (Batches, Arc<Mutex<ReadReport>>) {
+    let mut report = ReadReport {
+        trusted: vec![true; tree.files.len()],
+        ..ReadReport::default()
     };
+    let (spans, recorded, vouched, unchecked) = match state {
+        Some(state) => plan(&tree, state, &mut report),
+        None => (Vec::new(), None, vec![false; tree.files.len()], Vec::new()),
+    };
+    let report = Arc::new(Mutex::new(report));
+    let (tx, rx) = std::sync::mpsc::sync_channel(2);
     let mut cutter = Cutter {
-        window: Window::new(StreamFiles::new(tree)),
-        scan,
-        scanned: false,
-        planner: state.map(Planner::new),
-        report: ReadReport::default(),
-        spans: Vec::new(),
+        window: Window::new(StreamFiles::new(tree, vouched)),
+        spans,
         span: 0,
         recorded,
         known,
         progress,
-        unchecked: Vec::new(),
+        unchecked,
         next_unchecked: 0,
         checked: 0..0,
         checked_bytes: 0,
     };
-    let outcome = CutOutcome::default();
-    let shared = outcome.clone();
+    let shared = report.clone();
     let thread = std::thread::spawn(move || {
-        let mut result = cutter.run(&tx);
-        let stale = |r: &anyhow::Result<()>| r.as_ref().is_err_and(|e| e.is::<StaleState>());
-        if stale(&result) {
-            // Cutting again without the state needs the whole tree.
-            if let Err(e) = cutter.scan_to_end() {
-                result = Err(e);
-            }
+        let result = cutter.run(&tx);
+        let mut report = shared.lock().expect("report lock");
+        report.bytes_read = cutter.window.files.bytes_read;
+        report.checked_bytes = cutter.checked_bytes;
+        for (i, trusted) in cutter.window.files.untrusted.drain(..) {
+            report.trusted[i] = trusted;
         }
-        if cutter.scanned && (result.is_ok() || stale(&result)) {
-            *shared.0.lock().expect("outcome lock") = Some(cutter.finish());
-        }
+        drop(report);
         if let Err(e) = result {
             let _ = tx.send(Err(e));
         }
@@ -164,7 +146,7 @@ pub fn cut_tree(
         rx,
         thread: Some(thread),
     };
-    (batches, outcome)
+    (batches, report)
 }
 
 /// The batches of pieces a cut hands on; once they end, the cutting thread has ended.
@@ -188,8 +170,76 @@ impl Iterator for Batches {
     }
 }
 
-/// The recorded stream of `state`: its chunk ids and where they were stored.
-fn recorded_stream(state: &TreeState) -> Recorded {
+/// The spans of the new stream that `state` vouches for or may (see the module doc),
+/// the recorded chunks, per file whether its stamp vouches for it, and the stream
+/// ranges of files whose bytes must be checked against the record.
+#[allow(clippy::type_complexity)]
+fn plan(
+    tree: &Tree,
+    state: &TreeState,
+    report: &mut ReadReport,
+) -> (Vec<Span>, Option<Recorded>, Vec<bool>, Vec<Range<u64>>) {
+    let files = &tree.files;
+    let mut vouched = Vec::with_capacity(files.len());
+    // Both lists are in tree order (the scan walks it; a record that is not is refused
+    // when decoded), so one pass pairs them, with no map of a million paths.
+    let old = &state.files;
+    let mut k = 0;
+    let mut spans: Vec<Span> = Vec::new();
+    let mut unchecked: Vec<Range<u64>> = Vec::new();
+    let mut new_start = 0u64;
+    let (mut new, mut changed) = (0usize, 0usize);
+    for (i, f) in files.iter().enumerate() {
+        let rel = tree.rel(i);
+        while k < old.len() && tree_order(old.path(k), rel) == Ordering::Less {
+            k += 1;
+        }
+        let recorded = match k < old.len() && old.path(k) == rel {
+            true => {
+                k += 1;
+                old.stamp(k - 1).map(|stamp| (old.start(k - 1), stamp))
+            }
+            false => None,
+        };
+        let recorded = recorded.as_ref();
+        match recorded {
+            None => new += 1,
+            Some((_, stamp)) if *stamp != f.stamp => changed += 1,
+            Some(_) => {}
+        }
+        let unchanged = recorded.filter(|(_, stamp)| *stamp == f.stamp);
+        vouched.push(unchanged.is_some());
+        if unchanged.is_some() {
+            report.unchanged_files += 1;
+            report.unchanged_bytes += f.size();
+        }
+        let same_size = recorded.filter(|(_, stamp)| stamp.size == f.size());
+        if let Some((old_start, _)) = same_size {
+            if unchanged.is_none() && f.size() > 0 {
+                unchecked.push(new_start..new_start + f.size());
+            }
+            match spans.last_mut() {
+                Some(s)
+                    if s.new_start + s.len == new_start && s.old_start + s.len == *old_start =>
+                {
+                    s.len += f.size()
+                }
+                _ if f.size() == 0 => {}
+                _ => spans.push(Span {
+                    new_start,
+                    old_start: *old_start,
+                    len: f.size(),
+                }),
+            }
+        }
+        new_start += f.size();
+    }
+    ui::verbose(format!(
+        "tree state of {}: {} of {} files unchanged; {new} new or not vouched for, {changed} changed",
+        state.dir.display(),
+        report.unchanged_files,
+        files.len()
+    ));
     let mut starts = Vec::with_capacity(state.table.chunks.len());
     let mut at = 0u64;
     let chunks = state
@@ -203,78 +253,16 @@ fn recorded_stream(state: &TreeState) -> Recorded {
             (c.id, location(pack, c))
         })
         .collect();
-    Recorded {
+    let recorded = Recorded {
         starts,
         chunks,
         len: at,
-    }
-}
-
-/// Pairs the scanned files with those a tree state recorded, as the scan hands them
-/// on: both lists are in tree order (the scan walks it; a record that is not is
-/// refused when decoded), so one pass pairs them, with no map of a million paths.
-struct Planner {
-    state: TreeState,
-    /// The first recorded file not paired yet.
-    k: usize,
-    new: usize,
-    changed: usize,
-}
-
-/// What the tree state says of one scanned file.
-struct Paired {
-    /// Its stamp is as recorded: its bytes are the recorded ones.
-    vouched: bool,
-    /// Where its bytes started in the recorded stream, when its size is as recorded.
-    same_size_at: Option<u64>,
-}
-
-impl Planner {
-    fn new(state: TreeState) -> Planner {
-        Planner {
-            state,
-            k: 0,
-            new: 0,
-            changed: 0,
-        }
-    }
-
-    /// Pairs the next scanned file, at path `rel`.
-    fn pair(&mut self, rel: &[u8], scanned: &ScannedFile) -> Paired {
-        let old = &self.state.files;
-        while self.k < old.len() && tree_order(old.path(self.k), rel) == Ordering::Less {
-            self.k += 1;
-        }
-        let recorded = match self.k < old.len() && old.path(self.k) == rel {
-            true => {
-                self.k += 1;
-                old.stamp(self.k - 1)
-                    .map(|stamp| (old.start(self.k - 1), stamp))
-            }
-            false => None,
-        };
-        match recorded {
-            None => self.new += 1,
-            Some((_, stamp)) if stamp != scanned.stamp => self.changed += 1,
-            Some(_) => {}
-        }
-        Paired {
-            vouched: recorded.is_some_and(|(_, stamp)| stamp == scanned.stamp),
-            same_size_at: recorded
-                .filter(|(_, stamp)| stamp.size == scanned.size())
-                .map(|(start, _)| start),
-        }
-    }
+    };
+    (spans, Some(recorded), vouched, unchecked)
 }
 
 struct Cutter {
     window: Window,
-    /// The scan still handing on the tree, until `scanned`.
-    scan: ScanParts,
-    scanned: bool,
-    /// The pairing of scanned files with the tree state's, without a state `None`.
-    planner: Option<Planner>,
-    report: ReadReport,
     spans: Vec<Span>,
     /// The first span that does not end before the current position.
     span: usize,
@@ -308,15 +296,9 @@ impl Cutter {
         &mut self,
         tx: &std::sync::mpsc::SyncSender<anyhow::Result<Vec<Piece>>>,
     ) -> anyhow::Result<()> {
+        let len = self.window.files.len;
         let (mut at, mut batch, mut batch_bytes) = (0u64, Vec::new(), 0u64);
-        loop {
-            // A cut at `at` looks at most at two chunks and the byte after them, and at
-            // how much stream is left up to one chunk's length.
-            self.scan_to(at + 2 * u64::from(CHUNK_MAX) + 1)?;
-            let len = self.window.files.len;
-            if at >= len {
-                break;
-            }
+        while at < len {
             let recorded = match self.recorded_chunk_at(at) {
                 Some(chunk) if self.matches_record(at, chunk)? => Some((chunk.id, chunk.loc)),
                 _ => None,
@@ -360,91 +342,6 @@ impl Cutter {
             let _ = tx.send(Ok(batch));
         }
         Ok(())
-    }
-
-    /// Takes parts from the scan until the stream is known up to `end`, or whole.
-    fn scan_to(&mut self, end: u64) -> anyhow::Result<()> {
-        while !self.scanned && self.window.files.len < end {
-            match self.scan.next_part()? {
-                Some(part) => self.add(part),
-                None => {
-                    self.scanned = true;
-                    if let Some(planner) = &self.planner {
-                        ui::verbose(format!(
-                            "tree state of {}: {} of {} files unchanged; {} new or not vouched for, {} changed",
-                            planner.state.dir.display(),
-                            self.report.unchanged_files,
-                            self.window.files.tree.files.len(),
-                            planner.new,
-                            planner.changed
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn scan_to_end(&mut self) -> anyhow::Result<()> {
-        self.scan_to(u64::MAX)
-    }
-
-    /// Adds a part of the tree: its files to the stream, and what the tree state says
-    /// of them to the plan (see the module doc).
-    fn add(&mut self, part: TreePart) {
-        let files = &mut self.window.files;
-        let first = files.tree.files.len();
-        files.add(part);
-        let bytes: u64 = files.tree.files[first..].iter().map(|f| f.size()).sum();
-        self.progress.add_total(bytes);
-        let Some(planner) = &mut self.planner else {
-            files.vouched.resize(files.tree.files.len(), false);
-            return;
-        };
-        for i in first..files.tree.files.len() {
-            let (f, new_start) = (&files.tree.files[i], files.starts[i]);
-            let paired = planner.pair(files.tree.rel(i), f);
-            files.vouched.push(paired.vouched);
-            if paired.vouched {
-                self.report.unchanged_files += 1;
-                self.report.unchanged_bytes += f.size();
-            }
-            let Some(old_start) = paired.same_size_at else {
-                continue;
-            };
-            if !paired.vouched && f.size() > 0 {
-                self.unchecked.push(new_start..new_start + f.size());
-            }
-            match self.spans.last_mut() {
-                Some(s) if s.new_start + s.len == new_start && s.old_start + s.len == old_start => {
-                    s.len += f.size()
-                }
-                _ if f.size() == 0 => {}
-                _ => self.spans.push(Span {
-                    new_start,
-                    old_start,
-                    len: f.size(),
-                }),
-            }
-        }
-    }
-
-    /// The tree and what cutting it read.
-    fn finish(self) -> (Tree, ReadReport) {
-        let Cutter {
-            window,
-            mut report,
-            checked_bytes,
-            ..
-        } = self;
-        let mut files = window.files;
-        report.bytes_read = files.bytes_read;
-        report.checked_bytes = checked_bytes;
-        report.trusted = vec![true; files.tree.files.len()];
-        for (i, trusted) in files.untrusted.drain(..) {
-            report.trusted[i] = trusted;
-        }
-        (files.tree, report)
     }
 
     /// Reads and cuts the chunk at `at`, given the `ahead` bytes FastCDC may look at.
@@ -608,8 +505,7 @@ impl Window {
 /// file turns out shorter or longer than scanned, or modified, so an upload never
 /// records a tree that did not exist.
 struct StreamFiles {
-    /// The tree as far as the scan handed it on.
-    tree: Tree,
+    tree: Arc<Tree>,
     starts: Vec<u64>,
     len: u64,
     open: Option<(usize, File)>,
@@ -624,36 +520,23 @@ struct StreamFiles {
 }
 
 impl StreamFiles {
-    fn new(tree: Tree) -> StreamFiles {
-        let mut files = StreamFiles {
-            tree: Tree {
-                entries: Vec::new(),
-                files: Vec::new(),
-                ..tree
-            },
-            starts: Vec::new(),
-            len: 0,
+    fn new(tree: Arc<Tree>, vouched: Vec<bool>) -> StreamFiles {
+        let mut starts = Vec::with_capacity(tree.files.len());
+        let mut len = 0u64;
+        for f in &tree.files {
+            starts.push(len);
+            len += f.size();
+        }
+        StreamFiles {
+            tree,
+            starts,
+            len,
             open: None,
             bytes_read: 0,
             untrusted: Vec::new(),
-            vouched: Vec::new(),
+            vouched,
             stale: None,
-        };
-        files.add(TreePart {
-            entries: tree.entries,
-            files: tree.files,
-        });
-        files
-    }
-
-    /// Appends the next part of the tree to the stream (`vouched` is the caller's).
-    fn add(&mut self, part: TreePart) {
-        for f in &part.files {
-            self.starts.push(self.len);
-            self.len += f.size();
         }
-        self.tree.entries.extend(part.entries);
-        self.tree.files.extend(part.files);
     }
 
     /// The file holding stream offset `at` (< len): the last one starting at or
@@ -752,8 +635,8 @@ fn changed(path: &Path, how: &str) -> io::Error {
 /// The whole content stream of `files`, read as an upload reads it (for tests).
 #[cfg(test)]
 pub fn content(tree: Tree) -> io::Result<Vec<u8>> {
-    let mut stream = StreamFiles::new(tree);
-    stream.vouched = vec![false; stream.tree.files.len()];
+    let vouched = vec![false; tree.files.len()];
+    let mut stream = StreamFiles::new(Arc::new(tree), vouched);
     let mut out = vec![0u8; stream.len as usize];
     stream.read_exact_at(0, &mut out)?;
     stream.close()?;
@@ -784,8 +667,6 @@ mod tests {
     /// every chunk id and length, and what was read.
     fn cut(root: &Path, state: Option<&TreeState>) -> (Vec<(Id, u32)>, ReadReport) {
         let tree = scan(root, &Default::default()).unwrap();
-        // In small parts, as a scan that runs ahead of the cut may hand them on.
-        let parts = ScanParts::of_tree_in_parts(tree, 3);
         let progress = Arc::new(Progress::new("test", 0));
         let stored = state.iter().flat_map(|s| &s.table.chunks);
         let pack = crate::chunk::store::PackInfo {
@@ -796,7 +677,7 @@ mod tests {
             stored.map(|c| (c.id, fake_location(c.len))),
             [(Id::of(b"pack"), pack)].into(),
         );
-        let (batches, outcome) = cut_tree(parts, state.cloned(), Arc::new(known), progress);
+        let (batches, report) = cut_tree(Arc::new(tree), state, Arc::new(known), progress);
         let mut chunks = Vec::new();
         for batch in batches {
             for piece in batch.unwrap() {
@@ -806,7 +687,7 @@ mod tests {
                 }
             }
         }
-        let (_, report) = outcome.take().unwrap();
+        let report = report.lock().unwrap().clone();
         (chunks, report)
     }
 

@@ -119,22 +119,13 @@ pub struct Progress {
 impl Progress {
     /// Starts counting a transfer of `total` bytes (0 when unknown).
     pub fn new(label: impl Into<String>, total: u64) -> Progress {
-        Progress::drawn(label, total, total > 0)
-    }
-
-    /// Starts counting a transfer whose size grows as it is found ([`Progress::add_total`]).
-    pub fn growing(label: impl Into<String>) -> Progress {
-        Progress::drawn(label, 0, true)
-    }
-
-    fn drawn(label: impl Into<String>, total: u64, bar: bool) -> Progress {
         let draw = level() >= Level::Normal && std::io::stderr().is_terminal();
         let target = if draw {
             indicatif::ProgressDrawTarget::stderr_with_hz(5)
         } else {
             indicatif::ProgressDrawTarget::hidden()
         };
-        let template = if bar {
+        let template = if total > 0 {
             "cacher: {msg} [{bar:30}] {bytes} / {total_bytes} {bytes_per_sec} eta {eta}"
         } else {
             "cacher: {msg} {spinner} {bytes} {bytes_per_sec}"
@@ -142,7 +133,7 @@ impl Progress {
         let style = indicatif::ProgressStyle::with_template(template)
             .expect("valid progress template")
             .progress_chars("=> ");
-        let bar = indicatif::ProgressBar::with_draw_target(bar.then_some(total), target)
+        let bar = indicatif::ProgressBar::with_draw_target((total > 0).then_some(total), target)
             .with_style(style)
             .with_message(label.into());
         Progress {
@@ -156,15 +147,9 @@ impl Progress {
         self.bar.inc(n);
     }
 
-    /// Adds `n` bytes to the size of a [`Progress::growing`] transfer.
-    pub fn add_total(&self, n: u64) {
-        self.bar.inc_length(n);
-    }
-
-    /// Starts a [`Progress::growing`] transfer over from nothing.
+    /// Starts counting again from zero (a transfer started over).
     pub fn reset(&self) {
         self.bar.set_position(0);
-        self.bar.set_length(0);
     }
 
     /// Bytes counted so far.

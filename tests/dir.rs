@@ -592,9 +592,8 @@ fn a_tree_past_the_readers_limits_is_refused_at_upload() {
 #[test]
 fn a_scan_failing_deep_in_the_tree_publishes_nothing() {
     let env = TestEnv::s3("dirlatefail");
-    // Cutting starts on the first parts of the tree while the scan walks on, so chunks
-    // may be on their way when it fails: 20 MiB come first in tree order, and only
-    // past them a directory too deep to store.
+    // 20 MiB come first in tree order, and only past them a directory too deep to
+    // store: the upload names it, and nothing is published.
     env.write("src/a/blob.bin", random_bytes(20 * 1024 * 1024, 3));
     sh(
         "cd src && mkdir -p z && cd z && for i in $(seq 130); do mkdir d && cd d; done && touch f",

@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use rayon::prelude::*;
 
 use super::{Outcome, WriteMode, heal};
-use crate::archive::{self, ScanParts, ScannedFile, Tree};
+use crate::archive::{self, ScannedFile, Tree};
 use crate::chunk::Id;
 use crate::chunk::format::{Entry, EntryKind, Manifest, ManifestKind};
 use crate::chunk::gc::mark_used;
@@ -29,7 +29,7 @@ use crate::key::{full_key, has_arch_suffix, join_prefix};
 use crate::restore::Restorer;
 use crate::state::{self, TreeState};
 use crate::transfer::Transfer;
-use crate::tree_stream::{CutOutcome, ReadReport, StaleState, cut_tree};
+use crate::tree_stream::{ReadReport, StaleState, cut_tree};
 use crate::ui;
 use crate::update::{self, TreeUpdate};
 
@@ -187,16 +187,16 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     // Stamps taken after this moment may be recorded (see `state::record`).
     let taken = SystemTime::now();
     // The trees are scanned and their states read while the bucket is asked whether the
-    // key is cached and what it holds, on threads of their own, so a skipped upload
-    // does not wait for them; cutting starts as the scans go.
+    // key is cached and what it holds: on a warm tree the scan is most of the upload.
+    // On threads of their own, so a skipped upload does not wait for them.
     let pending: Vec<_> = args
         .dirs
         .iter()
         .map(|dir| {
-            let scan = archive::scan_in_parts(dir, exclude.clone());
-            let state_dir = dir.clone();
+            let (scan_dir, state_dir, exclude) = (dir.clone(), dir.clone(), exclude.clone());
+            let scanning = on_thread(move || archive::scan_path(&scan_dir, &exclude));
             let loading = on_thread(move || TreeState::load(&state_dir));
-            (dir, scan, loading)
+            (dir, scanning, loading)
         })
         .collect();
     let Some((chunks, mode)) =
@@ -205,8 +205,8 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         return Ok(Outcome::Success);
     };
     let mut scans = Vec::with_capacity(pending.len());
-    for (dir, scan, loading) in pending {
-        scans.push((dir, scan, loading.await?));
+    for (dir, scanning, loading) in pending {
+        scans.push((dir, scanning, loading.await?));
     }
     // The entries the trees came from hold most of what they reuse.
     let likely: Vec<&crate::chunk::format::ChunkTable> = scans
@@ -215,25 +215,41 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         .map(|s| &s.table)
         .collect();
     let known = Arc::new(chunks.known(&likely).await?);
-    let progress = Arc::new(ui::Progress::growing(format!("uploading {key}")));
-    let mut parts = Vec::with_capacity(scans.len());
-    let mut landings = Vec::with_capacity(scans.len());
-    let last = scans.len() - 1;
-    for (i, (dir, scan, state)) in scans.into_iter().enumerate() {
-        let sent = send_with_retry(&chunks, scan, state, &known, &progress).await;
-        let (sent, tree, read, landing) = sent
+    let mut trees = Vec::with_capacity(scans.len());
+    for (dir, scanning, state) in scans {
+        trees.push((dir, Arc::new(scanning.await??), state));
+    }
+    for pattern in exclude.unused() {
+        ui::warn(format!(
+            "--exclude '{pattern}' matched nothing in {} (patterns are relative to each DIR)",
+            source_labels(&args.dirs).replace('\n', ", ")
+        ));
+    }
+    let total = trees
+        .iter()
+        .flat_map(|(_, tree, _)| &tree.files)
+        .map(|f| f.size())
+        .sum();
+    let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), total));
+    let mut parts = Vec::with_capacity(trees.len());
+    let mut landings = Vec::with_capacity(trees.len());
+    let last = trees.len() - 1;
+    for (i, (dir, tree, state)) in trees.into_iter().enumerate() {
+        let sent = send_with_retry(&chunks, &tree, state, &known, &progress).await;
+        let (sent, read, landing) = sent
             .inspect_err(|_| progress.clear())
             .with_context(|| format!("upload of {} to {key} failed", dir.display()))?;
         landings.push((dir, landing));
         if i < last {
             known.learn(&sent.table);
         }
+        // The cutter is done with the tree (its batches ended), so this moves it.
         let Tree {
             entries,
             files,
             single_file,
             ..
-        } = tree;
+        } = Arc::unwrap_or_clone(tree);
         parts.push(SentPart {
             file: single_file,
             dir: dir.clone(),
@@ -242,12 +258,6 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
             sent,
             read,
         });
-    }
-    for pattern in exclude.unused() {
-        ui::warn(format!(
-            "--exclude '{pattern}' matched nothing in {} (patterns are relative to each DIR)",
-            source_labels(&args.dirs).replace('\n', ", ")
-        ));
     }
     let failed = |e: anyhow::Error| e.context(format!("upload to {key} failed"));
     let (mut manifest, sent, reads) = entry_of(parts)?;
@@ -401,24 +411,21 @@ fn prepare_states(
 /// out changed while it was read.
 async fn send_with_retry(
     chunks: &ChunkStore,
-    scan: ScanParts,
+    tree: &Arc<Tree>,
     state: Option<TreeState>,
     known: &Arc<Known>,
     progress: &Arc<ui::Progress>,
-) -> anyhow::Result<TreeSent> {
-    let (sent, outcome) = send_tree(chunks, scan, state, known, progress).await;
-    let stale = match sent {
-        Err(e) if e.is::<StaleState>() => e,
-        sent => return sent,
-    };
-    ui::verbose(stale.to_string());
-    // The cutter read the rest of the tree before it stopped.
-    let Some((tree, _)) = outcome.take() else {
-        return Err(stale);
-    };
-    progress.reset();
-    let scan = ScanParts::of_tree(tree);
-    send_tree(chunks, scan, None, known, progress).await.0
+) -> anyhow::Result<(Sent, ReadReport, Landing)> {
+    let sent = send_tree(chunks, tree, state.as_ref(), known, progress).await;
+    match &sent {
+        Err(e) if e.downcast_ref::<StaleState>().is_some() => {
+            ui::verbose(e.to_string());
+            drop(state);
+            progress.reset();
+            send_tree(chunks, tree, None, known, progress).await
+        }
+        _ => sent,
+    }
 }
 
 /// Runs `f` on a thread of its own (not tokio's blocking pool, which the runtime waits
@@ -433,29 +440,20 @@ fn on_thread<T: Send + 'static>(
     rx
 }
 
-/// A tree cut and its chunks placed: what was sent, the tree and what was read, and
-/// the packs still on their way.
-type TreeSent = (Sent, Tree, ReadReport, Landing);
-
-/// Cuts the files of a tree as its scan goes and starts sending the chunks the bucket
-/// lacks, reading only what `state` cannot vouch for; and the cut's outcome, for a
-/// retry.
+/// Cuts the files of a scanned tree and starts sending the chunks the bucket lacks,
+/// reading only what `state` cannot vouch for: what was sent, what was read, and the
+/// packs still on their way.
 async fn send_tree(
     chunks: &ChunkStore,
-    scan: ScanParts,
-    state: Option<TreeState>,
+    tree: &Arc<Tree>,
+    state: Option<&TreeState>,
     known: &Arc<Known>,
     progress: &Arc<ui::Progress>,
-) -> (anyhow::Result<TreeSent>, CutOutcome) {
-    let (pieces, outcome) = cut_tree(scan, state, known.clone(), progress.clone());
-    let sent = match chunks.start_sending(pieces, known.clone()).await {
-        Ok((sent, landing)) => match outcome.take() {
-            Some((tree, read)) => Ok((sent, tree, read, landing)),
-            None => Err(anyhow::anyhow!("the tree cutter ended without its tree")),
-        },
-        Err(e) => Err(e),
-    };
-    (sent, outcome)
+) -> anyhow::Result<(Sent, ReadReport, Landing)> {
+    let (pieces, report) = cut_tree(tree.clone(), state, known.clone(), progress.clone());
+    let (sent, landing) = chunks.start_sending(pieces, known.clone()).await?;
+    let report = report.lock().expect("report lock").clone();
+    Ok((sent, report, landing))
 }
 
 /// The `--json` record of a chunked transfer (docs/json.md).
@@ -789,13 +787,12 @@ fn read_state(dir: &Path, stream_len: u64, keep: &Exclude, taken: SystemTime) ->
         ));
         return None;
     }
-    let progress = Arc::new(ui::Progress::growing(format!("reading {}", dir.display())));
-    let (pieces, outcome) = cut_tree(
-        ScanParts::of_tree(tree),
-        None,
-        Arc::default(),
-        progress.clone(),
-    );
+    let progress = Arc::new(ui::Progress::new(
+        format!("reading {}", dir.display()),
+        held,
+    ));
+    let tree = Arc::new(tree);
+    let (pieces, report) = cut_tree(tree.clone(), None, Arc::default(), progress.clone());
     let mut chunks = Vec::new();
     for batch in pieces {
         let batch = batch.ok()?;
@@ -812,10 +809,11 @@ fn read_state(dir: &Path, stream_len: u64, keep: &Exclude, taken: SystemTime) ->
         stored_len: 0,
         len,
     };
-    let (Tree { entries, files, .. }, report) = outcome.take()?;
+    let trusted = report.lock().ok()?.trusted.clone();
+    let Tree { entries, files, .. } = Arc::unwrap_or_clone(tree);
     let stamps = files
         .iter()
-        .zip(report.trusted)
+        .zip(trusted)
         .map(|(f, ok)| ok.then_some(f.stamp))
         .collect();
     let manifest = Manifest {
