@@ -264,14 +264,6 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     manifest.add_exclusions(exclude.patterns());
     // Sealed while the last packs are on their way, published once they are in.
     let (sealed, manifest) = seal(manifest, sent, &key).map_err(failed)?;
-    let mut landed = 0;
-    for (dir, landing) in landings {
-        landed += landing
-            .wait()
-            .await
-            .inspect_err(|_| progress.clear())
-            .with_context(|| format!("upload of {} to {key} failed", dir.display()))?;
-    }
     let file_count = reads.iter().map(|(_, files, _)| files.len()).sum();
     let mut read_stats = Stats::default();
     for (_, _, read) in &reads {
@@ -280,10 +272,19 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         read_stats.disk_bytes += read.bytes_read;
         read_stats.checked_bytes += read.checked_bytes;
     }
-    // The tree states are encoded while the manifest is written, and written once it is.
+    // The tree states are encoded while the last packs and the manifest are written,
+    // and written once the manifest is.
     let recorded_key = key.clone();
     let records =
         tokio::task::spawn_blocking(move || prepare_states(manifest, reads, &recorded_key, taken));
+    let mut landed = 0;
+    for (dir, landing) in landings {
+        landed += landing
+            .wait()
+            .await
+            .inspect_err(|_| progress.clear())
+            .with_context(|| format!("upload of {} to {key} failed", dir.display()))?;
+    }
     let published = chunks
         .put_sealed(sealed, &key, mode == WriteMode::Create)
         .await;
