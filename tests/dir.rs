@@ -590,11 +590,9 @@ fn a_tree_past_the_readers_limits_is_refused_at_upload() {
 }
 
 #[test]
-fn a_scan_failing_deep_in_the_tree_publishes_nothing() {
-    let env = TestEnv::s3("dirlatefail");
-    // 20 MiB come first in tree order, and only past them a directory too deep to
-    // store: the upload names it, and nothing is published.
-    env.write("src/a/blob.bin", random_bytes(20 * 1024 * 1024, 3));
+fn a_directory_deeper_than_readers_allow_is_refused_at_upload() {
+    let env = TestEnv::s3("dirdeep");
+    env.write("src/a/file", "first in tree order");
     sh(
         "cd src && mkdir -p z && cd z && for i in $(seq 130); do mkdir d && cd d; done && touch f",
         env.dir.path(),
@@ -603,11 +601,45 @@ fn a_scan_failing_deep_in_the_tree_publishes_nothing() {
     let run = env.run(["dir", "upload", "k", src.to_str().unwrap()]);
     run.code(2);
     assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
-    assert!(run.stderr.contains("deeper than 128"), "{}", run.stderr);
+    // The scan's refusal, before anything is cut (sealing the manifest would refuse too).
+    assert!(
+        run.stderr
+            .contains("deeper than 128 directories, more than cacher restores"),
+        "{}",
+        run.stderr
+    );
     env.run(["dir", "exists", "k"]).code(1);
 
     // Without the deep directory the same tree uploads and restores.
     std::fs::remove_dir_all(src.join("z")).unwrap();
+    env.run(["dir", "upload", "k", src.to_str().unwrap()]).ok();
+    let out = env.path("out");
+    env.run(["dir", "download", "k", out.to_str().unwrap()])
+        .ok();
+    assert_eq!(snapshot(&out), snapshot(&src));
+}
+
+#[test]
+fn a_pack_that_cannot_be_written_fails_the_upload_and_publishes_nothing() {
+    // The manifest is sealed while the last pack uploads; it must not go out when
+    // that upload fails. A file where the packs directory belongs makes every pack
+    // write fail, root or not.
+    let env = TestEnv::file_store();
+    let src = make_tree(&env, "src", 21);
+    std::fs::create_dir_all(env.path("store/.cacher")).unwrap();
+    std::fs::write(env.path("store/.cacher/packs"), "not a directory").unwrap();
+    let run = env.run(["dir", "upload", "k", src.to_str().unwrap()]);
+    run.code(2);
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    assert!(run.stderr.contains("cannot upload pack"), "{}", run.stderr);
+    env.run(["dir", "exists", "k"]).code(1);
+    assert!(!env.path("store/k").exists(), "no manifest");
+    assert!(
+        !env.path("store/.cacher/index").exists(),
+        "no index segment for packs that are not there"
+    );
+
+    std::fs::remove_file(env.path("store/.cacher/packs")).unwrap();
     env.run(["dir", "upload", "k", src.to_str().unwrap()]).ok();
     let out = env.path("out");
     env.run(["dir", "download", "k", out.to_str().unwrap()])

@@ -448,14 +448,24 @@ pub struct Sent {
 }
 
 /// The packs and index segment of a [`ChunkStore::start_sending`] still on their way.
+/// Dropped unwaited (the upload failed elsewhere), it stops them.
+#[must_use = "the chunks are in the bucket only once the landing is waited for"]
 pub struct Landing(tokio::task::JoinHandle<anyhow::Result<u64>>);
 
 impl Landing {
-    /// Waits until everything sent is in the bucket; the bytes that took.
-    pub async fn wait(self) -> anyhow::Result<u64> {
-        self.0.await.context("the pack uploads stopped")?
+    /// Waits until everything sent is in the bucket; the bytes put on the wire.
+    pub async fn wait(mut self) -> anyhow::Result<u64> {
+        (&mut self.0).await.context(UPLOADS_STOPPED)?
     }
 }
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+const UPLOADS_STOPPED: &str = "the pack uploads stopped";
 
 /// A piece of a content stream, as a cutter hands it to [`ChunkStore::upload`].
 pub enum Piece {
@@ -785,7 +795,7 @@ impl ChunkStore {
         let table = table_of(chunked.order.iter().map(|id| (*id, chunked.locations[id])));
         let store = self.clone();
         let landing = tokio::spawn(async move {
-            let mut wire_bytes = uploads.await.context("the pack uploads stopped")??;
+            let mut wire_bytes = uploads.await.context(UPLOADS_STOPPED)??;
             if !chunked.new_chunks.is_empty() {
                 let table = table_of(chunked.new_chunks.iter().map(|(id, loc)| (*id, *loc)));
                 let written = store.write_segments(&table, MAX_SEGMENT_CHUNKS).await?;
@@ -1343,76 +1353,133 @@ pub fn table_of(chunks: impl Iterator<Item = (Id, Location)>) -> ChunkTable {
 /// Bytes of cut chunks being hashed and compressed at once, beyond which packing waits.
 const IN_FLIGHT_BYTES: usize = 8 * 1024 * 1024;
 
-/// A piece of the stream on its way into a pack: its id, length, and where the
-/// bucket holds it already or its compressed bytes.
-type Processed = (Id, u32, Result<Location, Vec<u8>>);
+/// Where a piece of the stream is kept.
+enum Keeping {
+    /// The bucket holds it already, there.
+    Reused(Location),
+    /// It goes into a pack: its compressed bytes.
+    New(Vec<u8>),
+}
 
-/// A piece waiting its turn to be packed, in stream order.
+/// A piece of the stream on its way into a pack: its id, length and where it is kept.
+type Processed = (Id, u32, Keeping);
+
+/// A piece waiting its turn to be packed.
 enum Waiting {
+    /// Known already: a reused chunk.
     Ready(Processed),
     /// Being hashed and compressed on the pool: its length, and where it arrives.
     Running(usize, std::sync::mpsc::Receiver<std::io::Result<Processed>>),
 }
 
+/// The pieces of the stream between the cutter and the packer, in stream order, their
+/// chunks hashed and compressed on the pool meanwhile. Dropped, it waits for the jobs
+/// still running, so none outlives the upload that started it.
+#[derive(Default)]
+struct Turns {
+    waiting: std::collections::VecDeque<Waiting>,
+    /// Bytes of the running jobs.
+    in_flight: usize,
+}
+
+impl Turns {
+    /// Queues `piece`: a cut chunk is hashed, looked up in `known` and compressed if
+    /// the bucket lacks it, on the pool.
+    fn push(&mut self, piece: Piece, known: &Arc<Known>) {
+        let data = match piece {
+            Piece::Reused { id, loc } => {
+                let ready = (id, loc.len, Keeping::Reused(loc));
+                return self.waiting.push_back(Waiting::Ready(ready));
+            }
+            Piece::Cut(data) => data,
+        };
+        let len = data.len();
+        self.in_flight += len;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let known = known.clone();
+        rayon::spawn(move || {
+            // A panic in a job spawned on the pool would abort the process: it comes
+            // back as this piece's error instead.
+            let processed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let id = Id::of(&data);
+                let stored = match known.reusable(&id, len) {
+                    Some(loc) => Keeping::Reused(loc),
+                    None => Keeping::New(super::format::encode_chunk(&data)?),
+                };
+                Ok((id, len as u32, stored))
+            }))
+            .unwrap_or_else(|_| Err(std::io::Error::other("a compression job panicked")));
+            let _ = tx.send(processed);
+        });
+        self.waiting.push_back(Waiting::Running(len, rx));
+    }
+
+    /// The next piece in stream order once it is processed; `None` when there is none,
+    /// or when it is still running and `wait` is off.
+    fn next(&mut self, wait: bool) -> anyhow::Result<Option<Processed>> {
+        let done = match self.waiting.front() {
+            None => return Ok(None),
+            Some(Waiting::Ready(_)) => None,
+            Some(Waiting::Running(_, rx)) => match rx.try_recv() {
+                Ok(done) => Some(done),
+                Err(std::sync::mpsc::TryRecvError::Empty) if !wait => return Ok(None),
+                Err(std::sync::mpsc::TryRecvError::Empty) => rx.recv().ok(),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+            },
+        };
+        match self.waiting.pop_front().expect("a front") {
+            Waiting::Ready(ready) => Ok(Some(ready)),
+            Waiting::Running(len, _) => {
+                self.in_flight -= len;
+                let done = done.context("a compression job stopped")?;
+                done.context("zstd compression failed").map(Some)
+            }
+        }
+    }
+}
+
+impl Drop for Turns {
+    fn drop(&mut self) {
+        for waiting in self.waiting.drain(..) {
+            if let Waiting::Running(_, rx) = waiting {
+                let _ = rx.recv();
+            }
+        }
+    }
+}
+
 /// Runs on a blocking thread: hashes, compresses and packs the cut stream.
 ///
-/// Each chunk cut is hashed and compressed on the pool as soon as it arrives, whatever
-/// batch it came in (a warm upload's batch may hold one cut chunk among reused ones),
-/// and packed in stream order; at most [`IN_FLIGHT_BYTES`] are in flight.
+/// Each chunk cut goes to the pool as soon as it arrives, whatever batch it came in
+/// (a warm upload's batch may hold one cut chunk among a hundred reused ones, which
+/// one batch at a time compressed on one core while the cutter waited), and is packed
+/// in stream order; at most [`IN_FLIGHT_BYTES`] are in flight.
 fn chunk_stream(
     pieces: impl Iterator<Item = anyhow::Result<Vec<Piece>>>,
     known: &Arc<Known>,
     packs: &tokio::sync::mpsc::Sender<SealedPack>,
 ) -> anyhow::Result<Chunked> {
     let mut packer = Packer::new(packs);
-    let mut waiting = std::collections::VecDeque::new();
-    let mut in_flight = 0;
+    let mut turns = Turns::default();
     for batch in pieces {
         let batch = batch?;
         known.check()?;
+        // A failed pack upload ends the stream now, not at the next pack.
+        if packs.is_closed() {
+            anyhow::bail!("pack upload stopped");
+        }
         for piece in batch {
-            waiting.push_back(match piece {
-                Piece::Reused { id, loc } => Waiting::Ready((id, loc.len, Ok(loc))),
-                Piece::Cut(data) => {
-                    in_flight += data.len();
-                    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                    let (len, known) = (data.len(), known.clone());
-                    rayon::spawn(move || {
-                        let id = Id::of(&data);
-                        let stored = match known.reusable(&id, data.len()) {
-                            Some(loc) => Ok(Ok(loc)),
-                            None => super::format::encode_chunk(&data).map(Err),
-                        };
-                        let _ = tx.send(stored.map(|stored| (id, data.len() as u32, stored)));
-                    });
-                    Waiting::Running(len, rx)
-                }
-            });
-            while let Some(front) = waiting.front() {
-                if matches!(front, Waiting::Running(..)) && in_flight <= IN_FLIGHT_BYTES {
-                    break;
-                }
-                let next = waiting.pop_front().expect("a front");
-                packer.add(take_turn(next, &mut in_flight)?)?;
+            turns.push(piece, known);
+            // What is done is packed at once; past the bound, packing waits.
+            while let Some(next) = turns.next(turns.in_flight > IN_FLIGHT_BYTES)? {
+                packer.add(next)?;
             }
         }
     }
-    for next in waiting {
-        packer.add(take_turn(next, &mut in_flight)?)?;
+    while let Some(next) = turns.next(true)? {
+        packer.add(next)?;
     }
     packer.finish()
-}
-
-/// The piece `waiting` once it is processed.
-fn take_turn(waiting: Waiting, in_flight: &mut usize) -> anyhow::Result<Processed> {
-    match waiting {
-        Waiting::Ready(processed) => Ok(processed),
-        Waiting::Running(len, rx) => {
-            *in_flight -= len;
-            let processed = rx.recv().context("a compression job stopped")?;
-            processed.context("zstd compression failed")
-        }
-    }
 }
 
 /// Gathers the chunks the bucket lacks into packs and hands each on to be uploaded
@@ -1426,6 +1493,7 @@ struct Packer<'a> {
 }
 
 impl<'a> Packer<'a> {
+    /// A packer handing its packs to `packs`.
     fn new(packs: &'a tokio::sync::mpsc::Sender<SealedPack>) -> Packer<'a> {
         Packer {
             out: Chunked {
@@ -1450,11 +1518,11 @@ impl<'a> Packer<'a> {
             return Ok(());
         }
         let compressed = match stored {
-            Ok(loc) => {
+            Keeping::Reused(loc) => {
                 out.locations.insert(id, loc);
                 return Ok(());
             }
-            Err(compressed) => compressed,
+            Keeping::New(compressed) => compressed,
         };
         self.open
             .push((id, self.pack.len() as u32, compressed.len() as u32, len));
@@ -1493,6 +1561,7 @@ impl<'a> Packer<'a> {
             .map_err(|_| anyhow::anyhow!("pack upload stopped"))
     }
 
+    /// Hands on the last pack; where every chunk is.
     fn finish(mut self) -> anyhow::Result<Chunked> {
         self.seal()?;
         Ok(self.out)
@@ -1705,6 +1774,74 @@ pub fn now_secs() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunks_compressed_out_of_batch_order_are_packed_in_stream_order_and_once() {
+        // 24 distinct chunks of 512 KiB (12 MiB, past the bytes allowed in flight),
+        // each cut twice in a row so both copies are in flight together, between
+        // chunks the bucket holds already.
+        let data: Vec<Vec<u8>> = (0..24u64)
+            .map(|i| {
+                let mut rng = fastrand::Rng::with_seed(i);
+                (0..512 * 1024).map(|_| rng.u8(..)).collect()
+            })
+            .collect();
+        let held = |i: u32| {
+            let loc = Location {
+                pack: Id::of(b"old pack"),
+                offset: i * 10,
+                stored_len: 10,
+                len: 100,
+            };
+            (Id::of(&i.to_le_bytes()), loc)
+        };
+        let info = PackInfo {
+            modified: SystemTime::now(),
+            size: 1 << 20,
+        };
+        let known = Arc::new(Known::new(
+            (0..24).map(held),
+            [(Id::of(b"old pack"), info)].into(),
+        ));
+        let mut want = Vec::new();
+        let batches: Vec<anyhow::Result<Vec<Piece>>> = data
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let (id, loc) = held(i as u32);
+                want.extend([Id::of(d), Id::of(d), id]);
+                let cut = || Piece::Cut(d.clone());
+                Ok(vec![cut(), cut(), Piece::Reused { id, loc }])
+            })
+            .collect();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<SealedPack>(2);
+        let packs = std::thread::spawn(move || {
+            let mut packs = HashMap::new();
+            while let Some(pack) = rx.blocking_recv() {
+                packs.insert(pack.id, pack.data);
+            }
+            packs
+        });
+        let chunked = chunk_stream(batches.into_iter(), &known, &tx).unwrap();
+        drop(tx);
+        let packs = packs.join().unwrap();
+
+        assert_eq!(chunked.order, want);
+        assert_eq!(chunked.stats.chunks_new, 24);
+        assert_eq!(chunked.new_chunks.len(), 24);
+        for (i, d) in data.iter().enumerate() {
+            let id = Id::of(d);
+            let loc = chunked.locations[&id];
+            let pack = &packs[&loc.pack];
+            let stored = &pack[loc.offset as usize..][..loc.stored_len as usize];
+            assert_eq!(
+                super::super::format::decode_chunk(stored, loc.len, &id).as_ref(),
+                Some(d),
+                "chunk {i} is in its pack"
+            );
+            assert_eq!(chunked.locations[&held(i as u32).0], held(i as u32).1);
+        }
+    }
 
     fn table(chunks: u32, packs: u32) -> ChunkTable {
         table_of((0..chunks).map(|i| {

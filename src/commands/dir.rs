@@ -17,10 +17,9 @@ use crate::chunk::Id;
 use crate::chunk::format::{Entry, EntryKind, Manifest, ManifestKind};
 use crate::chunk::gc::mark_used;
 use crate::chunk::paths;
-use crate::chunk::store::Landing;
 use crate::chunk::store::{
-    ChunkStore, Known, Location, Piece, Sent, Stats, Stored, download_stats_line, is_broken,
-    now_secs, seal, table_of, upload_stats_line,
+    ChunkStore, Known, Landing, Location, Piece, Sent, Stats, Stored, download_stats_line,
+    is_broken, now_secs, seal, table_of, upload_stats_line,
 };
 use crate::cli::{DirCommand, DirDownloadArgs, DirUploadArgs, input_error};
 use crate::config::Config;
@@ -232,15 +231,22 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         .sum();
     let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), total));
     let mut parts = Vec::with_capacity(trees.len());
-    let mut landings = Vec::with_capacity(trees.len());
+    // The packs of one path land while the next is cut, the last one's while the
+    // manifest is sealed: one path's uploads at a time, as `jobs` says.
+    let mut landing: Option<(&PathBuf, Landing)> = None;
+    let mut landed = 0;
     let last = trees.len() - 1;
     for (i, (dir, tree, state)) in trees.into_iter().enumerate() {
+        if let Some((dir, previous)) = landing.take() {
+            landed += land(previous, dir, &key, &progress).await?;
+        }
         let sent = send_with_retry(&chunks, &tree, state, &known, &progress).await;
-        let (sent, read, landing) = sent
+        let (sent, read, next) = sent
             .inspect_err(|_| progress.clear())
             .with_context(|| format!("upload of {} to {key} failed", dir.display()))?;
-        landings.push((dir, landing));
+        landing = Some((dir, next));
         if i < last {
+            // Its packs land before the next path is cut, which may reuse them.
             known.learn(&sent.table);
         }
         // The cutter is done with the tree (its batches ended), so this moves it.
@@ -277,13 +283,8 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     let recorded_key = key.clone();
     let records =
         tokio::task::spawn_blocking(move || prepare_states(manifest, reads, &recorded_key, taken));
-    let mut landed = 0;
-    for (dir, landing) in landings {
-        landed += landing
-            .wait()
-            .await
-            .inspect_err(|_| progress.clear())
-            .with_context(|| format!("upload of {} to {key} failed", dir.display()))?;
+    if let Some((dir, last)) = landing {
+        landed += land(last, dir, &key, &progress).await?;
     }
     let published = chunks
         .put_sealed(sealed, &key, mode == WriteMode::Create)
@@ -306,6 +307,20 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     ));
     report("dir upload", &key, "uploaded", None, Some(&stats));
     Ok(Outcome::Success)
+}
+
+/// Waits for the packs of `dir`'s part of the upload to `key`; the bytes they took.
+async fn land(
+    landing: Landing,
+    dir: &Path,
+    key: &str,
+    progress: &ui::Progress,
+) -> anyhow::Result<u64> {
+    landing
+        .wait()
+        .await
+        .inspect_err(|_| progress.clear())
+        .with_context(|| format!("upload of {} to {key} failed", dir.display()))
 }
 
 /// One path of an upload once its chunks are sent.
