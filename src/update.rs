@@ -119,17 +119,19 @@ impl Plan {
     }
 }
 
-/// Decides which files of `new` that `dir` (holding the tree `state` records) already
-/// holds, by one `stat` per recorded file (through its directory's handle), and where each chunk of the others comes
-/// from: a file still holding the recorded bytes, or the bucket.
-pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
-    let TreeState {
-        table: recorded_table,
-        files: mut recorded,
-        ..
-    } = state;
-    let old = Stream::of(&recorded_table);
-    let fresh = Stream::of(&new.table);
+/// What `dir` holds of the tree its state records: which recorded files still hold
+/// the recorded bytes. It needs only the record, so it is taken while the new entry
+/// is fetched.
+pub struct Survey {
+    state: TreeState,
+    /// Per recorded file: how it is now, if it still holds the recorded bytes.
+    intact: Vec<Option<Intact>>,
+}
+
+/// Looks at `dir`, which holds the tree `state` records, by one `stat` per recorded
+/// file (through its directory's handle).
+pub fn survey(dir: &Path, state: TreeState) -> Survey {
+    let recorded = &state.files;
     // Which recorded files still hold the recorded bytes (with their mode and mtime
     // now). Files of one directory come one after another (tree order): each run of
     // them is looked at through its directory's handle, opened a name at a time
@@ -190,6 +192,21 @@ pub fn plan(dir: &Path, state: TreeState, new: &Manifest) -> Plan {
             intact
         })
         .collect();
+    Survey { state, intact }
+}
+
+/// Decides which files of `new` that `dir` (as `survey` found it) already holds, and
+/// where each chunk of the others comes from: a file still holding the recorded
+/// bytes, or the bucket.
+pub fn plan(dir: &Path, survey: Survey, new: &Manifest) -> Plan {
+    let Survey { state, intact } = survey;
+    let TreeState {
+        table: recorded_table,
+        files: mut recorded,
+        ..
+    } = state;
+    let old = Stream::of(&recorded_table);
+    let fresh = Stream::of(&new.table);
     let local = local_chunks(&old, &recorded, &intact);
 
     let mut plan = Plan {

@@ -491,6 +491,10 @@ async fn download(config: &Config, args: &DirDownloadArgs) -> anyhow::Result<Out
     let key = full_key(config, &args.key)?;
     let chunks = chunk_store(config).await?;
     let started = Instant::now();
+    let early = match &args.dirs[..] {
+        [dir] => EarlySurvey::start(dir),
+        _ => EarlySurvey::none(),
+    };
     let mut restored = None;
     if let Some((info, stored)) = heal(&key, chunks.fetch_with_info(&key).await)?.flatten() {
         match &stored {
@@ -502,13 +506,16 @@ async fn download(config: &Config, args: &DirDownloadArgs) -> anyhow::Result<Out
             }
             _ => {}
         }
-        if let Some(stats) = heal(&key, restore(&chunks, &key, stored, args, started).await)? {
+        if let Some(stats) = heal(
+            &key,
+            restore(&chunks, &key, stored, args, &early, started).await,
+        )? {
             mark_used(chunks.transfer(), chunks.layout(), &info).await;
             restored = Some((key.clone(), stats));
         }
     }
     if restored.is_none() {
-        restored = restore_fallback(config, &chunks, args, started).await?;
+        restored = restore_fallback(config, &chunks, args, &early, started).await?;
     }
     let Some((restored_key, stats)) = restored else {
         ui::status(format!("{key} is not cached"));
@@ -543,11 +550,12 @@ async fn restore(
     key: &str,
     stored: Stored,
     args: &DirDownloadArgs,
+    early: &EarlySurvey,
     started: Instant,
 ) -> anyhow::Result<Option<Stats>> {
     match (stored, &args.dirs[..]) {
         (Stored::Manifest(manifest), dirs) => {
-            restore_entry(chunks, key, *manifest, dirs, args.delete, started)
+            restore_entry(chunks, key, *manifest, dirs, args.delete, early, started)
                 .await
                 .map(Some)
         }
@@ -583,6 +591,7 @@ async fn restore_entry(
     manifest: Manifest,
     dirs: &[PathBuf],
     mirror: bool,
+    early: &EarlySurvey,
     started: Instant,
 ) -> anyhow::Result<Stats> {
     // What the upload left out is the job's, not the entry's: a restore leaves it alone.
@@ -593,6 +602,7 @@ async fn restore_entry(
         mirror,
         keep: &keep,
         record: true,
+        early,
     };
     match (manifest.kind, dirs) {
         (ManifestKind::Dir, [dir]) => {
@@ -664,6 +674,7 @@ async fn restore_file(
         mirror: false,
         keep: &Exclude::default(),
         record: false,
+        early: &EarlySurvey::none(),
     };
     let stats = restore_whole(chunks, key, manifest, to)
         .await
@@ -681,6 +692,48 @@ struct Destination<'a> {
     keep: &'a Exclude,
     /// Record a tree state of `dir` (not when it only receives a single file).
     record: bool,
+    /// What `dir` was found to hold while the entry was fetched, if that was looked at.
+    early: &'a EarlySurvey,
+}
+
+/// The survey of a DIR's recorded tree ([`update::survey`]), taken on a thread of its
+/// own from the start of a download: the `stat` of every recorded file costs about as
+/// much as fetching the entry, and needs only the record. A miss does not wait for it.
+struct EarlySurvey {
+    dir: PathBuf,
+    pending: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<Option<update::Survey>>>>,
+}
+
+impl EarlySurvey {
+    /// Starts surveying `dir`, if it holds a recorded tree.
+    fn start(dir: &Path) -> EarlySurvey {
+        let surveyed = dir.to_path_buf();
+        let pending = on_thread(move || {
+            TreeState::load(&surveyed).map(|state| update::survey(&surveyed, state))
+        });
+        EarlySurvey {
+            dir: dir.to_path_buf(),
+            pending: std::sync::Mutex::new(Some(pending)),
+        }
+    }
+
+    /// No survey taken early.
+    fn none() -> EarlySurvey {
+        EarlySurvey {
+            dir: PathBuf::new(),
+            pending: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The survey of `dir`, once: the first restore into it takes it (a later one, after
+    /// a failed attempt, looks again).
+    async fn take(&self, dir: &Path) -> Option<update::Survey> {
+        if dir != self.dir {
+            return None;
+        }
+        let pending = self.pending.lock().expect("survey lock").take()?;
+        pending.await.ok().flatten()
+    }
 }
 
 /// Restores a chunked entry into `to.dir`: in place when it holds a tree cacher
@@ -701,14 +754,22 @@ async fn restore_manifest(
         .iter()
         .filter(|e| matches!(e.kind, EntryKind::File { .. }))
         .count();
-    let (dest, stream_len, keep) = (dir.to_path_buf(), manifest.stream_len, to.keep.clone());
-    let state = tokio::task::spawn_blocking(move || {
-        TreeState::load(&dest).or_else(|| seed_state(&dest, stream_len, &keep))
-    })
-    .await?;
-    let restored = match state {
-        Some(state) => {
-            let updated = restore_in_place(chunks, key, manifest, state, to).await;
+    let survey = match to.early.take(dir).await {
+        Some(survey) => Some(survey),
+        None => {
+            let (dest, stream_len, keep) =
+                (dir.to_path_buf(), manifest.stream_len, to.keep.clone());
+            tokio::task::spawn_blocking(move || {
+                TreeState::load(&dest)
+                    .or_else(|| seed_state(&dest, stream_len, &keep))
+                    .map(|state| update::survey(&dest, state))
+            })
+            .await?
+        }
+    };
+    let restored = match survey {
+        Some(survey) => {
+            let updated = restore_in_place(chunks, key, manifest, survey, to).await;
             match updated {
                 // Unless the entry itself is at fault (or the job was cancelled), the
                 // record or DIR may be: files someone else owns, a record gone stale.
@@ -917,13 +978,13 @@ async fn restore_in_place(
     chunks: &ChunkStore,
     key: &str,
     manifest: Manifest,
-    state: TreeState,
+    survey: update::Survey,
     to: Destination<'_>,
 ) -> anyhow::Result<Stats> {
     let dir = to.dir;
     let dest = dir.to_path_buf();
     let (plan, mut manifest) = tokio::task::spawn_blocking(move || {
-        let plan = update::plan(&dest, state, &manifest);
+        let plan = update::plan(&dest, survey, &manifest);
         (plan, manifest)
     })
     .await?;
@@ -986,6 +1047,7 @@ async fn restore_fallback(
     config: &Config,
     chunks: &ChunkStore,
     args: &DirDownloadArgs,
+    early: &EarlySurvey,
     started: Instant,
 ) -> anyhow::Result<Option<(String, Option<Stats>)>> {
     let source = source_labels(&args.dirs);
@@ -1014,8 +1076,10 @@ async fn restore_fallback(
                 let (_, info, stored) = usable.swap_remove(i);
                 let key = info.key.clone();
                 ui::status(format!("fallback: restoring {key}"));
-                if let Some(stats) = heal(&key, restore(chunks, &key, stored, args, started).await)?
-                {
+                if let Some(stats) = heal(
+                    &key,
+                    restore(chunks, &key, stored, args, early, started).await,
+                )? {
                     mark_used(chunks.transfer(), chunks.layout(), &info).await;
                     return Ok(Some((key, stats)));
                 }
