@@ -39,6 +39,9 @@ use crate::state::{RecordedFiles, Stamp, TreeState};
 use crate::temp::{self, ASIDE_PREFIX, NEW_PREFIX};
 use crate::tree_stream::open_regular;
 
+mod listings;
+use listings::ListingsAhead;
+
 /// What an update does with a file of the new tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FileAction {
@@ -491,6 +494,9 @@ pub struct TreeUpdate {
     /// added, entries staged in them), with their mode and mtime before, to put back if
     /// it fails.
     changed_dirs: Vec<(Vec<u8>, u32, (i64, u32))>,
+    /// The new tree's directories listed ahead, and how many of them were visited.
+    listings: Option<ListingsAhead>,
+    dirs_visited: usize,
 }
 
 impl TreeUpdate {
@@ -517,6 +523,14 @@ impl TreeUpdate {
             .into_iter()
             .filter(|n| !temp::is_temp_name(n.as_bytes()))
             .collect();
+        let dirs = entries
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::Dir))
+            .map(|e| e.path.clone())
+            .collect();
+        let listings = rustix::io::fcntl_dupfd_cloexec(&root, 0)
+            .ok()
+            .and_then(|root| ListingsAhead::start(root, dirs));
         let mut update = TreeUpdate {
             dest: dest.to_path_buf(),
             root,
@@ -538,6 +552,8 @@ impl TreeUpdate {
             touched: Vec::new(),
             stamps: HashMap::new(),
             changed_dirs: Vec::new(),
+            listings,
+            dirs_visited: 0,
         };
         update.advance()?;
         Ok(update)
@@ -614,6 +630,8 @@ impl TreeUpdate {
         let mut staged = None;
         match &entry.kind {
             EntryKind::Dir => {
+                let n = self.dirs_visited;
+                self.dirs_visited += 1;
                 let opened = match &existing {
                     Some(st) if is_dir(st) => {
                         let fd = open_dir(parent, &name)?;
@@ -627,7 +645,12 @@ impl TreeUpdate {
                             rustix::fs::fchmod(&fd, Mode::from_raw_mode((mode | 0o700) as _))?;
                             dirty = true;
                         }
-                        let unseen = list_names(fd.as_fd())?.into_iter().collect();
+                        let listed = self.listings.as_ref().and_then(|l| l.take(n, st));
+                        let names = match listed {
+                            Some(names) => names,
+                            None => list_names(fd.as_fd())?,
+                        };
+                        let unseen = names.into_iter().collect();
                         OpenDir {
                             entry: i,
                             fd,
@@ -640,6 +663,9 @@ impl TreeUpdate {
                         }
                     }
                     _ => {
+                        if let Some(listings) = &self.listings {
+                            listings.pass(n);
+                        }
                         let at = match fresh {
                             true => name.clone(),
                             false => staged_name(),
