@@ -160,11 +160,12 @@ pub async fn load_filters(
                 (segment, fingerprints)
             }
         })
-        .buffer_unordered(chunks.transfer().jobs())
-        .collect::<Vec<_>>()
-        .await;
+        .buffer_unordered(chunks.transfer().jobs());
+    // Merged as each arrives, so no more than `jobs` filters are held beside the list
+    // (holding them all first doubled the index's memory: 80 MB more at 10^7 chunks).
     let (mut objects, mut merged, mut whole) = (Vec::new(), Vec::new(), Vec::new());
-    for (object, fingerprints) in read {
+    let mut read = std::pin::pin!(read);
+    while let Some((object, fingerprints)) = read.next().await {
         let i = objects.len() as u64;
         match fingerprints {
             Some(fingerprints) if i < 1 << SEGMENT_BITS => {
