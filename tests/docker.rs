@@ -7,6 +7,14 @@ use std::process::Command;
 
 use crate::util::{TestEnv, json_stats, manifest, random_bytes, unique, upload_stats};
 
+/// Bytes drawn from `seed` and this run's own salt: docker keeps layers by content, so
+/// with the same bytes an image left over from an earlier, interrupted run would hold
+/// the layers a test expects the daemon to lack.
+pub fn run_bytes(len: usize, seed: u64) -> Vec<u8> {
+    static SALT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    random_bytes(len, seed ^ *SALT.get_or_init(|| fastrand::u64(..)))
+}
+
 pub const REGISTRY: &str = "127.0.0.1:5000";
 
 pub fn docker(args: &[&str]) -> std::process::Output {
@@ -90,7 +98,7 @@ fn image_round_trip_keeps_id_and_files() {
     }
     let env = TestEnv::s3("dockertrip");
     let tag = format!("cacher-test/{}:v1", unique("trip"));
-    let big = random_bytes(8 * 1024 * 1024, 21);
+    let big = run_bytes(8 * 1024 * 1024, 21);
     let id = build(
         &env,
         &tag,
@@ -140,13 +148,13 @@ fn an_image_sharing_a_big_layer_sends_only_the_new_layer() {
         &env,
         &base,
         None,
-        &[("big.bin", random_bytes(24 * 1024 * 1024, 22))],
+        &[("big.bin", run_bytes(24 * 1024 * 1024, 22))],
     );
     build(
         &env,
         &next,
         Some(&base),
-        &[("app.bin", random_bytes(512 * 1024, 23))],
+        &[("app.bin", run_bytes(512 * 1024, 23))],
     );
 
     let first = env.run(["docker", "upload", "base", &base]);
@@ -165,7 +173,7 @@ fn an_image_sharing_a_big_layer_sends_only_the_new_layer() {
     env.run(["docker", "download", "next", &next]).ok();
     assert_eq!(
         file_in_image(&next, "/app.bin", &env),
-        random_bytes(512 * 1024, 23)
+        run_bytes(512 * 1024, 23)
     );
     rmi(&next);
     rmi(&base);
@@ -182,7 +190,7 @@ fn pull_on_a_miss_seeds_the_cache_and_the_next_download_hits() {
         &env,
         &remote,
         None,
-        &[("data.bin", random_bytes(1024 * 1024, 24))],
+        &[("data.bin", run_bytes(1024 * 1024, 24))],
     );
     let pushed = docker(&["push", &remote]);
     if !pushed.status.success() {
@@ -255,7 +263,7 @@ fn failures_exit_2_and_publish_nothing() {
         &env,
         &tag,
         None,
-        &[("x.bin", random_bytes(2 * 1024 * 1024, 25))],
+        &[("x.bin", run_bytes(2 * 1024 * 1024, 25))],
     );
 
     let run = env.run([
@@ -397,13 +405,13 @@ fn base_and_next(env: &TestEnv, name: &str, seed: u64) -> (String, String, Strin
         env,
         &base,
         None,
-        &[("big.bin", random_bytes(24 * 1024 * 1024, seed))],
+        &[("big.bin", run_bytes(24 * 1024 * 1024, seed))],
     );
     let id = build(
         env,
         &next,
         Some(&base),
-        &[("app.bin", random_bytes(512 * 1024, seed + 1))],
+        &[("app.bin", run_bytes(512 * 1024, seed + 1))],
     );
     (base, next, id)
 }
@@ -454,11 +462,11 @@ fn a_restore_fetches_only_the_layers_the_daemon_lacks() {
     assert_eq!(image_id(&next).as_deref(), Some(id.as_str()));
     assert_eq!(
         file_in_image(&next, "/app.bin", &env),
-        random_bytes(512 * 1024, 32)
+        run_bytes(512 * 1024, 32)
     );
     assert_eq!(
         file_in_image(&next, "/big.bin", &env),
-        random_bytes(24 * 1024 * 1024, 31)
+        run_bytes(24 * 1024 * 1024, 31)
     );
 
     // The daemon has neither: everything is fetched and loaded.
@@ -471,7 +479,7 @@ fn a_restore_fetches_only_the_layers_the_daemon_lacks() {
     assert_eq!(image_id(&next).as_deref(), Some(id.as_str()));
     assert_eq!(
         file_in_image(&next, "/big.bin", &env),
-        random_bytes(24 * 1024 * 1024, 31)
+        run_bytes(24 * 1024 * 1024, 31)
     );
     rmi(&next);
 }
@@ -519,7 +527,7 @@ fn a_daemon_that_refuses_the_thin_archive_gets_the_full_one() {
     assert_eq!(image_id(&next).as_deref(), Some(id.as_str()));
     assert_eq!(
         file_in_image(&next, "/app.bin", &env),
-        random_bytes(512 * 1024, 34)
+        run_bytes(512 * 1024, 34)
     );
     rmi(&next);
     rmi(&base);
@@ -589,12 +597,7 @@ fn signed_images_load_and_an_unsigned_replacement_is_refused_where_signatures_ar
     env.run(["keygen", private.to_str().unwrap()]).ok();
     let tag = format!("cacher-test/{}:v1", unique("signed"));
     let planted = format!("cacher-test/{}:v1", unique("planted"));
-    let id = build(
-        &env,
-        &tag,
-        None,
-        &[("app.bin", random_bytes(512 * 1024, 31))],
-    );
+    let id = build(&env, &tag, None, &[("app.bin", run_bytes(512 * 1024, 31))]);
     build(&env, &planted, None, &[("app.bin", b"planted".to_vec())]);
 
     env.set("CACHER_SIGNING_KEY", private.to_str().unwrap());

@@ -9,9 +9,9 @@ use std::process::Command;
 
 use serde_yaml::Value;
 
-use crate::docker::{REGISTRY, build, daemon_ready, docker, rmi};
+use crate::docker::{REGISTRY, build, daemon_ready, docker, rmi, run_bytes};
 use crate::util::http::{HttpServer, Reply};
-use crate::util::{TestEnv, random_bytes, server, unique};
+use crate::util::{TestEnv, server, unique};
 
 /// The YAML block after `<!-- recipe: NAME -->` in docs/ci.md.
 fn recipe(name: &str) -> Value {
@@ -119,7 +119,7 @@ fn world(name: &str, with_docker: bool) -> World {
     ]);
     let image = with_docker.then(|| {
         let tag = format!("{REGISTRY}/cacher-recipes/{}:16", unique("db"));
-        build(&env, &tag, None, &[("db.bin", random_bytes(2 << 20, 61))]);
+        build(&env, &tag, None, &[("db.bin", run_bytes(2 << 20, 61))]);
         let pushed = docker(&["push", &tag]);
         assert!(pushed.status.success(), "push to the local registry");
         rmi(&tag);
