@@ -1466,7 +1466,7 @@ fn chunk_stream(
         known.check()?;
         // A failed pack upload ends the stream now, not at the next pack.
         if packs.is_closed() {
-            anyhow::bail!("pack upload stopped");
+            return Err(pack_upload_stopped());
         }
         for piece in batch {
             turns.push(piece, known);
@@ -1480,6 +1480,11 @@ fn chunk_stream(
         packer.add(next)?;
     }
     packer.finish()
+}
+
+/// The packs' uploader is gone: it failed, and its error is the one reported.
+fn pack_upload_stopped() -> anyhow::Error {
+    anyhow::anyhow!("pack upload stopped")
 }
 
 /// Gathers the chunks the bucket lacks into packs and hands each on to be uploaded
@@ -1558,7 +1563,7 @@ impl<'a> Packer<'a> {
         self.out.stats.packs += 1;
         self.packs
             .blocking_send(SealedPack { id, data })
-            .map_err(|_| anyhow::anyhow!("pack upload stopped"))
+            .map_err(|_| pack_upload_stopped())
     }
 
     /// Hands on the last pack; where every chunk is.
