@@ -425,11 +425,14 @@ fn nanos(secs: i64, nsec: i64) -> i64 {
 /// How far apart two moments must be for the filesystem that gave `stamps` to tell
 /// them apart: sub-second timestamps anywhere mean fine ones.
 fn granularity(stamps: &[Option<Stamp>]) -> Duration {
-    let fine = stamps
-        .iter()
-        .flatten()
-        .any(|s| s.ctime.rem_euclid(1_000_000) != 0 || s.mtime.rem_euclid(1_000_000) != 0);
-    match fine {
+    granularity_of(stamps.iter().flatten().flat_map(|s| [s.ctime, s.mtime]))
+}
+
+/// How far apart two moments must be for the filesystem that gave `times`
+/// (nanoseconds since the epoch) to tell them apart: sub-millisecond parts anywhere
+/// mean fine timestamps.
+pub fn granularity_of(times: impl IntoIterator<Item = i64>) -> Duration {
+    match times.into_iter().any(|t| t.rem_euclid(1_000_000) != 0) {
         true => FINE_GRANULARITY,
         false => COARSE_GRANULARITY,
     }

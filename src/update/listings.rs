@@ -4,13 +4,16 @@
 //! new tree lacks; that `getdents` pass was most of the update thread's own time on a
 //! 4,000-directory tree, while the other core sat mostly idle waiting for the next
 //! chunk. The lister walks the new tree's directories in order, a bounded number
-//! ahead of the update, and the update takes a listing only when the directory is
-//! still the one listed, unchanged since (same inode, mtime and ctime): otherwise, or
-//! when the lister is not there yet, it lists the directory itself. As with git's
-//! racy index, a directory changed within [`RACY`] of its listing is not listed
-//! ahead: a change in the same tick of the filesystem's clock would leave its times
-//! as they were. (A name added while the update runs may be missed either way, as it
-//! was when the update listed every directory itself.)
+//! (and names) ahead of the update, and the update takes a listing only when the
+//! directory is still the one listed, unchanged since (same inode, mtime and ctime):
+//! otherwise, or when the lister is not there yet, it lists the directory itself.
+//!
+//! A directory changed within the filesystem's timestamp granularity of its listing
+//! (20 ms, or 2 s where it keeps whole seconds, as for tree states) is not listed
+//! ahead: a change in the same tick would leave its times as they were. (A name added
+//! while the update runs may be missed either way, as it was when the update listed
+//! every directory itself; so may one added on an NFS server whose clock lags the
+//! runner's by more than that.)
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
@@ -20,14 +23,12 @@ use std::time::Duration;
 
 use super::DirWalker;
 use crate::restore::list_names;
+use crate::state::granularity_of;
 
-/// How many directories the lister may run ahead of the update: what bounds the names
-/// held in memory.
-const AHEAD: usize = 256;
-
-/// A directory changed this recently is listed by the update itself (see the module
-/// doc); far above any filesystem clock's tick.
-const RACY: Duration = Duration::from_millis(50);
+/// How many directories, and names in all, the lister may hold ahead of the update:
+/// what bounds its memory (a directory of 10^5 files is listed alone).
+const AHEAD_DIRS: usize = 256;
+const AHEAD_NAMES: usize = 64 * 1024;
 
 /// A directory as listed: what identifies its state, and its names.
 struct Listing {
@@ -35,17 +36,19 @@ struct Listing {
     names: Vec<OsString>,
 }
 
-/// Device, inode, mtime and ctime of a directory: any name added or removed changes
-/// its mtime and ctime.
-type Identity = (u64, u64, (i64, i64), (i64, i64));
+/// Device, inode, mtime and ctime (nanoseconds) of a directory: adding or removing a
+/// name changes both times.
+type Identity = (u64, u64, i64, i64);
 
+// The field types of `stat` differ between systems.
+#[allow(clippy::unnecessary_cast)]
 fn identity(st: &rustix::fs::Stat) -> Identity {
-    #[allow(clippy::unnecessary_cast)] // the field types of `stat` differ between systems
+    let ns = |secs: i64, nsec: i64| secs.saturating_mul(1_000_000_000).saturating_add(nsec);
     (
         st.st_dev as u64,
         st.st_ino as u64,
-        (st.st_mtime as i64, st.st_mtime_nsec as i64),
-        (st.st_ctime as i64, st.st_ctime_nsec as i64),
+        ns(st.st_mtime as i64, st.st_mtime_nsec as i64),
+        ns(st.st_ctime as i64, st.st_ctime_nsec as i64),
     )
 }
 
@@ -56,8 +59,9 @@ struct Shared {
     claimed: Vec<AtomicBool>,
     /// Per directory: the listing, held locked while the lister reads it.
     listings: Vec<Mutex<Option<Listing>>>,
-    /// How many directories the update has reached.
+    /// How many directories the update has reached, and the names listed ahead of it.
     reached: AtomicUsize,
+    names_held: AtomicUsize,
     stop: AtomicBool,
 }
 
@@ -69,13 +73,17 @@ pub(super) struct ListingsAhead {
 
 impl ListingsAhead {
     /// Starts listing `dirs` (relative paths in tree order) below `root`; `None` when
-    /// the thread cannot be had (the update then lists every directory itself).
+    /// there are none or no thread can be had (the update then lists them itself).
     pub(super) fn start(root: OwnedFd, dirs: Vec<Vec<u8>>) -> Option<ListingsAhead> {
+        if dirs.is_empty() {
+            return None;
+        }
         let shared = Arc::new(Shared {
             claimed: dirs.iter().map(|_| AtomicBool::new(false)).collect(),
             listings: dirs.iter().map(|_| Mutex::new(None)).collect(),
             paths: dirs,
             reached: AtomicUsize::new(0),
+            names_held: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
         });
         let lister = shared.clone();
@@ -93,26 +101,36 @@ impl ListingsAhead {
     /// `st`, if the lister read them from that very state; `None` when the update must
     /// list it itself.
     pub(super) fn take(&self, n: usize, st: &rustix::fs::Stat) -> Option<Vec<OsString>> {
-        if !self.pass(n) {
-            return None;
-        }
-        let shared = &self.shared;
-        // The lister holds the lock while it reads: this waits for it.
-        let listing = shared.listings[n].lock().ok()?.take()?;
+        let listing = self.reach(n)?;
         (listing.identity == identity(st)).then_some(listing.names)
     }
-}
 
-impl ListingsAhead {
-    /// Notes that the update reached the `n`th directory (which it may not need
-    /// listed: one it creates); whether the lister had claimed it.
-    pub(super) fn pass(&self, n: usize) -> bool {
+    /// Notes that the update reached the `n`th directory and needs no listing of it
+    /// (it creates it).
+    pub(super) fn pass(&self, n: usize) {
+        self.reach(n);
+    }
+
+    /// Claims the `n`th directory for the update, and takes the listing the lister
+    /// made of it, if any (waiting for one under way).
+    fn reach(&self, n: usize) -> Option<Listing> {
         let shared = &self.shared;
         shared.reached.store(n + 1, Ordering::Relaxed);
-        shared
-            .claimed
-            .get(n)
-            .is_some_and(|claimed| claimed.swap(true, Ordering::AcqRel))
+        let lister_had_it = shared.claimed.get(n)?.swap(true, Ordering::AcqRel);
+        let listing = match lister_had_it {
+            // The lister holds the lock while it reads: this waits for it.
+            true => shared.listings[n].lock().ok()?.take(),
+            false => None,
+        };
+        if let Some(listing) = &listing {
+            shared
+                .names_held
+                .fetch_sub(listing.names.len(), Ordering::Relaxed);
+        }
+        if let Some(thread) = &self.thread {
+            thread.thread().unpark();
+        }
+        listing
     }
 }
 
@@ -120,24 +138,27 @@ impl Drop for ListingsAhead {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
             let _ = thread.join();
         }
     }
 }
 
 /// Lists the directories in order, each through its parent (never through a
-/// symlink), at most [`AHEAD`] past the one the update has reached.
+/// symlink), within [`AHEAD_DIRS`] and [`AHEAD_NAMES`] of the update.
 fn list_ahead(shared: &Shared, root: OwnedFd) {
     let mut walker = DirWalker::new(root.as_fd());
     for (n, path) in shared.paths.iter().enumerate() {
-        while n >= shared.reached.load(Ordering::Relaxed) + AHEAD {
+        loop {
             if shared.stop.load(Ordering::Relaxed) {
                 return;
             }
-            std::thread::park_timeout(Duration::from_micros(500));
-        }
-        if shared.stop.load(Ordering::Relaxed) {
-            return;
+            let near = n < shared.reached.load(Ordering::Relaxed) + AHEAD_DIRS;
+            if near && shared.names_held.load(Ordering::Relaxed) < AHEAD_NAMES {
+                break;
+            }
+            // The update unparks it at every directory it reaches.
+            std::thread::park_timeout(Duration::from_millis(10));
         }
         let Ok(mut slot) = shared.listings[n].lock() else {
             return;
@@ -152,35 +173,32 @@ fn list_ahead(shared: &Shared, root: OwnedFd) {
         let Ok(st) = rustix::fs::fstat(dir) else {
             continue;
         };
-        if changed_recently(&st) {
+        let identity = identity(&st);
+        if changed_recently(identity, std::time::SystemTime::now()) {
             continue;
         }
         if let Ok(names) = list_names(dir) {
-            *slot = Some(Listing {
-                identity: identity(&st),
-                names,
-            });
+            shared.names_held.fetch_add(names.len(), Ordering::Relaxed);
+            *slot = Some(Listing { identity, names });
         }
     }
 }
 
-/// Whether a directory's mtime or ctime lies within [`RACY`] of now (or ahead of it).
-fn changed_recently(st: &rustix::fs::Stat) -> bool {
-    let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) else {
+/// Whether a directory of `identity` changed within its filesystem's timestamp
+/// granularity of `now` (or after it).
+fn changed_recently((_, _, mtime, ctime): Identity, now: std::time::SystemTime) -> bool {
+    let Ok(now) = now.duration_since(std::time::UNIX_EPOCH) else {
         return true;
     };
-    let (_, _, mtime, ctime) = identity(st);
-    let latest = mtime.max(ctime);
-    let latest = Duration::new(
-        latest.0.max(0) as u64,
-        latest.1.clamp(0, 999_999_999) as u32,
-    );
-    now.saturating_sub(latest) < RACY
+    let window = granularity_of([mtime, ctime]);
+    let age = i128::try_from(now.as_nanos()).unwrap_or(i128::MAX) - i128::from(mtime.max(ctime));
+    age < i128::try_from(window.as_nanos()).unwrap_or(i128::MAX)
 }
 
 #[cfg(test)]
 mod tests {
     use std::fs;
+    use std::time::{SystemTime, UNIX_EPOCH};
 
     use super::*;
 
@@ -188,7 +206,7 @@ mod tests {
         rustix::fs::lstat(path).unwrap()
     }
 
-    /// Waits for the lister to go through every directory (fewer than [`AHEAD`]).
+    /// Waits for the lister to go through every directory (fewer than [`AHEAD_DIRS`]).
     fn listed(mut ahead: ListingsAhead) -> ListingsAhead {
         ahead.thread.take().unwrap().join().unwrap();
         ahead
@@ -206,6 +224,9 @@ mod tests {
         }
         fs::write(root.path().join("a/one"), b"1").unwrap();
         fs::write(root.path().join("c/two"), b"2").unwrap();
+        // Old enough not to be racy, on fine timestamps or whole seconds.
+        let (_, _, mtime, ctime) = identity(&stat(&root.path().join("a")));
+        std::thread::sleep(granularity_of([mtime, ctime]) + Duration::from_millis(30));
         let root_fd = rustix::fs::open(
             root.path(),
             rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
@@ -215,14 +236,8 @@ mod tests {
         let dirs = ["a", "a/b", "c", "new"]
             .map(|d| d.as_bytes().to_vec())
             .to_vec();
-
-        // Changed just now: the update lists them itself.
-        let ahead =
-            listed(ListingsAhead::start(root_fd.try_clone().unwrap(), dirs.clone()).unwrap());
-        assert_eq!(names(ahead.take(0, &stat(&root.path().join("a")))), None);
-
-        std::thread::sleep(RACY * 2);
         let ahead = listed(ListingsAhead::start(root_fd, dirs).unwrap());
+
         let a = root.path().join("a");
         assert_eq!(
             names(ahead.take(0, &stat(&a))),
@@ -241,8 +256,29 @@ mod tests {
         fs::rename(root.path().join("x"), &b).unwrap();
         assert_ne!(stat(&b).st_ino, b_stat.st_ino);
         assert_eq!(names(ahead.take(1, &stat(&b))), None);
-        // Not there to list; past the end.
-        assert!(!ahead.pass(3) || ahead.take(3, &stat(root.path())).is_none());
+        // Every listing was handed over or dropped; none is held.
+        ahead.pass(3);
+        assert_eq!(ahead.shared.names_held.load(Ordering::Relaxed), 0);
         assert_eq!(names(ahead.take(4, &stat(root.path()))), None);
+    }
+
+    #[test]
+    fn a_directory_changed_within_the_timestamp_granularity_is_not_listed_ahead() {
+        let now = SystemTime::now();
+        let ns = |ago: Duration| {
+            i64::try_from((now.duration_since(UNIX_EPOCH).unwrap() - ago).as_nanos()).unwrap()
+        };
+        let fine = |ago_ms: u64| ns(Duration::from_millis(ago_ms)) | 1;
+        assert!(changed_recently((0, 0, fine(500), fine(5)), now));
+        assert!(!changed_recently((0, 0, fine(500), fine(100)), now));
+        // Whole seconds (a filesystem that keeps no more): two of them.
+        let whole = |ago_s: u64| ns(Duration::from_secs(ago_s)) / 1_000_000_000 * 1_000_000_000;
+        assert!(changed_recently((0, 0, whole(10), whole(1)), now));
+        assert!(!changed_recently((0, 0, whole(10), whole(4)), now));
+        // From the future (a server's clock ahead): never listed ahead.
+        assert!(changed_recently(
+            (0, 0, fine(0), ns(Duration::ZERO) + 10_000_000),
+            now
+        ));
     }
 }
