@@ -725,14 +725,15 @@ impl EarlySurvey {
         }
     }
 
-    /// The survey of `dir`, once: the first restore into it takes it (a later one, after
-    /// a failed attempt, looks again).
-    async fn take(&self, dir: &Path) -> Option<update::Survey> {
+    /// The survey of `dir` (`None` inside when it holds no usable record), once: the
+    /// first restore into it takes it (a later one, after a failed attempt, looks
+    /// again); `None` when it was not looked at.
+    async fn take(&self, dir: &Path) -> Option<Option<update::Survey>> {
         if dir != self.dir {
             return None;
         }
         let pending = self.pending.lock().expect("survey lock").take()?;
-        pending.await.ok().flatten()
+        pending.await.ok()
     }
 }
 
@@ -754,13 +755,17 @@ async fn restore_manifest(
         .iter()
         .filter(|e| matches!(e.kind, EntryKind::File { .. }))
         .count();
-    let survey = match to.early.take(dir).await {
-        Some(survey) => Some(survey),
-        None => {
+    let early = to.early.take(dir).await;
+    let survey = match early {
+        Some(Some(survey)) => Some(survey),
+        _ => {
             let (dest, stream_len, keep) =
                 (dir.to_path_buf(), manifest.stream_len, to.keep.clone());
+            // Loaded already when the early look found no usable record.
+            let load = early.is_none();
             tokio::task::spawn_blocking(move || {
-                TreeState::load(&dest)
+                load.then(|| TreeState::load(&dest))
+                    .flatten()
                     .or_else(|| seed_state(&dest, stream_len, &keep))
                     .map(|state| update::survey(&dest, state))
             })
