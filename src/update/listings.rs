@@ -5,7 +5,8 @@
 //! 4,000-directory tree, while the other core sat mostly idle waiting for the next
 //! chunk. The lister walks the new tree's directories in order, a bounded number
 //! (and names) ahead of the update, and the update takes a listing only when the
-//! directory is still the one listed, unchanged since (same inode, mtime and ctime):
+//! directory is still the one listed, unchanged since (the same device, inode, size,
+//! mtime and ctime, a [`Stamp`]):
 //! otherwise, or when the lister is not there yet, it lists the directory itself.
 //!
 //! A directory changed within the filesystem's timestamp granularity of its listing
@@ -23,33 +24,18 @@ use std::time::Duration;
 
 use super::DirWalker;
 use crate::restore::list_names;
-use crate::state::granularity_of;
+use crate::state::{Stamp, granularity_of};
 
 /// How many directories, and names in all, the lister may hold ahead of the update:
 /// what bounds its memory (a directory of 10^5 files is listed alone).
 const AHEAD_DIRS: usize = 256;
 const AHEAD_NAMES: usize = 64 * 1024;
 
-/// A directory as listed: what identifies its state, and its names.
+/// A directory as listed: its stamp when it was (adding or removing a name changes
+/// its mtime and ctime), and its names.
 struct Listing {
-    identity: Identity,
+    stamp: Stamp,
     names: Vec<OsString>,
-}
-
-/// Device, inode, mtime and ctime (nanoseconds) of a directory: adding or removing a
-/// name changes both times.
-type Identity = (u64, u64, i64, i64);
-
-// The field types of `stat` differ between systems.
-#[allow(clippy::unnecessary_cast)]
-fn identity(st: &rustix::fs::Stat) -> Identity {
-    let ns = |secs: i64, nsec: i64| secs.saturating_mul(1_000_000_000).saturating_add(nsec);
-    (
-        st.st_dev as u64,
-        st.st_ino as u64,
-        ns(st.st_mtime as i64, st.st_mtime_nsec as i64),
-        ns(st.st_ctime as i64, st.st_ctime_nsec as i64),
-    )
 }
 
 struct Shared {
@@ -102,7 +88,7 @@ impl ListingsAhead {
     /// list it itself.
     pub(super) fn take(&self, n: usize, st: &rustix::fs::Stat) -> Option<Vec<OsString>> {
         let listing = self.reach(n)?;
-        (listing.identity == identity(st)).then_some(listing.names)
+        (listing.stamp == Stamp::of_stat(st)).then_some(listing.names)
     }
 
     /// Notes that the update reached the `n`th directory and needs no listing of it
@@ -173,20 +159,21 @@ fn list_ahead(shared: &Shared, root: OwnedFd) {
         let Ok(st) = rustix::fs::fstat(dir) else {
             continue;
         };
-        let identity = identity(&st);
-        if changed_recently(identity, std::time::SystemTime::now()) {
+        let stamp = Stamp::of_stat(&st);
+        if changed_recently(stamp, std::time::SystemTime::now()) {
             continue;
         }
         if let Ok(names) = list_names(dir) {
             shared.names_held.fetch_add(names.len(), Ordering::Relaxed);
-            *slot = Some(Listing { identity, names });
+            *slot = Some(Listing { stamp, names });
         }
     }
 }
 
-/// Whether a directory of `identity` changed within its filesystem's timestamp
+/// Whether a directory of `stamp` changed within its filesystem's timestamp
 /// granularity of `now` (or after it).
-fn changed_recently((_, _, mtime, ctime): Identity, now: std::time::SystemTime) -> bool {
+fn changed_recently(stamp: Stamp, now: std::time::SystemTime) -> bool {
+    let Stamp { mtime, ctime, .. } = stamp;
     let Ok(now) = now.duration_since(std::time::UNIX_EPOCH) else {
         return true;
     };
@@ -225,7 +212,7 @@ mod tests {
         fs::write(root.path().join("a/one"), b"1").unwrap();
         fs::write(root.path().join("c/two"), b"2").unwrap();
         // Old enough not to be racy, on fine timestamps or whole seconds.
-        let (_, _, mtime, ctime) = identity(&stat(&root.path().join("a")));
+        let Stamp { mtime, ctime, .. } = Stamp::of_stat(&stat(&root.path().join("a")));
         std::thread::sleep(granularity_of([mtime, ctime]) + Duration::from_millis(30));
         let root_fd = rustix::fs::open(
             root.path(),
@@ -268,16 +255,23 @@ mod tests {
         let ns = |ago: Duration| {
             i64::try_from((now.duration_since(UNIX_EPOCH).unwrap() - ago).as_nanos()).unwrap()
         };
+        let times = |mtime, ctime| Stamp {
+            dev: 0,
+            ino: 0,
+            size: 0,
+            mtime,
+            ctime,
+        };
         let fine = |ago_ms: u64| ns(Duration::from_millis(ago_ms)) | 1;
-        assert!(changed_recently((0, 0, fine(500), fine(5)), now));
-        assert!(!changed_recently((0, 0, fine(500), fine(100)), now));
+        assert!(changed_recently(times(fine(500), fine(5)), now));
+        assert!(!changed_recently(times(fine(500), fine(100)), now));
         // Whole seconds (a filesystem that keeps no more): two of them.
         let whole = |ago_s: u64| ns(Duration::from_secs(ago_s)) / 1_000_000_000 * 1_000_000_000;
-        assert!(changed_recently((0, 0, whole(10), whole(1)), now));
-        assert!(!changed_recently((0, 0, whole(10), whole(4)), now));
+        assert!(changed_recently(times(whole(10), whole(1)), now));
+        assert!(!changed_recently(times(whole(10), whole(4)), now));
         // From the future (a server's clock ahead): never listed ahead.
         assert!(changed_recently(
-            (0, 0, fine(0), ns(Duration::ZERO) + 10_000_000),
+            times(fine(0), ns(Duration::ZERO) + 10_000_000),
             now
         ));
     }
