@@ -140,8 +140,8 @@ pub fn survey(dir: &Path, state: TreeState) -> Survey {
     // them is looked at through its directory's handle, opened a name at a time
     // through its parent's, refusing symlinks as the update does, so a file is only
     // taken as intact when no directory above it is one. (Opening needs read
-    // permission where a path lookup needs search only; the update opens every
-    // directory to read it anyway.)
+    // permission where a path lookup needs search only; the update lists every
+    // directory, or the lister does for it, anyway.)
     let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
     for k in 0..recorded.len() {
         match runs.last_mut() {
@@ -432,10 +432,17 @@ impl<'a> Stream<'a> {
     }
 }
 
-/// A directory of the new tree, open while its entries are visited.
+/// A directory of the new tree whose entries are being visited.
 struct OpenDir {
     entry: usize,
-    fd: OwnedFd,
+    /// Its handle, once something needs one. An existing directory the lister listed
+    /// is opened only to look at or write an entry in it other than a kept or touched
+    /// file, or to remove names the new tree lacks: most leaves of a bumped tree never
+    /// are.
+    fd: Option<OwnedFd>,
+    /// For a directory that existed: its device and inode when it was visited, which
+    /// a later open must find.
+    identity: (u64, u64),
     /// Created by this update inside a staged tree: everything below is new too.
     fresh: bool,
     /// For a directory that existed: the names in it not (yet) in the new tree, and
@@ -586,22 +593,21 @@ impl TreeUpdate {
             bail!("it comes before its parent directory");
         }
         let name = OsStr::from_bytes(name).to_os_string();
-        let (parent, fresh) = match self.open_dirs.last_mut() {
+        let fresh = match self.open_dirs.last_mut() {
             Some(d) => {
                 if !d.fresh {
                     d.unseen.remove(&name);
                     d.seen.push(name.clone());
                 }
-                (d.fd.as_fd(), d.fresh)
+                d.fresh
             }
             None => {
                 self.root_unseen.remove(&name);
                 self.root_seen.push(name.clone());
-                (self.root.as_fd(), false)
+                false
             }
         };
-        let entry = &self.entries[i];
-        if let EntryKind::File { .. } = entry.kind
+        if let EntryKind::File { .. } = self.entries[i].kind
             && !fresh
         {
             match self.plan.actions[i] {
@@ -613,6 +619,12 @@ impl TreeUpdate {
                 FileAction::Write => {}
             }
         }
+        self.open_visited_dirs()?;
+        let parent = match self.open_dirs.last() {
+            Some(d) => d.fd.as_ref().expect("opened above").as_fd(),
+            None => self.root.as_fd(),
+        };
+        let entry = &self.entries[i];
         let existing = match fresh {
             true => None,
             false => match rustix::fs::statat(parent, &name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -634,26 +646,32 @@ impl TreeUpdate {
                 self.dirs_visited += 1;
                 let opened = match &existing {
                     Some(st) if is_dir(st) => {
-                        let fd = open_dir(parent, &name)?;
                         let mode = (st.st_mode as u32) & 0o7777;
                         let mtime = (st.st_mtime as i64, st.st_mtime_nsec as u32);
                         let mut dirty = mode != entry.mode & MODE_MASK
                             || mtime != (entry.mtime, entry.mtime_nsec);
                         let unlock = mode & 0o700 != 0o700;
+                        let listed = self.listings.as_ref().and_then(|l| l.take(n, st));
+                        let fd = match listed.is_none() || unlock {
+                            true => Some(open_dir(parent, &name)?),
+                            false => None,
+                        };
                         if unlock {
+                            let fd = fd.as_ref().expect("opened to unlock");
                             self.changed_dirs.push((entry.path.clone(), mode, mtime));
-                            rustix::fs::fchmod(&fd, Mode::from_raw_mode((mode | 0o700) as _))?;
+                            rustix::fs::fchmod(fd, Mode::from_raw_mode((mode | 0o700) as _))?;
                             dirty = true;
                         }
-                        let listed = self.listings.as_ref().and_then(|l| l.take(n, st));
                         let names = match listed {
                             Some(names) => names,
-                            None => list_names(fd.as_fd())?,
+                            None => list_names(fd.as_ref().expect("opened to list").as_fd())?,
                         };
                         let unseen = names.into_iter().collect();
+                        let stamp = Stamp::of_stat(st);
                         OpenDir {
                             entry: i,
                             fd,
+                            identity: (stamp.dev, stamp.ino),
                             fresh: false,
                             unseen,
                             seen: Vec::new(),
@@ -671,15 +689,16 @@ impl TreeUpdate {
                             false => staged_name(),
                         };
                         rustix::fs::mkdirat(parent, &at, Mode::from_raw_mode(0o700))?;
-                        let fd = open_dir(parent, &at).inspect_err(|_| {
+                        let fd = Some(open_dir(parent, &at).inspect_err(|_| {
                             let _ = rustix::fs::unlinkat(parent, &at, AtFlags::REMOVEDIR);
-                        })?;
+                        })?);
                         if !fresh {
                             staged = Some(at.clone());
                         }
                         OpenDir {
                             entry: i,
                             fd,
+                            identity: (0, 0),
                             fresh: true,
                             unseen: HashSet::new(),
                             seen: Vec::new(),
@@ -784,15 +803,24 @@ impl TreeUpdate {
 
     /// A directory is done: a new one gets its mode and times now; what an existing
     /// one holds that the new tree lacks is noted for removal.
-    fn close_dir(&mut self, d: OpenDir) -> anyhow::Result<()> {
-        let e = &self.entries[d.entry];
+    fn close_dir(&mut self, mut d: OpenDir) -> anyhow::Result<()> {
         if d.fresh {
-            return finalize(d.fd.as_fd(), e)
+            let e = &self.entries[d.entry];
+            let fd = d.fd.as_ref().expect("a new directory is open");
+            return finalize(fd.as_fd(), e)
                 .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)));
         }
-        let mut unseen = d.unseen;
-        retain_extras(d.fd.as_fd(), &mut unseen, &d.seen);
-        self.retain_included(d.fd.as_fd(), &e.path, &mut unseen);
+        let mut unseen = std::mem::take(&mut d.unseen);
+        if !unseen.is_empty() {
+            let fd = match d.fd.take() {
+                Some(fd) => fd,
+                // Its parent, on top of the stack again, was opened to visit it.
+                None => self.open_existing(self.open_dirs.last(), &d)?,
+            };
+            retain_extras(fd.as_fd(), &mut unseen, &d.seen);
+            self.retain_included(fd.as_fd(), &self.entries[d.entry].path, &mut unseen);
+        }
+        let e = &self.entries[d.entry];
         if d.dirty || !unseen.is_empty() {
             self.existing_dirs.push(d.entry);
         }
@@ -801,6 +829,39 @@ impl TreeUpdate {
             self.extras.push((path.clone(), name));
         }
         Ok(())
+    }
+
+    /// Opens the directory on top of the stack if nothing has needed its handle yet:
+    /// an entry in it is about to be looked at or written. (Its parents were opened to
+    /// visit it.)
+    fn open_visited_dirs(&mut self) -> anyhow::Result<()> {
+        let Some(k) = self.open_dirs.len().checked_sub(1) else {
+            return Ok(());
+        };
+        if self.open_dirs[k].fd.is_none() {
+            let parent = k.checked_sub(1).map(|p| &self.open_dirs[p]);
+            let fd = self.open_existing(parent, &self.open_dirs[k])?;
+            self.open_dirs[k].fd = Some(fd);
+        }
+        Ok(())
+    }
+
+    /// Opens the existing directory `d` through `parent` (the root when none), which
+    /// must be the directory it was when visited: its listing was taken for that one.
+    fn open_existing(&self, parent: Option<&OpenDir>, d: &OpenDir) -> anyhow::Result<OwnedFd> {
+        let parent = match parent {
+            Some(p) => p.fd.as_ref().expect("a parent is opened to visit").as_fd(),
+            None => self.root.as_fd(),
+        };
+        let path = &self.entries[d.entry].path;
+        let (_, name) = split_path(path);
+        let fd = open_dir(parent, OsStr::from_bytes(name))
+            .with_context(|| format!("cannot open {}", show(path)))?;
+        let now = Stamp::of_stat(&rustix::fs::fstat(&fd)?);
+        if (now.dev, now.ino) != d.identity {
+            bail!("{} was replaced during the restore", show(path));
+        }
+        Ok(fd)
     }
 
     /// Keeps in `unseen` (names in the directory `dir` at `path` that the new tree
