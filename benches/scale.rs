@@ -6,6 +6,8 @@
 //! index segments listing random chunk ids in them, and one manifest per 100 chunks.
 //! Then, against the same Garage node and side by side with an empty prefix: the upload
 //! of a small tree (50 files of 8 KiB), a cold upload of a larger tree, and `cacher gc`.
+//! The cold uploads of a built prefix pair each fresh tree with an upload into an empty
+//! prefix, the order alternating ([`COLD_ROUNDS`]).
 //!
 //! Run with `cargo bench --bench scale` (10^5 and 10^6 chunks, a 256 MiB cold tree);
 //! `-- --chunks 100000,1000000,10000000 --cold-mib 1024` for the full table
@@ -68,7 +70,7 @@ fn main() {
 
     println!("small tree: 50 files of 8 KiB; cold tree: {cold_mib} MiB in 4 MiB files");
     println!(
-        "{:>16} {:>12} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}",
+        "{:>16} {:>12} {:>10} {:>10} {:>12} {:>14} {:>10} {:>10}",
         "chunks",
         "small up s",
         "vs empty",
@@ -78,7 +80,7 @@ fn main() {
         "RSS MiB",
         "gc s/RSS"
     );
-    let empty = Row::measure(g, home, "scale-empty", "empty", cold_mib);
+    let empty = Row::measure(g, home, "scale-empty", "empty", cold_mib, false);
     empty.print("empty", None);
     for &chunks in &sizes {
         let prefix = format!("scale-{chunks}");
@@ -110,18 +112,18 @@ fn main() {
             stats["chunks_new"].as_u64().expect("chunks_new")
         };
         assert!(probe_upload("probe-1") > 0);
-        let before = Row::measure(g, home, &prefix, "before", cold_mib);
+        let before = Row::measure(g, home, &prefix, "before", cold_mib, true);
         let gc = measure(
             cacher(g, home, &["gc"])
                 .env("CACHER_PREFIX", &prefix)
                 .stderr(std::process::Stdio::null()),
         );
         before.print(&format!("{chunks} no gc"), Some((&empty, gc)));
-        let after = Row::measure(g, home, &prefix, "after", cold_mib);
+        let after = Row::measure(g, home, &prefix, "after", cold_mib, true);
         after.print(&format!("{chunks} gc'd"), Some((&empty, gc)));
         for (name, known) in before.known(g, home, &prefix, cold_mib) {
             println!(
-                "{:>16} {:>12} {:>10} {:>10} {:>12.2} {:>10} {:>10.0}",
+                "{:>16} {:>12} {:>10} {:>10} {:>12.2} {:>14} {:>10.0}",
                 format!("{chunks} {name}"),
                 "",
                 "",
@@ -138,7 +140,10 @@ fn main() {
         "(gc s/RSS: the gc run between the two rows; after it, a tree uploaded before sent 0 chunks;"
     );
     println!(
-        "known: the cold tree of the row before gc uploaded again after it, without a tree state)"
+        "known: the cold tree of the row before gc uploaded again after it, without a tree state;"
+    );
+    println!(
+        "cold up s: mean of {COLD_ROUNDS} fresh trees, each also uploaded into an empty prefix, the order alternating; vs empty compares the means)"
     );
 }
 
@@ -339,18 +344,36 @@ fn upload_stateless_with(
     )
 }
 
+/// Cold uploads in a row of a built prefix: fresh trees, each uploaded into this prefix
+/// and into an empty one. A single upload against the empty row's, minutes earlier,
+/// mixed in whatever Garage was doing then; and here the first upload after a tree is
+/// written runs up to 0.7 s slower than the second. So the order alternates over an
+/// even number of rounds, and the mean times are compared.
+const COLD_ROUNDS: usize = 4;
+
 /// One prefix's figures.
 struct Row {
     small: Measure,
+    /// The cold uploads into this prefix: the median run, with the highest peak RSS.
     cold: Measure,
-    /// What made the cold tree: [`Row::known`] uploads the same bytes again.
+    /// Every paired round's times: (into this prefix, into an empty one).
+    cold_rounds: Vec<(f64, f64)>,
+    /// What made the last cold tree: [`Row::known`] uploads the same bytes again.
     cold_seed: u64,
 }
 
 impl Row {
     /// Uploads into `prefix`: a fresh small tree three times (the median counts), and
-    /// one cold tree. Fresh trees each time, so nothing is already stored.
-    fn measure(g: &Server, home: &Path, prefix: &str, tag: &str, cold_mib: usize) -> Row {
+    /// cold trees, [`COLD_ROUNDS`] of them `paired` with empty prefixes, else one.
+    /// Fresh trees each time, so nothing is already stored.
+    fn measure(
+        g: &Server,
+        home: &Path,
+        prefix: &str,
+        tag: &str,
+        cold_mib: usize,
+        paired: bool,
+    ) -> Row {
         let upload = |tree: &Path, key: &str| upload_stateless(g, home, prefix, tree, key);
         let small = median(
             (0..3)
@@ -361,13 +384,35 @@ impl Row {
                 })
                 .collect(),
         );
-        let cold_seed = fastrand::u64(..);
-        let tree = make_tree(&home.join("cold"), cold_mib / 4, 4 << 20, cold_seed);
-        let cold = upload(&tree, &format!("cold-{tag}"));
-        let _ = std::fs::remove_dir_all(&tree);
+        let (mut cold, mut cold_empty, mut cold_seed) = (Vec::new(), Vec::<Measure>::new(), 0);
+        for round in 0..if paired { COLD_ROUNDS } else { 1 } {
+            cold_seed = fastrand::u64(..);
+            let tree = make_tree(&home.join("cold"), cold_mib / 4, 4 << 20, cold_seed);
+            let key = format!("cold-{tag}-{round}");
+            // Garage stores identical packs once, so the pair costs no extra space.
+            let empty = format!("scale-pair-{tag}-{round}");
+            let into_empty = || upload_stateless(g, home, &empty, &tree, &key);
+            if paired && round % 2 == 0 {
+                cold_empty.push(into_empty());
+            }
+            cold.push(upload(&tree, &key));
+            if paired && round % 2 == 1 {
+                cold_empty.push(into_empty());
+            }
+            let _ = std::fs::remove_dir_all(&tree);
+        }
+        let cold_rounds = match paired {
+            true => cold
+                .iter()
+                .zip(&cold_empty)
+                .map(|(c, e)| (c.secs, e.secs))
+                .collect(),
+            false => Vec::new(),
+        };
         Row {
             small,
-            cold,
+            cold_rounds,
+            cold: median(cold),
             cold_seed,
         }
     }
@@ -397,6 +442,14 @@ impl Row {
         runs
     }
 
+    /// The cold upload's time: the mean of the paired rounds, else the one run.
+    fn cold_secs(&self) -> f64 {
+        match self.cold_rounds.len() {
+            0 => self.cold.secs,
+            n => self.cold_rounds.iter().map(|(c, _)| c).sum::<f64>() / n as f64,
+        }
+    }
+
     fn print(&self, name: &str, against: Option<(&Row, Measure)>) {
         let vs = |mine: f64, theirs: Option<f64>| {
             theirs.map_or("".to_string(), |t| format!("{:+.2}s", mine - t))
@@ -406,15 +459,38 @@ impl Row {
             format!("{:.1}/{:.0}", gc.secs, gc.max_rss_mib)
         });
         println!(
-            "{name:>16} {:>12.2} {:>10} {:>10.0} {:>12.2} {:>10} {:>10.0} {:>10}",
+            "{name:>16} {:>12.2} {:>10} {:>10.0} {:>12.2} {:>14} {:>10.0} {:>10}",
             self.small.secs,
             vs(self.small.secs, empty.map(|r| r.small.secs)),
             self.small.max_rss_mib,
-            self.cold.secs,
-            vs(self.cold.secs, empty.map(|r| r.cold.secs)),
+            self.cold_secs(),
+            match self.cold_rounds.is_empty() {
+                true => vs(self.cold.secs, empty.map(|r| r.cold.secs)),
+                false => {
+                    let (mine, theirs): (Vec<f64>, Vec<f64>) =
+                        self.cold_rounds.iter().copied().unzip();
+                    let (mine, theirs) = (mine.iter().sum::<f64>(), theirs.iter().sum::<f64>());
+                    let n = self.cold_rounds.len() as f64;
+                    format!(
+                        "{:+.2}s {:+.0}%",
+                        (mine - theirs) / n,
+                        100.0 * (mine / theirs - 1.0)
+                    )
+                }
+            },
             self.cold.max_rss_mib,
             gc,
         );
+        if !self.cold_rounds.is_empty() {
+            let rounds: Vec<String> = (self.cold_rounds.iter())
+                .map(|(c, e)| format!("{c:.2}/{e:.2}"))
+                .collect();
+            println!(
+                "{:>16} cold rounds, this prefix/empty: {}",
+                "",
+                rounds.join(", ")
+            );
+        }
     }
 }
 
