@@ -18,6 +18,8 @@ pub const SUMMARY_MAGIC: &[u8; 8] = b"CACHERSM";
 pub const FILTER_MAGIC: &[u8; 8] = b"CACHERFL";
 /// Bytes of a fingerprint in a segment filter.
 const FILTER_FINGERPRINT: usize = 5;
+/// Bits of a [`filter_fingerprint`].
+pub const FINGERPRINT_BITS: u32 = 8 * FILTER_FINGERPRINT as u32;
 /// Largest body of a filter: a segment holds at most [`MAX_SEGMENT_CHUNKS`] chunks.
 const MAX_FILTER_BODY: u64 = 10 + (FILTER_FINGERPRINT * MAX_SEGMENT_CHUNKS) as u64;
 /// Largest filter object read (its fingerprints are random: zstd cannot shrink them).
