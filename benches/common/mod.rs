@@ -78,10 +78,14 @@ pub fn median(mut v: Vec<Measure>) -> Measure {
     }
 }
 
-/// Where benchmark files and Garage's data live: /dev/shm when present, so the disk
-/// does not dominate. Sets TMPDIR so the Garage harness follows; call before `garage()`.
+/// Where benchmark files and Garage's data live: `$CACHER_BENCH_SCRATCH` when set (a
+/// disk, for runs that store more than memory holds), else /dev/shm when present, so
+/// the disk does not dominate. Sets TMPDIR so the Garage harness follows; call before
+/// `garage()`.
 pub fn scratch() -> PathBuf {
-    let scratch = if Path::new("/dev/shm").is_dir() {
+    let scratch = if let Some(dir) = std::env::var_os("CACHER_BENCH_SCRATCH") {
+        PathBuf::from(dir)
+    } else if Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")
     } else {
         std::env::temp_dir()
