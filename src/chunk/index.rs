@@ -162,7 +162,8 @@ pub async fn load_filters(
     // and 5 % more (at 10^7 chunks, 25 standard deviations), so none is reallocated.
     let promised: u64 = (listed.iter())
         .filter_map(|segment| filters.get(&layout.segment_id(&segment.key)?))
-        .map(|filter| filter.size.min(summary::MAX_FILTER_OBJECT))
+        .filter(|filter| filter.size <= summary::MAX_FILTER_OBJECT)
+        .map(|filter| filter.size)
         .sum::<u64>()
         / (summary::FINGERPRINT_BITS / 8) as u64;
     let per_bucket = ((promised >> BUCKET_BITS) * 21 / 20) as usize + 64;
