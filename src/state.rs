@@ -76,7 +76,7 @@ impl Stamp {
     }
 
     /// The latest of its two times.
-    fn latest_ns(&self) -> i64 {
+    pub fn latest_ns(&self) -> i64 {
         self.mtime.max(self.ctime)
     }
 }
@@ -394,14 +394,10 @@ fn files_of(manifest: &Manifest) -> impl Iterator<Item = (&[u8], u64)> {
 
 /// Drops the stamps too recent to vouch for (see [`record`]).
 fn drop_racy(dir: &Path, stamps: &mut [Option<Stamp>], taken: SystemTime) {
-    let granularity = granularity(stamps);
-    let taken = taken
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    let limit = taken.as_nanos() as i128 - granularity.as_nanos() as i128;
+    let granularity = granularity(stamps).as_nanos() as i128;
     let mut racy = 0;
     for stamp in stamps.iter_mut() {
-        if stamp.is_some_and(|s| i128::from(s.mtime) >= limit) {
+        if stamp.is_some_and(|s| age_at(s.mtime, taken) <= granularity) {
             *stamp = None;
             racy += 1;
         }
@@ -412,6 +408,16 @@ fn drop_racy(dir: &Path, stamps: &mut [Option<Stamp>], taken: SystemTime) {
             dir.display()
         ));
     }
+}
+
+/// How long before `at` the file time `ns` (see [`nanos`]) lies, in nanoseconds;
+/// negative when after it. The racy rules of tree states and of listings ahead
+/// compare it with the timestamp granularity.
+pub fn age_at(ns: i64, at: SystemTime) -> i128 {
+    let at = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    at - i128::from(ns)
 }
 
 /// A file time in nanoseconds since the epoch. Times before 1678 or after 2262
@@ -450,11 +456,7 @@ pub fn settle(stamps: &[Option<Stamp>]) {
     let Some(latest) = stamps.iter().flatten().map(Stamp::latest_ns).max() else {
         return;
     };
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos() as i128;
-    let wait = i128::from(latest) + granularity.as_nanos() as i128 - now;
+    let wait = granularity.as_nanos() as i128 - age_at(latest, SystemTime::now());
     if wait > 0 {
         std::thread::sleep(Duration::from_nanos(
             wait.min(granularity.as_nanos() as i128) as u64 + 1_000_000,

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use super::DirWalker;
 use crate::restore::list_names;
-use crate::state::{Stamp, granularity_of};
+use crate::state::{Stamp, age_at, granularity_of};
 
 /// How many directories, and names in all, the lister may hold ahead of the update:
 /// what bounds its memory (a directory of 10^5 files is listed alone).
@@ -173,13 +173,8 @@ fn list_ahead(shared: &Shared, root: OwnedFd) {
 /// Whether a directory of `stamp` changed within its filesystem's timestamp
 /// granularity of `now` (or after it).
 fn changed_recently(stamp: Stamp, now: std::time::SystemTime) -> bool {
-    let Stamp { mtime, ctime, .. } = stamp;
-    let Ok(now) = now.duration_since(std::time::UNIX_EPOCH) else {
-        return true;
-    };
-    let window = granularity_of([mtime, ctime]);
-    let age = i128::try_from(now.as_nanos()).unwrap_or(i128::MAX) - i128::from(mtime.max(ctime));
-    age < i128::try_from(window.as_nanos()).unwrap_or(i128::MAX)
+    let window = granularity_of([stamp.mtime, stamp.ctime]);
+    age_at(stamp.latest_ns(), now) < window.as_nanos() as i128
 }
 
 #[cfg(test)]
