@@ -164,15 +164,27 @@ impl Restorer {
             mirror: false,
         };
         temp::remove_stale_leftovers(&temp::parent_of(dest));
-        let name = OsString::from(format!("{RESTORE_PREFIX}{:016x}", fastrand::u64(..)));
-        rustix::fs::mkdirat(&restorer.root, &name, Mode::from_raw_mode(0o700)).with_context(
-            || {
-                format!(
-                    "cannot create a temp dir in {}",
-                    restorer.root_path.display()
-                )
-            },
-        )?;
+        // Restores racing into one new DIR stage side by side in its parent. fastrand
+        // seeds each thread from the time and the thread's number alone, so two
+        // processes can draw alike: the pid tells them apart, and a taken name is
+        // drawn again (a CI run once failed on EEXIST here).
+        let pid = u64::from(std::process::id()).rotate_left(40);
+        let mut draws = 0;
+        let name = loop {
+            let name = OsString::from(format!("{RESTORE_PREFIX}{:016x}", fastrand::u64(..) ^ pid));
+            match rustix::fs::mkdirat(&restorer.root, &name, Mode::from_raw_mode(0o700)) {
+                Ok(()) => break name,
+                Err(Errno::EXIST) if draws < 8 => draws += 1,
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "cannot create a temp dir in {}",
+                            restorer.root_path.display()
+                        )
+                    });
+                }
+            }
+        };
         restorer.temp_name = Some(name.clone());
         let temp = open_dir(restorer.root.as_fd(), &name).with_context(|| {
             format!(
