@@ -445,10 +445,8 @@ struct OpenDir {
     identity: (u64, u64),
     /// Created by this update inside a staged tree: everything below is new too.
     fresh: bool,
-    /// For a directory that existed: the names in it not (yet) in the new tree, and
-    /// the new tree's names in it so far.
-    unseen: HashSet<OsString>,
-    seen: Vec<OsString>,
+    /// For a directory that existed: the names in it, matched with the new tree's.
+    listed: Listed,
     /// For a directory that existed: whether its mode and times must be set at the
     /// end (they differ, or the update changes what it holds).
     dirty: bool,
@@ -456,6 +454,54 @@ struct OpenDir {
     /// noted in `changed_dirs` yet.
     before: (u32, (i64, u32)),
     noted: bool,
+}
+
+/// The names listed in an existing directory, matched with the new tree's entries in
+/// it as they are visited: sorted once and found by binary search. (A set of the
+/// names and a list of the tree's cost three allocations and a hash per kept file.)
+#[derive(Default)]
+struct Listed {
+    /// In byte order.
+    names: Vec<OsString>,
+    /// Per name: the new tree has it.
+    matched: Vec<bool>,
+    /// The new tree's entries in the directory so far.
+    ours: Vec<usize>,
+}
+
+impl Listed {
+    fn new(mut names: Vec<OsString>) -> Listed {
+        names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        Listed {
+            matched: vec![false; names.len()],
+            names,
+            ours: Vec::new(),
+        }
+    }
+
+    /// Notes entry `entry`, named `name`, of the new tree.
+    fn see(&mut self, entry: usize, name: &[u8]) {
+        if let Ok(k) = self.names.binary_search_by(|n| n.as_bytes().cmp(name)) {
+            self.matched[k] = true;
+        }
+        self.ours.push(entry);
+    }
+
+    /// The names the new tree lacks.
+    fn unseen(&self) -> Vec<OsString> {
+        let matched = self.matched.iter();
+        let names = self.names.iter().zip(matched);
+        names
+            .filter(|(_, m)| !**m)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// The names of the new tree's entries seen, given its `entries`.
+    fn ours<'a>(&'a self, entries: &'a [Entry]) -> impl Iterator<Item = &'a OsStr> {
+        let name = |i: &usize| OsStr::from_bytes(split_path(&entries[*i].path).1);
+        self.ours.iter().map(name)
+    }
 }
 
 /// The file receiving content.
@@ -483,8 +529,7 @@ pub struct TreeUpdate {
     mirror: bool,
     /// Paths the new tree was uploaded without: never removed.
     keep: Exclude,
-    root_unseen: HashSet<OsString>,
-    root_seen: Vec<OsString>,
+    root_listed: Listed,
     /// Staged entries (new tree entry, temp name beside it), in tree order, and how
     /// many are in place.
     staged: Vec<(usize, OsString)>,
@@ -525,11 +570,13 @@ impl TreeUpdate {
         )
         .with_context(|| format!("cannot open {}", dest.display()))?;
         refuse_folded_names(root.as_fd(), &entries, dest)?;
-        let root_unseen = list_names(root.as_fd())
-            .with_context(|| format!("cannot list {}", dest.display()))?
-            .into_iter()
-            .filter(|n| !temp::is_temp_name(n.as_bytes()))
-            .collect();
+        let root_listed = Listed::new(
+            list_names(root.as_fd())
+                .with_context(|| format!("cannot list {}", dest.display()))?
+                .into_iter()
+                .filter(|n| !temp::is_temp_name(n.as_bytes()))
+                .collect(),
+        );
         let dirs = entries
             .iter()
             .filter(|e| matches!(e.kind, EntryKind::Dir))
@@ -550,8 +597,7 @@ impl TreeUpdate {
             file: None,
             mirror,
             keep,
-            root_unseen,
-            root_seen: Vec::new(),
+            root_listed,
             staged: Vec::new(),
             committed: 0,
             extras: Vec::new(),
@@ -580,30 +626,28 @@ impl TreeUpdate {
     // The field types of `stat` differ between systems.
     #[allow(clippy::unnecessary_cast)]
     fn visit(&mut self, i: usize) -> anyhow::Result<()> {
-        let path = self.entries[i].path.clone();
-        let (parent_path, name) = split_path(&path);
+        // Nothing is allocated for a kept file: most of the tree, after a bump.
+        let parent_len = split_path(&self.entries[i].path).0.len();
         while let Some(top) = self.open_dirs.last() {
-            if self.entries[top.entry].path == parent_path {
+            if self.entries[top.entry].path == self.entries[i].path[..parent_len] {
                 break;
             }
             let done = self.open_dirs.pop().expect("checked above");
             self.close_dir(done)?;
         }
-        if self.open_dirs.is_empty() && !parent_path.is_empty() {
+        if self.open_dirs.is_empty() && parent_len > 0 {
             bail!("it comes before its parent directory");
         }
-        let name = OsStr::from_bytes(name).to_os_string();
+        let name = split_path(&self.entries[i].path).1;
         let fresh = match self.open_dirs.last_mut() {
             Some(d) => {
                 if !d.fresh {
-                    d.unseen.remove(&name);
-                    d.seen.push(name.clone());
+                    d.listed.see(i, name);
                 }
                 d.fresh
             }
             None => {
-                self.root_unseen.remove(&name);
-                self.root_seen.push(name.clone());
+                self.root_listed.see(i, name);
                 false
             }
         };
@@ -619,6 +663,7 @@ impl TreeUpdate {
                 FileAction::Write => {}
             }
         }
+        let name = OsStr::from_bytes(split_path(&self.entries[i].path).1).to_os_string();
         self.open_visited_dirs()?;
         let parent = match self.open_dirs.last() {
             Some(d) => d.fd.as_ref().expect("opened above").as_fd(),
@@ -666,15 +711,13 @@ impl TreeUpdate {
                             Some(names) => names,
                             None => list_names(fd.as_ref().expect("opened to list").as_fd())?,
                         };
-                        let unseen = names.into_iter().collect();
                         let stamp = Stamp::of_stat(st);
                         OpenDir {
                             entry: i,
                             fd,
                             identity: (stamp.dev, stamp.ino),
                             fresh: false,
-                            unseen,
-                            seen: Vec::new(),
+                            listed: Listed::new(names),
                             dirty,
                             before: (mode, mtime),
                             noted: unlock,
@@ -700,8 +743,7 @@ impl TreeUpdate {
                             fd,
                             identity: (0, 0),
                             fresh: true,
-                            unseen: HashSet::new(),
-                            seen: Vec::new(),
+                            listed: Listed::default(),
                             dirty: false,
                             before: (0, (0, 0)),
                             noted: true,
@@ -810,14 +852,15 @@ impl TreeUpdate {
             return finalize(fd.as_fd(), e)
                 .with_context(|| format!("cannot set the mode and time of {}", show(&e.path)));
         }
-        let mut unseen = std::mem::take(&mut d.unseen);
+        let listed = std::mem::take(&mut d.listed);
+        let mut unseen = listed.unseen();
         if !unseen.is_empty() {
             let fd = match d.fd.take() {
                 Some(fd) => fd,
                 // Its parent, on top of the stack again, was opened to visit it.
                 None => self.open_existing(self.open_dirs.last(), &d)?,
             };
-            retain_extras(fd.as_fd(), &mut unseen, &d.seen);
+            retain_extras(fd.as_fd(), &mut unseen, listed.ours(&self.entries));
             self.retain_included(fd.as_fd(), &self.entries[d.entry].path, &mut unseen);
         }
         let e = &self.entries[d.entry];
@@ -866,7 +909,7 @@ impl TreeUpdate {
 
     /// Keeps in `unseen` (names in the directory `dir` at `path` that the new tree
     /// lacks) only those its upload did not exclude: the others are left alone.
-    fn retain_included(&self, dir: BorrowedFd<'_>, path: &[u8], unseen: &mut HashSet<OsString>) {
+    fn retain_included(&self, dir: BorrowedFd<'_>, path: &[u8], unseen: &mut Vec<OsString>) {
         if self.keep.is_empty() {
             return;
         }
@@ -899,8 +942,9 @@ impl TreeUpdate {
             bail!("cancelled; {} left as it was", self.dest.display());
         }
         if self.mirror {
-            let mut unseen = std::mem::take(&mut self.root_unseen);
-            retain_extras(self.root.as_fd(), &mut unseen, &self.root_seen);
+            let listed = std::mem::take(&mut self.root_listed);
+            let mut unseen = listed.unseen();
+            retain_extras(self.root.as_fd(), &mut unseen, listed.ours(&self.entries));
             self.retain_included(self.root.as_fd(), &[], &mut unseen);
             self.extras
                 .extend(unseen.into_iter().map(|n| (Vec::new(), n)));
@@ -1181,7 +1225,11 @@ fn refuse_folded_names(root: BorrowedFd<'_>, entries: &[Entry], dest: &Path) -> 
 /// Keeps in `unseen` (names in `dir` the new tree lacks) only true extras: on a
 /// filesystem that folds case, `Foo` on disk is the tree's `foo` (one of `seen`), and
 /// removing it would remove the tree's own entry.
-fn retain_extras(dir: BorrowedFd<'_>, unseen: &mut HashSet<OsString>, seen: &[OsString]) {
+fn retain_extras<'a>(
+    dir: BorrowedFd<'_>,
+    unseen: &mut Vec<OsString>,
+    seen: impl Iterator<Item = &'a OsStr>,
+) {
     if unseen.is_empty() {
         return;
     }
@@ -1190,7 +1238,7 @@ fn retain_extras(dir: BorrowedFd<'_>, unseen: &mut HashSet<OsString>, seen: &[Os
             .ok()
             .map(|st| (st.st_dev, st.st_ino))
     };
-    let ours: HashSet<_> = seen.iter().filter_map(|n| identity(n)).collect();
+    let ours: HashSet<_> = seen.filter_map(identity).collect();
     unseen.retain(|n| identity(n).is_none_or(|id| !ours.contains(&id)));
 }
 
