@@ -21,8 +21,8 @@ use std::time::{Duration, SystemTime};
 
 use crate::chunk::format::{
     ChunkTable, EntryKind, FormatError, MAX_BODY, MAX_ENTRIES, MAX_PATH, Manifest, Reader, bad,
-    check_relative_path, decode_table, encode_table, path_budget, put_bytes, put_varint,
-    tree_order, unwrap, unzigzag, wrap, zigzag,
+    check_relative_path, common_prefix, decode_table, encode_table, path_budget, put_bytes,
+    put_varint, tree_order, unwrap, unzigzag, wrap, zigzag,
 };
 use crate::ui;
 
@@ -503,11 +503,7 @@ fn encode(dir: &Path, key: &str, manifest: &Manifest, stamps: &[Option<Stamp>]) 
     put_varint(&mut body, path_bytes as u64);
     let mut previous: &[u8] = &[];
     for ((path, size), stamp) in files_of(manifest).zip(stamps) {
-        let shared = previous
-            .iter()
-            .zip(path)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let shared = common_prefix(previous, path);
         put_varint(&mut body, shared as u64);
         put_bytes(&mut body, &path[shared..]);
         previous = path;

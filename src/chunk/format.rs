@@ -174,11 +174,7 @@ impl Manifest {
         }
         let mut previous: &[u8] = &[];
         for e in &self.entries {
-            let shared = previous
-                .iter()
-                .zip(&e.path)
-                .take_while(|(a, b)| a == b)
-                .count();
+            let shared = common_prefix(previous, &e.path);
             put_varint(&mut body, shared as u64);
             put_varint(&mut body, (e.path.len() - shared) as u64);
             body.extend_from_slice(&e.path[shared..]);
@@ -582,7 +578,7 @@ pub fn tree_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
 }
 
 /// How many leading bytes `a` and `b` share.
-fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+pub(crate) fn common_prefix(a: &[u8], b: &[u8]) -> usize {
     const WORD: usize = std::mem::size_of::<u64>();
     let len = a.len().min(b.len());
     let mut at = 0;
