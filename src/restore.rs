@@ -164,14 +164,11 @@ impl Restorer {
             mirror: false,
         };
         temp::remove_stale_leftovers(&temp::parent_of(dest));
-        // Restores racing into one new DIR stage side by side in its parent. fastrand
-        // seeds each thread from the time and the thread's number alone, so two
-        // processes can draw alike: the pid tells them apart, and a taken name is
-        // drawn again (a CI run once failed on EEXIST here).
-        let pid = u64::from(std::process::id()).rotate_left(40);
+        // Restores racing into one new DIR stage side by side in its parent; a name
+        // a dead one left is drawn again.
         let mut draws = 0;
         let name = loop {
-            let name = OsString::from(format!("{RESTORE_PREFIX}{:016x}", fastrand::u64(..) ^ pid));
+            let name = OsString::from(format!("{RESTORE_PREFIX}{}", temp::unique_tag()));
             match rustix::fs::mkdirat(&restorer.root, &name, Mode::from_raw_mode(0o700)) {
                 Ok(()) => break name,
                 Err(Errno::EXIST) if draws < 8 => draws += 1,
@@ -513,7 +510,7 @@ impl Restorer {
         self.temp_name = None;
         // The mode `mkdir` would have given it: learnt from a directory made the same
         // way, since the umask cannot be read everywhere without changing it.
-        let probe = OsString::from(format!("{RESTORE_PREFIX}mode-{:016x}", fastrand::u64(..)));
+        let probe = OsString::from(format!("{RESTORE_PREFIX}mode-{}", temp::unique_tag()));
         let mode = rustix::fs::mkdirat(&self.root, &probe, Mode::from_raw_mode(0o777))
             .and_then(|()| rustix::fs::statat(&self.root, &probe, AtFlags::SYMLINK_NOFOLLOW));
         let _ = rustix::fs::unlinkat(&self.root, &probe, AtFlags::REMOVEDIR);
@@ -556,7 +553,7 @@ impl Restorer {
     fn swap_in(&self) -> anyhow::Result<()> {
         let names = list_names(self.temp.fd.as_fd())
             .with_context(|| format!("cannot list the restored tree in {}", self.dest.display()))?;
-        let tag = format!("{ASIDE_PREFIX}{:08x}-", fastrand::u32(..));
+        let tag = format!("{ASIDE_PREFIX}{}-", temp::unique_tag());
         let mut aside: Vec<(&OsString, OsString)> = Vec::new();
         // Each entry moved in: its name, its identity, and for a directory its handle
         // and the mode and times to give back after the move.

@@ -33,6 +33,17 @@ const STALE_ASIDE: Duration = Duration::from_secs(3600);
 /// [`crate::update`]).
 pub const NEW_PREFIX: &str = ".cacher-new-";
 
+/// The tail of a temp name that no other call in this process, and no other live
+/// process, draws: the pid and a count, then a random part against the leftovers of
+/// dead ones. fastrand alone seeds each thread from the clock and the thread's number,
+/// so two processes can draw alike (two restores racing into one new DIR once failed
+/// on it), and an aside is moved with a plain rename, which replaces what it meets.
+pub fn unique_tag() -> String {
+    static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{:x}-{n:x}-{:08x}", std::process::id(), fastrand::u32(..))
+}
+
 /// Whether `name` is one of cacher's own temp entries, which uploads never include.
 pub fn is_temp_name(name: &[u8]) -> bool {
     [RESTORE_PREFIX, ASIDE_PREFIX, NEW_PREFIX]

@@ -683,7 +683,7 @@ impl TreeUpdate {
         };
         // Where a new node goes: its own name inside a staged tree, a temp name beside
         // what it replaces otherwise.
-        let staged_name = || OsString::from(format!("{NEW_PREFIX}{:016x}", fastrand::u64(..)));
+        let staged_name = || OsString::from(format!("{NEW_PREFIX}{}", temp::unique_tag()));
         let mut staged = None;
         match &entry.kind {
             EntryKind::Dir => {
@@ -1184,7 +1184,7 @@ impl Drop for TreeUpdate {
 /// Unicode normalization (which APFS also folds) and subdirectories with a folding
 /// attribute of their own (ext4 `+F`) are not detected.
 fn refuse_folded_names(root: BorrowedFd<'_>, entries: &[Entry], dest: &Path) -> anyhow::Result<()> {
-    let probe = format!("{NEW_PREFIX}case-{:016x}", fastrand::u64(..));
+    let probe = format!("{NEW_PREFIX}case-{}", temp::unique_tag());
     let created = rustix::fs::openat(
         root,
         probe.as_str(),
@@ -1299,7 +1299,7 @@ fn replace(parent: BorrowedFd<'_>, at: &OsStr, name: &OsStr, new_is_dir: bool) -
                 || rustix::fs::FileType::from_raw_mode(st.st_mode)
                     == rustix::fs::FileType::Directory =>
         {
-            let aside = OsString::from(format!("{ASIDE_PREFIX}{:016x}", fastrand::u64(..)));
+            let aside = OsString::from(format!("{ASIDE_PREFIX}{}", temp::unique_tag()));
             rustix::fs::renameat(parent, name, parent, &aside)?;
             if let Err(e) = rustix::fs::renameat(parent, at, parent, name) {
                 let _ = rustix::fs::renameat(parent, &aside, parent, name);

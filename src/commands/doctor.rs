@@ -185,7 +185,7 @@ pub async fn smoke_test(config: &Config) -> anyhow::Result<()> {
 async fn canary(store: &dyn Store, prefix: &str) -> anyhow::Result<()> {
     let key = join_prefix(
         prefix,
-        &format!(".cacher-canary-{:016x}", fastrand::u64(..)),
+        &format!(".cacher-canary-{}", crate::temp::unique_tag()),
     );
     let byte = Bytes::from_static(b"c");
     store

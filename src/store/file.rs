@@ -140,7 +140,7 @@ impl FileStore {
     fn new_tmp_file(&self) -> StoreResult<(PathBuf, File)> {
         let dir = self.root.join(TMP_DIR);
         fs::create_dir_all(&dir).map_err(|e| io_error("create", &dir, e))?;
-        let path = dir.join(format!("{:016x}", fastrand::u64(..)));
+        let path = dir.join(crate::temp::unique_tag());
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
