@@ -33,15 +33,20 @@ const STALE_ASIDE: Duration = Duration::from_secs(3600);
 /// [`crate::update`]).
 pub const NEW_PREFIX: &str = ".cacher-new-";
 
-/// The tail of a temp name that no other call in this process, and no other live
-/// process, draws: the pid and a count, then a random part against the leftovers of
-/// dead ones. fastrand alone seeds each thread from the clock and the thread's number,
-/// so two processes can draw alike (two restores racing into one new DIR once failed
-/// on it), and an aside is moved with a plain rename, which replaces what it meets.
+/// The tail of a temp name: the pid and a count, which no other call in this process
+/// nor another live process in this pid namespace repeats, then 64 random bits seeded
+/// from the OS (containers sharing a volume can share pids; leftovers of dead
+/// processes can share both). fastrand alone seeds each thread from the clock and the
+/// thread's number, so two processes can draw alike (two restores racing into one new
+/// DIR once failed on it), and an aside is moved with a plain rename, which replaces
+/// what it meets.
 pub fn unique_tag() -> String {
+    use std::hash::{BuildHasher, Hasher};
     static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{:x}-{n:x}-{:08x}", std::process::id(), fastrand::u32(..))
+    // Each RandomState has fresh keys: the hash of nothing is a random draw.
+    let random = std::hash::RandomState::new().build_hasher().finish();
+    format!("{:x}-{n:x}-{random:016x}", std::process::id())
 }
 
 /// Whether `name` is one of cacher's own temp entries, which uploads never include.

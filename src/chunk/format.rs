@@ -1132,6 +1132,28 @@ mod properties {
             })
     }
 
+    #[test]
+    fn common_prefix_counts_across_and_within_words() {
+        for len in [0, 1, 7, 8, 9, 15, 16, 17, 40] {
+            let a: Vec<u8> = (0..len as u8).map(|i| b'a' + i % 26).collect();
+            assert_eq!(common_prefix(&a, &a), len);
+            for differ in 0..len {
+                let mut b = a.clone();
+                b[differ] ^= 0x80;
+                assert_eq!(
+                    common_prefix(&a, &b),
+                    differ,
+                    "{len} bytes, differing at {differ}"
+                );
+                assert_eq!(common_prefix(&b, &a), differ);
+            }
+            for cut in 0..len {
+                assert_eq!(common_prefix(&a[..cut], &a), cut, "a prefix of {cut} bytes");
+                assert_eq!(common_prefix(&a, &a[..cut]), cut);
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
