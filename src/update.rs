@@ -626,7 +626,7 @@ impl TreeUpdate {
     // The field types of `stat` differ between systems.
     #[allow(clippy::unnecessary_cast)]
     fn visit(&mut self, i: usize) -> anyhow::Result<()> {
-        // Nothing is allocated for a kept file: most of the tree, after a bump.
+        // A kept file's path and name are not copied: most of the tree, after a bump.
         let parent_len = split_path(&self.entries[i].path).0.len();
         while let Some(top) = self.open_dirs.last() {
             if self.entries[top.entry].path == self.entries[i].path[..parent_len] {
