@@ -164,24 +164,17 @@ impl Restorer {
             mirror: false,
         };
         temp::remove_stale_leftovers(&temp::parent_of(dest));
-        // Restores racing into one new DIR stage side by side in its parent; a name
-        // a dead one left is drawn again.
-        let mut draws = 0;
-        let name = loop {
-            let name = OsString::from(format!("{RESTORE_PREFIX}{}", temp::unique_tag()));
-            match rustix::fs::mkdirat(&restorer.root, &name, Mode::from_raw_mode(0o700)) {
-                Ok(()) => break name,
-                Err(Errno::EXIST) if draws < 8 => draws += 1,
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!(
-                            "cannot create a temp dir in {}",
-                            restorer.root_path.display()
-                        )
-                    });
-                }
-            }
-        };
+        // Restores racing into one new DIR stage side by side in its parent: the
+        // name's tag tells them apart (see `temp::unique_tag`).
+        let name = OsString::from(format!("{RESTORE_PREFIX}{}", temp::unique_tag()));
+        rustix::fs::mkdirat(&restorer.root, &name, Mode::from_raw_mode(0o700)).with_context(
+            || {
+                format!(
+                    "cannot create a temp dir in {}",
+                    restorer.root_path.display()
+                )
+            },
+        )?;
         restorer.temp_name = Some(name.clone());
         let temp = open_dir(restorer.root.as_fd(), &name).with_context(|| {
             format!(
