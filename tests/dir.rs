@@ -615,6 +615,29 @@ fn a_directory_deeper_than_readers_allow_is_refused_at_upload() {
     uploads_and_restores_as_is(&env, "k", &src);
 }
 
+#[test]
+fn an_index_segment_that_cannot_be_written_costs_a_warning_not_the_entry() {
+    // Segments only tell later uploads what the bucket holds; the manifest goes out
+    // while they are written. A file where the index directory belongs makes every
+    // segment write fail.
+    let env = TestEnv::file_store();
+    let src = make_tree(&env, "src", 22);
+    std::fs::create_dir_all(env.path("store/.cacher")).unwrap();
+    std::fs::write(env.path("store/.cacher/index"), "not a directory").unwrap();
+    let run = env.run(["dir", "upload", "k", src.to_str().unwrap()]);
+    run.ok();
+    assert!(
+        run.stderr
+            .contains("later uploads may send its new chunks again"),
+        "{}",
+        run.stderr
+    );
+    let out = env.path("out");
+    env.run(["dir", "download", "k", out.to_str().unwrap()])
+        .ok();
+    assert_eq!(snapshot(&out), snapshot(&src));
+}
+
 /// Uploads `src` under `key`, restores it into a new DIR and checks nothing differs.
 fn uploads_and_restores_as_is(env: &TestEnv, key: &str, src: &Path) {
     env.run(["dir", "upload", key, src.to_str().unwrap()]).ok();

@@ -2,8 +2,9 @@
 //!
 //! Upload: a content stream is cut by FastCDC, chunks are hashed and the new ones
 //! compressed on all cores (rayon), packed into ~8 MiB pack objects and sent `jobs` at a
-//! time; then an index segment naming the new chunks, then the manifest, last, so a
-//! manifest is never visible before its chunks. Download: chunks are fetched as merged
+//! time; once they are in, the manifest, so a manifest is never visible before its
+//! chunks, and meanwhile an index segment naming the new chunks for later uploads.
+//! Download: chunks are fetched as merged
 //! byte ranges of packs, concurrently, and each is checked against its blake3 id.
 
 use std::collections::{HashMap, HashSet};
@@ -447,14 +448,16 @@ pub struct Sent {
     pub table: ChunkTable,
 }
 
-/// The packs and index segment of a [`ChunkStore::start_sending`] still on their way.
-/// Dropped unwaited (the upload failed elsewhere), it stops them.
+/// The packs of a [`ChunkStore::start_sending`] still on their way. Dropped unwaited
+/// (the upload failed elsewhere), it stops them.
 #[must_use = "the chunks are in the bucket only once the landing is waited for"]
-pub struct Landing(tokio::task::JoinHandle<anyhow::Result<u64>>);
+pub struct Landing(tokio::task::JoinHandle<anyhow::Result<(u64, Indexing)>>);
 
 impl Landing {
-    /// Waits until everything sent is in the bucket; the bytes put on the wire.
-    pub async fn wait(mut self) -> anyhow::Result<u64> {
+    /// Waits until every pack sent is in the bucket (and the reused ones refreshed), so
+    /// a manifest of the stream may be published; the bytes put on the wire, and the
+    /// index segments still being written.
+    pub async fn wait(mut self) -> anyhow::Result<(u64, Indexing)> {
         (&mut self.0).await.context(UPLOADS_STOPPED)?
     }
 }
@@ -462,6 +465,40 @@ impl Landing {
 impl Drop for Landing {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// The index segments (and filters) of an upload's new chunks, written once its packs
+/// landed, while its manifest is: segments only tell later uploads what the bucket
+/// holds (docs/format.md), so a manifest never waits for them. Dropped unwaited, it
+/// stops them.
+#[must_use = "the index segments may still be on their way"]
+pub struct Indexing(Option<tokio::task::JoinHandle<anyhow::Result<u64>>>);
+
+impl Indexing {
+    /// Waits for the segments; the bytes they took. One that could not be written costs
+    /// later uploads the reuse of its chunks, not this upload: that is a warning.
+    pub async fn wait(mut self) -> u64 {
+        let Some(task) = self.0.as_mut() else {
+            return 0;
+        };
+        match task.await.context(UPLOADS_STOPPED).and_then(|r| r) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                ui::warn(format!(
+                    "{e:#}: the entry is complete, but later uploads may send its new chunks again"
+                ));
+                0
+            }
+        }
+    }
+}
+
+impl Drop for Indexing {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
     }
 }
 
@@ -741,7 +778,8 @@ impl ChunkStore {
         P: Iterator<Item = anyhow::Result<Vec<Piece>>> + Send + 'static,
     {
         let (mut sent, landing) = self.start_sending(pieces, known).await?;
-        sent.stats.wire_bytes += landing.wait().await?;
+        let (wire_bytes, indexing) = landing.wait().await?;
+        sent.stats.wire_bytes += wire_bytes + indexing.wait().await;
         Ok(sent)
     }
 
@@ -795,16 +833,20 @@ impl ChunkStore {
         let table = table_of(chunked.order.iter().map(|id| (*id, chunked.locations[id])));
         let store = self.clone();
         let landing = tokio::spawn(async move {
-            let mut wire_bytes = uploads.await.context(UPLOADS_STOPPED)??;
-            if !chunked.new_chunks.is_empty() {
+            let wire_bytes = uploads.await.context(UPLOADS_STOPPED)??;
+            // Once the packs they point into are in.
+            let indexing = Indexing((!chunked.new_chunks.is_empty()).then(|| {
                 let table = table_of(chunked.new_chunks.iter().map(|(id, loc)| (*id, *loc)));
-                let written = store.write_segments(&table, MAX_SEGMENT_CHUNKS).await?;
-                wire_bytes += written.iter().map(|(_, len)| len).sum::<u64>();
-            }
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let written = store.write_segments(&table, MAX_SEGMENT_CHUNKS).await?;
+                    Ok(written.iter().map(|(_, len)| len).sum::<u64>())
+                })
+            }));
             store
                 .refresh_reused_packs(&known, &chunked.locations)
                 .await?;
-            Ok(wire_bytes)
+            Ok((wire_bytes, indexing))
         });
         Ok((Sent { stats, table }, Landing(landing)))
     }

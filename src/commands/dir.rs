@@ -18,8 +18,8 @@ use crate::chunk::format::{Entry, EntryKind, Manifest, ManifestKind};
 use crate::chunk::gc::mark_used;
 use crate::chunk::paths;
 use crate::chunk::store::{
-    ChunkStore, Known, Landing, Location, Piece, Sent, Stats, Stored, download_stats_line,
-    is_broken, now_secs, seal, table_of, upload_stats_line,
+    ChunkStore, Indexing, Known, Landing, Location, Piece, Sent, Stats, Stored,
+    download_stats_line, is_broken, now_secs, seal, table_of, upload_stats_line,
 };
 use crate::cli::{DirCommand, DirDownloadArgs, DirUploadArgs, input_error};
 use crate::config::Config;
@@ -235,10 +235,13 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     // manifest is sealed: one path's uploads at a time, as `jobs` says.
     let mut landing: Option<(&PathBuf, Landing)> = None;
     let mut landed = 0;
+    let mut indexing = Vec::with_capacity(trees.len());
     let last = trees.len() - 1;
     for (i, (dir, tree, state)) in trees.into_iter().enumerate() {
         if let Some((dir, previous)) = landing.take() {
-            landed += land(previous, dir, &key, &progress).await?;
+            let (bytes, index) = land(previous, dir, &key, &progress).await?;
+            landed += bytes;
+            indexing.push(index);
         }
         let sent = send_with_retry(&chunks, &tree, state, &known, &progress).await;
         let (sent, read, next) = sent
@@ -284,11 +287,15 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     let records =
         tokio::task::spawn_blocking(move || prepare_states(manifest, reads, &recorded_key, taken));
     if let Some((dir, last)) = landing {
-        landed += land(last, dir, &key, &progress).await?;
+        let (bytes, index) = land(last, dir, &key, &progress).await?;
+        landed += bytes;
+        indexing.push(index);
     }
-    let published = chunks
-        .put_sealed(sealed, &key, mode == WriteMode::Create)
-        .await;
+    let (published, indexed) = tokio::join!(
+        chunks.put_sealed(sealed, &key, mode == WriteMode::Create),
+        futures::future::join_all(indexing.into_iter().map(Indexing::wait))
+    );
+    landed += indexed.iter().sum::<u64>();
     progress.clear();
     let Some(mut stats) = published.map_err(failed)? else {
         super::say_concurrent(&key, "dir upload");
@@ -309,13 +316,14 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     Ok(Outcome::Success)
 }
 
-/// Waits for the packs of `dir`'s part of the upload to `key`; the bytes they took.
+/// Waits for the packs of `dir`'s part of the upload to `key`; the bytes they took,
+/// and its index segments still on their way.
 async fn land(
     landing: Landing,
     dir: &Path,
     key: &str,
     progress: &ui::Progress,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, Indexing)> {
     landing
         .wait()
         .await
