@@ -521,3 +521,113 @@ fn a_recorded_directory_now_a_symlink_is_replaced_not_read_through() {
     let unchanged = stats["unchanged_files"].as_u64().unwrap();
     assert!(unchanged > 0 && unchanged <= all - behind, "{stats}");
 }
+
+/// Every path below `root`, as bytes, with what is there: a file's bytes, a link's
+/// target, or nothing for a directory. Exact where [`snapshot`] shows names lossily.
+fn raw_tree(root: &Path) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    use std::os::unix::ffi::OsStrExt;
+    walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .sort_by_file_name()
+        .into_iter()
+        .map(|e| {
+            let e = e.unwrap();
+            let rel = e.path().strip_prefix(root).unwrap().as_os_str().as_bytes();
+            let what = match e.file_type() {
+                t if t.is_symlink() => Some(
+                    std::fs::read_link(e.path())
+                        .unwrap()
+                        .as_os_str()
+                        .as_bytes()
+                        .to_vec(),
+                ),
+                t if t.is_file() => Some(std::fs::read(e.path()).unwrap()),
+                _ => None,
+            };
+            (rel.to_vec(), what)
+        })
+        .collect()
+}
+
+#[test]
+fn names_that_are_not_utf8_go_through_the_warm_path_byte_for_byte() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let env = TestEnv::s3("warmbytes");
+    let at = |root: &Path, rel: &[u8]| root.join(OsStr::from_bytes(rel));
+    let v1 = make_tree(&env, "v1", 40);
+    std::fs::create_dir_all(at(&v1, b"d\xff\xfe/sub")).unwrap();
+    std::fs::write(at(&v1, b"d\xff\xfe/sub/caf\xe9.rs"), "latin-1 name\n").unwrap();
+    std::fs::write(at(&v1, b"pkg001/src/\x80gone"), "removed in v2\n").unwrap();
+    std::fs::write(at(&v1, b"pkg002/\xc3\x28edited"), "v1 text\n").unwrap();
+    std::os::unix::fs::symlink(OsStr::from_bytes(b"to-\xe9"), at(&v1, b"link\xe9")).unwrap();
+    let v2 = env.path("v2");
+    sh(
+        &format!("cp -a '{}' '{}'", v1.display(), v2.display()),
+        env.dir.path(),
+    );
+    std::fs::remove_file(at(&v2, b"pkg001/src/\x80gone")).unwrap();
+    std::fs::write(at(&v2, b"pkg002/\xc3\x28edited"), "v2 text, longer\n").unwrap();
+    std::fs::write(at(&v2, b"d\xff\xfe/sub/new\xf0.rs"), "added in v2\n").unwrap();
+    env.run(["dir", "upload", "t/1", v1.to_str().unwrap()]).ok();
+    env.run(["dir", "upload", "t/2", v2.to_str().unwrap()]).ok();
+
+    // Restored over v1, with extras of the user's whose names are not UTF-8 either.
+    let work = env.path("work");
+    env.run(["dir", "download", "t/1", work.to_str().unwrap()])
+        .ok();
+    std::fs::write(at(&work, b"mine\xe9"), "the user's").unwrap();
+    std::fs::write(at(&work, b"d\xff\xfe/stray\xe9.o"), "stale").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let run = env.run(["dir", "download", "t/2", work.to_str().unwrap(), "--json"]);
+    let stats = json_stats(&run.ok().stdout);
+    let written = stats["disk_bytes"].as_u64().unwrap();
+    assert!(
+        written * 4 < stats["stream_bytes"].as_u64().unwrap(),
+        "{stats}"
+    );
+    assert!(stats["unchanged_files"].as_u64().unwrap() > 150, "{stats}");
+    let mut want = raw_tree(&v2);
+    want.push((b"mine\xe9".to_vec(), Some(b"the user's".to_vec())));
+    want.sort();
+    assert_eq!(
+        raw_tree(&work),
+        want,
+        "the entry, and the user's top-level file"
+    );
+    assert_same(&snapshot(&work), &{
+        let mut s = snapshot(&v2);
+        s.extend(
+            snapshot(&work)
+                .into_iter()
+                .filter(|(p, _)| p.starts_with("mine")),
+        );
+        s.sort();
+        s
+    });
+
+    // An upload from here takes every file the restore wrote or kept as unchanged;
+    // it reads the two the entry lacks (and the bytes around them the cut needs).
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    std::fs::write(at(&work, b"d\xff\xfe/sub/later\xfa"), "added after\n").unwrap();
+    let up = env.run(["dir", "upload", "t/3", work.to_str().unwrap(), "--json"]);
+    let stats = json_stats(&up.ok().stdout);
+    let files_of_v2 = walkdir::WalkDir::new(&v2)
+        .into_iter()
+        .filter(|e| e.as_ref().unwrap().file_type().is_file())
+        .count() as u64;
+    assert_eq!(
+        stats["unchanged_files"].as_u64(),
+        Some(files_of_v2),
+        "{stats}"
+    );
+    let read = stats["disk_bytes"].as_u64().unwrap();
+    assert!(
+        read * 4 < stats["stream_bytes"].as_u64().unwrap(),
+        "{stats}"
+    );
+    let check = env.path("check");
+    env.run(["dir", "download", "t/3", check.to_str().unwrap()])
+        .ok();
+    assert_eq!(raw_tree(&check), raw_tree(&work));
+}
