@@ -8,6 +8,11 @@ use cacher::cli::Cli;
 use cacher::commands::{self, Outcome};
 use cacher::ui;
 
+/// The static releases' allocator keeps large freed buffers for reuse (see its doc).
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: cacher::memory::LargeBlocks = cacher::memory::LargeBlocks::new();
+
 /// Exit codes, in one place.
 #[derive(Debug, Clone, Copy)]
 enum Exit {

@@ -76,6 +76,36 @@ fn smoke_run(emulator: Option<&str>, binary: &PathBuf, platform: &str) {
     }
     assert_eq!(read(&dest), data);
     assert_eq!(run(&["exists", "missing"]).status.code(), Some(1));
+
+    // A tree through the chunk store: chunk buffers of every size pass through the
+    // static releases' own allocator (`cacher::memory::LargeBlocks`).
+    let tree = env.path("tree");
+    for (i, size) in [0, 17, 40_000, 300_000, 3 << 20].into_iter().enumerate() {
+        env.write(
+            &format!("tree/d{}/f{i}", i % 2),
+            random_bytes(size, i as u64),
+        );
+    }
+    let restored = env.path("restored");
+    for args in [
+        vec!["dir", "upload", "tree", tree.to_str().unwrap()],
+        vec!["dir", "download", "tree", restored.to_str().unwrap()],
+    ] {
+        let out = run(&args);
+        assert!(
+            out.status.success(),
+            "{platform} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for (i, size) in [0, 17, 40_000, 300_000, 3 << 20].into_iter().enumerate() {
+        let at = format!("d{}/f{i}", i % 2);
+        assert_eq!(
+            read(restored.join(&at)),
+            random_bytes(size, i as u64),
+            "{at}"
+        );
+    }
 }
 
 #[test]

@@ -4,6 +4,7 @@
 mod util;
 
 mod actions;
+mod allocator;
 
 mod bad_input;
 mod concurrency;

@@ -794,7 +794,7 @@ impl ChunkStore {
     where
         P: Iterator<Item = anyhow::Result<Vec<Piece>>> + Send + 'static,
     {
-        crate::memory::reuse_stream_buffers();
+        let _buffers = crate::memory::reuse_stream_buffers();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<SealedPack>(2);
         let chunker = {
             let known = known.clone();
@@ -1183,7 +1183,7 @@ impl ChunkStore {
     where
         W: Write + Send + 'static,
     {
-        crate::memory::reuse_stream_buffers();
+        let _buffers = crate::memory::reuse_stream_buffers();
         let mut stats = Stats {
             chunks: table.chunks.len() as u64,
             packs: table.packs.len() as u64,
