@@ -4,7 +4,6 @@
 mod util;
 
 mod actions;
-mod allocator;
 
 mod bad_input;
 mod concurrency;

@@ -2,8 +2,9 @@
 //!
 //! Upload: a content stream is cut by FastCDC, chunks are hashed and the new ones
 //! compressed on all cores (rayon), packed into ~8 MiB pack objects and sent `jobs` at a
-//! time; once they are in, the manifest, so a manifest is never visible before its
-//! chunks, and meanwhile an index segment naming the new chunks for later uploads.
+//! time; once they are in, an index segment naming the new chunks for later uploads,
+//! and the manifest (a `dir upload` sends it meanwhile), so a manifest is never visible
+//! before its chunks.
 //! Download: chunks are fetched as merged
 //! byte ranges of packs, concurrently, and each is checked against its blake3 id.
 

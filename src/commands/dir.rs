@@ -232,7 +232,8 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), total));
     let mut parts = Vec::with_capacity(trees.len());
     // The packs of one path land while the next is cut, the last one's while the
-    // manifest is sealed: one path's uploads at a time, as `jobs` says.
+    // manifest is sealed: one path's packs at a time, as `jobs` says (its index
+    // segments, a few requests, may still be on their way).
     let mut landing: Option<(&PathBuf, Landing)> = None;
     let mut landed = 0;
     let mut indexing = Vec::with_capacity(trees.len());
@@ -301,6 +302,8 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         super::say_concurrent(&key, "dir upload");
         return Ok(Outcome::Success);
     };
+    // The segments' retries too, which went on beside the manifest's.
+    stats.retries = chunks.transfer().retries();
     for record in records.await?? {
         record.write();
     }
