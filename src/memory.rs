@@ -144,12 +144,12 @@ impl LargeBlocks {
         for (class, (blocks, count)) in kept.blocks.iter().zip(&mut kept.counts).enumerate() {
             let size = Self::class_size(class);
             for &ptr in &blocks[..*count] {
-                // SAFETY: a kept block was allocated by `System` with its class's size.
+                // SAFETY: a kept block was allocated by `System` with its class's layout.
                 unsafe {
                     std::alloc::GlobalAlloc::dealloc(
                         &std::alloc::System,
                         ptr as *mut u8,
-                        std::alloc::Layout::from_size_align_unchecked(size, MALLOC_ALIGN),
+                        Self::class_layout(size),
                     )
                 }
             }
@@ -169,6 +169,11 @@ impl LargeBlocks {
         let step = 1usize << (top - 2);
         let rounded = size.div_ceil(step) * step;
         Some(((top - 14) * 4 + rounded / step - 5, rounded))
+    }
+
+    /// The layout every block of a class of `size` bytes is allocated and freed with.
+    fn class_layout(size: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(size, MALLOC_ALIGN).expect("a class's size fits")
     }
 
     fn lock() -> std::sync::MutexGuard<'static, Kept> {
@@ -206,8 +211,9 @@ impl LargeBlocks {
         true
     }
 
-    /// Bytes kept now, for tests.
-    pub fn kept_bytes(&self) -> usize {
+    /// Bytes kept now.
+    #[cfg(test)]
+    fn kept_bytes(&self) -> usize {
         Self::lock().bytes
     }
 }
@@ -225,20 +231,20 @@ impl Default for LargeBlocks {
 // Blocks without a class go to `System` as they are.
 unsafe impl std::alloc::GlobalAlloc for LargeBlocks {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        use std::alloc::{Layout, System};
+        use std::alloc::System;
         let Some((class, size)) = Self::class(layout.size(), layout.align()) else {
             // SAFETY: the caller's layout, as given.
             return unsafe { System.alloc(layout) };
         };
         match self.take(class, size) {
             Some(ptr) => ptr,
-            // SAFETY: a non-zero size and a valid power-of-two alignment.
-            None => unsafe { System.alloc(Layout::from_size_align_unchecked(size, MALLOC_ALIGN)) },
+            // SAFETY: a class's layout has a non-zero size.
+            None => unsafe { System.alloc(Self::class_layout(size)) },
         }
     }
 
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-        use std::alloc::{Layout, System};
+        use std::alloc::System;
         let Some((class, size)) = Self::class(layout.size(), layout.align()) else {
             // SAFETY: the caller's layout, as given.
             return unsafe { System.alloc_zeroed(layout) };
@@ -250,21 +256,19 @@ unsafe impl std::alloc::GlobalAlloc for LargeBlocks {
                 ptr
             }
             // SAFETY: as in `alloc`.
-            None => unsafe {
-                System.alloc_zeroed(Layout::from_size_align_unchecked(size, MALLOC_ALIGN))
-            },
+            None => unsafe { System.alloc_zeroed(Self::class_layout(size)) },
         }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        use std::alloc::{Layout, System};
+        use std::alloc::System;
         let Some((class, size)) = Self::class(layout.size(), layout.align()) else {
             // SAFETY: allocated by `System` with this layout.
             return unsafe { System.dealloc(ptr, layout) };
         };
         if !self.keep(ptr, class, size) {
-            // SAFETY: allocated by `System` with its class's size and alignment.
-            unsafe { System.dealloc(ptr, Layout::from_size_align_unchecked(size, MALLOC_ALIGN)) }
+            // SAFETY: allocated by `System` with its class's layout.
+            unsafe { System.dealloc(ptr, Self::class_layout(size)) }
         }
     }
 
@@ -289,12 +293,8 @@ unsafe impl std::alloc::GlobalAlloc for LargeBlocks {
             let moved = self.alloc(new_layout);
             if !moved.is_null() {
                 std::ptr::copy_nonoverlapping(ptr, moved, layout.size().min(new_size));
-                match old {
-                    Some((_, size)) => {
-                        System.dealloc(ptr, Layout::from_size_align_unchecked(size, MALLOC_ALIGN))
-                    }
-                    None => System.dealloc(ptr, layout),
-                }
+                let freed = old.map_or(layout, |(_, size)| Self::class_layout(size));
+                System.dealloc(ptr, freed);
             }
             moved
         }
