@@ -5,7 +5,9 @@
 # stripped, with the version and git commit embedded, and dist/checksums.txt in the
 # format `sha256sum -c` reads. Cross-linking (C code such as zstd included) is done by
 # cargo-zigbuild with zig from the `ziglang` Python package; both, and the Rust
-# targets, are installed when missing.
+# targets, are installed when missing. Both are pinned: zig's libc is what the static
+# binaries link, and its `malloc` decides how fast they are (the README's "The static
+# release"), so another zig is a change to measure, not an upgrade to take silently.
 #
 # Usage: scripts/release.sh [NAME...]   (NAME: linux-amd64 linux-arm64 darwin-amd64
 #                                        darwin-arm64; default all four)
@@ -32,8 +34,12 @@ installed=$(rustup target list --installed)
 for name in "${names[@]}"; do
   grep -qx "${triple[$name]}" <<<"$installed" || rustup target add "${triple[$name]}"
 done
-python3 -c "import ziglang" 2>/dev/null || python3 -m pip install -q ziglang
-command -v cargo-zigbuild >/dev/null 2>&1 || cargo install cargo-zigbuild --locked
+zig_version=0.17.1
+zigbuild_version=0.24.1
+[ "$(python3 -m ziglang version 2>/dev/null)" = "$zig_version" ] ||
+  python3 -m pip install -q "ziglang==$zig_version"
+[ "$(cargo-zigbuild --version 2>/dev/null)" = "cargo-zigbuild $zigbuild_version" ] ||
+  cargo install cargo-zigbuild --locked --version "$zigbuild_version"
 
 mkdir -p dist
 for name in "${names[@]}"; do
