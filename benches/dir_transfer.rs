@@ -176,6 +176,15 @@ fn warm_path(g: &Server, home: &Path, name: &str, base: &str, bumped: &str) {
         same,
         "the restore over the old tree differs from the bumped tree"
     );
+    // What any warm upload of this tree costs at least: the tree just restored,
+    // uploaded again unchanged; and the system calls of a scan alone.
+    let (unchanged_up, unchanged) = cacher_json(
+        g,
+        home,
+        &["dir", "upload", &format!("{bumped_key}-unchanged"), &out_s],
+    );
+    assert_eq!(unchanged["disk_bytes"].as_u64(), Some(0), "{unchanged}");
+    let (walked, walk_secs) = stat_walk(&out);
     reset();
 
     table_header("tar+zstd+aws");
@@ -198,6 +207,16 @@ fn warm_path(g: &Server, home: &Path, name: &str, base: &str, bumped: &str) {
         100.0 * new_read as f64 / stream as f64,
         new_only["unchanged_files"],
     );
+    time_row(
+        "  same, nothing changed",
+        baseline_up.secs,
+        unchanged_up.secs,
+    );
+    println!(
+        "  a walk on one thread that lists every directory and stats each of the {walked} entries: {:.1} ms ({:.3}x)",
+        walk_secs * 1000.0,
+        walk_secs / baseline_up.secs
+    );
     println!(
         "{:<28} {:>12.2}s {:>11.2}s {:>8.3}   (received {:.2} MiB into empty, {:.2} MiB over the old tree)",
         "restore over old / empty",
@@ -211,6 +230,39 @@ fn warm_path(g: &Server, home: &Path, name: &str, base: &str, bumped: &str) {
         "peak RSS MiB: warm upload {:.0}, restore into empty {:.0}, over the old tree {:.0}",
         warm_up.max_rss_mib, restore_empty.max_rss_mib, restore_over.max_rss_mib
     );
+}
+
+/// Walks `dir` on this thread as a scan's system calls do and nothing more: each
+/// directory opened through its parent's handle and listed, each entry stat'ed by
+/// name. The entries seen and the seconds taken.
+fn stat_walk(dir: &Path) -> (u64, f64) {
+    use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
+    fn walk(fd: rustix::fd::OwnedFd, seen: &mut u64) {
+        let mut listing = Dir::new(fd).expect("list a directory");
+        let mut names = Vec::new();
+        for item in &mut listing {
+            let name = item.expect("a directory entry").file_name().to_owned();
+            if !matches!(name.to_bytes(), b"." | b"..") {
+                names.push(name);
+            }
+        }
+        let parent = listing.fd().expect("the directory's handle");
+        for name in names {
+            let st = rustix::fs::statat(parent, &name, AtFlags::SYMLINK_NOFOLLOW).expect("stat");
+            *seen += 1;
+            if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+                let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                let sub = rustix::fs::openat(parent, &name, flags, Mode::empty()).expect("open");
+                walk(sub, seen);
+            }
+        }
+    }
+    let started = std::time::Instant::now();
+    let root = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())
+        .expect("open the tree");
+    let mut seen = 0;
+    walk(root, &mut seen);
+    (seen, common::since(started))
 }
 
 /// A node_modules-shaped tree of small files (about 3,000 packages, 60k+ files), built

@@ -6,8 +6,9 @@
 # format `sha256sum -c` reads. Cross-linking (C code such as zstd included) is done by
 # cargo-zigbuild with zig from the `ziglang` Python package; both, and the Rust
 # targets, are installed when missing. Both are pinned: zig's libc is what the static
-# binaries link, and its `malloc` decides how fast they are (the README's "The static
-# release"), so another zig is a change to measure, not an upgrade to take silently.
+# binaries link, and its `malloc` decides how fast they are (docs/benchmarks.md, "The
+# static release"), so another zig is a change to measure, not an upgrade to take
+# silently.
 #
 # Usage: scripts/release.sh [NAME...]   (NAME: linux-amd64 linux-arm64 darwin-amd64
 #                                        darwin-arm64; default all four)
