@@ -42,6 +42,8 @@ const MAX_DECODED: u64 = 16 * 1024 * 1024;
 const MAX_RANGES_IN_FLIGHT: usize = 64;
 /// Chunks of one pack this close after the current range join it (skipping the gap).
 const MERGE_GAP: u64 = 256 * 1024;
+/// Most bytes of decoded chunks a restore holds for their later places in the stream.
+const MAX_HELD: u64 = 16 * 1024 * 1024;
 /// Raw bytes cut before a batch is hashed and compressed in parallel.
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Reused packs older than this are refreshed by an upload; gc's grace period must be
@@ -1204,16 +1206,45 @@ impl ChunkStore {
             }
             Ok::<_, (anyhow::Error, Id)>(())
         });
+        let RestorePlan { sources, runs } = plan_restore(table);
         let writer = tokio::task::spawn_blocking(move || {
             let mut out = out;
             let (mut chunks, mut bytes) = (0u64, 0u64);
-            for decoded in decoded_rx {
-                for data in &decoded {
-                    // Returning drops `out` here, off the async threads.
-                    out.write_all(data)?;
-                    bytes += data.len() as u64;
+            let mut held: HashMap<u32, Vec<u8>> = HashMap::new();
+            let mut decoded = Vec::new().into_iter();
+            for source in sources {
+                let (data, keep) = match source {
+                    Source::Fetched { hold } => {
+                        let data = match decoded.next() {
+                            Some(data) => data,
+                            None => {
+                                // A closed channel: the fetch or the decoder failed,
+                                // and its error is the one reported.
+                                decoded = decoded_rx.recv().map_err(|_| ended_early())?.into_iter();
+                                decoded.next().ok_or_else(ended_early)?
+                            }
+                        };
+                        (data, hold)
+                    }
+                    Source::Held { slot, last } => {
+                        let data = held.remove(&slot).ok_or_else(|| {
+                            std::io::Error::other("a repeated chunk was not held")
+                        })?;
+                        (data, (!last).then_some(slot))
+                    }
+                };
+                // Returning drops `out` here, off the async threads.
+                out.write_all(&data)?;
+                bytes += data.len() as u64;
+                chunks += 1;
+                if let Some(slot) = keep {
+                    held.insert(slot, data);
                 }
-                chunks += decoded.len() as u64;
+            }
+            if decoded.next().is_some() || decoded_rx.recv().is_ok() {
+                return Err(std::io::Error::other(
+                    "more chunks were fetched than planned",
+                ));
             }
             Ok::<_, std::io::Error>((out, chunks, bytes))
         });
@@ -1224,7 +1255,7 @@ impl ChunkStore {
             self.transfer.jobs() * (MAX_RANGE / 1024) as usize,
         ));
         let fetched = async {
-            let mut runs = futures::stream::iter(plan_runs(table))
+            let mut runs = futures::stream::iter(runs)
                 .map(|run| {
                     let (pack, end) = (run.pack, run.end);
                     let budget = budget.clone();
@@ -1659,14 +1690,89 @@ fn cut_in_batches<R: Read + Send + 'static>(
     rx.into_iter()
 }
 
-/// The ranged GETs of a restore, in stream order: each covers consecutive stream
-/// chunks stored close together in one pack (uploads store new chunks in stream order,
-/// so ranges are long except where old chunks are reused). Few large GETs matter: a
-/// server spends about as much on a small GET as on a large one.
-fn plan_runs(table: &ChunkTable) -> Vec<FetchRange> {
+/// The writer of a restore ran out of fetched chunks before the end of its plan.
+fn ended_early() -> std::io::Error {
+    std::io::Error::other("the fetched chunks ended before the stream")
+}
+
+/// How a restore gets the chunks of its stream.
+struct RestorePlan {
+    /// Where each chunk of the stream comes from, in stream order.
+    sources: Vec<Source>,
+    /// The ranged GETs, in stream order.
+    runs: Vec<FetchRange>,
+}
+
+/// Where the writer of a restore takes one chunk of the stream from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The next chunk of the fetched ranges; held in the slot given for a later place.
+    Fetched { hold: Option<u32> },
+    /// The chunk held in `slot` since an earlier place; `last`: its last place.
+    Held { slot: u32, last: bool },
+}
+
+/// The plan of a restore of `table`'s stream. A chunk the stream holds more than once
+/// (the same file in two places) is fetched once and held for its later places, up to
+/// [`MAX_HELD`] bytes at a time: fetched again, each repeat would cost two ranged GETs,
+/// one back to its pack and one to go on, and the server reads (and verifies) a whole
+/// block of its own for each, however small.
+fn plan_restore(table: &ChunkTable) -> RestorePlan {
+    let chunks = &table.chunks;
+    // The same chunk is the same id and length: a table that gives one id two lengths
+    // is corrupt, and those places are fetched, to fail as such.
+    let same = |a: &ChunkRef, b: &ChunkRef| (a.id, a.len) == (b.id, b.len);
+    // Which places have the same chunk later: places sorted by chunk (four bytes each,
+    // where a map of every id would take forty on a table of millions).
+    let mut by_chunk: Vec<u32> = (0..chunks.len())
+        .map(|i| u32::try_from(i).expect("a table holds fewer than 2^32 chunks"))
+        .collect();
+    by_chunk.sort_unstable_by_key(|&i| (chunks[i as usize].id, chunks[i as usize].len, i));
+    let mut again_later = vec![false; chunks.len()];
+    for pair in by_chunk.windows(2) {
+        if same(&chunks[pair[0] as usize], &chunks[pair[1] as usize]) {
+            again_later[pair[0] as usize] = true;
+        }
+    }
+    drop(by_chunk);
+    // The chunks held now, by id: their slot and the place they were fetched at.
+    let (mut slots, mut held_bytes) = (HashMap::<Id, (u32, usize)>::new(), 0u64);
+    let mut sources = Vec::with_capacity(chunks.len());
+    let mut fetched = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        let last = !again_later[i];
+        if let Some(&(slot, _)) = slots.get(&c.id).filter(|(_, at)| same(&chunks[*at], c)) {
+            if last {
+                slots.remove(&c.id);
+                held_bytes -= u64::from(c.len);
+            }
+            sources.push(Source::Held { slot, last });
+            continue;
+        }
+        let mut hold = None;
+        if !last && !slots.contains_key(&c.id) && held_bytes + u64::from(c.len) <= MAX_HELD {
+            let slot = u32::try_from(i).expect("a table holds fewer than 2^32 chunks");
+            slots.insert(c.id, (slot, i));
+            held_bytes += u64::from(c.len);
+            hold = Some(slot);
+        }
+        sources.push(Source::Fetched { hold });
+        fetched.push(*c);
+    }
+    RestorePlan {
+        sources,
+        runs: plan_runs(&table.packs, &fetched),
+    }
+}
+
+/// The ranged GETs that fetch `chunks` (of a table of `packs`), in their order: each
+/// covers consecutive chunks stored close together in one pack (uploads store new
+/// chunks in stream order, so ranges are long except where old chunks are reused). Few
+/// large GETs matter: a server spends about as much on a small GET as on a large one.
+fn plan_runs(packs: &[Id], chunks: &[ChunkRef]) -> Vec<FetchRange> {
     let mut runs: Vec<FetchRange> = Vec::new();
-    for c in &table.chunks {
-        let pack = table.packs[c.pack as usize];
+    for c in chunks {
+        let pack = packs[c.pack as usize];
         let (start, end) = (
             u64::from(c.offset),
             u64::from(c.offset) + u64::from(c.stored_len),
@@ -1822,6 +1928,81 @@ pub fn now_secs() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restore_fetches_a_repeated_chunk_once_and_holds_at_most_max_held() {
+        // One pack, chunks stored back to back: a (1 MiB), b, a again, then c (10 MiB)
+        // and d (10 MiB), each repeated after both, more than MAX_HELD together.
+        let pack = Id::of(b"pack");
+        let mut offset = 0;
+        let mut chunk = |name: &[u8], len: u32| {
+            let c = ChunkRef {
+                id: Id::of(name),
+                pack: 0,
+                offset,
+                stored_len: len,
+                len,
+            };
+            offset += len;
+            c
+        };
+        let (a, b) = (chunk(b"a", 1 << 20), chunk(b"b", 1 << 20));
+        let (c, d) = (chunk(b"c", 10 << 20), chunk(b"d", 10 << 20));
+        let table = ChunkTable {
+            packs: vec![pack],
+            chunks: vec![a, b, a, c, d, c, d],
+        };
+        let plan = plan_restore(&table);
+        use Source::*;
+        assert_eq!(
+            plan.sources,
+            [
+                Fetched { hold: Some(0) },
+                Fetched { hold: None },
+                Held {
+                    slot: 0,
+                    last: true
+                },
+                Fetched { hold: Some(3) },
+                // a's megabyte is free again, but c's ten and d's ten pass the bound.
+                Fetched { hold: None },
+                Held {
+                    slot: 3,
+                    last: true
+                },
+                Fetched { hold: None },
+            ]
+        );
+        // Fetched: a and b in one range, c, d, then d again, which goes back a step.
+        let fetched: Vec<Vec<Id>> = plan
+            .runs
+            .iter()
+            .map(|r| r.chunks.iter().map(|c| c.id).collect())
+            .collect();
+        assert_eq!(fetched.concat(), [a.id, b.id, c.id, d.id, d.id]);
+        assert!(plan.runs.iter().all(|r| r.pack == pack));
+        assert_eq!(plan.runs.last().unwrap().chunks, [d]);
+
+        // An id given two lengths is not one chunk: each place is fetched, and fails
+        // its check there, as in any corrupt table.
+        let other = ChunkRef { len: 5, ..a };
+        let table = ChunkTable {
+            packs: vec![pack],
+            chunks: vec![a, other, a],
+        };
+        let plan = plan_restore(&table);
+        assert_eq!(
+            plan.sources,
+            [
+                Fetched { hold: Some(0) },
+                Fetched { hold: None },
+                Held {
+                    slot: 0,
+                    last: true
+                },
+            ]
+        );
+    }
 
     #[test]
     fn chunks_compressed_out_of_batch_order_are_packed_in_stream_order_and_once() {
