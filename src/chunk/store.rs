@@ -1173,11 +1173,11 @@ impl ChunkStore {
         Ok(Stored::Manifest(Box::new(manifest)))
     }
 
-    /// Fetches the chunks of `table` in stream order, verifies each, and writes the
-    /// stream to `out` on a blocking thread; `jobs` ranges are fetched and decoded (on
-    /// all cores) ahead of the writer. On failure `out` is dropped off the async
-    /// threads, which is how a restorer removes its temp tree and `docker load` is
-    /// killed before the archive's end.
+    /// Writes the stream of `table` to `out` on a blocking thread, every chunk verified:
+    /// `jobs` ranges are fetched and decoded (on all cores) ahead of the writer, and a
+    /// chunk the stream holds more than once is fetched once ([`plan_restore`]). On
+    /// failure `out` is dropped off the async threads, which is how a restorer removes
+    /// its temp tree and `docker load` is killed before the archive's end.
     pub async fn restore_in_order<W>(
         &self,
         table: &ChunkTable,
@@ -1194,7 +1194,8 @@ impl ChunkStore {
         };
         // Decoding (on all cores) and writing each happen on a thread of their own, so
         // the next ranges are fetched and decoded while one is written; at most two
-        // fetched ranges and two decoded ones wait, which bounds memory.
+        // fetched ranges and two decoded ones wait, and the writer holds at most
+        // MAX_HELD bytes of repeated chunks, which bounds memory.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(FetchRange, Vec<u8>)>(2);
         let (decoded_tx, decoded_rx) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(1);
         let decoder = tokio::task::spawn_blocking(move || {
@@ -1207,6 +1208,7 @@ impl ChunkStore {
             Ok::<_, (anyhow::Error, Id)>(())
         });
         let RestorePlan { sources, runs } = plan_restore(table);
+        let fetched_chunks = runs.iter().map(|r| r.chunks.len() as u64).sum();
         let writer = tokio::task::spawn_blocking(move || {
             let mut out = out;
             let (mut chunks, mut bytes) = (0u64, 0u64);
@@ -1306,7 +1308,8 @@ impl ChunkStore {
             return Err(e);
         }
         let (out, chunks, bytes) = written?;
-        stats.chunks_new = chunks;
+        debug_assert_eq!(chunks, stats.chunks);
+        stats.chunks_new = fetched_chunks;
         stats.new_bytes = bytes;
         stats.stream_bytes = stats.new_bytes;
         stats.retries = self.transfer.retries();
@@ -1713,8 +1716,8 @@ enum Source {
 }
 
 /// The plan of a restore of `table`'s stream. A chunk the stream holds more than once
-/// (the same file in two places) is fetched once and held for its later places, up to
-/// [`MAX_HELD`] bytes at a time: fetched again, each repeat would cost two ranged GETs,
+/// (the same file in two places) is fetched once and held for its later places, from
+/// the first place where it fits within [`MAX_HELD`] bytes held at a time: fetched again, each repeat would cost two ranged GETs,
 /// one back to its pack and one to go on, and the server reads (and verifies) a whole
 /// block of its own for each, however small.
 fn plan_restore(table: &ChunkTable) -> RestorePlan {
@@ -1724,9 +1727,8 @@ fn plan_restore(table: &ChunkTable) -> RestorePlan {
     let same = |a: &ChunkRef, b: &ChunkRef| (a.id, a.len) == (b.id, b.len);
     // Which places have the same chunk later: places sorted by chunk (four bytes each,
     // where a map of every id would take forty on a table of millions).
-    let mut by_chunk: Vec<u32> = (0..chunks.len())
-        .map(|i| u32::try_from(i).expect("a table holds fewer than 2^32 chunks"))
-        .collect();
+    // (A decoded table holds fewer than 2^32 chunks.)
+    let mut by_chunk: Vec<u32> = (0..chunks.len() as u32).collect();
     by_chunk.sort_unstable_by_key(|&i| (chunks[i as usize].id, chunks[i as usize].len, i));
     let mut again_later = vec![false; chunks.len()];
     for pair in by_chunk.windows(2) {
@@ -1735,13 +1737,15 @@ fn plan_restore(table: &ChunkTable) -> RestorePlan {
         }
     }
     drop(by_chunk);
-    // The chunks held now, by id: their slot and the place they were fetched at.
-    let (mut slots, mut held_bytes) = (HashMap::<Id, (u32, usize)>::new(), 0u64);
+    // The chunks held now, by id; each one's slot is the place it was fetched at.
+    let (mut slots, mut held_bytes) = (HashMap::<Id, u32>::new(), 0u64);
     let mut sources = Vec::with_capacity(chunks.len());
-    let mut fetched = Vec::new();
-    for (i, c) in chunks.iter().enumerate() {
-        let last = !again_later[i];
-        if let Some(&(slot, _)) = slots.get(&c.id).filter(|(_, at)| same(&chunks[*at], c)) {
+    for (c, at) in chunks.iter().zip(0u32..) {
+        let last = !again_later[at as usize];
+        if let Some(&slot) = slots
+            .get(&c.id)
+            .filter(|&&slot| same(&chunks[slot as usize], c))
+        {
             if last {
                 slots.remove(&c.id);
                 held_bytes -= u64::from(c.len);
@@ -1751,25 +1755,26 @@ fn plan_restore(table: &ChunkTable) -> RestorePlan {
         }
         let mut hold = None;
         if !last && !slots.contains_key(&c.id) && held_bytes + u64::from(c.len) <= MAX_HELD {
-            let slot = u32::try_from(i).expect("a table holds fewer than 2^32 chunks");
-            slots.insert(c.id, (slot, i));
+            slots.insert(c.id, at);
             held_bytes += u64::from(c.len);
-            hold = Some(slot);
+            hold = Some(at);
         }
         sources.push(Source::Fetched { hold });
-        fetched.push(*c);
     }
-    RestorePlan {
-        sources,
-        runs: plan_runs(&table.packs, &fetched),
-    }
+    let fetched = chunks
+        .iter()
+        .zip(&sources)
+        .filter(|(_, source)| matches!(source, Source::Fetched { .. }))
+        .map(|(c, _)| c);
+    let runs = plan_runs(&table.packs, fetched);
+    RestorePlan { sources, runs }
 }
 
 /// The ranged GETs that fetch `chunks` (of a table of `packs`), in their order: each
 /// covers consecutive chunks stored close together in one pack (uploads store new
 /// chunks in stream order, so ranges are long except where old chunks are reused). Few
 /// large GETs matter: a server spends about as much on a small GET as on a large one.
-fn plan_runs(packs: &[Id], chunks: &[ChunkRef]) -> Vec<FetchRange> {
+fn plan_runs<'a>(packs: &[Id], chunks: impl IntoIterator<Item = &'a ChunkRef>) -> Vec<FetchRange> {
     let mut runs: Vec<FetchRange> = Vec::new();
     for c in chunks {
         let pack = packs[c.pack as usize];
@@ -1867,7 +1872,7 @@ pub fn download_stats_line(
     elapsed: Duration,
 ) -> String {
     format!(
-        "restored {key}: {}{}, chunks {} total / {} distinct from {} packs, received {}, {:.2}s, {}{}",
+        "restored {key}: {}{}, chunks {} total / {} fetched from {} packs, received {}, {:.2}s, {}{}",
         files_note(files, stats, "written"),
         ui::human_bytes(stats.stream_bytes),
         stats.chunks,
@@ -1929,28 +1934,90 @@ pub fn now_secs() -> u64 {
 mod tests {
     use super::*;
 
+    /// Plays `plan` as the restore's writer does, checking each step against `table`:
+    /// the next fetched chunk is the place's own, a held one is open and the same
+    /// chunk, the bytes held never pass MAX_HELD, and nothing is left held at the end.
+    /// The chunks fetched, in order.
+    fn play(table: &ChunkTable, plan: &RestorePlan) -> Vec<ChunkRef> {
+        assert_eq!(plan.sources.len(), table.chunks.len());
+        let mut fetched = plan.runs.iter().flat_map(|r| r.chunks.iter().copied());
+        let (mut held, mut held_bytes) = (HashMap::new(), 0u64);
+        let mut order = Vec::new();
+        for (i, (c, source)) in table.chunks.iter().zip(&plan.sources).enumerate() {
+            match *source {
+                Source::Fetched { hold } => {
+                    let next = fetched.next().expect("a fetched chunk for every place");
+                    assert_eq!(next, *c, "place {i}");
+                    order.push(next);
+                    if let Some(slot) = hold {
+                        assert!(held.insert(slot, *c).is_none(), "slot {slot} reused");
+                        held_bytes += u64::from(c.len);
+                    }
+                }
+                Source::Held { slot, last } => {
+                    let kept = held[&slot];
+                    assert_eq!((kept.id, kept.len), (c.id, c.len), "place {i}");
+                    if last {
+                        held.remove(&slot);
+                        held_bytes -= u64::from(c.len);
+                    }
+                }
+            }
+            assert!(held_bytes <= MAX_HELD, "{held_bytes} held at place {i}");
+        }
+        assert!(fetched.next().is_none(), "more fetched than planned");
+        assert!(held.is_empty(), "still held at the end: {held:?}");
+        order
+    }
+
+    /// `count` places drawn from `distinct` chunks of up to CHUNK_MAX bytes, stored in
+    /// two packs in the order they first appear.
+    fn repeating_table(rng: &mut fastrand::Rng, distinct: usize, count: usize) -> ChunkTable {
+        let kinds: Vec<(Id, u32)> = (0..distinct)
+            .map(|k| {
+                (
+                    Id::of(&k.to_le_bytes()),
+                    rng.u32(1..=crate::chunk::CHUNK_MAX),
+                )
+            })
+            .collect();
+        let (mut stored, mut offsets) = (HashMap::new(), [0u32; 2]);
+        let chunks = (0..count)
+            .map(|_| {
+                let (id, len) = kinds[rng.usize(..distinct)];
+                *stored.entry(id).or_insert_with(|| {
+                    let pack = rng.u32(0..2);
+                    let offset = offsets[pack as usize];
+                    offsets[pack as usize] += len / 2;
+                    ChunkRef {
+                        id,
+                        pack,
+                        offset,
+                        stored_len: len / 2,
+                        len,
+                    }
+                })
+            })
+            .collect();
+        ChunkTable {
+            packs: vec![Id::of(b"pack 0"), Id::of(b"pack 1")],
+            chunks,
+        }
+    }
+
     #[test]
     fn a_restore_fetches_a_repeated_chunk_once_and_holds_at_most_max_held() {
-        // One pack, chunks stored back to back: a (1 MiB), b, a again, then c (10 MiB)
-        // and d (10 MiB), each repeated after both, more than MAX_HELD together.
-        let pack = Id::of(b"pack");
-        let mut offset = 0;
-        let mut chunk = |name: &[u8], len: u32| {
-            let c = ChunkRef {
-                id: Id::of(name),
-                pack: 0,
-                offset,
-                stored_len: len,
-                len,
-            };
-            offset += len;
-            c
+        let chunk = |name: &[u8], offset: u32| ChunkRef {
+            id: Id::of(name),
+            pack: 0,
+            offset,
+            stored_len: 100_000,
+            len: crate::chunk::CHUNK_MAX,
         };
-        let (a, b) = (chunk(b"a", 1 << 20), chunk(b"b", 1 << 20));
-        let (c, d) = (chunk(b"c", 10 << 20), chunk(b"d", 10 << 20));
+        let (a, b) = (chunk(b"a", 0), chunk(b"b", 100_000));
         let table = ChunkTable {
-            packs: vec![pack],
-            chunks: vec![a, b, a, c, d, c, d],
+            packs: vec![Id::of(b"pack")],
+            chunks: vec![a, b, a, a],
         };
         let plan = plan_restore(&table);
         use Source::*;
@@ -1961,47 +2028,39 @@ mod tests {
                 Fetched { hold: None },
                 Held {
                     slot: 0,
-                    last: true
+                    last: false
                 },
-                Fetched { hold: Some(3) },
-                // a's megabyte is free again, but c's ten and d's ten pass the bound.
-                Fetched { hold: None },
-                Held {
-                    slot: 3,
-                    last: true
-                },
-                Fetched { hold: None },
-            ]
-        );
-        // Fetched: a and b in one range, c, d, then d again, which goes back a step.
-        let fetched: Vec<Vec<Id>> = plan
-            .runs
-            .iter()
-            .map(|r| r.chunks.iter().map(|c| c.id).collect())
-            .collect();
-        assert_eq!(fetched.concat(), [a.id, b.id, c.id, d.id, d.id]);
-        assert!(plan.runs.iter().all(|r| r.pack == pack));
-        assert_eq!(plan.runs.last().unwrap().chunks, [d]);
-
-        // An id given two lengths is not one chunk: each place is fetched, and fails
-        // its check there, as in any corrupt table.
-        let other = ChunkRef { len: 5, ..a };
-        let table = ChunkTable {
-            packs: vec![pack],
-            chunks: vec![a, other, a],
-        };
-        let plan = plan_restore(&table);
-        assert_eq!(
-            plan.sources,
-            [
-                Fetched { hold: Some(0) },
-                Fetched { hold: None },
                 Held {
                     slot: 0,
                     last: true
                 },
             ]
         );
+        assert_eq!(play(&table, &plan), [a, b]);
+        assert_eq!(plan.runs.len(), 1, "a and b in one range");
+
+        // An id given two lengths is not one chunk: that place is fetched, and fails
+        // its check there, as in any corrupt table.
+        let other = ChunkRef { len: 5, ..a };
+        let table = ChunkTable {
+            packs: vec![Id::of(b"pack")],
+            chunks: vec![a, other, a],
+        };
+        let plan = plan_restore(&table);
+        assert_eq!(play(&table, &plan), [a, other]);
+
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20 {
+            // Under 16 MiB of distinct chunks: each is fetched once.
+            let table = repeating_table(&mut rng, 60, 600);
+            let fetched = play(&table, &plan_restore(&table));
+            let distinct: HashSet<Id> = table.chunks.iter().map(|c| c.id).collect();
+            assert_eq!(fetched.len(), distinct.len());
+            // Far more: the bound holds, and every place is still served.
+            let table = repeating_table(&mut rng, 400, 2000);
+            let fetched = play(&table, &plan_restore(&table));
+            assert!(fetched.len() < table.chunks.len());
+        }
     }
 
     #[test]
