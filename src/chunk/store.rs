@@ -1211,44 +1211,9 @@ impl ChunkStore {
         let fetched_chunks = runs.iter().map(|r| r.chunks.len() as u64).sum();
         let writer = tokio::task::spawn_blocking(move || {
             let mut out = out;
-            let (mut chunks, mut bytes) = (0u64, 0u64);
-            let mut held: HashMap<u32, Vec<u8>> = HashMap::new();
-            let mut decoded = Vec::new().into_iter();
-            for source in sources {
-                let (data, keep) = match source {
-                    Source::Fetched { hold } => {
-                        let data = match decoded.next() {
-                            Some(data) => data,
-                            None => {
-                                // A closed channel: the fetch or the decoder failed,
-                                // and its error is the one reported.
-                                decoded = decoded_rx.recv().map_err(|_| ended_early())?.into_iter();
-                                decoded.next().ok_or_else(ended_early)?
-                            }
-                        };
-                        (data, hold)
-                    }
-                    Source::Held { slot, last } => {
-                        let data = held.remove(&slot).ok_or_else(|| {
-                            std::io::Error::other("a repeated chunk was not held")
-                        })?;
-                        (data, (!last).then_some(slot))
-                    }
-                };
-                // Returning drops `out` here, off the async threads.
-                out.write_all(&data)?;
-                bytes += data.len() as u64;
-                chunks += 1;
-                if let Some(slot) = keep {
-                    held.insert(slot, data);
-                }
-            }
-            if decoded.next().is_some() || decoded_rx.recv().is_ok() {
-                return Err(std::io::Error::other(
-                    "more chunks were fetched than planned",
-                ));
-            }
-            Ok::<_, std::io::Error>((out, chunks, bytes))
+            // Returning drops `out` here, off the async threads.
+            let bytes = write_planned(&mut out, sources, decoded_rx)?;
+            Ok::<_, std::io::Error>((out, bytes))
         });
         // Ranges in flight are bounded by bytes, not by count: a sparse restore (an
         // update fetching a few changed chunks) makes many small GETs, whose cost is
@@ -1307,8 +1272,7 @@ impl ChunkStore {
             }
             return Err(e);
         }
-        let (out, chunks, bytes) = written?;
-        debug_assert_eq!(chunks, stats.chunks);
+        let (out, bytes) = written?;
         stats.chunks_new = fetched_chunks;
         stats.new_bytes = bytes;
         stats.stream_bytes = stats.new_bytes;
@@ -1691,6 +1655,51 @@ fn cut_in_batches<R: Read + Send + 'static>(
         }
     });
     rx.into_iter()
+}
+
+/// Writes the stream as `sources` say, taking fetched chunks from `decoded` in order
+/// and holding repeated ones for their later places; the bytes written. A closed
+/// channel before the end is the fetch or the decoder failing, whose error is the one
+/// reported.
+fn write_planned(
+    out: &mut impl Write,
+    sources: Vec<Source>,
+    decoded: std::sync::mpsc::Receiver<Vec<Vec<u8>>>,
+) -> std::io::Result<u64> {
+    let mut bytes = 0u64;
+    let mut held: HashMap<u32, Vec<u8>> = HashMap::new();
+    let mut batch = Vec::new().into_iter();
+    for source in sources {
+        let (data, keep) = match source {
+            Source::Fetched { hold } => {
+                let data = match batch.next() {
+                    Some(data) => data,
+                    None => {
+                        batch = decoded.recv().map_err(|_| ended_early())?.into_iter();
+                        batch.next().ok_or_else(ended_early)?
+                    }
+                };
+                (data, hold)
+            }
+            Source::Held { slot, last } => {
+                let data = held
+                    .remove(&slot)
+                    .ok_or_else(|| std::io::Error::other("a repeated chunk was not held"))?;
+                (data, (!last).then_some(slot))
+            }
+        };
+        out.write_all(&data)?;
+        bytes += data.len() as u64;
+        if let Some(slot) = keep {
+            held.insert(slot, data);
+        }
+    }
+    if batch.next().is_some() || decoded.recv().is_ok() {
+        return Err(std::io::Error::other(
+            "more chunks were fetched than planned",
+        ));
+    }
+    Ok(bytes)
 }
 
 /// The writer of a restore ran out of fetched chunks before the end of its plan.
