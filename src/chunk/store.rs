@@ -1726,17 +1726,18 @@ enum Source {
 
 /// The plan of a restore of `table`'s stream. A chunk the stream holds more than once
 /// (the same file in two places) is fetched once and held for its later places, from
-/// the first place where it fits within [`MAX_HELD`] bytes held at a time: fetched again, each repeat would cost two ranged GETs,
-/// one back to its pack and one to go on, and the server reads (and verifies) a whole
-/// block of its own for each, however small.
+/// the first place where it fits within [`MAX_HELD`] bytes held at a time. Fetched
+/// again, each repeat would cost two ranged GETs, one back to its pack and one to go
+/// on, and the server reads (and verifies) a whole block of its own for each, however
+/// small.
 fn plan_restore(table: &ChunkTable) -> RestorePlan {
     let chunks = &table.chunks;
     // The same chunk is the same id and length: a table that gives one id two lengths
     // is corrupt, and those places are fetched, to fail as such.
     let same = |a: &ChunkRef, b: &ChunkRef| (a.id, a.len) == (b.id, b.len);
     // Which places have the same chunk later: places sorted by chunk (four bytes each,
-    // where a map of every id would take forty on a table of millions).
-    // (A decoded table holds fewer than 2^32 chunks.)
+    // where a map of every id would take forty on a table of millions; a decoded table
+    // holds fewer than 2^32 chunks).
     let mut by_chunk: Vec<u32> = (0..chunks.len() as u32).collect();
     by_chunk.sort_unstable_by_key(|&i| (chunks[i as usize].id, chunks[i as usize].len, i));
     let mut again_later = vec![false; chunks.len()];
