@@ -80,7 +80,8 @@ fn smoke_run(emulator: Option<&str>, binary: &PathBuf, platform: &str) {
     // A tree through the chunk store: chunk buffers of every size pass through the
     // static releases' own allocator (`cacher::memory::LargeBlocks`).
     let tree = env.path("tree");
-    for (i, size) in [0, 17, 40_000, 300_000, 3 << 20].into_iter().enumerate() {
+    let sizes = [0, 17, 40_000, 300_000, 3 << 20];
+    for (i, size) in sizes.into_iter().enumerate() {
         env.write(
             &format!("tree/d{}/f{i}", i % 2),
             random_bytes(size, i as u64),
@@ -98,7 +99,7 @@ fn smoke_run(emulator: Option<&str>, binary: &PathBuf, platform: &str) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    for (i, size) in [0, 17, 40_000, 300_000, 3 << 20].into_iter().enumerate() {
+    for (i, size) in sizes.into_iter().enumerate() {
         let at = format!("d{}/f{i}", i % 2);
         assert_eq!(
             read(restored.join(&at)),
