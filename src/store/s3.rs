@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::connector::ReqwestConnector;
+use super::connector::{PlainHttpConnector, ReqwestConnector};
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::retry::RetryConfig;
@@ -24,6 +24,7 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, Delete, ObjectIdentifier};
 use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::http::SharedHttpClient;
 use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
 use aws_smithy_runtime_api::client::retries::RequestAttempts;
 use aws_smithy_types::byte_stream::Length;
@@ -95,12 +96,16 @@ impl S3Store {
         let retries = Arc::new(AtomicU64::new(0));
         let timeout = Duration::from_secs(config.timeout.value);
         let connect_timeout = Duration::from_secs(5).min(timeout);
-        let http_client = ReqwestConnector::new(crate::http::client_builder(
-            config.ca_certificates()?.as_deref(),
-            crate::http::plain_http(&endpoint),
-            connect_timeout,
-            Some(timeout),
-        )?)?;
+        let ca = config.ca_certificates()?;
+        let http_client = match crate::http::plain_http(&endpoint) {
+            true => SharedHttpClient::new(PlainHttpConnector::new(connect_timeout, timeout)),
+            false => SharedHttpClient::new(ReqwestConnector::new(crate::http::client_builder(
+                ca.as_deref(),
+                false,
+                connect_timeout,
+                Some(timeout),
+            )?)?),
+        };
         let sdk_config = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .http_client(http_client)
