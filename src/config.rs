@@ -20,7 +20,8 @@ pub const DEFAULT_REGION: &str = "garage";
 pub const DEFAULT_JOBS: usize = 8;
 /// Default size above which plain files go up in multipart and down in ranges.
 pub const DEFAULT_MULTIPART_THRESHOLD: u64 = 64 * 1024 * 1024;
-/// Default seconds without progress before a request is abandoned.
+/// Default seconds a request may wait for its response, or a piece of it, before it is
+/// abandoned.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
 /// Default multipart part size (and ranged-GET size).
 pub const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;

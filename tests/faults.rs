@@ -141,6 +141,32 @@ fn a_slow_trickle_is_not_a_stall() {
     assert!(read(&dest) == data);
 }
 
+#[test]
+fn a_response_that_stops_part_way_is_abandoned_and_retried() {
+    let (mut env, proxy) = through_proxy("faultmidbody");
+    let data = random_bytes(2 * 1024 * 1024, 34);
+    let src = env.write("src.bin", &data);
+    env.run([
+        "upload",
+        "k",
+        src.to_str().unwrap(),
+        "--endpoint",
+        &server().endpoint,
+    ])
+    .ok();
+    env.set("CACHER_TIMEOUT", "1");
+    // The headers and 300 kB of the body arrive, then nothing: the first attempt must
+    // give up on its own, and the next one completes the file.
+    proxy.plan(&[Fault::StallAfter(300_000)]);
+    let dest = env.path("dest.bin");
+    let run = env.run(["download", "k", dest.to_str().unwrap()]);
+    run.ok();
+    assert_eq!(proxy.pending(), 0, "the stall was hit");
+    assert!(read(&dest) == data, "byte-identical after the retry");
+    assert!(run.stderr.contains("retr"), "{}", run.stderr);
+    assert!(temp_leftovers(env.dir.path()).is_empty());
+}
+
 /// An env on a Garage node of its own, which the test can kill and restart.
 fn on_own_node(name: &str) -> (TestEnv, Node) {
     let node = Node::start(Kind::Garage, name);

@@ -109,6 +109,13 @@ impl PlainHttpConnector {
         let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(connect_timeout));
+        // reqwest's defaults, so a server that vanishes is noticed as soon: idle
+        // connections probed every 15 s, unacknowledged data given up after 30 s.
+        http.set_keepalive(Some(Duration::from_secs(15)));
+        http.set_keepalive_interval(Some(Duration::from_secs(15)));
+        http.set_keepalive_retries(Some(3));
+        #[cfg(target_os = "linux")]
+        http.set_tcp_user_timeout(Some(Duration::from_secs(30)));
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_timer(hyper_util::rt::TokioTimer::new())
@@ -131,14 +138,20 @@ impl HttpConnector for PlainHttpConnector {
             let response = tokio::time::timeout(read_timeout, client.request(request))
                 .await
                 .map_err(|_| ConnectorError::timeout(timed_out().into()))?
-                // Connecting, sending, or a connection that closed or reset: all worth
-                // another try.
-                .map_err(|e| ConnectorError::io(e.into()))?;
+                .map_err(connection_error)?;
             let response = response
                 .map(|body| SdkBody::from_body_1_x(ReadTimeoutBody::new(body, read_timeout)));
             HttpResponse::try_from(response).map_err(|e| ConnectorError::other(e.into(), None))
         })
     }
+}
+
+/// Sorts a hyper client failure as [`connector_error`] sorts reqwest's: all of them are
+/// transient, as connecting, sending and a connection closed or reset under a request
+/// are. (Its other failures are about requests it cannot send, a relative URI or an
+/// HTTP version it lacks, which the SDK never builds.)
+fn connection_error(e: hyper_util::client::legacy::Error) -> ConnectorError {
+    ConnectorError::io(e.into())
 }
 
 impl HttpClient for PlainHttpConnector {
@@ -252,11 +265,13 @@ fn timed_out() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::TimedOut, "operation timed out")
 }
 
-/// A response body that fails once no piece of it arrives for `timeout`.
+/// A response body that fails once it has been waited on for `timeout` without a
+/// piece arriving (as reqwest's: time the reader spends elsewhere does not count).
 struct ReadTimeoutBody {
     body: hyper::body::Incoming,
     timeout: Duration,
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Armed when a read finds nothing yet, cleared when a piece arrives.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl ReadTimeoutBody {
@@ -264,7 +279,7 @@ impl ReadTimeoutBody {
         ReadTimeoutBody {
             body,
             timeout,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
+            deadline: None,
         }
     }
 }
@@ -278,16 +293,17 @@ impl http_body::Body for ReadTimeoutBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.body).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                let next = tokio::time::Instant::now() + this.timeout;
-                this.deadline.as_mut().reset(next);
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
-            }
-            Poll::Pending => match this.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(timed_out().into()))),
-                Poll::Pending => Poll::Pending,
-            },
+        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
+            this.deadline = None;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let timeout = this.timeout;
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(timed_out().into()))),
+            Poll::Pending => Poll::Pending,
         }
     }
 

@@ -22,6 +22,9 @@ pub enum Fault {
     Stall,
     /// Forward the response in 4 KiB pieces with this many milliseconds between them.
     Trickle(u64),
+    /// Forward this many response bytes, then nothing more, the connection left open
+    /// until the client closes it.
+    StallAfter(usize),
 }
 
 /// The running proxy; it lives until the test process ends.
@@ -112,6 +115,7 @@ fn serve(mut client: TcpStream, upstream: &str, fault: Option<Fault>) {
             let (limit, piece, pause) = match cut {
                 Some(Fault::CutAfter(n)) => (n, 65536, 0),
                 Some(Fault::Trickle(ms)) => (usize::MAX, 4096, ms),
+                Some(Fault::StallAfter(n)) => (n, 65536, 0),
                 _ => (usize::MAX, 65536, 0),
             };
             let (mut c_read, mut s_write) =
@@ -137,6 +141,12 @@ fn serve(mut client: TcpStream, upstream: &str, fault: Option<Fault>) {
                 }
                 if pause > 0 {
                     std::thread::sleep(std::time::Duration::from_millis(pause));
+                }
+            }
+            if matches!(cut, Some(Fault::StallAfter(_))) {
+                // Open and silent until the client gives up and closes its side.
+                while !up.is_finished() {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
             }
             let _ = c_write.shutdown(Shutdown::Both);
