@@ -16,9 +16,12 @@
 //! span, *unchecked*: a recorded chunk over it, and the byte after, count only once
 //! read and found equal to the record by their blake3 ids, which costs a read and a
 //! hash instead of FastCDC, a lookup and maybe compression. Where they differ, the
-//! chunk is cut from the bytes as anywhere else.
+//! chunk is cut from the bytes as anywhere else. Those reads and hashes need no cut
+//! before them, so they are made first, on every core ([`Cutter::precheck`]), and the
+//! cut finds their answers.
 
 use std::cmp::Ordering;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::ops::Range;
@@ -127,14 +130,20 @@ pub fn cut_tree(
         next_unchecked: 0,
         checked: 0..0,
         checked_bytes: 0,
+        prechecked: Prechecked::default(),
     };
     let shared = report.clone();
     let thread = std::thread::spawn(move || {
+        cutter.prechecked = cutter.precheck();
         let result = cutter.run(&tx);
         let mut report = shared.lock().expect("report lock");
-        report.bytes_read = cutter.window.files.bytes_read;
+        report.bytes_read = cutter.window.files.bytes_read + cutter.prechecked.bytes_read;
         report.checked_bytes = cutter.checked_bytes;
-        for (i, trusted) in cutter.window.files.untrusted.drain(..) {
+        let untrusted = std::mem::take(&mut cutter.prechecked.untrusted);
+        for (i, trusted) in untrusted
+            .into_iter()
+            .chain(cutter.window.files.untrusted.drain(..))
+        {
             report.trusted[i] = trusted;
         }
         drop(report);
@@ -276,7 +285,31 @@ struct Cutter {
     /// Stream bytes found equal to the record, each under its span.
     checked: Range<u64>,
     checked_bytes: u64,
+    prechecked: Prechecked,
 }
+
+/// Recorded chunks over files to check, read and hashed before the cut on every core
+/// (see [`Cutter::precheck`]).
+#[derive(Default)]
+struct Prechecked {
+    /// By recorded chunk: the new stream offset it was read at, and whether the bytes
+    /// there are that chunk.
+    found: HashMap<usize, (u64, bool)>,
+    bytes_read: u64,
+    /// As [`StreamFiles::untrusted`], for the files read here.
+    untrusted: Vec<(usize, bool)>,
+}
+
+/// A recorded chunk, where the precheck read it, and whether it was there.
+type Found = (usize, u64, bool);
+
+/// Bytes of recorded chunks one precheck job reads: enough jobs to keep every core
+/// busy, few enough that each opens a file shared with its neighbour only at its ends.
+const PRECHECK_JOB_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Recorded chunks after a change (a span's start, a chunk found changed) that the
+/// precheck leaves to the cut.
+const RESYNC_CHUNKS: usize = 2;
 
 impl Cutter {
     /// Cuts the whole stream, handing on batches. A file the state vouched for that
@@ -392,6 +425,119 @@ impl Cutter {
         })
     }
 
+    /// Checks, on every core, each recorded chunk that starts in a span and lies at
+    /// least in part in a file to check, where the span puts it in the new stream.
+    /// Whether its bytes are there needs no cut before it, only a read and a hash, so
+    /// the cut (one thread) then finds the answers instead of reading: on a tree whose
+    /// files were rewritten with the same bytes (`cargo fetch`'s index cache, `npm ci`)
+    /// that read was most of its work. A job whose files changed under it (its reader
+    /// fails) leaves its chunks for the cut to read, which then fails as it would have.
+    fn precheck(&self) -> Prechecked {
+        use rayon::prelude::*;
+        let Some(recorded) = &self.recorded else {
+            return Prechecked::default();
+        };
+        let files = &self.window.files;
+        let work = self.precheck_work(recorded);
+        let mut jobs: Vec<&[(usize, u64)]> = Vec::new();
+        let (mut from, mut bytes) = (0, 0u64);
+        for (i, &(k, _)) in work.iter().enumerate() {
+            bytes += u64::from(recorded.chunks[k].1.len);
+            if bytes >= PRECHECK_JOB_BYTES || i + 1 == work.len() {
+                jobs.push(&work[from..=i]);
+                (from, bytes) = (i + 1, 0);
+            }
+        }
+        let done: Vec<Option<(Vec<Found>, StreamFiles)>> = jobs
+            .par_iter()
+            .map(|job| {
+                let mut reader = files.another();
+                let mut buf = Vec::new();
+                let mut found = Vec::with_capacity(job.len());
+                // After a chunk found changed the cut is out of step too, for a while.
+                let (mut resyncing, mut end) = (0, 0);
+                for &(k, at) in *job {
+                    let (id, loc) = recorded.chunks[k];
+                    let follows = at == end;
+                    end = at + u64::from(loc.len);
+                    if follows && resyncing > 0 {
+                        resyncing -= 1;
+                        continue;
+                    }
+                    buf.resize(loc.len as usize, 0);
+                    reader.read_exact_at(at, &mut buf).ok()?;
+                    let same = Id::of(&buf) == id;
+                    found.push((k, at, same));
+                    resyncing = if same { 0 } else { RESYNC_CHUNKS };
+                }
+                reader.close().ok()?;
+                Some((found, reader))
+            })
+            .collect();
+        let mut prechecked = Prechecked::default();
+        for (found, reader) in done.into_iter().flatten() {
+            prechecked.bytes_read += reader.bytes_read;
+            prechecked.untrusted.extend(reader.untrusted);
+            let found = found.into_iter().map(|(k, at, same)| (k, (at, same)));
+            prechecked.found.extend(found);
+        }
+        prechecked
+    }
+
+    /// The recorded chunks [`Cutter::precheck`] reads, with where: those over files to
+    /// check that the cut will ask about, less the ones it reads anyway.
+    fn precheck_work(&self, recorded: &Recorded) -> Vec<(usize, u64)> {
+        let files = &self.window.files;
+        let mut work: Vec<(usize, u64)> = Vec::new();
+        let mut u = 0;
+        for span in &self.spans {
+            let first = recorded.starts.partition_point(|&s| s < span.old_start);
+            let in_span = recorded.starts[first..]
+                .iter()
+                .take_while(|&&s| s < span.old_start + span.len);
+            // Past a change the cut reads its way back into step with the record, most
+            // often within a chunk or two, so those are left to it (read here too,
+            // they would be read twice).
+            let after_change = match (span.new_start, span.old_start) {
+                (0, 0) => 0,
+                _ => RESYNC_CHUNKS,
+            };
+            for (k, &start) in (first..).zip(in_span).skip(after_change) {
+                let at = span.new_start + (start - span.old_start);
+                let len = u64::from(recorded.chunks[k].1.len);
+                let end = at + len;
+                let span_end = span.new_start + span.len;
+                // Ending where the span does is no end of the span only at the end of
+                // both streams.
+                let fits = |end: u64, old_end: u64| {
+                    end < span_end || end == files.len && old_end == recorded.len
+                };
+                let next_len = recorded.chunks.get(k + 1).map(|c| u64::from(c.1.len));
+                while self.unchecked.get(u).is_some_and(|r| r.end <= at) {
+                    u += 1;
+                }
+                let overlaps = self.unchecked.get(u).is_some_and(|r| r.start < end);
+                // One that runs out of the span is cut there, from the bytes the cut
+                // reads to check it as the one after its predecessor: a read that takes
+                // in the predecessor too, so that one is left to the cut as well.
+                let next_fits = next_len.is_some_and(|n| fits(end + n, start + len + n));
+                let last = end == files.len && start + len == recorded.len;
+                if overlaps && (next_fits || last) {
+                    work.push((k, at));
+                }
+            }
+        }
+        work
+    }
+
+    /// Whether the recorded chunk `k` is at `at`, if [`Cutter::precheck`] read it there.
+    fn prechecked(&self, k: usize, at: u64) -> Option<bool> {
+        match self.prechecked.found.get(&k) {
+            Some(&(there, same)) if there == at => Some(same),
+            _ => None,
+        }
+    }
+
     /// Whether the bytes of `chunk` at `at`, and the byte after, which decide its cut,
     /// are as recorded: always where stamps vouch for them; where they lie in a file
     /// to check, once read and hashed (the byte after, with the recorded chunk it
@@ -408,7 +554,11 @@ impl Cutter {
         let end = at + len;
         let decides = (end + 1).min(self.window.files.len);
         if self.needs_check(at, end) {
-            if Id::of(self.window.get(at, len as usize)?) != chunk.id {
+            let same = match self.prechecked(chunk.k, at) {
+                Some(same) => same,
+                None => Id::of(self.window.get(at, len as usize)?) == chunk.id,
+            };
+            if !same {
                 return Ok(false);
             }
             self.mark_checked(at..end);
@@ -427,8 +577,14 @@ impl Cutter {
         if end + next_len > self.window.files.len {
             return Ok(false);
         }
-        let both = self.window.get(at, (len + next_len) as usize)?;
-        if Id::of(&both[len as usize..]) != next_id {
+        let same = match self.prechecked(chunk.k + 1, end) {
+            Some(same) => same,
+            None => {
+                let both = self.window.get(at, (len + next_len) as usize)?;
+                Id::of(&both[len as usize..]) == next_id
+            }
+        };
+        if !same {
             return Ok(false);
         }
         self.mark_checked(end..(end + next_len).min(chunk.span_end));
@@ -506,7 +662,7 @@ impl Window {
 /// records a tree that did not exist.
 struct StreamFiles {
     tree: Arc<Tree>,
-    starts: Vec<u64>,
+    starts: Arc<[u64]>,
     len: u64,
     open: Option<(usize, File)>,
     bytes_read: u64,
@@ -514,7 +670,7 @@ struct StreamFiles {
     /// chmod, a new link): the content is fine, the stamp cannot vouch for it.
     untrusted: Vec<(usize, bool)>,
     /// Per file: the tree state vouched for it, so it may have been read only in part.
-    vouched: Vec<bool>,
+    vouched: Arc<[bool]>,
     /// A vouched-for file found changed: the state cannot be trusted.
     stale: Option<PathBuf>,
 }
@@ -529,12 +685,26 @@ impl StreamFiles {
         }
         StreamFiles {
             tree,
-            starts,
+            starts: starts.into(),
             len,
             open: None,
             bytes_read: 0,
             untrusted: Vec::new(),
-            vouched,
+            vouched: vouched.into(),
+            stale: None,
+        }
+    }
+
+    /// Another reader of the same files, with nothing open or read yet.
+    fn another(&self) -> StreamFiles {
+        StreamFiles {
+            tree: self.tree.clone(),
+            starts: self.starts.clone(),
+            len: self.len,
+            open: None,
+            bytes_read: 0,
+            untrusted: Vec::new(),
+            vouched: self.vouched.clone(),
             stale: None,
         }
     }

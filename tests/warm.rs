@@ -129,7 +129,10 @@ fn a_tree_rewritten_with_the_same_bytes_is_checked_against_the_record_not_cut() 
     let total = stats["stream_bytes"].as_u64().unwrap();
     let checked = stats["checked_bytes"].as_u64().unwrap();
     assert_eq!(stats["unchanged_files"].as_u64(), Some(0), "{stats}");
-    assert_eq!(stats["disk_bytes"].as_u64(), Some(total), "{stats}");
+    // Every byte read, and the chunk holding the changed byte twice: once by the
+    // checks made ahead of the cut, which find it changed, and once to cut it.
+    let read = stats["disk_bytes"].as_u64().unwrap();
+    assert!(total <= read && read <= total + 2 * 256 * 1024, "{stats}");
     assert!(checked * 10 > total * 9, "{stats}");
     assert!(stats["chunks_new"].as_u64().unwrap() <= 4, "{stats}");
     assert!(up.stderr.contains("of it as recorded"), "{}", up.stderr);
