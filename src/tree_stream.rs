@@ -135,6 +135,8 @@ pub fn cut_tree(
     let shared = report.clone();
     let thread = std::thread::spawn(move || {
         cutter.prechecked = cutter.precheck();
+        let seen = std::mem::take(&mut cutter.prechecked.seen);
+        cutter.window.files.read_before = Arc::new(seen);
         let result = cutter.run(&tx);
         let mut report = shared.lock().expect("report lock");
         report.bytes_read = cutter.window.files.bytes_read + cutter.prechecked.bytes_read;
@@ -292,12 +294,14 @@ struct Cutter {
 /// (see [`Cutter::precheck`]).
 #[derive(Default)]
 struct Prechecked {
-    /// By recorded chunk: the new stream offset it was read at, and whether the bytes
-    /// there are that chunk.
-    found: HashMap<usize, (u64, bool)>,
+    /// The recorded chunks read, in order: each with the new stream offset it was read
+    /// at, and whether the bytes there are that chunk.
+    found: Vec<Found>,
     bytes_read: u64,
     /// As [`StreamFiles::untrusted`], for the files read here.
     untrusted: Vec<(usize, bool)>,
+    /// The stamp of each file read, for the cut's reader to compare.
+    seen: HashMap<usize, Stamp>,
 }
 
 /// A recorded chunk, where the precheck read it, and whether it was there.
@@ -448,40 +452,37 @@ impl Cutter {
                 (from, bytes) = (i + 1, 0);
             }
         }
-        let done: Vec<Option<(Vec<Found>, StreamFiles)>> = jobs
+        let done: Vec<(Option<Vec<Found>>, StreamFiles)> = jobs
             .par_iter()
             .map(|job| {
                 let mut reader = files.another();
-                let mut buf = Vec::new();
-                let mut found = Vec::with_capacity(job.len());
-                // After a chunk found changed the cut is out of step too, for a while.
-                let (mut resyncing, mut end) = (0, 0);
-                for &(k, at) in *job {
-                    let (id, loc) = recorded.chunks[k];
-                    let follows = at == end;
-                    end = at + u64::from(loc.len);
-                    if follows && resyncing > 0 {
-                        resyncing -= 1;
-                        continue;
-                    }
-                    buf.resize(loc.len as usize, 0);
-                    reader.read_exact_at(at, &mut buf).ok()?;
-                    let same = Id::of(&buf) == id;
-                    found.push((k, at, same));
-                    resyncing = if same { 0 } else { RESYNC_CHUNKS };
-                }
-                reader.close().ok()?;
-                Some((found, reader))
+                let found = precheck_job(job, recorded, &mut reader).ok();
+                (found, reader)
             })
             .collect();
         let mut prechecked = Prechecked::default();
-        for (found, reader) in done.into_iter().flatten() {
+        let mut torn = false;
+        for (found, reader) in done {
             prechecked.bytes_read += reader.bytes_read;
             prechecked.untrusted.extend(reader.untrusted);
-            let found = found.into_iter().map(|(k, at, same)| (k, (at, same)));
-            prechecked.found.extend(found);
+            for (i, stamp) in reader.seen {
+                // Two jobs that share a file at their ends must have read one version.
+                torn |= *prechecked.seen.entry(i).or_insert(stamp) != stamp;
+            }
+            prechecked.found.extend(found.into_iter().flatten());
         }
+        if torn {
+            prechecked.found.clear();
+        }
+        prechecked.found.sort_unstable_by_key(|f| f.0);
         prechecked
+    }
+
+    /// Whether the recorded chunk `k` is at `at`, if [`Cutter::precheck`] read it there.
+    fn prechecked(&self, k: usize, at: u64) -> Option<bool> {
+        let found = &self.prechecked.found;
+        let i = found.binary_search_by_key(&k, |f| f.0).ok()?;
+        (found[i].1 == at).then_some(found[i].2)
     }
 
     /// The recorded chunks [`Cutter::precheck`] reads, with where: those over files to
@@ -528,14 +529,6 @@ impl Cutter {
             }
         }
         work
-    }
-
-    /// Whether the recorded chunk `k` is at `at`, if [`Cutter::precheck`] read it there.
-    fn prechecked(&self, k: usize, at: u64) -> Option<bool> {
-        match self.prechecked.found.get(&k) {
-            Some(&(there, same)) if there == at => Some(same),
-            _ => None,
-        }
     }
 
     /// Whether the bytes of `chunk` at `at`, and the byte after, which decide its cut,
@@ -613,6 +606,35 @@ impl Cutter {
     }
 }
 
+/// Reads and checks the recorded chunks of one precheck `job` (see
+/// [`Cutter::precheck`]) through `reader`.
+fn precheck_job(
+    job: &[(usize, u64)],
+    recorded: &Recorded,
+    reader: &mut StreamFiles,
+) -> io::Result<Vec<Found>> {
+    let mut buf = Vec::new();
+    let mut found = Vec::with_capacity(job.len());
+    // After a chunk found changed the cut is out of step too, for a while.
+    let (mut resyncing, mut end) = (0, 0);
+    for &(k, at) in job {
+        let (id, loc) = recorded.chunks[k];
+        let follows = at == end;
+        end = at + u64::from(loc.len);
+        if follows && resyncing > 0 {
+            resyncing -= 1;
+            continue;
+        }
+        buf.resize(loc.len as usize, 0);
+        reader.read_exact_at(at, &mut buf)?;
+        let same = Id::of(&buf) == id;
+        found.push((k, at, same));
+        resyncing = if same { 0 } else { RESYNC_CHUNKS };
+    }
+    reader.close()?;
+    Ok(found)
+}
+
 /// The bytes of the stream from some position on, read as cuts need them.
 struct Window {
     files: StreamFiles,
@@ -673,6 +695,12 @@ struct StreamFiles {
     vouched: Arc<[bool]>,
     /// A vouched-for file found changed: the state cannot be trusted.
     stale: Option<PathBuf>,
+    /// Each file closed, with its stamp then.
+    seen: Vec<(usize, Stamp)>,
+    /// Stamps other readers of the same files saw (the precheck's): a file found
+    /// otherwise here was replaced or rewritten between the reads, which would mix two
+    /// versions of it.
+    read_before: Arc<HashMap<usize, Stamp>>,
 }
 
 impl StreamFiles {
@@ -692,6 +720,8 @@ impl StreamFiles {
             untrusted: Vec::new(),
             vouched: vouched.into(),
             stale: None,
+            seen: Vec::new(),
+            read_before: Arc::default(),
         }
     }
 
@@ -706,6 +736,8 @@ impl StreamFiles {
             untrusted: Vec::new(),
             vouched: self.vouched.clone(),
             stale: None,
+            seen: Vec::new(),
+            read_before: Arc::default(),
         }
     }
 
@@ -778,6 +810,14 @@ impl StreamFiles {
         if (now.size, now.mtime) != (scanned.stamp.size, scanned.stamp.mtime) {
             return Err(changed(&self.path(i), "was modified"));
         }
+        if self
+            .read_before
+            .get(&i)
+            .is_some_and(|before| *before != now)
+        {
+            return Err(changed(&self.path(i), "was replaced"));
+        }
+        self.seen.push((i, now));
         if now != scanned.stamp {
             self.untrusted.push((i, false));
         }
@@ -1051,6 +1091,39 @@ mod tests {
         assert_eq!((report.unchanged_files, report.bytes_read), (7, 0));
         assert_eq!(tree_order(b"a/b", b"a.b"), Ordering::Less);
         assert_eq!(tree_order(b"a-z/x", b"a/b"), Ordering::Greater);
+    }
+
+    #[test]
+    fn a_file_replaced_between_two_readers_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        fs::write(&a, "first").unwrap();
+        fs::write(&b, "second").unwrap();
+        let mtime = filetime::FileTime::from_unix_time(1_000_000_000, 0);
+        filetime::set_file_mtime(&b, mtime).unwrap();
+        let tree = Arc::new(scan(dir.path(), &Default::default()).unwrap());
+        let mut first = StreamFiles::new(tree.clone(), vec![false; 2]);
+        let mut head = [0u8; 8];
+        first.read_exact_at(3, &mut head).unwrap();
+        first.close().unwrap();
+
+        // Replaced by one of the same size and modification time, as `cp -p` or an
+        // unpacker leaves it: only its inode and change time tell.
+        let new = dir.path().join("b.new");
+        fs::write(&new, "SECOND").unwrap();
+        filetime::set_file_mtime(&new, mtime).unwrap();
+        fs::rename(&new, &b).unwrap();
+        let mut second = first.another();
+        second.read_before = Arc::new(first.seen.iter().copied().collect());
+        let mut tail = [0u8; 3];
+        second.read_exact_at(8, &mut tail).unwrap();
+        let err = second.close().unwrap_err().to_string();
+        assert!(err.contains("replaced"), "{err}");
+
+        // A reader on its own takes the file as it finds it.
+        let mut alone = first.another();
+        alone.read_exact_at(5, &mut [0u8; 6]).unwrap();
+        alone.close().unwrap();
     }
 
     #[test]
