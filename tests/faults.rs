@@ -119,19 +119,25 @@ fn a_hanging_server_fails_in_bounded_time_and_touches_nothing() {
     direct.code(1);
 }
 
+/// Uploads 2 MiB of noise from `seed` under `key` straight to the server, not through
+/// the proxy; the bytes.
+fn upload_around_the_proxy(env: &TestEnv, key: &str, seed: u64) -> Vec<u8> {
+    let data = random_bytes(2 * 1024 * 1024, seed);
+    let src = env.write(&format!("{key}.src"), &data);
+    let direct = ["--endpoint", &server().endpoint];
+    env.run(
+        ["upload", key, src.to_str().unwrap()]
+            .into_iter()
+            .chain(direct),
+    )
+    .ok();
+    data
+}
+
 #[test]
 fn a_slow_trickle_is_not_a_stall() {
     let (mut env, proxy) = through_proxy("faulttrickle");
-    let data = random_bytes(2 * 1024 * 1024, 33);
-    let src = env.write("src.bin", &data);
-    env.run([
-        "upload",
-        "slow",
-        src.to_str().unwrap(),
-        "--endpoint",
-        &server().endpoint,
-    ])
-    .ok();
+    let data = upload_around_the_proxy(&env, "slow", 33);
     // 4 KiB every 5 ms (~800 KiB/s) on every connection the download opens: slower
     // than the 1 s timeout would allow for a whole range, but never idle that long.
     env.set("CACHER_TIMEOUT", "1");
@@ -144,16 +150,7 @@ fn a_slow_trickle_is_not_a_stall() {
 #[test]
 fn a_response_that_stops_part_way_is_abandoned_and_retried() {
     let (mut env, proxy) = through_proxy("faultmidbody");
-    let data = random_bytes(2 * 1024 * 1024, 34);
-    let src = env.write("src.bin", &data);
-    env.run([
-        "upload",
-        "k",
-        src.to_str().unwrap(),
-        "--endpoint",
-        &server().endpoint,
-    ])
-    .ok();
+    let data = upload_around_the_proxy(&env, "k", 34);
     env.set("CACHER_TIMEOUT", "1");
     // The headers and 300 kB of the body arrive, then nothing: the attempt must give
     // up on its own, and a later one completes the file. Two connections, as a server
