@@ -21,7 +21,6 @@
 //! cut finds their answers.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::ops::Range;
@@ -136,7 +135,7 @@ pub fn cut_tree(
     let thread = std::thread::spawn(move || {
         cutter.prechecked = cutter.precheck();
         let seen = std::mem::take(&mut cutter.prechecked.seen);
-        cutter.window.files.read_before = Arc::new(seen);
+        cutter.window.files.read_before = seen.into();
         let result = cutter.run(&tx);
         let mut report = shared.lock().expect("report lock");
         report.bytes_read = cutter.window.files.bytes_read + cutter.prechecked.bytes_read;
@@ -300,8 +299,9 @@ struct Prechecked {
     bytes_read: u64,
     /// As [`StreamFiles::untrusted`], for the files read here.
     untrusted: Vec<(usize, bool)>,
-    /// The stamp of each file read, for the cut's reader to compare.
-    seen: HashMap<usize, Stamp>,
+    /// Per file, the [`stamp_digest`] of its stamp when read here (0: not read), for
+    /// the cut's reader to compare; empty when nothing was read.
+    seen: Vec<u64>,
 }
 
 /// A recorded chunk, where the precheck read it, and whether it was there.
@@ -461,13 +461,17 @@ impl Cutter {
             })
             .collect();
         let mut prechecked = Prechecked::default();
+        if !done.is_empty() {
+            prechecked.seen = vec![0; files.starts.len()];
+        }
         let mut torn = false;
         for (found, reader) in done {
             prechecked.bytes_read += reader.bytes_read;
             prechecked.untrusted.extend(reader.untrusted);
-            for (i, stamp) in reader.seen {
+            for (i, digest) in reader.seen.into_iter().flatten() {
                 // Two jobs that share a file at their ends must have read one version.
-                torn |= *prechecked.seen.entry(i).or_insert(stamp) != stamp;
+                let before = std::mem::replace(&mut prechecked.seen[i], digest);
+                torn |= before != 0 && before != digest;
             }
             prechecked.found.extend(found.into_iter().flatten());
         }
@@ -606,6 +610,22 @@ impl Cutter {
     }
 }
 
+/// A file's stamp folded into 64 bits, never 0, to tell whether two readers saw the
+/// same file in the same state.
+fn stamp_digest(stamp: &Stamp) -> u64 {
+    let words = [
+        stamp.dev,
+        stamp.ino,
+        stamp.size,
+        stamp.mtime as u64,
+        stamp.ctime as u64,
+    ];
+    let mixed = words.iter().fold(0u64, |h, &w| {
+        (h.rotate_left(5) ^ w).wrapping_mul(0x517c_c1b7_2722_0a95)
+    });
+    mixed | 1
+}
+
 /// Reads and checks the recorded chunks of one precheck `job` (see
 /// [`Cutter::precheck`]) through `reader`.
 fn precheck_job(
@@ -695,12 +715,13 @@ struct StreamFiles {
     vouched: Arc<[bool]>,
     /// A vouched-for file found changed: the state cannot be trusted.
     stale: Option<PathBuf>,
-    /// Each file closed, with its stamp then.
-    seen: Vec<(usize, Stamp)>,
-    /// Stamps other readers of the same files saw (the precheck's): a file found
-    /// otherwise here was replaced or rewritten between the reads, which would mix two
-    /// versions of it.
-    read_before: Arc<HashMap<usize, Stamp>>,
+    /// Each file closed, with the [`stamp_digest`] of its stamp then; kept by the
+    /// precheck's readers only.
+    seen: Option<Vec<(usize, u64)>>,
+    /// Per file, the digest of the stamp another reader saw (the precheck's), or 0: a
+    /// file found otherwise here was replaced or rewritten between the reads, which
+    /// would mix two versions of it. Empty when there was no other reader.
+    read_before: Arc<[u64]>,
 }
 
 impl StreamFiles {
@@ -720,12 +741,13 @@ impl StreamFiles {
             untrusted: Vec::new(),
             vouched: vouched.into(),
             stale: None,
-            seen: Vec::new(),
-            read_before: Arc::default(),
+            seen: None,
+            read_before: Arc::new([]),
         }
     }
 
-    /// Another reader of the same files, with nothing open or read yet.
+    /// Another reader of the same files, with nothing open or read yet, that keeps
+    /// what it saw of each file it closes.
     fn another(&self) -> StreamFiles {
         StreamFiles {
             tree: self.tree.clone(),
@@ -736,8 +758,8 @@ impl StreamFiles {
             untrusted: Vec::new(),
             vouched: self.vouched.clone(),
             stale: None,
-            seen: Vec::new(),
-            read_before: Arc::default(),
+            seen: Some(Vec::new()),
+            read_before: Arc::new([]),
         }
     }
 
@@ -810,14 +832,17 @@ impl StreamFiles {
         if (now.size, now.mtime) != (scanned.stamp.size, scanned.stamp.mtime) {
             return Err(changed(&self.path(i), "was modified"));
         }
+        let digest = stamp_digest(&now);
         if self
             .read_before
-            .get(&i)
-            .is_some_and(|before| *before != now)
+            .get(i)
+            .is_some_and(|&d| d != 0 && d != digest)
         {
             return Err(changed(&self.path(i), "was replaced"));
         }
-        self.seen.push((i, now));
+        if let Some(seen) = &mut self.seen {
+            seen.push((i, digest));
+        }
         if now != scanned.stamp {
             self.untrusted.push((i, false));
         }
@@ -1102,7 +1127,7 @@ mod tests {
         let mtime = filetime::FileTime::from_unix_time(1_000_000_000, 0);
         filetime::set_file_mtime(&b, mtime).unwrap();
         let tree = Arc::new(scan(dir.path(), &Default::default()).unwrap());
-        let mut first = StreamFiles::new(tree.clone(), vec![false; 2]);
+        let mut first = StreamFiles::new(tree.clone(), vec![false; 2]).another();
         let mut head = [0u8; 8];
         first.read_exact_at(3, &mut head).unwrap();
         first.close().unwrap();
@@ -1114,7 +1139,11 @@ mod tests {
         filetime::set_file_mtime(&new, mtime).unwrap();
         fs::rename(&new, &b).unwrap();
         let mut second = first.another();
-        second.read_before = Arc::new(first.seen.iter().copied().collect());
+        let mut before = vec![0; 2];
+        for &(i, digest) in first.seen.iter().flatten() {
+            before[i] = digest;
+        }
+        second.read_before = before.into();
         let mut tail = [0u8; 3];
         second.read_exact_at(8, &mut tail).unwrap();
         let err = second.close().unwrap_err().to_string();

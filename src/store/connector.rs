@@ -84,17 +84,17 @@ fn connector_error(e: reqwest::Error) -> ConnectorError {
 }
 
 /// The SDK's view of a hyper client for an `http://` endpoint reached directly, whose
-/// sockets acknowledge every segment at once (`TCP_QUICKACK` before each read).
+/// sockets ask for what arrives to be acknowledged at once (`TCP_QUICKACK` before each
+/// read).
 ///
 /// Garage does not set `TCP_NODELAY`: it writes a response's headers, then its body
 /// from the block it read, and Nagle's algorithm holds that second write until the
 /// headers are acknowledged. Linux delays the acknowledgement of a lone segment on a
-/// connection in request-response use by up to 40 ms, so every GET of an object
+/// connection in request-response use, typically by 40 ms, so every GET of an object
 /// Garage keeps in blocks (over 3 KiB: index segments, manifests, small pack ranges)
 /// took 44 ms on loopback instead of 1. An immediate acknowledgement releases the body
-/// at once. Other servers (MinIO, S3 behind its front ends, a TLS proxy) set
-/// `TCP_NODELAY` and never wait; for them the extra acknowledgements cost nothing that
-/// shows.
+/// at once. A server that sets `TCP_NODELAY` (Go's servers do by default, MinIO among
+/// them) never waits, and the extra acknowledgements cost it nothing that shows.
 #[derive(Debug, Clone)]
 pub struct PlainHttpConnector {
     client: hyper_util::client::legacy::Client<QuickAckConnect, SdkBody>,
@@ -103,8 +103,8 @@ pub struct PlainHttpConnector {
 
 impl PlainHttpConnector {
     /// A client connecting within `connect_timeout` that fails a request whose response
-    /// (its headers, then each piece of its body) makes no progress for `read_timeout`,
-    /// as reqwest's `read_timeout` does.
+    /// headers do not arrive within `read_timeout` of its start, or whose body then
+    /// waits that long for a piece, as reqwest's `read_timeout` does.
     pub fn new(connect_timeout: Duration, read_timeout: Duration) -> PlainHttpConnector {
         let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
         http.set_nodelay(true);
