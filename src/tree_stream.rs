@@ -494,6 +494,10 @@ impl Cutter {
     fn precheck_work(&self, recorded: &Recorded) -> Vec<(usize, u64)> {
         let files = &self.window.files;
         let mut work: Vec<(usize, u64)> = Vec::new();
+        // Nothing to check, as on most warm uploads: no walk over every recorded chunk.
+        if self.unchecked.is_empty() {
+            return work;
+        }
         let mut u = 0;
         for span in &self.spans {
             let first = recorded.starts.partition_point(|&s| s < span.old_start);
@@ -507,16 +511,16 @@ impl Cutter {
                 (0, 0) => 0,
                 _ => RESYNC_CHUNKS,
             };
+            let span_end = span.new_start + span.len;
+            // Ending where the span does is no end of the span only at the end of both
+            // streams.
+            let fits = |end: u64, old_end: u64| {
+                end < span_end || end == files.len && old_end == recorded.len
+            };
             for (k, &start) in (first..).zip(in_span).skip(after_change) {
                 let at = span.new_start + (start - span.old_start);
                 let len = u64::from(recorded.chunks[k].1.len);
                 let end = at + len;
-                let span_end = span.new_start + span.len;
-                // Ending where the span does is no end of the span only at the end of
-                // both streams.
-                let fits = |end: u64, old_end: u64| {
-                    end < span_end || end == files.len && old_end == recorded.len
-                };
                 let next_len = recorded.chunks.get(k + 1).map(|c| u64::from(c.1.len));
                 while self.unchecked.get(u).is_some_and(|r| r.end <= at) {
                     u += 1;
