@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use crate::chunk::format::{
     ChunkTable, EntryKind, FormatError, MAX_BODY, MAX_ENTRIES, MAX_PATH, Manifest, Reader, bad,
     check_relative_path, common_prefix, decode_table, encode_table, path_budget, put_bytes,
-    put_varint, tree_order, unwrap, unzigzag, wrap, zigzag,
+    put_varint, tree_order, unwrap, unzigzag, wrap_local, zigzag,
 };
 use crate::ui;
 
@@ -523,7 +523,7 @@ fn encode(dir: &Path, key: &str, manifest: &Manifest, stamps: &[Option<Stamp>]) 
     if body.len() as u64 > MAX_BODY || path_bytes > path_budget(body.len()) {
         return None;
     }
-    let mut out = wrap(STATE_MAGIC, RECORD_KIND, &body);
+    let mut out = wrap_local(STATE_MAGIC, RECORD_KIND, &body);
     let sum = blake3::hash(&out);
     out.extend_from_slice(sum.as_bytes());
     Some(out)
@@ -713,7 +713,7 @@ mod tests {
             put_varint(&mut body, *size);
             body.push(0);
         }
-        let mut out = wrap(STATE_MAGIC, kind, &body);
+        let mut out = wrap_local(STATE_MAGIC, kind, &body);
         let sum = blake3::hash(&out);
         out.extend_from_slice(sum.as_bytes());
         out
