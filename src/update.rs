@@ -19,6 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Write};
+use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -51,6 +52,10 @@ enum FileAction {
     Keep,
     /// It holds the right bytes with another mode or mtime: set those.
     Touch,
+    /// It held the recorded bytes of its path and size, but the new stream cuts them
+    /// differently (a neighbour was added or removed): compare the chunks that differ
+    /// with it as they come, then keep or touch it, or write it if they differ.
+    Compare,
 }
 
 /// What an update keeps and what it must fetch.
@@ -66,11 +71,16 @@ pub struct Plan {
     /// The recorded files that hold bytes of chunks read locally (path in DIR, offset
     /// in the recorded stream, size), in stream order.
     local_files: Vec<(PathBuf, u64, u64)>,
-    /// Files kept, and their bytes.
-    pub kept_files: u64,
-    pub kept_bytes: u64,
-    /// Bytes of the files to write.
-    pub write_bytes: u64,
+    /// Files kept, and their bytes (not counting files to compare).
+    kept_files: u64,
+    kept_bytes: u64,
+    /// Bytes of the files to write, and of those to compare (which may be written).
+    write_bytes: u64,
+    compare_bytes: u64,
+    /// Per file to compare (by entry, in order): the ranges of its bytes (from its
+    /// start) that lie in chunks the recorded stream does not hold at the same place.
+    /// The rest are the recorded bytes, which it still holds.
+    compare: Vec<(u32, Vec<Range<u64>>)>,
     /// Each kept or touched file (entry of the new tree, in order) with the recorded
     /// file it is, whose stamp in `recorded` it has now. Not a map of stamps: on a
     /// 10^6-file tree that cost 136 MB.
@@ -97,6 +107,17 @@ enum Source {
 }
 
 impl Plan {
+    /// Files of the new tree that DIR holds as they are (kept or touched).
+    pub fn kept_files(&self) -> u64 {
+        self.kept_files
+    }
+
+    /// Files DIR held the recorded bytes of, which the new entry cuts otherwise: they
+    /// are compared with the chunks that differ, then kept or written.
+    pub fn compare_files(&self) -> usize {
+        self.compare.len()
+    }
+
     /// Each file's stamp for the record of the updated tree, in stream order: kept
     /// files still hold what the old record said; `written` has the stamps of the
     /// files the update wrote or touched.
@@ -221,6 +242,8 @@ pub fn plan(dir: &Path, survey: Survey, new: &Manifest) -> Plan {
         kept_files: 0,
         kept_bytes: 0,
         write_bytes: 0,
+        compare_bytes: 0,
+        compare: Vec::new(),
         kept: Vec::new(),
         recorded: RecordedFiles::default(),
     };
@@ -241,17 +264,17 @@ pub fn plan(dir: &Path, survey: Survey, new: &Manifest) -> Plan {
             .then_some(k)
             .and_then(|k| Some((k, intact[k]?)));
         let action = match here {
-            Some((k, now))
-                if recorded.size(k) == size
-                    && old.same_bytes(recorded.start(k), &fresh, at, size) =>
-            {
+            Some((k, now)) if recorded.size(k) == size => {
                 // Setuid, setgid and sticky bits on disk differ from any restored mode.
                 let same_meta =
                     now.mode & 0o7777 == e.mode & MODE_MASK && now.mtime == (e.mtime, e.mtime_nsec);
-                let action = match same_meta {
-                    true => FileAction::Keep,
-                    false if now.touchable => FileAction::Touch,
-                    false => FileAction::Write,
+                let same_bytes = old.same_bytes(recorded.start(k), &fresh, at, size);
+                let action = match (same_bytes, same_meta) {
+                    (true, true) => FileAction::Keep,
+                    (true, false) if now.touchable => FileAction::Touch,
+                    // Read, and maybe given a mode and mtime, through its own handle.
+                    (false, _) if now.touchable => FileAction::Compare,
+                    _ => FileAction::Write,
                 };
                 if action != FileAction::Write {
                     plan.kept.push((to_u32(i), to_u32(k)));
@@ -261,16 +284,45 @@ pub fn plan(dir: &Path, survey: Survey, new: &Manifest) -> Plan {
             _ => FileAction::Write,
         };
         plan.actions[i] = action;
-        if action == FileAction::Write {
-            plan.write_bytes += size;
-            let mut k = fresh.chunk_at(at);
-            while size > 0 && k < fresh.starts.len() && fresh.starts[k] < at + size {
-                needed_chunk[k] = true;
-                k += 1;
+        match action {
+            FileAction::Write => {
+                plan.write_bytes += size;
+                let mut k = fresh.chunk_at(at);
+                while size > 0 && k < fresh.starts.len() && fresh.starts[k] < at + size {
+                    needed_chunk[k] = true;
+                    k += 1;
+                }
             }
-        } else {
-            plan.kept_files += 1;
-            plan.kept_bytes += size;
+            FileAction::Compare => {
+                let (k, _) = here.expect("only a recorded file is compared");
+                let old_start = recorded.start(k);
+                let mut ranges: Vec<Range<u64>> = Vec::new();
+                let mut c = fresh.chunk_at(at);
+                while c < fresh.starts.len() && fresh.starts[c] < at + size {
+                    let (from, len) = (fresh.starts[c], u64::from(fresh.chunks[c].len));
+                    // The recorded bytes at the same place relative to the file.
+                    let chunk = &fresh.chunks[c];
+                    let same = (old_start + from).checked_sub(at).is_some_and(|o| {
+                        old.chunk_starting_at(o)
+                            .is_some_and(|was| (was.id, was.len) == (chunk.id, chunk.len))
+                    });
+                    if !same {
+                        needed_chunk[c] = true;
+                        let range = from.max(at) - at..(from + len).min(at + size) - at;
+                        match ranges.last_mut() {
+                            Some(r) if r.end == range.start => r.end = range.end,
+                            _ => ranges.push(range),
+                        }
+                    }
+                    c += 1;
+                }
+                plan.compare_bytes += size;
+                plan.compare.push((to_u32(i), ranges));
+            }
+            FileAction::Keep | FileAction::Touch => {
+                plan.kept_files += 1;
+                plan.kept_bytes += size;
+            }
         }
         at += size;
     }
@@ -337,6 +389,14 @@ fn to_u32(i: usize) -> u32 {
     u32::try_from(i).expect("a tree has fewer than 2^32 entries")
 }
 
+/// The size of a file entry.
+fn file_size(e: &Entry) -> u64 {
+    match e.kind {
+        EntryKind::File { size } => size,
+        _ => unreachable!("only files receive content"),
+    }
+}
+
 /// The directory holding a relative path (`a/b` for `a/b/c`, empty for `c`).
 fn parent(path: &[u8]) -> &[u8] {
     path.iter()
@@ -401,6 +461,12 @@ impl<'a> Stream<'a> {
     /// The chunk holding stream offset `at`.
     fn chunk_at(&self, at: u64) -> usize {
         self.starts.partition_point(|&s| s <= at).saturating_sub(1)
+    }
+
+    /// The chunk that starts exactly at `at`, if one does.
+    fn chunk_starting_at(&self, at: u64) -> Option<&ChunkRef> {
+        let k = self.starts.binary_search(&at).ok()?;
+        self.chunks.get(k)
     }
 
     /// Whether `len` bytes from `at` here are the bytes from `other_at` in `other`:
@@ -511,6 +577,54 @@ struct OpenFile {
     left: u64,
 }
 
+/// A file of DIR being compared with the bytes the new tree has for it (see
+/// [`FileAction::Compare`]).
+struct Comparing {
+    entry: usize,
+    /// The file as it is, read through its own handle.
+    existing: File,
+    /// The range of its bytes being received (from the file's start), and those after.
+    next: Range<u64>,
+    rest: std::vec::IntoIter<Range<u64>>,
+    /// Once a byte differed: the file written after all, a staged copy of the existing
+    /// one (whose other bytes are the new tree's) that takes the ranges left.
+    copy: Option<File>,
+}
+
+/// What receives the stream's bytes for one file.
+enum Receiving {
+    Write(OpenFile),
+    Compare(Comparing),
+}
+
+impl Receiving {
+    fn entry(&self) -> usize {
+        match self {
+            Receiving::Write(f) => f.entry,
+            Receiving::Compare(c) => c.entry,
+        }
+    }
+
+    /// The offset in the file of the next byte it takes, and how many it takes from
+    /// there in a row; `size` is the file's.
+    fn expecting(&self, size: u64) -> (u64, u64) {
+        match self {
+            Receiving::Write(f) => (size - f.left, f.left),
+            Receiving::Compare(c) => (c.next.start, c.next.end - c.next.start),
+        }
+    }
+}
+
+/// What an update did: the new tree's entries, each file's stamp for its tree state
+/// (stream order), and how much it kept and wrote.
+pub struct Updated {
+    pub entries: Vec<Entry>,
+    pub stamps: Vec<Option<Stamp>>,
+    pub kept_files: u64,
+    pub kept_bytes: u64,
+    pub written_bytes: u64,
+}
+
 /// Applies a [`Plan`]: takes the needed chunks' bytes in order through [`Write`],
 /// stages what changes, and [`TreeUpdate::finish`] puts it in place. Dropped before
 /// that, it removes what it staged and DIR is as it was.
@@ -524,7 +638,9 @@ pub struct TreeUpdate {
     within: u64,
     next: usize,
     open_dirs: Vec<OpenDir>,
-    file: Option<OpenFile>,
+    file: Option<Receiving>,
+    /// The bytes of a file being compared, read back.
+    compare_buf: Vec<u8>,
     /// Remove top-level entries the new tree lacks (`--delete`).
     mirror: bool,
     /// Paths the new tree was uploaded without: never removed.
@@ -562,7 +678,7 @@ impl TreeUpdate {
         keep: Exclude,
     ) -> anyhow::Result<TreeUpdate> {
         temp::remove_stale_leftovers(dest);
-        check_space(dest, plan.write_bytes)?;
+        check_space(dest, plan.write_bytes + plan.compare_bytes)?;
         let root = rustix::fs::open(
             dest,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -595,6 +711,7 @@ impl TreeUpdate {
             next: 0,
             open_dirs: Vec::new(),
             file: None,
+            compare_buf: Vec::new(),
             mirror,
             keep,
             root_listed,
@@ -660,6 +777,7 @@ impl TreeUpdate {
                     self.touched.push(i);
                     return Ok(());
                 }
+                FileAction::Compare => return self.start_comparing(i),
                 FileAction::Write => {}
             }
         }
@@ -781,38 +899,194 @@ impl TreeUpdate {
                     true => name.clone(),
                     false => staged_name(),
                 };
-                let fd = rustix::fs::openat(
-                    parent,
-                    &at,
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    permissions(entry.mode),
-                )
-                .map_err(|e| match e {
-                    Errno::EXIST => anyhow::anyhow!(
-                        "another entry already created this name on the filesystem of {} (it folds names); this tree cannot be restored there",
-                        self.dest.display()
-                    ),
-                    e => e.into(),
-                })?;
+                let file = self.create_file(parent, &at, entry)?;
                 let size = *size;
                 if !fresh {
                     self.stage(i, at);
                 }
                 let file = OpenFile {
                     entry: i,
-                    file: File::from(fd),
+                    file,
                     left: size,
                 };
                 match size {
                     0 => self.close_file(file)?,
-                    _ => self.file = Some(file),
+                    _ => self.file = Some(Receiving::Write(file)),
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Creates the file `at` in `parent` for `entry`, exclusively and never through a
+    /// symlink.
+    fn create_file(
+        &self,
+        parent: BorrowedFd<'_>,
+        at: &OsStr,
+        entry: &Entry,
+    ) -> anyhow::Result<File> {
+        let fd = rustix::fs::openat(
+            parent,
+            at,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            permissions(entry.mode),
+        )
+        .map_err(|e| match e {
+            Errno::EXIST => anyhow::anyhow!(
+                "another entry already created this name on the filesystem of {} (it folds names); this tree cannot be restored there",
+                self.dest.display()
+            ),
+            e => e.into(),
+        })?;
+        Ok(File::from(fd))
+    }
+
+    /// Opens the existing file of entry `i` to compare it with the bytes that come for
+    /// it (see [`FileAction::Compare`]).
+    fn start_comparing(&mut self, i: usize) -> anyhow::Result<()> {
+        self.open_visited_dirs()?;
+        let parent = match self.open_dirs.last() {
+            Some(d) => d.fd.as_ref().expect("opened above").as_fd(),
+            None => self.root.as_fd(),
+        };
+        let name = OsStr::from_bytes(split_path(&self.entries[i].path).1);
+        let existing = rustix::fs::openat(
+            parent,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let k = self
+            .plan
+            .compare
+            .binary_search_by_key(&i, |(entry, _)| *entry as usize)
+            .expect("a file to compare has its ranges");
+        let mut rest = std::mem::take(&mut self.plan.compare[k].1).into_iter();
+        self.file = Some(Receiving::Compare(Comparing {
+            entry: i,
+            existing: File::from(existing),
+            next: rest.next().unwrap_or(0..0),
+            rest,
+            copy: None,
+        }));
+        if let Some(Receiving::Compare(c)) = &self.file
+            && c.next.is_empty()
+        {
+            self.complete_receiving()?;
+        }
+        Ok(())
+    }
+
+    /// Hands `bytes`, from offset `from` of the file receiving, to it: written, or
+    /// compared with what the file holds. Returns whether it has all it takes.
+    fn receive(&mut self, from: u64, bytes: &[u8]) -> anyhow::Result<bool> {
+        let differs = match self.file.as_mut().expect("a file is receiving") {
+            Receiving::Write(f) => {
+                let path = &self.entries[f.entry].path;
+                f.file
+                    .write_all(bytes)
+                    .with_context(|| format!("cannot write {}", show(path)))?;
+                f.left -= bytes.len() as u64;
+                return Ok(f.left == 0);
+            }
+            Receiving::Compare(c) if c.copy.is_none() => {
+                use std::os::unix::fs::FileExt;
+                self.compare_buf.resize(bytes.len(), 0);
+                c.existing
+                    .read_exact_at(&mut self.compare_buf, from)
+                    .with_context(|| {
+                        format!("cannot read {}", show(&self.entries[c.entry].path))
+                    })?;
+                self.compare_buf != bytes
+            }
+            Receiving::Compare(_) => false,
+        };
+        if differs {
+            self.copy_existing()?;
+        }
+        let Some(Receiving::Compare(c)) = self.file.as_mut() else {
+            unreachable!("compared above");
+        };
+        if let Some(copy) = &c.copy {
+            use std::os::unix::fs::FileExt;
+            copy.write_all_at(bytes, from)
+                .with_context(|| format!("cannot write {}", show(&self.entries[c.entry].path)))?;
+        }
+        c.next.start += bytes.len() as u64;
+        if c.next.is_empty() {
+            match c.rest.next() {
+                Some(next) => c.next = next,
+                None => return Ok(true),
+            }
+        }
+        Ok(false)
+    }
+
+    /// The file being compared holds other bytes than the new tree's: it is written
+    /// after all, staged beside it as any other, starting as a copy of it (its bytes
+    /// outside the ranges still to come are the new tree's: the ranges compared so far
+    /// were equal, and the rest lie in chunks the record says it holds).
+    fn copy_existing(&mut self) -> anyhow::Result<()> {
+        let Some(Receiving::Compare(c)) = &self.file else {
+            unreachable!("only a file being compared is copied");
+        };
+        let (i, size) = (c.entry, file_size(&self.entries[c.entry]));
+        let parent = match self.open_dirs.last() {
+            Some(d) => d.fd.as_ref().expect("opened to compare").as_fd(),
+            None => self.root.as_fd(),
+        };
+        let at = OsString::from(format!("{NEW_PREFIX}{}", temp::unique_tag()));
+        let copy = self.create_file(parent, &at, &self.entries[i])?;
+        self.stage(i, at);
+        let Some(Receiving::Compare(c)) = self.file.as_mut() else {
+            unreachable!("checked above");
+        };
+        let copied = io::copy(&mut &c.existing, &mut &copy)
+            .with_context(|| format!("cannot copy {}", show(&self.entries[i].path)))?;
+        if copied != size {
+            bail!("{} changed during the restore", show(&self.entries[i].path));
+        }
+        c.copy = Some(copy);
+        self.plan.actions[i] = FileAction::Write;
+        Ok(())
+    }
+
+    /// The file receiving has all it takes: a written one gets its mode and times; a
+    /// compared one is kept (or touched) if it held the new bytes all along.
+    fn complete_receiving(&mut self) -> anyhow::Result<()> {
+        let c = match self.file.take().expect("a file is receiving") {
+            Receiving::Write(f) => return self.close_file(f),
+            Receiving::Compare(c) => c,
+        };
+        let (i, size) = (c.entry, file_size(&self.entries[c.entry]));
+        // What was compared (and copied) must be what the record vouched for all along.
+        let st = rustix::fs::fstat(&c.existing)?;
+        if Some(Stamp::of_stat(&st)) != self.plan.kept_stamp(i) {
+            bail!("{} changed during the restore", show(&self.entries[i].path));
+        }
+        if let Some(copy) = c.copy {
+            self.plan.write_bytes += size;
+            return self.close_file(OpenFile {
+                entry: i,
+                file: copy,
+                left: 0,
+            });
+        }
+        let e = &self.entries[i];
+        // The field types of `stat` differ between systems.
+        #[allow(clippy::unnecessary_cast)]
+        let same_meta = (st.st_mode as u32) & 0o7777 == e.mode & MODE_MASK
+            && (st.st_mtime as i64, st.st_mtime_nsec as u32) == (e.mtime, e.mtime_nsec);
+        self.plan.actions[i] = match same_meta {
+            true => FileAction::Keep,
+            false => {
+                self.touched.push(i);
+                FileAction::Touch
+            }
+        };
+        self.plan.kept_files += 1;
+        self.plan.kept_bytes += size;
         Ok(())
     }
 
@@ -925,14 +1199,13 @@ impl TreeUpdate {
     /// Returns the entries and each file's stamp (stream order) for the new tree
     /// state: kept files keep theirs, written and touched ones are stamped once in
     /// place.
-    pub fn finish(mut self) -> anyhow::Result<(Vec<Entry>, Vec<Option<Stamp>>)> {
+    pub fn finish(mut self) -> anyhow::Result<Updated> {
         self.feed_local_chunks()?;
         self.advance()?;
         if let Some(f) = &self.file {
             bail!(
-                "the content stream ended {} bytes short of {}",
-                f.left,
-                show(&self.entries[f.entry].path)
+                "the content stream ended short of {}",
+                show(&self.entries[f.entry()].path)
             );
         }
         while let Some(d) = self.open_dirs.pop() {
@@ -955,8 +1228,13 @@ impl TreeUpdate {
                 self.dest.display()
             )
         })?;
-        let stamps = self.plan.stamps(&self.entries, &self.stamps);
-        Ok((std::mem::take(&mut self.entries), stamps))
+        Ok(Updated {
+            stamps: self.plan.stamps(&self.entries, &self.stamps),
+            entries: std::mem::take(&mut self.entries),
+            kept_files: self.plan.kept_files,
+            kept_bytes: self.plan.kept_bytes,
+            written_bytes: self.plan.write_bytes,
+        })
     }
 
     fn commit(&mut self) -> anyhow::Result<()> {
@@ -1040,15 +1318,13 @@ impl TreeUpdate {
     /// Routes stream bytes from offset `at` to the file being written, skipping those
     /// of kept files that share its chunks.
     fn route(&mut self, mut at: u64, mut piece: &[u8]) -> io::Result<()> {
-        while let Some(f) = self.file.as_mut() {
+        while let Some(receiving) = self.file.as_ref() {
             if piece.is_empty() {
                 break;
             }
-            let size = match self.entries[f.entry].kind {
-                EntryKind::File { size } => size,
-                _ => unreachable!("only files receive content"),
-            };
-            let wanted = self.plan.offsets[f.entry] + (size - f.left);
+            let entry = receiving.entry();
+            let (from, room) = receiving.expecting(file_size(&self.entries[entry]));
+            let wanted = self.plan.offsets[entry] + from;
             if at < wanted {
                 let skip = piece.len().min((wanted - at) as usize);
                 (piece, at) = (&piece[skip..], at + skip as u64);
@@ -1057,18 +1333,17 @@ impl TreeUpdate {
             if at > wanted {
                 return Err(io::Error::other("the content stream is out of step"));
             }
-            let m = piece
-                .len()
-                .min(usize::try_from(f.left).unwrap_or(usize::MAX));
-            let path = &self.entries[f.entry].path;
-            f.file.write_all(&piece[..m]).map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot write {}: {e}", show(path)))
+            let m = piece.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+            let complete = self.receive(from, &piece[..m]).map_err(|e| {
+                // A full disk stays one for whoever reads the error.
+                let kind = e
+                    .downcast_ref::<io::Error>()
+                    .map_or(io::ErrorKind::Other, |e| e.kind());
+                io::Error::new(kind, format!("{e:#}"))
             })?;
-            f.left -= m as u64;
             (piece, at) = (&piece[m..], at + m as u64);
-            if f.left == 0 {
-                let f = self.file.take().expect("checked above");
-                self.close_file(f)
+            if complete {
+                self.complete_receiving()
                     .and_then(|()| self.advance())
                     .map_err(|e| io::Error::other(format!("{e:#}")))?;
             }

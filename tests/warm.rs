@@ -326,6 +326,79 @@ fn an_update_that_fails_part_way_leaves_dir_exactly_as_it_was() {
     sh("chmod -R u+w .", &work);
 }
 
+/// The inode at `path`: a file kept or touched in place keeps it, one written anew
+/// (staged, then renamed over the old) gets another.
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).unwrap().ino()
+}
+
+#[test]
+fn files_whose_neighbours_changed_are_compared_and_rewritten_only_if_they_differ() {
+    let env = TestEnv::s3("inplacecompare");
+    // Files of several chunks each: a new file between two of them changes the chunks
+    // where the stream crosses into and out of it, so the new entry cuts a.bin's end
+    // and c.bin's start otherwise than the record.
+    for (name, len, seed) in [
+        ("a.bin", 600_000, 1),
+        ("c.bin", 500_000, 2),
+        ("d.txt", 3_000, 3),
+        ("e.bin", 700_000, 4),
+        ("f.bin", 400_000, 5),
+    ] {
+        env.write(&format!("v1/{name}"), random_bytes(len, seed));
+    }
+    sh("touch -d '2022-01-01' v1/* && cp -a v1 v2", env.dir.path());
+    env.write("v2/b.bin", random_bytes(90_000, 6));
+    env.write("v2/g.bin", random_bytes(80_000, 7));
+    // e.bin: the same size, other bytes in its middle; f.bin: the same bytes, a new mtime.
+    let mut e = random_bytes(700_000, 4);
+    e[300_000..300_100].fill(b'X');
+    env.write("v2/e.bin", e);
+    sh(
+        "touch -d '2022-01-01' v2/b.bin v2/g.bin v2/e.bin && touch -d '2023-05-05' v2/f.bin",
+        env.dir.path(),
+    );
+    let (v1, v2) = (env.path("v1"), env.path("v2"));
+    env.run(["dir", "upload", "c/1", v1.to_str().unwrap()]).ok();
+    env.run(["dir", "upload", "c/2", v2.to_str().unwrap()]).ok();
+    let work = env.path("work");
+    env.run(["dir", "download", "c/1", work.to_str().unwrap()])
+        .ok();
+    let before: Vec<u64> = ["a.bin", "c.bin", "d.txt", "e.bin", "f.bin"]
+        .iter()
+        .map(|n| inode(&work.join(n)))
+        .collect();
+
+    let run = env.run(["dir", "download", "c/2", work.to_str().unwrap(), "--json"]);
+    let stats = json_stats(&run.ok().stdout);
+    assert_same(&snapshot(&work), &snapshot(&v2));
+    let after: Vec<u64> = ["a.bin", "c.bin", "d.txt", "e.bin", "f.bin"]
+        .iter()
+        .map(|n| inode(&work.join(n)))
+        .collect();
+    assert_eq!(
+        after[..3],
+        before[..3],
+        "a.bin, c.bin and d.txt left in place"
+    );
+    assert_ne!(after[3], before[3], "e.bin written anew");
+    assert_eq!(after[4], before[4], "f.bin only given its new mtime");
+    // Written: the two new files and e.bin, nothing else.
+    assert_eq!(
+        stats["disk_bytes"].as_u64(),
+        Some(90_000 + 80_000 + 700_000),
+        "{stats}"
+    );
+    assert_eq!(stats["unchanged_files"].as_u64(), Some(4), "{stats}");
+    assert_eq!(crate::util::temp_leftovers(&work), Vec::<String>::new());
+    // The record vouches for what is there now: the next upload reads nothing.
+    let up = env.run(["dir", "upload", "c/3", work.to_str().unwrap(), "--json"]);
+    assert_eq!(json_stats(&up.ok().stdout)["disk_bytes"].as_u64(), Some(0));
+    let (m2, m3) = (manifest(&env, "c/2"), manifest(&env, "c/3"));
+    assert_eq!((m2.table, m2.entries), (m3.table, m3.entries));
+}
+
 #[test]
 fn bytes_that_move_across_a_file_boundary_are_written_not_kept() {
     let env = TestEnv::s3("inplacesizes");

@@ -1005,16 +1005,12 @@ async fn restore_in_place(
     })
     .await?;
     let needed = plan.table.clone();
-    let mut stats = Stats {
-        unchanged_files: plan.kept_files,
-        unchanged_bytes: plan.kept_bytes,
-        disk_bytes: plan.write_bytes,
-        ..Stats::default()
-    };
+    let mut stats = Stats::default();
     ui::verbose(format!(
-        "{} holds {} files of {key} already; fetching {} chunks of {}",
+        "{} holds {} files of {key} already, and {} more cut otherwise in the new entry; fetching {} chunks of {}",
         dir.display(),
-        plan.kept_files,
+        plan.kept_files(),
+        plan.compare_files(),
         needed.chunks.len(),
         manifest.table.chunks.len()
     ));
@@ -1042,10 +1038,13 @@ async fn restore_in_place(
     let updater = updater.into_inner();
     let (dest, key) = (dir.to_path_buf(), key.to_string());
     tokio::task::spawn_blocking(move || {
-        let (entries, stamps) = updater.finish()?;
-        manifest.entries = entries;
+        let updated = updater.finish()?;
+        stats.unchanged_files = updated.kept_files;
+        stats.unchanged_bytes = updated.kept_bytes;
+        stats.disk_bytes = updated.written_bytes;
+        manifest.entries = updated.entries;
         if let Ok(dir) = dest.canonicalize() {
-            state::record(&dir, &key, &manifest, stamps, SystemTime::now());
+            state::record(&dir, &key, &manifest, updated.stamps, SystemTime::now());
         }
         Ok(stats)
     })
