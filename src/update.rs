@@ -6,6 +6,11 @@
 //!   new stream cover it with the same chunks at the same alignment (a chunk id is the
 //!   hash of its bytes, so the bytes are the same). Only the chunks of the other files
 //!   are fetched.
+//! - A file that holds the recorded bytes of its path and size, but that the new
+//!   stream covers with other chunks in places (a neighbour was added or removed, or
+//!   its own bytes were edited), is compared with the new bytes of those places only,
+//!   as they come: kept when they are equal, written otherwise (a staged copy of it
+//!   with those places written over).
 //! - Everything else is staged next to where it goes (`.cacher-new-*` files, symlinks
 //!   and whole new directory trees, each created exclusively and never through a
 //!   symlink) while those chunks are fetched and verified. Only then are the staged
@@ -22,6 +27,7 @@ use std::io::{self, Write};
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -52,9 +58,10 @@ enum FileAction {
     Keep,
     /// It holds the right bytes with another mode or mtime: set those.
     Touch,
-    /// It held the recorded bytes of its path and size, but the new stream cuts them
-    /// differently (a neighbour was added or removed): compare the chunks that differ
-    /// with it as they come, then keep or touch it, or write it if they differ.
+    /// It holds the recorded bytes of its path and size, but the new stream covers
+    /// some of them with other chunks (a neighbour was added or removed, or its own
+    /// bytes edited): compare it with those chunks as they come, then keep or touch
+    /// it, or write it if they differ.
     Compare,
 }
 
@@ -66,12 +73,13 @@ pub struct Plan {
     offsets: Vec<u64>,
     /// The chunks to fetch, in stream order.
     pub table: ChunkTable,
-    /// Every chunk that covers a file to write, in stream order.
+    /// Every chunk that covers a file to write or a place of a file to compare, in
+    /// stream order.
     needed: Vec<Needed>,
     /// The recorded files that hold bytes of chunks read locally (path in DIR, offset
     /// in the recorded stream, size), in stream order.
     local_files: Vec<(PathBuf, u64, u64)>,
-    /// Files kept, and their bytes (not counting files to compare).
+    /// Files to keep or touch, and their bytes.
     kept_files: u64,
     kept_bytes: u64,
     /// Bytes of the files to write, and of those to compare (which may be written).
@@ -81,8 +89,8 @@ pub struct Plan {
     /// start) that lie in chunks the recorded stream does not hold at the same place.
     /// The rest are the recorded bytes, which it still holds.
     compare: Vec<(u32, Vec<Range<u64>>)>,
-    /// Each kept or touched file (entry of the new tree, in order) with the recorded
-    /// file it is, whose stamp in `recorded` it has now. Not a map of stamps: on a
+    /// Each file to keep, touch or compare (entry of the new tree, in order) with the
+    /// recorded file it is, whose stamp in `recorded` it has now. Not a map of stamps: on a
     /// 10^6-file tree that cost 136 MB.
     kept: Vec<(u32, u32)>,
     /// The recorded files (without their paths), for their stamps.
@@ -112,10 +120,10 @@ impl Plan {
         self.kept_files
     }
 
-    /// Files DIR held the recorded bytes of, which the new entry cuts otherwise: they
-    /// are compared with the chunks that differ, then kept or written.
-    pub fn compare_files(&self) -> usize {
-        self.compare.len()
+    /// Files DIR holds the recorded bytes of that the new entry covers with other
+    /// chunks in places: compared there, then kept or written.
+    pub fn compare_files(&self) -> u64 {
+        self.compare.len() as u64
     }
 
     /// Each file's stamp for the record of the updated tree, in stream order: kept
@@ -265,9 +273,7 @@ pub fn plan(dir: &Path, survey: Survey, new: &Manifest) -> Plan {
             .and_then(|k| Some((k, intact[k]?)));
         let action = match here {
             Some((k, now)) if recorded.size(k) == size => {
-                // Setuid, setgid and sticky bits on disk differ from any restored mode.
-                let same_meta =
-                    now.mode & 0o7777 == e.mode & MODE_MASK && now.mtime == (e.mtime, e.mtime_nsec);
+                let same_meta = has_meta(now.mode, now.mtime, e);
                 let same_bytes = old.same_bytes(recorded.start(k), &fresh, at, size);
                 let action = match (same_bytes, same_meta) {
                     (true, true) => FileAction::Keep,
@@ -387,6 +393,24 @@ const RUNS_PER_WALKER: usize = 64;
 /// An index into a tree's entries or files, which are far fewer than 2^32.
 fn to_u32(i: usize) -> u32 {
     u32::try_from(i).expect("a tree has fewer than 2^32 entries")
+}
+
+/// Whether a file with `mode` and `mtime` on disk has those of entry `e`. (Setuid,
+/// setgid and sticky bits on disk differ from any restored mode.)
+fn has_meta(mode: u32, mtime: (i64, u32), e: &Entry) -> bool {
+    mode & 0o7777 == e.mode & MODE_MASK && mtime == (e.mtime, e.mtime_nsec)
+}
+
+/// The directory entries go in: the innermost open one, or DIR itself.
+fn parent_fd<'a>(open_dirs: &'a [OpenDir], root: &'a OwnedFd) -> BorrowedFd<'a> {
+    match open_dirs.last() {
+        Some(d) => {
+            d.fd.as_ref()
+                .expect("opened to visit an entry in it")
+                .as_fd()
+        }
+        None => root.as_fd(),
+    }
 }
 
 /// The size of a file entry.
@@ -641,6 +665,11 @@ pub struct TreeUpdate {
     file: Option<Receiving>,
     /// The bytes of a file being compared, read back.
     compare_buf: Vec<u8>,
+    /// Files kept or touched, their bytes, and the bytes of the files written: the
+    /// plan's, and then what the compared files turned out to be.
+    kept_files: u64,
+    kept_bytes: u64,
+    written_bytes: u64,
     /// Remove top-level entries the new tree lacks (`--delete`).
     mirror: bool,
     /// Paths the new tree was uploaded without: never removed.
@@ -669,7 +698,7 @@ pub struct TreeUpdate {
 
 impl TreeUpdate {
     /// Opens `dest`, refuses an update whose new files its filesystem has no room for,
-    /// and visits entries up to the first file to write.
+    /// and visits entries up to the first file that takes bytes from the stream.
     pub fn create(
         dest: &Path,
         entries: Vec<Entry>,
@@ -701,6 +730,8 @@ impl TreeUpdate {
         let listings = rustix::io::fcntl_dupfd_cloexec(&root, 0)
             .ok()
             .and_then(|root| ListingsAhead::start(root, dirs));
+        let (kept_files, kept_bytes, written_bytes) =
+            (plan.kept_files, plan.kept_bytes, plan.write_bytes);
         let mut update = TreeUpdate {
             dest: dest.to_path_buf(),
             root,
@@ -712,6 +743,9 @@ impl TreeUpdate {
             open_dirs: Vec::new(),
             file: None,
             compare_buf: Vec::new(),
+            kept_files,
+            kept_bytes,
+            written_bytes,
             mirror,
             keep,
             root_listed,
@@ -783,10 +817,7 @@ impl TreeUpdate {
         }
         let name = OsStr::from_bytes(split_path(&self.entries[i].path).1).to_os_string();
         self.open_visited_dirs()?;
-        let parent = match self.open_dirs.last() {
-            Some(d) => d.fd.as_ref().expect("opened above").as_fd(),
-            None => self.root.as_fd(),
-        };
+        let parent = parent_fd(&self.open_dirs, &self.root);
         let entry = &self.entries[i];
         let existing = match fresh {
             true => None,
@@ -946,10 +977,7 @@ impl TreeUpdate {
     /// it (see [`FileAction::Compare`]).
     fn start_comparing(&mut self, i: usize) -> anyhow::Result<()> {
         self.open_visited_dirs()?;
-        let parent = match self.open_dirs.last() {
-            Some(d) => d.fd.as_ref().expect("opened above").as_fd(),
-            None => self.root.as_fd(),
-        };
+        let parent = parent_fd(&self.open_dirs, &self.root);
         let name = OsStr::from_bytes(split_path(&self.entries[i].path).1);
         let existing = rustix::fs::openat(
             parent,
@@ -991,7 +1019,6 @@ impl TreeUpdate {
                 return Ok(f.left == 0);
             }
             Receiving::Compare(c) if c.copy.is_none() => {
-                use std::os::unix::fs::FileExt;
                 self.compare_buf.resize(bytes.len(), 0);
                 c.existing
                     .read_exact_at(&mut self.compare_buf, from)
@@ -1009,7 +1036,6 @@ impl TreeUpdate {
             unreachable!("compared above");
         };
         if let Some(copy) = &c.copy {
-            use std::os::unix::fs::FileExt;
             copy.write_all_at(bytes, from)
                 .with_context(|| format!("cannot write {}", show(&self.entries[c.entry].path)))?;
         }
@@ -1032,10 +1058,7 @@ impl TreeUpdate {
             unreachable!("only a file being compared is copied");
         };
         let (i, size) = (c.entry, file_size(&self.entries[c.entry]));
-        let parent = match self.open_dirs.last() {
-            Some(d) => d.fd.as_ref().expect("opened to compare").as_fd(),
-            None => self.root.as_fd(),
-        };
+        let parent = parent_fd(&self.open_dirs, &self.root);
         let at = OsString::from(format!("{NEW_PREFIX}{}", temp::unique_tag()));
         let copy = self.create_file(parent, &at, &self.entries[i])?;
         self.stage(i, at);
@@ -1045,7 +1068,10 @@ impl TreeUpdate {
         let copied = io::copy(&mut &c.existing, &mut &copy)
             .with_context(|| format!("cannot copy {}", show(&self.entries[i].path)))?;
         if copied != size {
-            bail!("{} changed during the restore", show(&self.entries[i].path));
+            bail!(
+                "{} changed while it was compared; run the restore again",
+                show(&self.entries[i].path)
+            );
         }
         c.copy = Some(copy);
         self.plan.actions[i] = FileAction::Write;
@@ -1063,21 +1089,26 @@ impl TreeUpdate {
         // What was compared (and copied) must be what the record vouched for all along.
         let st = rustix::fs::fstat(&c.existing)?;
         if Some(Stamp::of_stat(&st)) != self.plan.kept_stamp(i) {
-            bail!("{} changed during the restore", show(&self.entries[i].path));
+            bail!(
+                "{} changed while it was compared; run the restore again",
+                show(&self.entries[i].path)
+            );
         }
         if let Some(copy) = c.copy {
-            self.plan.write_bytes += size;
+            self.written_bytes += size;
             return self.close_file(OpenFile {
                 entry: i,
                 file: copy,
                 left: 0,
             });
         }
-        let e = &self.entries[i];
         // The field types of `stat` differ between systems.
         #[allow(clippy::unnecessary_cast)]
-        let same_meta = (st.st_mode as u32) & 0o7777 == e.mode & MODE_MASK
-            && (st.st_mtime as i64, st.st_mtime_nsec as u32) == (e.mtime, e.mtime_nsec);
+        let (mode, mtime) = (
+            st.st_mode as u32,
+            (st.st_mtime as i64, st.st_mtime_nsec as u32),
+        );
+        let same_meta = has_meta(mode, mtime, &self.entries[i]);
         self.plan.actions[i] = match same_meta {
             true => FileAction::Keep,
             false => {
@@ -1085,8 +1116,8 @@ impl TreeUpdate {
                 FileAction::Touch
             }
         };
-        self.plan.kept_files += 1;
-        self.plan.kept_bytes += size;
+        self.kept_files += 1;
+        self.kept_bytes += size;
         Ok(())
     }
 
@@ -1197,8 +1228,8 @@ impl TreeUpdate {
     /// Visits the entries left, then puts every staged entry in place, removes what
     /// the new tree lacks, and gives existing directories their new mode and times.
     /// Returns the entries and each file's stamp (stream order) for the new tree
-    /// state: kept files keep theirs, written and touched ones are stamped once in
-    /// place.
+    /// state (kept files keep theirs, written and touched ones are stamped once in
+    /// place), with what was kept and written.
     pub fn finish(mut self) -> anyhow::Result<Updated> {
         self.feed_local_chunks()?;
         self.advance()?;
@@ -1231,9 +1262,9 @@ impl TreeUpdate {
         Ok(Updated {
             stamps: self.plan.stamps(&self.entries, &self.stamps),
             entries: std::mem::take(&mut self.entries),
-            kept_files: self.plan.kept_files,
-            kept_bytes: self.plan.kept_bytes,
-            written_bytes: self.plan.write_bytes,
+            kept_files: self.kept_files,
+            kept_bytes: self.kept_bytes,
+            written_bytes: self.written_bytes,
         })
     }
 
@@ -1315,8 +1346,8 @@ impl TreeUpdate {
 }
 
 impl TreeUpdate {
-    /// Routes stream bytes from offset `at` to the file being written, skipping those
-    /// of kept files that share its chunks.
+    /// Routes stream bytes from offset `at` to the file receiving them (written or
+    /// compared), skipping those of other files that share its chunks.
     fn route(&mut self, mut at: u64, mut piece: &[u8]) -> io::Result<()> {
         while let Some(receiving) = self.file.as_ref() {
             if piece.is_empty() {
@@ -1334,13 +1365,9 @@ impl TreeUpdate {
                 return Err(io::Error::other("the content stream is out of step"));
             }
             let m = piece.len().min(usize::try_from(room).unwrap_or(usize::MAX));
-            let complete = self.receive(from, &piece[..m]).map_err(|e| {
-                // A full disk stays one for whoever reads the error.
-                let kind = e
-                    .downcast_ref::<io::Error>()
-                    .map_or(io::ErrorKind::Other, |e| e.kind());
-                io::Error::new(kind, format!("{e:#}"))
-            })?;
+            let complete = self
+                .receive(from, &piece[..m])
+                .map_err(|e| io::Error::other(format!("{e:#}")))?;
             (piece, at) = (&piece[m..], at + m as u64);
             if complete {
                 self.complete_receiving()
@@ -1377,7 +1404,6 @@ impl TreeUpdate {
     /// `len` bytes from offset `at` of the recorded stream, read from the files that
     /// held them (the plan checked that they still do).
     fn read_recorded(&self, at: u64, len: u64) -> io::Result<Vec<u8>> {
-        use std::os::unix::fs::FileExt;
         let files = &self.plan.local_files;
         let first = files.partition_point(|f| f.1 <= at).saturating_sub(1);
         let mut out = vec![0u8; len as usize];

@@ -345,18 +345,23 @@ fn files_whose_neighbours_changed_are_compared_and_rewritten_only_if_they_differ
         ("d.txt", 3_000, 3),
         ("e.bin", 700_000, 4),
         ("f.bin", 400_000, 5),
+        ("h1", 1_000, 8),
+        ("h2", 2_000, 9),
+        ("h4", 3_000, 10),
     ] {
         env.write(&format!("v1/{name}"), random_bytes(len, seed));
     }
     sh("touch -d '2022-01-01' v1/* && cp -a v1 v2", env.dir.path());
     env.write("v2/b.bin", random_bytes(90_000, 6));
     env.write("v2/g.bin", random_bytes(80_000, 7));
+    // Small files sharing one chunk with a new one among them: all compared.
+    env.write("v2/h3", random_bytes(500, 11));
     // e.bin: the same size, other bytes in its middle; f.bin: the same bytes, a new mtime.
     let mut e = random_bytes(700_000, 4);
     e[300_000..300_100].fill(b'X');
     env.write("v2/e.bin", e);
     sh(
-        "touch -d '2022-01-01' v2/b.bin v2/g.bin v2/e.bin && touch -d '2023-05-05' v2/f.bin",
+        "touch -d '2022-01-01' v2/b.bin v2/g.bin v2/e.bin v2/h3 && touch -d '2023-05-05' v2/f.bin",
         env.dir.path(),
     );
     let (v1, v2) = (env.path("v1"), env.path("v2"));
@@ -365,7 +370,7 @@ fn files_whose_neighbours_changed_are_compared_and_rewritten_only_if_they_differ
     let work = env.path("work");
     env.run(["dir", "download", "c/1", work.to_str().unwrap()])
         .ok();
-    let before: Vec<u64> = ["a.bin", "c.bin", "d.txt", "e.bin", "f.bin"]
+    let before: Vec<u64> = ["a.bin", "c.bin", "d.txt", "e.bin", "f.bin", "h1", "h2", "h4"]
         .iter()
         .map(|n| inode(&work.join(n)))
         .collect();
@@ -373,7 +378,7 @@ fn files_whose_neighbours_changed_are_compared_and_rewritten_only_if_they_differ
     let run = env.run(["dir", "download", "c/2", work.to_str().unwrap(), "--json"]);
     let stats = json_stats(&run.ok().stdout);
     assert_same(&snapshot(&work), &snapshot(&v2));
-    let after: Vec<u64> = ["a.bin", "c.bin", "d.txt", "e.bin", "f.bin"]
+    let after: Vec<u64> = ["a.bin", "c.bin", "d.txt", "e.bin", "f.bin", "h1", "h2", "h4"]
         .iter()
         .map(|n| inode(&work.join(n)))
         .collect();
@@ -384,13 +389,14 @@ fn files_whose_neighbours_changed_are_compared_and_rewritten_only_if_they_differ
     );
     assert_ne!(after[3], before[3], "e.bin written anew");
     assert_eq!(after[4], before[4], "f.bin only given its new mtime");
+    assert_eq!(after[5..], before[5..], "h1, h2 and h4 left in place");
     // Written: the two new files and e.bin, nothing else.
     assert_eq!(
         stats["disk_bytes"].as_u64(),
-        Some(90_000 + 80_000 + 700_000),
+        Some(90_000 + 80_000 + 500 + 700_000),
         "{stats}"
     );
-    assert_eq!(stats["unchanged_files"].as_u64(), Some(4), "{stats}");
+    assert_eq!(stats["unchanged_files"].as_u64(), Some(7), "{stats}");
     assert_eq!(crate::util::temp_leftovers(&work), Vec::<String>::new());
     // The record vouches for what is there now: the next upload reads nothing.
     let up = env.run(["dir", "upload", "c/3", work.to_str().unwrap(), "--json"]);

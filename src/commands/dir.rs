@@ -1007,7 +1007,7 @@ async fn restore_in_place(
     let needed = plan.table.clone();
     let mut stats = Stats::default();
     ui::verbose(format!(
-        "{} holds {} files of {key} already, and {} more cut otherwise in the new entry; fetching {} chunks of {}",
+        "{} holds {} files of {key} already, and {} more to compare where the entry's chunks differ; fetching {} chunks of {}",
         dir.display(),
         plan.kept_files(),
         plan.compare_files(),
