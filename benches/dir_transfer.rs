@@ -236,13 +236,14 @@ fn warm_path(g: &Server, home: &Path, name: &str, base: &str, bumped: &str) {
         walk_secs / baseline_up.secs
     );
     println!(
-        "{:<28} {:>12.2}s {:>11.2}s {:>8.3}   (received {:.2} MiB into empty, {:.2} MiB over the old tree)",
+        "{:<28} {:>12.2}s {:>11.2}s {:>8.3}   (received {:.2} MiB into empty, {:.2} MiB over the old tree, where it wrote {:.2} MiB)",
         "restore over old / empty",
         restore_empty.secs,
         restore_over.secs,
         restore_over.secs / restore_empty.secs,
         mib(empty_stats["wire_bytes"].as_u64().unwrap_or(0)),
         mib(over_stats["wire_bytes"].as_u64().unwrap_or(0)),
+        mib(over_stats["disk_bytes"].as_u64().unwrap_or(0)),
     );
     println!(
         "peak RSS MiB: warm upload {:.0}, restore into empty {:.0}, over the old tree {:.0}",

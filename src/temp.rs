@@ -33,6 +33,11 @@ const STALE_ASIDE: Duration = Duration::from_secs(3600);
 /// [`crate::update`]).
 pub const NEW_PREFIX: &str = ".cacher-new-";
 
+/// A fresh name to stage a new node under beside the entry it replaces.
+pub fn new_name() -> std::ffi::OsString {
+    format!("{NEW_PREFIX}{}", unique_tag()).into()
+}
+
 /// The tail of a temp name: the pid and a count, which no other call in this process
 /// nor another live process in this pid namespace repeats, then 64 random bits seeded
 /// from the OS (containers sharing a volume can share pids; leftovers of dead

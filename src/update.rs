@@ -832,7 +832,6 @@ impl TreeUpdate {
         };
         // Where a new node goes: its own name inside a staged tree, a temp name beside
         // what it replaces otherwise.
-        let staged_name = || OsString::from(format!("{NEW_PREFIX}{}", temp::unique_tag()));
         let mut staged = None;
         match &entry.kind {
             EntryKind::Dir => {
@@ -878,7 +877,7 @@ impl TreeUpdate {
                         }
                         let at = match fresh {
                             true => name.clone(),
-                            false => staged_name(),
+                            false => temp::new_name(),
                         };
                         rustix::fs::mkdirat(parent, &at, Mode::from_raw_mode(0o700))?;
                         let fd = Some(open_dir(parent, &at).inspect_err(|_| {
@@ -916,7 +915,7 @@ impl TreeUpdate {
                 }
                 let at = match fresh {
                     true => name.clone(),
-                    false => staged_name(),
+                    false => temp::new_name(),
                 };
                 rustix::fs::symlinkat(OsStr::from_bytes(target), parent, &at)?;
                 let times = timestamps(entry.mtime, entry.mtime_nsec);
@@ -928,7 +927,7 @@ impl TreeUpdate {
             EntryKind::File { size } => {
                 let at = match fresh {
                     true => name.clone(),
-                    false => staged_name(),
+                    false => temp::new_name(),
                 };
                 let file = self.create_file(parent, &at, entry)?;
                 let size = *size;
@@ -1059,7 +1058,7 @@ impl TreeUpdate {
         };
         let (i, size) = (c.entry, file_size(&self.entries[c.entry]));
         let parent = parent_fd(&self.open_dirs, &self.root);
-        let at = OsString::from(format!("{NEW_PREFIX}{}", temp::unique_tag()));
+        let at = temp::new_name();
         let copy = self.create_file(parent, &at, &self.entries[i])?;
         self.stage(i, at);
         let Some(Receiving::Compare(c)) = self.file.as_mut() else {

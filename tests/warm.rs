@@ -336,6 +336,25 @@ fn inode(path: &Path) -> u64 {
 #[test]
 fn files_whose_neighbours_changed_are_compared_and_rewritten_only_if_they_differ() {
     let env = TestEnv::s3("inplacecompare");
+    compared_not_rewritten(&env, false);
+}
+
+#[test]
+fn files_are_compared_for_an_unprivileged_user_over_a_read_only_tree() {
+    let env = TestEnv::s3("inplacecompare-ro");
+    if !crate::util::can_switch_users("files_are_compared_for_an_unprivileged_user") {
+        return;
+    }
+    compared_not_rewritten(&env, true);
+}
+
+/// Restores v1 into an existing DIR, then v2 over it, where v2 adds files between
+/// files of several chunks and among small ones, edits one file in its middle (same
+/// size) and gives another a new mtime; `unprivileged`: as nobody, with both versions
+/// read-only (directories 0555, files 0444, as a Go module cache is). The files sit in
+/// a directory: top-level files renamed into an existing DIR are not recorded (the
+/// rename changes their ctime).
+fn compared_not_rewritten(env: &TestEnv, unprivileged: bool) {
     // Files of several chunks each: a new file between two of them changes the chunks
     // where the stream crosses into and out of it, so the new entry cuts a.bin's end
     // and c.bin's start otherwise than the record.
@@ -349,39 +368,57 @@ fn files_whose_neighbours_changed_are_compared_and_rewritten_only_if_they_differ
         ("h2", 2_000, 9),
         ("h4", 3_000, 10),
     ] {
-        env.write(&format!("v1/{name}"), random_bytes(len, seed));
+        env.write(&format!("v1/pkg/{name}"), random_bytes(len, seed));
     }
-    sh("touch -d '2022-01-01' v1/* && cp -a v1 v2", env.dir.path());
-    env.write("v2/b.bin", random_bytes(90_000, 6));
-    env.write("v2/g.bin", random_bytes(80_000, 7));
+    sh(
+        "touch -d '2022-01-01' v1/pkg/* && cp -a v1 v2",
+        env.dir.path(),
+    );
+    env.write("v2/pkg/b.bin", random_bytes(90_000, 6));
+    env.write("v2/pkg/g.bin", random_bytes(80_000, 7));
     // Small files sharing one chunk with a new one among them: all compared.
-    env.write("v2/h3", random_bytes(500, 11));
+    env.write("v2/pkg/h3", random_bytes(500, 11));
     // e.bin: the same size, other bytes in its middle; f.bin: the same bytes, a new mtime.
     let mut e = random_bytes(700_000, 4);
     e[300_000..300_100].fill(b'X');
-    env.write("v2/e.bin", e);
+    env.write("v2/pkg/e.bin", e);
     sh(
-        "touch -d '2022-01-01' v2/b.bin v2/g.bin v2/e.bin v2/h3 && touch -d '2023-05-05' v2/f.bin",
+        "cd v2/pkg && touch -d '2022-01-01' b.bin g.bin e.bin h3 && touch -d '2023-05-05' f.bin",
         env.dir.path(),
     );
+    if unprivileged {
+        sh(
+            "chmod a-w v1/pkg/* v2/pkg/* && chmod 555 v1/pkg v2/pkg",
+            env.dir.path(),
+        );
+    }
     let (v1, v2) = (env.path("v1"), env.path("v2"));
     env.run(["dir", "upload", "c/1", v1.to_str().unwrap()]).ok();
     env.run(["dir", "upload", "c/2", v2.to_str().unwrap()]).ok();
     let work = env.path("work");
-    env.run(["dir", "download", "c/1", work.to_str().unwrap()])
-        .ok();
-    let before: Vec<u64> = ["a.bin", "c.bin", "d.txt", "e.bin", "f.bin", "h1", "h2", "h4"]
+    std::fs::create_dir(&work).unwrap();
+    let run = |args: &[&str]| match unprivileged {
+        true => env.run_unprivileged(args),
+        false => env.run(args),
+    };
+    if unprivileged {
+        env.give_to_nobody(&work);
+    }
+    run(&["dir", "download", "c/1", work.to_str().unwrap()]).ok();
+    let inodes = || -> Vec<u64> {
+        [
+            "a.bin", "c.bin", "d.txt", "e.bin", "f.bin", "h1", "h2", "h4",
+        ]
         .iter()
-        .map(|n| inode(&work.join(n)))
-        .collect();
+        .map(|n| inode(&work.join("pkg").join(n)))
+        .collect()
+    };
+    let before = inodes();
 
-    let run = env.run(["dir", "download", "c/2", work.to_str().unwrap(), "--json"]);
-    let stats = json_stats(&run.ok().stdout);
+    let run2 = run(&["dir", "download", "c/2", work.to_str().unwrap(), "--json"]);
+    let stats = json_stats(&run2.ok().stdout);
     assert_same(&snapshot(&work), &snapshot(&v2));
-    let after: Vec<u64> = ["a.bin", "c.bin", "d.txt", "e.bin", "f.bin", "h1", "h2", "h4"]
-        .iter()
-        .map(|n| inode(&work.join(n)))
-        .collect();
+    let after = inodes();
     assert_eq!(
         after[..3],
         before[..3],
@@ -390,7 +427,7 @@ fn files_whose_neighbours_changed_are_compared_and_rewritten_only_if_they_differ
     assert_ne!(after[3], before[3], "e.bin written anew");
     assert_eq!(after[4], before[4], "f.bin only given its new mtime");
     assert_eq!(after[5..], before[5..], "h1, h2 and h4 left in place");
-    // Written: the two new files and e.bin, nothing else.
+    // Written: the new files and e.bin, nothing else.
     assert_eq!(
         stats["disk_bytes"].as_u64(),
         Some(90_000 + 80_000 + 500 + 700_000),
@@ -399,10 +436,13 @@ fn files_whose_neighbours_changed_are_compared_and_rewritten_only_if_they_differ
     assert_eq!(stats["unchanged_files"].as_u64(), Some(7), "{stats}");
     assert_eq!(crate::util::temp_leftovers(&work), Vec::<String>::new());
     // The record vouches for what is there now: the next upload reads nothing.
-    let up = env.run(["dir", "upload", "c/3", work.to_str().unwrap(), "--json"]);
+    let up = run(&["dir", "upload", "c/3", work.to_str().unwrap(), "--json"]);
     assert_eq!(json_stats(&up.ok().stdout)["disk_bytes"].as_u64(), Some(0));
-    let (m2, m3) = (manifest(&env, "c/2"), manifest(&env, "c/3"));
+    let (m2, m3) = (manifest(env, "c/2"), manifest(env, "c/3"));
     assert_eq!((m2.table, m2.entries), (m3.table, m3.entries));
+    if unprivileged {
+        sh("chmod -R u+w v1 v2 work", env.dir.path());
+    }
 }
 
 #[test]
