@@ -74,8 +74,9 @@ pub struct Finished {
     pub visible_from: std::time::SystemTime,
     /// The entries restored.
     pub entries: Vec<Entry>,
-    /// Each file's stamp once complete, in stream order; `None` for files the swap
-    /// itself touched afterwards (top-level ones: a rename changes the ctime).
+    /// Each file's stamp once complete, in stream order; a top-level file moved into
+    /// DIR by the swap is stamped again where it landed (a rename changes the ctime),
+    /// or `None` if what is there is no longer the file written.
     pub stamps: Vec<Option<Stamp>>,
 }
 
@@ -104,6 +105,8 @@ pub struct Restorer {
     writers: Writers,
     /// Each file's stamp once complete (see [`Restorer::finish`]).
     stamps: Vec<Option<Stamp>>,
+    /// The top-level files (ordinal, entry): a swap renames them into DIR one by one.
+    top_level_files: Vec<(usize, usize)>,
     /// Remove top-level entries of DIR that the tree lacks (`--delete`).
     mirror: bool,
 }
@@ -161,6 +164,7 @@ impl Restorer {
             file: None,
             writers: Writers::start()?,
             stamps: Vec::new(),
+            top_level_files: Vec::new(),
             mirror: false,
         };
         temp::remove_stale_leftovers(&temp::parent_of(dest));
@@ -326,15 +330,13 @@ impl Restorer {
 
     fn close_file(&mut self, f: OpenFile) -> anyhow::Result<()> {
         let e = &self.entries[f.entry];
-        // A top-level file is renamed into DIR by the swap, which changes its ctime
-        // (not when the whole tree is renamed into a new DIR).
-        let top_level = !e.path.contains(&b'/') && self.new_name.is_none();
+        if !e.path.contains(&b'/') {
+            self.top_level_files.push((f.ordinal, f.entry));
+        }
         match f.content {
             Content::Direct(file) => {
                 complete_file(file.as_fd(), e)?;
-                if !top_level {
-                    self.stamps[f.ordinal] = file.metadata().ok().map(|m| Stamp::of(&m));
-                }
+                self.stamps[f.ordinal] = file.metadata().ok().map(|m| Stamp::of(&m));
                 // A writer's failure ends the restore now, not after the stream.
                 self.take_reports()?;
             }
@@ -347,7 +349,6 @@ impl Restorer {
                     name,
                     meta: e.clone(),
                     data,
-                    stamp: !top_level,
                 })?;
                 self.take_reports()?;
             }
@@ -450,8 +451,11 @@ impl Restorer {
             }
         }
         // A DIR that did not exist holds nothing else (and `root` is its parent then).
-        if self.mirror && self.new_name.is_none() {
-            self.remove_others()?;
+        if self.new_name.is_none() {
+            self.stamp_swapped_files();
+            if self.mirror {
+                self.remove_others()?;
+            }
         }
         Ok(Finished {
             visible_from,
@@ -477,6 +481,24 @@ impl Restorer {
             let _ = temp::remove_tree(parent.as_fd(), &name);
         }
         swapped
+    }
+
+    /// Stamps the top-level files again where the swap renamed them in DIR, if what is
+    /// there is still the file written (same device, inode, size and mtime), as
+    /// `TreeUpdate::commit` does: the rename changed their ctime.
+    fn stamp_swapped_files(&mut self) {
+        for &(ordinal, entry) in &self.top_level_files {
+            let Some(written) = self.stamps[ordinal] else {
+                continue;
+            };
+            let name = OsStr::from_bytes(&self.entries[entry].path);
+            let now = rustix::fs::statat(&self.root, name, AtFlags::SYMLINK_NOFOLLOW)
+                .map(|st| Stamp::of_stat(&st));
+            self.stamps[ordinal] = now.ok().filter(|now| {
+                (now.dev, now.ino, now.size, now.mtime)
+                    == (written.dev, written.ino, written.size, written.mtime)
+            });
+        }
     }
 
     /// Renames the temp dir to DIR, which did not exist, and gives it the mode a new

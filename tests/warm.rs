@@ -170,6 +170,47 @@ fn an_upload_after_an_upload_reads_nothing_unchanged() {
 }
 
 #[test]
+fn a_restore_into_an_existing_dir_vouches_for_its_top_level_files_too() {
+    let env = TestEnv::s3("warmtop");
+    let src = make_tree(&env, "src", 5);
+    // Top-level files of both kinds the restore writes: gathered for a writer thread,
+    // and written as they arrive (above 256 KiB).
+    env.write("src/small.txt", "small\n");
+    env.write("src/large.bin", random_bytes(400_000, 7));
+    let files = sh("find . -type f | wc -l", &src)
+        .trim()
+        .parse::<u64>()
+        .unwrap();
+    env.run(["dir", "upload", "a", src.to_str().unwrap()]).ok();
+    // DIR exists (a runner's workspace, a mount point): the swap renames each
+    // top-level entry into it, which changes their ctime.
+    let work = env.path("work");
+    std::fs::create_dir(&work).unwrap();
+    env.run(["dir", "download", "a", work.to_str().unwrap()])
+        .ok();
+    let again = env.run(["dir", "upload", "b", work.to_str().unwrap(), "--json"]);
+    let stats = json_stats(&again.ok().stdout);
+    assert_eq!(stats["disk_bytes"].as_u64(), Some(0), "{stats}");
+    assert_eq!(stats["unchanged_files"].as_u64(), Some(files), "{stats}");
+    // A top-level file rewritten after the restore with its size and mtime kept is
+    // still caught (its ctime moved).
+    sh(
+        "cp -p large.bin ../ref && printf 'X' | dd of=large.bin bs=1 seek=10 conv=notrunc status=none \
+         && touch -r ../ref large.bin",
+        &work,
+    );
+    let changed = env.run(["dir", "upload", "c", work.to_str().unwrap(), "--json"]);
+    let stats = json_stats(&changed.ok().stdout);
+    assert!(stats["disk_bytes"].as_u64().unwrap() >= 400_000, "{stats}");
+    assert_eq!(
+        stats["unchanged_files"].as_u64(),
+        Some(files - 1),
+        "{stats}"
+    );
+    assert_ne!(manifest(&env, "a").table, manifest(&env, "c").table);
+}
+
+#[test]
 fn a_corrupt_state_or_one_from_another_prefix_still_gives_a_complete_entry() {
     let mut env = TestEnv::s3("warmstale");
     let src = make_tree(&env, "src", 20);
@@ -351,9 +392,7 @@ fn files_are_compared_for_an_unprivileged_user_over_a_read_only_tree() {
 /// Restores v1 into an existing DIR, then v2 over it, where v2 adds files between
 /// files of several chunks and among small ones, edits one file in its middle (same
 /// size) and gives another a new mtime; `unprivileged`: as nobody, with both versions
-/// read-only (directories 0555, files 0444, as a Go module cache is). The files sit in
-/// a directory: top-level files renamed into an existing DIR are not recorded (the
-/// rename changes their ctime).
+/// read-only (directories 0555, files 0444, as a Go module cache is).
 fn compared_not_rewritten(env: &TestEnv, unprivileged: bool) {
     // Files of several chunks each: a new file between two of them changes the chunks
     // where the stream crosses into and out of it, so the new entry cuts a.bin's end

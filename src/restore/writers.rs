@@ -61,8 +61,6 @@ pub(super) struct SmallFile {
     /// Its entry (mode, times, path for errors) and content.
     pub meta: Entry,
     pub data: Vec<u8>,
-    /// Whether to take its stamp once complete (see `Finished::stamps`).
-    pub stamp: bool,
 }
 
 /// A file the writers could not make.
@@ -226,7 +224,7 @@ fn work(queue: &Mutex<Receiver<Vec<SmallFile>>>, report: &Sender<Done>) {
 }
 
 /// Creates `job`'s file exclusively in its parent, writes it, and gives it its mode and
-/// times; its stamp when asked for.
+/// times; its stamp then.
 fn write_small(job: SmallFile) -> Result<Option<Stamp>, Failure> {
     let fd = rustix::fs::openat(
         job.parent.fd.as_fd(),
@@ -246,8 +244,5 @@ fn write_small(job: SmallFile) -> Result<Option<Stamp>, Failure> {
         ))
     })?;
     super::complete_file(file.as_fd(), &job.meta).map_err(Failure::Other)?;
-    Ok(match job.stamp {
-        true => file.metadata().ok().map(|m| Stamp::of(&m)),
-        false => None,
-    })
+    Ok(file.metadata().ok().map(|m| Stamp::of(&m)))
 }
