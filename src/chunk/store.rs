@@ -360,6 +360,17 @@ impl Known {
             .or_else(|| self.reusable(id, len))
     }
 
+    /// Whether reusing `pack` needs a refresh first: it is older than [`REFRESH_AGE`]
+    /// (as looked up; packs this command sent count as new).
+    fn needs_refresh(&self, pack: &Id) -> bool {
+        self.packs.seen(pack).is_some_and(|info| {
+            SystemTime::now()
+                .duration_since(info.modified)
+                .unwrap_or_default()
+                > REFRESH_AGE
+        })
+    }
+
     /// `loc` if its pack exists and holds it, for a chunk of `len` bytes.
     fn plausible(&self, loc: Location, len: usize) -> Option<Location> {
         let pack = self.packs.info(&loc.pack)?;
@@ -832,6 +843,12 @@ impl ChunkStore {
             },
         };
         known.finish().await?;
+        // Reused packs are refreshed beside the last packs' PUTs, not after them: a
+        // warm upload reuses dozens, and on S3 a copy takes as long as a small PUT. Not
+        // during the cut, which they slowed where the server shares the runner's cores.
+        let reused: HashSet<Id> = chunked.locations.values().map(|l| l.pack).collect();
+        let stale = reused.into_iter().filter(|p| known.needs_refresh(p));
+        let refreshing = tokio::spawn(self.clone().refresh_packs(stale.collect()));
         let stats = std::mem::take(&mut chunked.stats);
         let table = table_of(chunked.order.iter().map(|id| (*id, chunked.locations[id])));
         let store = self.clone();
@@ -846,9 +863,7 @@ impl ChunkStore {
                     Ok(written.iter().map(|(_, len)| len).sum::<u64>())
                 })
             }));
-            store
-                .refresh_reused_packs(&known, &chunked.locations)
-                .await?;
+            refreshing.await.context("the pack refresher stopped")??;
             Ok((wire_bytes, indexing))
         });
         Ok((Sent { stats, table }, Landing(landing)))
@@ -1018,23 +1033,13 @@ impl ChunkStore {
     /// Gives reused packs older than [`REFRESH_AGE`] a new modification time, so a gc
     /// running now cannot take them for old garbage before our manifest lands (see
     /// docs/format.md, "Garbage collection"). A pack that vanished fails the upload.
-    async fn refresh_reused_packs(
-        &self,
-        known: &Known,
-        locations: &HashMap<Id, Location>,
-    ) -> anyhow::Result<()> {
-        let now = SystemTime::now();
-        let reused: HashSet<Id> = locations.values().map(|l| l.pack).collect();
-        let stale = reused.into_iter().filter(|p| {
-            known.packs.seen(p).is_some_and(|info| {
-                now.duration_since(info.modified).unwrap_or_default() > REFRESH_AGE
-            })
-        });
+    async fn refresh_packs(self, stale: Vec<Id>) -> anyhow::Result<()> {
+        let this = &self;
         futures::stream::iter(stale)
             .map(|pack| async move {
-                self.transfer
+                this.transfer
                     .store()
-                    .touch(&self.pack_key(&pack))
+                    .touch(&this.pack_key(&pack))
                     .await
                     .map_err(|e| match e {
                         StoreError::NotFound(_) => anyhow::anyhow!(
