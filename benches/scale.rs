@@ -283,7 +283,7 @@ async fn build_prefix(
             manifests.push((key, manifest.encode()));
         }
         chunk_store
-            .write_segments(&segment, MAX_SEGMENT_CHUNKS)
+            .write_index(&segment, MAX_SEGMENT_CHUNKS)
             .await
             .expect("segment");
     }

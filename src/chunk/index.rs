@@ -143,18 +143,18 @@ impl FilterIndex {
 }
 
 /// The filters of the index segments `listed`, as an index, and the segments without
-/// a usable one (written by cacher before filters, or whose filter is gone or
-/// damaged), which are read whole.
+/// a usable one among `filters` (written by cacher before filters, or whose filter is
+/// gone or damaged, or was written after `filters` were listed), which are read whole.
 pub async fn load_filters(
     chunks: &ChunkStore,
     listed: Vec<ObjectInfo>,
+    filters: Vec<ObjectInfo>,
 ) -> anyhow::Result<(Option<FilterIndex>, Vec<ObjectInfo>)> {
     if listed.is_empty() {
         return Ok((None, listed));
     }
     let layout = chunks.layout();
-    let filters: HashMap<Id, ObjectInfo> = list_filters(chunks)
-        .await?
+    let filters: HashMap<Id, ObjectInfo> = filters
         .into_iter()
         .filter_map(|o| Some((layout.filter_segment(&o.key)?, o)))
         .collect();
@@ -258,9 +258,9 @@ async fn read_filter(chunks: &ChunkStore, filter: &ObjectInfo) -> Option<Vec<u64
 /// The newest of the index summaries `summaries`, and the keys of the segments among
 /// `listed` it describes (which an upload then need not read). `None` when there is
 /// none, or the newest does not decode (a warning; the segments are then read whole).
-/// An older summary is never used: it describes segments a later gc replaced. List
-/// summaries before segments: the segments of a summary listed first are listed too,
-/// unless a gc replaced them meanwhile.
+/// An older summary is never used: it describes segments a later gc replaced. A
+/// summary listed after the segments may describe segments not listed; those are
+/// simply not covered.
 pub async fn load_summary(
     chunks: &ChunkStore,
     summaries: Vec<ObjectInfo>,
@@ -301,7 +301,7 @@ pub async fn list_summaries(chunks: &ChunkStore) -> anyhow::Result<Vec<ObjectInf
 }
 
 /// The index segment filter objects listed now.
-async fn list_filters(chunks: &ChunkStore) -> anyhow::Result<Vec<ObjectInfo>> {
+pub async fn list_filters(chunks: &ChunkStore) -> anyhow::Result<Vec<ObjectInfo>> {
     chunks
         .list_internal(&chunks.layout().filter_prefix(), "index segment filters")
         .await

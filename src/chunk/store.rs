@@ -213,6 +213,16 @@ struct Index {
     filtered: Option<FilterIndex>,
 }
 
+/// The index of the prefix being read, from [`ChunkStore::start_reading_index`].
+pub struct IndexReading(tokio::task::JoinHandle<anyhow::Result<Index>>);
+
+impl IndexReading {
+    /// Stops the read: the index is not needed after all.
+    pub fn abort(self) {
+        self.0.abort();
+    }
+}
+
 /// The index of the prefix, loading on a task of its own: reading it takes several
 /// requests in turn, which a warm upload would otherwise wait for before cutting its
 /// tree. The first lookup that needs it waits for it.
@@ -667,12 +677,14 @@ impl ChunkStore {
 
     /// The chunks the bucket holds now: those of `likely`, the chunk tables of the
     /// entries the trees came from (their packs are looked up at once), and what the
-    /// index says, gc's summary and every index segment it does not describe (written
-    /// by uploads since), read on a task of its own meanwhile. Other packs are looked
-    /// up when a chunk in them would be reused.
-    pub async fn known(&self, likely: &[&ChunkTable]) -> anyhow::Result<Known> {
-        let reader = self.clone();
-        let loading = tokio::spawn(async move { reader.read_index().await });
+    /// index says (`index`, being read), gc's summary and every index segment it does
+    /// not describe (written by uploads since). Other packs are looked up when a chunk
+    /// in them would be reused.
+    pub async fn known(
+        &self,
+        likely: &[&ChunkTable],
+        index: IndexReading,
+    ) -> anyhow::Result<Known> {
         let mut chunks: Vec<(Id, Location)> = likely
             .iter()
             .flat_map(|t| {
@@ -686,7 +698,7 @@ impl ChunkStore {
         let known = Known {
             likely: chunks,
             packs: PackCheck::lazy(self),
-            index: PendingIndex::reading(loading),
+            index: PendingIndex::reading(index.0),
             ..Known::default()
         };
         let packs: Vec<Id> = likely
@@ -697,11 +709,27 @@ impl ChunkStore {
         Ok(known)
     }
 
+    /// Starts reading the index of the prefix on a task of its own, for
+    /// [`ChunkStore::known`]: it takes several requests in turn, so an upload starts it
+    /// first, beside its own first requests (where the bucket is far, each is a round
+    /// trip the cut would wait for).
+    pub fn start_reading_index(&self) -> IndexReading {
+        let reader = self.clone();
+        IndexReading(tokio::spawn(async move { reader.read_index().await }))
+    }
+
     /// The index of the prefix, for [`ChunkStore::known`].
     async fn read_index(&self) -> anyhow::Result<Index> {
         let mut index = Index::default();
-        let summaries = super::index::list_summaries(self).await?;
-        let mut listed = self.list_segments().await?;
+        // Listed at once: one round trip instead of three where the bucket is far. A
+        // segment, filter or summary another job writes meanwhile may then be missed
+        // by one listing and not the other, which costs a fetch or a reuse, never
+        // correctness: the index is a cache (docs/format.md, "Index segments").
+        let (summaries, mut listed, filters) = tokio::try_join!(
+            super::index::list_summaries(self),
+            self.list_segments(),
+            super::index::list_filters(self),
+        )?;
         if listed.is_empty() {
             return Ok(index);
         }
@@ -710,7 +738,7 @@ impl ChunkStore {
             listed.retain(|o| !covered.contains(&o.key));
             index.summarized = Some(summarized);
         }
-        let (filtered, listed) = super::index::load_filters(self, listed).await?;
+        let (filtered, listed) = super::index::load_filters(self, listed, filters).await?;
         let segments = self.read_listed_segments(listed).await?;
         let unsummarized = segments
             .tables
@@ -851,16 +879,19 @@ impl ChunkStore {
         let refreshing = tokio::spawn(self.clone().refresh_packs(stale.collect()));
         let stats = std::mem::take(&mut chunked.stats);
         let table = table_of(chunked.order.iter().map(|id| (*id, chunked.locations[id])));
+        let new = table_of(chunked.new_chunks.iter().map(|(id, loc)| (*id, *loc)));
+        let segments = NewSegments::encode(&self.layout, &new, MAX_SEGMENT_CHUNKS);
+        // The filters go out beside the last packs: a segment waits for its packs, and
+        // for its filter, so that a segment listed has one.
+        let filtering = tokio::spawn(self.clone().write_filters(segments.filters()));
         let store = self.clone();
         let landing = tokio::spawn(async move {
             let wire_bytes = uploads.await.context(UPLOADS_STOPPED)??;
-            // Once the packs they point into are in.
-            let indexing = Indexing((!chunked.new_chunks.is_empty()).then(|| {
-                let table = table_of(chunked.new_chunks.iter().map(|(id, loc)| (*id, *loc)));
+            let indexing = Indexing((!segments.is_empty()).then(|| {
                 let store = store.clone();
                 tokio::spawn(async move {
-                    let written = store.write_segments(&table, MAX_SEGMENT_CHUNKS).await?;
-                    Ok(written.iter().map(|(_, len)| len).sum::<u64>())
+                    let filters = filtering.await.context(UPLOADS_STOPPED)?;
+                    Ok(filters + store.write_segments(segments).await?)
                 })
             }));
             refreshing.await.context("the pack refresher stopped")??;
@@ -998,35 +1029,49 @@ impl ChunkStore {
         Ok(Named::Bytes(data))
     }
 
-    /// Writes `table` as index segments of at most `max_chunks` chunks each (so no
-    /// reader rejects one, however large the table); returns each key and size.
-    pub async fn write_segments(
-        &self,
-        table: &ChunkTable,
-        max_chunks: usize,
-    ) -> anyhow::Result<Vec<(String, u64)>> {
-        futures::stream::iter(split_table(table, max_chunks))
-            .map(|part| async move {
-                let data = Bytes::from(part.encode_index());
-                let id = Id::of(&data);
-                let key = self.layout.segment_key(&id);
-                let ids = part.chunks.iter().map(|c| &c.id);
-                let filter = Bytes::from(summary::encode_filter(ids));
-                let len = (data.len() + filter.len()) as u64;
-                // Before its segment, so a segment listed has its filter; a filter is
-                // only a shortcut: without one, the segment is read whole.
-                let filter_key = self.layout.filter_key(&id);
-                if let Err(e) = self.transfer.put_bytes(&filter_key, filter).await {
-                    ui::warn(format!("cannot write the index filter {filter_key}: {e}"));
+    /// Writes `table` as index segments of at most `max_chunks` chunks each, each after
+    /// its filter; the bytes they took. An upload writes its own in two steps (see
+    /// [`ChunkStore::start_sending`]).
+    pub async fn write_index(&self, table: &ChunkTable, max_chunks: usize) -> anyhow::Result<u64> {
+        let segments = NewSegments::encode(&self.layout, table, max_chunks);
+        let filters = self.clone().write_filters(segments.filters()).await;
+        Ok(filters + self.write_segments(segments).await?)
+    }
+
+    /// Writes the filters of index segments (see [`NewSegments`]); the bytes they took.
+    /// A filter is only a shortcut (without one, its segment is read whole), so one
+    /// that cannot be written is a warning.
+    async fn write_filters(self, filters: Vec<(String, Bytes)>) -> u64 {
+        let transfer = &self.transfer;
+        futures::stream::iter(filters)
+            .map(|(key, filter)| async move {
+                let len = filter.len() as u64;
+                match transfer.put_bytes(&key, filter).await {
+                    Ok(_) => len,
+                    Err(e) => {
+                        ui::warn(format!("cannot write the index filter {key}: {e}"));
+                        0
+                    }
                 }
+            })
+            .buffer_unordered(transfer.jobs())
+            .fold(0, |sum, len| async move { sum + len })
+            .await
+    }
+
+    /// Writes index segments, once their packs and filters are in; the bytes they took.
+    async fn write_segments(&self, segments: NewSegments) -> anyhow::Result<u64> {
+        futures::stream::iter(segments.0)
+            .map(|segment| async move {
+                let len = segment.data.len() as u64;
                 self.transfer
-                    .put_bytes(&key, data)
+                    .put_bytes(&segment.key, segment.data)
                     .await
                     .context("cannot write an index segment")?;
-                Ok::<_, anyhow::Error>((key, len))
+                Ok::<_, anyhow::Error>(len)
             })
             .buffer_unordered(self.transfer.jobs())
-            .try_collect()
+            .try_fold(0, |sum, len| async move { Ok(sum + len) })
             .await
     }
 
@@ -1374,6 +1419,46 @@ pub fn split_table(table: &ChunkTable, max_chunks: usize) -> Vec<ChunkTable> {
             )
         })
         .collect()
+}
+
+/// The index segments of the chunks an upload sent, encoded, each with its filter: at
+/// most `max_chunks` chunks each, so no reader rejects one, however large the table.
+struct NewSegments(Vec<NewSegment>);
+
+struct NewSegment {
+    key: String,
+    data: Bytes,
+    filter_key: String,
+    filter: Bytes,
+}
+
+impl NewSegments {
+    fn encode(layout: &Layout, table: &ChunkTable, max_chunks: usize) -> NewSegments {
+        let segments = (split_table(table, max_chunks).into_iter())
+            .filter(|part| !part.chunks.is_empty())
+            .map(|part| {
+                let data = Bytes::from(part.encode_index());
+                let id = Id::of(&data);
+                let filter = summary::encode_filter(part.chunks.iter().map(|c| &c.id));
+                NewSegment {
+                    key: layout.segment_key(&id),
+                    data,
+                    filter_key: layout.filter_key(&id),
+                    filter: Bytes::from(filter),
+                }
+            });
+        NewSegments(segments.collect())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Each segment's filter, with its key.
+    fn filters(&self) -> Vec<(String, Bytes)> {
+        let filter = |s: &NewSegment| (s.filter_key.clone(), s.filter.clone());
+        self.0.iter().map(filter).collect()
+    }
 }
 
 /// Builds a table, numbering packs in order of first use.

@@ -18,7 +18,7 @@ use crate::chunk::format::{Entry, EntryKind, Manifest, ManifestKind};
 use crate::chunk::gc::mark_used;
 use crate::chunk::paths;
 use crate::chunk::store::{
-    ChunkStore, Indexing, Known, Landing, Location, Piece, Sent, Stats, Stored,
+    ChunkStore, IndexReading, Indexing, Known, Landing, Location, Piece, Sent, Stats, Stored,
     download_stats_line, is_broken, now_secs, seal, table_of, upload_stats_line,
 };
 use crate::cli::{DirCommand, DirDownloadArgs, DirUploadArgs, input_error};
@@ -47,9 +47,9 @@ pub(super) async fn chunk_store(config: &Config) -> anyhow::Result<ChunkStore> {
     Ok(ChunkStore::new(transfer, &config.prefix.value))
 }
 
-/// The chunk store to upload `key` into and whether the upload creates the key or
-/// replaces it, or `None` when `key` is already cached and `force` is off (said as
-/// `command` would say it). An entry that cannot be restored (its manifest does not
+/// The chunk store to upload `key` into, whether the upload creates the key or
+/// replaces it, and the index of the prefix being read meanwhile; or `None` when `key`
+/// is already cached and `force` is off (said as `command` would say it). An entry that cannot be restored (its manifest does not
 /// decode, or a pack it references is gone) does not count as cached: it is replaced,
 /// and the user is told; so is an entry the configured trust refuses, when this upload
 /// signs.
@@ -58,31 +58,47 @@ pub(super) async fn chunk_store_for_upload(
     key: &str,
     force: bool,
     command: &str,
-) -> anyhow::Result<Option<(ChunkStore, WriteMode)>> {
+) -> anyhow::Result<Option<(ChunkStore, WriteMode, IndexReading)>> {
     let chunks = chunk_store(config).await?;
+    let index = chunks.start_reading_index();
+    let Some(mode) = upload_mode(&chunks, key, force, command).await? else {
+        index.abort();
+        return Ok(None);
+    };
+    Ok(Some((chunks, mode, index)))
+}
+
+/// Whether an upload of `key` creates it or replaces it; `None` when it is cached
+/// and may stay (see [`chunk_store_for_upload`]).
+async fn upload_mode(
+    chunks: &ChunkStore,
+    key: &str,
+    force: bool,
+    command: &str,
+) -> anyhow::Result<Option<WriteMode>> {
     if force {
-        return Ok(Some((chunks, WriteMode::Replace)));
+        return Ok(Some(WriteMode::Replace));
     }
     if chunks.transfer().store().head(key).await?.is_none() {
-        return Ok(Some((chunks, WriteMode::Create)));
+        return Ok(Some(WriteMode::Create));
     }
     let unrestorable = match chunks.fetch(key).await {
         Ok(Some(Stored::Manifest(m))) => match Exclude::new(&m.exclusions()) {
             Err(why) => Some(why),
-            Ok(_) => missing_pack(&chunks, &m.table.packs).await?,
+            Ok(_) => missing_pack(chunks, &m.table.packs).await?,
         },
         Ok(_) => None,
         Err(e) if is_broken(&e) => Some(format!("{e:#}")),
         Err(e) if crate::sign::is_untrusted(&e) && chunks.transfer().trust().can_sign() => {
             super::say_replacing(&e);
-            return Ok(Some((chunks, WriteMode::Replace)));
+            return Ok(Some(WriteMode::Replace));
         }
         Err(e) if crate::sign::is_untrusted(&e) => None,
         Err(e) => return Err(e),
     };
     if let Some(why) = unrestorable {
         ui::status(format!("{key} cannot be restored ({why}); replacing it"));
-        return Ok(Some((chunks, WriteMode::Replace)));
+        return Ok(Some(WriteMode::Replace));
     }
     super::say_skipped(key, command);
     Ok(None)
@@ -188,34 +204,42 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     // The trees are scanned and their states read while the bucket is asked whether the
     // key is cached and what it holds: on a warm tree the scan is most of the upload.
     // On threads of their own, so a skipped upload does not wait for them.
-    let pending: Vec<_> = args
+    let (scanning, loading): (Vec<_>, Vec<_>) = args
         .dirs
         .iter()
         .map(|dir| {
             let (scan_dir, state_dir, exclude) = (dir.clone(), dir.clone(), exclude.clone());
             let scanning = on_thread(move || archive::scan_path(&scan_dir, &exclude));
             let loading = on_thread(move || TreeState::load(&state_dir));
-            (dir, scanning, loading)
+            ((dir, scanning), loading)
         })
-        .collect();
-    let Some((chunks, mode)) =
-        chunk_store_for_upload(config, &key, args.force, "dir upload").await?
-    else {
+        .unzip();
+    let chunks = chunk_store(config).await?;
+    // What the bucket holds is read beside the look at the key: where the bucket is
+    // far, each is a few round trips.
+    let index = chunks.start_reading_index();
+    let knowing = tokio::spawn({
+        let chunks = chunks.clone();
+        async move {
+            let mut states = Vec::with_capacity(loading.len());
+            for state in loading {
+                states.push(state.await?);
+            }
+            // The entries the trees came from hold most of what they reuse.
+            let likely: Vec<&crate::chunk::format::ChunkTable> =
+                states.iter().flatten().map(|s| &s.table).collect();
+            let known = chunks.known(&likely, index).await?;
+            anyhow::Ok((states, known))
+        }
+    });
+    let Some(mode) = upload_mode(&chunks, &key, args.force, "dir upload").await? else {
+        knowing.abort();
         return Ok(Outcome::Success);
     };
-    let mut scans = Vec::with_capacity(pending.len());
-    for (dir, scanning, loading) in pending {
-        scans.push((dir, scanning, loading.await?));
-    }
-    // The entries the trees came from hold most of what they reuse.
-    let likely: Vec<&crate::chunk::format::ChunkTable> = scans
-        .iter()
-        .filter_map(|(_, _, state)| state.as_ref())
-        .map(|s| &s.table)
-        .collect();
-    let known = Arc::new(chunks.known(&likely).await?);
-    let mut trees = Vec::with_capacity(scans.len());
-    for (dir, scanning, state) in scans {
+    let (states, known) = knowing.await??;
+    let known = Arc::new(known);
+    let mut trees = Vec::with_capacity(scanning.len());
+    for ((dir, scanning), state) in scanning.into_iter().zip(states) {
         trees.push((dir, Arc::new(scanning.await??), state));
     }
     for pattern in exclude.unused() {

@@ -12,7 +12,8 @@ use super::dir::report;
 use super::{Outcome, WriteMode, heal};
 use crate::chunk::format::{Manifest, ManifestKind};
 use crate::chunk::store::{
-    ChunkStore, LayerStats, Stats, Stored, download_stats_line, now_secs, upload_stats_line,
+    ChunkStore, IndexReading, LayerStats, Stats, Stored, download_stats_line, now_secs,
+    upload_stats_line,
 };
 use crate::cli::{DockerCommand, DockerDownloadArgs, DockerUploadArgs};
 use crate::config::{Config, OnError};
@@ -41,13 +42,13 @@ async fn blocking<T: Send + 'static>(
 
 async fn upload(config: &Config, args: &DockerUploadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
-    let Some((chunks, mode)) =
+    let Some((chunks, mode, index)) =
         super::dir::chunk_store_for_upload(config, &key, args.force, "docker upload").await?
     else {
         return Ok(Outcome::Success);
     };
     let docker = Docker::new(&config.docker_bin.value);
-    match seed(&chunks, &docker, &key, &args.image, mode).await? {
+    match seed(&chunks, index, &docker, &key, &args.image, mode).await? {
         Some(stats) => report("docker upload", &key, "uploaded", None, Some(&stats)),
         None => super::say_concurrent(&key, "docker upload"),
     }
@@ -55,10 +56,12 @@ async fn upload(config: &Config, args: &DockerUploadArgs) -> anyhow::Result<Outc
 }
 
 /// Streams `docker save IMAGE` into the chunk store under `key`, with a member map
-/// of the archive so a restore can leave out the layers a daemon already has; `None`
-/// when `mode` creates the key and another job created it first.
+/// of the archive so a restore can leave out the layers a daemon already has, deduped
+/// against the prefix's `index`; `None` when `mode` creates the key and another job
+/// created it first.
 async fn seed(
     chunks: &ChunkStore,
+    index: IndexReading,
     docker: &Docker,
     key: &str,
     image: &str,
@@ -73,7 +76,7 @@ async fn seed(
     let save = blocking(move || Ok(d.save(&img)?)).await?;
     let waited = save.waited();
     let (save, scan) = MemberTap::new(save);
-    let known = chunks.known(&[]).await?;
+    let known = chunks.known(&[], index).await?;
     let progress = Arc::new(ui::Progress::new(format!("uploading {key}"), 0));
     let sent = chunks.send(progress.counted(save), Arc::new(known)).await;
     progress.clear();
@@ -134,7 +137,10 @@ async fn download(config: &Config, args: &DockerDownloadArgs) -> anyhow::Result<
     // The image is here, which is what the job needs; seeding is a bonus.
     let chunks = chunks.filter(|_| super::may_seed(seed_mode, &key));
     let seeded = match &chunks {
-        Some(chunks) => seed(chunks, &docker, &key, &args.image, seed_mode).await,
+        Some(chunks) => {
+            let index = chunks.start_reading_index();
+            seed(chunks, index, &docker, &key, &args.image, seed_mode).await
+        }
         None => Err(anyhow::anyhow!("the cache cannot be used")),
     };
     if let (Err(e), Some(_)) = (&seeded, &chunks) {
