@@ -251,6 +251,92 @@ fn warm_path(g: &Server, home: &Path, name: &str, base: &str, bumped: &str) {
     );
 }
 
+/// The warm path as a runner 20 ms (round trip) from its bucket sees it: the same
+/// upload after restore + bump, and restores of the bumped entry into an empty DIR and
+/// over the old tree, each with the loop it replaces, through [`common::far`]. The
+/// trees are restored beforehand from near, under a prefix of their own (nothing of
+/// the near runs is reused).
+fn warm_path_far(g: &Server, home: &Path, name: &str, base: &str, bumped: &str) {
+    let far = common::far(g, std::time::Duration::from_millis(10));
+    let (e, bucket) = (&far.endpoint, &far.bucket);
+    let out = home.join(format!("far-{name}"));
+    let out_s = out.display().to_string();
+    let reset = || {
+        let _ = std::fs::remove_dir_all(&out);
+    };
+    let with_prefix = |args: &[&str]| -> Vec<String> {
+        ["--prefix", "far"]
+            .iter()
+            .chain(args)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let run = |server: &Server, args: &[&str]| {
+        let args = with_prefix(args);
+        cacher_json(
+            server,
+            home,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    };
+    let (base_key, bumped_key) = (format!("{name}/base"), format!("{name}/bumped"));
+    run(g, &["dir", "upload", &base_key, base]);
+    reset();
+    run(g, &["dir", "download", &base_key, &out_s]);
+    sh(&format!("cp -au {bumped}/. {out_s}/"));
+    let archive = format!("s3://{bucket}/far/{name}.tar.zst");
+    let baseline_up = bash_aws(
+        &far,
+        home,
+        &format!(
+            "tar -C {out_s} -cf - . | zstd -q -T0 -3 | aws --endpoint-url {e} s3 cp - {archive}"
+        ),
+    );
+    let (warm_up, up_stats) = run(&far, &["dir", "upload", &bumped_key, &out_s]);
+    reset();
+    std::fs::create_dir_all(&out).unwrap();
+    let baseline_down = bash_aws(
+        &far,
+        home,
+        &format!("aws --endpoint-url {e} s3 cp {archive} - | zstd -q -d | tar -C {out_s} -xf -"),
+    );
+    reset();
+    let (restore_empty, _) = run(&far, &["dir", "download", &bumped_key, &out_s]);
+    reset();
+    run(g, &["dir", "download", &base_key, &out_s]);
+    let (restore_over, over_stats) = run(&far, &["dir", "download", &bumped_key, &out_s]);
+    let same = Command::new("diff")
+        .args(["-r", "-q", bumped, &out_s])
+        .status()
+        .expect("diff")
+        .success();
+    assert!(
+        same,
+        "the restore over the old tree differs from the bumped tree"
+    );
+    reset();
+
+    println!();
+    println!("warm path on {name}, the bucket 20 ms away (round trip; through a delaying proxy)");
+    table_header("tar+zstd+aws");
+    time_row("upload after restore+bump", baseline_up.secs, warm_up.secs);
+    println!(
+        "  sent {:.2} MiB",
+        mib(up_stats["wire_bytes"].as_u64().unwrap_or(0))
+    );
+    time_row("restore into empty", baseline_down.secs, restore_empty.secs);
+    time_row(
+        "restore over the old tree",
+        baseline_down.secs,
+        restore_over.secs,
+    );
+    println!(
+        "  received {:.2} MiB; {:.3}x the restore into an empty DIR",
+        mib(over_stats["wire_bytes"].as_u64().unwrap_or(0)),
+        restore_over.secs / restore_empty.secs
+    );
+}
+
 /// Walks `dir` on this thread as a scan's system calls do and nothing more: each
 /// directory opened through its parent's handle and listed, each entry stat'ed by
 /// name. The entries seen and the seconds taken.
@@ -577,6 +663,7 @@ fn main() {
     let node_modules = node_modules(&scratch);
     if std::env::args().any(|a| a == "--warm-only") {
         warm_path(g, home, "registry", &tree_b, &tree_c);
+        warm_path_far(g, home, "registry", &tree_b, &tree_c);
         if let Some((base, bumped)) = large_trees(&scratch) {
             warm_path(g, home, "large", &base, &bumped);
         }
@@ -657,6 +744,7 @@ fn main() {
     );
 
     warm_path(g, home, "registry", &tree_b, &tree_c);
+    warm_path_far(g, home, "registry", &tree_b, &tree_c);
     if let Some((base, bumped)) = large_trees(&scratch) {
         warm_path(g, home, "large", &base, &bumped);
     }

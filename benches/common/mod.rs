@@ -291,3 +291,62 @@ pub fn cacher_json(g: &Server, home: &Path, args: &[&str]) -> (Measure, serde_js
     let record: serde_json::Value = serde_json::from_str(text.trim()).expect("a JSON record");
     (m, record["stats"].clone())
 }
+
+/// `g` as a runner far from it sees it: through a proxy on loopback that holds every
+/// byte back `one_way` in each direction, so each round trip costs twice that (the
+/// bandwidth stays loopback's). For figures where round trips, not local work, decide.
+pub fn far(g: &Server, one_way: std::time::Duration) -> Server {
+    use std::net::{TcpListener, TcpStream};
+    let target = g.endpoint.trim_start_matches("http://").to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the delaying proxy");
+    let addr = listener.local_addr().expect("proxy address");
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(&target) else {
+                continue;
+            };
+            for s in [&client, &server] {
+                let _ = s.set_nodelay(true);
+            }
+            let (c2, s2) = (client.try_clone(), server.try_clone());
+            if let (Ok(c2), Ok(s2)) = (c2, s2) {
+                std::thread::spawn(move || delayed_copy(client, s2, one_way));
+                std::thread::spawn(move || delayed_copy(server, c2, one_way));
+            }
+        }
+    });
+    Server {
+        endpoint: format!("http://{addr}"),
+        ..g.clone()
+    }
+}
+
+/// Copies `from` to `to`, each read written `delay` after it arrived, in order.
+fn delayed_copy(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    delay: std::time::Duration,
+) {
+    use std::io::{Read, Write};
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let writer = std::thread::spawn(move || {
+        for (due, data) in rx {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if to.write_all(&data).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+    let mut buf = vec![0u8; 1 << 16];
+    while let Ok(n @ 1..) = from.read(&mut buf) {
+        if tx
+            .send((Instant::now() + delay, buf[..n].to_vec()))
+            .is_err()
+        {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.join();
+}
