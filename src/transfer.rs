@@ -193,6 +193,23 @@ impl Transfer {
         self.retries.load(Ordering::Relaxed) + self.store.retries()
     }
 
+    /// Metadata of `key` and its first `len` bytes, in one request where the store can
+    /// (see [`Store::head_and_read`]), retrying temporary faults.
+    pub async fn head_and_read(
+        &self,
+        key: &str,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> StoreResult<Option<ObjectInfo>> {
+        let mut backoff = Backoff::default();
+        loop {
+            match self.store.head_and_read(key, len, buf).await {
+                Err(e) => self.pause_or_fail("GET", e, &mut backoff).await?,
+                ok => return ok,
+            }
+        }
+    }
+
     /// Reads `range` of `key` into `buf`, retrying temporary faults; with `etag`, the
     /// object must still be that version.
     pub async fn read_range(

@@ -1105,7 +1105,7 @@ impl ChunkStore {
         Ok(self.fetch_with_info(key).await?.map(|(_, stored)| stored))
     }
 
-    /// Like [`ChunkStore::fetch`], with what the HEAD of `key` said (for
+    /// Like [`ChunkStore::fetch`], with the metadata of `key` (for
     /// [`super::gc::mark_used`] after a restore).
     pub async fn fetch_with_info(&self, key: &str) -> anyhow::Result<Option<(ObjectInfo, Stored)>> {
         self.fetch_as(key, true).await
@@ -1115,7 +1115,14 @@ impl ChunkStore {
     /// size and version. One that changed since the listing is read again; `None` when
     /// it is gone. Signatures are not checked: gc and stats count every entry.
     pub async fn read_listed(&self, info: &ObjectInfo) -> anyhow::Result<Option<Stored>> {
-        match self.read_entry(&info.key, info).await {
+        let read = async {
+            let (mut head, first) = (Vec::new(), 0..info.size.min(FIRST_READ));
+            (self.transfer)
+                .read_range(&info.key, info.etag.as_deref(), first, &mut head)
+                .await?;
+            self.read_entry(&info.key, info, head).await
+        };
+        match read.await {
             Ok(stored) => Ok(Some(stored)),
             Err(e) if is_changed(&e) => {
                 let fetched = self.fetch_as(&info.key, false).await?;
@@ -1143,22 +1150,27 @@ impl ChunkStore {
         }
     }
 
-    /// One HEAD and read of `key`; with `trusted`, an entry the configured trust
-    /// refuses is an [`Untrusted`] error.
+    /// One read of `key` (its metadata with its first bytes); with `trusted`, an entry
+    /// the configured trust refuses is an [`Untrusted`] error.
     async fn fetch_once(
         &self,
         key: &str,
         trusted: bool,
     ) -> anyhow::Result<Option<(ObjectInfo, Stored)>> {
-        let store = self.transfer.store();
-        let Some(info) = store.head(key).await? else {
+        // Most manifests are read whole by this first GET.
+        let mut head = Vec::new();
+        let Some(info) = self
+            .transfer
+            .head_and_read(key, FIRST_READ, &mut head)
+            .await?
+        else {
             return Ok(None);
         };
         let verdict = match trusted {
             true => self.transfer.trust().check(&info)?,
             false => Verdict::Unchecked,
         };
-        let stored = self.read_entry(key, &info).await?;
+        let stored = self.read_entry(key, &info, head).await?;
         // A tar.zst or a plain docker archive is used as it streams (extracted, or read
         // by docker load) before its sha256 could be checked, so a signature on one
         // cannot be honoured: images and trees are signed through their manifests.
@@ -1174,18 +1186,13 @@ impl ChunkStore {
         Ok(Some((info, stored)))
     }
 
-    /// Reads what the object `info` (just HEADed) holds.
-    async fn read_entry(&self, key: &str, info: &ObjectInfo) -> anyhow::Result<Stored> {
-        // Most manifests are read whole by this first GET.
-        let mut head = Vec::new();
-        self.transfer
-            .read_range(
-                key,
-                info.etag.as_deref(),
-                0..info.size.min(FIRST_READ),
-                &mut head,
-            )
-            .await?;
+    /// Reads what the object `info` holds, given its first bytes `head`.
+    async fn read_entry(
+        &self,
+        key: &str,
+        info: &ObjectInfo,
+        head: Vec<u8>,
+    ) -> anyhow::Result<Stored> {
         if head.starts_with(&ZSTD_MAGIC) {
             return Ok(Stored::Legacy(info.clone()));
         }

@@ -188,6 +188,26 @@ pub trait Store: Send + Sync {
     /// Metadata of one object, `None` when it does not exist.
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectInfo>>;
 
+    /// Metadata of `key` and, in `buf`, its first bytes (at most `len`), of the version
+    /// the metadata describes; `None` when it does not exist. One request where the
+    /// backend can (an entry's restore starts with it: where the bucket is far, each
+    /// request is a round trip); by default [`Store::head`], then [`Store::read_range`].
+    async fn head_and_read(
+        &self,
+        key: &str,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> StoreResult<Option<ObjectInfo>> {
+        let Some(info) = self.head(key).await? else {
+            buf.clear();
+            return Ok(None);
+        };
+        let first = 0..info.size.min(len);
+        self.read_range(key, first, info.etag.as_deref(), buf)
+            .await?;
+        Ok(Some(info))
+    }
+
     /// Replaces the contents of `buf` with bytes `range` of `key` (the caller reuses
     /// buffers so big reads do not fault in fresh memory each time). With `etag`, fails
     /// with [`StoreError::Changed`] if the object is no longer that version.

@@ -369,6 +369,82 @@ impl Store for S3Store {
         }
     }
 
+    async fn head_and_read(
+        &self,
+        key: &str,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> StoreResult<Option<ObjectInfo>> {
+        buf.clear();
+        if len == 0 {
+            return self.head(key).await;
+        }
+        ui::verbose(format!("GET {key} bytes=0-{}", len - 1));
+        let sent = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range(format!("bytes=0-{}", len - 1))
+            .send()
+            .await;
+        let mut out = match sent {
+            Ok(out) => out,
+            // An empty object has no byte 0 to ask for (HTTP 416): its HEAD says it all.
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) => {
+                return self.head(key).await;
+            }
+            Err(e) => match classify("GET", key, self, e) {
+                // A GET's error names a missing bucket, where a HEAD's cannot.
+                StoreError::NotFound(_) => return Ok(None),
+                e => return Err(e),
+            },
+        };
+        // `bytes 0-N/SIZE` on a ranged reply; a server that sent it all says nothing.
+        let size = match out.content_range() {
+            Some(range) => range
+                .rsplit_once('/')
+                .and_then(|(_, size)| size.parse().ok())
+                .ok_or_else(|| {
+                    StoreError::Permanent(format!("GET {key}: unreadable Content-Range {range}"))
+                })?,
+            None => out.content_length().unwrap_or(0).max(0) as u64,
+        };
+        let info = ObjectInfo {
+            key: key.to_string(),
+            size,
+            modified: out.last_modified().and_then(to_system_time),
+            etag: out.e_tag().map(str::to_string),
+            sha256: out
+                .metadata()
+                .and_then(|m| m.get(META_SHA256))
+                .map(|s| s.to_ascii_lowercase()),
+            signature: out.metadata().and_then(|m| m.get(META_SIGNATURE)).cloned(),
+        };
+        let want = size.min(len);
+        buf.reserve(want as usize);
+        while let Some(chunk) = out
+            .body
+            .try_next()
+            .await
+            .map_err(|e| StoreError::Temporary(format!("GET {key}: body: {e}")))?
+        {
+            if (buf.len() + chunk.len()) as u64 > want {
+                return Err(StoreError::Permanent(format!(
+                    "GET {key}: the server sent more than the {want} bytes asked for"
+                )));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        if buf.len() as u64 != want {
+            return Err(StoreError::Temporary(format!(
+                "GET {key}: got {} bytes of the {want} asked for",
+                buf.len()
+            )));
+        }
+        Ok(Some(info))
+    }
+
     async fn read_range(
         &self,
         key: &str,
