@@ -265,6 +265,56 @@ fn to_system_time(t: &aws_sdk_s3::primitives::DateTime) -> Option<std::time::Sys
     std::time::SystemTime::try_from(*t).ok()
 }
 
+/// What a HEAD or GET of `key` said of the object.
+fn object_info(
+    key: &str,
+    size: u64,
+    modified: Option<&aws_sdk_s3::primitives::DateTime>,
+    etag: Option<&str>,
+    metadata: Option<&std::collections::HashMap<String, String>>,
+) -> ObjectInfo {
+    let meta = |name: &str| metadata.and_then(|m| m.get(name));
+    ObjectInfo {
+        key: key.to_string(),
+        size,
+        modified: modified.and_then(to_system_time),
+        etag: etag.map(str::to_string),
+        sha256: meta(META_SHA256).map(|s| s.to_ascii_lowercase()),
+        signature: meta(META_SIGNATURE).cloned(),
+    }
+}
+
+/// Reads a GET's `body` into `buf`, which must come to exactly `want` bytes: fewer is a
+/// reply broken off (worth retrying), more a server that ignored the range asked for
+/// (read no further: it may be sending a whole large object).
+async fn read_body(
+    key: &str,
+    body: &mut aws_sdk_s3::primitives::ByteStream,
+    want: u64,
+    buf: &mut Vec<u8>,
+) -> StoreResult<()> {
+    buf.reserve(want as usize);
+    while let Some(chunk) = body
+        .try_next()
+        .await
+        .map_err(|e| StoreError::Temporary(format!("GET {key}: body: {e}")))?
+    {
+        if (buf.len() + chunk.len()) as u64 > want {
+            return Err(StoreError::Permanent(format!(
+                "GET {key}: the server sent more than the {want} bytes asked for"
+            )));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    if buf.len() as u64 != want {
+        return Err(StoreError::Temporary(format!(
+            "GET {key}: got {} bytes of the {want} asked for",
+            buf.len()
+        )));
+    }
+    Ok(())
+}
+
 impl S3Store {
     /// When the newest part of an unfinished upload was written (`None`: no part yet, or
     /// the upload is gone).
@@ -346,17 +396,13 @@ impl Store for S3Store {
             .send()
             .await;
         match out.map_err(|e| classify("HEAD", key, self, e)) {
-            Ok(out) => Ok(Some(ObjectInfo {
-                key: key.to_string(),
-                size: out.content_length().unwrap_or(0).max(0) as u64,
-                modified: out.last_modified().and_then(to_system_time),
-                etag: out.e_tag().map(str::to_string),
-                sha256: out
-                    .metadata()
-                    .and_then(|m| m.get(META_SHA256))
-                    .map(|s| s.to_ascii_lowercase()),
-                signature: out.metadata().and_then(|m| m.get(META_SIGNATURE)).cloned(),
-            })),
+            Ok(out) => Ok(Some(object_info(
+                key,
+                out.content_length().unwrap_or(0).max(0) as u64,
+                out.last_modified(),
+                out.e_tag(),
+                out.metadata(),
+            ))),
             Err(StoreError::NotFound(_)) => {
                 // HEAD replies have no body, so a missing bucket is a bare 404 too: a
                 // miss must not hide it (exit 1 would read as "not cached").
@@ -410,38 +456,8 @@ impl Store for S3Store {
                 })?,
             None => out.content_length().unwrap_or(0).max(0) as u64,
         };
-        let info = ObjectInfo {
-            key: key.to_string(),
-            size,
-            modified: out.last_modified().and_then(to_system_time),
-            etag: out.e_tag().map(str::to_string),
-            sha256: out
-                .metadata()
-                .and_then(|m| m.get(META_SHA256))
-                .map(|s| s.to_ascii_lowercase()),
-            signature: out.metadata().and_then(|m| m.get(META_SIGNATURE)).cloned(),
-        };
-        let want = size.min(len);
-        buf.reserve(want as usize);
-        while let Some(chunk) = out
-            .body
-            .try_next()
-            .await
-            .map_err(|e| StoreError::Temporary(format!("GET {key}: body: {e}")))?
-        {
-            if (buf.len() + chunk.len()) as u64 > want {
-                return Err(StoreError::Permanent(format!(
-                    "GET {key}: the server sent more than the {want} bytes asked for"
-                )));
-            }
-            buf.extend_from_slice(&chunk);
-        }
-        if buf.len() as u64 != want {
-            return Err(StoreError::Temporary(format!(
-                "GET {key}: got {} bytes of the {want} asked for",
-                buf.len()
-            )));
-        }
+        let info = object_info(key, size, out.last_modified(), out.e_tag(), out.metadata());
+        read_body(key, &mut out.body, size.min(len), buf).await?;
         Ok(Some(info))
     }
 
@@ -467,23 +483,7 @@ impl Store for S3Store {
             .send()
             .await
             .map_err(|e| classify("GET", key, self, e))?;
-        let want = range.end - range.start;
-        buf.reserve(want as usize);
-        while let Some(chunk) = out
-            .body
-            .try_next()
-            .await
-            .map_err(|e| StoreError::Temporary(format!("GET {key}: body: {e}")))?
-        {
-            buf.extend_from_slice(&chunk);
-        }
-        if buf.len() as u64 != want {
-            return Err(StoreError::Temporary(format!(
-                "GET {key}: got {} bytes of the {want} asked for",
-                buf.len()
-            )));
-        }
-        Ok(())
+        read_body(key, &mut out.body, range.end - range.start, buf).await
     }
 
     async fn put(&self, key: &str, body: Body, opts: &PutOptions) -> StoreResult<()> {
