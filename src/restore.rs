@@ -16,6 +16,7 @@
 //!   through its parent's handle as above; a directory's own mode and times are set
 //!   once the files in it are written, and the swap waits for all of them.
 
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Write};
@@ -107,6 +108,9 @@ pub struct Restorer {
     stamps: Vec<Option<Stamp>>,
     /// The top-level files (ordinal, entry): a swap renames them into DIR one by one.
     top_level_files: Vec<(usize, usize)>,
+    /// What the swap moved into DIR that is not a directory, each stat'ed right after
+    /// its rename.
+    landed: HashMap<OsString, Stamp>,
     /// Remove top-level entries of DIR that the tree lacks (`--delete`).
     mirror: bool,
 }
@@ -165,6 +169,7 @@ impl Restorer {
             writers: Writers::start()?,
             stamps: Vec::new(),
             top_level_files: Vec::new(),
+            landed: HashMap::new(),
             mirror: false,
         };
         temp::remove_stale_leftovers(&temp::parent_of(dest));
@@ -417,8 +422,8 @@ impl Restorer {
     }
 
     /// Completes the tree (entries after the last file, directory modes and times) and
-    /// swaps it into DIR. Returns the entries and each file's stamp as it was
-    /// completed, for a [`crate::state::TreeState`].
+    /// swaps it into DIR. Returns the entries and each file's stamp once complete (a
+    /// top-level file's once in DIR), for a [`crate::state::TreeState`].
     pub fn finish(mut self) -> anyhow::Result<Finished> {
         self.advance()?;
         if let Some(f) = &self.file {
@@ -444,7 +449,7 @@ impl Restorer {
         if let Some(new_name) = self.new_name.clone() {
             self.rename_into_place(&new_name)?;
         } else {
-            self.swap_in()?;
+            self.landed = self.swap_in()?;
             self.created_dest = false;
             if let Some(name) = self.temp_name.take() {
                 rustix::fs::unlinkat(&self.root, &name, AtFlags::REMOVEDIR).ok();
@@ -480,21 +485,20 @@ impl Restorer {
             // Empty after a swap; holding the tree again after a failed one.
             let _ = temp::remove_tree(parent.as_fd(), &name);
         }
-        swapped
+        self.landed = swapped?;
+        Ok(())
     }
 
-    /// Stamps the top-level files again where the swap renamed them in DIR, if what is
-    /// there is still the file written (same device, inode, size and mtime), as
-    /// `TreeUpdate::commit` does: the rename changed their ctime.
+    /// Stamps the top-level files with their stamps from just after the swap renamed
+    /// each into DIR (the rename changed their ctime), if that is still the file written
+    /// (same device, inode, size and mtime), as `TreeUpdate::commit` does.
     fn stamp_swapped_files(&mut self) {
         for &(ordinal, entry) in &self.top_level_files {
             let Some(written) = self.stamps[ordinal] else {
                 continue;
             };
             let name = OsStr::from_bytes(&self.entries[entry].path);
-            let now = rustix::fs::statat(&self.root, name, AtFlags::SYMLINK_NOFOLLOW)
-                .map(|st| Stamp::of_stat(&st));
-            self.stamps[ordinal] = now.ok().filter(|now| {
+            self.stamps[ordinal] = self.landed.get(name).copied().filter(|now| {
                 (now.dev, now.ino, now.size, now.mtime)
                     == (written.dev, written.ino, written.size, written.mtime)
             });
@@ -564,8 +568,9 @@ impl Restorer {
         Ok(())
     }
 
-    /// Moves every top-level entry of the temp dir into DIR (see the module doc).
-    fn swap_in(&self) -> anyhow::Result<()> {
+    /// Moves every top-level entry of the temp dir into DIR (see the module doc); the
+    /// stamp of each that is not a directory, taken right after its rename.
+    fn swap_in(&self) -> anyhow::Result<HashMap<OsString, Stamp>> {
         let names = list_names(self.temp.fd.as_fd())
             .with_context(|| format!("cannot list the restored tree in {}", self.dest.display()))?;
         let tag = format!("{ASIDE_PREFIX}{}-", temp::unique_tag());
@@ -578,6 +583,7 @@ impl Restorer {
             Option<(OwnedFd, rustix::fs::Stat)>,
         );
         let mut moved: Vec<Moved> = Vec::new();
+        let mut landed = HashMap::new();
         let result = (|| -> anyhow::Result<()> {
             for (n, name) in names.iter().enumerate() {
                 match rustix::fs::statat(&self.root, name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -612,6 +618,11 @@ impl Restorer {
                 let identity = identity_of(self.temp.fd.as_fd(), name)?;
                 rename_noreplace(self.temp.fd.as_fd(), name, self.root.as_fd(), name)
                     .with_context(|| format!("cannot move {} into place", self.shown(name)))?;
+                if dir.is_none()
+                    && let Ok(st) = rustix::fs::statat(&self.root, name, AtFlags::SYMLINK_NOFOLLOW)
+                {
+                    landed.insert(name.clone(), Stamp::of_stat(&st));
+                }
                 moved.push((name, identity, dir));
             }
             Ok(())
@@ -662,7 +673,7 @@ impl Restorer {
                 ));
             }
         }
-        Ok(())
+        Ok(landed)
     }
 
     fn shown(&self, name: &OsStr) -> String {

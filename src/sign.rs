@@ -151,8 +151,8 @@ impl Trust {
         Some(format!("{SCHEME}:{}:{encoded}", signer.public.id))
     }
 
-    /// Whether a restore may use the object `info` (as a HEAD returned it, metadata
-    /// included). The caller must still check that the bytes it reads hash to
+    /// Whether a restore may use the object `info` (as a HEAD or GET returned it,
+    /// metadata included). The caller must still check that the bytes it reads hash to
     /// `info.sha256`, which is what the signature covers.
     pub fn check(&self, info: &ObjectInfo) -> Result<Verdict, Untrusted> {
         if !self.checks() {

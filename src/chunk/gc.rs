@@ -583,7 +583,7 @@ fn within_interval(t: Option<SystemTime>, now: SystemTime) -> bool {
     t.is_some_and(|t| now.duration_since(t).unwrap_or_default() < MARK_INTERVAL)
 }
 
-/// Records a hit on `entry` (as HEADed by the restore) so `prune` counts from it: at
+/// Records a hit on `entry` (its metadata as the restore read it) so `prune` counts from it: at
 /// most once per [`MARK_INTERVAL`] per entry, nothing for an entry written within it.
 /// Best effort: any failure (read-only credentials, a fault) is ignored and shown only
 /// with `-v`, so marking never fails or clutters a restore.

@@ -214,12 +214,14 @@ struct Index {
 }
 
 /// The index of the prefix being read, from [`ChunkStore::start_reading_index`].
-pub struct IndexReading(tokio::task::JoinHandle<anyhow::Result<Index>>);
+/// Dropped unused (the key was cached after all), it stops the read.
+pub struct IndexReading(Option<tokio::task::JoinHandle<anyhow::Result<Index>>>);
 
-impl IndexReading {
-    /// Stops the read: the index is not needed after all.
-    pub fn abort(self) {
-        self.0.abort();
+impl Drop for IndexReading {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
     }
 }
 
@@ -230,6 +232,8 @@ impl IndexReading {
 struct PendingIndex {
     /// The read under way, which every waiter shares, and the runtime it runs on.
     reading: Option<(IndexRead, tokio::runtime::Handle)>,
+    /// Stops the read when the index is dropped before it is in.
+    stop: Option<tokio::task::AbortHandle>,
     /// The index, or why it could not be read, once a lookup waited for it.
     loaded: std::sync::OnceLock<Result<Arc<Index>, String>>,
 }
@@ -237,9 +241,18 @@ struct PendingIndex {
 type IndexRead =
     futures::future::Shared<futures::future::BoxFuture<'static, Result<Arc<Index>, String>>>;
 
+impl Drop for PendingIndex {
+    fn drop(&mut self) {
+        if let Some(stop) = &self.stop {
+            stop.abort();
+        }
+    }
+}
+
 impl PendingIndex {
     /// The index read by `task`.
     fn reading(task: tokio::task::JoinHandle<anyhow::Result<Index>>) -> PendingIndex {
+        let stop = Some(task.abort_handle());
         let read = async move {
             match task.await {
                 Ok(read) => read.map(Arc::new).map_err(|e| format!("{e:#}")),
@@ -248,6 +261,7 @@ impl PendingIndex {
         };
         PendingIndex {
             reading: Some((read.boxed().shared(), tokio::runtime::Handle::current())),
+            stop,
             loaded: std::sync::OnceLock::new(),
         }
     }
@@ -255,6 +269,7 @@ impl PendingIndex {
     fn ready(index: Index) -> PendingIndex {
         PendingIndex {
             reading: None,
+            stop: None,
             loaded: std::sync::OnceLock::from(Ok(Arc::new(index))),
         }
     }
@@ -492,10 +507,10 @@ impl Drop for Landing {
     }
 }
 
-/// The index segments (and filters) of an upload's new chunks, written once its packs
-/// landed, while its manifest is: segments only tell later uploads what the bucket
-/// holds (docs/format.md), so a manifest never waits for them. Dropped unwaited, it
-/// stops them.
+/// The index segments of an upload's new chunks, written once its packs and their
+/// filters landed, while its manifest is: segments only tell later uploads what the
+/// bucket holds (docs/format.md), so a manifest never waits for them. Dropped
+/// unwaited, it stops them (filters already on their way are left for gc).
 #[must_use = "the index segments may still be on their way"]
 pub struct Indexing(Option<tokio::task::JoinHandle<anyhow::Result<u64>>>);
 
@@ -683,7 +698,7 @@ impl ChunkStore {
     pub async fn known(
         &self,
         likely: &[&ChunkTable],
-        index: IndexReading,
+        mut index: IndexReading,
     ) -> anyhow::Result<Known> {
         let mut chunks: Vec<(Id, Location)> = likely
             .iter()
@@ -698,7 +713,7 @@ impl ChunkStore {
         let known = Known {
             likely: chunks,
             packs: PackCheck::lazy(self),
-            index: PendingIndex::reading(index.0),
+            index: PendingIndex::reading(index.0.take().expect("taken once")),
             ..Known::default()
         };
         let packs: Vec<Id> = likely
@@ -715,7 +730,7 @@ impl ChunkStore {
     /// trip the cut would wait for).
     pub fn start_reading_index(&self) -> IndexReading {
         let reader = self.clone();
-        IndexReading(tokio::spawn(async move { reader.read_index().await }))
+        IndexReading(Some(tokio::spawn(async move { reader.read_index().await })))
     }
 
     /// The index of the prefix, for [`ChunkStore::known`].
@@ -880,17 +895,39 @@ impl ChunkStore {
         let stats = std::mem::take(&mut chunked.stats);
         let table = table_of(chunked.order.iter().map(|id| (*id, chunked.locations[id])));
         let new = table_of(chunked.new_chunks.iter().map(|(id, loc)| (*id, *loc)));
-        let segments = NewSegments::encode(&self.layout, &new, MAX_SEGMENT_CHUNKS);
-        // The filters go out beside the last packs: a segment waits for its packs, and
-        // for its filter, so that a segment listed has one.
-        let filtering = tokio::spawn(self.clone().write_filters(segments.filters()));
+        let has_new = !new.chunks.is_empty();
+        // The segments are encoded, and their filters written, beside the last packs: a
+        // segment waits for its packs, and for its filter, so that a segment listed has
+        // one.
+        let filtering = {
+            let store = self.clone();
+            tokio::spawn(async move {
+                let layout = store.layout.clone();
+                let segments = tokio::task::spawn_blocking(move || {
+                    NewSegments::encode(&layout, &new, MAX_SEGMENT_CHUNKS)
+                })
+                .await
+                .context("the index encoder stopped")?;
+                let bytes = store.clone().write_filters(segments.filters()).await;
+                anyhow::Ok((segments, bytes))
+            })
+        };
         let store = self.clone();
         let landing = tokio::spawn(async move {
-            let wire_bytes = uploads.await.context(UPLOADS_STOPPED)??;
-            let indexing = Indexing((!segments.is_empty()).then(|| {
+            let wire_bytes = match uploads.await.context(UPLOADS_STOPPED).and_then(|r| r) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    // Nothing is published: no more copies or filters on its behalf.
+                    refreshing.abort();
+                    filtering.abort();
+                    return Err(e);
+                }
+            };
+            let indexing = Indexing(has_new.then(|| {
                 let store = store.clone();
                 tokio::spawn(async move {
-                    let filters = filtering.await.context(UPLOADS_STOPPED)?;
+                    let (segments, filters) =
+                        (filtering.await).context("the index filter writer stopped")??;
                     Ok(filters + store.write_segments(segments).await?)
                 })
             }));
@@ -1133,7 +1170,7 @@ impl ChunkStore {
         }
     }
 
-    /// What `key` holds, with its HEAD, read again (a few times) when it is
+    /// What `key` holds, with its metadata, read again (a few times) when it is
     /// overwritten meanwhile; `trusted`: as a restore may use it (see
     /// [`ChunkStore::fetch_once`]).
     async fn fetch_as(
@@ -1432,6 +1469,7 @@ pub fn split_table(table: &ChunkTable, max_chunks: usize) -> Vec<ChunkTable> {
 /// most `max_chunks` chunks each, so no reader rejects one, however large the table.
 struct NewSegments(Vec<NewSegment>);
 
+/// One index segment to write: its key and bytes, and its filter's.
 struct NewSegment {
     key: String,
     data: Bytes,
@@ -1440,6 +1478,7 @@ struct NewSegment {
 }
 
 impl NewSegments {
+    /// The segments of `table`, each encoded and named by its hash.
     fn encode(layout: &Layout, table: &ChunkTable, max_chunks: usize) -> NewSegments {
         let segments = (split_table(table, max_chunks).into_iter())
             .filter(|part| !part.chunks.is_empty())
@@ -1455,10 +1494,6 @@ impl NewSegments {
                 }
             });
         NewSegments(segments.collect())
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 
     /// Each segment's filter, with its key.

@@ -49,10 +49,7 @@ pub(super) async fn chunk_store(config: &Config) -> anyhow::Result<ChunkStore> {
 
 /// The chunk store to upload `key` into, whether the upload creates the key or
 /// replaces it, and the index of the prefix being read meanwhile; or `None` when `key`
-/// is already cached and `force` is off (said as `command` would say it). An entry that cannot be restored (its manifest does not
-/// decode, or a pack it references is gone) does not count as cached: it is replaced,
-/// and the user is told; so is an entry the configured trust refuses, when this upload
-/// signs.
+/// is cached and may stay (see [`upload_mode`]).
 pub(super) async fn chunk_store_for_upload(
     config: &Config,
     key: &str,
@@ -62,14 +59,16 @@ pub(super) async fn chunk_store_for_upload(
     let chunks = chunk_store(config).await?;
     let index = chunks.start_reading_index();
     let Some(mode) = upload_mode(&chunks, key, force, command).await? else {
-        index.abort();
-        return Ok(None);
+        return Ok(None); // dropping `index` stops the read
     };
     Ok(Some((chunks, mode, index)))
 }
 
-/// Whether an upload of `key` creates it or replaces it; `None` when it is cached
-/// and may stay (see [`chunk_store_for_upload`]).
+/// Whether an upload of `key` creates it or replaces it; `None` when it is cached and
+/// `force` is off (said as `command` would say it). An entry that cannot be restored
+/// (its manifest does not decode, or a pack it references is gone) does not count as
+/// cached: it is replaced, and the user is told; so is an entry the configured trust
+/// refuses, when this upload signs.
 async fn upload_mode(
     chunks: &ChunkStore,
     key: &str,

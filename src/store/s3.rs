@@ -436,17 +436,30 @@ impl Store for S3Store {
             .await;
         let mut out = match sent {
             Ok(out) => out,
-            // An empty object has no byte 0 to ask for (HTTP 416): its HEAD says it all.
+            // An empty object has no byte 0 to ask for (HTTP 416): its HEAD says the rest,
+            // unless it was written meanwhile (then it is read again, as changed).
             Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) => {
-                return self.head(key).await;
+                return match self.head(key).await? {
+                    Some(info) if info.size > 0 => Err(StoreError::Changed(key.to_string())),
+                    head => Ok(head),
+                };
             }
             Err(e) => match classify("GET", key, self, e) {
-                // A GET's error names a missing bucket, where a HEAD's cannot.
-                StoreError::NotFound(_) => return Ok(None),
+                // Not every server names a missing bucket in a GET's error: as for a
+                // HEAD, a miss must not hide one (exit 1 would read as "not cached").
+                StoreError::NotFound(_) => {
+                    self.bucket_seen
+                        .get_or_try_init(|| self.check_bucket())
+                        .await?;
+                    return Ok(None);
+                }
                 e => return Err(e),
             },
         };
-        // `bytes 0-N/SIZE` on a ranged reply; a server that sent it all says nothing.
+        // `bytes 0-N/SIZE` on a ranged reply. Without it, the server sent the whole
+        // object, unless it cut it at the length asked for without saying so: the HEAD
+        // then tells (and a version other than the GET's is read again, as changed).
+        let length = out.content_length().unwrap_or(0).max(0) as u64;
         let size = match out.content_range() {
             Some(range) => range
                 .rsplit_once('/')
@@ -454,7 +467,11 @@ impl Store for S3Store {
                 .ok_or_else(|| {
                     StoreError::Permanent(format!("GET {key}: unreadable Content-Range {range}"))
                 })?,
-            None => out.content_length().unwrap_or(0).max(0) as u64,
+            None if length < len => length,
+            None => match self.head(key).await? {
+                Some(head) if head.etag.as_deref() == out.e_tag() => head.size,
+                _ => return Err(StoreError::Changed(key.to_string())),
+            },
         };
         let info = object_info(key, size, out.last_modified(), out.e_tag(), out.metadata());
         read_body(key, &mut out.body, size.min(len), buf).await?;
