@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, bail};
+use futures::StreamExt;
 use rayon::prelude::*;
 
 use super::{Outcome, WriteMode, heal};
@@ -103,10 +104,11 @@ async fn upload_mode(
     Ok(None)
 }
 
-/// The first of `wanted` that is gone from the bucket, said as a reason. A few packs
-/// are looked up one HEAD each; many, through the listing of all packs (fewer
-/// requests), each pack absent from it looked up once more, as another job may have
-/// written it since.
+/// A pack of `wanted` that is gone from the bucket, said as a reason. A few packs are
+/// looked up one HEAD each, all at once (where the bucket is far, one after another
+/// took a round trip each: most of a skipped upload); many, through the listing of all
+/// packs (fewer requests), each pack absent from it looked up once more, as another
+/// job may have written it since.
 async fn missing_pack(
     chunks: &ChunkStore,
     wanted: &[crate::chunk::Id],
@@ -121,8 +123,13 @@ async fn missing_pack(
             .copied()
             .collect()
     };
-    for pack in suspects {
-        if chunks.pack_info(&pack).await?.is_none() {
+    let mut heads = futures::stream::iter(suspects)
+        .map(|pack| async move {
+            Ok::<_, crate::store::StoreError>((pack, chunks.pack_info(&pack).await?))
+        })
+        .buffer_unordered(SKIP_CHECK_HEADS);
+    while let Some(found) = heads.next().await {
+        if let (pack, None) = found? {
             return Ok(Some(format!("pack {pack} is missing from the bucket")));
         }
     }
@@ -133,7 +140,7 @@ async fn missing_pack(
 /// candidates by when they were made (see [`restore_fallback`]).
 const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Packs of an existing entry the skip check looks up one by one; beyond, it lists.
+/// Packs of an existing entry the skip check looks up one HEAD each; beyond, it lists.
 const SKIP_CHECK_HEADS: usize = 16;
 
 async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome> {
