@@ -1190,3 +1190,30 @@ fn the_summary_line_counts_files_in_words() {
         two.stderr
     );
 }
+
+#[test]
+fn plain_objects_of_any_size_under_a_dir_key_are_refused_untouched() {
+    // Written straight into the bucket, as `aws s3 cp` would: empty (a ranged read of
+    // it is refused by the server), smaller and larger than an entry's first read.
+    let env = TestEnv::s3("plainunder");
+    env.write("src/a.txt", "a\n");
+    let (src, out) = (env.path("src"), env.path("out"));
+    for (key, len) in [("empty", 0), ("small", 1_000), ("large", 3 << 20)] {
+        put_object(
+            &format!("{}/{key}", env.prefix),
+            random_bytes(len, len as u64),
+        );
+        let run = env.run(["dir", "download", key, out.to_str().unwrap()]);
+        run.code(2);
+        assert!(
+            run.stderr
+                .contains("is a plain file, not a directory entry"),
+            "{key}: {}",
+            run.stderr
+        );
+        assert!(!out.exists(), "{key}: nothing restored");
+        // The key holds something: an upload leaves it.
+        let up = env.run(["dir", "upload", key, src.to_str().unwrap()]);
+        assert!(up.ok().stderr.contains("skipped"), "{key}: {}", up.stderr);
+    }
+}

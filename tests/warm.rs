@@ -171,12 +171,29 @@ fn an_upload_after_an_upload_reads_nothing_unchanged() {
 
 #[test]
 fn a_restore_into_an_existing_dir_vouches_for_its_top_level_files_too() {
-    let env = TestEnv::s3("warmtop");
-    let src = make_tree(&env, "src", 5);
+    top_level_files_vouched_for(&TestEnv::s3("warmtop"), false);
+}
+
+#[test]
+fn top_level_files_are_vouched_for_as_nobody_over_a_read_only_tree() {
+    top_level_files_vouched_for(&TestEnv::s3("warmtopro"), true);
+}
+
+/// Restores a tree with top-level files into an existing DIR, then uploads it: none is
+/// read, and one rewritten afterwards with its size and mtime kept is. `unprivileged`:
+/// as nobody, into a DIR nobody owns, the tree's files 0444 and directories 0555.
+fn top_level_files_vouched_for(env: &TestEnv, unprivileged: bool) {
+    let src = make_tree(env, "src", 5);
     // Top-level files of both kinds the restore writes: gathered for a writer thread,
     // and written as they arrive (above 256 KiB).
     env.write("src/small.txt", "small\n");
     env.write("src/large.bin", random_bytes(400_000, 7));
+    if unprivileged {
+        sh(
+            "find src -type f -exec chmod 444 {} + && find src -mindepth 1 -type d -exec chmod 555 {} +",
+            env.dir.path(),
+        );
+    }
     let files = sh("find . -type f | wc -l", &src)
         .trim()
         .parse::<u64>()
@@ -186,20 +203,27 @@ fn a_restore_into_an_existing_dir_vouches_for_its_top_level_files_too() {
     // top-level entry into it, which changes their ctime.
     let work = env.path("work");
     std::fs::create_dir(&work).unwrap();
-    env.run(["dir", "download", "a", work.to_str().unwrap()])
-        .ok();
-    let again = env.run(["dir", "upload", "b", work.to_str().unwrap(), "--json"]);
+    let run = |args: &[&str]| match unprivileged {
+        true => env.run_unprivileged(args),
+        false => env.run(args),
+    };
+    if unprivileged {
+        env.give_to_nobody(&work);
+    }
+    run(&["dir", "download", "a", work.to_str().unwrap()]).ok();
+    let again = run(&["dir", "upload", "b", work.to_str().unwrap(), "--json"]);
     let stats = json_stats(&again.ok().stdout);
     assert_eq!(stats["disk_bytes"].as_u64(), Some(0), "{stats}");
     assert_eq!(stats["unchanged_files"].as_u64(), Some(files), "{stats}");
     // A top-level file rewritten after the restore with its size and mtime kept is
     // still caught (its ctime moved).
     sh(
-        "cp -p large.bin ../ref && printf 'X' | dd of=large.bin bs=1 seek=10 conv=notrunc status=none \
-         && touch -r ../ref large.bin",
+        "cp -p large.bin ../ref && chmod u+w large.bin \
+         && printf 'X' | dd of=large.bin bs=1 seek=10 conv=notrunc status=none \
+         && chmod --reference=../ref large.bin && touch -r ../ref large.bin",
         &work,
     );
-    let changed = env.run(["dir", "upload", "c", work.to_str().unwrap(), "--json"]);
+    let changed = run(&["dir", "upload", "c", work.to_str().unwrap(), "--json"]);
     let stats = json_stats(&changed.ok().stdout);
     assert!(stats["disk_bytes"].as_u64().unwrap() >= 400_000, "{stats}");
     assert_eq!(
@@ -207,7 +231,7 @@ fn a_restore_into_an_existing_dir_vouches_for_its_top_level_files_too() {
         Some(files - 1),
         "{stats}"
     );
-    assert_ne!(manifest(&env, "a").table, manifest(&env, "c").table);
+    assert_ne!(manifest(env, "a").table, manifest(env, "c").table);
 }
 
 #[test]
