@@ -20,6 +20,7 @@ pub mod restore;
 pub mod sign;
 pub mod state;
 pub mod store;
+pub mod task;
 pub mod temp;
 pub mod transfer;
 pub mod tree_stream;

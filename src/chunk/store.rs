@@ -26,6 +26,7 @@ use super::summary;
 use super::{CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, Id, PACK_TARGET};
 use crate::sign::{Untrusted, Verdict};
 use crate::store::{ObjectInfo, StoreError, is_changed};
+use crate::task::OwnedTask;
 use crate::transfer::{Transfer, retry_note};
 use crate::ui;
 
@@ -215,15 +216,7 @@ struct Index {
 
 /// The index of the prefix being read, from [`ChunkStore::start_reading_index`].
 /// Dropped unused (the key was cached after all), it stops the read.
-pub struct IndexReading(Option<tokio::task::JoinHandle<anyhow::Result<Index>>>);
-
-impl Drop for IndexReading {
-    fn drop(&mut self) {
-        if let Some(task) = &self.0 {
-            task.abort();
-        }
-    }
-}
+pub struct IndexReading(Option<OwnedTask<anyhow::Result<Index>>>);
 
 /// The index of the prefix, loading on a task of its own: reading it takes several
 /// requests in turn, which a warm upload would otherwise wait for before cutting its
@@ -251,7 +244,7 @@ impl Drop for PendingIndex {
 
 impl PendingIndex {
     /// The index read by `task`.
-    fn reading(task: tokio::task::JoinHandle<anyhow::Result<Index>>) -> PendingIndex {
+    fn reading(task: OwnedTask<anyhow::Result<Index>>) -> PendingIndex {
         let stop = Some(task.abort_handle());
         let read = async move {
             match task.await {
@@ -488,9 +481,10 @@ pub struct Sent {
 }
 
 /// The packs of a [`ChunkStore::start_sending`] still on their way. Dropped unwaited
-/// (the upload failed elsewhere), it stops them.
+/// (the upload failed elsewhere), it stops them, and the copies and index filters
+/// started on their behalf.
 #[must_use = "the chunks are in the bucket only once the landing is waited for"]
-pub struct Landing(tokio::task::JoinHandle<anyhow::Result<(u64, Indexing)>>);
+pub struct Landing(OwnedTask<anyhow::Result<(u64, Indexing)>>);
 
 impl Landing {
     /// Waits until every pack sent is in the bucket (and the reused ones refreshed), so
@@ -501,18 +495,12 @@ impl Landing {
     }
 }
 
-impl Drop for Landing {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// The index segments of an upload's new chunks, written once its packs and their
 /// filters landed, while its manifest is: segments only tell later uploads what the
 /// bucket holds (docs/format.md), so a manifest never waits for them. Dropped
 /// unwaited, it stops them (filters already on their way are left for gc).
 #[must_use = "the index segments may still be on their way"]
-pub struct Indexing(Option<tokio::task::JoinHandle<anyhow::Result<u64>>>);
+pub struct Indexing(Option<OwnedTask<anyhow::Result<u64>>>);
 
 impl Indexing {
     /// Waits for the segments; the bytes they took. One that could not be written costs
@@ -529,14 +517,6 @@ impl Indexing {
                 ));
                 0
             }
-        }
-    }
-}
-
-impl Drop for Indexing {
-    fn drop(&mut self) {
-        if let Some(task) = &self.0 {
-            task.abort();
         }
     }
 }
@@ -730,7 +710,9 @@ impl ChunkStore {
     /// trip the cut would wait for).
     pub fn start_reading_index(&self) -> IndexReading {
         let reader = self.clone();
-        IndexReading(Some(tokio::spawn(async move { reader.read_index().await })))
+        IndexReading(Some(OwnedTask::spawn(
+            async move { reader.read_index().await },
+        )))
     }
 
     /// The index of the prefix, for [`ChunkStore::known`].
@@ -858,7 +840,7 @@ impl ChunkStore {
             tokio::task::spawn_blocking(move || chunk_stream(pieces, &known, &tx))
         };
         let store = self.clone();
-        let uploads = tokio::spawn(async move {
+        let uploads = OwnedTask::spawn(async move {
             futures::stream::poll_fn(|cx| rx.poll_recv(cx))
                 .map(|pack| {
                     let store = &store;
@@ -891,7 +873,7 @@ impl ChunkStore {
         // during the cut, which they slowed where the server shares the runner's cores.
         let reused: HashSet<Id> = chunked.locations.values().map(|l| l.pack).collect();
         let stale = reused.into_iter().filter(|p| known.needs_refresh(p));
-        let refreshing = tokio::spawn(self.clone().refresh_packs(stale.collect()));
+        let refreshing = OwnedTask::spawn(self.clone().refresh_packs(stale.collect()));
         let stats = std::mem::take(&mut chunked.stats);
         let table = table_of(chunked.order.iter().map(|id| (*id, chunked.locations[id])));
         let new = table_of(chunked.new_chunks.iter().map(|(id, loc)| (*id, *loc)));
@@ -901,7 +883,7 @@ impl ChunkStore {
         // one.
         let filtering = {
             let store = self.clone();
-            tokio::spawn(async move {
+            OwnedTask::spawn(async move {
                 let layout = store.layout.clone();
                 let segments = tokio::task::spawn_blocking(move || {
                     NewSegments::encode(&layout, &new, MAX_SEGMENT_CHUNKS)
@@ -913,19 +895,13 @@ impl ChunkStore {
             })
         };
         let store = self.clone();
-        let landing = tokio::spawn(async move {
-            let wire_bytes = match uploads.await.context(UPLOADS_STOPPED).and_then(|r| r) {
-                Ok(bytes) => bytes,
-                Err(e) => {
-                    // Nothing is published: no more copies or filters on its behalf.
-                    refreshing.abort();
-                    filtering.abort();
-                    return Err(e);
-                }
-            };
+        // It owns the pack uploads, the copies and the filters: when it fails (nothing
+        // is published then) or is dropped, they stop.
+        let landing = OwnedTask::spawn(async move {
+            let wire_bytes = uploads.await.context(UPLOADS_STOPPED)??;
             let indexing = Indexing(has_new.then(|| {
                 let store = store.clone();
-                tokio::spawn(async move {
+                OwnedTask::spawn(async move {
                     let (segments, filters) =
                         (filtering.await).context("the index filter writer stopped")??;
                     Ok(filters + store.write_segments(segments).await?)

@@ -28,6 +28,7 @@ use crate::exclude::Exclude;
 use crate::key::{full_key, has_arch_suffix, join_prefix};
 use crate::restore::Restorer;
 use crate::state::{self, TreeState};
+use crate::task::OwnedTask;
 use crate::transfer::Transfer;
 use crate::tree_stream::{ReadReport, StaleState, cut_tree};
 use crate::ui;
@@ -224,7 +225,8 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
     // What the bucket holds is read beside the look at the key: where the bucket is
     // far, each is a few round trips.
     let index = chunks.start_reading_index();
-    let knowing = tokio::spawn({
+    // Stopped when dropped: a skipped or failed upload needs neither.
+    let knowing = OwnedTask::spawn({
         let chunks = chunks.clone();
         async move {
             let mut states = Vec::with_capacity(loading.len());
@@ -239,7 +241,6 @@ async fn upload(config: &Config, args: &DirUploadArgs) -> anyhow::Result<Outcome
         }
     });
     let Some(mode) = upload_mode(&chunks, &key, args.force, "dir upload").await? else {
-        knowing.abort();
         return Ok(Outcome::Success);
     };
     let (states, known) = knowing.await??;
