@@ -80,10 +80,10 @@ async fn upload_mode(
     if force {
         return Ok(Some(WriteMode::Replace));
     }
-    if chunks.transfer().store().head(key).await?.is_none() {
-        return Ok(Some(WriteMode::Create));
-    }
+    // One GET answers both whether the key is there and what it holds: on a hit, a
+    // HEAD before it was a round trip more.
     let unrestorable = match chunks.fetch(key).await {
+        Ok(None) => return Ok(Some(WriteMode::Create)),
         Ok(Some(Stored::Manifest(m))) => match Exclude::new(&m.exclusions()) {
             Err(why) => Some(why),
             Ok(_) => missing_pack(chunks, &m.table.packs).await?,
