@@ -264,6 +264,26 @@ pub fn time_row(name: &str, base_secs: f64, cacher_secs: f64) {
     );
 }
 
+/// A row of rounds run side by side (`base[i]` beside `cacher[i]`): the median times,
+/// and the median and range of the rounds' own ratios, which show how much is noise.
+pub fn rounds_row(name: &str, base: &[Measure], cacher: &[Measure]) {
+    let mut ratios: Vec<f64> = base
+        .iter()
+        .zip(cacher)
+        .map(|(b, c)| c.secs / b.secs)
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "{name:<LABEL$} {:>12.2}s {:>11.2}s {:>8.3}   (median of {} rounds; each round's ratio {:.3}-{:.3})",
+        median(base.to_vec()).secs,
+        median(cacher.to_vec()).secs,
+        ratios[ratios.len() / 2],
+        ratios.len(),
+        ratios[0],
+        ratios[ratios.len() - 1],
+    );
+}
+
 /// A row of bytes sent: the baseline's count and what cacher's stats line says it sent.
 pub fn sent_row(name: &str, base_bytes: u64, cacher_stats_line: &str) {
     let sent = cacher_stats_line
