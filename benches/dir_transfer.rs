@@ -161,11 +161,12 @@ fn warm_path(g: &Server, home: &Path, name: &str, base: &str, bumped: &str) {
         )
     };
     // The headline rows run in rounds, the loop beside cacher in each: one run of each
-    // varies by ±15 % here. Each upload round has a prefix of its own holding the base
-    // entry, so each is the first to send the bump's new chunks.
+    // varies by ±15 % here. Each upload round has a prefix of its own (per tree, too)
+    // holding the base entry, so each is the first to send the bump's new chunks. The
+    // bytes printed are the last round's: every round reads and sends the same.
     let (mut baseline_ups, mut warm_ups, mut stats) = (Vec::new(), Vec::new(), Value::Null);
     for round in 0..WARM_ROUNDS {
-        let prefix = format!("warm{round}");
+        let prefix = format!("warm-{name}-{round}");
         run(&prefix, &["dir", "upload", &base_key, base]);
         reset();
         run(&prefix, &["dir", "download", &base_key, &out_s]);
@@ -185,27 +186,30 @@ fn warm_path(g: &Server, home: &Path, name: &str, base: &str, bumped: &str) {
         common::median(baseline_ups.clone()),
         common::median(warm_ups.clone()),
     );
+    let first = format!("warm-{name}-0");
     let read = stats["disk_bytes"].as_u64().unwrap_or(0);
     let stream = stats["stream_bytes"].as_u64().unwrap_or(1);
 
     // The same bump with only the new files written (`cp -an`): cargo also rewrote
     // index cache files with the same bytes above, which an upload must read.
+    // In a prefix of its own too, so it also sends the new chunks.
+    let new_only = format!("warm-{name}-new-only");
+    run(&new_only, &["dir", "upload", &base_key, base]);
     reset();
-    run("warm0", &["dir", "download", &base_key, &out_s]);
+    run(&new_only, &["dir", "download", &base_key, &out_s]);
     sh(&format!("cp -an {bumped}/. {out_s}/"));
-    let new_only_key = format!("{bumped_key}-new-only");
-    let (new_only_up, new_only) = run("warm0", &["dir", "upload", &new_only_key, &out_s]);
+    let (new_only_up, new_only) = run(&new_only, &["dir", "upload", &bumped_key, &out_s]);
 
     let (mut restores_empty, mut restores_over) = (Vec::new(), Vec::new());
     let (mut empty_stats, mut over_stats) = (Value::Null, Value::Null);
     for _ in 0..WARM_ROUNDS {
         reset();
-        let (restore_empty, round_stats) = run("warm0", &["dir", "download", &bumped_key, &out_s]);
+        let (restore_empty, round_stats) = run(&first, &["dir", "download", &bumped_key, &out_s]);
         restores_empty.push(restore_empty);
         empty_stats = round_stats;
         reset();
-        run("warm0", &["dir", "download", &base_key, &out_s]);
-        let (restore_over, round_stats) = run("warm0", &["dir", "download", &bumped_key, &out_s]);
+        run(&first, &["dir", "download", &base_key, &out_s]);
+        let (restore_over, round_stats) = run(&first, &["dir", "download", &bumped_key, &out_s]);
         restores_over.push(restore_over);
         over_stats = round_stats;
     }
@@ -225,14 +229,14 @@ fn warm_path(g: &Server, home: &Path, name: &str, base: &str, bumped: &str) {
     // What any warm upload of this tree costs at least: the tree just restored,
     // uploaded again unchanged; and the system calls of a scan alone.
     let unchanged_key = format!("{bumped_key}-unchanged");
-    let (unchanged_up, unchanged) = run("warm0", &["dir", "upload", &unchanged_key, &out_s]);
+    let (unchanged_up, unchanged) = run(&first, &["dir", "upload", &unchanged_key, &out_s]);
     assert_eq!(unchanged["disk_bytes"].as_u64(), Some(0), "{unchanged}");
     let (walked, walk_secs) = stat_walk(&out);
     // Every file written anew with its own bytes, as `npm ci` leaves node_modules: all
     // read, checked against the record, nothing cut.
     sh(&format!("find {out_s} -type f -exec touch {{}} +"));
     let rewritten_key = format!("{bumped_key}-rewritten");
-    let (rewritten_up, rewritten) = run("warm0", &["dir", "upload", &rewritten_key, &out_s]);
+    let (rewritten_up, rewritten) = run(&first, &["dir", "upload", &rewritten_key, &out_s]);
     reset();
 
     table_header("tar+zstd+aws");

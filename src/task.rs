@@ -57,7 +57,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    // On a paused clock, which advances only when every task waits: no timer fires
+    // early or late on a loaded machine.
+    #[tokio::test(start_paused = true)]
     async fn dropping_the_handle_stops_the_task_and_what_it_owns() {
         let (outer_ran, inner_ran) = (Arc::new(AtomicBool::new(false)), Arc::default());
         let inner = OwnedTask::spawn(later(&inner_ran));
@@ -78,7 +80,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn awaited_it_gives_the_output() {
         let ran = Arc::new(AtomicBool::new(false));
         OwnedTask::spawn(later(&ran)).await.expect("task");

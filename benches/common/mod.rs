@@ -264,8 +264,9 @@ pub fn time_row(name: &str, base_secs: f64, cacher_secs: f64) {
     );
 }
 
-/// A row of rounds run side by side (`base[i]` beside `cacher[i]`): the median times,
-/// and the median and range of the rounds' own ratios, which show how much is noise.
+/// A row of rounds run side by side (`base[i]` beside `cacher[i]`): the median times;
+/// as the ratio, the median of the rounds' own ratios (each from two runs seconds
+/// apart, so less noisy than a ratio of the medians), and their range.
 pub fn rounds_row(name: &str, base: &[Measure], cacher: &[Measure]) {
     let mut ratios: Vec<f64> = base
         .iter()
@@ -274,7 +275,7 @@ pub fn rounds_row(name: &str, base: &[Measure], cacher: &[Measure]) {
         .collect();
     ratios.sort_by(f64::total_cmp);
     println!(
-        "{name:<LABEL$} {:>12.2}s {:>11.2}s {:>8.3}   (median of {} rounds; each round's ratio {:.3}-{:.3})",
+        "{name:<LABEL$} {:>12.2}s {:>11.2}s {:>8.3}   (times: medians of {} rounds; ratio: the rounds' median, range {:.3}-{:.3})",
         median(base.to_vec()).secs,
         median(cacher.to_vec()).secs,
         ratios[ratios.len() / 2],

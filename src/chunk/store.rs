@@ -498,7 +498,8 @@ impl Landing {
 /// The index segments of an upload's new chunks, written once its packs and their
 /// filters landed, while its manifest is: segments only tell later uploads what the
 /// bucket holds (docs/format.md), so a manifest never waits for them. Dropped
-/// unwaited, it stops them (filters already on their way are left for gc).
+/// unwaited, it stops them and their filters (a filter already written is left for
+/// gc).
 #[must_use = "the index segments may still be on their way"]
 pub struct Indexing(Option<OwnedTask<anyhow::Result<u64>>>);
 
