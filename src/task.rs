@@ -48,7 +48,7 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
-    /// A task that would set a flag after a while, and the flag.
+    /// Work that sets `flag` 50 ms after it starts.
     fn later(flag: &Arc<AtomicBool>) -> impl Future<Output = ()> + Send + 'static {
         let flag = flag.clone();
         async move {
