@@ -193,12 +193,12 @@ fn warm_path(g: &Server, home: &Path, name: &str, base: &str, bumped: &str) {
     // The same bump with only the new files written (`cp -an`): cargo also rewrote
     // index cache files with the same bytes above, which an upload must read.
     // In a prefix of its own too, so it also sends the new chunks.
-    let new_only = format!("warm-{name}-new-only");
-    run(&new_only, &["dir", "upload", &base_key, base]);
+    let new_only_prefix = format!("warm-{name}-new-only");
+    run(&new_only_prefix, &["dir", "upload", &base_key, base]);
     reset();
-    run(&new_only, &["dir", "download", &base_key, &out_s]);
+    run(&new_only_prefix, &["dir", "download", &base_key, &out_s]);
     sh(&format!("cp -an {bumped}/. {out_s}/"));
-    let (new_only_up, new_only) = run(&new_only, &["dir", "upload", &bumped_key, &out_s]);
+    let (new_only_up, new_only) = run(&new_only_prefix, &["dir", "upload", &bumped_key, &out_s]);
 
     let (mut restores_empty, mut restores_over) = (Vec::new(), Vec::new());
     let (mut empty_stats, mut over_stats) = (Value::Null, Value::Null);
