@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::task::{AbortHandle, JoinError, JoinHandle};
+use tokio::task::{JoinError, JoinHandle};
 
 /// A task on the runtime that is aborted when this handle is dropped (a plain
 /// [`JoinHandle`] lets it run on). Awaited, it gives the task's output.
@@ -17,13 +17,6 @@ impl<T: Send + 'static> OwnedTask<T> {
     /// Starts `work` on the runtime.
     pub fn spawn(work: impl Future<Output = T> + Send + 'static) -> OwnedTask<T> {
         OwnedTask(tokio::spawn(work))
-    }
-}
-
-impl<T> OwnedTask<T> {
-    /// Stops the task from elsewhere, whoever holds it.
-    pub fn abort_handle(&self) -> AbortHandle {
-        self.0.abort_handle()
     }
 }
 

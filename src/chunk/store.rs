@@ -216,7 +216,7 @@ struct Index {
 
 /// The index of the prefix being read, from [`ChunkStore::start_reading_index`].
 /// Dropped unused (the key was cached after all), it stops the read.
-pub struct IndexReading(Option<OwnedTask<anyhow::Result<Index>>>);
+pub struct IndexReading(OwnedTask<anyhow::Result<Index>>);
 
 /// The index of the prefix, loading on a task of its own: reading it takes several
 /// requests in turn, which a warm upload would otherwise wait for before cutting its
@@ -224,9 +224,9 @@ pub struct IndexReading(Option<OwnedTask<anyhow::Result<Index>>>);
 #[derive(Default)]
 struct PendingIndex {
     /// The read under way, which every waiter shares, and the runtime it runs on.
+    /// Dropped before it is in, it stops the read: the task inside is an
+    /// [`OwnedTask`], and waiters hold their clones only while `self` is borrowed.
     reading: Option<(IndexRead, tokio::runtime::Handle)>,
-    /// Stops the read when the index is dropped before it is in.
-    stop: Option<tokio::task::AbortHandle>,
     /// The index, or why it could not be read, once a lookup waited for it.
     loaded: std::sync::OnceLock<Result<Arc<Index>, String>>,
 }
@@ -234,18 +234,9 @@ struct PendingIndex {
 type IndexRead =
     futures::future::Shared<futures::future::BoxFuture<'static, Result<Arc<Index>, String>>>;
 
-impl Drop for PendingIndex {
-    fn drop(&mut self) {
-        if let Some(stop) = &self.stop {
-            stop.abort();
-        }
-    }
-}
-
 impl PendingIndex {
     /// The index read by `task`.
     fn reading(task: OwnedTask<anyhow::Result<Index>>) -> PendingIndex {
-        let stop = Some(task.abort_handle());
         let read = async move {
             match task.await {
                 Ok(read) => read.map(Arc::new).map_err(|e| format!("{e:#}")),
@@ -254,7 +245,6 @@ impl PendingIndex {
         };
         PendingIndex {
             reading: Some((read.boxed().shared(), tokio::runtime::Handle::current())),
-            stop,
             loaded: std::sync::OnceLock::new(),
         }
     }
@@ -262,7 +252,6 @@ impl PendingIndex {
     fn ready(index: Index) -> PendingIndex {
         PendingIndex {
             reading: None,
-            stop: None,
             loaded: std::sync::OnceLock::from(Ok(Arc::new(index))),
         }
     }
@@ -679,7 +668,7 @@ impl ChunkStore {
     pub async fn known(
         &self,
         likely: &[&ChunkTable],
-        mut index: IndexReading,
+        index: IndexReading,
     ) -> anyhow::Result<Known> {
         let mut chunks: Vec<(Id, Location)> = likely
             .iter()
@@ -694,7 +683,7 @@ impl ChunkStore {
         let known = Known {
             likely: chunks,
             packs: PackCheck::lazy(self),
-            index: PendingIndex::reading(index.0.take().expect("taken once")),
+            index: PendingIndex::reading(index.0),
             ..Known::default()
         };
         let packs: Vec<Id> = likely
@@ -711,9 +700,7 @@ impl ChunkStore {
     /// trip the cut would wait for).
     pub fn start_reading_index(&self) -> IndexReading {
         let reader = self.clone();
-        IndexReading(Some(OwnedTask::spawn(
-            async move { reader.read_index().await },
-        )))
+        IndexReading(OwnedTask::spawn(async move { reader.read_index().await }))
     }
 
     /// The index of the prefix, for [`ChunkStore::known`].
