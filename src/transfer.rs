@@ -18,12 +18,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
 use crate::sign::Trust;
-use crate::store::{Body, ObjectInfo, PutOptions, Store, StoreError, StoreResult};
+use crate::store::{Body, FirstBytes, ObjectInfo, PutOptions, Store, StoreError, StoreResult};
 use crate::temp::{persist, temp_beside};
 use crate::ui::{self, Progress};
 
@@ -425,13 +425,31 @@ impl Transfer {
         Ok(())
     }
 
-    /// Downloads the object `info` to `dest` through a temp file beside it. The object
-    /// must be one [`Trust::check`] accepts, and its content must match the sha256
-    /// recorded with it and `expect_sha256` when given; otherwise `dest` is left as it
-    /// was.
+    /// Metadata of the file object `key`, and its first range still on its way: what
+    /// [`Transfer::download_file`] starts from. One request where the store can, so on
+    /// a cache hit of a small file that request is the whole download (`aws s3 cp`
+    /// makes two), and a large file's other ranges start once the metadata is in.
+    pub async fn open_file<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> StoreResult<Option<(ObjectInfo, FirstBytes<'a>)>> {
+        let mut backoff = Backoff::default();
+        loop {
+            match self.store.open(key, RANGE_SIZE, Vec::new()).await {
+                Err(e) => self.pause_or_fail("GET", e, &mut backoff).await?,
+                ok => return ok,
+            }
+        }
+    }
+
+    /// Downloads the object `info` to `dest` through a temp file beside it; `first` is
+    /// its first range, opened with `info` ([`Transfer::open_file`]). The object must
+    /// be one [`Trust::check`] accepts, and its content must match the sha256 recorded
+    /// with it and `expect_sha256` when given; otherwise `dest` is left as it was.
     pub async fn download_file(
         &self,
         info: &ObjectInfo,
+        first: FirstBytes<'_>,
         dest: &Path,
         expect_sha256: Option<&str>,
     ) -> anyhow::Result<Report> {
@@ -443,21 +461,36 @@ impl Transfer {
             .with_context(|| format!("cannot size the temp file for {}", dest.display()))?;
         let progress = Progress::new(format!("downloading {key}"), info.size);
 
-        let ranges = (0..info.size.div_ceil(RANGE_SIZE)).map(|i| {
-            let start = i * RANGE_SIZE;
-            start..(start + RANGE_SIZE).min(info.size)
-        });
         let pool = BufferPool::default();
-        let mut fetched = futures::stream::iter(ranges)
+        let etag = info.etag.as_deref();
+        let first_len = info.size.min(RANGE_SIZE);
+        let first = async move {
+            match first.await {
+                Ok(buf) => Ok((0, buf)),
+                // Read again as any range is: pinned to the version, with retries.
+                Err(e) if e.is_temporary() => {
+                    self.retries.fetch_add(1, Ordering::Relaxed);
+                    let mut buf = Vec::new();
+                    self.read_range(key, etag, 0..first_len, &mut buf).await?;
+                    Ok((0, buf))
+                }
+                Err(e) => Err(e),
+            }
+        };
+        let rest = (first_len..info.size)
+            .step_by(RANGE_SIZE as usize)
+            .map(|start| start..(start + RANGE_SIZE).min(info.size))
             .map(|range| {
                 let mut buf = pool.take();
                 async move {
-                    self.read_range(key, info.etag.as_deref(), range.clone(), &mut buf)
-                        .await?;
+                    self.read_range(key, etag, range.clone(), &mut buf).await?;
                     Ok::<_, StoreError>((range.start, buf))
                 }
-            })
-            .buffered(self.jobs);
+                .boxed()
+            });
+        // One stream, so the first range's body is read beside the others.
+        let mut fetched =
+            futures::stream::iter(std::iter::once(first.boxed()).chain(rest)).buffered(self.jobs);
         // In-order results let one pass write and hash without re-reading the file.
         let mut hasher = (info.sha256.is_some() || expect_sha256.is_some()).then(Sha256::new);
         while let Some(next) = fetched.next().await {

@@ -35,6 +35,40 @@ fn upload_exists_download_round_trip_is_byte_exact() {
     assert_eq!(leftovers.len(), 1, "no temp files left: {leftovers:?}");
 }
 
+/// A cache hit starts with one GET that brings the metadata and the first range: a
+/// small file is one request (a HEAD first would be a round trip more), a large one's
+/// other ranges follow; an empty one has no byte 0 to ask for (416), so a HEAD follows.
+#[test]
+fn a_download_starts_with_one_get_and_no_head() {
+    let env = TestEnv::s3("oneget");
+    let requests = |stderr: &str, verb: &str| {
+        stderr
+            .lines()
+            .filter(|l| l.contains(&format!(" {verb} {}/", env.prefix)))
+            .count()
+    };
+    for (name, size, gets, heads) in [
+        ("small", 100 * 1024, 1, 0),
+        ("large", 20 * 1024 * 1024 + 5, 3, 0),
+        ("empty", 0, 1, 1),
+    ] {
+        let data = random_bytes(size, 7);
+        let src = env.write(&format!("{name}.bin"), &data);
+        env.run(["upload", name, src.to_str().unwrap()]).ok();
+        let dest = env.path(&format!("out-{name}.bin"));
+        let run = env.run(["-v", "download", name, dest.to_str().unwrap()]);
+        run.ok();
+        assert_eq!(read(&dest), data, "{name}");
+        assert_eq!(
+            requests(&run.stderr, "HEAD"),
+            heads,
+            "{name}: {}",
+            run.stderr
+        );
+        assert_eq!(requests(&run.stderr, "GET"), gets, "{name}: {}", run.stderr);
+    }
+}
+
 #[test]
 fn upload_skips_an_existing_key_unless_forced() {
     let env = TestEnv::s3("skip");

@@ -99,8 +99,15 @@ async fn from_cache(
     let transfer = Transfer::open(config).await?;
     let replace = super::replace_mode(transfer.trust());
     let mut attempts = 0;
-    while let Some(info) = transfer.store().head(key).await? {
-        match transfer.download_file(&info, &args.dest, expected).await {
+    loop {
+        let (info, first) = match transfer.open_file(key).await? {
+            Some(opened) => opened,
+            None => break,
+        };
+        let downloaded = transfer
+            .download_file(&info, first, &args.dest, expected)
+            .await;
+        match downloaded {
             Ok(done) => {
                 report(key, "hit", Some(&done));
                 gc::mark_used(&transfer, &Layout::new(&config.prefix.value), &info).await;

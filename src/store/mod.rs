@@ -171,6 +171,10 @@ pub fn is_changed(e: &anyhow::Error) -> bool {
 /// Result type of the storage layer.
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// The first bytes of an object [`Store::open`] opened, arriving after its metadata.
+pub type FirstBytes<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = StoreResult<Vec<u8>>> + Send + 'a>>;
+
 /// The storage operations cacher needs; every key is a full key in the bucket.
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -188,23 +192,41 @@ pub trait Store: Send + Sync {
     /// Metadata of one object, `None` when it does not exist.
     async fn head(&self, key: &str) -> StoreResult<Option<ObjectInfo>>;
 
-    /// Metadata of `key` and, in `buf`, its first bytes (at most `len`), of the version
-    /// the metadata describes; `None` when it does not exist. One request where the
-    /// backend can (an entry's restore starts with it: where the bucket is far, each
+    /// Metadata of `key`, and its first bytes (at most `len`, of the version the
+    /// metadata describes) still on their way, into `buf`'s memory; `None` when it does
+    /// not exist. One request where the backend can, so a reader that needs more starts
+    /// its other requests as soon as the metadata is in (where the bucket is far, each
     /// request is a round trip); by default [`Store::head`], then [`Store::read_range`].
+    async fn open<'a>(
+        &'a self,
+        key: &'a str,
+        len: u64,
+        mut buf: Vec<u8>,
+    ) -> StoreResult<Option<(ObjectInfo, FirstBytes<'a>)>> {
+        let Some(info) = self.head(key).await? else {
+            return Ok(None);
+        };
+        let (first, etag) = (0..info.size.min(len), info.etag.clone());
+        let bytes = async move {
+            self.read_range(key, first, etag.as_deref(), &mut buf)
+                .await?;
+            Ok(buf)
+        };
+        Ok(Some((info, Box::pin(bytes))))
+    }
+
+    /// [`Store::open`], waiting for the first bytes, which replace the contents of
+    /// `buf` (an entry's restore starts with it).
     async fn head_and_read(
         &self,
         key: &str,
         len: u64,
         buf: &mut Vec<u8>,
     ) -> StoreResult<Option<ObjectInfo>> {
-        let Some(info) = self.head(key).await? else {
-            buf.clear();
+        let Some((info, first)) = self.open(key, len, std::mem::take(buf)).await? else {
             return Ok(None);
         };
-        let first = 0..info.size.min(len);
-        self.read_range(key, first, info.etag.as_deref(), buf)
-            .await?;
+        *buf = first.await?;
         Ok(Some(info))
     }
 

@@ -31,8 +31,8 @@ use aws_smithy_types::byte_stream::Length;
 use base64::Engine;
 
 use super::{
-    Body, CompletedPart, Listing, META_SHA256, META_SIGNATURE, MultipartId, ObjectInfo, PutOptions,
-    Store, StoreError, StoreResult,
+    Body, CompletedPart, FirstBytes, Listing, META_SHA256, META_SIGNATURE, MultipartId, ObjectInfo,
+    PutOptions, Store, StoreError, StoreResult,
 };
 use crate::config::Config;
 use crate::ui;
@@ -415,15 +415,16 @@ impl Store for S3Store {
         }
     }
 
-    async fn head_and_read(
-        &self,
-        key: &str,
+    async fn open<'a>(
+        &'a self,
+        key: &'a str,
         len: u64,
-        buf: &mut Vec<u8>,
-    ) -> StoreResult<Option<ObjectInfo>> {
+        mut buf: Vec<u8>,
+    ) -> StoreResult<Option<(ObjectInfo, FirstBytes<'a>)>> {
         buf.clear();
+        let nothing = || -> FirstBytes<'a> { Box::pin(std::future::ready(Ok(Vec::new()))) };
         if len == 0 {
-            return self.head(key).await;
+            return Ok(self.head(key).await?.map(|info| (info, nothing())));
         }
         ui::verbose(format!("GET {key} bytes=0-{}", len - 1));
         let sent = self
@@ -441,7 +442,7 @@ impl Store for S3Store {
             Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) => {
                 return match self.head(key).await? {
                     Some(info) if info.size > 0 => Err(StoreError::Changed(key.to_string())),
-                    head => Ok(head),
+                    head => Ok(head.map(|info| (info, nothing()))),
                 };
             }
             Err(e) => match classify("GET", key, self, e) {
@@ -474,8 +475,11 @@ impl Store for S3Store {
             },
         };
         let info = object_info(key, size, out.last_modified(), out.e_tag(), out.metadata());
-        read_body(key, &mut out.body, size.min(len), buf).await?;
-        Ok(Some(info))
+        let bytes = async move {
+            read_body(key, &mut out.body, size.min(len), &mut buf).await?;
+            Ok(buf)
+        };
+        Ok(Some((info, Box::pin(bytes))))
     }
 
     async fn read_range(
