@@ -555,8 +555,9 @@ struct Listed {
     names: Vec<OsString>,
     /// Per name: the new tree has it.
     matched: Vec<bool>,
-    /// The new tree's entries in the directory so far.
-    ours: Vec<usize>,
+    /// The new tree's entries in the directory so far that are not among `names` as
+    /// spelled: on a filesystem that folds case, a name listed otherwise may be one.
+    unlisted: Vec<usize>,
 }
 
 impl Listed {
@@ -565,16 +566,16 @@ impl Listed {
         Listed {
             matched: vec![false; names.len()],
             names,
-            ours: Vec::new(),
+            unlisted: Vec::new(),
         }
     }
 
     /// Notes entry `entry`, named `name`, of the new tree.
     fn see(&mut self, entry: usize, name: &[u8]) {
-        if let Ok(k) = self.names.binary_search_by(|n| n.as_bytes().cmp(name)) {
-            self.matched[k] = true;
+        match self.names.binary_search_by(|n| n.as_bytes().cmp(name)) {
+            Ok(k) => self.matched[k] = true,
+            Err(_) => self.unlisted.push(entry),
         }
-        self.ours.push(entry);
     }
 
     /// The names the new tree lacks.
@@ -587,10 +588,10 @@ impl Listed {
             .collect()
     }
 
-    /// The names of the new tree's entries seen, given its `entries`.
-    fn ours<'a>(&'a self, entries: &'a [Entry]) -> impl Iterator<Item = &'a OsStr> {
+    /// The names of the new tree's entries seen but not listed, given its `entries`.
+    fn unlisted<'a>(&'a self, entries: &'a [Entry]) -> impl Iterator<Item = &'a OsStr> {
         let name = |i: &usize| OsStr::from_bytes(split_path(&entries[*i].path).1);
-        self.ours.iter().map(name)
+        self.unlisted.iter().map(name)
     }
 }
 
@@ -1164,7 +1165,7 @@ impl TreeUpdate {
                 // Its parent, on top of the stack again, was opened to visit it.
                 None => self.open_existing(self.open_dirs.last(), &d)?,
             };
-            retain_extras(fd.as_fd(), &mut unseen, listed.ours(&self.entries));
+            retain_extras(fd.as_fd(), &mut unseen, listed.unlisted(&self.entries));
             self.retain_included(fd.as_fd(), &self.entries[d.entry].path, &mut unseen);
         }
         let e = &self.entries[d.entry];
@@ -1247,7 +1248,11 @@ impl TreeUpdate {
         if self.mirror {
             let listed = std::mem::take(&mut self.root_listed);
             let mut unseen = listed.unseen();
-            retain_extras(self.root.as_fd(), &mut unseen, listed.ours(&self.entries));
+            retain_extras(
+                self.root.as_fd(),
+                &mut unseen,
+                listed.unlisted(&self.entries),
+            );
             self.retain_included(self.root.as_fd(), &[], &mut unseen);
             self.extras
                 .extend(unseen.into_iter().map(|n| (Vec::new(), n)));
@@ -1523,12 +1528,14 @@ fn refuse_folded_names(root: BorrowedFd<'_>, entries: &[Entry], dest: &Path) -> 
 }
 
 /// Keeps in `unseen` (names in `dir` the new tree lacks) only true extras: on a
-/// filesystem that folds case, `Foo` on disk is the tree's `foo` (one of `seen`), and
-/// removing it would remove the tree's own entry.
+/// filesystem that folds case, `Foo` on disk is the tree's `foo` (one of `unlisted`,
+/// the tree's names the listing did not hold as spelled), and removing it would remove
+/// the tree's own entry. A name listed as spelled is no such alias, so another name of
+/// the same file (a hard link, as cargo makes in `target/`) is an extra.
 fn retain_extras<'a>(
     dir: BorrowedFd<'_>,
     unseen: &mut Vec<OsString>,
-    seen: impl Iterator<Item = &'a OsStr>,
+    unlisted: impl Iterator<Item = &'a OsStr>,
 ) {
     if unseen.is_empty() {
         return;
@@ -1538,7 +1545,7 @@ fn retain_extras<'a>(
             .ok()
             .map(|st| (st.st_dev, st.st_ino))
     };
-    let ours: HashSet<_> = seen.filter_map(identity).collect();
+    let ours: HashSet<_> = unlisted.filter_map(identity).collect();
     unseen.retain(|n| identity(n).is_none_or(|id| !ours.contains(&id)));
 }
 

@@ -473,6 +473,40 @@ fn on_a_case_insensitive_filesystem_names_differing_in_case_never_alias() {
         .ok();
     assert_eq!(std::fs::read(dir.join("d/x")).unwrap(), b"payload");
     assert!(dir.join("precious").exists());
+
+    // Over a tree holding `docs/notes.txt`, an entry's `docs/Notes.txt` is that file:
+    // updated in place, not removed as a name the entry lacks; `docs/stray` is one.
+    env.write("cased/docs/Notes.txt", "new notes");
+    env.run([
+        "dir",
+        "upload",
+        "cased",
+        env.path("cased").to_str().unwrap(),
+    ])
+    .ok();
+    let over = fs.mount.join("over");
+    std::fs::create_dir_all(over.join("docs")).unwrap();
+    std::fs::write(over.join("docs/notes.txt"), "old notes, longer").unwrap();
+    std::fs::write(over.join("docs/stray"), "stale").unwrap();
+    for delete in [false, true] {
+        let mut args = vec!["-v", "dir", "download", "cased", over.to_str().unwrap()];
+        args.extend(delete.then_some("--delete"));
+        let run = env.run(args);
+        assert!(
+            run.ok().stderr.contains("files of"),
+            "in place: {}",
+            run.stderr
+        );
+        let names: Vec<_> = std::fs::read_dir(over.join("docs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_ascii_lowercase())
+            .collect();
+        assert_eq!(names, ["notes.txt"], "delete: {delete}");
+        assert_eq!(
+            std::fs::read(over.join("docs/Notes.txt")).unwrap(),
+            b"new notes"
+        );
+    }
 }
 
 /// Small files are written on several threads, and each directory waits, holding a

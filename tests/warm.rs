@@ -316,6 +316,11 @@ fn a_restore_over_the_previous_tree_writes_only_what_differs_and_ends_as_a_fresh
     env.write("work/mine.txt", "the user's");
     env.write("work/pkg010/stray.o", "stale");
     env.write("work/pkg011/src/stray.rs", "stale");
+    // Other names of the tree's own files (cargo hard-links binaries in target/): a
+    // stray as well inside a top-level entry, the user's at the top.
+    let link = |from: &str, to: &str| std::fs::hard_link(env.path(from), env.path(to)).unwrap();
+    link("work/pkg011/src/f0.rs", "work/pkg011/src/f0-link.rs");
+    link("work/top.txt", "work/top-link.txt");
     let fresh = env.path("fresh");
     env.run(["dir", "download", "t/2", fresh.to_str().unwrap()])
         .ok();
@@ -330,6 +335,7 @@ fn a_restore_over_the_previous_tree_writes_only_what_differs_and_ends_as_a_fresh
     }));
     want.sort();
     assert!(want.iter().any(|(p, _)| p == "pkg008/blob.bin"));
+    assert!(want.iter().any(|(p, _)| p == "top-link.txt"));
     // Older than the timestamp granularity, the directories can be listed ahead of the
     // update, which then opens a leaf only to write in it or to remove what the entry
     // lacks (pkg011/src's stray; the lister is likeliest to be there first this far in).

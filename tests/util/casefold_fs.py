@@ -48,7 +48,9 @@ class CaseFold(Operations):
 
     def getattr(self, path, fh=None):
         st = os.lstat(self._real(path))
-        keys = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime",
+        # The backing inode (with use_ino below), as real case-insensitive filesystems
+        # (APFS, NTFS, vfat) give one inode to every spelling of a name.
+        keys = ("st_ino", "st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime",
                 "st_mtime", "st_ctime")
         out = {k: getattr(st, k) for k in keys}
         out["st_atime"] = st.st_atime_ns / 1e9
@@ -120,4 +122,7 @@ class CaseFold(Operations):
 
 
 if __name__ == "__main__":
-    FUSE(CaseFold(sys.argv[1]), sys.argv[2], foreground=True, nothreads=True)
+    # The kernel's caches of names and attributes are case-sensitive: kept, they would
+    # give `notes.txt` and `Notes.txt` different files after a rename over one.
+    FUSE(CaseFold(sys.argv[1]), sys.argv[2], foreground=True, nothreads=True, use_ino=True,
+         entry_timeout=0, attr_timeout=0, negative_timeout=0)
