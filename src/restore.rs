@@ -71,8 +71,8 @@ const MAX_UNSETTLED: usize = 64;
 
 /// What a finished restore put in place.
 pub struct Finished {
-    /// When the new files became visible in DIR (just before the swap began).
-    pub visible_from: std::time::SystemTime,
+    /// When the restore was done, every stamp a clock tick old (see `state::record`).
+    pub done_at: std::time::SystemTime,
     /// The entries restored.
     pub entries: Vec<Entry>,
     /// Each file's stamp once complete, in stream order; a top-level file moved into
@@ -445,7 +445,6 @@ impl Restorer {
         // `state::record` for why that moment matters); a few milliseconds' wait
         // makes the last ones written old enough to be vouched for.
         crate::state::settle(&self.stamps);
-        let visible_from = std::time::SystemTime::now();
         if let Some(new_name) = self.new_name.clone() {
             self.rename_into_place(&new_name)?;
         } else {
@@ -461,9 +460,11 @@ impl Restorer {
             if self.mirror {
                 self.remove_others()?;
             }
+            // The top-level files renamed into DIR were stamped there just now.
+            crate::state::settle(&self.stamps);
         }
         Ok(Finished {
-            visible_from,
+            done_at: std::time::SystemTime::now(),
             entries: std::mem::take(&mut self.entries),
             stamps: std::mem::take(&mut self.stamps),
         })

@@ -298,14 +298,20 @@ impl TreeState {
 
 /// Records that the canonical `dir` holds `manifest`'s tree (restored or uploaded
 /// under `key`) whose files had `stamps` (one per file, in stream order). `taken` is
-/// the earliest moment anything else could change a file after its stamp was taken (an
-/// upload: when its scan began; a restore: when its files became visible). A stamp
-/// whose mtime is within the timestamp granularity of `taken` (or later) is dropped: a
-/// write right after the stamp could leave it the same (git calls such index entries
-/// racy). Any later write sets the mtime to the time of writing, so only a rewrite that
-/// also puts back an old mtime and lands in the same clock tick as the stamp's ctime
-/// goes unseen, as in git. The rule compares file times with this machine's clock, so a
-/// network filesystem whose server clock lags may defeat it (as it does git's).
+/// the earliest moment a change to a file must show in its stamp: an upload, when its
+/// scan began; a restore, when it was done (it [`settle`]s its stamps first, so they
+/// stay; a process writing into DIR while the restore renames files into place there
+/// may go unseen, as any tool's view of a tree another writes to). A stamp
+/// whose ctime or mtime is within the timestamp granularity of `taken` (or later) is
+/// dropped: a write in the same clock tick as the stamp's ctime could leave the whole
+/// stamp the same (git calls such index entries racy; git looks at the mtime only,
+/// which misses a rewrite that puts back an old mtime, as `npm` and `tar -x` do, in the
+/// tick of the last change: a whole second on filesystems with coarse times). Any write
+/// after `taken` then gives a later ctime. Where a restore does not wait (whole-second
+/// times), the files it wrote last are not vouched for, and the next upload reads
+/// them. The rule compares
+/// file times with this machine's clock, so a network filesystem whose server clock
+/// lags may defeat it (as it does git's).
 ///
 /// The record is written to a temp file, then renamed. Failing to is not an error of
 /// the command: the next upload reads everything, and `-v` says why.
@@ -397,7 +403,7 @@ fn drop_racy(dir: &Path, stamps: &mut [Option<Stamp>], taken: SystemTime) {
     let granularity = granularity(stamps).as_nanos() as i128;
     let mut racy = 0;
     for stamp in stamps.iter_mut() {
-        if stamp.is_some_and(|s| age_at(s.mtime, taken) <= granularity) {
+        if stamp.is_some_and(|s| age_at(s.latest_ns(), taken) <= granularity) {
             *stamp = None;
             racy += 1;
         }
@@ -446,8 +452,9 @@ pub fn granularity_of(times: impl IntoIterator<Item = i64>) -> Duration {
 
 /// Waits until every one of `stamps` is older than the timestamp granularity (at most
 /// a few milliseconds, and only on filesystems with fine timestamps), so a record
-/// taken from now on can vouch for all of them. A restore calls this before its files
-/// become visible: the last files it wrote would otherwise be racy.
+/// taken from now on can vouch for all of them: a restore calls this before its files
+/// become visible, and again once it has renamed some into place (which changes their
+/// ctime); the last files it wrote would otherwise be racy.
 pub fn settle(stamps: &[Option<Stamp>]) {
     let granularity = granularity(stamps);
     if granularity != FINE_GRANULARITY {

@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::util::{TestEnv, json_stats, manifest, random_bytes, sh, snapshot};
+use crate::util::{
+    TestEnv, can_switch_users, json_stats, manifest, random_bytes, read, sh, snapshot,
+};
 
 /// A module-cache-like tree of `packages` directories, each with a few source files
 /// and one larger blob.
@@ -821,4 +823,106 @@ fn names_that_are_not_utf8_go_through_the_warm_path_byte_for_byte() {
     env.run(["dir", "download", "t/3", check.to_str().unwrap()])
         .ok();
     assert_eq!(raw_tree(&check), raw_tree(&work));
+}
+
+/// A filesystem that keeps whole seconds (ext4 with 128-byte inodes, on a loop device)
+/// mounted for the length of a test; `None` (and SKIPPED) where it cannot be.
+struct WholeSecondFs {
+    mount: PathBuf,
+}
+
+impl WholeSecondFs {
+    fn mount(env: &TestEnv, test: &str) -> Option<WholeSecondFs> {
+        if !can_switch_users(test) {
+            return None;
+        }
+        let (image, mount) = (env.path("seconds.img"), env.path("seconds"));
+        std::fs::create_dir_all(&mount).unwrap();
+        let made = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "truncate -s 32M '{0}' && mkfs.ext4 -q -I 128 -F '{0}' && mount -o loop '{0}' '{1}'",
+                image.display(),
+                mount.display()
+            ))
+            .status();
+        if !made.is_ok_and(|s| s.success()) {
+            eprintln!("SKIPPED {test}: cannot make and mount an ext4 image");
+            return None;
+        }
+        Some(WholeSecondFs { mount })
+    }
+}
+
+impl Drop for WholeSecondFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.mount)
+            .status();
+    }
+}
+
+/// Sleeps until just past the start of a second, so what follows within a few tenths
+/// of a second lands in one second.
+fn at_a_second_start() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let into = now.subsec_nanos();
+    std::thread::sleep(std::time::Duration::from_nanos(
+        1_000_000_000 - u64::from(into) + 5_000_000,
+    ));
+}
+
+/// Where times are whole seconds, files rewritten in the second the restore stamped
+/// them, with their size and old mtime kept (as `npm` and `tar -x` leave files), show
+/// the very stamps the restore recorded: neither the next upload nor the next restore
+/// may take them as the entry's.
+#[test]
+fn on_whole_second_times_a_rewrite_in_the_restores_second_is_not_missed() {
+    let test = "on_whole_second_times_a_rewrite_in_the_restores_second_is_not_missed";
+    let env = TestEnv::s3("wholesecond");
+    let Some(fs) = WholeSecondFs::mount(&env, test) else {
+        return;
+    };
+    for i in 0..20 {
+        env.write(&format!("src/pkg/f{i}"), "AAAA\n");
+    }
+    sh("touch -d 2020-01-01 src/pkg/*", env.dir.path());
+    let src = env.path("src");
+    env.run(["dir", "upload", "k1", src.to_str().unwrap()]).ok();
+    let rewrite = |dir: &Path| {
+        sh(
+            "for f in pkg/f*; do printf 'ZZZZ\\n' > $f; done; touch -d 2020-01-01 pkg/f*",
+            dir,
+        )
+    };
+    let all_hold = |dir: &Path, what: &str| {
+        (0..20).all(|i| read(dir.join(format!("pkg/f{i}"))) == what.as_bytes())
+    };
+
+    // The upload after the rewrite sends the new bytes.
+    let work = fs.mount.join("up");
+    at_a_second_start();
+    env.run(["dir", "download", "k1", work.to_str().unwrap()])
+        .ok();
+    rewrite(&work);
+    let stat = sh("stat -c %y pkg/f0", &work);
+    assert!(stat.contains(".000000000"), "whole seconds: {stat}");
+    env.run(["dir", "upload", "k2", work.to_str().unwrap()])
+        .ok();
+    let fresh = env.path("fresh");
+    env.run(["dir", "download", "k2", fresh.to_str().unwrap()])
+        .ok();
+    assert!(all_hold(&fresh, "ZZZZ\n"), "{:?}", snapshot(&fresh));
+
+    // A restore over the rewritten tree puts the entry's bytes back.
+    let over = fs.mount.join("over");
+    at_a_second_start();
+    env.run(["dir", "download", "k1", over.to_str().unwrap()])
+        .ok();
+    rewrite(&over);
+    env.run(["dir", "download", "k1", over.to_str().unwrap()])
+        .ok();
+    assert!(all_hold(&over, "AAAA\n"), "{:?}", snapshot(&over));
 }

@@ -1006,13 +1006,7 @@ async fn restore_whole(
             ..manifest
         };
         if let (true, Ok(dir)) = (record, dest.canonicalize()) {
-            state::record(
-                &dir,
-                &key,
-                &restored,
-                finished.stamps,
-                finished.visible_from,
-            );
+            state::record(&dir, &key, &restored, finished.stamps, finished.done_at);
         }
         Ok(stats)
     })
@@ -1075,6 +1069,8 @@ async fn restore_in_place(
         stats.disk_bytes = updated.written_bytes;
         manifest.entries = updated.entries;
         if let Ok(dir) = dest.canonicalize() {
+            // The files it renamed into place were stamped there just now.
+            state::settle(&updated.stamps);
             state::record(&dir, &key, &manifest, updated.stamps, SystemTime::now());
         }
         Ok(stats)
