@@ -205,11 +205,17 @@ impl Config {
     /// Merges flags, environment and the config file into one configuration.
     pub fn resolve(args: &GlobalArgs) -> anyhow::Result<Config> {
         let (path, explicit) = match (&args.config, env("CACHER_CONFIG")) {
-            (Some(p), _) => (expand_tilde(p), true),
-            (None, Some(p)) => (expand_tilde(&p), true),
-            (None, None) => (default_config_path()?, false),
+            (Some(p), _) => (Some(expand_tilde(p)), true),
+            (None, Some(p)) => (Some(expand_tilde(&p)), true),
+            // Without a HOME there is no default file: flags and CACHER_* say it all.
+            (None, None) => (default_config_path().ok(), false),
         };
-        let (file, warnings, file_read) = match std::fs::read_to_string(&path) {
+        let read = match &path {
+            Some(path) => std::fs::read_to_string(path),
+            None => Err(std::io::ErrorKind::NotFound.into()),
+        };
+        let path = path.unwrap_or_else(|| PathBuf::from("~/.config/cacher/config.toml"));
+        let (file, warnings, file_read) = match read {
             Ok(text) => {
                 let (file, warnings) = parse_config_file(&path, &text)?;
                 for w in &warnings {

@@ -2,7 +2,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use crate::util::{TestEnv, garage};
+use crate::util::{TestEnv, garage, read};
 
 /// Writes the credential files and returns an env with no credentials in variables.
 fn env_with_credential_files(name: &str) -> (TestEnv, String, String) {
@@ -400,4 +400,27 @@ fn requests_go_through_the_proxy_named_in_the_environment() {
     env.run(["exists", "k"]).ok();
     env.set("NO_PROXY", "cacher-s3.invalid");
     env.run(["exists", "k"]).code(2);
+}
+
+/// A CI container may run jobs without a HOME: the CACHER_* variables are all cacher
+/// needs then, as with no config file (the tree state is not kept).
+#[test]
+fn without_a_home_the_environment_is_enough() {
+    let env = TestEnv::s3("nohome");
+    env.write("tree/a.txt", "tree data");
+    let file = env.write("f.txt", "file data");
+    let file = file.to_str().unwrap();
+    for args in [
+        vec!["upload", "k", file],
+        vec!["exists", "k"],
+        vec!["download", "k", "out.txt"],
+        vec!["dir", "upload", "t", "tree"],
+        vec!["dir", "download", "t", "restored"],
+    ] {
+        let mut cmd = env.cmd(&args);
+        cmd.env_remove("HOME");
+        crate::util::Run::of(cmd.output().unwrap()).ok();
+    }
+    assert_eq!(read(env.path("out.txt")), b"file data");
+    assert_eq!(read(env.path("restored/a.txt")), b"tree data");
 }
