@@ -264,7 +264,7 @@ impl TreeState {
     pub fn load(dir: &Path) -> Option<TreeState> {
         let canonical = dir.canonicalize().ok()?;
         let path = record_path(&canonical)?;
-        let data = match std::fs::read(&path) {
+        let data = match read_record(&path) {
             Ok(data) => data,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
             Err(e) => {
@@ -294,6 +294,26 @@ impl TreeState {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// The bytes of the record file at `path`: a regular file of at most [`MAX_BODY`]
+/// bytes (its body is compressed), never followed if a symlink, and never waited on
+/// (a fifo in its place is not read).
+fn read_record(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.len() > MAX_BODY {
+        let what = format!("not a regular file of at most {MAX_BODY} bytes");
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, what));
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    file.take(meta.len()).read_to_end(&mut data)?;
+    Ok(data)
 }
 
 /// Records that the canonical `dir` holds `manifest`'s tree (restored or uploaded
@@ -618,6 +638,29 @@ fn decode(what: &str, data: &[u8]) -> Result<TreeState, FormatError> {
 mod tests {
     use super::*;
     use crate::chunk::format::{Entry, ManifestKind};
+
+    /// Only a regular file is read as a record: a symlink to an endless device or a
+    /// fifo in its place is refused at once, neither read without end nor waited on.
+    #[test]
+    fn a_record_is_read_only_from_a_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name);
+        std::fs::write(at("record"), b"bytes").unwrap();
+        assert_eq!(read_record(&at("record")).unwrap(), b"bytes");
+        std::os::unix::fs::symlink("/dev/zero", at("zero")).unwrap();
+        std::os::unix::fs::symlink(at("record"), at("link")).unwrap();
+        let fifo = std::ffi::CString::new(at("fifo").into_os_string().into_encoded_bytes());
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.unwrap().as_ptr(), 0o600) }, 0);
+        std::fs::create_dir(at("dir")).unwrap();
+        for name in ["zero", "link", "fifo", "dir"] {
+            assert!(read_record(&at(name)).is_err(), "{name}");
+        }
+        assert_eq!(
+            read_record(&at("missing")).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
+    }
 
     /// A tree of a directory and two files, the first modified and changed at `mtime`.
     fn manifest_and_stamps(mtime: SystemTime) -> (Manifest, Vec<Option<Stamp>>) {
