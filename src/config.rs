@@ -127,8 +127,9 @@ fn parse_on_error(s: &str) -> Result<OnError, String> {
 /// The configuration every command runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The config file that was read or would be written, and whether it exists.
-    pub path: PathBuf,
+    /// The config file that was read or would be written; `None` without a HOME and
+    /// without `--config` (there is no file to read or write then).
+    pub path: Option<PathBuf>,
     /// Problems found in the config file that did not stop the command (unknown
     /// fields), each naming the field and the line; `doctor` lists them.
     pub warnings: Vec<String>,
@@ -214,10 +215,10 @@ impl Config {
             Some(path) => std::fs::read_to_string(path),
             None => Err(std::io::ErrorKind::NotFound.into()),
         };
-        let path = path.unwrap_or_else(|| PathBuf::from("~/.config/cacher/config.toml"));
         let (file, warnings, file_read) = match read {
             Ok(text) => {
-                let (file, warnings) = parse_config_file(&path, &text)?;
+                let path = path.as_deref().expect("a file was read");
+                let (file, warnings) = parse_config_file(path, &text)?;
                 for w in &warnings {
                     crate::ui::warn(w);
                 }
@@ -227,6 +228,7 @@ impl Config {
                 (ConfigFile::default(), Vec::new(), false)
             }
             Err(e) => {
+                let path = path.as_deref().unwrap_or(Path::new("?"));
                 return Err(e)
                     .with_context(|| format!("cannot read config file {}", path.display()));
             }
@@ -236,7 +238,8 @@ impl Config {
             args.endpoint.clone(),
             "CACHER_ENDPOINT",
             file.endpoint.clone(),
-            default_endpoint,
+            // Empty without a HOME: opening the store says what to set.
+            || default_store_dir().map_or(String::new(), |d| format!("file://{}", d.display())),
         );
         let region = pick(
             args.region.clone(),
@@ -590,15 +593,13 @@ pub fn default_config_path() -> anyhow::Result<PathBuf> {
     Ok(home_dir()?.join(".config/cacher/config.toml"))
 }
 
-fn default_endpoint() -> String {
-    // A local store lets a first try work without any server; `doctor` says so.
-    let dir = match env("XDG_CACHE_HOME") {
-        Some(d) => PathBuf::from(d).join("cacher"),
-        None => home_dir()
-            .map(|h| h.join(".cache/cacher"))
-            .unwrap_or_else(|_| PathBuf::from(".cacher")),
-    };
-    format!("file://{}", dir.display())
+/// The local store used when no endpoint is set (a first try works without any
+/// server; `doctor` says so): `$XDG_CACHE_HOME/cacher`, else `~/.cache/cacher`.
+fn default_store_dir() -> Option<PathBuf> {
+    match env("XDG_CACHE_HOME") {
+        Some(d) => Some(PathBuf::from(d).join("cacher")),
+        None => home_dir().ok().map(|h| h.join(".cache/cacher")),
+    }
 }
 
 fn home_dir() -> anyhow::Result<PathBuf> {

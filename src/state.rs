@@ -320,8 +320,8 @@ fn read_record(path: &Path) -> std::io::Result<Vec<u8>> {
 /// under `key`) whose files had `stamps` (one per file, in stream order). `taken` is
 /// the earliest moment a change to a file must show in its stamp: an upload, when its
 /// scan began; a restore, when it was done (it [`settle`]s its stamps first, so they
-/// stay; a process writing into DIR while the restore renames files into place there
-/// may go unseen, as any tool's view of a tree another writes to). A stamp
+/// stay; a process writing into DIR while the restore is still running there may go
+/// unseen, as in any tool's view of a tree another writes to). A stamp
 /// whose ctime or mtime is within the timestamp granularity of `taken` (or later) is
 /// dropped: a write in the same clock tick as the stamp's ctime could leave the whole
 /// stamp the same (git calls such index entries racy; git looks at the mtime only,
@@ -805,5 +805,22 @@ mod tests {
             state(now, now + ms(60_000)).files.stamp(0).is_none(),
             "a time in the future"
         );
+    }
+
+    /// A file rewritten with an old mtime put back (as npm and `tar -x` leave files) is
+    /// as racy as one written with a new mtime: its ctime says when.
+    #[test]
+    fn a_recent_ctime_makes_a_stamp_racy_whatever_its_mtime() {
+        let now = SystemTime::now();
+        let (manifest, mut stamps) = manifest_and_stamps(now - Duration::from_secs(3600));
+        let recent = now - Duration::from_millis(5);
+        let since_epoch = recent.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        let ctime = nanos(
+            since_epoch.as_secs() as i64,
+            since_epoch.subsec_nanos().into(),
+        );
+        stamps[0].as_mut().unwrap().ctime = ctime;
+        let state = TreeState::new("/d".into(), &manifest, stamps, now);
+        assert!(state.files.stamp(0).is_none());
     }
 }

@@ -423,4 +423,32 @@ fn without_a_home_the_environment_is_enough() {
     }
     assert_eq!(read(env.path("out.txt")), b"file data");
     assert_eq!(read(env.path("restored/a.txt")), b"tree data");
+
+    // Without an endpoint as well there is no default store: a one-line error (not a
+    // store in the working directory), while `key` needs none; `init` has no file to
+    // write without --config.
+    let bare = |args: &[&str], vars: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cacher"));
+        cmd.args(args).env_clear().current_dir(env.dir.path());
+        cmd.envs(vars.iter().copied());
+        crate::util::Run::of(cmd.output().unwrap())
+    };
+    let missing = bare(&["exists", "k"], &[]);
+    missing.code(2);
+    assert!(
+        missing.stderr.contains("CACHER_ENDPOINT"),
+        "{}",
+        missing.stderr
+    );
+    assert_eq!(missing.stderr.lines().count(), 1, "{}", missing.stderr);
+    let key = bare(&["key", "x-{hash}", "--hash-from", file], &[]);
+    assert!(key.ok().stdout.starts_with("x-"), "{}", key.stdout);
+    let init = bare(&["init", "--endpoint", "file:///tmp/nowhere"], &[]);
+    init.code(2);
+    assert!(init.stderr.contains("--config"), "{}", init.stderr);
+    assert!(
+        !env.path("~").exists(),
+        "nothing written in the working directory"
+    );
+    assert!(!env.path(".cacher").exists());
 }

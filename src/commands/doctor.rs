@@ -58,10 +58,11 @@ fn print_keys(config: &Config) -> anyhow::Result<()> {
 
 fn print_settings(config: &Config) {
     let file_note = if config.file_read { "" } else { " (not found)" };
-    row(
-        "config file",
-        format!("{}{file_note}", config.path.display()),
-    );
+    let file = match &config.path {
+        Some(path) => format!("{}{file_note}", path.display()),
+        None => "none (HOME is not set)".to_string(),
+    };
+    row("config file", file);
     for warning in &config.warnings {
         let _ = crate::ui::line(format_args!("  warning: {warning}"));
     }

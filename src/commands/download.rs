@@ -9,7 +9,7 @@ use crate::chunk::layout::Layout;
 use crate::cli::{DownloadArgs, InputError};
 use crate::config::{Config, OnError};
 use crate::key::full_key;
-use crate::store::is_changed;
+use crate::store::{StoreError, is_changed};
 use crate::temp::persist;
 use crate::transfer::{IntegrityError, Transfer};
 use crate::ui;
@@ -100,9 +100,16 @@ async fn from_cache(
     let replace = super::replace_mode(transfer.trust());
     let mut attempts = 0;
     loop {
-        let (info, first) = match transfer.open_file(key).await? {
-            Some(opened) => opened,
-            None => break,
+        let (info, first) = match transfer.open_file(key).await {
+            Ok(Some(opened)) => opened,
+            Ok(None) => break,
+            // Replaced between the request that opened it and the one that completes
+            // what it said (see `Store::open`): take the new version.
+            Err(StoreError::Changed(_)) if attempts < 3 => {
+                attempts += 1;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
         };
         let downloaded = transfer
             .download_file(&info, first, &args.dest, expected)

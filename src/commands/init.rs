@@ -15,22 +15,21 @@ pub async fn run(config: &Config) -> anyhow::Result<Outcome> {
             "init needs --endpoint (an S3 URL, or file:///dir for a local store); nothing written"
         );
     }
-    write_config(config)?;
+    let Some(path) = &config.path else {
+        anyhow::bail!("HOME is not set: give --config PATH for the file to write; nothing written");
+    };
+    write_config(config, path)?;
     // The smoke test runs even if no one reads this.
-    let _ = crate::ui::line(format_args!("wrote {}", config.path.display()));
-    super::doctor::smoke_test(config).await.with_context(|| {
-        format!(
-            "{} was written, but the smoke test failed",
-            config.path.display()
-        )
-    })?;
+    let _ = crate::ui::line(format_args!("wrote {}", path.display()));
+    super::doctor::smoke_test(config)
+        .await
+        .with_context(|| format!("{} was written, but the smoke test failed", path.display()))?;
     crate::ui::line("ok: the cache is usable")?;
     Ok(Outcome::Success)
 }
 
-fn write_config(config: &Config) -> anyhow::Result<()> {
+fn write_config(config: &Config, path: &std::path::Path) -> anyhow::Result<()> {
     let text = toml::to_string(&config.to_file()).context("cannot encode the config")?;
-    let path = &config.path;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }

@@ -337,8 +337,20 @@ pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         return Err(crate::cli::InputError(format!(
             "{} set, but no endpoint: set --endpoint, CACHER_ENDPOINT or `endpoint` in {} (the local store needs endpoint = \"file:///dir\")",
             given.join(", "),
-            config.path.display()
+            config
+                .path
+                .as_deref()
+                .map_or("the config file".into(), |p| p.display().to_string())
         ))
+        .into());
+    }
+    // Without a HOME there is no default store: a job whose endpoint is missing
+    // (secrets not given to a fork's build) fails instead of caching into its
+    // working directory.
+    if config.endpoint.value.is_empty() {
+        return Err(crate::cli::InputError(
+            "no endpoint: set CACHER_ENDPOINT or --endpoint (HOME is not set, so there is no default store in ~/.cache/cacher)".into(),
+        )
         .into());
     }
     match config.endpoint.value.strip_prefix("file://") {
