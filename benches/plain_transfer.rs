@@ -1,5 +1,7 @@
 //! Plain-file benchmark: a 1 GiB file uploaded and downloaded through `cacher` and
-//! through `aws s3 cp`, against the same Garage node, alternating in one run.
+//! through `aws s3 cp`, against the same Garage node, alternating in one run; then a
+//! small cached file downloaded from a bucket 20 ms away (`-- --small-only`: that
+//! alone).
 //!
 //! Run with `cargo bench --bench plain_transfer` (needs `garage`, and Debian's awscli
 //! or another `aws` on PATH; with both, both are measured). Prints each tool's median
@@ -8,7 +10,7 @@
 
 mod common;
 
-use common::{Measure, garage, measure_against, median};
+use common::{Measure, Server, garage, measure_against, median};
 use std::path::Path;
 use std::process::Command;
 
@@ -53,10 +55,9 @@ fn main() {
     let g = garage();
     let dir = tempfile::tempdir_in(&scratch).expect("scratch dir");
     let src = dir.path().join("src.bin");
-    write_source(&src);
 
     let clis = common::aws_clis();
-    let aws = |cli: &Path, args: &[&str]| {
+    let aws_at = |g: &Server, cli: &Path, args: &[&str]| {
         let mut c = Command::new(cli);
         c.args(["--endpoint-url", &g.endpoint])
             .args(args)
@@ -64,11 +65,18 @@ fn main() {
         common::aws_env(&mut c, g, dir.path());
         c
     };
-    let cacher = |args: &[&str]| {
+    let aws = |cli: &Path, args: &[&str]| aws_at(g, cli, args);
+    let cacher_at = |g: &Server, args: &[&str]| {
         let mut c = common::cacher(g, dir.path(), args);
         c.arg("-q");
         c
     };
+    let cacher = |args: &[&str]| cacher_at(g, args);
+    if std::env::args().any(|a| a == "--small-only") {
+        small_far(g, &clis, &aws_at, &cacher_at, dir.path());
+        return;
+    }
+    write_source(&src);
 
     let src_s = src.to_str().unwrap();
     let out = dir.path().join("out.bin");
@@ -150,6 +158,7 @@ fn main() {
             );
         }
     }
+    small_far(g, &clis, &aws_at, &cacher_at, dir.path());
     // Client and server share the machine's cores, so their CPU seconds over the core
     // count bound how fast a transfer can be here, whatever the client does.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
@@ -160,4 +169,61 @@ fn main() {
         (ours_up.cpu_secs + ours_up.server_cpu_secs) / cores,
         (ours_down.cpu_secs + ours_down.server_cpu_secs) / cores,
     );
+}
+
+/// The common cache hit, a small file (a lockfile's worth of a tool, 200 KiB), with the
+/// bucket 20 ms away (round trip; through a delaying proxy): the number of requests
+/// decides, not the bytes. `aws s3 cp` makes a HEAD, then a GET.
+fn small_far(
+    g: &Server,
+    clis: &[std::path::PathBuf],
+    aws_at: &dyn Fn(&Server, &Path, &[&str]) -> Command,
+    cacher_at: &dyn Fn(&Server, &[&str]) -> Command,
+    scratch: &Path,
+) {
+    let far = common::far(g, std::time::Duration::from_millis(10));
+    let src = scratch.join("small.bin");
+    std::fs::write(
+        &src,
+        fastrand::Rng::with_seed(7)
+            .u8(..)
+            .to_string()
+            .repeat(200 * 1024),
+    )
+    .expect("small file");
+    let (src_s, out) = (src.to_str().unwrap(), scratch.join("small-out.bin"));
+    let out_s = out.to_str().unwrap();
+    common::measure(&mut cacher_at(
+        g,
+        &["upload", "bench/small.bin", src_s, "--force"],
+    ));
+    let mut ours = Vec::new();
+    let mut theirs: Vec<Vec<Measure>> = clis.iter().map(|_| Vec::new()).collect();
+    for _ in 0..ROUNDS {
+        for (cli, runs) in clis.iter().zip(&mut theirs) {
+            let url = format!("s3://{}/bench/small.bin", g.bucket);
+            runs.push(common::measure(&mut aws_at(
+                &far,
+                cli,
+                &["s3", "cp", &url, out_s],
+            )));
+            assert!(same_file(&src, &out), "aws small download differs");
+        }
+        ours.push(common::measure(&mut cacher_at(
+            &far,
+            &["download", "bench/small.bin", out_s],
+        )));
+        assert!(same_file(&src, &out), "cacher small download differs");
+    }
+    let mine = median(ours).secs;
+    println!("200 KiB cached file, the bucket 20 ms away, median of {ROUNDS} rounds:");
+    println!("  cacher download: {mine:.3}s");
+    for (i, runs) in theirs.into_iter().enumerate() {
+        let base = median(runs).secs;
+        println!(
+            "  aws s3 cp (baseline {}): {base:.3}s, {:.1}x cacher's time",
+            i + 1,
+            base / mine
+        );
+    }
 }
