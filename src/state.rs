@@ -317,21 +317,21 @@ fn read_record(path: &Path) -> std::io::Result<Vec<u8>> {
 }
 
 /// Records that the canonical `dir` holds `manifest`'s tree (restored or uploaded
-/// under `key`) whose files had `stamps` (one per file, in stream order). `taken` is
-/// the earliest moment a change to a file must show in its stamp: an upload, when its
-/// scan began; a restore, when it was done (it [`settle`]s its stamps first, so they
-/// stay; a process writing into DIR while the restore is still running there may go
-/// unseen, as in any tool's view of a tree another writes to). A stamp
+/// under `key`) whose files had `stamps` (one per file, in stream order).
+///
+/// `taken` is the earliest moment a change to a file must show in its stamp: for an
+/// upload, when its scan began; for a restore, when it was done (it [`settle`]s its
+/// stamps first, so they stay; a process writing into DIR while the restore still runs
+/// there may go unseen, as in any tool's view of a tree another writes to). A stamp
 /// whose ctime or mtime is within the timestamp granularity of `taken` (or later) is
 /// dropped: a write in the same clock tick as the stamp's ctime could leave the whole
-/// stamp the same (git calls such index entries racy; git looks at the mtime only,
+/// stamp the same (git calls such index entries racy). Git looks at the mtime only,
 /// which misses a rewrite that puts back an old mtime, as `npm` and `tar -x` do, in the
-/// tick of the last change: a whole second on filesystems with coarse times). Any write
-/// after `taken` then gives a later ctime. Where a restore does not wait (whole-second
-/// times), the files it wrote last are not vouched for, and the next upload reads
-/// them. The rule compares
-/// file times with this machine's clock, so a network filesystem whose server clock
-/// lags may defeat it (as it does git's).
+/// tick of the last change: a whole second on filesystems with coarse times. Any write
+/// after `taken` gives a later ctime. Where a restore does not wait (whole-second
+/// times), the files it wrote last are not vouched for, and the next upload reads them.
+/// The rule compares file times with this machine's clock, so a network filesystem
+/// whose server clock lags may defeat it (as it does git's).
 ///
 /// The record is written to a temp file, then renamed. Failing to is not an error of
 /// the command: the next upload reads everything, and `-v` says why.

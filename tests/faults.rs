@@ -153,8 +153,8 @@ fn a_response_that_stops_part_way_is_abandoned_and_retried() {
     let data = upload_around_the_proxy(&env, "k", 34);
     env.set("CACHER_TIMEOUT", "1");
     // The headers and 300 kB of the body arrive, then nothing: the attempt must give
-    // up on its own, and a later one completes the file. Two connections, as a server
-    // that closes each after one response (moto) sends its HEAD over the first.
+    // up on its own, and a later one completes the file. Twice: the GET that opened
+    // the object, then the first read of that range again.
     proxy.plan(&[Fault::StallAfter(300_000); 2]);
     let dest = env.path("dest.bin");
     let run = env.run(["download", "k", dest.to_str().unwrap()]);

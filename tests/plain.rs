@@ -49,6 +49,8 @@ fn a_download_starts_with_one_get_and_no_head() {
     };
     for (name, size, gets, heads) in [
         ("small", 100 * 1024, 1, 0),
+        ("one-range", 8 * 1024 * 1024, 1, 0),
+        ("one-range-and-a-byte", 8 * 1024 * 1024 + 1, 2, 0),
         ("large", 20 * 1024 * 1024 + 5, 3, 0),
         ("empty", 0, 1, 1),
     ] {
