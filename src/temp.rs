@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use rustix::fs::{AtFlags, Mode, OFlags};
 use tempfile::NamedTempFile;
 
@@ -64,15 +64,31 @@ pub fn is_temp_name(name: &[u8]) -> bool {
 /// A temp file in the destination's directory, removed unless persisted.
 pub fn temp_beside(dest: &Path) -> anyhow::Result<NamedTempFile> {
     let dir = parent_of(dest);
-    if dest.is_dir() {
-        bail!("{} is a directory; give a file path", dest.display());
-    }
+    check_file_destination(dest)?;
     remove_stale_leftovers(&dir);
     tempfile::Builder::new()
         .prefix(".cacher-")
         .suffix(".part")
         .tempfile_in(&dir)
         .with_context(|| format!("cannot create a temp file in {}", dir.display()))
+}
+
+/// Refuses a destination a file cannot be renamed over as asked: a directory (or a
+/// path ending in `/`), and a device, fifo or socket, which the rename would replace
+/// (`/dev/null` as root). A symlink is replaced by the file, not written through.
+pub fn check_file_destination(dest: &Path) -> anyhow::Result<()> {
+    let shown = dest.display();
+    if dest.is_dir() || dest.as_os_str().as_encoded_bytes().ends_with(b"/") {
+        return Err(crate::cli::input_error(format!(
+            "{shown} is a directory; give a file path"
+        )));
+    }
+    match std::fs::symlink_metadata(dest) {
+        Ok(meta) if !meta.is_file() && !meta.is_symlink() => Err(crate::cli::input_error(format!(
+            "{shown} is not a regular file (a device, fifo or socket); give a file path"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The directory holding `path` (`.` for a bare name).

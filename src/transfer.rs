@@ -455,6 +455,18 @@ impl Transfer {
     ) -> anyhow::Result<Report> {
         let key = info.key.as_str();
         self.trust.check(info)?;
+        // A version recorded with another sha256 than the one pinned is not worth
+        // reading: its bytes are checked against what was recorded anyway.
+        if let (Some(recorded), Some(expected)) = (&info.sha256, expect_sha256)
+            && !recorded.eq_ignore_ascii_case(expected)
+        {
+            return Err(IntegrityError::NotExpected {
+                key: key.to_string(),
+                expected: expected.to_string(),
+                actual: recorded.clone(),
+            }
+            .into());
+        }
         let tmp = temp_beside(dest)?;
         let file = Arc::new(tmp.as_file().try_clone()?);
         file.set_len(info.size)

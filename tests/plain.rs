@@ -3,7 +3,7 @@
 
 use crate::util::http::{HttpServer, Reply};
 use crate::util::{
-    TestEnv, bucket, garage, random_bytes, read, rt, server, stored, temp_leftovers, unique,
+    TestEnv, bucket, garage, random_bytes, read, rt, server, sh, stored, temp_leftovers, unique,
 };
 
 #[test]
@@ -69,6 +69,68 @@ fn a_download_starts_with_one_get_and_no_head() {
         );
         assert_eq!(requests(&run.stderr, "GET"), gets, "{name}: {}", run.stderr);
     }
+}
+
+/// A destination a file cannot replace as asked is refused before anything is
+/// fetched: a directory, a path ending in `/`, and a fifo or device, which a rename
+/// would replace (`download KEY /dev/null` as root, as CI containers run).
+#[test]
+fn a_destination_that_is_no_file_path_is_refused_before_any_request() {
+    let env = TestEnv::s3("destkinds");
+    let src = env.write("f.bin", random_bytes(1000, 9));
+    env.run(["upload", "k", src.to_str().unwrap()]).ok();
+    let fifo = env.path("fifo");
+    sh(&format!("mkfifo '{}'", fifo.display()), env.dir.path());
+    let mut dests = vec![
+        (fifo.clone(), "not a regular file"),
+        (env.path("newdir/"), "is a directory"),
+        (env.dir.path().to_path_buf(), "is a directory"),
+    ];
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let null = env.path("null");
+        sh(&format!("mknod '{}' c 1 3", null.display()), env.dir.path());
+        dests.push((null, "not a regular file"));
+    }
+    for (dest, says) in dests {
+        let before = std::fs::symlink_metadata(&dest).map(|m| m.file_type()).ok();
+        let run = env.run(["-v", "download", "k", dest.to_str().unwrap()]);
+        run.code(2);
+        let errors: Vec<_> = run.stderr.lines().filter(|l| !l.contains("[v]")).collect();
+        assert_eq!(errors.len(), 1, "{}", run.stderr);
+        assert!(errors[0].contains(says), "{}", run.stderr);
+        assert!(
+            !run.stderr.contains(" GET "),
+            "nothing fetched: {}",
+            run.stderr
+        );
+        let after = std::fs::symlink_metadata(&dest).map(|m| m.file_type()).ok();
+        assert_eq!(before, after, "{} left as it was", dest.display());
+    }
+    assert!(!env.path("newdir").exists());
+}
+
+/// A cached version recorded with another sha256 than `--sha256` pins is refused on
+/// its first GET: the rest of it is not worth fetching.
+#[test]
+fn a_pinned_sha256_the_object_was_not_recorded_with_stops_at_the_first_get() {
+    let env = TestEnv::s3("pinfirst");
+    let src = env.write("big.bin", random_bytes(20 * 1024 * 1024, 10));
+    env.run(["upload", "k", src.to_str().unwrap()]).ok();
+    let dest = env.write("dest.bin", "old");
+    let other = "ab".repeat(32);
+    let run = env.run([
+        "-v",
+        "download",
+        "k",
+        dest.to_str().unwrap(),
+        "--sha256",
+        &other,
+    ]);
+    run.code(2);
+    assert!(run.stderr.contains(&other), "{}", run.stderr);
+    assert_eq!(run.stderr.matches(" GET ").count(), 1, "{}", run.stderr);
+    assert_eq!(read(&dest), b"old");
 }
 
 #[test]

@@ -9,7 +9,7 @@ use crate::chunk::layout::Layout;
 use crate::cli::{DownloadArgs, InputError};
 use crate::config::{Config, OnError};
 use crate::key::full_key;
-use crate::store::{StoreError, is_changed};
+use crate::store::{StoreError, is_changed, is_not_found};
 use crate::temp::persist;
 use crate::transfer::{IntegrityError, Transfer};
 use crate::ui;
@@ -17,6 +17,7 @@ use crate::ui;
 pub async fn run(config: &Config, args: &DownloadArgs) -> anyhow::Result<Outcome> {
     let key = full_key(config, &args.key)?;
     let expected = args.sha256.as_deref().map(parse_sha256).transpose()?;
+    crate::temp::check_file_destination(&args.dest)?;
     let (transfer, seed) = match from_cache(config, args, &key, expected.as_deref()).await {
         Ok(Cached::Hit) => return Ok(Outcome::Success),
         Ok(Cached::Miss(transfer, seed)) => (Some(transfer), seed),
@@ -120,8 +121,9 @@ async fn from_cache(
                 gc::mark_used(&transfer, &Layout::new(&config.prefix.value), &info).await;
                 return Ok(Cached::Hit);
             }
-            // Overwritten by another job while we read it: take the new version.
-            Err(e) if is_changed(&e) && attempts < 3 => {
+            // Overwritten or deleted by another job while we read it: take the new
+            // version, or miss.
+            Err(e) if (is_changed(&e) || is_not_found(&e)) && attempts < 3 => {
                 attempts += 1;
                 continue;
             }

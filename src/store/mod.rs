@@ -168,6 +168,14 @@ pub fn is_changed(e: &anyhow::Error) -> bool {
     matches!(e.downcast_ref::<StoreError>(), Some(StoreError::Changed(_)))
 }
 
+/// Whether `e` says an object is gone (deleted while it was being read).
+pub fn is_not_found(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<StoreError>(),
+        Some(StoreError::NotFound(_))
+    )
+}
+
 /// Result type of the storage layer.
 pub type StoreResult<T> = Result<T, StoreError>;
 

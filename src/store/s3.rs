@@ -504,6 +504,21 @@ impl Store for S3Store {
             .send()
             .await
             .map_err(|e| classify("GET", key, self, e))?;
+        // A server (or a proxy) that ignores If-Match or Range would hand out another
+        // version's bytes, or other bytes: the reply says which it sent.
+        if let (Some(want), Some(got)) = (etag, out.e_tag())
+            && want != got
+        {
+            return Err(StoreError::Changed(key.to_string()));
+        }
+        let asked = format!("bytes {}-{}/", range.start, range.end - 1);
+        if let Some(sent) = out.content_range()
+            && !sent.starts_with(&asked)
+        {
+            return Err(StoreError::Permanent(format!(
+                "GET {key}: asked for {asked}, the server sent {sent}"
+            )));
+        }
         read_body(key, &mut out.body, range.end - range.start, buf).await
     }
 
