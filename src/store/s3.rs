@@ -506,8 +506,10 @@ impl Store for S3Store {
             .map_err(|e| classify("GET", key, self, e))?;
         // A server (or a proxy) that ignores If-Match or Range would hand out another
         // version's bytes, or other bytes: the reply says which it sent.
+        // (Quotes aside: a listing's ETags may come without them.)
+        let bare = |etag: &str| etag.trim_start_matches("W/").trim_matches('"').to_string();
         if let (Some(want), Some(got)) = (etag, out.e_tag())
-            && want != got
+            && bare(want) != bare(got)
         {
             return Err(StoreError::Changed(key.to_string()));
         }
