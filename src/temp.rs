@@ -61,10 +61,13 @@ pub fn is_temp_name(name: &[u8]) -> bool {
         .any(|p| name.starts_with(p.as_bytes()))
 }
 
-/// A temp file in the destination's directory, removed unless persisted.
+/// A temp file in the destination's directory (made if missing), removed unless
+/// persisted.
 pub fn temp_beside(dest: &Path) -> anyhow::Result<NamedTempFile> {
     let dir = parent_of(dest);
     check_file_destination(dest)?;
+    // As `aws s3 cp` does: a job downloads into a cache directory not made yet.
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     remove_stale_leftovers(&dir);
     tempfile::Builder::new()
         .prefix(".cacher-")
