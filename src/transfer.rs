@@ -457,16 +457,7 @@ impl Transfer {
         self.trust.check(info)?;
         // A version recorded with another sha256 than the one pinned is not worth
         // reading: its bytes are checked against what was recorded anyway.
-        if let (Some(recorded), Some(expected)) = (&info.sha256, expect_sha256)
-            && !recorded.eq_ignore_ascii_case(expected)
-        {
-            return Err(IntegrityError::NotExpected {
-                key: key.to_string(),
-                expected: expected.to_string(),
-                actual: recorded.clone(),
-            }
-            .into());
-        }
+        pinned(key, expect_sha256, info.sha256.as_deref())?;
         let tmp = temp_beside(dest)?;
         let file = Arc::new(tmp.as_file().try_clone()?);
         file.set_len(info.size)
@@ -532,16 +523,7 @@ impl Transfer {
             }
             .into());
         }
-        if let (Some(expected), Some(sha256)) = (expect_sha256, &sha256)
-            && !expected.eq_ignore_ascii_case(sha256)
-        {
-            return Err(IntegrityError::NotExpected {
-                key: key.to_string(),
-                expected: expected.to_string(),
-                actual: sha256.clone(),
-            }
-            .into());
-        }
+        pinned(key, expect_sha256, sha256.as_deref())?;
         persist(tmp, dest)?;
         let retries = self.retries();
         progress.finish("downloaded", key, &retry_note(retries));
@@ -551,6 +533,21 @@ impl Transfer {
             retries,
             sha256,
         })
+    }
+}
+
+/// [`IntegrityError::NotExpected`] unless the sha256 `actual` of `key` is the one
+/// `expected` pins (either unknown passes).
+fn pinned(key: &str, expected: Option<&str>, actual: Option<&str>) -> Result<(), IntegrityError> {
+    match (expected, actual) {
+        (Some(expected), Some(actual)) if !expected.eq_ignore_ascii_case(actual) => {
+            Err(IntegrityError::NotExpected {
+                key: key.to_string(),
+                expected: expected.to_string(),
+                actual: actual.to_string(),
+            })
+        }
+        _ => Ok(()),
     }
 }
 
