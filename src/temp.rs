@@ -76,21 +76,37 @@ pub fn temp_beside(dest: &Path) -> anyhow::Result<NamedTempFile> {
         .with_context(|| format!("cannot create a temp file in {}", dir.display()))
 }
 
-/// Refuses a destination a file cannot be renamed over as asked: a directory (or a
-/// path ending in `/`), and a device, fifo or socket, which the rename would replace
-/// (`/dev/null` as root). A symlink is replaced by the file, not written through.
+/// Refuses a destination a file cannot be renamed over as asked: a path that names
+/// no file (ending in `/`, `.` or `..`), a directory, and a device, fifo or socket
+/// (or a symlink to one), which the rename would replace (`/dev/null` as root). A
+/// symlink to a file is replaced by the file, not written through.
 pub fn check_file_destination(dest: &Path) -> anyhow::Result<()> {
     let shown = dest.display();
-    if dest.is_dir() || dest.as_os_str().as_encoded_bytes().ends_with(b"/") {
+    let last = dest
+        .as_os_str()
+        .as_encoded_bytes()
+        .rsplit(|b| *b == b'/')
+        .next();
+    if matches!(last, Some(b"" | b"." | b"..")) {
         return Err(crate::cli::input_error(format!(
-            "{shown} is a directory; give a file path"
+            "{shown} names a directory, not a file; give a file path"
         )));
     }
-    match std::fs::symlink_metadata(dest) {
-        Ok(meta) if !meta.is_file() && !meta.is_symlink() => Err(crate::cli::input_error(format!(
-            "{shown} is not a regular file (a device, fifo or socket); give a file path"
+    let refused = |meta: std::fs::Metadata| match meta.file_type() {
+        t if t.is_dir() => Some("is a directory"),
+        t if !t.is_file() && !t.is_symlink() => Some("is a device, fifo or socket"),
+        _ => None,
+    };
+    // The path itself, then what a symlink there leads to.
+    let why = std::fs::symlink_metadata(dest)
+        .ok()
+        .and_then(refused)
+        .or_else(|| std::fs::metadata(dest).ok().and_then(refused));
+    match why {
+        Some(why) => Err(crate::cli::input_error(format!(
+            "{shown} {why}; give a file path"
         ))),
-        _ => Ok(()),
+        None => Ok(()),
     }
 }
 

@@ -165,6 +165,28 @@ fn a_response_that_stops_part_way_is_abandoned_and_retried() {
     assert!(temp_leftovers(env.dir.path()).is_empty());
 }
 
+/// A server that ignores `If-Match` on one range and sends another version's bytes
+/// (ETag and body altered by the proxy): the range is refused as changed and the
+/// download starts over, so the file is right and the entry stays. (The object went
+/// up in parts, so no sha256 was recorded with it: a splice would be written as is.)
+#[test]
+fn a_range_of_another_version_is_refused_not_spliced() {
+    let (env, proxy) = through_proxy("faultversion");
+    let data = random_bytes(20 * 1024 * 1024, 35);
+    let src = env.write("src.bin", &data);
+    env.run(["upload", "k", src.to_str().unwrap()]).ok();
+    // The first GET passes; the first range beside it comes from "another version".
+    proxy.plan(&[Fault::Pass, Fault::OtherVersion]);
+    let dest = env.path("dest.bin");
+    env.run(["download", "k", dest.to_str().unwrap()]).ok();
+    assert_eq!(proxy.pending(), 0, "both connections were made");
+    assert!(read(&dest) == data, "byte-identical");
+    assert!(
+        stored(&format!("{}/k", env.prefix)).is_some(),
+        "the entry is kept"
+    );
+}
+
 /// An env on a Garage node of its own, which the test can kill and restart.
 fn on_own_node(name: &str) -> (TestEnv, Node) {
     let node = Node::start(Kind::Garage, name);

@@ -145,9 +145,7 @@ pub enum StoreError {
     #[error("`{0}` was written by someone else meanwhile")]
     Exists(String),
     /// The object changed while it was being read in ranges.
-    #[error(
-        "`{0}` changed while it was being downloaded (another job wrote it); run the command again"
-    )]
+    #[error("`{0}` changed while it was being read; run the command again")]
     Changed(String),
     /// A fault that may pass: network, timeouts, 5xx, throttling.
     #[error("{0}")]

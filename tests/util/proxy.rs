@@ -25,6 +25,11 @@ pub enum Fault {
     /// Forward this many response bytes, then nothing more, the connection left open
     /// until the client closes it.
     StallAfter(usize),
+    /// Forward as is (to let a connection through ahead of a fault).
+    Pass,
+    /// Forward, but as a server that ignores `If-Match` and sends another version
+    /// would: each response's ETag and its first body byte altered.
+    OtherVersion,
 }
 
 /// The running proxy; it lives until the test process ends.
@@ -127,11 +132,15 @@ fn serve(mut client: TcpStream, upstream: &str, fault: Option<Fault>) {
             let (mut s_read, mut c_write) = (server, client);
             let mut buf = [0u8; 65536];
             let mut sent = 0usize;
+            let mut other = OtherVersion::default();
             loop {
                 let n = match s_read.read(&mut buf[..piece]) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n.min(limit - sent),
                 };
+                if matches!(cut, Some(Fault::OtherVersion)) {
+                    other.alter(&mut buf[..n]);
+                }
                 if c_write.write_all(&buf[..n]).is_err() {
                     break;
                 }
@@ -154,4 +163,52 @@ fn serve(mut client: TcpStream, upstream: &str, fault: Option<Fault>) {
             let _ = up.join();
         }
     }
+}
+
+/// Alters a response stream as another version would look: each ETag's first
+/// character, and the first body byte after the headers that hold it (whichever piece
+/// of the stream it comes in).
+#[derive(Default)]
+struct OtherVersion {
+    /// An ETag was altered; its headers have not ended yet.
+    in_headers: bool,
+    /// The last four bytes seen in those headers.
+    last: u32,
+    /// The next byte is the body's first.
+    body_next: bool,
+}
+
+impl OtherVersion {
+    fn alter(&mut self, piece: &mut [u8]) {
+        const ETAG: &[u8] = b"\r\netag: \"";
+        let mut i = 0;
+        while i < piece.len() {
+            if self.body_next {
+                piece[i] ^= 1;
+                self.body_next = false;
+            } else if self.in_headers {
+                self.last = (self.last << 8) | u32::from(piece[i]);
+                if self.last == u32::from_be_bytes(*b"\r\n\r\n") {
+                    (self.in_headers, self.body_next) = (false, true);
+                }
+            } else {
+                let Some(found) = find_ascii_ci(&piece[i..], ETAG) else {
+                    return;
+                };
+                i += found + ETAG.len();
+                if i >= piece.len() {
+                    return;
+                }
+                piece[i] = if piece[i] == b'0' { b'1' } else { b'0' };
+                (self.in_headers, self.last) = (true, 0);
+            }
+            i += 1;
+        }
+    }
+}
+
+fn find_ascii_ci(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|w| w.eq_ignore_ascii_case(needle))
 }
