@@ -433,13 +433,8 @@ impl Transfer {
         &'a self,
         key: &'a str,
     ) -> StoreResult<Option<(ObjectInfo, FirstBytes<'a>)>> {
-        let mut backoff = Backoff::default();
-        loop {
-            match self.store.open(key, RANGE_SIZE, Vec::new()).await {
-                Err(e) => self.pause_or_fail("GET", e, &mut backoff).await?,
-                ok => return ok,
-            }
-        }
+        self.retry("GET", || self.store.open(key, RANGE_SIZE, Vec::new()))
+            .await
     }
 
     /// Downloads the object `info` to `dest` through a temp file beside it; `first` is

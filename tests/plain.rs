@@ -69,6 +69,15 @@ fn a_download_starts_with_one_get_and_no_head() {
         );
         assert_eq!(requests(&run.stderr, "GET"), gets, "{name}: {}", run.stderr);
     }
+    // An object another tool wrote (no cacher metadata) comes the same way.
+    let data = random_bytes(300 * 1024, 8);
+    crate::util::put_object(&format!("{}/foreign", env.prefix), data.clone());
+    let dest = env.path("out-foreign.bin");
+    let run = env.run(["-v", "download", "foreign", dest.to_str().unwrap()]);
+    run.ok();
+    assert_eq!(read(&dest), data);
+    assert_eq!(requests(&run.stderr, "HEAD"), 0, "{}", run.stderr);
+    assert_eq!(requests(&run.stderr, "GET"), 1, "{}", run.stderr);
 }
 
 /// A destination a file cannot replace as asked is refused before anything is
